@@ -1,0 +1,63 @@
+// LlamaModel: the base model's weights and KV cache on one Ops device, and one forward step
+// written once against ops::Ops. Engine thread only.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/model/model_spec.h"
+#include "engine/ops/ops.h"
+#include "lora/lora_batch.h"
+#include "lora/slot_pool.h"
+
+namespace loraplex::model {
+
+// Sizes every per-step buffer is allocated for once, at load.
+struct ModelCapacity {
+  int32_t max_tokens = 2048;         // tokens in one step
+  int32_t max_seqs = 64;             // sequences in one step
+  int32_t num_kv_blocks = 256;
+  int32_t kv_block_size = 16;
+  int32_t max_blocks_per_seq = 128;  // ceil(max_seq_len / block_size)
+};
+
+// One step's inputs, host side. T tokens from S sequences; the tokens of a sequence are
+// contiguous and in position order.
+struct StepInput {
+  std::vector<int32_t> token_ids;     // [T]
+  std::vector<int32_t> positions;     // [T]
+  std::vector<int32_t> slot_mapping;  // [T] KV cache slot each token's K/V is written to
+  std::vector<int32_t> token_seq;     // [T] sequence row (0..S-1)
+  std::vector<int32_t> context_lens;  // [S] tokens in the cache after this step
+  std::vector<int32_t> block_tables;  // [S * max_blocks_per_seq], unused entries 0
+  std::vector<int32_t> logit_rows;    // [S'] token rows whose next-token logits are wanted
+  lora::LoraBatch lora;               // adapter segments (empty: base model only)
+};
+
+class LlamaModel {
+ public:
+  // Loads `<dir>` (config.json already parsed into `spec`; model.safetensors or a sharded
+  // index) onto `ops`, converting weights to ops->compute_dtype(). `slots` may be null (no LoRA);
+  // otherwise its tables are read by the wrapped layers. Checks every tensor's name, dtype and
+  // shape before use: INVALID_ARGUMENT / NOT_FOUND naming the tensor and file.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& dir, const ModelSpec& spec,
+                                                          ops::Ops* ops, const lora::SlotPool* slots,
+                                                          const ModelCapacity& capacity);
+  ~LlamaModel();
+
+  // Runs one step; returns F32 logits [logit_rows.size(), vocab] on the host.
+  absl::StatusOr<std::vector<float>> Forward(const StepInput& input);
+
+  const ModelSpec& spec() const;
+  const ModelCapacity& capacity() const;
+
+ private:
+  LlamaModel() = default;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace loraplex::model

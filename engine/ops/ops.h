@@ -1,0 +1,153 @@
+// The device seam: the primitive operations one forward step of a Llama model needs. The model
+// (engine/model/llama.cc) is written once against this interface; engine/ops/cpu is the reference
+// implementation and the oracle, engine/ops/cuda the GPU one.
+// Contract for every op: tensors live on this Ops' device; nothing is allocated on the hot path;
+// per-step counts that vary inside a captured CUDA graph (segments, sequences) are read from
+// device memory through the metadata structs below. Engine thread only.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/core/tensor.h"
+
+namespace loraplex::ops {
+
+class Ops;
+
+// Device memory owned by an Ops; freed on destruction. Move-only.
+class DeviceMemory {
+ public:
+  DeviceMemory() = default;
+  DeviceMemory(Ops* ops, void* ptr, size_t bytes) : ops_(ops), ptr_(ptr), bytes_(bytes) {}
+  DeviceMemory(DeviceMemory&& o) noexcept { *this = std::move(o); }
+  DeviceMemory& operator=(DeviceMemory&& o) noexcept;
+  DeviceMemory(const DeviceMemory&) = delete;
+  DeviceMemory& operator=(const DeviceMemory&) = delete;
+  ~DeviceMemory();
+
+  void* data() const { return ptr_; }
+  size_t size() const { return bytes_; }
+  // A view of this memory as a tensor of `dtype` and `shape` starting at byte `offset`.
+  TensorView View(DType dtype, Shape shape, size_t offset = 0) const;
+
+ private:
+  Ops* ops_ = nullptr;
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Where each new token's attention inputs are and where its K/V go. Device arrays.
+struct AttentionMeta {
+  const int32_t* positions = nullptr;     // [num_tokens] position of each token in its sequence
+  const int32_t* slot_mapping = nullptr;  // [num_tokens] cache slot (block*block_size + offset); <0: skip
+  const int32_t* token_seq = nullptr;     // [num_tokens] sequence row of each token; <0: padding
+  const int32_t* context_lens = nullptr;  // [max_seqs] tokens in the cache for the seq after this step
+  const int32_t* block_tables = nullptr;  // [max_seqs, max_blocks_per_seq] physical block ids
+  int32_t num_tokens = 0;                 // rows of the activations (a captured bucket may pad)
+  int32_t max_seqs = 0;
+  int32_t max_blocks_per_seq = 0;
+  int32_t block_size = 0;
+  int32_t max_context_len = 0;            // upper bound of context_lens (sizing split-K work)
+};
+
+// The paged KV cache of one layer: [num_blocks, block_size, num_kv_heads, head_dim] each.
+struct KvCacheView {
+  TensorView k;
+  TensorView v;
+};
+
+// One slice (q, k, v, gate, up, o or down) of a LoRA-wrapped layer for one adapter slot.
+// Lives in device memory, written by the adapter manager when an adapter enters a slot.
+struct LoraSliceWeights {
+  const void* a = nullptr;  // [rank, in_features] compute dtype
+  const void* b = nullptr;  // [slice_width, rank] compute dtype
+  int32_t rank = 0;         // 0: this slot does not adapt this slice (nothing is read)
+  float scale = 0.0f;       // lora_alpha / r (or / sqrt(r) with rsLoRA), applied once
+};
+
+// Inputs of a LoRA op that are fixed for a wrapped layer (host values), plus its slot table.
+struct LoraModule {
+  const LoraSliceWeights* table = nullptr;  // device [num_slots][num_slices]
+  int32_t num_slots = 0;
+  int32_t num_slices = 0;                   // 3 for qkv, 2 for gate_up, 1 otherwise
+  int32_t in_features = 0;
+  int32_t max_rank = 0;                     // column stride of a slice in the shrink output
+  int32_t slice_offsets[4] = {};            // output column where slice i starts; [num_slices] = total
+};
+
+// Tokens of one step grouped by adapter slot. Device arrays; counts read on the device.
+struct LoraSegments {
+  const int32_t* token_rows = nullptr;    // [num_tokens] sorted order -> token row
+  const int32_t* seg_starts = nullptr;    // [max_segments + 1] offsets into the sorted order
+  const int32_t* seg_slots = nullptr;     // [max_segments] adapter slot of each segment
+  const int32_t* num_segments = nullptr;  // [1]
+  int32_t max_segments = 0;
+  int32_t num_tokens = 0;                 // rows of x / shrink output
+};
+
+class Ops {
+ public:
+  virtual ~Ops() = default;
+  virtual Device device() const = 0;
+  // The dtype activations and weights use on this device (F32 on CPU, BF16 on CUDA).
+  virtual DType compute_dtype() const = 0;
+
+  // --- memory ---------------------------------------------------------------------------
+  virtual absl::StatusOr<DeviceMemory> Allocate(size_t bytes) = 0;
+  virtual void Free(void* ptr) = 0;
+  virtual absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status Memset(void* dst, int value, size_t bytes) = 0;
+  // Waits until all queued work is done; reports asynchronous device errors.
+  virtual absl::Status Synchronize() = 0;
+
+  // --- forward primitives ---------------------------------------------------------------
+  // out[t] = table[ids[t]]. ids [T] I32; table [V, H]; out [T, H].
+  virtual absl::Status Embed(const TensorView& ids, const TensorView& table, const TensorView& out) = 0;
+  // out = rmsnorm(x) * weight. x, out [T, H]; weight [H].
+  virtual absl::Status RmsNorm(const TensorView& x, const TensorView& weight, float eps,
+                               const TensorView& out) = 0;
+  // residual += x; out = rmsnorm(residual) * weight. x, residual, out [T, H].
+  virtual absl::Status AddRmsNorm(const TensorView& x, const TensorView& residual,
+                                  const TensorView& weight, float eps, const TensorView& out) = 0;
+  // y = x · wᵀ + beta · y. x [M, K]; w [N, K] (same dtype as x); y [M, N] in x's dtype or F32.
+  virtual absl::Status Gemm(const TensorView& x, const TensorView& w, float beta,
+                            const TensorView& y) = 0;
+  // Rotates q and k of `qkv` in place (rotate-half RoPE with inv_freq) and writes k, v into the
+  // cache at meta.slot_mapping. qkv [T, (Hq + 2·Hkv)·D] (q heads, then k heads, then v heads);
+  // inv_freq [D/2] F32 (llama3 scaling already applied).
+  virtual absl::Status RopeAndCacheKv(const TensorView& qkv, const TensorView& inv_freq,
+                                      int num_q_heads, int num_kv_heads, int head_dim,
+                                      const AttentionMeta& meta, const KvCacheView& cache) = 0;
+  // Causal paged attention with GQA: each token attends to the cached positions 0..position of
+  // its sequence. Reads q from the first Hq·D columns of qkv [T, (Hq + 2·Hkv)·D]; out [T, Hq·D].
+  virtual absl::Status Attention(const TensorView& qkv, int num_q_heads, int num_kv_heads,
+                                 int head_dim, float softmax_scale, const AttentionMeta& meta,
+                                 const KvCacheView& cache, const TensorView& out) = 0;
+  // out = silu(gate_up[:, :I]) * gate_up[:, I:]. gate_up [T, 2I]; out [T, I].
+  virtual absl::Status SiluMul(const TensorView& gate_up, const TensorView& out) = 0;
+  // out[i] = x[rows[i]]. x [T, H]; rows [S] I32 device; out [S, H].
+  virtual absl::Status GatherRows(const TensorView& x, const TensorView& rows, const TensorView& out) = 0;
+
+  // For every segment and every slice s with rank r > 0 in the segment's slot:
+  //   y[row, s·max_rank + j] = Σ_k x[row, k] · A_s[j, k]   (j < r)
+  // x [T, in_features] compute dtype; y [T, num_slices · max_rank] F32. Other columns untouched.
+  virtual absl::Status LoraShrink(const TensorView& x, const LoraSegments& segments,
+                                  const LoraModule& module, const TensorView& y) = 0;
+  // For every segment and slice s with rank r > 0:
+  //   out[row, off_s + n] += scale · Σ_j y[row, s·max_rank + j] · B_s[n, j]
+  // y as LoraShrink's output; out [T, slice_offsets[num_slices]] compute dtype, updated in place.
+  virtual absl::Status LoraExpand(const TensorView& y, const LoraSegments& segments,
+                                  const LoraModule& module, const TensorView& out) = 0;
+};
+
+// Creates the ops for `device`: CPU always; CUDA when built with it and a GPU is present.
+absl::StatusOr<std::unique_ptr<Ops>> CreateOps(Device device);
+// True when this build has the CUDA executor and a GPU is visible.
+bool CudaAvailable();
+
+}  // namespace loraplex::ops
