@@ -50,6 +50,10 @@ class Engine {
   // Stops a request at the next step boundary and frees its KV blocks; its sink gets
   // OnFinish(kCancelled). Unknown or finished ids are ignored.
   virtual void Cancel(uint64_t id) = 0;
+  // Frees the device slot of the adapter with this LoadedAdapter::uid at the next step boundary
+  // (waking an idle loop). Called by the server after AdapterRegistry::Unload succeeded, so an
+  // unloaded adapter leaves the device. Unknown or non-resident uids are ignored.
+  virtual void EvictAdapter(uint64_t adapter_uid) = 0;
   virtual EngineStats Stats() const = 0;
   // Stops accepting requests and waits up to `timeout` for running ones; cancels the rest.
   virtual void Drain(absl::Duration timeout) = 0;

@@ -54,9 +54,9 @@ absl::StatusOr<DType> ParseSafetensorsDType(std::string_view name) {
       "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4", "F6_E3M2", "F6_E2M3",
       "U16",     "U32",     "U64",     "C64"};
   for (auto n : kUnsupported) {
-    if (n == name) return absl::InvalidArgumentError(absl::StrCat("dtype ", name, " is not supported"));
+    if (n == name) return absl::InvalidArgumentError(absl::StrCat("dtype ", std::string(name), " is not supported"));
   }
-  return absl::InvalidArgumentError(absl::StrCat("unknown dtype '", name, "'"));
+  return absl::InvalidArgumentError(absl::StrCat("unknown dtype '", std::string(name), "'"));
 }
 
 float F16ToFloat(uint16_t h) {
@@ -115,7 +115,7 @@ absl::Status ConvertToFloat(DType src_dtype, const void* src, size_t count, floa
     }
     default:
       return absl::InvalidArgumentError(
-          absl::StrCat("cannot convert dtype ", DTypeName(src_dtype), " to F32"));
+          absl::StrCat("cannot convert dtype ", std::string(DTypeName(src_dtype)), " to F32"));
   }
 }
 
@@ -136,7 +136,7 @@ absl::Status ConvertFromFloat(const float* src, size_t count, DType dst_dtype, v
     }
     default:
       return absl::InvalidArgumentError(
-          absl::StrCat("cannot convert F32 to dtype ", DTypeName(dst_dtype)));
+          absl::StrCat("cannot convert F32 to dtype ", std::string(DTypeName(dst_dtype))));
   }
 }
 

@@ -1,0 +1,440 @@
+#include "engine/model/llama.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "engine/core/safetensors.h"
+#include "engine/core/status.h"
+#include "engine/layers/linear_with_lora.h"
+#include "nlohmann/json.hpp"
+
+namespace loraplex::model {
+namespace {
+
+using layers::ColumnParallelLinearWithLora;
+using layers::MergedColumnParallelLinearWithLora;
+using layers::ParallelConfig;
+using layers::QkvParallelLinearWithLora;
+using layers::RowParallelLinearWithLora;
+using lora::WrappedLayer;
+
+// The shard file that holds `name`, for error messages only (WeightSet already validated it).
+std::string WeightFileOf(const std::string& dir, const std::string& name) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return dir;
+  const fs::path single = fs::path(dir) / "model.safetensors";
+  if (fs::exists(single, ec)) return single.string();
+  const fs::path index = fs::path(dir) / "model.safetensors.index.json";
+  std::ifstream f(index);
+  const nlohmann::json doc = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
+  if (!doc.is_discarded() && doc.contains("weight_map") && doc["weight_map"].is_object()) {
+    auto it = doc["weight_map"].find(name);
+    if (it != doc["weight_map"].end() && it->is_string()) return (fs::path(dir) / it->get<std::string>()).string();
+  }
+  return index.string();
+}
+
+struct Layer {
+  ops::DeviceMemory input_norm;  // [H]
+  ops::DeviceMemory post_norm;   // [H]
+  QkvParallelLinearWithLora qkv;
+  RowParallelLinearWithLora o;
+  MergedColumnParallelLinearWithLora gate_up;
+  RowParallelLinearWithLora down;
+  ops::DeviceMemory k_cache;  // [num_kv_blocks, block_size, Hkv, D]
+  ops::DeviceMemory v_cache;  // [num_kv_blocks, block_size, Hkv, D]
+};
+
+}  // namespace
+
+struct LlamaModel::Impl {
+  ModelSpec spec;
+  ModelCapacity cap;
+  ops::Ops* ops = nullptr;
+  bool has_lora = false;
+  DType dtype = DType::kF32;
+  std::string dir;
+
+  ops::DeviceMemory embed;       // [V, H]
+  ops::DeviceMemory final_norm;  // [H]
+  ops::DeviceMemory inv_freq;    // [D/2] F32
+  std::optional<ColumnParallelLinearWithLora> lm_head;
+  std::vector<Layer> layers;
+
+  // Step inputs (I32), sized at capacity.
+  ops::DeviceMemory ids, positions, slot_mapping, token_seq;  // [max_tokens]
+  ops::DeviceMemory context_lens, logit_rows;                 // [max_seqs]
+  ops::DeviceMemory block_tables;                             // [max_seqs * max_blocks_per_seq]
+  ops::DeviceMemory token_rows, seg_starts, seg_slots, num_segments;  // [max_tokens(+1)], [1]
+  // Activations (compute dtype unless noted), sized at capacity.
+  ops::DeviceMemory residual, hidden, proj_out;  // [max_tokens, H]
+  ops::DeviceMemory qkv;                         // [max_tokens, qkv_width]
+  ops::DeviceMemory attn_out;                    // [max_tokens, q_width]
+  ops::DeviceMemory gate_up, act;                // [max_tokens, 2I], [max_tokens, I]
+  ops::DeviceMemory gathered;                    // [max_seqs, H]
+  ops::DeviceMemory logits;                      // [max_seqs, V] F32
+  ops::DeviceMemory lora_scratch;                // [max_tokens * max(num_slices * max_rank)] F32
+
+  absl::Status ValidateStep(const StepInput& in) const;
+  absl::Status Upload(const ops::DeviceMemory& dst, const std::vector<int32_t>& src) const {
+    return ops->CopyToDevice(dst.data(), src.data(), src.size() * sizeof(int32_t));
+  }
+};
+
+namespace {
+
+absl::StatusOr<ops::DeviceMemory> UploadHost(ops::Ops* ops, const HostTensor& t) {
+  LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory mem, ops->Allocate(t.NumBytes()));
+  LORAPLEX_RETURN_IF_ERROR(ops->CopyToDevice(mem.data(), t.data(), t.NumBytes()));
+  return mem;
+}
+
+absl::StatusOr<ops::DeviceMemory> AllocateElements(ops::Ops* ops, int64_t count, DType dtype) {
+  return ops->Allocate(static_cast<size_t>(count) * DTypeSize(dtype));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir, const ModelSpec& spec,
+                                                             ops::Ops* ops, const lora::SlotPool* slots,
+                                                             const ModelCapacity& capacity) {
+  if (ops == nullptr) return absl::InvalidArgumentError("LlamaModel::Load: ops is null");
+  if (spec.attention_bias) return absl::InvalidArgumentError(absl::StrCat(dir, ": attention_bias is not supported"));
+  if (capacity.max_tokens <= 0 || capacity.max_seqs <= 0 || capacity.num_kv_blocks <= 0 ||
+      capacity.kv_block_size <= 0 || capacity.max_blocks_per_seq <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LlamaModel::Load: capacity must be positive: max_tokens ", capacity.max_tokens, ", max_seqs ",
+        capacity.max_seqs, ", num_kv_blocks ", capacity.num_kv_blocks, ", kv_block_size ", capacity.kv_block_size,
+        ", max_blocks_per_seq ", capacity.max_blocks_per_seq));
+  }
+  LORAPLEX_ASSIGN_OR_RETURN(std::unique_ptr<WeightSet> weights, WeightSet::Open(dir));
+
+  const int64_t h = spec.hidden_size, v = spec.vocab_size, inter = spec.intermediate_size;
+  // Every expected tensor is checked before any byte is uploaded, so a bad checkpoint fails fast
+  // with the first wrong tensor named.
+  std::vector<std::pair<std::string, Shape>> expected;
+  expected.push_back({"model.embed_tokens.weight", {v, h}});
+  for (int64_t l = 0; l < spec.num_layers; ++l) {
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    expected.push_back({p + "input_layernorm.weight", {h}});
+    expected.push_back({p + "post_attention_layernorm.weight", {h}});
+    expected.push_back({p + "self_attn.q_proj.weight", {spec.q_width(), h}});
+    expected.push_back({p + "self_attn.k_proj.weight", {spec.kv_width(), h}});
+    expected.push_back({p + "self_attn.v_proj.weight", {spec.kv_width(), h}});
+    expected.push_back({p + "self_attn.o_proj.weight", {h, spec.q_width()}});
+    expected.push_back({p + "mlp.gate_proj.weight", {inter, h}});
+    expected.push_back({p + "mlp.up_proj.weight", {inter, h}});
+    expected.push_back({p + "mlp.down_proj.weight", {h, inter}});
+  }
+  expected.push_back({"model.norm.weight", {h}});
+  if (!spec.tie_word_embeddings) expected.push_back({"lm_head.weight", {v, h}});
+  for (const auto& [name, shape] : expected) {
+    auto info = weights->Find(name);
+    if (!info.ok()) {
+      return absl::NotFoundError(absl::StrCat(dir, ": tensor ", name, " is missing (tie_word_embeddings is ",
+                                              spec.tie_word_embeddings ? "true" : "false", ")"));
+    }
+    const DType dt = (*info)->dtype;
+    if (dt != DType::kF32 && dt != DType::kBF16 && dt != DType::kF16) {
+      return absl::InvalidArgumentError(absl::StrCat(WeightFileOf(dir, name), ": ", name, " has dtype ",
+                                                     std::string(DTypeName(dt)), ", expected F32, BF16 or F16"));
+    }
+    if (!((*info)->shape == shape)) {
+      return absl::InvalidArgumentError(absl::StrCat(WeightFileOf(dir, name), ": ", name, " has shape ",
+                                                     (*info)->shape.ToString(), ", expected ", shape.ToString()));
+    }
+  }
+
+  auto impl = std::make_unique<Impl>();
+  impl->spec = spec;
+  impl->cap = capacity;
+  impl->ops = ops;
+  impl->has_lora = slots != nullptr;
+  impl->dtype = ops->compute_dtype();
+  impl->dir = dir;
+  const DType dtype = impl->dtype;
+  auto read = [&](const std::string& name) -> absl::StatusOr<HostTensor> {
+    auto t = weights->ReadAs(name, dtype);
+    if (!t.ok()) return Annotate(t.status(), WeightFileOf(dir, name));
+    return t;
+  };
+  auto upload = [&](const std::string& name) -> absl::StatusOr<ops::DeviceMemory> {
+    LORAPLEX_ASSIGN_OR_RETURN(HostTensor t, read(name));
+    return UploadHost(ops, t);
+  };
+
+  const ParallelConfig pc;  // tp = 1 until the multi-GPU workers exist
+  LORAPLEX_ASSIGN_OR_RETURN(impl->embed, upload("model.embed_tokens.weight"));
+  LORAPLEX_ASSIGN_OR_RETURN(impl->final_norm, upload("model.norm.weight"));
+  {
+    const std::vector<float> inv_freq = RopeInvFreq(spec);
+    LORAPLEX_ASSIGN_OR_RETURN(impl->inv_freq, ops->Allocate(inv_freq.size() * sizeof(float)));
+    LORAPLEX_RETURN_IF_ERROR(ops->CopyToDevice(impl->inv_freq.data(), inv_freq.data(), inv_freq.size() * sizeof(float)));
+  }
+  LORAPLEX_ASSIGN_OR_RETURN(ColumnParallelLinearWithLora lm_head, ColumnParallelLinearWithLora::Create(v, h, pc));
+  if (spec.tie_word_embeddings) {
+    LORAPLEX_RETURN_IF_ERROR(lm_head.ShareWeight(impl->embed.View(dtype, {v, h})));
+  } else {
+    LORAPLEX_ASSIGN_OR_RETURN(HostTensor w, read("lm_head.weight"));
+    LORAPLEX_ASSIGN_OR_RETURN(HostTensor shard, lm_head.ShardWeight(w));
+    LORAPLEX_RETURN_IF_ERROR(lm_head.SetWeight(*ops, shard));
+  }
+  impl->lm_head.emplace(std::move(lm_head));
+
+  int64_t lora_width = 0;  // widest shrink output row over the wrapped layers
+  const Shape cache_shape{capacity.num_kv_blocks, capacity.kv_block_size, spec.num_kv_heads, spec.head_dim};
+  for (int64_t l = 0; l < spec.num_layers; ++l) {
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    LORAPLEX_ASSIGN_OR_RETURN(auto qkv, QkvParallelLinearWithLora::Create(spec, pc));
+    LORAPLEX_ASSIGN_OR_RETURN(auto o, RowParallelLinearWithLora::Create(spec.q_width(), h, pc));
+    LORAPLEX_ASSIGN_OR_RETURN(auto gate_up, MergedColumnParallelLinearWithLora::Create(spec, pc));
+    LORAPLEX_ASSIGN_OR_RETURN(auto down, RowParallelLinearWithLora::Create(inter, h, pc));
+    {
+      LORAPLEX_ASSIGN_OR_RETURN(HostTensor q, read(p + "self_attn.q_proj.weight"));
+      LORAPLEX_ASSIGN_OR_RETURN(HostTensor k, read(p + "self_attn.k_proj.weight"));
+      LORAPLEX_ASSIGN_OR_RETURN(HostTensor vv, read(p + "self_attn.v_proj.weight"));
+      LORAPLEX_ASSIGN_OR_RETURN(HostTensor fused, qkv.ShardWeight(q, k, vv));
+      LORAPLEX_RETURN_IF_ERROR(qkv.SetWeight(*ops, fused));
+    }
+    {
+      LORAPLEX_ASSIGN_OR_RETURN(HostTensor w, read(p + "self_attn.o_proj.weight"));
+      LORAPLEX_ASSIGN_OR_RETURN(HostTensor shard, o.ShardWeight(w));
+      LORAPLEX_RETURN_IF_ERROR(o.SetWeight(*ops, shard));
+    }
+    {
+      LORAPLEX_ASSIGN_OR_RETURN(HostTensor gate, read(p + "mlp.gate_proj.weight"));
+      LORAPLEX_ASSIGN_OR_RETURN(HostTensor up, read(p + "mlp.up_proj.weight"));
+      LORAPLEX_ASSIGN_OR_RETURN(HostTensor fused, gate_up.ShardWeight(gate, up));
+      LORAPLEX_RETURN_IF_ERROR(gate_up.SetWeight(*ops, fused));
+    }
+    {
+      LORAPLEX_ASSIGN_OR_RETURN(HostTensor w, read(p + "mlp.down_proj.weight"));
+      LORAPLEX_ASSIGN_OR_RETURN(HostTensor shard, down.ShardWeight(w));
+      LORAPLEX_RETURN_IF_ERROR(down.SetWeight(*ops, shard));
+    }
+    if (slots != nullptr) {
+      const std::pair<layers::LinearWithLora*, WrappedLayer> wrapped[] = {
+          {&qkv, WrappedLayer::kQkv}, {&o, WrappedLayer::kO}, {&gate_up, WrappedLayer::kGateUp}, {&down, WrappedLayer::kDown}};
+      for (const auto& [layer, which] : wrapped) {
+        const ops::LoraModule& module = slots->module(l, which);
+        auto status = layer->SetLora(&module);
+        if (!status.ok()) return Annotate(status, absl::StrCat("layer ", l, " wrapped layer ", static_cast<int>(which)));
+        lora_width = std::max<int64_t>(lora_width, static_cast<int64_t>(module.num_slices) * module.max_rank);
+      }
+    }
+    LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory input_norm, upload(p + "input_layernorm.weight"));
+    LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory post_norm, upload(p + "post_attention_layernorm.weight"));
+    LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory k_cache, AllocateElements(ops, cache_shape.NumElements(), dtype));
+    LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory v_cache, AllocateElements(ops, cache_shape.NumElements(), dtype));
+    impl->layers.push_back(Layer{std::move(input_norm), std::move(post_norm), std::move(qkv), std::move(o),
+                                 std::move(gate_up), std::move(down), std::move(k_cache), std::move(v_cache)});
+  }
+
+  const int64_t max_t = capacity.max_tokens, max_s = capacity.max_seqs;
+  for (auto* m : {&impl->ids, &impl->positions, &impl->slot_mapping, &impl->token_seq, &impl->token_rows,
+                  &impl->seg_slots}) {
+    LORAPLEX_ASSIGN_OR_RETURN(*m, AllocateElements(ops, max_t, DType::kI32));
+  }
+  LORAPLEX_ASSIGN_OR_RETURN(impl->seg_starts, AllocateElements(ops, max_t + 1, DType::kI32));
+  LORAPLEX_ASSIGN_OR_RETURN(impl->num_segments, AllocateElements(ops, 1, DType::kI32));
+  LORAPLEX_ASSIGN_OR_RETURN(impl->context_lens, AllocateElements(ops, max_s, DType::kI32));
+  LORAPLEX_ASSIGN_OR_RETURN(impl->logit_rows, AllocateElements(ops, max_s, DType::kI32));
+  LORAPLEX_ASSIGN_OR_RETURN(impl->block_tables,
+                            AllocateElements(ops, max_s * capacity.max_blocks_per_seq, DType::kI32));
+  for (auto* m : {&impl->residual, &impl->hidden, &impl->proj_out}) {
+    LORAPLEX_ASSIGN_OR_RETURN(*m, AllocateElements(ops, max_t * h, dtype));
+  }
+  LORAPLEX_ASSIGN_OR_RETURN(impl->qkv, AllocateElements(ops, max_t * spec.qkv_width(), dtype));
+  LORAPLEX_ASSIGN_OR_RETURN(impl->attn_out, AllocateElements(ops, max_t * spec.q_width(), dtype));
+  LORAPLEX_ASSIGN_OR_RETURN(impl->gate_up, AllocateElements(ops, max_t * 2 * inter, dtype));
+  LORAPLEX_ASSIGN_OR_RETURN(impl->act, AllocateElements(ops, max_t * inter, dtype));
+  LORAPLEX_ASSIGN_OR_RETURN(impl->gathered, AllocateElements(ops, max_s * h, dtype));
+  LORAPLEX_ASSIGN_OR_RETURN(impl->logits, AllocateElements(ops, max_s * v, DType::kF32));
+  if (lora_width > 0) {
+    LORAPLEX_ASSIGN_OR_RETURN(impl->lora_scratch, AllocateElements(ops, max_t * lora_width, DType::kF32));
+  }
+  LORAPLEX_RETURN_IF_ERROR(ops->Synchronize());
+
+  auto model = std::unique_ptr<LlamaModel>(new LlamaModel());
+  model->impl_ = std::move(impl);
+  return model;
+}
+
+LlamaModel::~LlamaModel() = default;
+
+const ModelSpec& LlamaModel::spec() const { return impl_->spec; }
+const ModelCapacity& LlamaModel::capacity() const { return impl_->cap; }
+
+absl::Status LlamaModel::Impl::ValidateStep(const StepInput& in) const {
+  auto bad = [](auto&&... parts) { return absl::InvalidArgumentError(absl::StrCat("LlamaModel::Forward: ", parts...)); };
+  const int64_t t_count = static_cast<int64_t>(in.token_ids.size());
+  const int64_t s_count = static_cast<int64_t>(in.context_lens.size());
+  if (t_count == 0 || t_count > cap.max_tokens) return bad(t_count, " tokens outside [1, ", cap.max_tokens, "]");
+  if (s_count == 0 || s_count > cap.max_seqs) return bad(s_count, " sequences outside [1, ", cap.max_seqs, "]");
+  if (static_cast<int64_t>(in.positions.size()) != t_count || static_cast<int64_t>(in.slot_mapping.size()) != t_count ||
+      static_cast<int64_t>(in.token_seq.size()) != t_count) {
+    return bad("positions/slot_mapping/token_seq have ", in.positions.size(), "/", in.slot_mapping.size(), "/",
+               in.token_seq.size(), " entries, expected ", t_count);
+  }
+  if (static_cast<int64_t>(in.block_tables.size()) != s_count * cap.max_blocks_per_seq) {
+    return bad("block_tables has ", in.block_tables.size(), " entries, expected ", s_count, " x ",
+               cap.max_blocks_per_seq);
+  }
+  if (in.logit_rows.empty() || static_cast<int64_t>(in.logit_rows.size()) > cap.max_seqs) {
+    return bad(in.logit_rows.size(), " logit rows outside [1, ", cap.max_seqs, "]");
+  }
+  const int64_t num_slots = static_cast<int64_t>(cap.num_kv_blocks) * cap.kv_block_size;
+  for (int64_t s = 0; s < s_count; ++s) {
+    const int32_t len = in.context_lens[static_cast<size_t>(s)];
+    if (len < 0 || len > static_cast<int64_t>(cap.max_blocks_per_seq) * cap.kv_block_size) {
+      return bad("context_lens[", s, "] = ", len, " exceeds the block table");
+    }
+    for (int64_t b = 0; b < (len + cap.kv_block_size - 1) / cap.kv_block_size; ++b) {
+      const int32_t block = in.block_tables[static_cast<size_t>(s * cap.max_blocks_per_seq + b)];
+      if (block < 0 || block >= cap.num_kv_blocks) {
+        return bad("block_tables[", s, "][", b, "] = ", block, " outside [0, ", cap.num_kv_blocks, ")");
+      }
+    }
+  }
+  for (int64_t t = 0; t < t_count; ++t) {
+    const size_t i = static_cast<size_t>(t);
+    if (in.token_ids[i] < 0 || in.token_ids[i] >= spec.vocab_size) {
+      return bad("token_ids[", t, "] = ", in.token_ids[i], " outside [0, ", spec.vocab_size, ")");
+    }
+    if (in.token_seq[i] < 0 || in.token_seq[i] >= s_count) {
+      return bad("token_seq[", t, "] = ", in.token_seq[i], " outside [0, ", s_count, ")");
+    }
+    if (in.positions[i] < 0 || in.positions[i] >= in.context_lens[static_cast<size_t>(in.token_seq[i])]) {
+      return bad("positions[", t, "] = ", in.positions[i], " outside the context of sequence ", in.token_seq[i]);
+    }
+    if (in.slot_mapping[i] >= num_slots) return bad("slot_mapping[", t, "] = ", in.slot_mapping[i], " >= ", num_slots);
+  }
+  for (size_t i = 0; i < in.logit_rows.size(); ++i) {
+    if (in.logit_rows[i] < 0 || in.logit_rows[i] >= t_count) {
+      return bad("logit_rows[", i, "] = ", in.logit_rows[i], " outside [0, ", t_count, ")");
+    }
+  }
+  const lora::LoraBatch& lb = in.lora;
+  if (lb.seg_slots.empty()) return absl::OkStatus();
+  if (!has_lora) return bad("LoRA segments given but the model was loaded without a slot pool");
+  if (lb.seg_starts.size() != lb.seg_slots.size() + 1 || lb.seg_starts.front() != 0 ||
+      lb.seg_starts.back() != static_cast<int32_t>(lb.token_rows.size()) ||
+      static_cast<int64_t>(lb.token_rows.size()) > t_count) {
+    return bad("LoRA batch has ", lb.seg_slots.size(), " segments, ", lb.seg_starts.size(), " starts and ",
+               lb.token_rows.size(), " token rows for ", t_count, " tokens");
+  }
+  const int32_t pool_slots = layers.empty() ? 0 : layers[0].qkv.lora()->num_slots;
+  for (size_t s = 0; s < lb.seg_slots.size(); ++s) {
+    if (lb.seg_starts[s + 1] < lb.seg_starts[s]) return bad("LoRA seg_starts decrease at segment ", s);
+    if (lb.seg_slots[s] < 0 || lb.seg_slots[s] >= pool_slots) {
+      return bad("LoRA seg_slots[", s, "] = ", lb.seg_slots[s], " outside [0, ", pool_slots, ")");
+    }
+  }
+  for (size_t i = 0; i < lb.token_rows.size(); ++i) {
+    if (lb.token_rows[i] < 0 || lb.token_rows[i] >= t_count) {
+      return bad("LoRA token_rows[", i, "] = ", lb.token_rows[i], " outside [0, ", t_count, ")");
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<float>> LlamaModel::Forward(const StepInput& in) {
+  Impl& m = *impl_;
+  LORAPLEX_RETURN_IF_ERROR(m.ValidateStep(in));
+  ops::Ops& ops = *m.ops;
+  const ModelSpec& spec = m.spec;
+  const int64_t t = static_cast<int64_t>(in.token_ids.size());
+  const int64_t h = spec.hidden_size, inter = spec.intermediate_size;
+  const float eps = static_cast<float>(spec.rms_norm_eps);
+
+  for (auto [dst, src] : {std::pair{&m.ids, &in.token_ids}, {&m.positions, &in.positions},
+                          {&m.slot_mapping, &in.slot_mapping}, {&m.token_seq, &in.token_seq},
+                          {&m.context_lens, &in.context_lens}, {&m.block_tables, &in.block_tables},
+                          {&m.logit_rows, &in.logit_rows}}) {
+    LORAPLEX_RETURN_IF_ERROR(m.Upload(*dst, *src));
+  }
+  ops::LoraSegments segments;
+  const ops::LoraSegments* seg_ptr = nullptr;
+  if (!in.lora.seg_slots.empty()) {
+    const std::vector<int32_t> count = {in.lora.num_segments()};
+    LORAPLEX_RETURN_IF_ERROR(m.Upload(m.token_rows, in.lora.token_rows));
+    LORAPLEX_RETURN_IF_ERROR(m.Upload(m.seg_starts, in.lora.seg_starts));
+    LORAPLEX_RETURN_IF_ERROR(m.Upload(m.seg_slots, in.lora.seg_slots));
+    LORAPLEX_RETURN_IF_ERROR(m.Upload(m.num_segments, count));
+    segments.token_rows = static_cast<const int32_t*>(m.token_rows.data());
+    segments.seg_starts = static_cast<const int32_t*>(m.seg_starts.data());
+    segments.seg_slots = static_cast<const int32_t*>(m.seg_slots.data());
+    segments.num_segments = static_cast<const int32_t*>(m.num_segments.data());
+    segments.max_segments = m.cap.max_tokens;  // every segment holds at least one token
+    segments.num_tokens = static_cast<int32_t>(t);
+    seg_ptr = &segments;
+  }
+
+  ops::AttentionMeta meta;
+  meta.positions = static_cast<const int32_t*>(m.positions.data());
+  meta.slot_mapping = static_cast<const int32_t*>(m.slot_mapping.data());
+  meta.token_seq = static_cast<const int32_t*>(m.token_seq.data());
+  meta.context_lens = static_cast<const int32_t*>(m.context_lens.data());
+  meta.block_tables = static_cast<const int32_t*>(m.block_tables.data());
+  meta.num_tokens = static_cast<int32_t>(t);
+  meta.max_seqs = static_cast<int32_t>(in.context_lens.size());
+  meta.max_blocks_per_seq = m.cap.max_blocks_per_seq;
+  meta.block_size = m.cap.kv_block_size;
+  meta.max_context_len = *std::max_element(in.context_lens.begin(), in.context_lens.end());
+
+  const DType dt = m.dtype;
+  const TensorView ids = m.ids.View(DType::kI32, {t});
+  const TensorView residual = m.residual.View(dt, {t, h});      // [T, H] the residual stream
+  const TensorView hidden = m.hidden.View(dt, {t, h});          // [T, H] normed input of a block
+  const TensorView proj_out = m.proj_out.View(dt, {t, h});      // [T, H] o / down output
+  const TensorView qkv = m.qkv.View(dt, {t, spec.qkv_width()});  // [T, (Hq + 2Hkv)·D]
+  const TensorView attn = m.attn_out.View(dt, {t, spec.q_width()});
+  const TensorView gate_up = m.gate_up.View(dt, {t, 2 * inter});
+  const TensorView act = m.act.View(dt, {t, inter});
+  const TensorView scratch = m.lora_scratch.data() != nullptr
+                                 ? m.lora_scratch.View(DType::kF32, {static_cast<int64_t>(m.lora_scratch.size() / 4)})
+                                 : TensorView{};
+  const TensorView inv_freq = m.inv_freq.View(DType::kF32, {spec.head_dim / 2});
+  const Shape cache_shape{m.cap.num_kv_blocks, m.cap.kv_block_size, spec.num_kv_heads, spec.head_dim};
+  const float softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(spec.head_dim)));
+
+  LORAPLEX_RETURN_IF_ERROR(ops.Embed(ids, m.embed.View(dt, {spec.vocab_size, h}), residual));
+  for (size_t l = 0; l < m.layers.size(); ++l) {
+    const Layer& layer = m.layers[l];
+    const TensorView input_norm = layer.input_norm.View(dt, {h});
+    if (l == 0) {
+      LORAPLEX_RETURN_IF_ERROR(ops.RmsNorm(residual, input_norm, eps, hidden));
+    } else {  // the previous layer's MLP output joins the residual here
+      LORAPLEX_RETURN_IF_ERROR(ops.AddRmsNorm(proj_out, residual, input_norm, eps, hidden));
+    }
+    const ops::KvCacheView cache{layer.k_cache.View(dt, cache_shape), layer.v_cache.View(dt, cache_shape)};
+    const int hq = static_cast<int>(layer.qkv.num_q_heads()), hkv = static_cast<int>(layer.qkv.num_kv_heads());
+    const int d = static_cast<int>(spec.head_dim);
+    LORAPLEX_RETURN_IF_ERROR(layer.qkv.Forward(ops, hidden, seg_ptr, scratch, qkv));
+    LORAPLEX_RETURN_IF_ERROR(ops.RopeAndCacheKv(qkv, inv_freq, hq, hkv, d, meta, cache));
+    LORAPLEX_RETURN_IF_ERROR(ops.Attention(qkv, hq, hkv, d, softmax_scale, meta, cache, attn));
+    LORAPLEX_RETURN_IF_ERROR(layer.o.Forward(ops, attn, seg_ptr, scratch, proj_out));
+    LORAPLEX_RETURN_IF_ERROR(ops.AddRmsNorm(proj_out, residual, layer.post_norm.View(dt, {h}), eps, hidden));
+    LORAPLEX_RETURN_IF_ERROR(layer.gate_up.Forward(ops, hidden, seg_ptr, scratch, gate_up));
+    LORAPLEX_RETURN_IF_ERROR(ops.SiluMul(gate_up, act));
+    LORAPLEX_RETURN_IF_ERROR(layer.down.Forward(ops, act, seg_ptr, scratch, proj_out));
+  }
+  LORAPLEX_RETURN_IF_ERROR(ops.AddRmsNorm(proj_out, residual, m.final_norm.View(dt, {h}), eps, hidden));
+
+  const int64_t rows = static_cast<int64_t>(in.logit_rows.size());
+  const TensorView gathered = m.gathered.View(dt, {rows, h});
+  const TensorView logits = m.logits.View(DType::kF32, {rows, spec.vocab_size});  // [rows, V] F32
+  LORAPLEX_RETURN_IF_ERROR(ops.GatherRows(hidden, m.logit_rows.View(DType::kI32, {rows}), gathered));
+  LORAPLEX_RETURN_IF_ERROR(ops.Gemm(gathered, m.lm_head->weight(), 0.0f, logits));
+  std::vector<float> out(static_cast<size_t>(rows * spec.vocab_size));
+  LORAPLEX_RETURN_IF_ERROR(ops.CopyToHost(out.data(), logits.data, out.size() * sizeof(float)));
+  LORAPLEX_RETURN_IF_ERROR(ops.Synchronize());
+  return out;
+}
+
+}  // namespace loraplex::model

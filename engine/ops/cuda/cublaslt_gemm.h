@@ -1,0 +1,54 @@
+// Row-major y[M,N] = x[M,K]·w[N,K]ᵀ + beta·y through cuBLASLt (bf16 operands, fp32 compute,
+// bf16 or F32 y), run as the column-major TN problem yᵀ = w·xᵀ. The heuristic's algorithm is
+// cached per (M bucket, N, K, y dtype, alignment) and checked once per exact M; matrix layouts are
+// cached per exact shape. One caller-owned workspace serves every call (and captured graphs).
+// Engine thread only.
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <tuple>
+
+#include "absl/status/statusor.h"
+
+namespace loraplex::ops::cuda {
+
+class CublasLtGemm {
+ public:
+  // `workspace` (device, `workspace_bytes`) must outlive this object and any graph it is used in.
+  static absl::StatusOr<std::unique_ptr<CublasLtGemm>> Create(void* workspace, size_t workspace_bytes);
+  ~CublasLtGemm();
+  CublasLtGemm(const CublasLtGemm&) = delete;
+  CublasLtGemm& operator=(const CublasLtGemm&) = delete;
+
+  // x [m, k] bf16; w [n, k] bf16; y [m, n] F32 when y_f32 else bf16 (read only when beta != 0).
+  absl::Status Run(const void* x, const void* w, void* y, bool y_f32, int64_t m, int64_t n,
+                   int64_t k, float beta, cudaStream_t stream);
+
+ private:
+  // (m or m bucket, n, k, y_f32, alignment in bytes)
+  using Key = std::tuple<int64_t, int64_t, int64_t, bool, int>;
+  struct Plan {
+    cublasLtMatrixLayoutOpaque_t w_layout, x_layout, y_layout;
+    cublasLtMatmulAlgo_t algo;
+  };
+
+  CublasLtGemm() = default;
+  absl::Status InitLayouts(int64_t m, int64_t n, int64_t k, bool y_f32, Plan* plan);
+  absl::StatusOr<cublasLtMatmulAlgo_t> Heuristic(Plan& plan, int alignment);
+  absl::StatusOr<Plan*> GetPlan(int64_t m, int64_t n, int64_t k, bool y_f32, int alignment);
+
+  cublasLtHandle_t handle_ = nullptr;
+  cublasLtMatmulDesc_t desc_ = nullptr;
+  cublasLtMatmulPreference_t preference_ = nullptr;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+  std::map<Key, cublasLtMatmulAlgo_t> bucket_algos_;
+  std::map<Key, std::unique_ptr<Plan>> plans_;
+};
+
+}  // namespace loraplex::ops::cuda

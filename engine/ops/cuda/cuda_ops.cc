@@ -1,0 +1,510 @@
+// CudaOps: validates every op's tensors on the host (errors name the op, the tensor and the bad
+// value), then enqueues the kernels of this folder or cuBLASLt on the ops' stream.
+#include "engine/ops/cuda/cuda_ops.h"
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <string>
+#include <string_view>
+
+#include "absl/strings/str_cat.h"
+#include "engine/core/status.h"
+#include "engine/ops/cuda/attention.h"
+#include "engine/ops/cuda/cublaslt_gemm.h"
+#include "engine/ops/cuda/elementwise.h"
+#include "engine/ops/cuda/lora_kernels.h"
+#include "engine/ops/cuda/norm.h"
+#include "engine/ops/cuda/rope.h"
+
+namespace loraplex::ops::cuda {
+namespace {
+
+static_assert(sizeof(LoraSliceWeights) == sizeof(LoraSliceWeightsDev));
+static_assert(offsetof(LoraSliceWeights, a) == offsetof(LoraSliceWeightsDev, a));
+static_assert(offsetof(LoraSliceWeights, b) == offsetof(LoraSliceWeightsDev, b));
+static_assert(offsetof(LoraSliceWeights, rank) == offsetof(LoraSliceWeightsDev, rank));
+static_assert(offsetof(LoraSliceWeights, scale) == offsetof(LoraSliceWeightsDev, scale));
+
+constexpr size_t kGemmWorkspaceBytes = 32u << 20;      // cuBLASLt's recommendation on Hopper
+constexpr size_t kAttentionScratchBytes = 32u << 20;   // split-context partials
+
+absl::Status CudaStatus(cudaError_t err, std::string_view what) {
+  if (err == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrCat(what, ": CUDA error ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
+}
+
+absl::Status Invalid(std::string_view op, std::string_view message) {
+  return absl::InvalidArgumentError(absl::StrCat(op, ": ", message));
+}
+
+// Checks that `t` is a CUDA tensor of `dtype` and rank `rank`.
+absl::Status CheckTensor(std::string_view op, std::string_view name, const TensorView& t, DType dtype,
+                         int rank) {
+  if (t.device != Device::kCuda) return Invalid(op, absl::StrCat(name, " is not a CUDA tensor"));
+  if (t.dtype != dtype) {
+    return Invalid(op, absl::StrCat(name, " has dtype ", DTypeName(t.dtype), ", expected ", DTypeName(dtype)));
+  }
+  if (t.shape.rank != rank) {
+    return Invalid(op, absl::StrCat(name, " has shape ", t.shape.ToString(), ", expected rank ", rank));
+  }
+  if (t.data == nullptr && t.NumElements() > 0) return Invalid(op, absl::StrCat(name, " has no data"));
+  return absl::OkStatus();
+}
+
+absl::Status CheckDim(std::string_view op, std::string_view name, const TensorView& t, int dim,
+                      int64_t expected) {
+  if (t.shape[dim] == expected) return absl::OkStatus();
+  return Invalid(op, absl::StrCat(name, " has shape ", t.shape.ToString(), ", expected dim ", dim, " = ",
+                                  expected));
+}
+
+bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+class CudaOps final : public Ops {
+ public:
+  static absl::StatusOr<std::unique_ptr<CudaOps>> Create() {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+      cudaGetLastError();  // clear the sticky "no device" error
+      return absl::UnavailableError("CUDA executor: no CUDA device is visible");
+    }
+    std::unique_ptr<CudaOps> ops(new CudaOps());
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(0), "CUDA executor: select device 0"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(
+        cudaDeviceGetAttribute(&ops->num_sms_, cudaDevAttrMultiProcessorCount, 0), "CUDA executor: query SMs"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&ops->stream_, cudaStreamNonBlocking),
+                                        "CUDA executor: create stream"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->gemm_workspace_, kGemmWorkspaceBytes),
+                                        "CUDA executor: allocate GEMM workspace"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->attention_scratch_, kAttentionScratchBytes),
+                                        "CUDA executor: allocate attention scratch"));
+    LORAPLEX_ASSIGN_OR_RETURN(ops->gemm_, CublasLtGemm::Create(ops->gemm_workspace_, kGemmWorkspaceBytes));
+    return ops;
+  }
+
+  ~CudaOps() override {
+    if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+    gemm_.reset();
+    if (attention_scratch_ != nullptr) cudaFree(attention_scratch_);
+    if (gemm_workspace_ != nullptr) cudaFree(gemm_workspace_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+
+  cudaStream_t stream() const { return stream_; }
+  void set_split_mode(AttentionSplitMode mode) { split_mode_ = mode; }
+
+  Device device() const override { return Device::kCuda; }
+  DType compute_dtype() const override { return DType::kBF16; }
+
+  absl::StatusOr<DeviceMemory> Allocate(size_t bytes) override {
+    void* ptr = nullptr;
+    if (bytes == 0) return DeviceMemory(this, nullptr, 0);
+    const cudaError_t err = cudaMalloc(&ptr, bytes);
+    if (err == cudaErrorMemoryAllocation) {
+      cudaGetLastError();  // out of memory is not sticky; clear it so later checks stay clean
+      return absl::ResourceExhaustedError(absl::StrCat("Allocate: ", bytes, " bytes: out of device memory"));
+    }
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(err, absl::StrCat("Allocate ", bytes, " bytes")));
+    return DeviceMemory(this, ptr, bytes);
+  }
+
+  void Free(void* ptr) override {
+    if (ptr == nullptr) return;
+    const cudaError_t err = cudaFree(ptr);
+    // Free cannot report; the next Synchronize does.
+    if (err != cudaSuccess && deferred_error_ == cudaSuccess) deferred_error_ = err;
+  }
+
+  absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return absl::OkStatus();
+    // From pageable memory the call returns once `src` is staged, so the caller may reuse it.
+    return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "CopyToDevice");
+  }
+
+  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return absl::OkStatus();
+    LORAPLEX_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "CopyToHost"));
+    return CudaStatus(cudaStreamSynchronize(stream_), "CopyToHost: synchronize");
+  }
+
+  absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return absl::OkStatus();
+    return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "CopyOnDevice");
+  }
+
+  absl::Status Memset(void* dst, int value, size_t bytes) override {
+    if (bytes == 0) return absl::OkStatus();
+    return CudaStatus(cudaMemsetAsync(dst, value, bytes, stream_), "Memset");
+  }
+
+  absl::Status Synchronize() override {
+    if (deferred_error_ != cudaSuccess) {
+      const cudaError_t err = deferred_error_;
+      deferred_error_ = cudaSuccess;
+      return CudaStatus(err, "Free (reported at Synchronize)");
+    }
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "Synchronize"));
+    return CudaStatus(cudaGetLastError(), "Synchronize");
+  }
+
+  absl::Status Embed(const TensorView& ids, const TensorView& table, const TensorView& out) override {
+    constexpr std::string_view kOp = "Embed";
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "ids", ids, DType::kI32, 1));
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "table", table, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 0, ids.shape[0]));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 1, table.shape[1]));
+    return CudaStatus(LaunchGatherRows(table.data, table.shape[0], table.shape[1] * 2, ids.As<int32_t>(),
+                                       ids.shape[0], out.data, stream_),
+                      kOp);
+  }
+
+  absl::Status RmsNorm(const TensorView& x, const TensorView& weight, float eps,
+                       const TensorView& out) override {
+    constexpr std::string_view kOp = "RmsNorm";
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "weight", weight, DType::kBF16, 1));
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "weight", weight, 0, x.shape[1]));
+    if (!(out.shape == x.shape)) return Invalid(kOp, absl::StrCat("out has shape ", out.shape.ToString(),
+                                                                  ", expected x's ", x.shape.ToString()));
+    return CudaStatus(LaunchRmsNorm(x.data, weight.data, x.shape[0], x.shape[1], eps, out.data, stream_), kOp);
+  }
+
+  absl::Status AddRmsNorm(const TensorView& x, const TensorView& residual, const TensorView& weight,
+                          float eps, const TensorView& out) override {
+    constexpr std::string_view kOp = "AddRmsNorm";
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "residual", residual, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "weight", weight, DType::kBF16, 1));
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "weight", weight, 0, x.shape[1]));
+    if (!(residual.shape == x.shape) || !(out.shape == x.shape)) {
+      return Invalid(kOp, absl::StrCat("residual ", residual.shape.ToString(), " and out ", out.shape.ToString(),
+                                       " must have x's shape ", x.shape.ToString()));
+    }
+    return CudaStatus(LaunchAddRmsNorm(x.data, residual.data, weight.data, x.shape[0], x.shape[1], eps,
+                                       out.data, stream_),
+                      kOp);
+  }
+
+  absl::Status Gemm(const TensorView& x, const TensorView& w, float beta, const TensorView& y) override {
+    constexpr std::string_view kOp = "Gemm";
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "w", w, DType::kBF16, 2));
+    if (y.dtype != DType::kBF16 && y.dtype != DType::kF32) {
+      return Invalid(kOp, absl::StrCat("y has dtype ", DTypeName(y.dtype), ", expected BF16 or F32"));
+    }
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "y", y, y.dtype, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "w", w, 1, x.shape[1]));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "y", y, 0, x.shape[0]));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "y", y, 1, w.shape[0]));
+    if (x.shape[1] == 0) return Invalid(kOp, "K is 0");
+    return Annotate(gemm_->Run(x.data, w.data, y.data, y.dtype == DType::kF32, x.shape[0], w.shape[0],
+                               x.shape[1], beta, stream_),
+                    kOp);
+  }
+
+  absl::Status RopeAndCacheKv(const TensorView& qkv, const TensorView& inv_freq, int num_q_heads,
+                              int num_kv_heads, int head_dim, const AttentionMeta& meta,
+                              const KvCacheView& cache) override {
+    constexpr std::string_view kOp = "RopeAndCacheKv";
+    LORAPLEX_RETURN_IF_ERROR(CheckQkvAndCache(kOp, qkv, num_q_heads, num_kv_heads, head_dim, meta, cache));
+    if (head_dim % 2 != 0) return Invalid(kOp, absl::StrCat("head_dim ", head_dim, " is odd"));
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "inv_freq", inv_freq, DType::kF32, 1));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "inv_freq", inv_freq, 0, head_dim / 2));
+    RopeParams p;
+    p.qkv = qkv.data;
+    p.inv_freq = inv_freq.As<float>();
+    p.positions = meta.positions;
+    p.slot_mapping = meta.slot_mapping;
+    p.token_seq = meta.token_seq;
+    p.k_cache = cache.k.data;
+    p.v_cache = cache.v.data;
+    p.num_cache_slots = cache.k.shape[0] * cache.k.shape[1];
+    p.num_tokens = meta.num_tokens;
+    p.num_q_heads = num_q_heads;
+    p.num_kv_heads = num_kv_heads;
+    p.head_dim = head_dim;
+    return CudaStatus(LaunchRopeAndCacheKv(p, stream_), kOp);
+  }
+
+  absl::Status Attention(const TensorView& qkv, int num_q_heads, int num_kv_heads, int head_dim,
+                         float softmax_scale, const AttentionMeta& meta, const KvCacheView& cache,
+                         const TensorView& out) override {
+    constexpr std::string_view kOp = "Attention";
+    LORAPLEX_RETURN_IF_ERROR(CheckQkvAndCache(kOp, qkv, num_q_heads, num_kv_heads, head_dim, meta, cache));
+    if (!AttentionSupported(head_dim, num_q_heads, num_kv_heads)) {
+      return absl::UnimplementedError(absl::StrCat(kOp, ": no kernel for head_dim ", head_dim, " with ",
+                                                   num_q_heads, " q heads / ", num_kv_heads,
+                                                   " kv heads (head_dim 64/128/256, group 1..8)"));
+    }
+    if (!Aligned16(cache.k.data) || !Aligned16(cache.v.data)) {
+      return Invalid(kOp, "cache tensors must be 16-byte aligned");
+    }
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 1, static_cast<int64_t>(num_q_heads) * head_dim));
+    if (out.shape[0] < meta.num_tokens) {
+      return Invalid(kOp, absl::StrCat("out has ", out.shape[0], " rows, meta.num_tokens is ", meta.num_tokens));
+    }
+    if (meta.token_seq == nullptr || meta.block_tables == nullptr || meta.max_seqs <= 0 ||
+        meta.max_blocks_per_seq <= 0) {
+      return Invalid(kOp, absl::StrCat("meta needs token_seq, block_tables, max_seqs (", meta.max_seqs,
+                                       ") and max_blocks_per_seq (", meta.max_blocks_per_seq, ")"));
+    }
+    AttentionParams p;
+    p.qkv = qkv.data;
+    p.qkv_row = qkv.shape[1];
+    p.k_cache = cache.k.data;
+    p.v_cache = cache.v.data;
+    p.num_cache_slots = cache.k.shape[0] * cache.k.shape[1];
+    p.out = out.data;
+    p.positions = meta.positions;
+    p.token_seq = meta.token_seq;
+    p.block_tables = meta.block_tables;
+    p.num_tokens = meta.num_tokens;
+    p.num_q_heads = num_q_heads;
+    p.num_kv_heads = num_kv_heads;
+    p.head_dim = head_dim;
+    p.max_seqs = meta.max_seqs;
+    p.max_blocks_per_seq = meta.max_blocks_per_seq;
+    p.block_size = meta.block_size;
+    p.softmax_scale = softmax_scale;
+    p.partial = static_cast<float*>(attention_scratch_);
+    // The test modes pretend the GPU is huge (always split) or has no SMs (never split).
+    const int sms = split_mode_ == AttentionSplitMode::kAuto     ? num_sms_
+                    : split_mode_ == AttentionSplitMode::kAlways ? (1 << 20)
+                                                                 : 0;
+    ChooseAttentionSplits(sms, kAttentionScratchBytes, meta.max_context_len, &p);
+    return CudaStatus(LaunchAttention(p, stream_), kOp);
+  }
+
+  absl::Status SiluMul(const TensorView& gate_up, const TensorView& out) override {
+    constexpr std::string_view kOp = "SiluMul";
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "gate_up", gate_up, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 0, gate_up.shape[0]));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "gate_up", gate_up, 1, 2 * out.shape[1]));
+    return CudaStatus(LaunchSiluMul(gate_up.data, out.shape[0], out.shape[1], out.data, stream_), kOp);
+  }
+
+  absl::Status GatherRows(const TensorView& x, const TensorView& rows, const TensorView& out) override {
+    constexpr std::string_view kOp = "GatherRows";
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, x.dtype, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "rows", rows, DType::kI32, 1));
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, x.dtype, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 0, rows.shape[0]));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 1, x.shape[1]));
+    const int64_t row_bytes = x.shape[1] * static_cast<int64_t>(DTypeSize(x.dtype));
+    return CudaStatus(LaunchGatherRows(x.data, x.shape[0], row_bytes, rows.As<int32_t>(), rows.shape[0],
+                                       out.data, stream_),
+                      kOp);
+  }
+
+  absl::Status LoraShrink(const TensorView& x, const LoraSegments& segments, const LoraModule& module,
+                          const TensorView& y) override {
+    constexpr std::string_view kOp = "LoraShrink";
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckLora(kOp, segments, module, y, x.shape[0]));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "x", x, 1, module.in_features));
+    if (module.in_features % 8 != 0 || !Aligned16(x.data)) {
+      return Invalid(kOp, absl::StrCat("in_features ", module.in_features,
+                                       " must be a multiple of 8 and x 16-byte aligned"));
+    }
+    return CudaStatus(LaunchLoraShrink(MakeLoraParams(segments, module), x.data, y.As<float>(), stream_), kOp);
+  }
+
+  absl::Status LoraExpand(const TensorView& y, const LoraSegments& segments, const LoraModule& module,
+                          const TensorView& out) override {
+    constexpr std::string_view kOp = "LoraExpand";
+    LORAPLEX_RETURN_IF_ERROR(CheckLora(kOp, segments, module, y, out.shape[0]));
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 1, module.slice_offsets[module.num_slices]));
+    return CudaStatus(LaunchLoraExpand(MakeLoraParams(segments, module), y.As<float>(), out.data, stream_), kOp);
+  }
+
+ private:
+  CudaOps() = default;
+
+  absl::Status CheckQkvAndCache(std::string_view op, const TensorView& qkv, int num_q_heads, int num_kv_heads,
+                                int head_dim, const AttentionMeta& meta, const KvCacheView& cache) {
+    if (num_q_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || num_q_heads % num_kv_heads != 0) {
+      return Invalid(op, absl::StrCat("bad heads: ", num_q_heads, " q heads, ", num_kv_heads,
+                                      " kv heads, head_dim ", head_dim));
+    }
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(op, "qkv", qkv, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(
+        CheckDim(op, "qkv", qkv, 1, static_cast<int64_t>(num_q_heads + 2 * num_kv_heads) * head_dim));
+    if (meta.num_tokens < 0 || meta.num_tokens > qkv.shape[0]) {
+      return Invalid(op, absl::StrCat("meta.num_tokens ", meta.num_tokens, " outside [0, qkv rows ", qkv.shape[0], "]"));
+    }
+    if (meta.positions == nullptr || meta.slot_mapping == nullptr) {
+      return Invalid(op, "meta.positions and meta.slot_mapping are required");
+    }
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(op, "cache.k", cache.k, DType::kBF16, 4));
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(op, "cache.v", cache.v, DType::kBF16, 4));
+    if (!(cache.k.shape == cache.v.shape)) {
+      return Invalid(op, absl::StrCat("cache.k ", cache.k.shape.ToString(), " and cache.v ",
+                                      cache.v.shape.ToString(), " differ"));
+    }
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(op, "cache.k", cache.k, 1, meta.block_size));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(op, "cache.k", cache.k, 2, num_kv_heads));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(op, "cache.k", cache.k, 3, head_dim));
+    return absl::OkStatus();
+  }
+
+  absl::Status CheckLora(std::string_view op, const LoraSegments& segments, const LoraModule& module,
+                         const TensorView& y, int64_t num_tokens) {
+    if (module.num_slices < 1 || module.num_slices > 4) {
+      return Invalid(op, absl::StrCat("module.num_slices ", module.num_slices, " not in 1..4"));
+    }
+    if (module.max_rank < 1 || module.max_rank > kLoraMaxRank) {
+      return Invalid(op, absl::StrCat("module.max_rank ", module.max_rank, " not in 1..", kLoraMaxRank));
+    }
+    if (module.table == nullptr || module.num_slots < 0) return Invalid(op, "module has no slot table");
+    if (segments.num_tokens < 0 || segments.num_tokens > num_tokens) {
+      return Invalid(op, absl::StrCat("segments.num_tokens ", segments.num_tokens, " outside [0, activation rows ",
+                                      num_tokens, "]"));
+    }
+    if (segments.max_segments < 0 || (segments.max_segments > 0 &&
+        (segments.token_rows == nullptr || segments.seg_starts == nullptr || segments.seg_slots == nullptr ||
+         segments.num_segments == nullptr))) {
+      return Invalid(op, "segments arrays are missing");
+    }
+    for (int s = 0; s < module.num_slices; ++s) {
+      if (module.slice_offsets[s + 1] < module.slice_offsets[s]) {
+        return Invalid(op, absl::StrCat("module.slice_offsets decrease at slice ", s));
+      }
+    }
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(op, "y", y, DType::kF32, 2));
+    if (y.shape[0] < segments.num_tokens) {
+      return Invalid(op, absl::StrCat("y has ", y.shape[0], " rows, segments.num_tokens is ", segments.num_tokens));
+    }
+    return CheckDim(op, "y", y, 1, static_cast<int64_t>(module.num_slices) * module.max_rank);
+  }
+
+  static LoraParams MakeLoraParams(const LoraSegments& segments, const LoraModule& module) {
+    LoraParams p;
+    p.table = reinterpret_cast<const LoraSliceWeightsDev*>(module.table);
+    p.num_slots = module.num_slots;
+    p.num_slices = module.num_slices;
+    p.in_features = module.in_features;
+    p.max_rank = module.max_rank;
+    for (int s = 0; s <= module.num_slices; ++s) p.slice_offsets[s] = module.slice_offsets[s];
+    p.token_rows = segments.token_rows;
+    p.seg_starts = segments.seg_starts;
+    p.seg_slots = segments.seg_slots;
+    p.num_segments = segments.num_segments;
+    p.max_segments = segments.max_segments;
+    p.num_tokens = segments.num_tokens;
+    return p;
+  }
+
+  cudaStream_t stream_ = nullptr;
+  int num_sms_ = 0;
+  void* gemm_workspace_ = nullptr;
+  void* attention_scratch_ = nullptr;
+  std::unique_ptr<CublasLtGemm> gemm_;
+  cudaError_t deferred_error_ = cudaSuccess;
+  AttentionSplitMode split_mode_ = AttentionSplitMode::kAuto;
+};
+
+class CudaGraphImpl final : public CudaGraph {
+ public:
+  CudaGraphImpl(cudaGraph_t graph, cudaGraphExec_t exec, cudaStream_t stream)
+      : graph_(graph), exec_(exec), stream_(stream) {}
+  ~CudaGraphImpl() override {
+    cudaGraphExecDestroy(exec_);
+    cudaGraphDestroy(graph_);
+  }
+  absl::Status Launch() override { return CudaStatus(cudaGraphLaunch(exec_, stream_), "CudaGraph::Launch"); }
+
+ private:
+  cudaGraph_t graph_;
+  cudaGraphExec_t exec_;
+  cudaStream_t stream_;
+};
+
+absl::StatusOr<CudaOps*> AsCudaOps(Ops* ops, std::string_view what) {
+  auto* cuda = dynamic_cast<CudaOps*>(ops);
+  if (cuda == nullptr) return Invalid(what, "ops were not created by CreateCudaOps");
+  return cuda;
+}
+
+}  // namespace
+
+bool CudaDevicePresent() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return count > 0;
+}
+
+absl::StatusOr<std::unique_ptr<Ops>> CreateCudaOps() {
+  LORAPLEX_ASSIGN_OR_RETURN(std::unique_ptr<CudaOps> ops, CudaOps::Create());
+  return std::unique_ptr<Ops>(std::move(ops));
+}
+
+absl::StatusOr<std::unique_ptr<CudaGraph>> CaptureCudaGraph(Ops* ops,
+                                                            const std::function<absl::Status()>& record) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "CaptureCudaGraph"));
+  cudaStream_t stream = cuda->stream();
+  LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal),
+                                      "CaptureCudaGraph: begin"));
+  const absl::Status recorded = record();
+  cudaGraph_t graph = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(stream, &graph);  // always end, even after an error
+  if (!recorded.ok()) {
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    return Annotate(recorded, "CaptureCudaGraph");
+  }
+  LORAPLEX_RETURN_IF_ERROR(CudaStatus(end, "CaptureCudaGraph: end"));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+  if (inst != cudaSuccess) {
+    cudaGraphDestroy(graph);
+    return CudaStatus(inst, "CaptureCudaGraph: instantiate");
+  }
+  return std::unique_ptr<CudaGraph>(new CudaGraphImpl(graph, exec, stream));
+}
+
+absl::StatusOr<std::vector<double>> TimeOnStream(Ops* ops, int warmup, int repetitions, int calls_per_sample,
+                                                 const std::function<absl::Status(int call)>& body) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "TimeOnStream"));
+  cudaEvent_t start = nullptr, stop = nullptr;
+  LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&start), "TimeOnStream: event"));
+  LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&stop), "TimeOnStream: event"));
+  auto run = [&]() -> absl::StatusOr<std::vector<double>> {
+    int call = 0;
+    for (int i = 0; i < warmup; ++i) LORAPLEX_RETURN_IF_ERROR(body(call++));
+    std::vector<double> samples;
+    for (int r = 0; r < repetitions; ++r) {
+      LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(start, cuda->stream()), "TimeOnStream: record"));
+      for (int c = 0; c < calls_per_sample; ++c) LORAPLEX_RETURN_IF_ERROR(body(call++));
+      LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(stop, cuda->stream()), "TimeOnStream: record"));
+      LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(stop), "TimeOnStream: wait"));
+      float ms = 0.0f;
+      LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventElapsedTime(&ms, start, stop), "TimeOnStream: elapsed"));
+      samples.push_back(1000.0 * ms / calls_per_sample);
+    }
+    return samples;
+  };
+  auto result = run();
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return result;
+}
+
+absl::Status SetAttentionSplitModeForTest(Ops* ops, AttentionSplitMode mode) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetAttentionSplitModeForTest"));
+  cuda->set_split_mode(mode);
+  return absl::OkStatus();
+}
+
+}  // namespace loraplex::ops::cuda

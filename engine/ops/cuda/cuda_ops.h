@@ -1,0 +1,53 @@
+// The CUDA executor: ops::Ops for one NVIDIA GPU with compute dtype BF16 (bf16 weights and
+// activations, fp32 accumulation), plus CUDA-graph capture and stream timing for the ops' stream.
+// Plain C++ (no CUDA headers), so the ops factory can include it. Engine thread only.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/ops/ops.h"
+
+namespace loraplex::ops::cuda {
+
+// True when the CUDA runtime sees at least one device; false (never a crash) without a driver.
+bool CudaDevicePresent();
+
+// Creates ops on device 0 with their own stream, a cuBLASLt handle, a 32 MiB GEMM workspace and
+// an attention scratch buffer. UNAVAILABLE without a device; INTERNAL on CUDA errors.
+// Every op enqueues on the ops' stream and returns without waiting, except CopyToHost and
+// Synchronize. CopyToDevice may return before the copy lands but never reads `src` afterwards.
+// Op-specific notes: Embed and GatherRows give zero rows for out-of-range indices; Attention
+// gives zero rows for padding tokens (token_seq < 0); LoraShrink sets (zeroes, then accumulates
+// into) exactly the columns its contract names, so callers need not zero y.
+absl::StatusOr<std::unique_ptr<Ops>> CreateCudaOps();
+
+// A captured sequence of ops, replayable on the ops' stream. Must not outlive its ops.
+class CudaGraph {
+ public:
+  virtual ~CudaGraph() = default;
+  // Enqueues one replay; device memory the graph reads (segment tables, counts) may be changed
+  // between replays.
+  virtual absl::Status Launch() = 0;
+};
+
+// Captures everything `record` enqueues on `ops` (which must come from CreateCudaOps) into a
+// graph. Nothing runs during capture. INVALID_ARGUMENT for other ops; `record`'s error otherwise.
+absl::StatusOr<std::unique_ptr<CudaGraph>> CaptureCudaGraph(Ops* ops,
+                                                            const std::function<absl::Status()>& record);
+
+// Device time of `body` on the ops' stream, in microseconds: after `warmup` untimed calls, each of
+// `repetitions` samples times `calls_per_sample` back-to-back calls with CUDA events and reports
+// their mean. `body` gets a running call index (e.g. to rotate inputs through more than the L2).
+absl::StatusOr<std::vector<double>> TimeOnStream(Ops* ops, int warmup, int repetitions,
+                                                 int calls_per_sample,
+                                                 const std::function<absl::Status(int call)>& body);
+
+// Attention splits a token's context over several blocks when few (token, kv head) pairs cannot
+// fill the GPU (decode). Tests force either path on any shape; production keeps kAuto.
+enum class AttentionSplitMode { kAuto, kAlways, kNever };
+absl::Status SetAttentionSplitModeForTest(Ops* ops, AttentionSplitMode mode);
+
+}  // namespace loraplex::ops::cuda

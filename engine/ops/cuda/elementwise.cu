@@ -1,0 +1,71 @@
+// Row gathers (embedding lookup, GatherRows) and the SwiGLU activation.
+#include "engine/ops/cuda/elementwise.h"
+
+#include "engine/ops/cuda/kernel_utils.cuh"
+
+namespace loraplex::ops::cuda {
+namespace {
+
+// One block per output row. kVec: rows are whole 16-byte vectors and both bases are aligned.
+template <bool kVec>
+__global__ void GatherRowsKernel(const char* __restrict__ src, int64_t src_rows, int64_t row_bytes,
+                                 const int32_t* __restrict__ indices, char* __restrict__ dst) {
+  const int64_t i = blockIdx.x;
+  const int32_t index = indices[i];
+  const bool valid = index >= 0 && index < src_rows;
+  const char* from = src + static_cast<int64_t>(index) * row_bytes;
+  char* to = dst + i * row_bytes;
+  if constexpr (kVec) {
+    const int64_t n = row_bytes / 16;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      reinterpret_cast<uint4*>(to)[j] =
+          valid ? reinterpret_cast<const uint4*>(from)[j] : make_uint4(0, 0, 0, 0);
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < row_bytes; j += blockDim.x) to[j] = valid ? from[j] : 0;
+  }
+}
+
+__global__ void SiluMulKernel(const bf16* __restrict__ gate_up, int64_t num_tokens, int64_t inter,
+                              bf16* __restrict__ out) {
+  const int64_t total = num_tokens * inter;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = e / inter;
+    const int64_t c = e - t * inter;
+    const float g = ToFloat(gate_up[t * 2 * inter + c]);
+    const float u = ToFloat(gate_up[t * 2 * inter + inter + c]);
+    out[e] = ToBf16(g / (1.0f + expf(-g)) * u);
+  }
+}
+
+}  // namespace
+
+cudaError_t LaunchGatherRows(const void* src, int64_t src_rows, int64_t row_bytes,
+                             const int32_t* indices, int64_t num_out_rows, void* dst,
+                             cudaStream_t stream) {
+  if (num_out_rows == 0 || row_bytes == 0) return cudaSuccess;
+  const bool vec = row_bytes % 16 == 0 && IsAligned16(src) && IsAligned16(dst);
+  const dim3 grid(static_cast<unsigned>(num_out_rows));
+  const char* s = static_cast<const char*>(src);
+  char* d = static_cast<char*>(dst);
+  if (vec) {
+    GatherRowsKernel<true><<<grid, 256, 0, stream>>>(s, src_rows, row_bytes, indices, d);
+  } else {
+    GatherRowsKernel<false><<<grid, 256, 0, stream>>>(s, src_rows, row_bytes, indices, d);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSiluMul(const void* gate_up, int64_t num_tokens, int64_t inter, void* out,
+                          cudaStream_t stream) {
+  const int64_t total = num_tokens * inter;
+  if (total == 0) return cudaSuccess;
+  const int64_t blocks = (total + 255) / 256;
+  const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
+  SiluMulKernel<<<grid, 256, 0, stream>>>(static_cast<const bf16*>(gate_up), num_tokens, inter,
+                                          static_cast<bf16*>(out));
+  return cudaGetLastError();
+}
+
+}  // namespace loraplex::ops::cuda

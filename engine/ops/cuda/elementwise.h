@@ -1,0 +1,23 @@
+// Launchers of the row-gather (Embed, GatherRows) and SiLU·mul kernels. Raw device pointers;
+// each returns the launch error. Thread-safe (stateless); work runs on `stream`.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace loraplex::ops::cuda {
+
+// dst[i] = src[indices[i]] for i < num_out_rows, whole rows of `row_bytes` bytes (any dtype).
+// An index outside [0, src_rows) gives a zero row. src [src_rows, row_bytes]; indices [num_out_rows]
+// I32; dst [num_out_rows, row_bytes].
+cudaError_t LaunchGatherRows(const void* src, int64_t src_rows, int64_t row_bytes,
+                             const int32_t* indices, int64_t num_out_rows, void* dst,
+                             cudaStream_t stream);
+
+// out = silu(gate_up[:, :inter]) * gate_up[:, inter:], fp32 math, one bf16 rounding.
+// gate_up [num_tokens, 2·inter] bf16; out [num_tokens, inter] bf16.
+cudaError_t LaunchSiluMul(const void* gate_up, int64_t num_tokens, int64_t inter, void* out,
+                          cudaStream_t stream);
+
+}  // namespace loraplex::ops::cuda

@@ -1,0 +1,21 @@
+// Launchers of the RMSNorm kernels (plain, and fused with the residual add). Raw device pointers;
+// each returns the launch error. Thread-safe (stateless); work runs on `stream`.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace loraplex::ops::cuda {
+
+// out = x / sqrt(mean(x²) + eps) * weight, per row, fp32 math. x, out [rows, hidden] bf16 (may
+// alias); weight [hidden] bf16.
+cudaError_t LaunchRmsNorm(const void* x, const void* weight, int64_t rows, int64_t hidden,
+                          float eps, void* out, cudaStream_t stream);
+
+// residual = bf16(residual + x); out = rmsnorm(residual) * weight, the norm taken over the rounded
+// residual that the next layer will read. x, residual, out [rows, hidden] bf16.
+cudaError_t LaunchAddRmsNorm(const void* x, void* residual, const void* weight, int64_t rows,
+                             int64_t hidden, float eps, void* out, cudaStream_t stream);
+
+}  // namespace loraplex::ops::cuda

@@ -1,0 +1,56 @@
+// Fused rotate-half RoPE on q, k and the paged K/V cache write: one block per token, so a token's
+// rotated k is written to the cache by the thread that computed it.
+#include "engine/ops/cuda/rope.h"
+
+#include "engine/ops/cuda/kernel_utils.cuh"
+
+namespace loraplex::ops::cuda {
+namespace {
+
+__global__ void RopeAndCacheKvKernel(RopeParams p) {
+  const int64_t t = blockIdx.x;
+  if (p.token_seq != nullptr && p.token_seq[t] < 0) return;
+  const int half = p.head_dim / 2;
+  const int64_t row_width = static_cast<int64_t>(p.num_q_heads + 2 * p.num_kv_heads) * p.head_dim;
+  bf16* row = static_cast<bf16*>(p.qkv) + t * row_width;
+  const float pos = static_cast<float>(p.positions[t]);
+  const int64_t slot = p.slot_mapping[t];
+  const bool cache = slot >= 0 && slot < p.num_cache_slots;
+  const int64_t kv_width = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
+  bf16* k_dst = static_cast<bf16*>(p.k_cache) + slot * kv_width;
+  bf16* v_dst = static_cast<bf16*>(p.v_cache) + slot * kv_width;
+
+  const int rotated_heads = p.num_q_heads + p.num_kv_heads;
+  for (int e = threadIdx.x; e < rotated_heads * half; e += blockDim.x) {
+    const int head = e / half;
+    const int i = e - head * half;
+    bf16* h = row + static_cast<int64_t>(head) * p.head_dim;
+    float s, c;
+    sincosf(pos * p.inv_freq[i], &s, &c);  // precise: angles reach ~1e5 rad at long contexts
+    const float x1 = ToFloat(h[i]);
+    const float x2 = ToFloat(h[i + half]);
+    const bf16 y1 = ToBf16(x1 * c - x2 * s);
+    const bf16 y2 = ToBf16(x2 * c + x1 * s);
+    h[i] = y1;
+    h[i + half] = y2;
+    if (cache && head >= p.num_q_heads) {
+      const int64_t off = static_cast<int64_t>(head - p.num_q_heads) * p.head_dim;
+      k_dst[off + i] = y1;
+      k_dst[off + i + half] = y2;
+    }
+  }
+  if (cache) {
+    const bf16* v_src = row + static_cast<int64_t>(p.num_q_heads + p.num_kv_heads) * p.head_dim;
+    for (int64_t e = threadIdx.x; e < kv_width; e += blockDim.x) v_dst[e] = v_src[e];
+  }
+}
+
+}  // namespace
+
+cudaError_t LaunchRopeAndCacheKv(const RopeParams& p, cudaStream_t stream) {
+  if (p.num_tokens == 0) return cudaSuccess;
+  RopeAndCacheKvKernel<<<static_cast<unsigned>(p.num_tokens), 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace loraplex::ops::cuda

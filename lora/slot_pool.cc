@@ -1,0 +1,272 @@
+#include "lora/slot_pool.h"
+
+#include <algorithm>
+#include <cstddef>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "engine/core/status.h"
+
+namespace loraplex::lora {
+namespace {
+
+// Region starts are aligned so device kernels can use vector loads on A and B.
+constexpr size_t kAlign = 256;
+
+size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// The projections each wrapped layer stacks, in slice order.
+struct WrappedSlices {
+  int count;
+  model::Proj projs[3];
+};
+constexpr WrappedSlices kSlices[kNumWrappedLayers] = {
+    {3, {model::Proj::kQ, model::Proj::kK, model::Proj::kV}},
+    {1, {model::Proj::kO}},
+    {2, {model::Proj::kGate, model::Proj::kUp}},
+    {1, {model::Proj::kDown}},
+};
+
+}  // namespace
+
+struct SlotPool::Impl {
+  struct Slot {
+    uint64_t uid = 0;  // 0: free
+    std::string name;
+    int64_t last_use = 0;
+    bool pinned = false;
+  };
+
+  ops::Ops* ops = nullptr;
+  model::ModelSpec spec;
+  int32_t num_slots = 0;
+  int32_t max_rank = 0;
+  DType dtype = DType::kF32;
+  size_t elem = 0;
+  std::vector<size_t> region_offset;       // [num_layers * kNumProj] byte offset inside a slot
+  std::vector<size_t> b_offset;            // [num_layers * kNumProj] byte offset of B in the region
+  std::vector<ops::DeviceMemory> memory;   // [num_slots] each holds every module's A and B
+  ops::DeviceMemory tables;                // every (layer, wrapped layer)'s [num_slots][num_slices]
+  std::vector<size_t> table_start;         // [num_layers * kNumWrappedLayers] entry index
+  std::vector<ops::LoraModule> modules;    // [num_layers * kNumWrappedLayers]
+  std::vector<Slot> slots;
+  int64_t tick = 0;
+  int64_t uploads = 0;
+
+  static size_t ModuleIndex(int64_t layer, model::Proj p) {
+    return static_cast<size_t>(layer) * model::kNumProj + static_cast<size_t>(p);
+  }
+
+  absl::Status CheckFits(const LoadedAdapter& a) const {
+    if (a.modules.size() != static_cast<size_t>(spec.num_layers) * model::kNumProj) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("adapter '", a.name, "' has ", a.modules.size(), " modules; the base model has ",
+                       spec.num_layers * model::kNumProj));
+    }
+    if (a.max_module_rank > max_rank) {
+      return absl::FailedPreconditionError(absl::StrCat("adapter '", a.name, "' has rank ", a.max_module_rank,
+                                                        ", above the slot pool's max rank ", max_rank));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status CopyWeights(std::byte* dst, const HostTensor& t) {
+    if (t.dtype() == dtype) return ops->CopyToDevice(dst, t.data(), t.NumBytes());
+    const size_t count = static_cast<size_t>(t.shape().NumElements());
+    std::vector<float> f(count);
+    LORAPLEX_RETURN_IF_ERROR(ConvertToFloat(t.dtype(), t.data(), count, f.data()));
+    std::vector<std::byte> converted(count * elem);
+    LORAPLEX_RETURN_IF_ERROR(ConvertFromFloat(f.data(), count, dtype, converted.data()));
+    return ops->CopyToDevice(dst, converted.data(), converted.size());
+  }
+
+  // Writes `slot`'s weights and rewrites its entry in every table (rank 0 where `a` has no
+  // module), so nothing of the slot's previous adapter stays reachable.
+  absl::Status Upload(int32_t slot, const LoadedAdapter& a) {
+    auto* base = static_cast<std::byte*>(memory[slot].data());
+    for (int64_t l = 0; l < spec.num_layers; ++l) {
+      for (int w = 0; w < kNumWrappedLayers; ++w) {
+        ops::LoraSliceWeights entries[3] = {};
+        for (int s = 0; s < kSlices[w].count; ++s) {
+          const size_t idx = ModuleIndex(l, kSlices[w].projs[s]);
+          const AdapterModule& m = a.modules[idx];
+          if (m.rank == 0) continue;
+          std::byte* region = base + region_offset[idx];
+          LORAPLEX_RETURN_IF_ERROR(CopyWeights(region, m.a));
+          LORAPLEX_RETURN_IF_ERROR(CopyWeights(region + b_offset[idx], m.b));
+          entries[s] = {region, region + b_offset[idx], m.rank, m.scale};
+        }
+        const size_t at = table_start[static_cast<size_t>(l) * kNumWrappedLayers + w] +
+                          static_cast<size_t>(slot) * kSlices[w].count;
+        LORAPLEX_RETURN_IF_ERROR(ops->CopyToDevice(
+            static_cast<ops::LoraSliceWeights*>(tables.data()) + at, entries,
+            sizeof(ops::LoraSliceWeights) * kSlices[w].count));
+      }
+    }
+    ++uploads;
+    return absl::OkStatus();
+  }
+};
+
+absl::StatusOr<std::unique_ptr<SlotPool>> SlotPool::Create(ops::Ops* ops, const model::ModelSpec& spec,
+                                                           int32_t num_slots, int32_t max_rank) {
+  if (num_slots <= 0) return absl::InvalidArgumentError(absl::StrCat("slot pool: num_slots ", num_slots, " must be > 0"));
+  if (max_rank <= 0) return absl::InvalidArgumentError(absl::StrCat("slot pool: max_rank ", max_rank, " must be > 0"));
+  auto impl = std::make_unique<Impl>();
+  impl->ops = ops;
+  impl->spec = spec;
+  impl->num_slots = num_slots;
+  impl->max_rank = max_rank;
+  impl->dtype = ops->compute_dtype();
+  impl->elem = DTypeSize(impl->dtype);
+
+  size_t slot_bytes = 0;
+  for (int64_t l = 0; l < spec.num_layers; ++l) {
+    for (int p = 0; p < model::kNumProj; ++p) {
+      const auto proj = static_cast<model::Proj>(p);
+      const size_t a_bytes = AlignUp(static_cast<size_t>(max_rank * model::ProjInFeatures(spec, proj)) * impl->elem);
+      const size_t b_bytes = static_cast<size_t>(max_rank * model::ProjOutFeatures(spec, proj)) * impl->elem;
+      impl->region_offset.push_back(slot_bytes);
+      impl->b_offset.push_back(a_bytes);
+      slot_bytes += AlignUp(a_bytes + b_bytes);
+    }
+  }
+  for (int32_t s = 0; s < num_slots; ++s) {
+    LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory mem, ops->Allocate(slot_bytes));
+    // Zeroed so that no slot ever holds bytes the pool did not write.
+    LORAPLEX_RETURN_IF_ERROR(ops->Memset(mem.data(), 0, slot_bytes));
+    impl->memory.push_back(std::move(mem));
+  }
+
+  size_t entries = 0;
+  for (int64_t l = 0; l < spec.num_layers; ++l) {
+    for (int w = 0; w < kNumWrappedLayers; ++w) {
+      impl->table_start.push_back(entries);
+      entries += static_cast<size_t>(num_slots) * kSlices[w].count;
+    }
+  }
+  const size_t table_bytes = entries * sizeof(ops::LoraSliceWeights);
+  LORAPLEX_ASSIGN_OR_RETURN(impl->tables, ops->Allocate(table_bytes));
+  // All-zero entries are {nullptr, nullptr, rank 0, scale 0}: "not adapted" for every free slot.
+  LORAPLEX_RETURN_IF_ERROR(ops->Memset(impl->tables.data(), 0, table_bytes));
+
+  for (int64_t l = 0; l < spec.num_layers; ++l) {
+    for (int w = 0; w < kNumWrappedLayers; ++w) {
+      ops::LoraModule m;
+      m.table = static_cast<const ops::LoraSliceWeights*>(impl->tables.data()) +
+                impl->table_start[static_cast<size_t>(l) * kNumWrappedLayers + w];
+      m.num_slots = num_slots;
+      m.num_slices = kSlices[w].count;
+      m.in_features = static_cast<int32_t>(model::ProjInFeatures(spec, kSlices[w].projs[0]));
+      m.max_rank = max_rank;
+      int64_t offset = 0;
+      for (int s = 0; s < kSlices[w].count; ++s) {
+        m.slice_offsets[s] = static_cast<int32_t>(offset);
+        offset += model::ProjOutFeatures(spec, kSlices[w].projs[s]);
+      }
+      m.slice_offsets[kSlices[w].count] = static_cast<int32_t>(offset);
+      impl->modules.push_back(m);
+    }
+  }
+  impl->slots.resize(static_cast<size_t>(num_slots));
+  std::unique_ptr<SlotPool> pool(new SlotPool());
+  pool->impl_ = std::move(impl);
+  return pool;
+}
+
+SlotPool::~SlotPool() = default;
+
+absl::StatusOr<std::vector<int32_t>> SlotPool::EnsureResident(const std::vector<const LoadedAdapter*>& adapters,
+                                                              const std::vector<bool>& pinned) {
+  Impl& p = *impl_;
+  if (pinned.size() != adapters.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("EnsureResident: ", adapters.size(), " adapters but ",
+                                                   pinned.size(), " pinned flags"));
+  }
+  ++p.tick;
+  auto find_slot = [&](uint64_t uid) -> int32_t {
+    for (int32_t s = 0; s < p.num_slots; ++s) {
+      if (p.slots[s].uid == uid) return s;
+    }
+    return -1;
+  };
+
+  // Check that everything fits before evicting anything, so a refused step changes nothing.
+  absl::flat_hash_set<uint64_t> wanted;
+  absl::flat_hash_set<uint64_t> missing;
+  for (const LoadedAdapter* a : adapters) {
+    if (a == nullptr) return absl::InvalidArgumentError("EnsureResident: null adapter");
+    LORAPLEX_RETURN_IF_ERROR(p.CheckFits(*a));
+    wanted.insert(a->uid);
+    if (find_slot(a->uid) < 0) missing.insert(a->uid);
+  }
+  int64_t available = 0;
+  for (const Impl::Slot& s : p.slots) {
+    if (s.uid == 0 || (!s.pinned && !wanted.contains(s.uid))) ++available;
+  }
+  if (static_cast<int64_t>(missing.size()) > available) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "adapter slots exhausted: ", missing.size(), " adapters must be loaded but only ", available, " of ",
+        p.num_slots, " slots are free or hold an unpinned adapter outside this step"));
+  }
+
+  std::vector<int32_t> result;
+  result.reserve(adapters.size());
+  for (size_t i = 0; i < adapters.size(); ++i) {
+    const LoadedAdapter& a = *adapters[i];
+    int32_t slot = find_slot(a.uid);
+    if (slot < 0) {
+      for (int32_t s = 0; s < p.num_slots; ++s) {
+        const Impl::Slot& cand = p.slots[s];
+        if (cand.uid == 0) {
+          slot = s;
+          break;
+        }
+        if (cand.pinned || wanted.contains(cand.uid)) continue;
+        if (slot < 0 || cand.last_use < p.slots[slot].last_use) slot = s;
+      }
+      // The slot is marked free until the upload completes, so a failed upload leaves no
+      // half-written adapter registered as resident.
+      p.slots[slot] = Impl::Slot{};
+      LORAPLEX_RETURN_IF_ERROR(p.Upload(slot, a));
+      p.slots[slot].uid = a.uid;
+      p.slots[slot].name = a.name;
+    }
+    p.slots[slot].last_use = p.tick;
+    p.slots[slot].pinned = pinned[i];
+    result.push_back(slot);
+  }
+  return result;
+}
+
+void SlotPool::Evict(uint64_t uid) {
+  // Only the bookkeeping changes: a free slot is in no segment, and the next upload rewrites all
+  // of the slot's table entries.
+  for (Impl::Slot& s : impl_->slots) {
+    if (s.uid == uid && uid != 0) s = Impl::Slot{};
+  }
+}
+
+const ops::LoraModule& SlotPool::module(int64_t layer, WrappedLayer which) const {
+  return impl_->modules[static_cast<size_t>(layer) * kNumWrappedLayers + static_cast<size_t>(which)];
+}
+
+int32_t SlotPool::num_slots() const { return impl_->num_slots; }
+
+int32_t SlotPool::used_slots() const {
+  return static_cast<int32_t>(
+      std::count_if(impl_->slots.begin(), impl_->slots.end(), [](const Impl::Slot& s) { return s.uid != 0; }));
+}
+
+std::vector<std::string> SlotPool::resident_names() const {
+  std::vector<std::string> names;
+  for (const Impl::Slot& s : impl_->slots) {
+    if (s.uid != 0) names.push_back(s.name);
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+int64_t SlotPool::uploads() const { return impl_->uploads; }
+
+}  // namespace loraplex::lora

@@ -1,0 +1,127 @@
+#include "lora/registry.h"
+
+#include <catch2/catch.hpp>
+
+#include "tests/lora/lora_test_util.h"
+
+namespace loraplex::lora {
+namespace {
+
+AdapterRegistry MakeRegistry(int64_t max_adapters = 16) {
+  return AdapterRegistry(test::Spec(), test::Limits(), DType::kF32, max_adapters);
+}
+
+std::vector<std::string> Names(const AdapterRegistry& r) {
+  std::vector<std::string> names;
+  for (const AdapterInfo& info : r.List()) names.push_back(info.name);
+  return names;
+}
+
+TEST_CASE("AdapterRegistry lists loaded adapters sorted by name") {
+  AdapterRegistry registry = MakeRegistry();
+  testing::TinyAdapterOptions o;
+  o.r = 8;
+  o.alpha = 16.0;
+  o.target_modules = {"q_proj", "v_proj"};
+  const std::string dir = test::WriteAdapter(o);
+  REQUIRE(registry.Load("zeta", dir).ok());
+  REQUIRE(registry.Load("alpha", dir, /*pinned=*/true).ok());
+  const std::vector<AdapterInfo> list = registry.List();
+  REQUIRE(list.size() == 2);
+  CHECK(list[0].name == "alpha");
+  CHECK(list[0].pinned);
+  CHECK(list[1].name == "zeta");
+  CHECK_FALSE(list[1].pinned);
+  CHECK(list[1].rank == 8);
+  CHECK(list[1].alpha == 16.0f);
+  CHECK(list[1].target_modules == std::vector<std::string>{"q_proj", "v_proj"});
+  CHECK(list[1].weight_bytes > 0);
+}
+
+TEST_CASE("AdapterRegistry refuses a duplicate name") {
+  AdapterRegistry registry = MakeRegistry();
+  const std::string dir = test::WriteAdapter({});
+  REQUIRE(registry.Load("a", dir).ok());
+  const absl::Status st = registry.Load("a", dir);
+  CHECK(st.code() == absl::StatusCode::kAlreadyExists);
+  CHECK(std::string(st.message()) == "adapter 'a' already exists");
+}
+
+TEST_CASE("AdapterRegistry refuses names outside [A-Za-z0-9._-]{1,128}") {
+  AdapterRegistry registry = MakeRegistry();
+  const std::string dir = test::WriteAdapter({});
+  for (const std::string& bad : {std::string(), std::string("a/b"), std::string("a b"), std::string(129, 'x')}) {
+    INFO(bad);
+    CHECK(registry.Load(bad, dir).code() == absl::StatusCode::kInvalidArgument);
+  }
+  CHECK(registry.Load("Sql-v2.1_x", dir).ok());
+  CHECK(registry.Load(std::string(128, 'y'), dir).ok());
+}
+
+TEST_CASE("AdapterRegistry refuses to unload an adapter in use until its refs are released") {
+  AdapterRegistry registry = MakeRegistry();
+  REQUIRE(registry.Load("x", test::WriteAdapter({})).ok());
+  auto first = registry.Acquire("x");
+  auto second = registry.Acquire("x");
+  REQUIRE(first.ok());
+  REQUIRE(second.ok());
+  CHECK((*first)->name == "x");
+  {
+    AdapterRef copy = *first;  // copies share one use
+    CHECK(registry.List()[0].active_requests == 2);
+  }
+  const absl::Status busy = registry.Unload("x");
+  CHECK(busy.code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(std::string(busy.message()) == "adapter 'x' is in use by 2 requests");
+  *first = AdapterRef();
+  CHECK(std::string(registry.Unload("x").message()) == "adapter 'x' is in use by 1 request");
+  *second = AdapterRef();
+  CHECK(registry.Unload("x").ok());
+  CHECK(registry.Acquire("x").status().code() == absl::StatusCode::kNotFound);
+  CHECK(registry.Unload("x").code() == absl::StatusCode::kNotFound);
+}
+
+TEST_CASE("Reloading a name gives a new uid") {
+  AdapterRegistry registry = MakeRegistry();
+  const std::string dir = test::WriteAdapter({});
+  REQUIRE(registry.Load("x", dir).ok());
+  const uint64_t uid = (*registry.Acquire("x"))->uid;
+  REQUIRE(registry.Unload("x").ok());
+  REQUIRE(registry.Load("x", dir).ok());
+  CHECK((*registry.Acquire("x"))->uid != uid);
+}
+
+TEST_CASE("A failed load leaves the registry unchanged") {
+  AdapterRegistry registry = MakeRegistry();
+  const std::string good = test::WriteAdapter({});
+  REQUIRE(registry.Load("a", good).ok());
+  testing::TinyAdapterOptions bad;
+  bad.config_overrides_json = R"({"use_dora": true})";
+  const absl::Status st = registry.Load("b", test::WriteAdapter(bad));
+  CHECK(st.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(st.message()) == "adapter 'b': DoRA (use_dora: true) is not supported");
+  CHECK(Names(registry) == std::vector<std::string>{"a"});
+  CHECK(registry.Load("b", good).ok());  // the name was not taken by the failed load
+}
+
+TEST_CASE("AdapterRegistry refuses loads past max_adapters") {
+  AdapterRegistry registry = MakeRegistry(/*max_adapters=*/1);
+  const std::string dir = test::WriteAdapter({});
+  REQUIRE(registry.Load("a", dir).ok());
+  CHECK(registry.Load("b", dir).code() == absl::StatusCode::kResourceExhausted);
+  REQUIRE(registry.Unload("a").ok());
+  CHECK(registry.Load("b", dir).ok());
+}
+
+TEST_CASE("Acquire reports the adapter's pinned flag") {
+  AdapterRegistry registry = MakeRegistry();
+  const std::string dir = test::WriteAdapter({});
+  REQUIRE(registry.Load("p", dir, /*pinned=*/true).ok());
+  REQUIRE(registry.Load("u", dir).ok());
+  CHECK(registry.Acquire("p")->pinned());
+  CHECK_FALSE(registry.Acquire("u")->pinned());
+  CHECK(registry.Acquire("nope").status().code() == absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace loraplex::lora
