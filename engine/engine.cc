@@ -314,6 +314,7 @@ bool EngineImpl::Step() {
     std::unique_ptr<Sequence> seq = TakeRunning(id);
     seq->table.FreeAll(&blocks_);
     seq->num_computed = 0;
+    ++loop_stats_.preemptions;
     preempted.push_back(std::move(seq));
   }
   std::sort(preempted.begin(), preempted.end(), [](const auto& a, const auto& b) { return a->id > b->id; });

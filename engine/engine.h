@@ -28,6 +28,7 @@ struct EngineStats {
   int64_t generated_tokens_total = 0;
   int64_t requests_finished = 0;
   int64_t requests_cancelled = 0;
+  int64_t preemptions = 0;          // running sequences sent back to the queue for lack of KV
   int64_t adapter_slots_total = 0;
   int64_t adapter_slots_used = 0;
   std::vector<std::string> resident_adapters;  // in device slots now

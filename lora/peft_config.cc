@@ -247,6 +247,11 @@ absl::Status ParseInto(const Json& root, const LoraLimits& limits, const model::
     c.layers_to_transform = std::move(layers);
   }
 
+  // PEFT refuses this combination too (LoraConfig.__post_init__), so no reference semantics exist.
+  if (c.layers_to_transform && (c.target_modules.kind == ModuleSelector::Kind::kRegex ||
+                                c.target_modules.kind == ModuleSelector::Kind::kAllLinear)) {
+    return absl::InvalidArgumentError("layers_to_transform cannot be used when target_modules is a string");
+  }
   if (c.target_modules.kind == ModuleSelector::Kind::kList) {
     LORAPLEX_RETURN_IF_ERROR(CheckListEntries(c.target_modules));
   } else if (c.target_modules.kind == ModuleSelector::Kind::kRegex) {

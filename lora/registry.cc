@@ -1,9 +1,11 @@
 #include "lora/registry.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
+#include "spdlog/spdlog.h"
 
 namespace loraplex::lora {
 namespace {
@@ -46,12 +48,19 @@ absl::Status AdapterRegistry::Load(const std::string& name, const std::string& p
     LORAPLEX_RETURN_IF_ERROR(check_room());
   }
   // Parsing reads and converts every weight; doing it unlocked keeps List/Acquire responsive.
+  const auto start = std::chrono::steady_clock::now();
   LORAPLEX_ASSIGN_OR_RETURN(std::shared_ptr<const LoadedAdapter> adapter,
                             LoadPeftAdapter(name, path, spec_, limits_, weights_dtype_));
-  absl::MutexLock lock(&mu_);
-  // Another thread may have taken the name or the last place while this one was parsing.
-  LORAPLEX_RETURN_IF_ERROR(check_room());
-  entries_.emplace(name, Entry{std::move(adapter), std::make_shared<std::atomic<int64_t>>(0), pinned});
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  const LoadedAdapter& a = *adapter;
+  {
+    absl::MutexLock lock(&mu_);
+    // Another thread may have taken the name or the last place while this one was parsing.
+    LORAPLEX_RETURN_IF_ERROR(check_room());
+    entries_.emplace(name, Entry{adapter, std::make_shared<std::atomic<int64_t>>(0), pinned});
+  }
+  spdlog::info("adapter '{}' loaded from {} in {:.1f} ms: rank {}, alpha {}, {} projections, {} bytes{}", name,
+               a.path, ms, a.rank, a.alpha, a.target_modules.size(), a.weight_bytes, pinned ? ", pinned" : "");
   return absl::OkStatus();
 }
 
@@ -65,6 +74,7 @@ absl::Status AdapterRegistry::Unload(const std::string& name) {
         absl::StrCat("adapter '", name, "' is in use by ", uses, uses == 1 ? " request" : " requests"));
   }
   entries_.erase(it);
+  spdlog::info("adapter '{}' unloaded", name);
   return absl::OkStatus();
 }
 

@@ -6,6 +6,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
+#include "spdlog/spdlog.h"
 
 namespace loraplex::lora {
 namespace {
@@ -227,8 +228,12 @@ absl::StatusOr<std::vector<int32_t>> SlotPool::EnsureResident(const std::vector<
       }
       // The slot is marked free until the upload completes, so a failed upload leaves no
       // half-written adapter registered as resident.
+      if (p.slots[slot].uid != 0) {
+        spdlog::info("adapter '{}' evicted from slot {} for '{}'", p.slots[slot].name, slot, a.name);
+      }
       p.slots[slot] = Impl::Slot{};
       LORAPLEX_RETURN_IF_ERROR(p.Upload(slot, a));
+      spdlog::debug("adapter '{}' uploaded to slot {}", a.name, slot);
       p.slots[slot].uid = a.uid;
       p.slots[slot].name = a.name;
     }

@@ -271,11 +271,12 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> BpeTokenizer::Build(const Json& root)
   if (!root.is_object()) return absl::InvalidArgumentError("tokenizer.json: not a JSON object");
   if (auto normalizer = root.find("normalizer");
       normalizer != root.end() && !normalizer->is_null()) {
-    const std::string type = normalizer->is_object() && normalizer->contains("type")
-                                 ? (*normalizer)["type"].dump()
-                                 : normalizer->dump();
-    return absl::InvalidArgumentError(absl::StrCat("normalizer: type ", type,
-                                                   " is not supported (only null)"));
+    const bool typed = normalizer->is_object() && normalizer->contains("type") &&
+                       (*normalizer)["type"].is_string();
+    return absl::InvalidArgumentError(absl::StrCat(
+        "normalizer.type: ",
+        typed ? "'" + (*normalizer)["type"].get<std::string>() + "'" : normalizer->dump(),
+        " is not supported (only a null normalizer)"));
   }
   auto decoder = root.find("decoder");
   if (decoder == root.end() || !decoder->is_object() || !decoder->contains("type") ||

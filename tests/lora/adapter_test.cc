@@ -237,7 +237,7 @@ TEST_CASE("A pickle-only adapter is refused and missing files are NOT_FOUND") {
 }
 
 TEST_CASE("Adapter paths must resolve under an allowed root") {
-  const fs::path base = testing::MakeTempDir("roots");
+  const fs::path base = test::TempDir();
   const fs::path root = base / "root";
   fs::create_directories(root);
   REQUIRE(testing::WriteTinyAdapter((root / "good").string(), test::Spec(), {}).ok());

@@ -2,6 +2,7 @@
 // fresh temp directories, and rewriting an adapter's safetensors file. Test threads only.
 #pragma once
 
+#include <filesystem>
 #include <functional>
 #include <string>
 #include <vector>
@@ -24,8 +25,24 @@ inline LoraLimits Limits() {
   return limits;
 }
 
-inline std::string WriteAdapter(const testing::TinyAdapterOptions& options, const std::string& prefix = "adapter") {
-  const std::string dir = testing::MakeTempDir(prefix);
+// A fresh temp directory, removed when the test binary exits.
+inline std::string TempDir() {
+  struct Created {
+    std::vector<std::string> dirs;
+    ~Created() {
+      for (const std::string& d : dirs) {
+        std::error_code ec;  // best effort: a leftover temp dir fails nothing
+        std::filesystem::remove_all(d, ec);
+      }
+    }
+  };
+  static Created created;
+  created.dirs.push_back(testing::MakeTempDir("lora-test"));
+  return created.dirs.back();
+}
+
+inline std::string WriteAdapter(const testing::TinyAdapterOptions& options) {
+  const std::string dir = TempDir();
   const absl::Status st = testing::WriteTinyAdapter(dir, Spec(), options);
   REQUIRE(st.ok());
   return dir;

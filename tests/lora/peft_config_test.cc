@@ -137,7 +137,7 @@ TEST_CASE("Unsupported PEFT features are refused with the reason") {
       {R"({"peft_type":"LORA","r":4,"fan_in_fan_out":true})", "fan_in_fan_out"},
       {R"({"peft_type":"LORA","r":4,"target_modules":["q_proj","embed_tokens"]})", "'embed_tokens' is an embedding/lm_head target"},
       {R"({"peft_type":"LORA","r":4,"target_modules":["lm_head"]})", "'lm_head' is an embedding/lm_head target"},
-      {R"({"peft_type":"LORA","r":4,"target_modules":".*(q_proj|embed_tokens)"})", "matches module 'model.embed_tokens'"},
+      {R"j({"peft_type":"LORA","r":4,"target_modules":".*(q_proj|embed_tokens)"})j", "matches module 'model.embed_tokens'"},
       {R"({"peft_type":"LORA","r":4,"target_modules":["rotary_emb"]})", "'rotary_emb' is not supported"},
       {R"({"peft_type":"LORA","r":4,"target_modules":"("})", "does not compile"},
       {R"({"peft_type":"LORA","r":4,"rank_pattern":{"(":2}})", "does not compile"},
@@ -147,6 +147,8 @@ TEST_CASE("Unsupported PEFT features are refused with the reason") {
       {R"({"peft_type":"LORA","r":"eight"})", "rank: must be an integer"},
       {R"({"peft_type":"LORA","r":4,"layer_replication":[[0,1]]})", "layer_replication"},
       {R"({"peft_type":"LORA","r":4,"layers_to_transform":"all"})", "layers_to_transform"},
+      {R"({"peft_type":"LORA","r":4,"target_modules":"all-linear","layers_to_transform":[0]})",
+       "layers_to_transform cannot be used when target_modules is a string"},
       {R"({"peft_type":"LORA","r":4)", "malformed JSON"},
   };
   for (const Case& c : cases) {

@@ -1,5 +1,7 @@
 #include "lora/registry.h"
 
+#include <thread>
+
 #include <catch2/catch.hpp>
 
 #include "tests/lora/lora_test_util.h"
@@ -102,6 +104,28 @@ TEST_CASE("A failed load leaves the registry unchanged") {
   CHECK(std::string(st.message()) == "adapter 'b': DoRA (use_dora: true) is not supported");
   CHECK(Names(registry) == std::vector<std::string>{"a"});
   CHECK(registry.Load("b", good).ok());  // the name was not taken by the failed load
+}
+
+TEST_CASE("Concurrent loads of one name register it exactly once") {
+  AdapterRegistry registry = MakeRegistry();
+  const std::string dir = test::WriteAdapter({});
+  constexpr int kThreads = 4;
+  std::vector<absl::Status> results(kThreads);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i) {
+    threads.emplace_back([&, i] { results[i] = registry.Load("same", dir); });
+  }
+  for (std::thread& t : threads) t.join();
+  int ok = 0;
+  for (const absl::Status& st : results) {
+    if (st.ok()) {
+      ++ok;
+    } else {
+      CHECK(st.code() == absl::StatusCode::kAlreadyExists);
+    }
+  }
+  CHECK(ok == 1);
+  CHECK(Names(registry) == std::vector<std::string>{"same"});
 }
 
 TEST_CASE("AdapterRegistry refuses loads past max_adapters") {

@@ -176,6 +176,8 @@ TEST_CASE("SlotPool is RESOURCE_EXHAUSTED when pinned or in-step adapters fill i
     f.Ensure({a.get(), b.get()}, {true, true});
     auto r = f.pool->EnsureResident({c.get()}, {false});
     CHECK(r.status().code() == absl::StatusCode::kResourceExhausted);
+    CHECK(f.pool->resident_names() == std::vector<std::string>{"a", "b"});
+    CHECK(f.pool->uploads() == 2);
   }
   SECTION("more distinct adapters in one step than slots") {
     f.Ensure({a.get()});

@@ -9,7 +9,7 @@
 namespace loraplex::ops::cuda {
 namespace {
 
-absl::Status LtError(cublasStatus_t status, std::string_view what) {
+absl::Status LtError(cublasStatus_t status, absl::string_view what) {
   if (status == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
   return absl::InternalError(absl::StrCat("cuBLASLt ", what, ": ", cublasLtGetStatusString(status)));
 }

@@ -6,7 +6,7 @@
 
 #include <cstddef>
 #include <string>
-#include <string_view>
+#include "absl/strings/string_view.h"
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
@@ -29,22 +29,22 @@ static_assert(offsetof(LoraSliceWeights, scale) == offsetof(LoraSliceWeightsDev,
 constexpr size_t kGemmWorkspaceBytes = 32u << 20;      // cuBLASLt's recommendation on Hopper
 constexpr size_t kAttentionScratchBytes = 32u << 20;   // split-context partials
 
-absl::Status CudaStatus(cudaError_t err, std::string_view what) {
+absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
   if (err == cudaSuccess) return absl::OkStatus();
   return absl::InternalError(
       absl::StrCat(what, ": CUDA error ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
 }
 
-absl::Status Invalid(std::string_view op, std::string_view message) {
+absl::Status Invalid(absl::string_view op, absl::string_view message) {
   return absl::InvalidArgumentError(absl::StrCat(op, ": ", message));
 }
 
 // Checks that `t` is a CUDA tensor of `dtype` and rank `rank`.
-absl::Status CheckTensor(std::string_view op, std::string_view name, const TensorView& t, DType dtype,
+absl::Status CheckTensor(absl::string_view op, absl::string_view name, const TensorView& t, DType dtype,
                          int rank) {
   if (t.device != Device::kCuda) return Invalid(op, absl::StrCat(name, " is not a CUDA tensor"));
   if (t.dtype != dtype) {
-    return Invalid(op, absl::StrCat(name, " has dtype ", DTypeName(t.dtype), ", expected ", DTypeName(dtype)));
+    return Invalid(op, absl::StrCat(name, " has dtype ", std::string(DTypeName(t.dtype)), ", expected ", std::string(DTypeName(dtype))));
   }
   if (t.shape.rank != rank) {
     return Invalid(op, absl::StrCat(name, " has shape ", t.shape.ToString(), ", expected rank ", rank));
@@ -53,7 +53,7 @@ absl::Status CheckTensor(std::string_view op, std::string_view name, const Tenso
   return absl::OkStatus();
 }
 
-absl::Status CheckDim(std::string_view op, std::string_view name, const TensorView& t, int dim,
+absl::Status CheckDim(absl::string_view op, absl::string_view name, const TensorView& t, int dim,
                       int64_t expected) {
   if (t.shape[dim] == expected) return absl::OkStatus();
   return Invalid(op, absl::StrCat(name, " has shape ", t.shape.ToString(), ", expected dim ", dim, " = ",
@@ -151,7 +151,7 @@ class CudaOps final : public Ops {
   }
 
   absl::Status Embed(const TensorView& ids, const TensorView& table, const TensorView& out) override {
-    constexpr std::string_view kOp = "Embed";
+    constexpr absl::string_view kOp = "Embed";
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "ids", ids, DType::kI32, 1));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "table", table, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
@@ -164,7 +164,7 @@ class CudaOps final : public Ops {
 
   absl::Status RmsNorm(const TensorView& x, const TensorView& weight, float eps,
                        const TensorView& out) override {
-    constexpr std::string_view kOp = "RmsNorm";
+    constexpr absl::string_view kOp = "RmsNorm";
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "weight", weight, DType::kBF16, 1));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
@@ -176,7 +176,7 @@ class CudaOps final : public Ops {
 
   absl::Status AddRmsNorm(const TensorView& x, const TensorView& residual, const TensorView& weight,
                           float eps, const TensorView& out) override {
-    constexpr std::string_view kOp = "AddRmsNorm";
+    constexpr absl::string_view kOp = "AddRmsNorm";
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "residual", residual, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "weight", weight, DType::kBF16, 1));
@@ -192,11 +192,11 @@ class CudaOps final : public Ops {
   }
 
   absl::Status Gemm(const TensorView& x, const TensorView& w, float beta, const TensorView& y) override {
-    constexpr std::string_view kOp = "Gemm";
+    constexpr absl::string_view kOp = "Gemm";
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "w", w, DType::kBF16, 2));
     if (y.dtype != DType::kBF16 && y.dtype != DType::kF32) {
-      return Invalid(kOp, absl::StrCat("y has dtype ", DTypeName(y.dtype), ", expected BF16 or F32"));
+      return Invalid(kOp, absl::StrCat("y has dtype ", std::string(DTypeName(y.dtype)), ", expected BF16 or F32"));
     }
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "y", y, y.dtype, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "w", w, 1, x.shape[1]));
@@ -205,13 +205,13 @@ class CudaOps final : public Ops {
     if (x.shape[1] == 0) return Invalid(kOp, "K is 0");
     return Annotate(gemm_->Run(x.data, w.data, y.data, y.dtype == DType::kF32, x.shape[0], w.shape[0],
                                x.shape[1], beta, stream_),
-                    kOp);
+                    "Gemm");
   }
 
   absl::Status RopeAndCacheKv(const TensorView& qkv, const TensorView& inv_freq, int num_q_heads,
                               int num_kv_heads, int head_dim, const AttentionMeta& meta,
                               const KvCacheView& cache) override {
-    constexpr std::string_view kOp = "RopeAndCacheKv";
+    constexpr absl::string_view kOp = "RopeAndCacheKv";
     LORAPLEX_RETURN_IF_ERROR(CheckQkvAndCache(kOp, qkv, num_q_heads, num_kv_heads, head_dim, meta, cache));
     if (head_dim % 2 != 0) return Invalid(kOp, absl::StrCat("head_dim ", head_dim, " is odd"));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "inv_freq", inv_freq, DType::kF32, 1));
@@ -235,7 +235,7 @@ class CudaOps final : public Ops {
   absl::Status Attention(const TensorView& qkv, int num_q_heads, int num_kv_heads, int head_dim,
                          float softmax_scale, const AttentionMeta& meta, const KvCacheView& cache,
                          const TensorView& out) override {
-    constexpr std::string_view kOp = "Attention";
+    constexpr absl::string_view kOp = "Attention";
     LORAPLEX_RETURN_IF_ERROR(CheckQkvAndCache(kOp, qkv, num_q_heads, num_kv_heads, head_dim, meta, cache));
     if (!AttentionSupported(head_dim, num_q_heads, num_kv_heads)) {
       return absl::UnimplementedError(absl::StrCat(kOp, ": no kernel for head_dim ", head_dim, " with ",
@@ -283,7 +283,7 @@ class CudaOps final : public Ops {
   }
 
   absl::Status SiluMul(const TensorView& gate_up, const TensorView& out) override {
-    constexpr std::string_view kOp = "SiluMul";
+    constexpr absl::string_view kOp = "SiluMul";
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "gate_up", gate_up, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 0, gate_up.shape[0]));
@@ -292,7 +292,7 @@ class CudaOps final : public Ops {
   }
 
   absl::Status GatherRows(const TensorView& x, const TensorView& rows, const TensorView& out) override {
-    constexpr std::string_view kOp = "GatherRows";
+    constexpr absl::string_view kOp = "GatherRows";
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, x.dtype, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "rows", rows, DType::kI32, 1));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, x.dtype, 2));
@@ -306,7 +306,7 @@ class CudaOps final : public Ops {
 
   absl::Status LoraShrink(const TensorView& x, const LoraSegments& segments, const LoraModule& module,
                           const TensorView& y) override {
-    constexpr std::string_view kOp = "LoraShrink";
+    constexpr absl::string_view kOp = "LoraShrink";
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckLora(kOp, segments, module, y, x.shape[0]));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "x", x, 1, module.in_features));
@@ -319,7 +319,7 @@ class CudaOps final : public Ops {
 
   absl::Status LoraExpand(const TensorView& y, const LoraSegments& segments, const LoraModule& module,
                           const TensorView& out) override {
-    constexpr std::string_view kOp = "LoraExpand";
+    constexpr absl::string_view kOp = "LoraExpand";
     LORAPLEX_RETURN_IF_ERROR(CheckLora(kOp, segments, module, y, out.shape[0]));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 1, module.slice_offsets[module.num_slices]));
@@ -329,7 +329,7 @@ class CudaOps final : public Ops {
  private:
   CudaOps() = default;
 
-  absl::Status CheckQkvAndCache(std::string_view op, const TensorView& qkv, int num_q_heads, int num_kv_heads,
+  absl::Status CheckQkvAndCache(absl::string_view op, const TensorView& qkv, int num_q_heads, int num_kv_heads,
                                 int head_dim, const AttentionMeta& meta, const KvCacheView& cache) {
     if (num_q_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || num_q_heads % num_kv_heads != 0) {
       return Invalid(op, absl::StrCat("bad heads: ", num_q_heads, " q heads, ", num_kv_heads,
@@ -350,13 +350,14 @@ class CudaOps final : public Ops {
       return Invalid(op, absl::StrCat("cache.k ", cache.k.shape.ToString(), " and cache.v ",
                                       cache.v.shape.ToString(), " differ"));
     }
+    if (meta.block_size <= 0) return Invalid(op, absl::StrCat("meta.block_size ", meta.block_size, " must be > 0"));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(op, "cache.k", cache.k, 1, meta.block_size));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(op, "cache.k", cache.k, 2, num_kv_heads));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(op, "cache.k", cache.k, 3, head_dim));
     return absl::OkStatus();
   }
 
-  absl::Status CheckLora(std::string_view op, const LoraSegments& segments, const LoraModule& module,
+  absl::Status CheckLora(absl::string_view op, const LoraSegments& segments, const LoraModule& module,
                          const TensorView& y, int64_t num_tokens) {
     if (module.num_slices < 1 || module.num_slices > 4) {
       return Invalid(op, absl::StrCat("module.num_slices ", module.num_slices, " not in 1..4"));
@@ -428,7 +429,7 @@ class CudaGraphImpl final : public CudaGraph {
   cudaStream_t stream_;
 };
 
-absl::StatusOr<CudaOps*> AsCudaOps(Ops* ops, std::string_view what) {
+absl::StatusOr<CudaOps*> AsCudaOps(Ops* ops, absl::string_view what) {
   auto* cuda = dynamic_cast<CudaOps*>(ops);
   if (cuda == nullptr) return Invalid(what, "ops were not created by CreateCudaOps");
   return cuda;

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds the CUDA configuration (build-cuda, sm_90a) on a development machine without a GPU and
+# stages what the GPU host needs: the GPU test binaries in build-cuda/gpu-bin and the non-system
+# shared libraries they link (gRPC, abseil, ...) in build-cuda/gpu-libs, via
+# ../shared/gpu/bundle-libs.sh. Carry build-cuda/gpu-bin and build-cuda/gpu-libs to the GPU host
+# and run scripts/gpu-run.sh there.
+# Usage: scripts/build-gpu.sh [target...]   (default: every test labelled gpu)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=build-cuda
+bundle=${LORAPLEX_BUNDLE_LIBS:-../shared/gpu/bundle-libs.sh}
+cmake -S . -B "$build" -G Ninja -DLORAPLEX_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a >/dev/null
+
+targets=("$@")
+if [ ${#targets[@]} -eq 0 ]; then
+  # The tests CTest labels gpu; their names are their executables' names.
+  mapfile -t targets < <(ctest --test-dir "$build" -L gpu -N | sed -n 's/^ *Test *#[0-9]*: //p')
+fi
+[ ${#targets[@]} -gt 0 ] || { echo "build-gpu: no gpu targets found" >&2; exit 1; }
+# nvcc is slow and development machines are shared: one job unless told otherwise.
+ninja -C "$build" -j "${JOBS:-1}" "${targets[@]}"
+
+rm -rf "$build/gpu-bin"
+mkdir -p "$build/gpu-bin"
+exes=()
+for t in "${targets[@]}"; do
+  exe=$(find "$build" -path "$build/gpu-bin" -prune -o -type f -name "$t" -perm -u+x -print | head -n 1)
+  [ -n "$exe" ] || { echo "build-gpu: no executable for target $t" >&2; exit 1; }
+  cp "$exe" "$build/gpu-bin/"
+  exes+=("$exe")
+done
+rm -rf "$build/gpu-libs"
+"$bundle" "$build/gpu-libs" "${exes[@]}"
+echo "staged ${#exes[@]} binaries in $build/gpu-bin ($(du -sh "$build/gpu-bin" | cut -f1))"

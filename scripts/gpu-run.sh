@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs on the GPU host: every binary in build-cuda/gpu-bin (staged by scripts/build-gpu.sh) with
+# the bundled libraries, each one's full log teed into OUTDIR/<name>.log, a JSON summary in
+# OUTDIR/summary.json, and a short table last (verdict per binary, failing lines, timings).
+# Exit status: 0 when every binary passed (or skipped), 1 otherwise.
+# Usage: scripts/gpu-run.sh OUTDIR
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: scripts/gpu-run.sh OUTDIR}
+mkdir -p "$out"
+bin=build-cuda/gpu-bin
+export LD_LIBRARY_PATH="$PWD/build-cuda/gpu-libs:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+per_binary_timeout=${GPU_RUN_TIMEOUT:-500}
+
+[ -d "$bin" ] && [ -n "$(ls -A "$bin")" ] || { echo "gpu-run: no binaries in $bin (run scripts/build-gpu.sh, carry build-cuda/gpu-bin and build-cuda/gpu-libs)" >&2; exit 2; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >"$out/gpu.txt" 2>&1 || true
+status=0
+rows=()
+json="["
+for exe in "$bin"/*; do
+  [ -f "$exe" ] && [ -x "$exe" ] || continue
+  name=$(basename "$exe")
+  echo "=== $name"
+  start_ns=$(date +%s%N)
+  timeout "$per_binary_timeout" "$exe" 2>&1 | tee "$out/$name.log"
+  rc=${PIPESTATUS[0]}
+  ms=$((($(date +%s%N) - start_ns) / 1000000))
+  secs=$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))  # no bc on the GPU host
+  case $rc in
+    0) verdict=PASS ;;
+    77) verdict=SKIP ;;
+    124) verdict=TIMEOUT; status=1 ;;
+    *) verdict=FAIL; status=1 ;;
+  esac
+  fails=$(grep -c ' FAIL$' "$out/$name.log")
+  rows+=("$(printf '%-22s %-7s rc=%-3s %8ss  %s failing checks' "$name" "$verdict" "$rc" "$secs" "$fails")")
+  json+="$( [ "$json" = "[" ] || echo ","){\"binary\":\"$name\",\"verdict\":\"$verdict\",\"rc\":$rc,\"seconds\":$secs,\"failing_checks\":$fails}"
+done
+json+="]"
+echo "$json" >"$out/summary.json"
+
+echo
+echo "== failing checks (first 30) =="
+grep -h ' FAIL$' "$out"/*.log 2>/dev/null | head -n 30
+echo "== timings =="
+grep -h '^TIME ' "$out"/*.log 2>/dev/null
+echo "== summary ($(head -n 2 "$out/gpu.txt" | tail -n 1)) =="
+printf '%s\n' "${rows[@]}"
+exit $status

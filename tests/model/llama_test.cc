@@ -1,0 +1,469 @@
+// LlamaModel on the CPU ops against a dense reference forward written here: plain loops over the
+// same weights, one sequence at a time, no paging, no fused layers.
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "engine/core/safetensors.h"
+#include "engine/model/llama.h"
+#include "engine/model/model_spec.h"
+#include "engine/ops/ops.h"
+#include "lora/adapter.h"
+#include "lora/lora_batch.h"
+#include "lora/slot_pool.h"
+#include "tests/testing/tiny_model.h"
+
+namespace loraplex::model {
+namespace {
+
+using Matrix = std::vector<double>;  // row-major
+
+// scale · B·A of every adapted (layer, projection): [out, in].
+using DenseAdapter = std::map<std::pair<int64_t, int>, Matrix>;
+
+class DenseReference {
+ public:
+  DenseReference(const std::string& dir, const ModelSpec& spec) : spec_(spec) {
+    auto weights = WeightSet::Open(dir);
+    REQUIRE(weights.ok());
+    for (const std::string& name : (*weights)->names()) {
+      auto t = (*weights)->ReadAs(name, DType::kF32);
+      REQUIRE(t.ok());
+      w_[name] = std::vector<float>(t->As<float>(), t->As<float>() + t->shape().NumElements());
+    }
+  }
+
+  // Logits of every position of `tokens`: [L][V].
+  std::vector<std::vector<double>> Logits(const std::vector<int32_t>& tokens, const DenseAdapter* adapter) const {
+    const int64_t len = static_cast<int64_t>(tokens.size()), h = spec_.hidden_size;
+    Matrix x(len * h);
+    const auto& emb = w_.at("model.embed_tokens.weight");
+    for (int64_t t = 0; t < len; ++t)
+      for (int64_t i = 0; i < h; ++i) x[t * h + i] = emb[tokens[t] * h + i];
+    const std::vector<double> inv_freq = InvFreq();
+    for (int64_t l = 0; l < spec_.num_layers; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      Matrix n = Norm(x, len, p + "input_layernorm.weight");
+      Matrix q = Linear(n, len, p + "self_attn.q_proj.weight", l, Proj::kQ, adapter);
+      Matrix k = Linear(n, len, p + "self_attn.k_proj.weight", l, Proj::kK, adapter);
+      Matrix v = Linear(n, len, p + "self_attn.v_proj.weight", l, Proj::kV, adapter);
+      Rope(q, len, spec_.num_heads, inv_freq);
+      Rope(k, len, spec_.num_kv_heads, inv_freq);
+      Matrix attn = Attend(q, k, v, len);
+      Matrix o = Linear(attn, len, p + "self_attn.o_proj.weight", l, Proj::kO, adapter);
+      for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
+      n = Norm(x, len, p + "post_attention_layernorm.weight");
+      Matrix g = Linear(n, len, p + "mlp.gate_proj.weight", l, Proj::kGate, adapter);
+      Matrix u = Linear(n, len, p + "mlp.up_proj.weight", l, Proj::kUp, adapter);
+      for (size_t i = 0; i < g.size(); ++i) g[i] = g[i] / (1 + std::exp(-g[i])) * u[i];
+      Matrix d = Linear(g, len, p + "mlp.down_proj.weight", l, Proj::kDown, adapter);
+      for (size_t i = 0; i < x.size(); ++i) x[i] += d[i];
+    }
+    Matrix n = Norm(x, len, "model.norm.weight");
+    const char* head = spec_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+    Matrix logits = Linear(n, len, head, -1, Proj::kQ, nullptr);
+    std::vector<std::vector<double>> out;
+    for (int64_t t = 0; t < len; ++t) {
+      out.emplace_back(logits.begin() + t * spec_.vocab_size, logits.begin() + (t + 1) * spec_.vocab_size);
+    }
+    return out;
+  }
+
+ private:
+  // Hugging Face's default and llama3 inverse frequencies, from the spec's numbers.
+  std::vector<double> InvFreq() const {
+    const RopeSpec& r = spec_.rope;
+    std::vector<double> f;
+    for (int64_t i = 0; i < spec_.head_dim; i += 2) {
+      double inv = 1.0 / std::pow(r.theta, static_cast<double>(i) / spec_.head_dim);
+      if (r.rope_type == "llama3") {
+        const double old_ctx = static_cast<double>(r.original_max_position_embeddings);
+        const double wavelen = 2 * M_PI / inv;
+        if (wavelen > old_ctx / r.low_freq_factor) {
+          inv /= r.factor;
+        } else if (!(wavelen < old_ctx / r.high_freq_factor)) {
+          const double smooth = (old_ctx / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+          inv = (1 - smooth) * inv / r.factor + smooth * inv;
+        }
+      }
+      f.push_back(inv);
+    }
+    return f;
+  }
+
+  Matrix Norm(const Matrix& x, int64_t len, const std::string& name) const {
+    const auto& w = w_.at(name);
+    const int64_t h = spec_.hidden_size;
+    Matrix out(x.size());
+    for (int64_t t = 0; t < len; ++t) {
+      double ss = 0;
+      for (int64_t i = 0; i < h; ++i) ss += x[t * h + i] * x[t * h + i];
+      const double inv = 1.0 / std::sqrt(ss / h + spec_.rms_norm_eps);
+      for (int64_t i = 0; i < h; ++i) out[t * h + i] = x[t * h + i] * inv * w[i];
+    }
+    return out;
+  }
+
+  // x [len, in] · (W + delta)ᵀ -> [len, out].
+  Matrix Linear(const Matrix& x, int64_t len, const std::string& name, int64_t layer, Proj proj,
+                const DenseAdapter* adapter) const {
+    const auto& w = w_.at(name);
+    const int64_t in = static_cast<int64_t>(x.size()) / len, out = static_cast<int64_t>(w.size()) / in;
+    const Matrix* delta = nullptr;
+    if (adapter != nullptr) {
+      auto it = adapter->find({layer, static_cast<int>(proj)});
+      if (it != adapter->end()) delta = &it->second;
+    }
+    Matrix y(len * out);
+    for (int64_t t = 0; t < len; ++t)
+      for (int64_t o = 0; o < out; ++o) {
+        double acc = 0;
+        for (int64_t i = 0; i < in; ++i) {
+          acc += x[t * in + i] * (w[o * in + i] + (delta != nullptr ? (*delta)[o * in + i] : 0.0));
+        }
+        y[t * out + o] = acc;
+      }
+    return y;
+  }
+
+  // HF rotate-half with cos/sin of cat(freqs, freqs) at positions 0..len-1.
+  void Rope(Matrix& x, int64_t len, int64_t heads, const std::vector<double>& inv_freq) const {
+    const int64_t d = spec_.head_dim, half = d / 2;
+    for (int64_t t = 0; t < len; ++t)
+      for (int64_t hd = 0; hd < heads; ++hd) {
+        double* v = &x[(t * heads + hd) * d];
+        const Matrix orig(v, v + d);
+        for (int64_t i = 0; i < d; ++i) {
+          const double angle = static_cast<double>(static_cast<float>(t) * static_cast<float>(inv_freq[i % half]));
+          const double rot = i < half ? -orig[i + half] : orig[i - half];
+          v[i] = orig[i] * std::cos(angle) + rot * std::sin(angle);
+        }
+      }
+  }
+
+  Matrix Attend(const Matrix& q, const Matrix& k, const Matrix& v, int64_t len) const {
+    const int64_t hq = spec_.num_heads, hkv = spec_.num_kv_heads, d = spec_.head_dim;
+    Matrix out(len * hq * d);
+    for (int64_t t = 0; t < len; ++t)
+      for (int64_t hd = 0; hd < hq; ++hd) {
+        const int64_t kvh = hd / (hq / hkv);
+        std::vector<double> s(t + 1);
+        for (int64_t j = 0; j <= t; ++j) {
+          double dot = 0;
+          for (int64_t i = 0; i < d; ++i) dot += q[(t * hq + hd) * d + i] * k[(j * hkv + kvh) * d + i];
+          s[j] = dot / std::sqrt(static_cast<double>(d));
+        }
+        const double mx = *std::max_element(s.begin(), s.end());
+        double z = 0;
+        for (double& e : s) z += (e = std::exp(e - mx));
+        for (int64_t i = 0; i < d; ++i) {
+          double acc = 0;
+          for (int64_t j = 0; j <= t; ++j) acc += s[j] / z * v[(j * hkv + kvh) * d + i];
+          out[(t * hq + hd) * d + i] = acc;
+        }
+      }
+    return out;
+  }
+
+  ModelSpec spec_;
+  std::map<std::string, std::vector<float>> w_;
+};
+
+// A sequence being served: its tokens and the (deliberately scattered) KV blocks it owns.
+struct Sequence {
+  std::vector<int32_t> tokens;
+  std::vector<int32_t> blocks;
+  int32_t cached = 0;    // tokens already in the KV cache
+  int32_t slot = -1;     // adapter slot, -1: base model
+};
+
+struct Chunk {
+  int seq;
+  int32_t count;  // new tokens of that sequence in this step
+};
+
+constexpr ModelCapacity kCapacity{/*max_tokens=*/32, /*max_seqs=*/16, /*num_kv_blocks=*/16,
+                                  /*kv_block_size=*/4, /*max_blocks_per_seq=*/4};
+
+// Builds the step for `chunks` (every row's logits requested) and advances the sequences.
+StepInput MakeStep(std::vector<Sequence>& seqs, const std::vector<Chunk>& chunks) {
+  StepInput in;
+  std::vector<int32_t> token_slots;
+  for (size_t row = 0; row < chunks.size(); ++row) {
+    Sequence& s = seqs[static_cast<size_t>(chunks[row].seq)];
+    for (int32_t i = 0; i < chunks[row].count; ++i) {
+      const int32_t pos = s.cached + i;
+      in.logit_rows.push_back(static_cast<int32_t>(in.token_ids.size()));
+      in.token_ids.push_back(s.tokens[static_cast<size_t>(pos)]);
+      in.positions.push_back(pos);
+      in.slot_mapping.push_back(s.blocks[static_cast<size_t>(pos / kCapacity.kv_block_size)] * kCapacity.kv_block_size +
+                                pos % kCapacity.kv_block_size);
+      in.token_seq.push_back(static_cast<int32_t>(row));
+      token_slots.push_back(s.slot);
+    }
+    s.cached += chunks[row].count;
+    in.context_lens.push_back(s.cached);
+    for (int32_t b = 0; b < kCapacity.max_blocks_per_seq; ++b) {
+      in.block_tables.push_back(b < static_cast<int32_t>(s.blocks.size()) ? s.blocks[static_cast<size_t>(b)] : 0);
+    }
+  }
+  if (std::any_of(token_slots.begin(), token_slots.end(), [](int32_t s) { return s >= 0; })) {
+    in.lora = lora::BuildLoraBatch(token_slots);
+  }
+  return in;
+}
+
+std::vector<int32_t> RandomTokens(int n, int64_t vocab, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = static_cast<int32_t>(gen() % static_cast<uint32_t>(vocab));
+  return t;
+}
+
+// The logits are O(1..10); both sides are exact up to fp32 storage of activations between ops
+// (~1e-7 relative per op over a few dozen ops), so 1e-4 absolute leaves room only for rounding.
+constexpr double kLogitTol = 1e-4;
+
+void CheckStep(const std::vector<float>& logits, const StepInput& in, const std::vector<Chunk>& chunks,
+               const std::vector<Sequence>& seqs, const std::vector<std::vector<std::vector<double>>>& dense,
+               int64_t vocab) {
+  REQUIRE(logits.size() == in.logit_rows.size() * static_cast<size_t>(vocab));
+  for (size_t r = 0; r < in.logit_rows.size(); ++r) {
+    const int32_t row = in.logit_rows[r];
+    const int seq = chunks[static_cast<size_t>(in.token_seq[static_cast<size_t>(row)])].seq;
+    const int32_t pos = in.positions[static_cast<size_t>(row)];
+    for (int64_t v = 0; v < vocab; ++v) {
+      INFO("sequence " << seq << " position " << pos << " token " << v);
+      REQUIRE(logits[r * vocab + v] == Approx(dense[static_cast<size_t>(seq)][static_cast<size_t>(pos)][v]).margin(kLogitTol));
+    }
+  }
+  (void)seqs;
+}
+
+// Two steps over three sequences: step 1 prefills B (first chunk) and C; step 2 mixes B's second
+// chunk, A's whole prefill and C's first decode token. Every row's logits must match the dense
+// forward of its sequence at its position.
+void ExpectBatchedStepsMatchDense(const testing::TinyModelOptions& options, const std::vector<int32_t>& adapter_slots = {},
+                                  const lora::SlotPool* pool = nullptr,
+                                  const std::vector<const DenseAdapter*>& dense_adapters = {}, ops::Ops* ops_in = nullptr,
+                                  const std::string& dir_in = "") {
+  std::unique_ptr<ops::Ops> own_ops;
+  ops::Ops* ops = ops_in;
+  if (ops == nullptr) {
+    auto created = ops::CreateOps(Device::kCpu);
+    REQUIRE(created.ok());
+    own_ops = std::move(created).value();
+    ops = own_ops.get();
+  }
+  std::string dir = dir_in;
+  if (dir.empty()) {
+    dir = testing::MakeTempDir("llama");
+    REQUIRE(testing::WriteTinyModel(dir, options).ok());
+  }
+  auto spec = LoadModelSpec(dir);
+  REQUIRE(spec.ok());
+  auto model = LlamaModel::Load(dir, *spec, ops, pool, kCapacity);
+  INFO(model.status().message());
+  REQUIRE(model.ok());
+
+  std::vector<Sequence> seqs(3);
+  seqs[0] = {RandomTokens(6, spec->vocab_size, 1), {9, 2}, 0, -1};
+  seqs[1] = {RandomTokens(9, spec->vocab_size, 2), {5, 14, 0}, 0, -1};
+  seqs[2] = {RandomTokens(8, spec->vocab_size, 3), {7, 11}, 0, -1};
+  for (size_t i = 0; i < adapter_slots.size(); ++i) seqs[i].slot = adapter_slots[i];
+
+  const DenseReference ref(dir, *spec);
+  std::vector<std::vector<std::vector<double>>> dense;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    dense.push_back(ref.Logits(seqs[i].tokens, i < dense_adapters.size() ? dense_adapters[i] : nullptr));
+  }
+
+  const std::vector<Chunk> step1 = {{1, 5}, {2, 7}};
+  const StepInput in1 = MakeStep(seqs, step1);
+  auto logits1 = (*model)->Forward(in1);
+  INFO(logits1.status().message());
+  REQUIRE(logits1.ok());
+  CheckStep(*logits1, in1, step1, seqs, dense, spec->vocab_size);
+
+  const std::vector<Chunk> step2 = {{1, 4}, {0, 6}, {2, 1}};
+  const StepInput in2 = MakeStep(seqs, step2);
+  auto logits2 = (*model)->Forward(in2);
+  INFO(logits2.status().message());
+  REQUIRE(logits2.ok());
+  CheckStep(*logits2, in2, step2, seqs, dense, spec->vocab_size);
+}
+
+TEST_CASE("A batched step mixing prefill, chunked prefill and decode matches the dense forward") {
+  ExpectBatchedStepsMatchDense(testing::TinyModelOptions{});
+}
+
+TEST_CASE("Tied embeddings use embed_tokens as the lm_head") {
+  testing::TinyModelOptions options;
+  options.tie_word_embeddings = true;
+  ExpectBatchedStepsMatchDense(options);
+}
+
+TEST_CASE("A llama3 rope-scaled model matches the dense forward with Hugging Face's frequencies") {
+  testing::TinyModelOptions options;
+  options.llama3_rope = true;
+  ExpectBatchedStepsMatchDense(options);
+}
+
+TEST_CASE("Sharded weights with an index load and match the dense forward") {
+  testing::TinyModelOptions options;
+  options.sharded = true;
+  ExpectBatchedStepsMatchDense(options);
+}
+
+TEST_CASE("BF16 weights are converted to the compute dtype at load") {
+  testing::TinyModelOptions options;
+  options.dtype = DType::kBF16;
+  options.kv_heads = 4;  // also plain multi-head attention (no GQA)
+  ExpectBatchedStepsMatchDense(options);
+}
+
+absl::Status LoadStatus(const testing::TinyModelOptions& options) {
+  const std::string dir = testing::MakeTempDir("llama-bad");
+  REQUIRE(testing::WriteTinyModel(dir, options).ok());
+  auto spec = LoadModelSpec(dir);
+  REQUIRE(spec.ok());
+  auto ops = ops::CreateOps(Device::kCpu);
+  REQUIRE(ops.ok());
+  return LlamaModel::Load(dir, *spec, ops->get(), nullptr, kCapacity).status();
+}
+
+TEST_CASE("Load names a missing tensor") {
+  testing::TinyModelOptions options;
+  options.omit_tensors = {"model.layers.1.mlp.down_proj.weight"};
+  const absl::Status status = LoadStatus(options);
+  CHECK(status.code() == absl::StatusCode::kNotFound);
+  CHECK(std::string(status.message()).find("model.layers.1.mlp.down_proj.weight") != std::string::npos);
+}
+
+TEST_CASE("Load names a tensor of the wrong shape, its file and both shapes") {
+  testing::TinyModelOptions options;
+  options.sharded = true;
+  options.override_shapes = {{"model.layers.1.mlp.down_proj.weight", {32, 128}}};
+  const absl::Status status = LoadStatus(options);
+  CHECK(status.code() == absl::StatusCode::kInvalidArgument);
+  const std::string msg(status.message());
+  INFO(msg);
+  CHECK(msg.find("model.layers.1.mlp.down_proj.weight has shape [32,128], expected [32,64]") != std::string::npos);
+  CHECK(msg.find("model-0000") != std::string::npos);
+}
+
+TEST_CASE("Load refuses a tied model's missing lm_head only when embeddings are untied") {
+  testing::TinyModelOptions options;
+  options.omit_tensors = {"lm_head.weight"};
+  const absl::Status status = LoadStatus(options);
+  CHECK(status.code() == absl::StatusCode::kNotFound);
+  CHECK(std::string(status.message()).find("lm_head.weight") != std::string::npos);
+}
+
+TEST_CASE("Forward refuses steps beyond its capacity or with inconsistent arrays") {
+  const std::string dir = testing::MakeTempDir("llama-cap");
+  REQUIRE(testing::WriteTinyModel(dir, testing::TinyModelOptions{}).ok());
+  auto spec = LoadModelSpec(dir);
+  REQUIRE(spec.ok());
+  auto ops = ops::CreateOps(Device::kCpu);
+  REQUIRE(ops.ok());
+  auto model = LlamaModel::Load(dir, *spec, ops->get(), nullptr, kCapacity);
+  REQUIRE(model.ok());
+  std::vector<Sequence> seqs = {{RandomTokens(8, spec->vocab_size, 4), {1, 2}, 0, -1}};
+  StepInput good = MakeStep(seqs, {{0, 3}});
+  SECTION("too many tokens") {
+    StepInput in = good;
+    in.token_ids.assign(kCapacity.max_tokens + 1, 0);
+    CHECK((*model)->Forward(in).status().code() == absl::StatusCode::kInvalidArgument);
+  }
+  SECTION("a position outside its sequence's context") {
+    StepInput in = good;
+    in.positions[2] = 7;
+    CHECK((*model)->Forward(in).status().code() == absl::StatusCode::kInvalidArgument);
+  }
+  SECTION("a token id outside the vocabulary") {
+    StepInput in = good;
+    in.token_ids[0] = static_cast<int32_t>(spec->vocab_size);
+    CHECK((*model)->Forward(in).status().code() == absl::StatusCode::kInvalidArgument);
+  }
+  SECTION("LoRA segments without a slot pool") {
+    StepInput in = good;
+    in.lora = lora::BuildLoraBatch({0, 0, 0});
+    CHECK((*model)->Forward(in).status().code() == absl::StatusCode::kInvalidArgument);
+  }
+  SECTION("the unchanged step runs") { CHECK((*model)->Forward(good).ok()); }
+}
+
+// scale · B·A for every module of an adapter file (no rank/alpha patterns).
+DenseAdapter ReadDenseAdapter(const std::string& dir, const ModelSpec& spec, double scale) {
+  auto file = SafetensorsFile::Open(dir + "/adapter_model.safetensors");
+  REQUIRE(file.ok());
+  DenseAdapter out;
+  for (int64_t l = 0; l < spec.num_layers; ++l)
+    for (int p = 0; p < kNumProj; ++p) {
+      const auto proj = static_cast<Proj>(p);
+      const std::string base = "base_model.model.model.layers." + std::to_string(l) +
+                               (proj <= Proj::kO ? ".self_attn." : ".mlp.") + ProjName(proj);
+      auto a = (*file)->ReadAs(base + ".lora_A.weight", DType::kF32);
+      auto b = (*file)->ReadAs(base + ".lora_B.weight", DType::kF32);
+      if (!a.ok() || !b.ok()) continue;
+      const int64_t r = a->shape()[0], in = a->shape()[1], o = b->shape()[0];
+      Matrix delta(o * in);
+      for (int64_t i = 0; i < o; ++i)
+        for (int64_t j = 0; j < in; ++j) {
+          double acc = 0;
+          for (int64_t k = 0; k < r; ++k) acc += static_cast<double>(b->As<float>()[i * r + k]) * a->As<float>()[k * in + j];
+          delta[i * in + j] = scale * acc;
+        }
+      out[{l, p}] = std::move(delta);
+    }
+  return out;
+}
+
+TEST_CASE("Sequences with different adapters in one step each match the dense forward of their merged weights") {
+  testing::TinyModelOptions options;
+  const std::string dir = testing::MakeTempDir("llama-lora");
+  REQUIRE(testing::WriteTinyModel(dir, options).ok());
+  auto spec = LoadModelSpec(dir);
+  REQUIRE(spec.ok());
+  auto ops = ops::CreateOps(Device::kCpu);
+  REQUIRE(ops.ok());
+
+  // Adapter x: rank 4, every module; adapter y: rank 8, attention only, rsLoRA.
+  testing::TinyAdapterOptions xo;
+  xo.r = 4;
+  xo.alpha = 8;
+  testing::TinyAdapterOptions yo;
+  yo.r = 8;
+  yo.alpha = 4;
+  yo.use_rslora = true;
+  yo.seed = 11;
+  yo.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  const std::string xdir = dir + "/x", ydir = dir + "/y";
+  REQUIRE(testing::WriteTinyAdapter(xdir, *spec, xo).ok());
+  REQUIRE(testing::WriteTinyAdapter(ydir, *spec, yo).ok());
+  lora::LoraLimits limits;
+  limits.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  auto x = lora::LoadPeftAdapter("x", xdir, *spec, limits, DType::kF32);
+  INFO(x.status().message());
+  REQUIRE(x.ok());
+  auto y = lora::LoadPeftAdapter("y", ydir, *spec, limits, DType::kF32);
+  REQUIRE(y.ok());
+  auto pool = lora::SlotPool::Create(ops->get(), *spec, /*num_slots=*/3, /*max_rank=*/8);
+  REQUIRE(pool.ok());
+  auto slots = (*pool)->EnsureResident({x->get(), y->get()}, {false, false});
+  REQUIRE(slots.ok());
+
+  const DenseAdapter dx = ReadDenseAdapter(xdir, *spec, 8.0 / 4);
+  const DenseAdapter dy = ReadDenseAdapter(ydir, *spec, 4.0 / std::sqrt(8.0));
+  // Sequence A uses y, B the base model, C uses x.
+  ExpectBatchedStepsMatchDense(options, {(*slots)[1], -1, (*slots)[0]}, pool->get(), {&dy, nullptr, &dx}, ops->get(), dir);
+}
+
+}  // namespace
+}  // namespace loraplex::model

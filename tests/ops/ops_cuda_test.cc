@@ -1,0 +1,894 @@
+// GPU test of the CUDA executor: every op against the CPU reference (F32, fp64 accumulation) on
+// random inputs, then a short timing section. Own main (not Catch2): one line per op/case with the
+// relative error ‖out−ref‖/‖ref‖, and exit status 77 without a GPU, 1 on any failure.
+//
+// Inputs are drawn in float, rounded to bf16, and the same rounded values feed both executors, so
+// differences come only from the CUDA ops' arithmetic and output rounding. CUDA outputs are
+// poisoned with NaN (0xFF bytes) before each run, so an unwritten element shows as non-finite;
+// elements an op must leave alone are compared bit for bit against their initial value.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/core/dtype.h"
+#include "engine/core/status.h"
+#include "engine/ops/cuda/cuda_ops.h"
+#include "engine/ops/ops.h"
+
+namespace loraplex::ops {
+namespace {
+
+// Tolerances on ‖out−ref‖/‖ref‖:
+// - bf16 outputs: one rounding to bf16 (relative 2^-9 ≈ 2e-3 per element) plus fp32-vs-fp64
+//   accumulation; 1e-2 leaves room for accumulated rounding while any real bug (wrong element,
+//   missing term) gives O(1e-1) or more.
+constexpr double kTolBf16 = 1e-2;
+// - F32 outputs from bf16 operands: products are exact in fp32, only the fp32 summation order
+//   (tensor-core tiles, split-K atomics) differs from fp64: ~1e-6 observed in such sums, 1e-4 bound.
+constexpr double kTolF32 = 1e-4;
+
+Ops* g_gpu = nullptr;
+Ops* g_cpu = nullptr;
+int g_failures = 0;
+std::mt19937 g_rng(20261129);
+
+float RoundBf16(float f) { return Bf16ToFloat(FloatToBf16(f)); }
+
+std::vector<float> RandomVec(size_t n, float lo, float hi, bool bf16 = true) {
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(n);
+  for (auto& x : v) x = bf16 ? RoundBf16(dist(g_rng)) : dist(g_rng);
+  return v;
+}
+
+int RandomInt(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(g_rng); }
+
+// --- device helpers ----------------------------------------------------------------------------
+
+absl::StatusOr<DeviceMemory> Upload(const void* data, size_t bytes) {
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory mem, g_gpu->Allocate(bytes));
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(mem.data(), data, bytes));
+  return mem;
+}
+absl::StatusOr<DeviceMemory> UploadBf16(const std::vector<float>& v) {
+  std::vector<uint16_t> h(v.size());
+  for (size_t i = 0; i < v.size(); ++i) h[i] = FloatToBf16(v[i]);
+  return Upload(h.data(), h.size() * 2);
+}
+absl::Status WriteBf16(void* dst, const std::vector<float>& v) {
+  std::vector<uint16_t> h(v.size());
+  for (size_t i = 0; i < v.size(); ++i) h[i] = FloatToBf16(v[i]);
+  return g_gpu->CopyToDevice(dst, h.data(), h.size() * 2);
+}
+absl::StatusOr<DeviceMemory> UploadF32(const std::vector<float>& v) { return Upload(v.data(), v.size() * 4); }
+absl::StatusOr<DeviceMemory> UploadI32(const std::vector<int32_t>& v) { return Upload(v.data(), v.size() * 4); }
+absl::StatusOr<DeviceMemory> Poisoned(size_t bytes) {
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory mem, g_gpu->Allocate(bytes));
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(mem.data(), 0xFF, bytes));  // NaN in bf16 and F32
+  return mem;
+}
+absl::StatusOr<std::vector<float>> DownloadBf16(const void* src, size_t n) {
+  std::vector<uint16_t> h(n);
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToHost(h.data(), src, n * 2));
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = Bf16ToFloat(h[i]);
+  return v;
+}
+absl::StatusOr<std::vector<float>> DownloadF32(const void* src, size_t n) {
+  std::vector<float> v(n);
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToHost(v.data(), src, n * 4));
+  return v;
+}
+TensorView Gpu(const DeviceMemory& m, DType dtype, Shape shape) { return m.View(dtype, shape); }
+TensorView Host(std::vector<float>& v, Shape shape) { return {v.data(), DType::kF32, shape, Device::kCpu}; }
+TensorView HostI32(std::vector<int32_t>& v, Shape shape) { return {v.data(), DType::kI32, shape, Device::kCpu}; }
+
+// --- comparison --------------------------------------------------------------------------------
+
+bool Same(float a, float b) { return a == b || (std::isnan(a) && std::isnan(b)); }
+
+// mask[i] = 1: compared by norm and must be finite; 0: must equal ref (the untouched initial value).
+void Compare(const std::string& name, const std::vector<float>& got, const std::vector<float>& ref, double tol,
+             const std::vector<uint8_t>& mask = {}) {
+  if (got.size() != ref.size()) {
+    std::printf("%-64s size %zu != %zu  FAIL\n", name.c_str(), got.size(), ref.size());
+    ++g_failures;
+    return;
+  }
+  double num = 0.0, den = 0.0;
+  int64_t nonfinite = 0, untouched_bad = 0, compared = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!mask.empty() && mask[i] == 0) {
+      if (!Same(got[i], ref[i])) ++untouched_bad;
+      continue;
+    }
+    ++compared;
+    if (!std::isfinite(got[i])) {
+      ++nonfinite;
+      continue;
+    }
+    const double d = static_cast<double>(got[i]) - ref[i];
+    num += d * d;
+    den += static_cast<double>(ref[i]) * ref[i];
+  }
+  const double err = den > 0.0 ? std::sqrt(num / den) : std::sqrt(num);
+  const bool pass = err <= tol && nonfinite == 0 && untouched_bad == 0;
+  std::printf("%-64s err=%.3e tol=%.0e n=%lld nonfinite=%lld untouched_bad=%lld  %s\n", name.c_str(), err, tol,
+              static_cast<long long>(compared), static_cast<long long>(nonfinite),
+              static_cast<long long>(untouched_bad), pass ? "PASS" : "FAIL");
+  if (!pass) ++g_failures;
+}
+
+void Run(const std::string& name, const std::function<absl::Status()>& test) {
+  const absl::Status s = test();
+  if (!s.ok()) {
+    std::printf("%-64s ERROR %s  FAIL\n", name.c_str(), s.ToString().c_str());
+    ++g_failures;
+  }
+}
+
+// --- Embed, GatherRows, norms, SiluMul -----------------------------------------------------------
+
+absl::Status TestEmbed(int64_t vocab, int64_t hidden, int64_t tokens) {
+  std::vector<float> table = RandomVec(vocab * hidden, -1, 1);
+  std::vector<int32_t> ids(tokens);
+  for (auto& id : ids) id = RandomInt(0, static_cast<int>(vocab) - 1);
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_table, UploadBf16(table));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_ids, UploadI32(ids));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, Poisoned(tokens * hidden * 2));
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->Embed(Gpu(d_ids, DType::kI32, {tokens}), Gpu(d_table, DType::kBF16, {vocab, hidden}),
+                                        Gpu(d_out, DType::kBF16, {tokens, hidden})));
+  std::vector<float> ref(tokens * hidden);
+  LORAPLEX_RETURN_IF_ERROR(g_cpu->Embed(HostI32(ids, {tokens}), Host(table, {vocab, hidden}), Host(ref, {tokens, hidden})));
+  LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(d_out.data(), ref.size()));
+  Compare(absl::StrCat("Embed V=", vocab, " H=", hidden, " T=", tokens), got, ref, 0.0);  // a copy: exact
+  return absl::OkStatus();
+}
+
+absl::Status TestGatherRows(DType dtype, int64_t rows, int64_t hidden, int64_t picks) {
+  std::vector<float> x = RandomVec(rows * hidden, -1, 1, dtype == DType::kBF16);
+  std::vector<int32_t> idx(picks);
+  for (auto& i : idx) i = RandomInt(0, static_cast<int>(rows) - 1);
+  const size_t es = DTypeSize(dtype);
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, dtype == DType::kBF16 ? UploadBf16(x) : UploadF32(x));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_idx, UploadI32(idx));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, Poisoned(picks * hidden * es));
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->GatherRows(Gpu(d_x, dtype, {rows, hidden}), Gpu(d_idx, DType::kI32, {picks}),
+                                             Gpu(d_out, dtype, {picks, hidden})));
+  std::vector<float> ref(picks * hidden);
+  LORAPLEX_RETURN_IF_ERROR(g_cpu->GatherRows(Host(x, {rows, hidden}), HostI32(idx, {picks}), Host(ref, {picks, hidden})));
+  std::vector<float> got;
+  if (dtype == DType::kBF16) {
+    LORAPLEX_ASSIGN_OR_RETURN(got, DownloadBf16(d_out.data(), ref.size()));
+  } else {
+    LORAPLEX_ASSIGN_OR_RETURN(got, DownloadF32(d_out.data(), ref.size()));
+  }
+  Compare(absl::StrCat("GatherRows ", std::string(DTypeName(dtype)), " [", rows, ",", hidden, "] picks=", picks), got, ref, 0.0);
+  return absl::OkStatus();
+}
+
+absl::Status TestRmsNorm(int64_t tokens, int64_t hidden, bool fused, bool alias_out_x) {
+  std::vector<float> x = RandomVec(tokens * hidden, -2, 2);
+  std::vector<float> residual = RandomVec(tokens * hidden, -2, 2);
+  std::vector<float> weight = RandomVec(hidden, 0.5f, 1.5f);
+  const float eps = 1e-5f;
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, UploadBf16(x));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_res, UploadBf16(residual));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_w, UploadBf16(weight));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, Poisoned(tokens * hidden * 2));
+  const Shape s{tokens, hidden};
+  const TensorView gx = Gpu(d_x, DType::kBF16, s);
+  const TensorView gout = alias_out_x ? gx : Gpu(d_out, DType::kBF16, s);
+  std::vector<float> ref_out(x.size());
+  std::vector<float> ref_x = x;
+  const TensorView hout = alias_out_x ? Host(ref_x, s) : Host(ref_out, s);
+  if (fused) {
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->AddRmsNorm(gx, Gpu(d_res, DType::kBF16, s), Gpu(d_w, DType::kBF16, {hidden}), eps, gout));
+    LORAPLEX_RETURN_IF_ERROR(g_cpu->AddRmsNorm(Host(ref_x, s), Host(residual, s), Host(weight, {hidden}), eps, hout));
+  } else {
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->RmsNorm(gx, Gpu(d_w, DType::kBF16, {hidden}), eps, gout));
+    LORAPLEX_RETURN_IF_ERROR(g_cpu->RmsNorm(Host(ref_x, s), Host(weight, {hidden}), eps, hout));
+  }
+  const std::string name = absl::StrCat(fused ? "AddRmsNorm" : "RmsNorm", " T=", tokens, " H=", hidden,
+                                        alias_out_x ? " out=x" : "");
+  LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(gout.data, x.size()));
+  Compare(name + " out", got, alias_out_x ? ref_x : ref_out, kTolBf16);
+  if (fused) {
+    LORAPLEX_ASSIGN_OR_RETURN(auto got_res, DownloadBf16(d_res.data(), x.size()));
+    Compare(name + " residual", got_res, residual, kTolBf16);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status TestSiluMul(int64_t tokens, int64_t inter) {
+  std::vector<float> gu = RandomVec(tokens * 2 * inter, -4, 4);
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_gu, UploadBf16(gu));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, Poisoned(tokens * inter * 2));
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->SiluMul(Gpu(d_gu, DType::kBF16, {tokens, 2 * inter}), Gpu(d_out, DType::kBF16, {tokens, inter})));
+  std::vector<float> ref(tokens * inter);
+  LORAPLEX_RETURN_IF_ERROR(g_cpu->SiluMul(Host(gu, {tokens, 2 * inter}), Host(ref, {tokens, inter})));
+  LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(d_out.data(), ref.size()));
+  Compare(absl::StrCat("SiluMul T=", tokens, " I=", inter), got, ref, kTolBf16);
+  return absl::OkStatus();
+}
+
+// --- Gemm ----------------------------------------------------------------------------------------
+
+// CPU reference of y_rows = x_rows·wᵀ + beta·y_rows, split over output columns on all cores (the
+// fp64 reference of the 8B-wide shapes would take minutes on one).
+absl::StatusOr<std::vector<float>> CpuGemmParallel(std::vector<float>& x, const std::vector<float>& w, int64_t m,
+                                                   int64_t n, int64_t k, float beta, const std::vector<float>& y_init) {
+  const int threads = static_cast<int>(std::clamp<unsigned>(std::thread::hardware_concurrency(), 1, 16));
+  std::vector<float> y(m * n);
+  std::vector<absl::Status> status(threads);
+  std::vector<std::thread> pool;
+  const int64_t chunk = (n + threads - 1) / threads;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      const int64_t n0 = t * chunk, nc = std::min(chunk, n - n0);
+      if (nc <= 0) return;
+      auto cpu = CreateOps(Device::kCpu);
+      if (!cpu.ok()) {
+        status[t] = cpu.status();
+        return;
+      }
+      std::vector<float> part(m * nc);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < nc; ++j) part[i * nc + j] = y_init[i * n + n0 + j];
+      const TensorView wv{const_cast<float*>(w.data()) + n0 * k, DType::kF32, {nc, k}, Device::kCpu};
+      status[t] = (*cpu)->Gemm(Host(x, {m, k}), wv, beta, Host(part, {m, nc}));
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < nc; ++j) y[i * n + n0 + j] = part[i * nc + j];
+    });
+  }
+  for (auto& th : pool) th.join();
+  for (auto& s : status) LORAPLEX_RETURN_IF_ERROR(s);
+  return y;
+}
+
+// x_offset_rows: x starts that many rows into its buffer, so its address is only
+// (offset·K·2)-aligned (checks that the alignment the GEMM plan assumes is the real one).
+absl::Status TestGemm(int64_t m, int64_t n, int64_t k, bool f32_out, float beta, int64_t x_offset_rows,
+                      const std::vector<float>& w, const DeviceMemory& d_w) {
+  std::vector<float> x = RandomVec((m + x_offset_rows) * k, -1, 1);
+  std::vector<float> y_init = RandomVec(m * n, -1, 1, !f32_out);
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, UploadBf16(x));
+  const size_t es = f32_out ? 4 : 2;
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, beta != 0.0f ? (f32_out ? UploadF32(y_init) : UploadBf16(y_init))
+                                                           : Poisoned(m * n * es));
+  const TensorView gx = Gpu(d_x, DType::kBF16, {m + x_offset_rows, k}).Rows(x_offset_rows, m);
+  const TensorView gy = Gpu(d_y, f32_out ? DType::kF32 : DType::kBF16, {m, n});
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->Gemm(gx, Gpu(d_w, DType::kBF16, {n, k}), beta, gy));
+  std::vector<float> got;
+  if (f32_out) {
+    LORAPLEX_ASSIGN_OR_RETURN(got, DownloadF32(d_y.data(), m * n));
+  } else {
+    LORAPLEX_ASSIGN_OR_RETURN(got, DownloadBf16(d_y.data(), m * n));
+  }
+  // Large M: the fp64 reference checks a sample of rows (first, last, middle, random); every
+  // element of the output is still checked for being written.
+  std::vector<int64_t> rows;
+  if (m <= 64) {
+    rows.resize(m);
+    std::iota(rows.begin(), rows.end(), 0);
+  } else {
+    rows = {0, 1, m / 3, m / 2, m - 2, m - 1, RandomInt(0, static_cast<int>(m) - 1), RandomInt(0, static_cast<int>(m) - 1)};
+  }
+  const int64_t mr = static_cast<int64_t>(rows.size());
+  std::vector<float> xs(mr * k), ys_init(mr * n), got_s(mr * n);
+  for (int64_t i = 0; i < mr; ++i) {
+    std::copy_n(x.begin() + (rows[i] + x_offset_rows) * k, k, xs.begin() + i * k);
+    std::copy_n(y_init.begin() + rows[i] * n, n, ys_init.begin() + i * n);
+    std::copy_n(got.begin() + rows[i] * n, n, got_s.begin() + i * n);
+  }
+  LORAPLEX_ASSIGN_OR_RETURN(auto ref, CpuGemmParallel(xs, w, mr, n, k, beta, ys_init));
+  const int64_t unwritten = std::count_if(got.begin(), got.end(), [](float v) { return !std::isfinite(v); });
+  const std::string name = absl::StrCat("Gemm M=", m, " N=", n, " K=", k, f32_out ? " F32" : " BF16", " beta=", beta,
+                                        x_offset_rows ? absl::StrCat(" x+", x_offset_rows, "rows") : "",
+                                        m > 64 ? absl::StrCat(" (", mr, " rows checked)") : "");
+  Compare(name, got_s, ref, f32_out ? kTolF32 * 10 : kTolBf16);  // F32 out: K up to 14336 terms
+  if (unwritten > 0) {
+    std::printf("%-64s unwritten=%lld  FAIL\n", name.c_str(), static_cast<long long>(unwritten));
+    ++g_failures;
+  }
+  return absl::OkStatus();
+}
+
+void GemmTests() {
+  const std::vector<std::pair<int64_t, int64_t>> llama = {{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336}};
+  for (auto [n, k] : llama) {
+    std::vector<float> w = RandomVec(n * k, -1, 1);
+    auto d_w = UploadBf16(w);
+    if (!d_w.ok()) {
+      Run("Gemm upload", [&] { return d_w.status(); });
+      continue;
+    }
+    for (int64_t m : {1, 7, 64, 300}) {
+      Run(absl::StrCat("Gemm M=", m, " N=", n, " K=", k), [&] { return TestGemm(m, n, k, false, 0.0f, 0, w, *d_w); });
+    }
+    if (n == 4096 && k == 4096) {
+      Run("Gemm F32 beta=1", [&] { return TestGemm(7, n, k, true, 1.0f, 0, w, *d_w); });
+      Run("Gemm BF16 beta=1", [&] { return TestGemm(64, n, k, false, 1.0f, 0, w, *d_w); });
+      Run("Gemm F32 M=300", [&] { return TestGemm(300, n, k, true, 0.0f, 0, w, *d_w); });
+    }
+  }
+  for (auto [m, n, k, f32, beta, off] : std::vector<std::tuple<int64_t, int64_t, int64_t, bool, float, int64_t>>{
+           {5, 100, 72, false, 0.0f, 1}, {33, 136, 200, true, 0.5f, 3}, {2, 8, 8, false, 1.0f, 0}}) {
+    std::vector<float> w = RandomVec(n * k, -1, 1);
+    auto d_w = UploadBf16(w);
+    Run(absl::StrCat("Gemm small M=", m), [&]() -> absl::Status {
+      LORAPLEX_RETURN_IF_ERROR(d_w.status());
+      return TestGemm(m, n, k, f32, beta, off, w, *d_w);
+    });
+  }
+}
+
+// --- RoPE + cache ------------------------------------------------------------------------------
+
+absl::Status TestRope(int hq, int hkv, int d, int tokens) {
+  const int bs = 16, num_blocks = (tokens + 8 + bs - 1) / bs;
+  const int64_t width = static_cast<int64_t>(hq + 2 * hkv) * d, kv_row = static_cast<int64_t>(hkv) * d;
+  const int64_t slots = static_cast<int64_t>(num_blocks) * bs;
+  std::vector<float> qkv = RandomVec(tokens * width, -2, 2);
+  std::vector<float> inv_freq(d / 2);
+  for (int i = 0; i < d / 2; ++i) inv_freq[i] = std::pow(500000.0f, -2.0f * i / d);  // llama3's theta
+  std::vector<int32_t> all_slots(slots);
+  std::iota(all_slots.begin(), all_slots.end(), 0);
+  std::shuffle(all_slots.begin(), all_slots.end(), g_rng);
+  std::vector<int32_t> positions(tokens), slot_mapping(tokens), token_seq(tokens, 0);
+  for (int t = 0; t < tokens; ++t) {
+    positions[t] = t == 0 ? 131071 : RandomInt(0, 9000);  // one very long position: large angles
+    slot_mapping[t] = all_slots[t];
+  }
+  slot_mapping[1] = -1;  // not cached (e.g. a recomputed token)
+  token_seq[2] = -1;     // padding row: left untouched, nothing cached
+  std::vector<float> k_cache = RandomVec(slots * kv_row, -1, 1), v_cache = RandomVec(slots * kv_row, -1, 1);
+  std::vector<uint8_t> cache_mask(k_cache.size(), 0), qkv_mask(qkv.size(), 1);
+  for (int t = 0; t < tokens; ++t) {
+    if (token_seq[t] < 0) std::fill_n(qkv_mask.begin() + t * width, width, 0);
+    if (slot_mapping[t] < 0 || token_seq[t] < 0) continue;
+    for (int64_t e = 0; e < kv_row; ++e) {
+      const int64_t i = slot_mapping[t] * kv_row + e;
+      k_cache[i] = v_cache[i] = NAN;  // written slots start as poison on both sides
+      cache_mask[i] = 1;
+    }
+  }
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_qkv, UploadBf16(qkv));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_freq, UploadF32(inv_freq));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_pos, UploadI32(positions));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_slots, UploadI32(slot_mapping));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_seq, UploadI32(token_seq));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_k, UploadBf16(k_cache));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_v, UploadBf16(v_cache));
+  AttentionMeta meta;
+  meta.num_tokens = tokens;
+  meta.block_size = bs;
+  const Shape cs{num_blocks, bs, hkv, d};
+  meta.positions = static_cast<const int32_t*>(d_pos.data());
+  meta.slot_mapping = static_cast<const int32_t*>(d_slots.data());
+  meta.token_seq = static_cast<const int32_t*>(d_seq.data());
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->RopeAndCacheKv(Gpu(d_qkv, DType::kBF16, {tokens, width}), Gpu(d_freq, DType::kF32, {d / 2}),
+                                                 hq, hkv, d, meta,
+                                                 {Gpu(d_k, DType::kBF16, cs), Gpu(d_v, DType::kBF16, cs)}));
+  AttentionMeta hmeta = meta;
+  hmeta.positions = positions.data();
+  hmeta.slot_mapping = slot_mapping.data();
+  hmeta.token_seq = token_seq.data();
+  std::vector<float> ref_qkv = qkv, ref_k = k_cache, ref_v = v_cache;
+  LORAPLEX_RETURN_IF_ERROR(g_cpu->RopeAndCacheKv(Host(ref_qkv, {tokens, width}), Host(inv_freq, {d / 2}), hq, hkv, d, hmeta,
+                                                 {Host(ref_k, cs), Host(ref_v, cs)}));
+  const std::string name = absl::StrCat("RopeAndCacheKv Hq=", hq, " Hkv=", hkv, " D=", d, " T=", tokens);
+  LORAPLEX_ASSIGN_OR_RETURN(auto got_qkv, DownloadBf16(d_qkv.data(), qkv.size()));
+  LORAPLEX_ASSIGN_OR_RETURN(auto got_k, DownloadBf16(d_k.data(), k_cache.size()));
+  LORAPLEX_ASSIGN_OR_RETURN(auto got_v, DownloadBf16(d_v.data(), v_cache.size()));
+  Compare(name + " qkv", got_qkv, ref_qkv, kTolBf16, qkv_mask);
+  Compare(name + " k cache", got_k, ref_k, kTolBf16, cache_mask);
+  Compare(name + " v cache", got_v, ref_v, 0.0, cache_mask);  // v is copied: exact
+  return absl::OkStatus();
+}
+
+// --- Attention -----------------------------------------------------------------------------------
+
+struct AttnCase {
+  std::string name;
+  int hq, hkv, d;
+  std::vector<int> ctx;    // tokens in the cache per sequence after this step
+  std::vector<int> q_len;  // new tokens per sequence (the last q_len positions)
+  int padding = 0;
+  cuda::AttentionSplitMode mode = cuda::AttentionSplitMode::kAuto;
+};
+
+absl::Status TestAttention(const AttnCase& c) {
+  const int bs = 16, num_seqs = static_cast<int>(c.ctx.size()), max_seqs = num_seqs + 2;
+  const int max_ctx = *std::max_element(c.ctx.begin(), c.ctx.end());
+  const int mbps = (max_ctx + bs - 1) / bs + 1;
+  int total_blocks = 5;  // spare blocks nobody owns
+  for (int x : c.ctx) total_blocks += (x + bs - 1) / bs;
+  std::vector<int32_t> phys(total_blocks);
+  std::iota(phys.begin(), phys.end(), 0);
+  std::shuffle(phys.begin(), phys.end(), g_rng);  // block tables point all over the cache
+  std::vector<int32_t> tables(static_cast<size_t>(max_seqs) * mbps, -1), context_lens(max_seqs, 0);
+  int next = 0;
+  for (int s = 0; s < num_seqs; ++s) {
+    for (int b = 0; b < (c.ctx[s] + bs - 1) / bs; ++b) tables[s * mbps + b] = phys[next++];
+    context_lens[s] = c.ctx[s];
+  }
+  struct Tok { int seq, pos; };
+  std::vector<Tok> toks;
+  for (int s = 0; s < num_seqs; ++s)
+    for (int i = c.ctx[s] - c.q_len[s]; i < c.ctx[s]; ++i) toks.push_back({s, i});
+  for (int i = 0; i < c.padding; ++i) toks.push_back({-1, 0});
+  std::shuffle(toks.begin(), toks.end(), g_rng);
+  const int tokens = static_cast<int>(toks.size());
+  std::vector<int32_t> positions(tokens), token_seq(tokens), slot_mapping(tokens);
+  for (int t = 0; t < tokens; ++t) {
+    positions[t] = toks[t].pos;
+    token_seq[t] = toks[t].seq;
+    slot_mapping[t] = toks[t].seq < 0 ? -1 : tables[toks[t].seq * mbps + toks[t].pos / bs] * bs + toks[t].pos % bs;
+  }
+  const int64_t width = static_cast<int64_t>(c.hq + 2 * c.hkv) * c.d;
+  const int64_t q_width = static_cast<int64_t>(c.hq) * c.d;
+  // q three times wider than k: scores of O(1) after the 1/sqrt(D) scale, so softmax is peaked
+  // enough that a wrong key or a wrong max shows.
+  std::vector<float> qkv(tokens * width);
+  for (int t = 0; t < tokens; ++t)
+    for (int64_t e = 0; e < width; ++e) qkv[t * width + e] = RoundBf16(std::uniform_real_distribution<float>(-1, 1)(g_rng) * (e < q_width ? 3.0f : 1.0f));
+  const Shape cs{total_blocks, bs, c.hkv, c.d};
+  std::vector<float> k_cache = RandomVec(cs.NumElements(), -1, 1), v_cache = RandomVec(cs.NumElements(), -1, 1);
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetAttentionSplitModeForTest(g_gpu, c.mode));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_qkv, UploadBf16(qkv));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_k, UploadBf16(k_cache));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_v, UploadBf16(v_cache));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_pos, UploadI32(positions));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_seq, UploadI32(token_seq));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_slot, UploadI32(slot_mapping));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_tables, UploadI32(tables));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_ctx, UploadI32(context_lens));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, Poisoned(tokens * q_width * 2));
+  AttentionMeta meta;
+  meta.positions = static_cast<const int32_t*>(d_pos.data());
+  meta.slot_mapping = static_cast<const int32_t*>(d_slot.data());
+  meta.token_seq = static_cast<const int32_t*>(d_seq.data());
+  meta.context_lens = static_cast<const int32_t*>(d_ctx.data());
+  meta.block_tables = static_cast<const int32_t*>(d_tables.data());
+  meta.num_tokens = tokens;
+  meta.max_seqs = max_seqs;
+  meta.max_blocks_per_seq = mbps;
+  meta.block_size = bs;
+  meta.max_context_len = max_ctx;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.d));
+  const absl::Status run = g_gpu->Attention(Gpu(d_qkv, DType::kBF16, {tokens, width}), c.hq, c.hkv, c.d, scale, meta,
+                                            {Gpu(d_k, DType::kBF16, cs), Gpu(d_v, DType::kBF16, cs)},
+                                            Gpu(d_out, DType::kBF16, {tokens, q_width}));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetAttentionSplitModeForTest(g_gpu, cuda::AttentionSplitMode::kAuto));
+  LORAPLEX_RETURN_IF_ERROR(run);
+  AttentionMeta hmeta = meta;
+  hmeta.positions = positions.data();
+  hmeta.slot_mapping = slot_mapping.data();
+  hmeta.token_seq = token_seq.data();
+  hmeta.context_lens = context_lens.data();
+  hmeta.block_tables = tables.data();
+  std::vector<float> ref(tokens * q_width);
+  LORAPLEX_RETURN_IF_ERROR(g_cpu->Attention(Host(qkv, {tokens, width}), c.hq, c.hkv, c.d, scale, hmeta,
+                                            {Host(k_cache, cs), Host(v_cache, cs)}, Host(ref, {tokens, q_width})));
+  LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(d_out.data(), ref.size()));
+  const char* mode = c.mode == cuda::AttentionSplitMode::kAuto ? "auto" : c.mode == cuda::AttentionSplitMode::kAlways ? "split" : "nosplit";
+  Compare(absl::StrCat("Attention ", c.name, " Hq=", c.hq, " Hkv=", c.hkv, " D=", c.d, " T=", tokens, " ", mode), got, ref,
+          kTolBf16);
+  return absl::OkStatus();
+}
+
+void AttentionTests() {
+  using M = cuda::AttentionSplitMode;
+  std::vector<int> decode_ctx = {1, 2, 17, 64, 129, 300, 511, 700};
+  for (int i = 0; i < 8; ++i) decode_ctx.push_back(RandomInt(1, 700));
+  const std::vector<int> ones(decode_ctx.size(), 1);
+  std::vector<AttnCase> cases;
+  for (M mode : {M::kAuto, M::kNever, M::kAlways}) {
+    cases.push_back({"decode", 32, 8, 128, decode_ctx, ones, 2, mode});
+    cases.push_back({"decode", 8, 8, 64, decode_ctx, ones, 0, mode});
+  }
+  cases.push_back({"decode", 16, 2, 128, decode_ctx, ones, 1, M::kAuto});   // group 8
+  cases.push_back({"decode", 28, 4, 128, decode_ctx, ones, 0, M::kAuto});   // group 7 (Qwen2-7B)
+  cases.push_back({"decode", 8, 4, 256, decode_ctx, ones, 0, M::kAlways});  // head_dim 256
+  // Prefill: a fresh 300-token prompt, 17 new tokens after a 500-token cached prefix, a 1-token
+  // prompt, and padding rows.
+  for (M mode : {M::kAuto, M::kAlways}) {
+    cases.push_back({"prefill", 32, 8, 128, {300, 517, 1}, {300, 17, 1}, 3, mode});
+    cases.push_back({"prefill", 8, 8, 128, {300, 517, 1}, {300, 17, 1}, 0, mode});
+  }
+  cases.push_back({"prefill", 4, 4, 256, {100, 700}, {100, 40}, 1, M::kAuto});
+  for (const auto& c : cases) Run("Attention " + c.name, [&] { return TestAttention(c); });
+}
+
+// --- LoRA ----------------------------------------------------------------------------------------
+
+// Adapter slots of one wrapped layer, on both executors: the device table points at bf16 copies
+// on the GPU, the host table at the same (bf16-rounded) values in F32.
+struct LoraWorld {
+  int num_slots, num_slices, in, max_rank;
+  int offsets[5] = {};
+  std::vector<std::vector<float>> a, b;             // [slot * num_slices + slice]
+  std::vector<DeviceMemory> d_a, d_b;
+  std::vector<LoraSliceWeights> host_table, dev_table;
+  DeviceMemory d_table;
+
+  LoraModule Module(bool device) const {
+    LoraModule m;
+    m.table = device ? static_cast<const LoraSliceWeights*>(d_table.data()) : host_table.data();
+    m.num_slots = num_slots;
+    m.num_slices = num_slices;
+    m.in_features = in;
+    m.max_rank = max_rank;
+    for (int s = 0; s <= num_slices; ++s) m.slice_offsets[s] = offsets[s];
+    return m;
+  }
+  int width() const { return offsets[num_slices]; }
+
+  // (Re)writes one slot's slice in place: same device memory, new rank and values.
+  absl::Status SetSlice(int slot, int slice, int rank) {
+    const int i = slot * num_slices + slice;
+    const int w = offsets[slice + 1] - offsets[slice];
+    a[i] = RandomVec(static_cast<size_t>(rank) * in, -1, 1);
+    b[i] = RandomVec(static_cast<size_t>(w) * rank, -1, 1);
+    if (d_a[i].data() == nullptr) {
+      LORAPLEX_ASSIGN_OR_RETURN(d_a[i], g_gpu->Allocate(static_cast<size_t>(max_rank) * in * 2));
+      LORAPLEX_ASSIGN_OR_RETURN(d_b[i], g_gpu->Allocate(static_cast<size_t>(w) * max_rank * 2));
+    }
+    LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_a[i].data(), a[i]));
+    LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_b[i].data(), b[i]));
+    // y·B has rank terms of O(1/3) each: scale it back to O(1) so the delta is as large as the
+    // base output it is added to and bf16 rounding of out does not hide it.
+    const float scale = rank > 0 ? RoundBf16(1.5f / std::sqrt(static_cast<float>(rank))) : 0.0f;
+    host_table[i] = {a[i].data(), b[i].data(), rank, scale};
+    dev_table[i] = {d_a[i].data(), d_b[i].data(), rank, scale};
+    return g_gpu->CopyToDevice(static_cast<char*>(d_table.data()) + i * sizeof(LoraSliceWeights), &dev_table[i],
+                               sizeof(LoraSliceWeights));
+  }
+
+  static absl::StatusOr<std::unique_ptr<LoraWorld>> Create(int num_slots, int in, std::vector<int> widths, int max_rank,
+                                                          const std::vector<std::vector<int>>& ranks) {
+    auto w = std::make_unique<LoraWorld>();
+    w->num_slots = num_slots;
+    w->num_slices = static_cast<int>(widths.size());
+    w->in = in;
+    w->max_rank = max_rank;
+    for (int s = 0; s < w->num_slices; ++s) w->offsets[s + 1] = w->offsets[s] + widths[s];
+    const int n = num_slots * w->num_slices;
+    w->a.resize(n);
+    w->b.resize(n);
+    w->d_a.resize(n);
+    w->d_b.resize(n);
+    w->host_table.resize(n);
+    w->dev_table.resize(n);
+    LORAPLEX_ASSIGN_OR_RETURN(w->d_table, g_gpu->Allocate(n * sizeof(LoraSliceWeights)));
+    for (int slot = 0; slot < num_slots; ++slot)
+      for (int s = 0; s < w->num_slices; ++s) LORAPLEX_RETURN_IF_ERROR(w->SetSlice(slot, s, ranks[slot][s]));
+    return w;
+  }
+};
+
+// Host segments as lora::BuildLoraBatch makes them: sorted by slot, stable, at most `max_len`
+// tokens a segment, base-model tokens (slot -1) in none.
+struct Segs {
+  std::vector<int32_t> token_rows, seg_starts{0}, seg_slots;
+  int32_t count() const { return static_cast<int32_t>(seg_slots.size()); }
+};
+Segs BuildSegs(const std::vector<int>& token_slots, int max_len) {
+  Segs s;
+  std::vector<int32_t> order(token_slots.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return token_slots[a] < token_slots[b]; });
+  for (int32_t row : order) {
+    const int slot = token_slots[row];
+    if (slot < 0) continue;
+    const bool new_seg = s.seg_slots.empty() || s.seg_slots.back() != slot ||
+                         static_cast<int>(s.token_rows.size()) - s.seg_starts.back() >= max_len;
+    if (new_seg && !s.seg_slots.empty()) s.seg_starts.push_back(static_cast<int32_t>(s.token_rows.size()));
+    if (new_seg) s.seg_slots.push_back(slot);
+    s.token_rows.push_back(row);
+  }
+  if (!s.seg_slots.empty()) s.seg_starts.push_back(static_cast<int32_t>(s.token_rows.size()));
+  return s;
+}
+
+// Fixed-capacity device segment buffers, rewritten each step like the engine's.
+struct DevSegs {
+  DeviceMemory rows, starts, slots, count;
+  int max_segments, num_tokens;
+  static absl::StatusOr<DevSegs> Create(int max_segments, int num_tokens) {
+    DevSegs d;
+    d.max_segments = max_segments;
+    d.num_tokens = num_tokens;
+    LORAPLEX_ASSIGN_OR_RETURN(d.rows, Poisoned(num_tokens * 4));
+    LORAPLEX_ASSIGN_OR_RETURN(d.starts, Poisoned((max_segments + 1) * 4));
+    LORAPLEX_ASSIGN_OR_RETURN(d.slots, Poisoned(max_segments * 4));
+    LORAPLEX_ASSIGN_OR_RETURN(d.count, Poisoned(4));
+    return d;
+  }
+  // Writes only the live entries: stale ones from a previous step stay behind the count.
+  absl::Status Write(const Segs& s) {
+    if (s.count() > max_segments) return absl::InvalidArgumentError("test: too many segments");
+    const int32_t n = s.count();
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(rows.data(), s.token_rows.data(), s.token_rows.size() * 4));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(starts.data(), s.seg_starts.data(), s.seg_starts.size() * 4));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(slots.data(), s.seg_slots.data(), s.seg_slots.size() * 4));
+    return g_gpu->CopyToDevice(count.data(), &n, 4);
+  }
+  LoraSegments View() const {
+    return {static_cast<const int32_t*>(rows.data()), static_cast<const int32_t*>(starts.data()),
+            static_cast<const int32_t*>(slots.data()), static_cast<const int32_t*>(count.data()), max_segments,
+            num_tokens};
+  }
+};
+
+LoraSegments HostSegs(Segs& s, int num_tokens, int32_t* count) {
+  // The CPU ops reject null arrays, which empty vectors may give when no token has an adapter.
+  static int32_t empty_array = 0;
+  auto ptr = [](std::vector<int32_t>& v) { return v.empty() ? &empty_array : v.data(); };
+  *count = s.count();
+  return {ptr(s.token_rows), ptr(s.seg_starts), ptr(s.seg_slots), count, s.count(), num_tokens};
+}
+
+// Which y columns the shrink sets and which out columns the expand changes.
+void LoraMasks(const LoraWorld& w, const Segs& s, int tokens, std::vector<uint8_t>* y_mask, std::vector<uint8_t>* out_mask) {
+  const int yw = w.num_slices * w.max_rank;
+  y_mask->assign(static_cast<size_t>(tokens) * yw, 0);
+  out_mask->assign(static_cast<size_t>(tokens) * w.width(), 0);
+  for (int g = 0; g < s.count(); ++g) {
+    for (int i = s.seg_starts[g]; i < s.seg_starts[g + 1]; ++i) {
+      const int row = s.token_rows[i];
+      for (int sl = 0; sl < w.num_slices; ++sl) {
+        const int r = w.host_table[s.seg_slots[g] * w.num_slices + sl].rank;
+        for (int j = 0; j < r; ++j) (*y_mask)[row * yw + sl * w.max_rank + j] = 1;
+        if (r > 0) std::fill_n(out_mask->begin() + row * w.width() + w.offsets[sl], w.offsets[sl + 1] - w.offsets[sl], 1);
+      }
+    }
+  }
+}
+
+// One LoRA step on both executors: shrink alone (y poisoned), expand alone (same random y on
+// both), and shrink→expand chained; optionally through a captured graph instead of direct calls.
+struct LoraStep {
+  LoraWorld* world;
+  DevSegs* dsegs;
+  int tokens;
+  DeviceMemory d_x, d_y, d_out;
+};
+
+absl::Status CheckLoraStep(const std::string& name, LoraStep& st, const std::vector<int>& token_slots, int max_len,
+                           cuda::CudaGraph* graph) {
+  LoraWorld& w = *st.world;
+  const int T = st.tokens, yw = w.num_slices * w.max_rank, W = w.width();
+  Segs segs = BuildSegs(token_slots, max_len);
+  LORAPLEX_RETURN_IF_ERROR(st.dsegs->Write(segs));
+  std::vector<uint8_t> y_mask, out_mask;
+  LoraMasks(w, segs, T, &y_mask, &out_mask);
+  std::vector<float> x = RandomVec(static_cast<size_t>(T) * w.in, -1, 1);
+  std::vector<float> base = RandomVec(static_cast<size_t>(T) * W, -1, 1);
+  LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_x.data(), x));
+  LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_out.data(), base));
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(st.d_y.data(), 0xFF, static_cast<size_t>(T) * yw * 4));
+  const LoraModule dm = w.Module(true), hm = w.Module(false);
+  const LoraSegments ds = st.dsegs->View();
+  const TensorView gx = Gpu(st.d_x, DType::kBF16, {T, w.in}), gy = Gpu(st.d_y, DType::kF32, {T, yw}),
+                   gout = Gpu(st.d_out, DType::kBF16, {T, W});
+  int32_t count = 0;
+  const LoraSegments hs = HostSegs(segs, T, &count);
+
+  // Chained shrink → expand (graph replay when given).
+  if (graph != nullptr) {
+    LORAPLEX_RETURN_IF_ERROR(graph->Launch());
+  } else {
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, dm, gy));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraExpand(gy, ds, dm, gout));
+  }
+  std::vector<float> ref_y(static_cast<size_t>(T) * yw, NAN), ref_out = base;
+  LORAPLEX_RETURN_IF_ERROR(g_cpu->LoraShrink(Host(x, {T, w.in}), hs, hm, Host(ref_y, {T, yw})));
+  LORAPLEX_RETURN_IF_ERROR(g_cpu->LoraExpand(Host(ref_y, {T, yw}), hs, hm, Host(ref_out, {T, W})));
+  LORAPLEX_ASSIGN_OR_RETURN(auto got_y, DownloadF32(st.d_y.data(), ref_y.size()));
+  LORAPLEX_ASSIGN_OR_RETURN(auto got_out, DownloadBf16(st.d_out.data(), ref_out.size()));
+  const std::string tag = absl::StrCat(name, " segs=", segs.count());
+  Compare(tag + " shrink y", got_y, ref_y, kTolF32, y_mask);
+  Compare(tag + " shrink+expand out", got_out, ref_out, kTolBf16, out_mask);
+  if (graph != nullptr) return absl::OkStatus();
+
+  // Expand alone from a y that is random everywhere (columns past a slot's rank hold garbage the
+  // kernel must not read).
+  std::vector<float> y_in = RandomVec(static_cast<size_t>(T) * yw, -1, 1, false);
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(st.d_y.data(), y_in.data(), y_in.size() * 4));
+  LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_out.data(), base));
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraExpand(gy, ds, dm, gout));
+  std::vector<float> ref_out2 = base;
+  LORAPLEX_RETURN_IF_ERROR(g_cpu->LoraExpand(Host(y_in, {T, yw}), hs, hm, Host(ref_out2, {T, W})));
+  LORAPLEX_ASSIGN_OR_RETURN(auto got_out2, DownloadBf16(st.d_out.data(), ref_out2.size()));
+  Compare(tag + " expand alone", got_out2, ref_out2, kTolBf16, out_mask);
+  return absl::OkStatus();
+}
+
+std::vector<int> RandomTokenSlots(int tokens, int num_slots, double base_fraction) {
+  std::vector<int> v(tokens);
+  for (auto& s : v) s = std::uniform_real_distribution<double>(0, 1)(g_rng) < base_fraction ? -1 : RandomInt(0, num_slots - 1);
+  return v;
+}
+
+absl::Status LoraTests() {
+  // qkv of Llama-3-8B: slices 4096/1024/1024 over in 4096; ranks {0, 8, 16, 64} mixed in one step,
+  // some slots adapting only some slices.
+  const std::vector<std::vector<int>> ranks = {{8, 8, 8}, {16, 16, 16}, {64, 64, 64}, {16, 0, 16}, {0, 0, 0}, {64, 8, 0}};
+  LORAPLEX_ASSIGN_OR_RETURN(auto world, LoraWorld::Create(6, 4096, {4096, 1024, 1024}, 64, ranks));
+  const int T = 48, max_segments = T;  // capacity: one segment per token at most
+  LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs, DevSegs::Create(max_segments, T));
+  LoraStep st{world.get(), &dsegs, T, {}, {}, {}};
+  LORAPLEX_ASSIGN_OR_RETURN(st.d_x, g_gpu->Allocate(static_cast<size_t>(T) * world->in * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(st.d_y, g_gpu->Allocate(static_cast<size_t>(T) * world->num_slices * world->max_rank * 4));
+  LORAPLEX_ASSIGN_OR_RETURN(st.d_out, g_gpu->Allocate(static_cast<size_t>(T) * world->width() * 2));
+
+  // Segment count changes between calls on the same buffers: many short segments, then few long
+  // ones (stale entries stay behind the count), then many again.
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA qkv mixed ranks", st, RandomTokenSlots(T, 6, 0.2), 2, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA qkv mixed ranks", st, RandomTokenSlots(T, 6, 0.2), 1000, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA qkv mixed ranks", st, RandomTokenSlots(T, 6, 0.0), 3, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA qkv all base tokens", st, std::vector<int>(T, -1), 4, nullptr));
+  // Slot reuse: slot 2 (rank 64) gets a new adapter of rank 8 on q, none on k, 16 on v in the same
+  // memory; stale rank-64 weights behind it must not be read.
+  LORAPLEX_RETURN_IF_ERROR(world->SetSlice(2, 0, 8));
+  LORAPLEX_RETURN_IF_ERROR(world->SetSlice(2, 1, 0));
+  LORAPLEX_RETURN_IF_ERROR(world->SetSlice(2, 2, 16));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA qkv slot 2 reused", st, RandomTokenSlots(T, 6, 0.1), 4, nullptr));
+
+  // Single-slice module with a large input (down_proj-like, in 14336) and prefill-sized segments.
+  LORAPLEX_ASSIGN_OR_RETURN(auto down, LoraWorld::Create(3, 14336, {4096}, 64, {{16}, {64}, {8}}));
+  const int T2 = 96;
+  LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs2, DevSegs::Create(8, T2));
+  LoraStep st2{down.get(), &dsegs2, T2, {}, {}, {}};
+  LORAPLEX_ASSIGN_OR_RETURN(st2.d_x, g_gpu->Allocate(static_cast<size_t>(T2) * down->in * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(st2.d_y, g_gpu->Allocate(static_cast<size_t>(T2) * down->max_rank * 4));
+  LORAPLEX_ASSIGN_OR_RETURN(st2.d_out, g_gpu->Allocate(static_cast<size_t>(T2) * down->width() * 2));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA down prefill", st2, RandomTokenSlots(T2, 3, 0.1), 1000, nullptr));
+
+  // CUDA graph: capture shrink+expand once, then replay with segment tables, counts and inputs
+  // changed in device memory between replays (more segments than at capture, fewer, none).
+  {
+    LORAPLEX_RETURN_IF_ERROR(dsegs.Write(BuildSegs(RandomTokenSlots(T, 6, 0.2), 4)));
+    const LoraModule dm = world->Module(true);
+    const LoraSegments ds = dsegs.View();
+    const TensorView gx = Gpu(st.d_x, DType::kBF16, {T, world->in});
+    const TensorView gy = Gpu(st.d_y, DType::kF32, {T, world->num_slices * world->max_rank});
+    const TensorView gout = Gpu(st.d_out, DType::kBF16, {T, world->width()});
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->Synchronize());
+    LORAPLEX_ASSIGN_OR_RETURN(auto graph, cuda::CaptureCudaGraph(g_gpu, [&]() -> absl::Status {
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, dm, gy));
+      return g_gpu->LoraExpand(gy, ds, dm, gout);
+    }));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA graph replay", st, RandomTokenSlots(T, 6, 0.2), 4, graph.get()));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA graph replay", st, RandomTokenSlots(T, 6, 0.0), 1, graph.get()));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA graph replay", st, RandomTokenSlots(T, 6, 0.3), 1000, graph.get()));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA graph replay", st, std::vector<int>(T, -1), 1, graph.get()));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA graph replay", st, RandomTokenSlots(T, 6, 0.0), 2, graph.get()));
+  }
+  return absl::OkStatus();
+}
+
+// --- timing ----------------------------------------------------------------------------------------
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+absl::Status TimeGemm(int64_t m, int64_t n, int64_t k) {
+  // Enough weight copies that each call streams from HBM, not the ~50 MB L2.
+  const size_t w_bytes = static_cast<size_t>(n) * k * 2;
+  const int copies = static_cast<int>(std::max<size_t>(2, (256u << 20) / w_bytes + 1));
+  std::vector<DeviceMemory> ws;
+  std::vector<float> w = RandomVec(static_cast<size_t>(n) * k, -1, 1);
+  for (int i = 0; i < copies; ++i) {
+    LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d, UploadBf16(w));
+    ws.push_back(std::move(d));
+  }
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, UploadBf16(RandomVec(m * k, -1, 1)));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, Poisoned(m * n * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(auto samples, cuda::TimeOnStream(g_gpu, 10, 21, 20, [&](int call) {
+    return g_gpu->Gemm(Gpu(d_x, DType::kBF16, {m, k}), Gpu(ws[call % copies], DType::kBF16, {n, k}), 0.0f,
+                       Gpu(d_y, DType::kBF16, {m, n}));
+  }));
+  const double us = Median(samples);
+  const double bytes = static_cast<double>(n) * k * 2 + m * k * 2 + m * n * 2;
+  std::printf("TIME Gemm M=%-3lld N=%-6lld K=%-6lld %9.2f us  %7.1f GB/s  %7.1f TFLOP/s\n", static_cast<long long>(m),
+              static_cast<long long>(n), static_cast<long long>(k), us, bytes / us * 1e-3, 2.0 * m * n * k / us * 1e-6);
+  return absl::OkStatus();
+}
+
+absl::Status TimeLora() {
+  // 32 distinct rank-16 adapters on q/k/v, one decode token each (32 segments), Llama-3-8B widths.
+  const int T = 32, slots = 32, rank = 16, sets = 6;  // 6 sets × ~19 MB of adapter weights > L2
+  std::vector<std::unique_ptr<LoraWorld>> worlds;
+  for (int i = 0; i < sets; ++i) {
+    LORAPLEX_ASSIGN_OR_RETURN(auto w, LoraWorld::Create(slots, 4096, {4096, 1024, 1024}, rank,
+                                                        std::vector<std::vector<int>>(slots, {rank, rank, rank})));
+    worlds.push_back(std::move(w));
+  }
+  std::vector<int> token_slots(T);
+  std::iota(token_slots.begin(), token_slots.end(), 0);
+  LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs, DevSegs::Create(slots, T));
+  LORAPLEX_RETURN_IF_ERROR(dsegs.Write(BuildSegs(token_slots, 1000)));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, UploadBf16(RandomVec(T * 4096, -1, 1)));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, Poisoned(T * 3 * rank * 4));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, UploadBf16(RandomVec(T * 6144, -1, 1)));
+  const TensorView gx = Gpu(d_x, DType::kBF16, {T, 4096}), gy = Gpu(d_y, DType::kF32, {T, 3 * rank}),
+                   gout = Gpu(d_out, DType::kBF16, {T, 6144});
+  const LoraSegments ds = dsegs.View();
+  const double a_bytes = 32.0 * 3 * rank * 4096 * 2, b_bytes = 32.0 * 6144 * rank * 2;
+  struct Variant { const char* name; bool shrink, expand; double bytes; };
+  for (const Variant& v : {Variant{"shrink", true, false, a_bytes + T * 4096 * 2},
+                           Variant{"expand", false, true, b_bytes + 2.0 * T * 6144 * 2},
+                           Variant{"shrink+expand", true, true, a_bytes + b_bytes + T * 4096 * 2 + 2.0 * T * 6144 * 2}}) {
+    LORAPLEX_ASSIGN_OR_RETURN(auto samples, cuda::TimeOnStream(g_gpu, 10, 21, 20, [&](int call) -> absl::Status {
+      const LoraModule m = worlds[call % sets]->Module(true);
+      if (v.shrink) LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, m, gy));
+      if (v.expand) LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraExpand(gy, ds, m, gout));
+      return absl::OkStatus();
+    }));
+    const double us = Median(samples);
+    std::printf("TIME LoRA qkv 32x rank-16 T=32 %-14s %9.2f us  %7.1f GB/s (adapter bytes %.1f MB)\n", v.name, us,
+                v.bytes / us * 1e-3, v.bytes * 1e-6);
+  }
+  return absl::OkStatus();
+}
+
+int Main() {
+  if (!cuda::CudaDevicePresent()) {
+    std::printf("skipped: no CUDA device\n");
+    return 77;
+  }
+  auto gpu = cuda::CreateCudaOps();
+  auto cpu = CreateOps(Device::kCpu);
+  if (!gpu.ok() || !cpu.ok()) {
+    std::printf("setup failed: %s / %s\n", gpu.status().ToString().c_str(), cpu.status().ToString().c_str());
+    return 1;
+  }
+  g_gpu = gpu->get();
+  g_cpu = cpu->get();
+
+  Run("Embed", [] { return TestEmbed(5000, 4096, 37); });
+  Run("Embed", [] { return TestEmbed(1000, 68, 5); });  // rows not whole 16-byte vectors
+  Run("GatherRows", [] { return TestGatherRows(DType::kBF16, 50, 4096, 20); });
+  Run("GatherRows", [] { return TestGatherRows(DType::kF32, 50, 100, 7); });
+  for (auto [t, h] : std::vector<std::pair<int64_t, int64_t>>{{1, 4096}, {7, 4096}, {300, 4096}, {3, 100}}) {
+    Run("RmsNorm", [&] { return TestRmsNorm(t, h, false, false); });
+    Run("AddRmsNorm", [&] { return TestRmsNorm(t, h, true, false); });
+  }
+  Run("RmsNorm aliased", [] { return TestRmsNorm(5, 4096, false, true); });
+  Run("AddRmsNorm aliased", [] { return TestRmsNorm(5, 4096, true, true); });
+  Run("SiluMul", [] { return TestSiluMul(1, 14336); });
+  Run("SiluMul", [] { return TestSiluMul(33, 14336); });
+  Run("SiluMul", [] { return TestSiluMul(3, 100); });
+  Run("RopeAndCacheKv", [] { return TestRope(32, 8, 128, 24); });
+  Run("RopeAndCacheKv", [] { return TestRope(8, 8, 64, 40); });
+  GemmTests();
+  AttentionTests();
+  Run("LoRA", [] { return LoraTests(); });
+  Run("Synchronize", [] { return g_gpu->Synchronize(); });
+
+  std::printf("\n-- timing (median of 21 samples of 20 calls; inputs rotated past L2) --\n");
+  for (int64_t n : {4096, 14336})
+    for (int64_t m : {1, 32}) Run("TIME Gemm", [&] { return TimeGemm(m, n, 4096); });
+  Run("TIME LoRA", [] { return TimeLora(); });
+
+  std::printf("\n%s: %d failure(s)\n", g_failures == 0 ? "ALL PASS" : "FAILED", g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace loraplex::ops
+
+int main() { return loraplex::ops::Main(); }
