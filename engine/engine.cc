@@ -57,15 +57,18 @@ struct Sequence {
 
 absl::Status ValidateSampling(const SamplingParams& s) {
   if (s.max_new_tokens < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("max_new_tokens must be >= 1, got ", s.max_new_tokens));
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_new_tokens must be >= 1, got ", s.max_new_tokens));
   }
   if (!(s.temperature >= 0.0f) || std::isinf(s.temperature)) {
-    return absl::InvalidArgumentError(absl::StrCat("temperature must be >= 0, got ", s.temperature));
+    return absl::InvalidArgumentError(
+        absl::StrCat("temperature must be >= 0, got ", s.temperature));
   }
   if (!(s.top_p > 0.0f && s.top_p <= 1.0f)) {
     return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", s.top_p));
   }
-  if (s.top_k < 0) return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", s.top_k));
+  if (s.top_k < 0)
+    return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", s.top_k));
   if (s.top_logprobs < 0 || s.top_logprobs > kMaxTopLogprobs) {
     return absl::InvalidArgumentError(
         absl::StrCat("top_logprobs must be in [0, ", kMaxTopLogprobs, "], got ", s.top_logprobs));
@@ -106,7 +109,8 @@ class EngineImpl final : public Engine {
     thread_.join();
   }
 
-  absl::StatusOr<uint64_t> Submit(GenerateRequest request, std::shared_ptr<TokenSink> sink) override;
+  absl::StatusOr<uint64_t> Submit(GenerateRequest request,
+                                  std::shared_ptr<TokenSink> sink) override;
   void Cancel(uint64_t id) override {
     absl::MutexLock lock(&mu_);
     cancels_.push_back(id);
@@ -130,7 +134,8 @@ class EngineImpl final : public Engine {
   int64_t max_seq_len() const override { return max_seq_len_; }
 
  private:
-  static sched::SchedulerLimits MakeLimits(const config::Config& config, const lora::SlotPool* slots) {
+  static sched::SchedulerLimits MakeLimits(const config::Config& config,
+                                           const lora::SlotPool* slots) {
     sched::SchedulerLimits limits;
     limits.max_batch_tokens = static_cast<int32_t>(config.engine.max_batch_tokens);
     limits.max_running_seqs = static_cast<int32_t>(config.engine.max_running_seqs);
@@ -188,21 +193,23 @@ class EngineImpl final : public Engine {
   std::thread thread_;
 };
 
-absl::StatusOr<uint64_t> EngineImpl::Submit(GenerateRequest request, std::shared_ptr<TokenSink> sink) {
+absl::StatusOr<uint64_t> EngineImpl::Submit(GenerateRequest request,
+                                            std::shared_ptr<TokenSink> sink) {
   if (sink == nullptr) return absl::InvalidArgumentError("Submit: sink is null");
   const std::vector<int32_t>& prompt = request.prompt_ids;
   if (prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
   LORAPLEX_RETURN_IF_ERROR(ValidateSampling(request.sampling));
   const int64_t total = static_cast<int64_t>(prompt.size()) + request.sampling.max_new_tokens;
   if (total > max_seq_len_) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt of ", prompt.size(), " tokens + max_new_tokens ",
-                                                   request.sampling.max_new_tokens, " = ", total,
-                                                   " exceeds max_seq_len ", max_seq_len_));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt of ", prompt.size(), " tokens + max_new_tokens ", request.sampling.max_new_tokens,
+        " = ", total, " exceeds max_seq_len ", max_seq_len_));
   }
   for (size_t i = 0; i < prompt.size(); ++i) {
     if (prompt[i] < 0 || prompt[i] >= spec_.vocab_size) {
       return absl::InvalidArgumentError(absl::StrCat("prompt_ids[", i, "] = ", prompt[i],
-                                                     " is outside the vocabulary [0, ", spec_.vocab_size, ")"));
+                                                     " is outside the vocabulary [0, ",
+                                                     spec_.vocab_size, ")"));
     }
   }
   auto seq = std::make_unique<Sequence>(block_size_);
@@ -224,8 +231,9 @@ absl::StatusOr<uint64_t> EngineImpl::Submit(GenerateRequest request, std::shared
   if (draining_) return absl::UnavailableError("engine is draining");
   const int64_t queued = static_cast<int64_t>(inbox_.size()) + stats_.waiting_seqs;
   if (queued >= config_.server.max_queued_requests) {
-    return absl::ResourceExhaustedError(absl::StrCat(queued, " requests are queued (server.max_queued_requests = ",
-                                                     config_.server.max_queued_requests, ")"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(queued, " requests are queued (server.max_queued_requests = ",
+                     config_.server.max_queued_requests, ")"));
   }
   seq->id = next_id_++;
   seq->seed = request.sampling.seed.has_value()
@@ -260,7 +268,8 @@ void EngineImpl::Loop() {
     {
       absl::MutexLock lock(&mu_);
       const bool idle = stalled || (running_.empty() && waiting_.empty());
-      while (idle && !stop_ && !cancel_all_ && inbox_.empty() && cancels_.empty() && evictions_.empty()) {
+      while (idle && !stop_ && !cancel_all_ && inbox_.empty() && cancels_.empty() &&
+             evictions_.empty()) {
         wake_.Wait(&mu_);
       }
       arrivals.swap(inbox_);
@@ -317,9 +326,11 @@ bool EngineImpl::Step() {
     ++loop_stats_.preemptions;
     preempted.push_back(std::move(seq));
   }
-  std::sort(preempted.begin(), preempted.end(), [](const auto& a, const auto& b) { return a->id > b->id; });
+  std::sort(preempted.begin(), preempted.end(),
+            [](const auto& a, const auto& b) { return a->id > b->id; });
   for (auto& seq : preempted) {
-    spdlog::debug("engine: preempted request {} ({} tokens) for lack of KV blocks", seq->id, seq->tokens.size());
+    spdlog::debug("engine: preempted request {} ({} tokens) for lack of KV blocks", seq->id,
+                  seq->tokens.size());
     waiting_.push_front(std::move(seq));
   }
   if (plan.seqs.empty()) return !plan.preempted.empty();
@@ -331,7 +342,8 @@ bool EngineImpl::Step() {
     if (!seq->first_scheduled) seq->first_scheduled = now;
     running_.push_back(std::move(seq));
   }
-  std::sort(running_.begin(), running_.end(), [](const auto& a, const auto& b) { return a->id < b->id; });
+  std::sort(running_.begin(), running_.end(),
+            [](const auto& a, const auto& b) { return a->id < b->id; });
   for (auto& seq : waiting_) ++seq->steps_waited;
   absl::flat_hash_map<uint64_t, Sequence*> by_id;
   for (auto& seq : running_) by_id[seq->id] = seq.get();
@@ -367,7 +379,8 @@ bool EngineImpl::Step() {
     const sched::ScheduledSeq& s = plan.seqs[row];
     Sequence* seq = by_id[s.id];
     if (absl::Status st = seq->table.Reserve(s.reserve_tokens, &blocks_); !st.ok()) {
-      Fail(absl::InternalError(absl::StrCat("scheduler planned more KV blocks than are free: ", st.message())));
+      Fail(absl::InternalError(
+          absl::StrCat("scheduler planned more KV blocks than are free: ", st.message())));
       return true;
     }
     const int32_t slot = s.adapter == sched::kNoAdapter ? -1 : slot_of[s.adapter];
@@ -387,6 +400,10 @@ bool EngineImpl::Step() {
       sampled.push_back(seq);
     }
   }
+  // A step of prefill chunks only wants no logits, but LlamaModel::Forward asks for at least one
+  // row; the extra row is computed and ignored (sampled stays empty).
+  if (input.logit_rows.empty())
+    input.logit_rows.push_back(static_cast<int32_t>(input.token_ids.size()) - 1);
   if (!plan.adapters.empty()) input.lora = lora::BuildLoraBatch(token_slots);
   spdlog::debug("engine: step {}: {} seqs, {} tokens, {} adapters, {} sampled", loop_stats_.steps,
                 plan.seqs.size(), plan.num_tokens, plan.adapters.size(), sampled.size());
@@ -408,8 +425,8 @@ bool EngineImpl::Step() {
   for (size_t i = 0; i < sampled.size(); ++i) {
     Sequence* seq = sampled[i];
     const SamplingParams& params = seq->request.sampling;
-    const SampleResult r = Sample(logits->data() + i * vocab, vocab, params, seq->seed, seq->generated,
-                                  params.top_logprobs);
+    const SampleResult r = Sample(logits->data() + i * vocab, vocab, params, seq->seed,
+                                  seq->generated, params.top_logprobs);
     TokenEvent event;
     event.token_id = r.token;
     if (params.logprobs || params.top_logprobs > 0) event.logprob = r.logprob;
@@ -420,10 +437,11 @@ bool EngineImpl::Step() {
     if (!seq->first_token) seq->first_token = sampled_at;
     seq->sink->OnTokens({event});
 
-    const bool eos = !params.ignore_eos && std::find(spec_.eos_token_ids.begin(), spec_.eos_token_ids.end(),
-                                                     int64_t{r.token}) != spec_.eos_token_ids.end();
-    const bool stop = std::find(params.stop_token_ids.begin(), params.stop_token_ids.end(), r.token) !=
-                      params.stop_token_ids.end();
+    const bool eos =
+        !params.ignore_eos && std::find(spec_.eos_token_ids.begin(), spec_.eos_token_ids.end(),
+                                        int64_t{r.token}) != spec_.eos_token_ids.end();
+    const bool stop = std::find(params.stop_token_ids.begin(), params.stop_token_ids.end(),
+                                r.token) != params.stop_token_ids.end();
     if (eos) {
       finished.emplace_back(seq->id, FinishReason::kEos);
     } else if (stop) {
@@ -436,21 +454,25 @@ bool EngineImpl::Step() {
   return true;
 }
 
-void EngineImpl::Finish(std::unique_ptr<Sequence> seq, FinishReason reason, const absl::Status& status) {
+void EngineImpl::Finish(std::unique_ptr<Sequence> seq, FinishReason reason,
+                        const absl::Status& status) {
   seq->table.FreeAll(&blocks_);
   const absl::Time now = absl::Now();
   Usage usage;
   usage.prompt_tokens = seq->prompt_len;
   usage.completion_tokens = seq->generated;
   usage.queue_time_s = absl::ToDoubleSeconds(seq->first_scheduled.value_or(now) - seq->submitted);
-  usage.time_to_first_token_s = seq->first_token ? absl::ToDoubleSeconds(*seq->first_token - seq->submitted) : 0.0;
+  usage.time_to_first_token_s =
+      seq->first_token ? absl::ToDoubleSeconds(*seq->first_token - seq->submitted) : 0.0;
   usage.total_time_s = absl::ToDoubleSeconds(now - seq->submitted);
   ++loop_stats_.requests_finished;
   if (reason == FinishReason::kCancelled) ++loop_stats_.requests_cancelled;
-  spdlog::info("request {} id='{}' adapter='{}' prompt={} completion={} ttft={:.3f}s total={:.3f}s reason={}{}{}",
-               seq->id, seq->request.request_id, seq->request.adapter, usage.prompt_tokens,
-               usage.completion_tokens, usage.time_to_first_token_s, usage.total_time_s,
-               FinishReasonName(reason), status.ok() ? "" : ": ", std::string(status.message()));
+  spdlog::info(
+      "request {} id='{}' adapter='{}' prompt={} completion={} ttft={:.3f}s total={:.3f}s "
+      "reason={}{}{}",
+      seq->id, seq->request.request_id, seq->request.adapter, usage.prompt_tokens,
+      usage.completion_tokens, usage.time_to_first_token_s, usage.total_time_s,
+      FinishReasonName(reason), status.ok() ? "" : ": ", std::string(status.message()));
   seq->sink->OnFinish(reason, status, usage);
   seq.reset();  // releases the adapter before the request counts as done
   absl::MutexLock lock(&mu_);
@@ -483,7 +505,8 @@ void EngineImpl::CancelById(uint64_t id) {
 }
 
 std::unique_ptr<Sequence> EngineImpl::TakeRunning(uint64_t id) {
-  auto it = std::find_if(running_.begin(), running_.end(), [id](const auto& s) { return s->id == id; });
+  auto it =
+      std::find_if(running_.begin(), running_.end(), [id](const auto& s) { return s->id == id; });
   if (it == running_.end()) return nullptr;
   std::unique_ptr<Sequence> seq = std::move(*it);
   running_.erase(it);
@@ -491,7 +514,8 @@ std::unique_ptr<Sequence> EngineImpl::TakeRunning(uint64_t id) {
 }
 
 std::unique_ptr<Sequence> EngineImpl::TakeWaiting(uint64_t id) {
-  auto it = std::find_if(waiting_.begin(), waiting_.end(), [id](const auto& s) { return s->id == id; });
+  auto it =
+      std::find_if(waiting_.begin(), waiting_.end(), [id](const auto& s) { return s->id == id; });
   if (it == waiting_.end()) return nullptr;
   std::unique_ptr<Sequence> seq = std::move(*it);
   waiting_.erase(it);
@@ -518,22 +542,25 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const config::Config& con
   LORAPLEX_ASSIGN_OR_RETURN(model::ModelSpec spec, model::LoadModelSpec(config.model.path));
   const config::EngineConfig& ec = config.engine;
   if (ec.kv_block_size <= 0 || ec.max_batch_tokens <= 0 || ec.max_running_seqs <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("engine: kv_block_size (", ec.kv_block_size,
-                                                   "), max_batch_tokens (", ec.max_batch_tokens,
-                                                   ") and max_running_seqs (", ec.max_running_seqs,
-                                                   ") must be > 0"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "engine: kv_block_size (", ec.kv_block_size, "), max_batch_tokens (", ec.max_batch_tokens,
+        ") and max_running_seqs (", ec.max_running_seqs, ") must be > 0"));
   }
-  const int64_t max_seq_len = config.model.max_seq_len > 0 ? config.model.max_seq_len : spec.max_position_embeddings;
+  const int64_t max_seq_len =
+      config.model.max_seq_len > 0 ? config.model.max_seq_len : spec.max_position_embeddings;
   if (max_seq_len <= 0 || max_seq_len > spec.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrCat("model.max_seq_len ", max_seq_len,
-                                                   " must be in [1, max_position_embeddings = ",
-                                                   spec.max_position_embeddings, "]"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model.max_seq_len ", max_seq_len,
+        " must be in [1, max_position_embeddings = ", spec.max_position_embeddings, "]"));
   }
   int64_t kv_tokens = ec.kv_cache_tokens;
-  if (kv_tokens == 0) kv_tokens = std::max(max_seq_len, std::min(ec.max_running_seqs * max_seq_len, kDefaultKvTokensCap));
+  if (kv_tokens == 0)
+    kv_tokens =
+        std::max(max_seq_len, std::min(ec.max_running_seqs * max_seq_len, kDefaultKvTokensCap));
   if (kv_tokens < max_seq_len) {
     return absl::InvalidArgumentError(absl::StrCat("engine.kv_cache_tokens ", kv_tokens,
-                                                   " cannot hold one sequence of max_seq_len ", max_seq_len));
+                                                   " cannot hold one sequence of max_seq_len ",
+                                                   max_seq_len));
   }
   const int64_t num_blocks = kv::BlocksForTokens(kv_tokens, static_cast<int32_t>(ec.kv_block_size));
 
@@ -550,25 +577,29 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const config::Config& con
 
   std::unique_ptr<lora::SlotPool> slots;
   if (config.lora.adapter_slots > 0) {
-    LORAPLEX_ASSIGN_OR_RETURN(slots, lora::SlotPool::Create(ops->get(), spec,
-                                                            static_cast<int32_t>(config.lora.adapter_slots),
-                                                            static_cast<int32_t>(config.lora.max_rank)));
+    LORAPLEX_ASSIGN_OR_RETURN(
+        slots,
+        lora::SlotPool::Create(ops->get(), spec, static_cast<int32_t>(config.lora.adapter_slots),
+                               static_cast<int32_t>(config.lora.max_rank)));
   }
   model::ModelCapacity capacity;
   capacity.max_tokens = static_cast<int32_t>(ec.max_batch_tokens);
   capacity.max_seqs = static_cast<int32_t>(ec.max_running_seqs);
   capacity.num_kv_blocks = static_cast<int32_t>(num_blocks);
   capacity.kv_block_size = static_cast<int32_t>(ec.kv_block_size);
-  capacity.max_blocks_per_seq = static_cast<int32_t>(kv::BlocksForTokens(max_seq_len, capacity.kv_block_size));
-  LORAPLEX_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> model,
-                            model::LlamaModel::Load(config.model.path, spec, ops->get(), slots.get(), capacity));
-  spdlog::info("engine: {} executor, {} layers, vocab {}, max_seq_len {}, kv {} blocks x {} tokens, "
-               "batch {} tokens / {} seqs, {} adapter slots (max rank {})",
-               executor_name, spec.num_layers, spec.vocab_size, max_seq_len, num_blocks, ec.kv_block_size,
-               ec.max_batch_tokens, ec.max_running_seqs, config.lora.adapter_slots, config.lora.max_rank);
-  return std::unique_ptr<Engine>(new EngineImpl(config, registry, std::move(spec), executor_name, max_seq_len,
-                                                static_cast<int32_t>(num_blocks), *std::move(ops),
-                                                std::move(slots), std::move(model)));
+  capacity.max_blocks_per_seq =
+      static_cast<int32_t>(kv::BlocksForTokens(max_seq_len, capacity.kv_block_size));
+  LORAPLEX_ASSIGN_OR_RETURN(
+      std::unique_ptr<model::LlamaModel> model,
+      model::LlamaModel::Load(config.model.path, spec, ops->get(), slots.get(), capacity));
+  spdlog::info(
+      "engine: {} executor, {} layers, vocab {}, max_seq_len {}, kv {} blocks x {} tokens, "
+      "batch {} tokens / {} seqs, {} adapter slots (max rank {})",
+      executor_name, spec.num_layers, spec.vocab_size, max_seq_len, num_blocks, ec.kv_block_size,
+      ec.max_batch_tokens, ec.max_running_seqs, config.lora.adapter_slots, config.lora.max_rank);
+  return std::unique_ptr<Engine>(new EngineImpl(
+      config, registry, std::move(spec), executor_name, max_seq_len,
+      static_cast<int32_t>(num_blocks), *std::move(ops), std::move(slots), std::move(model)));
 }
 
 }  // namespace loraplex::engine

@@ -15,6 +15,13 @@ uint64_t SplitMix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+// A uniform double in [0, 1) from (seed, step): a counter-based draw, so it depends on nothing
+// else (not on the batch, not on earlier draws).
+double UniformFromSeed(uint64_t seed, int64_t step) {
+  const uint64_t x = SplitMix64(SplitMix64(seed) ^ static_cast<uint64_t>(step));
+  return static_cast<double>(x >> 11) * 0x1.0p-53;
+}
+
 // Higher logit first; the lower id wins a tie so every path agrees with greedy argmax.
 struct ByLogitDesc {
   const float* logits;
@@ -39,7 +46,8 @@ int32_t SampleFiltered(const float* logits, int64_t vocab, const SamplingParams&
   size_t keep = ids.size();
   if (params.top_k > 0 && static_cast<size_t>(params.top_k) < ids.size()) {
     keep = static_cast<size_t>(params.top_k);
-    std::partial_sort(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(keep), ids.end(), order);
+    std::partial_sort(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(keep), ids.end(),
+                      order);
   } else if (params.top_p < 1.0f) {
     std::sort(ids.begin(), ids.end(), order);
   }
@@ -63,7 +71,8 @@ int32_t SampleFiltered(const float* logits, int64_t vocab, const SamplingParams&
       if (cumulative >= params.top_p) break;
     }
     keep = n;
-    total = std::accumulate(weights.begin(), weights.begin() + static_cast<std::ptrdiff_t>(keep), 0.0);
+    total =
+        std::accumulate(weights.begin(), weights.begin() + static_cast<std::ptrdiff_t>(keep), 0.0);
   }
   double target = u * total;
   for (size_t i = 0; i < keep; ++i) {
@@ -74,11 +83,6 @@ int32_t SampleFiltered(const float* logits, int64_t vocab, const SamplingParams&
 }
 
 }  // namespace
-
-double UniformFromSeed(uint64_t seed, int64_t step) {
-  const uint64_t x = SplitMix64(SplitMix64(seed) ^ static_cast<uint64_t>(step));
-  return static_cast<double>(x >> 11) * 0x1.0p-53;
-}
 
 SampleResult Sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t seed,
                     int64_t step, int32_t top_n) {

@@ -14,8 +14,8 @@ namespace loraplex::engine {
 
 struct SampleResult {
   int32_t token = 0;
-  float logprob = 0.0f;                                  // log-softmax of the raw logits
-  std::vector<std::pair<int32_t, float>> top_logprobs;   // best first; `top_n` entries
+  float logprob = 0.0f;                                 // log-softmax of the raw logits
+  std::vector<std::pair<int32_t, float>> top_logprobs;  // best first; `top_n` entries
 };
 
 // `logits` [vocab] F32 (raw, before temperature). `step` numbers the tokens of one request
@@ -25,8 +25,5 @@ struct SampleResult {
 // assumed validated (Engine::Submit does it).
 SampleResult Sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t seed,
                     int64_t step, int32_t top_n);
-
-// A uniform double in [0, 1) from (seed, step): splitmix64 over both.
-double UniformFromSeed(uint64_t seed, int64_t step);
 
 }  // namespace loraplex::engine

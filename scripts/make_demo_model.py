@@ -8,8 +8,10 @@ Needs only numpy (Debian's python3-numpy). Deterministic (seeded). Writes
   OUT_DIR/adapters/{upper,reverse,shift,sorter}/{adapter_config.json, adapter_model.safetensors}
 The tokenizer is tests/fixtures/tokenizer/tokenizer.json. Weights are random (a later step trains
 real adapters); their scales are chosen so greedy decoding does not collapse onto one token and so
-every adapter changes the greedy output. --check runs a numpy reference forward pass and prints
-the greedy continuation of a few prompts for the base model and each adapter.
+every adapter changes the greedy output. --check runs a numpy reference forward pass (float64
+over the BF16-rounded weights), prints the greedy continuation of two prompts for the base model
+and each adapter, fails unless they are varied and every adapter changes them, and writes them
+with the first step's logits to OUT_DIR/reference.json for parity tests of the executors.
 """
 
 import argparse
@@ -129,7 +131,8 @@ def make_base(rng, vocab):
     for i in range(LAYERS):
         for proj in ALL:
             out_f, in_f = proj_shape(proj)
-            w[module_path(i, proj) + ".weight"] = rng.normal(0.0, 0.7 / np.sqrt(in_f), (out_f, in_f))
+            std = 0.7 / np.sqrt(in_f)
+            w[module_path(i, proj) + ".weight"] = rng.normal(0.0, std, (out_f, in_f))
         # Norm weights near one but not one, so a loader that ignores them is caught.
         w[f"model.layers.{i}.input_layernorm.weight"] = 1.0 + rng.normal(0.0, 0.1, HIDDEN)
         w[f"model.layers.{i}.post_attention_layernorm.weight"] = 1.0 + rng.normal(0.0, 0.1, HIDDEN)
@@ -272,18 +275,29 @@ def greedy(base, adapter, spec, prompt, steps):
     return ids[len(prompt):]
 
 
-def check(base, adapters, bos, vocab):
+def check(base, adapters, bos, vocab, reference_path):
     rng = np.random.default_rng(7)
-    prompts = [[bos] + list(rng.integers(2, vocab, size=n)) for n in (3, 8)]
+    prompts = [[bos] + [int(t) for t in rng.integers(2, vocab, size=n)] for n in (3, 8)]
+    configs = [("", None, None)] + [(name, w, spec) for name, (spec, w) in adapters.items()]
+    reference = {"steps": 16, "cases": []}
     ok = True
     for prompt in prompts:
-        base_out = greedy(base, None, None, prompt, 16)
-        print(f"prompt {prompt}\n  base    {base_out}  distinct={len(set(base_out))}")
-        ok &= len(set(base_out)) >= 4
-        for name, (spec, weights) in adapters.items():
-            out = greedy(base, weights, spec, prompt, 16)
-            print(f"  {name:7s} {out}  distinct={len(set(out))}")
-            ok &= out != base_out
+        print(f"prompt {prompt}")
+        base_out = None
+        for name, weights, spec in configs:
+            out = greedy(base, weights, spec, prompt, reference["steps"])
+            print(f"  {name or 'base':7s} {out}  distinct={len(set(out))}")
+            if weights is None:
+                base_out = out
+                ok &= len(set(out)) >= 4
+            else:
+                ok &= out != base_out
+            logits = forward(base, weights, spec, prompt)
+            reference["cases"].append({"adapter": name, "prompt": prompt, "greedy": out,
+                                       "first_logits": [round(float(x), 5) for x in logits]})
+    with open(reference_path, "w") as f:
+        json.dump(reference, f)
+    print(reference_path)
     print("check", "passed" if ok else "FAILED")
     return ok
 
@@ -329,7 +343,8 @@ def main():
 
     for path in written:
         print(path)
-    if args.check and not check(base, adapters, bos, vocab):
+    reference_path = os.path.join(args.out_dir, "reference.json")
+    if args.check and not check(base, adapters, bos, vocab, reference_path):
         sys.exit(1)
 
 

@@ -4,7 +4,8 @@
 
 namespace loraplex::kv {
 
-BlockAllocator::BlockAllocator(int32_t num_blocks) : refcounts_(num_blocks > 0 ? num_blocks : 0, 0) {
+BlockAllocator::BlockAllocator(int32_t num_blocks)
+    : refcounts_(num_blocks > 0 ? num_blocks : 0, 0) {
   free_.reserve(refcounts_.size());
   // Pushed in reverse so that a fresh allocator hands out 0, 1, 2, ... (easier to read in logs).
   for (int32_t b = num_blocks - 1; b >= 0; --b) free_.push_back(b);

@@ -5,12 +5,13 @@
 namespace loraplex::kv {
 
 absl::Status BlockTable::Reserve(int64_t num_tokens, BlockAllocator* allocator) {
-  const int64_t needed = BlocksForTokens(num_tokens, block_size_) - static_cast<int64_t>(blocks_.size());
+  const int64_t needed =
+      BlocksForTokens(num_tokens, block_size_) - static_cast<int64_t>(blocks_.size());
   if (needed <= 0) return absl::OkStatus();
   if (needed > allocator->num_free()) {
-    return absl::ResourceExhaustedError(absl::StrCat("kv cache: ", num_tokens, " tokens need ", needed,
-                                                     " more blocks, only ", allocator->num_free(),
-                                                     " free"));
+    return absl::ResourceExhaustedError(absl::StrCat("kv cache: ", num_tokens, " tokens need ",
+                                                     needed, " more blocks, only ",
+                                                     allocator->num_free(), " free"));
   }
   for (int64_t i = 0; i < needed; ++i) {
     // Cannot fail: enough blocks were checked to be free above.

@@ -21,7 +21,7 @@ class LinearWithLora {
   LinearWithLora(LinearWithLora&&) = default;
   LinearWithLora& operator=(LinearWithLora&&) = default;
 
-  int64_t in_features() const { return in_features_; }    // of this rank
+  int64_t in_features() const { return in_features_; }  // of this rank
   int64_t out_features() const { return slice_offsets_.back(); }
   int num_slices() const { return static_cast<int>(slice_widths_.size()); }
   int64_t slice_width(int s) const { return slice_widths_[static_cast<size_t>(s)]; }
@@ -65,12 +65,14 @@ class LinearWithLora {
 class QkvParallelLinearWithLora : public LinearWithLora {
  public:
   // INVALID_ARGUMENT when the heads do not split evenly over tp_size.
-  static absl::StatusOr<QkvParallelLinearWithLora> Create(const model::ModelSpec& spec, ParallelConfig pc);
+  static absl::StatusOr<QkvParallelLinearWithLora> Create(const model::ModelSpec& spec,
+                                                          ParallelConfig pc);
   int64_t num_q_heads() const { return num_q_heads_; }    // of this rank
   int64_t num_kv_heads() const { return num_kv_heads_; }  // of this rank
   // Full HF weights q [Hq·D, H], k and v [Hkv·D, H] -> this rank's fused [out_features, H]; each of
   // q, k, v is sliced separately.
-  absl::StatusOr<HostTensor> ShardWeight(const HostTensor& q, const HostTensor& k, const HostTensor& v) const;
+  absl::StatusOr<HostTensor> ShardWeight(const HostTensor& q, const HostTensor& k,
+                                         const HostTensor& v) const;
 
  private:
   using LinearWithLora::LinearWithLora;
@@ -96,8 +98,8 @@ class MergedColumnParallelLinearWithLora : public LinearWithLora {
 // caller all-reduces after the LoRA delta joined it (no-op at tp = 1).
 class RowParallelLinearWithLora : public LinearWithLora {
  public:
-  static absl::StatusOr<RowParallelLinearWithLora> Create(int64_t in_features_full, int64_t out_features,
-                                                          ParallelConfig pc);
+  static absl::StatusOr<RowParallelLinearWithLora> Create(int64_t in_features_full,
+                                                          int64_t out_features, ParallelConfig pc);
   int64_t in_begin() const { return in_begin_; }  // first input column of this rank
   // w [out, in_full] -> [out, in_full/tp], this rank's columns.
   absl::StatusOr<HostTensor> ShardWeight(const HostTensor& w) const;
@@ -110,7 +112,8 @@ class RowParallelLinearWithLora : public LinearWithLora {
 // Column-parallel single projection (lm_head, split over the vocabulary); no LoRA yet.
 class ColumnParallelLinearWithLora : public LinearWithLora {
  public:
-  static absl::StatusOr<ColumnParallelLinearWithLora> Create(int64_t out_features_full, int64_t in_features,
+  static absl::StatusOr<ColumnParallelLinearWithLora> Create(int64_t out_features_full,
+                                                             int64_t in_features,
                                                              ParallelConfig pc);
   // w [out_full, in] -> [out_full/tp, in], this rank's rows.
   absl::StatusOr<HostTensor> ShardWeight(const HostTensor& w) const;

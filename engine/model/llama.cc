@@ -34,7 +34,8 @@ std::string WeightFileOf(const std::string& dir, const std::string& name) {
   const nlohmann::json doc = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
   if (!doc.is_discarded() && doc.contains("weight_map") && doc["weight_map"].is_object()) {
     auto it = doc["weight_map"].find(name);
-    if (it != doc["weight_map"].end() && it->is_string()) return (fs::path(dir) / it->get<std::string>()).string();
+    if (it != doc["weight_map"].end() && it->is_string())
+      return (fs::path(dir) / it->get<std::string>()).string();
   }
   return index.string();
 }
@@ -100,17 +101,20 @@ absl::StatusOr<ops::DeviceMemory> AllocateElements(ops::Ops* ops, int64_t count,
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir, const ModelSpec& spec,
-                                                             ops::Ops* ops, const lora::SlotPool* slots,
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir,
+                                                             const ModelSpec& spec, ops::Ops* ops,
+                                                             const lora::SlotPool* slots,
                                                              const ModelCapacity& capacity) {
   if (ops == nullptr) return absl::InvalidArgumentError("LlamaModel::Load: ops is null");
-  if (spec.attention_bias) return absl::InvalidArgumentError(absl::StrCat(dir, ": attention_bias is not supported"));
+  if (spec.attention_bias)
+    return absl::InvalidArgumentError(absl::StrCat(dir, ": attention_bias is not supported"));
   if (capacity.max_tokens <= 0 || capacity.max_seqs <= 0 || capacity.num_kv_blocks <= 0 ||
       capacity.kv_block_size <= 0 || capacity.max_blocks_per_seq <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "LlamaModel::Load: capacity must be positive: max_tokens ", capacity.max_tokens, ", max_seqs ",
-        capacity.max_seqs, ", num_kv_blocks ", capacity.num_kv_blocks, ", kv_block_size ", capacity.kv_block_size,
-        ", max_blocks_per_seq ", capacity.max_blocks_per_seq));
+    return absl::InvalidArgumentError(
+        absl::StrCat("LlamaModel::Load: capacity must be positive: max_tokens ",
+                     capacity.max_tokens, ", max_seqs ", capacity.max_seqs, ", num_kv_blocks ",
+                     capacity.num_kv_blocks, ", kv_block_size ", capacity.kv_block_size,
+                     ", max_blocks_per_seq ", capacity.max_blocks_per_seq));
   }
   LORAPLEX_ASSIGN_OR_RETURN(std::unique_ptr<WeightSet> weights, WeightSet::Open(dir));
 
@@ -136,17 +140,20 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   for (const auto& [name, shape] : expected) {
     auto info = weights->Find(name);
     if (!info.ok()) {
-      return absl::NotFoundError(absl::StrCat(dir, ": tensor ", name, " is missing (tie_word_embeddings is ",
+      return absl::NotFoundError(absl::StrCat(dir, ": tensor ", name,
+                                              " is missing (tie_word_embeddings is ",
                                               spec.tie_word_embeddings ? "true" : "false", ")"));
     }
     const DType dt = (*info)->dtype;
     if (dt != DType::kF32 && dt != DType::kBF16 && dt != DType::kF16) {
-      return absl::InvalidArgumentError(absl::StrCat(WeightFileOf(dir, name), ": ", name, " has dtype ",
-                                                     std::string(DTypeName(dt)), ", expected F32, BF16 or F16"));
+      return absl::InvalidArgumentError(absl::StrCat(WeightFileOf(dir, name), ": ", name,
+                                                     " has dtype ", std::string(DTypeName(dt)),
+                                                     ", expected F32, BF16 or F16"));
     }
     if (!((*info)->shape == shape)) {
-      return absl::InvalidArgumentError(absl::StrCat(WeightFileOf(dir, name), ": ", name, " has shape ",
-                                                     (*info)->shape.ToString(), ", expected ", shape.ToString()));
+      return absl::InvalidArgumentError(absl::StrCat(WeightFileOf(dir, name), ": ", name,
+                                                     " has shape ", (*info)->shape.ToString(),
+                                                     ", expected ", shape.ToString()));
     }
   }
 
@@ -174,9 +181,11 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   {
     const std::vector<float> inv_freq = RopeInvFreq(spec);
     LORAPLEX_ASSIGN_OR_RETURN(impl->inv_freq, ops->Allocate(inv_freq.size() * sizeof(float)));
-    LORAPLEX_RETURN_IF_ERROR(ops->CopyToDevice(impl->inv_freq.data(), inv_freq.data(), inv_freq.size() * sizeof(float)));
+    LORAPLEX_RETURN_IF_ERROR(
+        ops->CopyToDevice(impl->inv_freq.data(), inv_freq.data(), inv_freq.size() * sizeof(float)));
   }
-  LORAPLEX_ASSIGN_OR_RETURN(ColumnParallelLinearWithLora lm_head, ColumnParallelLinearWithLora::Create(v, h, pc));
+  LORAPLEX_ASSIGN_OR_RETURN(ColumnParallelLinearWithLora lm_head,
+                            ColumnParallelLinearWithLora::Create(v, h, pc));
   if (spec.tie_word_embeddings) {
     LORAPLEX_RETURN_IF_ERROR(lm_head.ShareWeight(impl->embed.View(dtype, {v, h})));
   } else {
@@ -187,7 +196,8 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   impl->lm_head.emplace(std::move(lm_head));
 
   int64_t lora_width = 0;  // widest shrink output row over the wrapped layers
-  const Shape cache_shape{capacity.num_kv_blocks, capacity.kv_block_size, spec.num_kv_heads, spec.head_dim};
+  const Shape cache_shape{capacity.num_kv_blocks, capacity.kv_block_size, spec.num_kv_heads,
+                          spec.head_dim};
   for (int64_t l = 0; l < spec.num_layers; ++l) {
     const std::string p = absl::StrCat("model.layers.", l, ".");
     LORAPLEX_ASSIGN_OR_RETURN(auto qkv, QkvParallelLinearWithLora::Create(spec, pc));
@@ -219,33 +229,43 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
     }
     if (slots != nullptr) {
       const std::pair<layers::LinearWithLora*, WrappedLayer> wrapped[] = {
-          {&qkv, WrappedLayer::kQkv}, {&o, WrappedLayer::kO}, {&gate_up, WrappedLayer::kGateUp}, {&down, WrappedLayer::kDown}};
+          {&qkv, WrappedLayer::kQkv},
+          {&o, WrappedLayer::kO},
+          {&gate_up, WrappedLayer::kGateUp},
+          {&down, WrappedLayer::kDown}};
       for (const auto& [layer, which] : wrapped) {
         const ops::LoraModule& module = slots->module(l, which);
         auto status = layer->SetLora(&module);
-        if (!status.ok()) return Annotate(status, absl::StrCat("layer ", l, " wrapped layer ", static_cast<int>(which)));
-        lora_width = std::max<int64_t>(lora_width, static_cast<int64_t>(module.num_slices) * module.max_rank);
+        if (!status.ok())
+          return Annotate(status,
+                          absl::StrCat("layer ", l, " wrapped layer ", static_cast<int>(which)));
+        lora_width = std::max<int64_t>(lora_width,
+                                       static_cast<int64_t>(module.num_slices) * module.max_rank);
       }
     }
     LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory input_norm, upload(p + "input_layernorm.weight"));
-    LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory post_norm, upload(p + "post_attention_layernorm.weight"));
-    LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory k_cache, AllocateElements(ops, cache_shape.NumElements(), dtype));
-    LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory v_cache, AllocateElements(ops, cache_shape.NumElements(), dtype));
-    impl->layers.push_back(Layer{std::move(input_norm), std::move(post_norm), std::move(qkv), std::move(o),
-                                 std::move(gate_up), std::move(down), std::move(k_cache), std::move(v_cache)});
+    LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory post_norm,
+                              upload(p + "post_attention_layernorm.weight"));
+    LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory k_cache,
+                              AllocateElements(ops, cache_shape.NumElements(), dtype));
+    LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory v_cache,
+                              AllocateElements(ops, cache_shape.NumElements(), dtype));
+    impl->layers.push_back(Layer{std::move(input_norm), std::move(post_norm), std::move(qkv),
+                                 std::move(o), std::move(gate_up), std::move(down),
+                                 std::move(k_cache), std::move(v_cache)});
   }
 
   const int64_t max_t = capacity.max_tokens, max_s = capacity.max_seqs;
-  for (auto* m : {&impl->ids, &impl->positions, &impl->slot_mapping, &impl->token_seq, &impl->token_rows,
-                  &impl->seg_slots}) {
+  for (auto* m : {&impl->ids, &impl->positions, &impl->slot_mapping, &impl->token_seq,
+                  &impl->token_rows, &impl->seg_slots}) {
     LORAPLEX_ASSIGN_OR_RETURN(*m, AllocateElements(ops, max_t, DType::kI32));
   }
   LORAPLEX_ASSIGN_OR_RETURN(impl->seg_starts, AllocateElements(ops, max_t + 1, DType::kI32));
   LORAPLEX_ASSIGN_OR_RETURN(impl->num_segments, AllocateElements(ops, 1, DType::kI32));
   LORAPLEX_ASSIGN_OR_RETURN(impl->context_lens, AllocateElements(ops, max_s, DType::kI32));
   LORAPLEX_ASSIGN_OR_RETURN(impl->logit_rows, AllocateElements(ops, max_s, DType::kI32));
-  LORAPLEX_ASSIGN_OR_RETURN(impl->block_tables,
-                            AllocateElements(ops, max_s * capacity.max_blocks_per_seq, DType::kI32));
+  LORAPLEX_ASSIGN_OR_RETURN(
+      impl->block_tables, AllocateElements(ops, max_s * capacity.max_blocks_per_seq, DType::kI32));
   for (auto* m : {&impl->residual, &impl->hidden, &impl->proj_out}) {
     LORAPLEX_ASSIGN_OR_RETURN(*m, AllocateElements(ops, max_t * h, dtype));
   }
@@ -256,7 +276,8 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   LORAPLEX_ASSIGN_OR_RETURN(impl->gathered, AllocateElements(ops, max_s * h, dtype));
   LORAPLEX_ASSIGN_OR_RETURN(impl->logits, AllocateElements(ops, max_s * v, DType::kF32));
   if (lora_width > 0) {
-    LORAPLEX_ASSIGN_OR_RETURN(impl->lora_scratch, AllocateElements(ops, max_t * lora_width, DType::kF32));
+    LORAPLEX_ASSIGN_OR_RETURN(impl->lora_scratch,
+                              AllocateElements(ops, max_t * lora_width, DType::kF32));
   }
   LORAPLEX_RETURN_IF_ERROR(ops->Synchronize());
 
@@ -271,15 +292,20 @@ const ModelSpec& LlamaModel::spec() const { return impl_->spec; }
 const ModelCapacity& LlamaModel::capacity() const { return impl_->cap; }
 
 absl::Status LlamaModel::Impl::ValidateStep(const StepInput& in) const {
-  auto bad = [](auto&&... parts) { return absl::InvalidArgumentError(absl::StrCat("LlamaModel::Forward: ", parts...)); };
+  auto bad = [](auto&&... parts) {
+    return absl::InvalidArgumentError(absl::StrCat("LlamaModel::Forward: ", parts...));
+  };
   const int64_t t_count = static_cast<int64_t>(in.token_ids.size());
   const int64_t s_count = static_cast<int64_t>(in.context_lens.size());
-  if (t_count == 0 || t_count > cap.max_tokens) return bad(t_count, " tokens outside [1, ", cap.max_tokens, "]");
-  if (s_count == 0 || s_count > cap.max_seqs) return bad(s_count, " sequences outside [1, ", cap.max_seqs, "]");
-  if (static_cast<int64_t>(in.positions.size()) != t_count || static_cast<int64_t>(in.slot_mapping.size()) != t_count ||
+  if (t_count == 0 || t_count > cap.max_tokens)
+    return bad(t_count, " tokens outside [1, ", cap.max_tokens, "]");
+  if (s_count == 0 || s_count > cap.max_seqs)
+    return bad(s_count, " sequences outside [1, ", cap.max_seqs, "]");
+  if (static_cast<int64_t>(in.positions.size()) != t_count ||
+      static_cast<int64_t>(in.slot_mapping.size()) != t_count ||
       static_cast<int64_t>(in.token_seq.size()) != t_count) {
-    return bad("positions/slot_mapping/token_seq have ", in.positions.size(), "/", in.slot_mapping.size(), "/",
-               in.token_seq.size(), " entries, expected ", t_count);
+    return bad("positions/slot_mapping/token_seq have ", in.positions.size(), "/",
+               in.slot_mapping.size(), "/", in.token_seq.size(), " entries, expected ", t_count);
   }
   if (static_cast<int64_t>(in.block_tables.size()) != s_count * cap.max_blocks_per_seq) {
     return bad("block_tables has ", in.block_tables.size(), " entries, expected ", s_count, " x ",
@@ -297,7 +323,8 @@ absl::Status LlamaModel::Impl::ValidateStep(const StepInput& in) const {
     for (int64_t b = 0; b < (len + cap.kv_block_size - 1) / cap.kv_block_size; ++b) {
       const int32_t block = in.block_tables[static_cast<size_t>(s * cap.max_blocks_per_seq + b)];
       if (block < 0 || block >= cap.num_kv_blocks) {
-        return bad("block_tables[", s, "][", b, "] = ", block, " outside [0, ", cap.num_kv_blocks, ")");
+        return bad("block_tables[", s, "][", b, "] = ", block, " outside [0, ", cap.num_kv_blocks,
+                   ")");
       }
     }
   }
@@ -309,10 +336,13 @@ absl::Status LlamaModel::Impl::ValidateStep(const StepInput& in) const {
     if (in.token_seq[i] < 0 || in.token_seq[i] >= s_count) {
       return bad("token_seq[", t, "] = ", in.token_seq[i], " outside [0, ", s_count, ")");
     }
-    if (in.positions[i] < 0 || in.positions[i] >= in.context_lens[static_cast<size_t>(in.token_seq[i])]) {
-      return bad("positions[", t, "] = ", in.positions[i], " outside the context of sequence ", in.token_seq[i]);
+    if (in.positions[i] < 0 ||
+        in.positions[i] >= in.context_lens[static_cast<size_t>(in.token_seq[i])]) {
+      return bad("positions[", t, "] = ", in.positions[i], " outside the context of sequence ",
+                 in.token_seq[i]);
     }
-    if (in.slot_mapping[i] >= num_slots) return bad("slot_mapping[", t, "] = ", in.slot_mapping[i], " >= ", num_slots);
+    if (in.slot_mapping[i] >= num_slots)
+      return bad("slot_mapping[", t, "] = ", in.slot_mapping[i], " >= ", num_slots);
   }
   for (size_t i = 0; i < in.logit_rows.size(); ++i) {
     if (in.logit_rows[i] < 0 || in.logit_rows[i] >= t_count) {
@@ -325,12 +355,13 @@ absl::Status LlamaModel::Impl::ValidateStep(const StepInput& in) const {
   if (lb.seg_starts.size() != lb.seg_slots.size() + 1 || lb.seg_starts.front() != 0 ||
       lb.seg_starts.back() != static_cast<int32_t>(lb.token_rows.size()) ||
       static_cast<int64_t>(lb.token_rows.size()) > t_count) {
-    return bad("LoRA batch has ", lb.seg_slots.size(), " segments, ", lb.seg_starts.size(), " starts and ",
-               lb.token_rows.size(), " token rows for ", t_count, " tokens");
+    return bad("LoRA batch has ", lb.seg_slots.size(), " segments, ", lb.seg_starts.size(),
+               " starts and ", lb.token_rows.size(), " token rows for ", t_count, " tokens");
   }
   const int32_t pool_slots = layers.empty() ? 0 : layers[0].qkv.lora()->num_slots;
   for (size_t s = 0; s < lb.seg_slots.size(); ++s) {
-    if (lb.seg_starts[s + 1] < lb.seg_starts[s]) return bad("LoRA seg_starts decrease at segment ", s);
+    if (lb.seg_starts[s + 1] < lb.seg_starts[s])
+      return bad("LoRA seg_starts decrease at segment ", s);
     if (lb.seg_slots[s] < 0 || lb.seg_slots[s] >= pool_slots) {
       return bad("LoRA seg_slots[", s, "] = ", lb.seg_slots[s], " outside [0, ", pool_slots, ")");
     }
@@ -352,9 +383,12 @@ absl::StatusOr<std::vector<float>> LlamaModel::Forward(const StepInput& in) {
   const int64_t h = spec.hidden_size, inter = spec.intermediate_size;
   const float eps = static_cast<float>(spec.rms_norm_eps);
 
-  for (auto [dst, src] : {std::pair{&m.ids, &in.token_ids}, {&m.positions, &in.positions},
-                          {&m.slot_mapping, &in.slot_mapping}, {&m.token_seq, &in.token_seq},
-                          {&m.context_lens, &in.context_lens}, {&m.block_tables, &in.block_tables},
+  for (auto [dst, src] : {std::pair{&m.ids, &in.token_ids},
+                          {&m.positions, &in.positions},
+                          {&m.slot_mapping, &in.slot_mapping},
+                          {&m.token_seq, &in.token_seq},
+                          {&m.context_lens, &in.context_lens},
+                          {&m.block_tables, &in.block_tables},
                           {&m.logit_rows, &in.logit_rows}}) {
     LORAPLEX_RETURN_IF_ERROR(m.Upload(*dst, *src));
   }
@@ -389,19 +423,22 @@ absl::StatusOr<std::vector<float>> LlamaModel::Forward(const StepInput& in) {
 
   const DType dt = m.dtype;
   const TensorView ids = m.ids.View(DType::kI32, {t});
-  const TensorView residual = m.residual.View(dt, {t, h});      // [T, H] the residual stream
-  const TensorView hidden = m.hidden.View(dt, {t, h});          // [T, H] normed input of a block
-  const TensorView proj_out = m.proj_out.View(dt, {t, h});      // [T, H] o / down output
+  const TensorView residual = m.residual.View(dt, {t, h});       // [T, H] the residual stream
+  const TensorView hidden = m.hidden.View(dt, {t, h});           // [T, H] normed input of a block
+  const TensorView proj_out = m.proj_out.View(dt, {t, h});       // [T, H] o / down output
   const TensorView qkv = m.qkv.View(dt, {t, spec.qkv_width()});  // [T, (Hq + 2Hkv)·D]
   const TensorView attn = m.attn_out.View(dt, {t, spec.q_width()});
   const TensorView gate_up = m.gate_up.View(dt, {t, 2 * inter});
   const TensorView act = m.act.View(dt, {t, inter});
-  const TensorView scratch = m.lora_scratch.data() != nullptr
-                                 ? m.lora_scratch.View(DType::kF32, {static_cast<int64_t>(m.lora_scratch.size() / 4)})
-                                 : TensorView{};
+  const TensorView scratch =
+      m.lora_scratch.data() != nullptr
+          ? m.lora_scratch.View(DType::kF32, {static_cast<int64_t>(m.lora_scratch.size() / 4)})
+          : TensorView{};
   const TensorView inv_freq = m.inv_freq.View(DType::kF32, {spec.head_dim / 2});
-  const Shape cache_shape{m.cap.num_kv_blocks, m.cap.kv_block_size, spec.num_kv_heads, spec.head_dim};
-  const float softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(spec.head_dim)));
+  const Shape cache_shape{m.cap.num_kv_blocks, m.cap.kv_block_size, spec.num_kv_heads,
+                          spec.head_dim};
+  const float softmax_scale =
+      static_cast<float>(1.0 / std::sqrt(static_cast<double>(spec.head_dim)));
 
   LORAPLEX_RETURN_IF_ERROR(ops.Embed(ids, m.embed.View(dt, {spec.vocab_size, h}), residual));
   for (size_t l = 0; l < m.layers.size(); ++l) {
@@ -412,24 +449,29 @@ absl::StatusOr<std::vector<float>> LlamaModel::Forward(const StepInput& in) {
     } else {  // the previous layer's MLP output joins the residual here
       LORAPLEX_RETURN_IF_ERROR(ops.AddRmsNorm(proj_out, residual, input_norm, eps, hidden));
     }
-    const ops::KvCacheView cache{layer.k_cache.View(dt, cache_shape), layer.v_cache.View(dt, cache_shape)};
-    const int hq = static_cast<int>(layer.qkv.num_q_heads()), hkv = static_cast<int>(layer.qkv.num_kv_heads());
+    const ops::KvCacheView cache{layer.k_cache.View(dt, cache_shape),
+                                 layer.v_cache.View(dt, cache_shape)};
+    const int hq = static_cast<int>(layer.qkv.num_q_heads()),
+              hkv = static_cast<int>(layer.qkv.num_kv_heads());
     const int d = static_cast<int>(spec.head_dim);
     LORAPLEX_RETURN_IF_ERROR(layer.qkv.Forward(ops, hidden, seg_ptr, scratch, qkv));
     LORAPLEX_RETURN_IF_ERROR(ops.RopeAndCacheKv(qkv, inv_freq, hq, hkv, d, meta, cache));
     LORAPLEX_RETURN_IF_ERROR(ops.Attention(qkv, hq, hkv, d, softmax_scale, meta, cache, attn));
     LORAPLEX_RETURN_IF_ERROR(layer.o.Forward(ops, attn, seg_ptr, scratch, proj_out));
-    LORAPLEX_RETURN_IF_ERROR(ops.AddRmsNorm(proj_out, residual, layer.post_norm.View(dt, {h}), eps, hidden));
+    LORAPLEX_RETURN_IF_ERROR(
+        ops.AddRmsNorm(proj_out, residual, layer.post_norm.View(dt, {h}), eps, hidden));
     LORAPLEX_RETURN_IF_ERROR(layer.gate_up.Forward(ops, hidden, seg_ptr, scratch, gate_up));
     LORAPLEX_RETURN_IF_ERROR(ops.SiluMul(gate_up, act));
     LORAPLEX_RETURN_IF_ERROR(layer.down.Forward(ops, act, seg_ptr, scratch, proj_out));
   }
-  LORAPLEX_RETURN_IF_ERROR(ops.AddRmsNorm(proj_out, residual, m.final_norm.View(dt, {h}), eps, hidden));
+  LORAPLEX_RETURN_IF_ERROR(
+      ops.AddRmsNorm(proj_out, residual, m.final_norm.View(dt, {h}), eps, hidden));
 
   const int64_t rows = static_cast<int64_t>(in.logit_rows.size());
   const TensorView gathered = m.gathered.View(dt, {rows, h});
   const TensorView logits = m.logits.View(DType::kF32, {rows, spec.vocab_size});  // [rows, V] F32
-  LORAPLEX_RETURN_IF_ERROR(ops.GatherRows(hidden, m.logit_rows.View(DType::kI32, {rows}), gathered));
+  LORAPLEX_RETURN_IF_ERROR(
+      ops.GatherRows(hidden, m.logit_rows.View(DType::kI32, {rows}), gathered));
   LORAPLEX_RETURN_IF_ERROR(ops.Gemm(gathered, m.lm_head->weight(), 0.0f, logits));
   std::vector<float> out(static_cast<size_t>(rows * spec.vocab_size));
   LORAPLEX_RETURN_IF_ERROR(ops.CopyToHost(out.data(), logits.data, out.size() * sizeof(float)));

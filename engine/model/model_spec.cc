@@ -77,8 +77,8 @@ absl::Status ParseRopeObject(const json& obj, const std::string& where, RopeSpec
     return absl::OkStatus();
   }
   if (type != "llama3") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "config.json: ", where, ".rope_type '", type, "' is not supported (default or llama3)"));
+    return absl::InvalidArgumentError(absl::StrCat("config.json: ", where, ".rope_type '", type,
+                                                   "' is not supported (default or llama3)"));
   }
   rope.rope_type = "llama3";
   LORAPLEX_ASSIGN_OR_RETURN(rope.factor, PositiveNumber(obj, "factor", std::nullopt, prefix));
@@ -91,9 +91,9 @@ absl::Status ParseRopeObject(const json& obj, const std::string& where, RopeSpec
       PositiveInt(obj, "original_max_position_embeddings", std::nullopt, prefix));
   // The smoothing interpolates between the two factors; equal ones would divide by zero.
   if (!(rope.high_freq_factor > rope.low_freq_factor)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "config.json: ", where, ".high_freq_factor (", rope.high_freq_factor,
-        ") must be greater than low_freq_factor (", rope.low_freq_factor, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.json: ", where, ".high_freq_factor (", rope.high_freq_factor,
+                     ") must be greater than low_freq_factor (", rope.low_freq_factor, ")"));
   }
   return absl::OkStatus();
 }
@@ -106,7 +106,8 @@ absl::StatusOr<std::vector<int64_t>> TokenIds(const json& obj, const char* field
     ids.push_back(it->get<int64_t>());
   } else if (it->is_array()) {
     for (const json& v : *it) {
-      if (!v.is_number_integer()) return FieldError(field, "must be an integer or a list of integers", *it);
+      if (!v.is_number_integer())
+        return FieldError(field, "must be an integer or a list of integers", *it);
       ids.push_back(v.get<int64_t>());
     }
   } else {
@@ -169,7 +170,8 @@ int64_t ProjOutFeatures(const ModelSpec& spec, Proj p) {
 absl::StatusOr<ModelSpec> ParseModelSpec(const std::string& config_json_text) {
   const json doc = json::parse(config_json_text, nullptr, /*allow_exceptions=*/false);
   if (doc.is_discarded()) return absl::InvalidArgumentError("config.json: not valid JSON");
-  if (!doc.is_object()) return absl::InvalidArgumentError("config.json: top level must be an object");
+  if (!doc.is_object())
+    return absl::InvalidArgumentError("config.json: top level must be an object");
   ModelSpec spec;
 
   static constexpr const char* kArchitectures[] = {"LlamaForCausalLM", "MistralForCausalLM"};
@@ -179,9 +181,9 @@ absl::StatusOr<ModelSpec> ParseModelSpec(const std::string& config_json_text) {
     }
     spec.architecture = (*it)[0].get<std::string>();
     if (spec.architecture != kArchitectures[0] && spec.architecture != kArchitectures[1]) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("config.json: architectures '", spec.architecture,
-                       "' is not supported (", absl::StrJoin(kArchitectures, ", "), ")"));
+      return absl::InvalidArgumentError(absl::StrCat("config.json: architectures '",
+                                                     spec.architecture, "' is not supported (",
+                                                     absl::StrJoin(kArchitectures, ", "), ")"));
     }
   } else {
     auto mt = doc.find("model_type");
@@ -198,19 +200,20 @@ absl::StatusOr<ModelSpec> ParseModelSpec(const std::string& config_json_text) {
   LORAPLEX_ASSIGN_OR_RETURN(spec.intermediate_size, PositiveInt(doc, "intermediate_size"));
   LORAPLEX_ASSIGN_OR_RETURN(spec.num_layers, PositiveInt(doc, "num_hidden_layers"));
   LORAPLEX_ASSIGN_OR_RETURN(spec.num_heads, PositiveInt(doc, "num_attention_heads"));
-  LORAPLEX_ASSIGN_OR_RETURN(spec.num_kv_heads, PositiveInt(doc, "num_key_value_heads", spec.num_heads));
+  LORAPLEX_ASSIGN_OR_RETURN(spec.num_kv_heads,
+                            PositiveInt(doc, "num_key_value_heads", spec.num_heads));
   if (spec.num_heads % spec.num_kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "config.json: num_attention_heads (", spec.num_heads,
-        ") must be a multiple of num_key_value_heads (", spec.num_kv_heads, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.json: num_attention_heads (", spec.num_heads,
+                     ") must be a multiple of num_key_value_heads (", spec.num_kv_heads, ")"));
   }
   if (doc.contains("head_dim") && !doc["head_dim"].is_null()) {
     LORAPLEX_ASSIGN_OR_RETURN(spec.head_dim, PositiveInt(doc, "head_dim"));
   } else {
     if (spec.hidden_size % spec.num_heads != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "config.json: head_dim is missing and hidden_size (", spec.hidden_size,
-          ") is not a multiple of num_attention_heads (", spec.num_heads, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("config.json: head_dim is missing and hidden_size (", spec.hidden_size,
+                       ") is not a multiple of num_attention_heads (", spec.num_heads, ")"));
     }
     spec.head_dim = spec.hidden_size / spec.num_heads;
   }
@@ -283,7 +286,8 @@ std::vector<float> RopeInvFreq(const ModelSpec& spec) {
   const double low_freq_wavelen = old_context / r.low_freq_factor;
   const double high_freq_wavelen = old_context / r.high_freq_factor;
   for (int64_t i = 0; i < half; ++i) {
-    double f = 1.0 / std::pow(r.theta, static_cast<double>(2 * i) / static_cast<double>(spec.head_dim));
+    double f =
+        1.0 / std::pow(r.theta, static_cast<double>(2 * i) / static_cast<double>(spec.head_dim));
     if (r.rope_type == "llama3") {
       // Hugging Face's _compute_llama3_parameters: long wavelengths are slowed by `factor`,
       // short ones kept, and the band between interpolated smoothly.

@@ -41,11 +41,13 @@ absl::StatusOr<std::unique_ptr<Ops>> CreateOps(Device device) {
       return CreateCpuOps();
     case Device::kCuda:
 #if LORAPLEX_WITH_CUDA
-      if (!cuda::CudaDevicePresent()) return absl::FailedPreconditionError("CreateOps: no CUDA device is visible");
+      if (!cuda::CudaDevicePresent())
+        return absl::FailedPreconditionError("CreateOps: no CUDA device is visible");
       return cuda::CreateCudaOps();
 #else
       return absl::FailedPreconditionError(
-          "CreateOps: this build has no CUDA executor (configured with LORAPLEX_CUDA=OFF or without nvcc)");
+          "CreateOps: this build has no CUDA executor (configured with LORAPLEX_CUDA=OFF or "
+          "without nvcc)");
 #endif
   }
   return absl::InvalidArgumentError("CreateOps: unknown device");

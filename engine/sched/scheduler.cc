@@ -93,7 +93,8 @@ StepPlan Scheduler::Schedule(const SchedulerSnapshot& snapshot) const {
   absl::flat_hash_set<uint64_t> seen;
   for (const ScheduledSeq& s : plan.seqs) {
     plan.num_tokens += s.num_tokens;
-    if (s.adapter != kNoAdapter && seen.insert(s.adapter).second) plan.adapters.push_back(s.adapter);
+    if (s.adapter != kNoAdapter && seen.insert(s.adapter).second)
+      plan.adapters.push_back(s.adapter);
   }
   return plan;
 }

@@ -66,9 +66,9 @@ absl::StatusOr<BpeModel> BpeModel::FromJson(
     return absl::InvalidArgumentError("model.merges: missing or not an array");
   }
   if (merges->empty() && multi_char_tokens > 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "model.merges: empty, but model.vocab has ", multi_char_tokens,
-        " multi-character tokens that could never be produced"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("model.merges: empty, but model.vocab has ", multi_char_tokens,
+                     " multi-character tokens that could never be produced"));
   }
   for (size_t rank = 0; rank < merges->size(); ++rank) {
     const nlohmann::json& entry = (*merges)[rank];
@@ -92,10 +92,11 @@ absl::StatusOr<BpeModel> BpeModel::FromJson(
           "model.merges[", rank, "]: expected \"a b\" or [\"a\", \"b\"], got ", entry.dump()));
     }
     const std::string merged = left + right;
-    for (const std::string* token : std::initializer_list<const std::string*>{&left, &right, &merged}) {
+    for (const std::string* token :
+         std::initializer_list<const std::string*>{&left, &right, &merged}) {
       if (!result.vocab_.contains(*token)) {
-        return absl::InvalidArgumentError(absl::StrCat("model.merges[", rank, "]: token '",
-                                                       *token, "' is not in model.vocab"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("model.merges[", rank, "]: token '", *token, "' is not in model.vocab"));
       }
     }
     // A repeated pair keeps its first (best) rank, as in Hugging Face tokenizers.

@@ -3,8 +3,7 @@
 
 namespace loraplex::text {
 
-IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer* tokenizer,
-                                               bool skip_special_tokens)
+IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer* tokenizer, bool skip_special_tokens)
     : tokenizer_(tokenizer), skip_special_(skip_special_tokens) {}
 
 std::string IncrementalDetokenizer::Add(int32_t id) {

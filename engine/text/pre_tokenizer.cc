@@ -16,9 +16,8 @@ constexpr std::string_view kGpt2Pattern =
 
 // Unicode White_Space, the set Oniguruma (and so Hugging Face tokenizers) uses for \s. PCRE2's
 // \s with UCP also counts U+180E, which Unicode stopped calling whitespace in 6.3.
-constexpr absl::string_view kWhiteSpace =
-    R"(\t\n\x0B\f\r\x20\x{85}\x{A0}\x{1680}\x{2000}-\x{200A})"
-    R"(\x{2028}\x{2029}\x{202F}\x{205F}\x{3000})";
+constexpr absl::string_view kWhiteSpace = R"(\t\n\x0B\f\r\x20\x{85}\x{A0}\x{1680}\x{2000}-\x{200A})"
+                                          R"(\x{2028}\x{2029}\x{202F}\x{205F}\x{3000})";
 
 // Replaces \s and \S (outside character classes) and \s (inside them) with explicit White_Space
 // classes, leaving every other escape and construct as written.
@@ -73,9 +72,9 @@ class Regex {
     if (code == nullptr) {
       PCRE2_UCHAR message[256];
       pcre2_get_error_message(error, message, sizeof(message));
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, ": pattern does not compile at offset ", error_offset, ": ",
-                       reinterpret_cast<const char*>(message)));
+      return absl::InvalidArgumentError(absl::StrCat(field, ": pattern does not compile at offset ",
+                                                     error_offset, ": ",
+                                                     reinterpret_cast<const char*>(message)));
     }
     // JIT is an optimisation only: when unavailable the interpreter gives the same matches.
     pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);
@@ -95,14 +94,14 @@ class Regex {
     size_t start = 0;
     size_t gap_start = 0;
     while (start < text.size()) {
-      const int rc = pcre2_match(code_, subject, text.size(), start, PCRE2_NO_UTF_CHECK,
-                                 match.get(), nullptr);
+      const int rc =
+          pcre2_match(code_, subject, text.size(), start, PCRE2_NO_UTF_CHECK, match.get(), nullptr);
       if (rc == PCRE2_ERROR_NOMATCH) break;
       if (rc < 0) {
         PCRE2_UCHAR message[256];
         pcre2_get_error_message(rc, message, sizeof(message));
-        return absl::InvalidArgumentError(absl::StrCat("pre-tokenizer regex failed at byte ",
-                                                       start, ": ",
+        return absl::InvalidArgumentError(absl::StrCat("pre-tokenizer regex failed at byte ", start,
+                                                       ": ",
                                                        reinterpret_cast<const char*>(message)));
       }
       const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(match.get());
@@ -177,14 +176,16 @@ absl::StatusOr<PreTokenizer> PreTokenizer::FromJson(const nlohmann::json& config
   for (const auto& [step, field] : steps) {
     LORAPLEX_ASSIGN_OR_RETURN(const std::string step_type, TypeOf(*step, field));
     if (have_byte_level) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          field, ".type: '", step_type, "' after ByteLevel is not supported (ByteLevel must be last)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".type: '", step_type,
+                       "' after ByteLevel is not supported (ByteLevel must be last)"));
     }
     if (step_type == "ByteLevel") {
       have_byte_level = true;
       LORAPLEX_ASSIGN_OR_RETURN(result.add_prefix_space_,
                                 OptionalBool(*step, "add_prefix_space", true, field));
-      LORAPLEX_ASSIGN_OR_RETURN(const bool use_regex, OptionalBool(*step, "use_regex", true, field));
+      LORAPLEX_ASSIGN_OR_RETURN(const bool use_regex,
+                                OptionalBool(*step, "use_regex", true, field));
       if (use_regex) {
         LORAPLEX_ASSIGN_OR_RETURN(result.byte_level_regex_,
                                   Regex::Compile(kGpt2Pattern, false, field));
@@ -192,10 +193,9 @@ absl::StatusOr<PreTokenizer> PreTokenizer::FromJson(const nlohmann::json& config
     } else if (step_type == "Split") {
       const auto behavior = step->find("behavior");
       if (behavior == step->end() || *behavior != "Isolated") {
-        return absl::InvalidArgumentError(
-            absl::StrCat(field, ".behavior: ",
-                         behavior == step->end() ? "missing" : behavior->dump(),
-                         " is not supported (only \"Isolated\")"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            field, ".behavior: ", behavior == step->end() ? "missing" : behavior->dump(),
+            " is not supported (only \"Isolated\")"));
       }
       LORAPLEX_ASSIGN_OR_RETURN(const bool invert, OptionalBool(*step, "invert", false, field));
       if (invert) {

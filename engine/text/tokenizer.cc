@@ -1,5 +1,5 @@
 // Loads a Hugging Face tokenizer.json (byte-level BPE) and implements Tokenizer over BpeModel and
-// PreTokenizer. The only nlohmann_json user in engine/text besides the two parts it builds.
+// PreTokenizer: added-token splitting, the post-processor template and byte-level decoding.
 #include "engine/text/tokenizer.h"
 
 #include <algorithm>
@@ -41,9 +41,9 @@ struct Segment {
 
 // Rust's char::is_whitespace (Unicode White_Space), which HF uses for lstrip/rstrip.
 bool IsWhitespace(uint32_t cp) {
-  return (cp >= 0x09 && cp <= 0x0D) || cp == 0x20 || cp == 0x85 || cp == 0xA0 ||
-         cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 ||
-         cp == 0x202F || cp == 0x205F || cp == 0x3000;
+  return (cp >= 0x09 && cp <= 0x0D) || cp == 0x20 || cp == 0x85 || cp == 0xA0 || cp == 0x1680 ||
+         (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F ||
+         cp == 0x205F || cp == 0x3000;
 }
 
 uint32_t DecodeCodePoint(std::string_view s, size_t pos, size_t length) {
@@ -90,6 +90,9 @@ absl::StatusOr<bool> OptionalBool(const Json& object, const char* key, absl::str
 class BpeTokenizer final : public Tokenizer {
  public:
   static absl::StatusOr<std::unique_ptr<Tokenizer>> Build(const Json& root);
+  // added_by_first_byte_ points into added_.
+  BpeTokenizer(const BpeTokenizer&) = delete;
+  BpeTokenizer& operator=(const BpeTokenizer&) = delete;
 
   absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text,
                                               bool add_special_tokens) const override;
@@ -122,8 +125,8 @@ class BpeTokenizer final : public Tokenizer {
   absl::flat_hash_map<std::string, int32_t> added_ids_;  // content -> id
   // Added tokens by first byte, longest first, for leftmost-longest matching.
   std::vector<std::vector<const AddedToken*>> added_by_first_byte_;
-  std::vector<int32_t> prefix_;  // post-processor ids before the text (BOS)
-  std::vector<int32_t> suffix_;  // post-processor ids after the text
+  std::vector<int32_t> prefix_;           // post-processor ids before the text (BOS)
+  std::vector<int32_t> suffix_;           // post-processor ids after the text
   std::vector<std::string> token_bytes_;  // id -> raw bytes; empty for ids with no token
   std::vector<bool> is_special_;
   std::vector<bool> has_token_;
@@ -183,8 +186,7 @@ absl::Status BpeTokenizer::ParsePostProcessor(const Json& config, const std::str
     return absl::OkStatus();
   }
   if (type != "TemplateProcessing") {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, ".type: '", type, "' is not supported"));
+    return absl::InvalidArgumentError(absl::StrCat(field, ".type: '", type, "' is not supported"));
   }
   if (*have_template) {
     return absl::InvalidArgumentError(
@@ -218,8 +220,8 @@ absl::Status BpeTokenizer::ParsePostProcessor(const Json& config, const std::str
       ids = &(*specials)[name]["ids"];
     }
     if (ids == nullptr || !ids->is_array()) {
-      return absl::InvalidArgumentError(absl::StrCat(field, ".special_tokens['", name,
-                                                     "'].ids: missing or not an array"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".special_tokens['", name, "'].ids: missing or not an array"));
     }
     for (const Json& id : *ids) {
       if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() >= kMaxVocab) {
@@ -281,9 +283,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> BpeTokenizer::Build(const Json& root)
   auto decoder = root.find("decoder");
   if (decoder == root.end() || !decoder->is_object() || !decoder->contains("type") ||
       (*decoder)["type"] != "ByteLevel") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "decoder: ", decoder == root.end() ? "missing" : decoder->dump(),
-        " is not supported (only ByteLevel)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("decoder: ", decoder == root.end() ? "missing" : decoder->dump(),
+                     " is not supported (only ByteLevel)"));
   }
 
   auto model = root.find("model");
@@ -301,8 +303,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> BpeTokenizer::Build(const Json& root)
       new BpeTokenizer(std::move(bpe), std::move(pre_tokenizer), std::move(added)));
   bool have_template = false;
   if (auto post = root.find("post_processor"); post != root.end()) {
-    LORAPLEX_RETURN_IF_ERROR(tokenizer->ParsePostProcessor(*post, "post_processor",
-                                                           &have_template));
+    LORAPLEX_RETURN_IF_ERROR(
+        tokenizer->ParsePostProcessor(*post, "post_processor", &have_template));
   }
   tokenizer->BuildTables();
   std::vector<int32_t> template_ids = tokenizer->prefix_;
@@ -369,9 +371,8 @@ absl::StatusOr<std::string> BpeTokenizer::Decode(const std::vector<int32_t>& ids
   for (size_t i = 0; i < ids.size(); ++i) {
     const int32_t id = ids[i];
     if (id < 0 || id >= vocab_size() || !has_token_[id]) {
-      return absl::InvalidArgumentError(absl::StrCat("ids[", i, "]: ", id,
-                                                     " is not in the vocabulary of size ",
-                                                     vocab_size()));
+      return absl::InvalidArgumentError(
+          absl::StrCat("ids[", i, "]: ", id, " is not in the vocabulary of size ", vocab_size()));
     }
     if (skip_special_tokens && is_special_[id]) continue;
     bytes += token_bytes_[id];

@@ -57,8 +57,7 @@ absl::Status ValidateUtf8(std::string_view bytes, absl::string_view what) {
   while (pos < bytes.size()) {
     size_t length = 0;
     if (ScanSequence(bytes, pos, &length) != Scan::kValid) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(what, " is not valid UTF-8 at byte ", pos));
+      return absl::InvalidArgumentError(absl::StrCat(what, " is not valid UTF-8 at byte ", pos));
     }
     pos += length;
   }

@@ -1,8 +1,7 @@
 #include "engine/engine.h"
 
-#include <catch2/catch.hpp>
-
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <memory>
 #include <optional>
 #include <string>
@@ -31,7 +30,9 @@ class Collector : public TokenSink {
     for (const TokenEvent& e : events) events_.push_back(e);
     if (cancel_after_ > 0 && static_cast<int>(events_.size()) == cancel_after_) {
       // The id is set right after Submit returns; the engine may get here first.
-      mu_.AwaitWithTimeout(absl::Condition(+[](uint64_t* id) { return *id != 0; }, &id_), kWait);
+      mu_.AwaitWithTimeout(absl::Condition(
+                               +[](uint64_t* id) { return *id != 0; }, &id_),
+                           kWait);
       engine_->Cancel(id_);
     }
   }
@@ -147,7 +148,8 @@ struct Harness {
     limits.max_rank = config.lora.max_rank;
     limits.target_modules = config.lora.target_modules;
     registry = std::make_unique<lora::AdapterRegistry>(f.spec, limits, DType::kF32, 16);
-    for (size_t i = 0; i < kAdapters.size(); ++i) REQUIRE(registry->Load(kAdapters[i], f.adapter_dirs[i]).ok());
+    for (size_t i = 0; i < kAdapters.size(); ++i)
+      REQUIRE(registry->Load(kAdapters[i], f.adapter_dirs[i]).ok());
     absl::StatusOr<std::unique_ptr<Engine>> created = Engine::Create(config, registry.get());
     REQUIRE(created.ok());
     engine = *std::move(created);
@@ -207,7 +209,8 @@ std::vector<GenerateRequest> MixedRequests(int count, int32_t max_new) {
 }
 
 // Runs every request alone on `solo`, then all at once on `batched`, and checks the tokens agree.
-void ExpectBatchedMatchesSolo(Harness& solo, Harness& batched, const std::vector<GenerateRequest>& requests) {
+void ExpectBatchedMatchesSolo(Harness& solo, Harness& batched,
+                              const std::vector<GenerateRequest>& requests) {
   std::vector<std::vector<int32_t>> expected;
   for (const GenerateRequest& r : requests) expected.push_back(solo.RunAlone(r));
   std::vector<std::shared_ptr<Collector>> sinks;
@@ -299,7 +302,8 @@ TEST_CASE("Cancelling mid-generation reports kCancelled and frees every KV block
 
 TEST_CASE("Submit refuses an unknown adapter with NOT_FOUND") {
   Harness h(BaseConfig());
-  absl::StatusOr<uint64_t> id = h.engine->Submit(Request("nope", {5, 6}, 4), std::make_shared<Collector>());
+  absl::StatusOr<uint64_t> id =
+      h.engine->Submit(Request("nope", {5, 6}, 4), std::make_shared<Collector>());
   CHECK(id.status().code() == absl::StatusCode::kNotFound);
 }
 
@@ -313,7 +317,8 @@ TEST_CASE("Submit refuses bad prompts and sampling values with INVALID_ARGUMENT"
       {"empty prompt", [](GenerateRequest& r) { r.prompt_ids.clear(); }},
       {"token outside the vocabulary", [](GenerateRequest& r) { r.prompt_ids[1] = 64; }},
       {"negative token", [](GenerateRequest& r) { r.prompt_ids[0] = -1; }},
-      {"prompt + max_new_tokens over max_seq_len", [](GenerateRequest& r) { r.sampling.max_new_tokens = 255; }},
+      {"prompt + max_new_tokens over max_seq_len",
+       [](GenerateRequest& r) { r.sampling.max_new_tokens = 255; }},
       {"negative temperature", [](GenerateRequest& r) { r.sampling.temperature = -0.5f; }},
       {"top_p 0", [](GenerateRequest& r) { r.sampling.top_p = 0.0f; }},
       {"top_p above 1", [](GenerateRequest& r) { r.sampling.top_p = 1.5f; }},

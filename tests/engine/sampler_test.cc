@@ -1,7 +1,6 @@
 #include "engine/sampler.h"
 
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <vector>
 
@@ -24,10 +23,12 @@ std::vector<float> LogitsOf(const std::vector<double>& probs) {
 }
 
 // Frequencies of each token over `draws` steps of one seed.
-std::vector<double> Frequencies(const std::vector<float>& logits, const SamplingParams& params, int draws) {
+std::vector<double> Frequencies(const std::vector<float>& logits, const SamplingParams& params,
+                                int draws) {
   std::vector<double> freq(logits.size(), 0.0);
   for (int step = 0; step < draws; ++step) {
-    freq[Sample(logits.data(), static_cast<int64_t>(logits.size()), params, 42, step, 0).token] += 1.0;
+    freq[Sample(logits.data(), static_cast<int64_t>(logits.size()), params, 42, step, 0).token] +=
+        1.0;
   }
   for (double& f : freq) f /= draws;
   return freq;
@@ -95,7 +96,8 @@ TEST_CASE("top_k renormalises over the k most likely tokens") {
 
 TEST_CASE("top_p keeps the smallest set of most likely tokens reaching p") {
   // 0.5 + 0.3 = 0.8 >= 0.7: the 0.2 token is cut.
-  const std::vector<double> freq = Frequencies(LogitsOf({0.2, 0.5, 0.3}), Params(1.0f, 0, 0.7f), kDraws);
+  const std::vector<double> freq =
+      Frequencies(LogitsOf({0.2, 0.5, 0.3}), Params(1.0f, 0, 0.7f), kDraws);
   CHECK(freq[0] == 0.0);
   CHECK(std::abs(freq[1] - 0.625) < kFreqTolerance);
   CHECK(std::abs(freq[2] - 0.375) < kFreqTolerance);
@@ -112,7 +114,8 @@ TEST_CASE("Logprobs are the log-softmax of the raw logits whatever the temperatu
     CHECK(r.top_logprobs[0].first == 1);
     CHECK(r.top_logprobs[1].first == 3);
     CHECK(r.top_logprobs[2].first == 4);
-    for (const auto& [id, lp] : r.top_logprobs) CHECK(lp == Approx(kLogits[id] - std::log(z)).margin(1e-5));
+    for (const auto& [id, lp] : r.top_logprobs)
+      CHECK(lp == Approx(kLogits[id] - std::log(z)).margin(1e-5));
   }
   CHECK(Sample(kLogits.data(), 6, Params(1.0f), 9, 3, 0).top_logprobs.empty());
 }

@@ -1,7 +1,6 @@
 #include "engine/kv/block_allocator.h"
 
 #include <catch2/catch.hpp>
-
 #include <set>
 
 namespace loraplex::kv {

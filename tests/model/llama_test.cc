@@ -1,16 +1,16 @@
 // LlamaModel on the CPU ops against a dense reference forward written here: plain loops over the
 // same weights, one sequence at a time, no paging, no fused layers.
+#include "engine/model/llama.h"
+
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <map>
 #include <random>
 #include <string>
 #include <vector>
 
-#include <catch2/catch.hpp>
-
 #include "engine/core/safetensors.h"
-#include "engine/model/llama.h"
 #include "engine/model/model_spec.h"
 #include "engine/ops/ops.h"
 #include "lora/adapter.h"
@@ -39,7 +39,8 @@ class DenseReference {
   }
 
   // Logits of every position of `tokens`: [L][V].
-  std::vector<std::vector<double>> Logits(const std::vector<int32_t>& tokens, const DenseAdapter* adapter) const {
+  std::vector<std::vector<double>> Logits(const std::vector<int32_t>& tokens,
+                                          const DenseAdapter* adapter) const {
     const int64_t len = static_cast<int64_t>(tokens.size()), h = spec_.hidden_size;
     Matrix x(len * h);
     const auto& emb = w_.at("model.embed_tokens.weight");
@@ -69,7 +70,8 @@ class DenseReference {
     Matrix logits = Linear(n, len, head, -1, Proj::kQ, nullptr);
     std::vector<std::vector<double>> out;
     for (int64_t t = 0; t < len; ++t) {
-      out.emplace_back(logits.begin() + t * spec_.vocab_size, logits.begin() + (t + 1) * spec_.vocab_size);
+      out.emplace_back(logits.begin() + t * spec_.vocab_size,
+                       logits.begin() + (t + 1) * spec_.vocab_size);
     }
     return out;
   }
@@ -87,7 +89,8 @@ class DenseReference {
         if (wavelen > old_ctx / r.low_freq_factor) {
           inv /= r.factor;
         } else if (!(wavelen < old_ctx / r.high_freq_factor)) {
-          const double smooth = (old_ctx / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+          const double smooth =
+              (old_ctx / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
           inv = (1 - smooth) * inv / r.factor + smooth * inv;
         }
       }
@@ -113,7 +116,8 @@ class DenseReference {
   Matrix Linear(const Matrix& x, int64_t len, const std::string& name, int64_t layer, Proj proj,
                 const DenseAdapter* adapter) const {
     const auto& w = w_.at(name);
-    const int64_t in = static_cast<int64_t>(x.size()) / len, out = static_cast<int64_t>(w.size()) / in;
+    const int64_t in = static_cast<int64_t>(x.size()) / len,
+                  out = static_cast<int64_t>(w.size()) / in;
     const Matrix* delta = nullptr;
     if (adapter != nullptr) {
       auto it = adapter->find({layer, static_cast<int>(proj)});
@@ -139,7 +143,8 @@ class DenseReference {
         double* v = &x[(t * heads + hd) * d];
         const Matrix orig(v, v + d);
         for (int64_t i = 0; i < d; ++i) {
-          const double angle = static_cast<double>(static_cast<float>(t) * static_cast<float>(inv_freq[i % half]));
+          const double angle =
+              static_cast<double>(static_cast<float>(t) * static_cast<float>(inv_freq[i % half]));
           const double rot = i < half ? -orig[i + half] : orig[i - half];
           v[i] = orig[i] * std::cos(angle) + rot * std::sin(angle);
         }
@@ -155,7 +160,8 @@ class DenseReference {
         std::vector<double> s(t + 1);
         for (int64_t j = 0; j <= t; ++j) {
           double dot = 0;
-          for (int64_t i = 0; i < d; ++i) dot += q[(t * hq + hd) * d + i] * k[(j * hkv + kvh) * d + i];
+          for (int64_t i = 0; i < d; ++i)
+            dot += q[(t * hq + hd) * d + i] * k[(j * hkv + kvh) * d + i];
           s[j] = dot / std::sqrt(static_cast<double>(d));
         }
         const double mx = *std::max_element(s.begin(), s.end());
@@ -178,8 +184,8 @@ class DenseReference {
 struct Sequence {
   std::vector<int32_t> tokens;
   std::vector<int32_t> blocks;
-  int32_t cached = 0;    // tokens already in the KV cache
-  int32_t slot = -1;     // adapter slot, -1: base model
+  int32_t cached = 0;  // tokens already in the KV cache
+  int32_t slot = -1;   // adapter slot, -1: base model
 };
 
 struct Chunk {
@@ -201,7 +207,8 @@ StepInput MakeStep(std::vector<Sequence>& seqs, const std::vector<Chunk>& chunks
       in.logit_rows.push_back(static_cast<int32_t>(in.token_ids.size()));
       in.token_ids.push_back(s.tokens[static_cast<size_t>(pos)]);
       in.positions.push_back(pos);
-      in.slot_mapping.push_back(s.blocks[static_cast<size_t>(pos / kCapacity.kv_block_size)] * kCapacity.kv_block_size +
+      in.slot_mapping.push_back(s.blocks[static_cast<size_t>(pos / kCapacity.kv_block_size)] *
+                                    kCapacity.kv_block_size +
                                 pos % kCapacity.kv_block_size);
       in.token_seq.push_back(static_cast<int32_t>(row));
       token_slots.push_back(s.slot);
@@ -209,7 +216,8 @@ StepInput MakeStep(std::vector<Sequence>& seqs, const std::vector<Chunk>& chunks
     s.cached += chunks[row].count;
     in.context_lens.push_back(s.cached);
     for (int32_t b = 0; b < kCapacity.max_blocks_per_seq; ++b) {
-      in.block_tables.push_back(b < static_cast<int32_t>(s.blocks.size()) ? s.blocks[static_cast<size_t>(b)] : 0);
+      in.block_tables.push_back(
+          b < static_cast<int32_t>(s.blocks.size()) ? s.blocks[static_cast<size_t>(b)] : 0);
     }
   }
   if (std::any_of(token_slots.begin(), token_slots.end(), [](int32_t s) { return s >= 0; })) {
@@ -229,9 +237,9 @@ std::vector<int32_t> RandomTokens(int n, int64_t vocab, uint32_t seed) {
 // (~1e-7 relative per op over a few dozen ops), so 1e-4 absolute leaves room only for rounding.
 constexpr double kLogitTol = 1e-4;
 
-void CheckStep(const std::vector<float>& logits, const StepInput& in, const std::vector<Chunk>& chunks,
-               const std::vector<Sequence>& seqs, const std::vector<std::vector<std::vector<double>>>& dense,
-               int64_t vocab) {
+void CheckStep(const std::vector<float>& logits, const StepInput& in,
+               const std::vector<Chunk>& chunks, const std::vector<Sequence>& seqs,
+               const std::vector<std::vector<std::vector<double>>>& dense, int64_t vocab) {
   REQUIRE(logits.size() == in.logit_rows.size() * static_cast<size_t>(vocab));
   for (size_t r = 0; r < in.logit_rows.size(); ++r) {
     const int32_t row = in.logit_rows[r];
@@ -239,7 +247,9 @@ void CheckStep(const std::vector<float>& logits, const StepInput& in, const std:
     const int32_t pos = in.positions[static_cast<size_t>(row)];
     for (int64_t v = 0; v < vocab; ++v) {
       INFO("sequence " << seq << " position " << pos << " token " << v);
-      REQUIRE(logits[r * vocab + v] == Approx(dense[static_cast<size_t>(seq)][static_cast<size_t>(pos)][v]).margin(kLogitTol));
+      REQUIRE(
+          logits[r * vocab + v] ==
+          Approx(dense[static_cast<size_t>(seq)][static_cast<size_t>(pos)][v]).margin(kLogitTol));
     }
   }
   (void)seqs;
@@ -248,10 +258,11 @@ void CheckStep(const std::vector<float>& logits, const StepInput& in, const std:
 // Two steps over three sequences: step 1 prefills B (first chunk) and C; step 2 mixes B's second
 // chunk, A's whole prefill and C's first decode token. Every row's logits must match the dense
 // forward of its sequence at its position.
-void ExpectBatchedStepsMatchDense(const testing::TinyModelOptions& options, const std::vector<int32_t>& adapter_slots = {},
+void ExpectBatchedStepsMatchDense(const testing::TinyModelOptions& options,
+                                  const std::vector<int32_t>& adapter_slots = {},
                                   const lora::SlotPool* pool = nullptr,
-                                  const std::vector<const DenseAdapter*>& dense_adapters = {}, ops::Ops* ops_in = nullptr,
-                                  const std::string& dir_in = "") {
+                                  const std::vector<const DenseAdapter*>& dense_adapters = {},
+                                  ops::Ops* ops_in = nullptr, const std::string& dir_in = "") {
   std::unique_ptr<ops::Ops> own_ops;
   ops::Ops* ops = ops_in;
   if (ops == nullptr) {
@@ -280,7 +291,8 @@ void ExpectBatchedStepsMatchDense(const testing::TinyModelOptions& options, cons
   const DenseReference ref(dir, *spec);
   std::vector<std::vector<std::vector<double>>> dense;
   for (size_t i = 0; i < seqs.size(); ++i) {
-    dense.push_back(ref.Logits(seqs[i].tokens, i < dense_adapters.size() ? dense_adapters[i] : nullptr));
+    dense.push_back(
+        ref.Logits(seqs[i].tokens, i < dense_adapters.size() ? dense_adapters[i] : nullptr));
   }
 
   const std::vector<Chunk> step1 = {{1, 5}, {2, 7}};
@@ -342,7 +354,8 @@ TEST_CASE("Load names a missing tensor") {
   options.omit_tensors = {"model.layers.1.mlp.down_proj.weight"};
   const absl::Status status = LoadStatus(options);
   CHECK(status.code() == absl::StatusCode::kNotFound);
-  CHECK(std::string(status.message()).find("model.layers.1.mlp.down_proj.weight") != std::string::npos);
+  CHECK(std::string(status.message()).find("model.layers.1.mlp.down_proj.weight") !=
+        std::string::npos);
 }
 
 TEST_CASE("Load names a tensor of the wrong shape, its file and both shapes") {
@@ -353,7 +366,8 @@ TEST_CASE("Load names a tensor of the wrong shape, its file and both shapes") {
   CHECK(status.code() == absl::StatusCode::kInvalidArgument);
   const std::string msg(status.message());
   INFO(msg);
-  CHECK(msg.find("model.layers.1.mlp.down_proj.weight has shape [32,128], expected [32,64]") != std::string::npos);
+  CHECK(msg.find("model.layers.1.mlp.down_proj.weight has shape [32,128], expected [32,64]") !=
+        std::string::npos);
   CHECK(msg.find("model-0000") != std::string::npos);
 }
 
@@ -417,7 +431,8 @@ DenseAdapter ReadDenseAdapter(const std::string& dir, const ModelSpec& spec, dou
       for (int64_t i = 0; i < o; ++i)
         for (int64_t j = 0; j < in; ++j) {
           double acc = 0;
-          for (int64_t k = 0; k < r; ++k) acc += static_cast<double>(b->As<float>()[i * r + k]) * a->As<float>()[k * in + j];
+          for (int64_t k = 0; k < r; ++k)
+            acc += static_cast<double>(b->As<float>()[i * r + k]) * a->As<float>()[k * in + j];
           delta[i * in + j] = scale * acc;
         }
       out[{l, p}] = std::move(delta);
@@ -425,7 +440,9 @@ DenseAdapter ReadDenseAdapter(const std::string& dir, const ModelSpec& spec, dou
   return out;
 }
 
-TEST_CASE("Sequences with different adapters in one step each match the dense forward of their merged weights") {
+TEST_CASE(
+    "Sequences with different adapters in one step each match the dense forward of their merged "
+    "weights") {
   testing::TinyModelOptions options;
   const std::string dir = testing::MakeTempDir("llama-lora");
   REQUIRE(testing::WriteTinyModel(dir, options).ok());
@@ -448,7 +465,8 @@ TEST_CASE("Sequences with different adapters in one step each match the dense fo
   REQUIRE(testing::WriteTinyAdapter(xdir, *spec, xo).ok());
   REQUIRE(testing::WriteTinyAdapter(ydir, *spec, yo).ok());
   lora::LoraLimits limits;
-  limits.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  limits.target_modules = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                           "gate_proj", "up_proj", "down_proj"};
   auto x = lora::LoadPeftAdapter("x", xdir, *spec, limits, DType::kF32);
   INFO(x.status().message());
   REQUIRE(x.ok());
@@ -462,7 +480,8 @@ TEST_CASE("Sequences with different adapters in one step each match the dense fo
   const DenseAdapter dx = ReadDenseAdapter(xdir, *spec, 8.0 / 4);
   const DenseAdapter dy = ReadDenseAdapter(ydir, *spec, 4.0 / std::sqrt(8.0));
   // Sequence A uses y, B the base model, C uses x.
-  ExpectBatchedStepsMatchDense(options, {(*slots)[1], -1, (*slots)[0]}, pool->get(), {&dy, nullptr, &dx}, ops->get(), dir);
+  ExpectBatchedStepsMatchDense(options, {(*slots)[1], -1, (*slots)[0]}, pool->get(),
+                               {&dy, nullptr, &dx}, ops->get(), dir);
 }
 
 }  // namespace

@@ -1,11 +1,13 @@
 // ParseModelSpec over config.json variants, RopeInvFreq against Hugging Face's llama3 rule, and
 // the tiny-model fixture round trip.
-#include <cmath>
-#include <string>
+#include "engine/model/model_spec.h"
 
 #include <catch2/catch.hpp>
+#include <cmath>
+#include <fstream>
+#include <string>
 
-#include "engine/model/model_spec.h"
+#include "engine/core/safetensors.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/tiny_model.h"
 
@@ -54,7 +56,8 @@ TEST_CASE("ParseModelSpec reads a Llama config and derives head_dim from hidden 
   CHECK_FALSE(spec->tie_word_embeddings);
 }
 
-TEST_CASE("ParseModelSpec defaults num_key_value_heads to num_attention_heads and honours head_dim") {
+TEST_CASE(
+    "ParseModelSpec defaults num_key_value_heads to num_attention_heads and honours head_dim") {
   json j = BaseConfig();
   j.erase("num_key_value_heads");
   j["head_dim"] = 16;
@@ -79,8 +82,11 @@ TEST_CASE("ParseModelSpec accepts eos_token_id as a list and Mistral architectur
 TEST_CASE("ParseModelSpec reads llama3 rope_scaling with either type key") {
   for (const char* key : {"rope_type", "type"}) {
     json j = BaseConfig();
-    j["rope_scaling"] = {{key, "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0},
-                         {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 8192}};
+    j["rope_scaling"] = {{key, "llama3"},
+                         {"factor", 8.0},
+                         {"low_freq_factor", 1.0},
+                         {"high_freq_factor", 4.0},
+                         {"original_max_position_embeddings", 8192}};
     const auto spec = Parse(j);
     REQUIRE(spec.ok());
     CHECK(spec->rope.rope_type == "llama3");
@@ -93,9 +99,9 @@ TEST_CASE("ParseModelSpec reads llama3 rope_scaling with either type key") {
 TEST_CASE("ParseModelSpec reads the newer rope_parameters object including its rope_theta") {
   json j = BaseConfig();
   j.erase("rope_theta");
-  j["rope_parameters"] = {{"rope_type", "llama3"}, {"rope_theta", 250000.0}, {"factor", 32.0},
-                          {"low_freq_factor", 1.0}, {"high_freq_factor", 4.0},
-                          {"original_max_position_embeddings", 8192}};
+  j["rope_parameters"] = {{"rope_type", "llama3"},   {"rope_theta", 250000.0},
+                          {"factor", 32.0},          {"low_freq_factor", 1.0},
+                          {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 8192}};
   const auto spec = Parse(j);
   REQUIRE(spec.ok());
   CHECK(spec->rope.theta == 250000.0);
@@ -169,11 +175,14 @@ TEST_CASE("ParseModelSpec refuses unsupported or malformed fields naming the fie
     j["sliding_window"] = 1024;
     ExpectRefused(j, "sliding_window");
   }
-  SECTION("not JSON") { CHECK(ParseModelSpec("{nope").status().code() == absl::StatusCode::kInvalidArgument); }
+  SECTION("not JSON") {
+    CHECK(ParseModelSpec("{nope").status().code() == absl::StatusCode::kInvalidArgument);
+  }
 }
 
 // Hugging Face's _compute_llama3_parameters, written the way it is there: where() over masks.
-std::vector<double> HfLlama3InvFreq(double base, int dim, double factor, double low, double high, double old_ctx) {
+std::vector<double> HfLlama3InvFreq(double base, int dim, double factor, double low, double high,
+                                    double old_ctx) {
   std::vector<double> out;
   for (int i = 0; i < dim; i += 2) {
     const double inv = 1.0 / std::pow(base, static_cast<double>(i) / dim);
@@ -196,7 +205,8 @@ TEST_CASE("RopeInvFreq applies Hugging Face's llama3 rule in all three frequency
   SECTION("default rope is theta^(-2i/d)") {
     const auto f = RopeInvFreq(spec);
     REQUIRE(f.size() == 8);
-    for (int i = 0; i < 8; ++i) CHECK(f[i] == Approx(1.0 / std::pow(10000.0, 2.0 * i / 16)).epsilon(1e-6));
+    for (int i = 0; i < 8; ++i)
+      CHECK(f[i] == Approx(1.0 / std::pow(10000.0, 2.0 * i / 16)).epsilon(1e-6));
   }
   SECTION("llama3") {
     spec.rope.rope_type = "llama3";
@@ -210,9 +220,9 @@ TEST_CASE("RopeInvFreq applies Hugging Face's llama3 rule in all three frequency
     REQUIRE(f.size() == want.size());
     // f is fp32: 1e-6 relative is its rounding.
     for (size_t i = 0; i < f.size(); ++i) CHECK(f[i] == Approx(want[i]).epsilon(1e-6));
-    CHECK(f[0] == Approx(1.0).epsilon(1e-7));                                         // high frequency: kept
+    CHECK(f[0] == Approx(1.0).epsilon(1e-7));  // high frequency: kept
     CHECK(f[7] == Approx(1.0 / std::pow(10000.0, 14.0 / 16) / 8.0).epsilon(1e-6));  // low: divided
-    const double plain2 = 1.0 / std::pow(10000.0, 4.0 / 16);                         // wavelen ~ 63: smoothed
+    const double plain2 = 1.0 / std::pow(10000.0, 4.0 / 16);  // wavelen ~ 63: smoothed
     CHECK(f[2] < plain2);
     CHECK(f[2] > plain2 / 8.0);
   }
@@ -246,6 +256,54 @@ TEST_CASE("WriteTinyModel config overrides reach config.json") {
   const auto spec = LoadModelSpec(dir);
   REQUIRE_FALSE(spec.ok());
   CHECK(std::string(spec.status().message()).find("attention_bias") != std::string::npos);
+}
+
+TEST_CASE(
+    "WriteTinyAdapter writes PEFT keys and shapes with rank_pattern and layers_to_transform "
+    "applied") {
+  testing::TinyModelOptions model_options;
+  model_options.layers = 3;
+  const ModelSpec spec = testing::TinyModelSpec(model_options);
+  testing::TinyAdapterOptions options;
+  options.r = 4;
+  options.target_modules = {"q_proj", "down_proj"};
+  options.rank_pattern = {{"layers.2.self_attn.q_proj", 8}};
+  options.layers_to_transform = {0, 2};
+  options.config_overrides_json = R"({"lora_alpha": 16, "use_dora": true})";
+  const std::string dir = testing::MakeTempDir("adapter");
+  REQUIRE(testing::WriteTinyAdapter(dir, spec, options).ok());
+
+  auto file = SafetensorsFile::Open(dir + "/adapter_model.safetensors");
+  REQUIRE(file.ok());
+  CHECK((*file)->tensors().size() == 2 * 2 * 2);  // 2 layers x 2 modules x {A, B}
+  const std::string l0 = "base_model.model.model.layers.0.";
+  const std::string l2 = "base_model.model.model.layers.2.";
+  auto shape = [&](const std::string& name) {
+    auto info = (*file)->Find(name);
+    REQUIRE(info.ok());
+    return (*info)->shape;
+  };
+  CHECK(shape(l0 + "self_attn.q_proj.lora_A.weight") == Shape{4, spec.hidden_size});
+  CHECK(shape(l0 + "self_attn.q_proj.lora_B.weight") == Shape{spec.q_width(), 4});
+  CHECK(shape(l2 + "self_attn.q_proj.lora_A.weight") == Shape{8, spec.hidden_size});
+  CHECK(shape(l2 + "mlp.down_proj.lora_A.weight") == Shape{4, spec.intermediate_size});
+  CHECK(shape(l2 + "mlp.down_proj.lora_B.weight") == Shape{spec.hidden_size, 4});
+  CHECK_FALSE((*file)->Find("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight").ok());
+  // B is random, not PEFT's zero init, so the adapter changes outputs.
+  auto b = (*file)->ReadAs(l0 + "self_attn.q_proj.lora_B.weight", DType::kF32);
+  REQUIRE(b.ok());
+  double norm = 0;
+  for (int64_t i = 0; i < b->shape().NumElements(); ++i) norm += std::abs(b->As<float>()[i]);
+  CHECK(norm > 0);
+
+  std::ifstream f(dir + "/adapter_config.json");
+  const json config = json::parse(f);
+  CHECK(config["r"] == 4);
+  CHECK(config["lora_alpha"] == 16);
+  CHECK(config["use_dora"] == true);
+  CHECK(config["rank_pattern"]["layers.2.self_attn.q_proj"] == 8);
+  CHECK(config["layers_to_transform"] == json::array({0, 2}));
+  CHECK(config["peft_type"] == "LORA");
 }
 
 }  // namespace

@@ -1,11 +1,10 @@
 // The CPU reference ops against naive formulas written out here, on random inputs.
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <numeric>
 #include <random>
 #include <vector>
-
-#include <catch2/catch.hpp>
 
 #include "engine/ops/cpu/cpu_ops.h"
 #include "engine/ops/ops.h"
@@ -25,8 +24,12 @@ std::vector<float> Random(size_t n, uint32_t seed, float lo = -1.0f, float hi = 
   return v;
 }
 
-TensorView View(std::vector<float>& v, Shape shape) { return {v.data(), DType::kF32, shape, Device::kCpu}; }
-TensorView View(std::vector<int32_t>& v, Shape shape) { return {v.data(), DType::kI32, shape, Device::kCpu}; }
+TensorView View(std::vector<float>& v, Shape shape) {
+  return {v.data(), DType::kF32, shape, Device::kCpu};
+}
+TensorView View(std::vector<int32_t>& v, Shape shape) {
+  return {v.data(), DType::kI32, shape, Device::kCpu};
+}
 
 void ExpectNear(const std::vector<float>& got, const std::vector<double>& want) {
   REQUIRE(got.size() == want.size());
@@ -75,7 +78,8 @@ TEST_CASE("Gemm refuses mismatched inner dimensions") {
   CHECK(status.code() == absl::StatusCode::kInvalidArgument);
 }
 
-std::vector<double> NaiveRmsNorm(const std::vector<float>& x, const std::vector<float>& w, int t, int h, float eps) {
+std::vector<double> NaiveRmsNorm(const std::vector<float>& x, const std::vector<float>& w, int t,
+                                 int h, float eps) {
   std::vector<double> out(t * h);
   for (int r = 0; r < t; ++r) {
     double ss = 0;
@@ -97,10 +101,13 @@ TEST_CASE("RmsNorm scales each row by its root mean square and the weight") {
 TEST_CASE("AddRmsNorm adds x into the residual and normalises the sum") {
   auto ops = Cpu();
   const int t = 4, h = 12;
-  auto x = Random(t * h, 6), res = Random(t * h, 7), w = Random(h, 8, 0.5, 1.5), out = std::vector<float>(t * h);
+  auto x = Random(t * h, 6), res = Random(t * h, 7), w = Random(h, 8, 0.5, 1.5),
+       out = std::vector<float>(t * h);
   std::vector<float> sum(t * h);
   for (int i = 0; i < t * h; ++i) sum[i] = x[i] + res[i];
-  REQUIRE(ops->AddRmsNorm(View(x, {t, h}), View(res, {t, h}), View(w, {h}), 1e-6f, View(out, {t, h})).ok());
+  REQUIRE(
+      ops->AddRmsNorm(View(x, {t, h}), View(res, {t, h}), View(w, {h}), 1e-6f, View(out, {t, h}))
+          .ok());
   ExpectNear(res, std::vector<double>(sum.begin(), sum.end()));
   ExpectNear(out, NaiveRmsNorm(sum, w, t, h, 1e-6f));
 }
@@ -119,10 +126,14 @@ TEST_CASE("RopeAndCacheKv rotates q and k rotate-half style and writes k and v t
   meta.token_seq = token_seq.data();
   meta.num_tokens = t;
   meta.block_size = block_size;
-  const KvCacheView cache{View(k_cache, {num_blocks, block_size, hkv, d}), View(v_cache, {num_blocks, block_size, hkv, d})};
-  REQUIRE(ops->RopeAndCacheKv(View(qkv, {t, width}), View(inv_freq, {d / 2}), hq, hkv, d, meta, cache).ok());
+  const KvCacheView cache{View(k_cache, {num_blocks, block_size, hkv, d}),
+                          View(v_cache, {num_blocks, block_size, hkv, d})};
+  REQUIRE(
+      ops->RopeAndCacheKv(View(qkv, {t, width}), View(inv_freq, {d / 2}), hq, hkv, d, meta, cache)
+          .ok());
 
-  // Hugging Face: emb = cat(freqs, freqs); x·cos(emb) + rotate_half(x)·sin(emb), rotate_half = cat(-x2, x1).
+  // Hugging Face: emb = cat(freqs, freqs); x·cos(emb) + rotate_half(x)·sin(emb), rotate_half =
+  // cat(-x2, x1).
   std::vector<double> want(original.begin(), original.end());
   for (int r = 0; r < t; ++r) {
     for (int head = 0; head < hq + hkv; ++head) {
@@ -168,7 +179,8 @@ TEST_CASE("Attention over a shuffled paged cache equals dense causal attention w
     }
   }
   // The step: all of sequence 0 (prefill), the last 3 tokens of sequence 1 (a later chunk).
-  std::vector<int32_t> positions = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, token_seq = {0, 0, 0, 0, 0, 0, 0, 1, 1, 1};
+  std::vector<int32_t> positions = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9},
+                       token_seq = {0, 0, 0, 0, 0, 0, 0, 1, 1, 1};
   std::vector<int32_t> context_lens = {7, 10}, slots(10, -1);
   const int t = 10;
   auto qkv = Random(t * width, 40);
@@ -185,8 +197,11 @@ TEST_CASE("Attention over a shuffled paged cache equals dense causal attention w
   meta.block_size = block_size;
   meta.max_context_len = 10;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const KvCacheView cache{View(k_cache, {num_blocks, block_size, hkv, d}), View(v_cache, {num_blocks, block_size, hkv, d})};
-  REQUIRE(ops->Attention(View(qkv, {t, width}), hq, hkv, d, scale, meta, cache, View(out, {t, hq * d})).ok());
+  const KvCacheView cache{View(k_cache, {num_blocks, block_size, hkv, d}),
+                          View(v_cache, {num_blocks, block_size, hkv, d})};
+  REQUIRE(
+      ops->Attention(View(qkv, {t, width}), hq, hkv, d, scale, meta, cache, View(out, {t, hq * d}))
+          .ok());
 
   std::vector<double> want(t * hq * d);
   for (int r = 0; r < t; ++r) {
@@ -196,7 +211,9 @@ TEST_CASE("Attention over a shuffled paged cache equals dense causal attention w
       std::vector<double> p(pos + 1);
       for (int j = 0; j <= pos; ++j) {
         double dot = 0;
-        for (int i = 0; i < d; ++i) dot += qkv[r * width + h * d + i] * static_cast<double>(dense_k[s][(j * hkv + kvh) * d + i]);
+        for (int i = 0; i < d; ++i)
+          dot +=
+              qkv[r * width + h * d + i] * static_cast<double>(dense_k[s][(j * hkv + kvh) * d + i]);
         p[j] = dot * scale;
       }
       const double mx = *std::max_element(p.begin(), p.end());
@@ -240,7 +257,8 @@ TEST_CASE("GatherRows and Embed copy the indexed rows and refuse out-of-range in
   REQUIRE(ops->GatherRows(View(table, {v, h}), View(ids, {4}), View(gathered, {4, h})).ok());
   CHECK(gathered == out);
   ids[2] = 6;
-  CHECK(ops->Embed(View(ids, {4}), View(table, {v, h}), View(out, {4, h})).code() == absl::StatusCode::kInvalidArgument);
+  CHECK(ops->Embed(View(ids, {4}), View(table, {v, h}), View(out, {4, h})).code() ==
+        absl::StatusCode::kInvalidArgument);
   CHECK(ops->GatherRows(View(table, {v, h}), View(ids, {4}), View(gathered, {4, h})).code() ==
         absl::StatusCode::kInvalidArgument);
 }
@@ -257,7 +275,8 @@ TEST_CASE("LoraShrink and LoraExpand apply each segment's slot at its own ranks,
       const int r = ranks[s][sl];
       a_store.push_back(Random(std::max(r, 1) * in, 100 + s * 3 + sl));
       b_store.push_back(Random(widths[sl] * std::max(r, 1), 200 + s * 3 + sl));
-      table[s * num_slices + sl] = {a_store.back().data(), b_store.back().data(), r, 0.25f * (1 + s + sl)};
+      table[s * num_slices + sl] = {a_store.back().data(), b_store.back().data(), r,
+                                    0.25f * (1 + s + sl)};
     }
   LoraModule module;
   module.table = table.data();
@@ -270,10 +289,12 @@ TEST_CASE("LoraShrink and LoraExpand apply each segment's slot at its own ranks,
   module.slice_offsets[3] = 14;
   // Three segments over two slots (slot 2 twice, as a split prefill would give), slot 1 with rank
   // 0 everywhere, and row 2 left to the base model.
-  std::vector<int32_t> token_rows = {1, 4, 0, 3, 5, 6}, seg_starts = {0, 2, 4, 5, 6}, seg_slots = {2, 0, 1, 2};
+  std::vector<int32_t> token_rows = {1, 4, 0, 3, 5, 6}, seg_starts = {0, 2, 4, 5, 6},
+                       seg_slots = {2, 0, 1, 2};
   std::vector<int32_t> num_segments = {4};
   std::vector<int32_t> slot_of_row = {0, 2, -1, 0, 2, 1, 2};
-  LoraSegments seg{token_rows.data(), seg_starts.data(), seg_slots.data(), num_segments.data(), 4, t};
+  LoraSegments seg{
+      token_rows.data(), seg_starts.data(), seg_slots.data(), num_segments.data(), 4, t};
 
   auto x = Random(t * in, 13);
   std::vector<float> y(t * num_slices * max_rank, -99.0f);
@@ -288,13 +309,15 @@ TEST_CASE("LoraShrink and LoraExpand apply each segment's slot at its own ranks,
           continue;
         }
         double want = 0;
-        for (int k = 0; k < in; ++k) want += x[row * in + k] * static_cast<double>(a_store[slot * 3 + sl][j * in + k]);
+        for (int k = 0; k < in; ++k)
+          want += x[row * in + k] * static_cast<double>(a_store[slot * 3 + sl][j * in + k]);
         CHECK(got == Approx(want).epsilon(kRel).margin(1e-6));
       }
 
   auto out = Random(t * 14, 14);
   const auto out0 = out;
-  REQUIRE(ops->LoraExpand(View(y, {t, num_slices * max_rank}), seg, module, View(out, {t, 14})).ok());
+  REQUIRE(
+      ops->LoraExpand(View(y, {t, num_slices * max_rank}), seg, module, View(out, {t, 14})).ok());
   std::vector<double> want(out0.begin(), out0.end());
   for (int row = 0; row < t; ++row) {
     const int slot = slot_of_row[row];
@@ -305,7 +328,8 @@ TEST_CASE("LoraShrink and LoraExpand apply each segment's slot at its own ranks,
       for (int n = 0; n < widths[sl]; ++n) {
         double acc = 0;
         for (int j = 0; j < r; ++j) {
-          acc += static_cast<double>(y[(row * num_slices + sl) * max_rank + j]) * b_store[slot * 3 + sl][n * r + j];
+          acc += static_cast<double>(y[(row * num_slices + sl) * max_rank + j]) *
+                 b_store[slot * 3 + sl][n * r + j];
         }
         want[row * 14 + module.slice_offsets[sl] + n] += w.scale * acc;
       }
@@ -325,9 +349,11 @@ TEST_CASE("LoRA ops refuse a segment whose slot is outside the table") {
   module.max_rank = 1;
   module.slice_offsets[1] = 2;
   std::vector<int32_t> token_rows = {0}, seg_starts = {0, 1}, seg_slots = {1}, num_segments = {1};
-  LoraSegments seg{token_rows.data(), seg_starts.data(), seg_slots.data(), num_segments.data(), 1, 1};
+  LoraSegments seg{
+      token_rows.data(), seg_starts.data(), seg_slots.data(), num_segments.data(), 1, 1};
   std::vector<float> x(2), y(1);
-  CHECK(ops->LoraShrink(View(x, {1, 2}), seg, module, View(y, {1, 1})).code() == absl::StatusCode::kInvalidArgument);
+  CHECK(ops->LoraShrink(View(x, {1, 2}), seg, module, View(y, {1, 1})).code() ==
+        absl::StatusCode::kInvalidArgument);
 }
 
 TEST_CASE("DeviceMemory moves ownership and views its allocation at an offset") {

@@ -755,6 +755,24 @@ absl::Status LoraTests() {
   LORAPLEX_ASSIGN_OR_RETURN(st2.d_out, g_gpu->Allocate(static_cast<size_t>(T2) * down->width() * 2));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA down prefill", st2, RandomTokenSlots(T2, 3, 0.1), 1000, nullptr));
 
+  // Ranks off the register-held paths (12, 24, 40: not 8·{1,2,4,8}; 128: streamed rows) and long
+  // segments, which the kernels split over tokens (mean length 300/4 > 16), then many short ones
+  // (more work items than persistent blocks, so blocks loop).
+  LORAPLEX_ASSIGN_OR_RETURN(auto odd, LoraWorld::Create(4, 4096, {4096, 1024, 1024}, 128,
+                                                        {{16, 16, 16}, {64, 8, 0}, {12, 12, 24}, {128, 40, 128}}));
+  const int T3 = 300;
+  LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs3, DevSegs::Create(T3, T3));
+  LoraStep st3{odd.get(), &dsegs3, T3, {}, {}, {}};
+  LORAPLEX_ASSIGN_OR_RETURN(st3.d_x, g_gpu->Allocate(static_cast<size_t>(T3) * odd->in * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(st3.d_y, g_gpu->Allocate(static_cast<size_t>(T3) * odd->num_slices * odd->max_rank * 4));
+  LORAPLEX_ASSIGN_OR_RETURN(st3.d_out, g_gpu->Allocate(static_cast<size_t>(T3) * odd->width() * 2));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks long segments", st3, RandomTokenSlots(T3, 4, 0.05), 1000, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks short segments", st3, RandomTokenSlots(T3, 4, 0.05), 2, nullptr));
+  // One persistent block per SM: every block walks many items.
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraBlocksPerSmForTest(g_gpu, 1));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks 1 block/SM", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraBlocksPerSmForTest(g_gpu, 2));
+
   // CUDA graph: capture shrink+expand once, then replay with segment tables, counts and inputs
   // changed in device memory between replays (more segments than at capture, fewer, none).
   {
@@ -808,41 +826,158 @@ absl::Status TimeGemm(int64_t m, int64_t n, int64_t k) {
   return absl::OkStatus();
 }
 
-absl::Status TimeLora() {
-  // 32 distinct rank-16 adapters on q/k/v, one decode token each (32 segments), Llama-3-8B widths.
-  const int T = 32, slots = 32, rank = 16, sets = 6;  // 6 sets × ~19 MB of adapter weights > L2
-  std::vector<std::unique_ptr<LoraWorld>> worlds;
-  for (int i = 0; i < sets; ++i) {
-    LORAPLEX_ASSIGN_OR_RETURN(auto w, LoraWorld::Create(slots, 4096, {4096, 1024, 1024}, rank,
-                                                        std::vector<std::vector<int>>(slots, {rank, rank, rank})));
-    worlds.push_back(std::move(w));
+// Random bf16 weights that timing cases carve adapter slices and GEMM weights from: 2 GiB, so
+// rotating through copies of a case's weights streams them from HBM, not the 50 MB L2. Contents
+// only need to be realistic (random, not zero); correctness is checked above.
+struct WeightPool {
+  DeviceMemory mem;
+  size_t next = 0;
+  static absl::StatusOr<WeightPool> Create(size_t bytes) {
+    WeightPool pool;
+    LORAPLEX_ASSIGN_OR_RETURN(pool.mem, g_gpu->Allocate(bytes));
+    const size_t block = 16u << 20;
+    LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory seed, UploadBf16(RandomVec(block / 2, -0.05f, 0.05f)));
+    for (size_t at = 0; at < bytes; at += block) {
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyOnDevice(static_cast<char*>(pool.mem.data()) + at, seed.data(),
+                                                   std::min(block, bytes - at)));
+    }
+    return pool;
   }
-  std::vector<int> token_slots(T);
-  std::iota(token_slots.begin(), token_slots.end(), 0);
-  LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs, DevSegs::Create(slots, T));
-  LORAPLEX_RETURN_IF_ERROR(dsegs.Write(BuildSegs(token_slots, 1000)));
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, UploadBf16(RandomVec(T * 4096, -1, 1)));
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, Poisoned(T * 3 * rank * 4));
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, UploadBf16(RandomVec(T * 6144, -1, 1)));
-  const TensorView gx = Gpu(d_x, DType::kBF16, {T, 4096}), gy = Gpu(d_y, DType::kF32, {T, 3 * rank}),
-                   gout = Gpu(d_out, DType::kBF16, {T, 6144});
+  // 256-byte aligned; wraps around when the pool is used up.
+  void* Take(size_t bytes) {
+    bytes = (bytes + 255) / 256 * 256;
+    if (next + bytes > mem.size()) next = 0;
+    void* p = static_cast<char*>(mem.data()) + next;
+    next += bytes;
+    return p;
+  }
+};
+
+struct LoraTimingCase {
+  std::string name;
+  int in;
+  std::vector<int> widths;
+  std::vector<int> token_slots;  // [T] adapter slot of each token, -1 for the base model
+  std::vector<int> slot_ranks;   // rank of every slice of each slot
+};
+
+// Times shrink, expand, both, the base GEMM of the module at M = T, and GEMM + both (the module as
+// a layer runs it). Bandwidth is adapter bytes (A and B of the slots the step uses) over time.
+absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
+  const int T = static_cast<int>(c.token_slots.size());
+  const int S = static_cast<int>(c.widths.size());
+  const int slots = static_cast<int>(c.slot_ranks.size());
+  const int max_rank = *std::max_element(c.slot_ranks.begin(), c.slot_ranks.end());
+  int width = 0;
+  for (int w : c.widths) width += w;
+  std::vector<bool> used(slots, false);
+  for (int s : c.token_slots) if (s >= 0) used[s] = true;
+  double a_bytes = 0, b_bytes = 0;
+  for (int s = 0; s < slots; ++s) {
+    if (!used[s]) continue;
+    a_bytes += 2.0 * S * c.slot_ranks[s] * c.in;
+    b_bytes += 2.0 * width * c.slot_ranks[s];
+  }
+  const double gemm_bytes = 2.0 * width * c.in;
+  // Rotate through enough copies of the adapters (and of the GEMM weight) to exceed the L2 4x.
+  const int sets = static_cast<int>(std::clamp(200e6 / (a_bytes + b_bytes), 4.0, 512.0));
+  const int gemm_copies = static_cast<int>(std::clamp(200e6 / gemm_bytes, 2.0, 8.0));
+  std::vector<DeviceMemory> tables;
+  std::vector<LoraModule> modules;
+  for (int set = 0; set < sets; ++set) {
+    std::vector<LoraSliceWeights> table(static_cast<size_t>(slots) * S);
+    for (int slot = 0; slot < slots; ++slot) {
+      for (int s = 0; s < S; ++s) {
+        const int r = c.slot_ranks[slot];
+        // Unused slots keep their table entries but are never read; give them no memory.
+        void* a = used[slot] ? pool.Take(static_cast<size_t>(r) * c.in * 2) : nullptr;
+        void* b = used[slot] ? pool.Take(static_cast<size_t>(c.widths[s]) * r * 2) : nullptr;
+        table[slot * S + s] = {a, b, used[slot] ? r : 0, 0.5f};
+      }
+    }
+    LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d, Upload(table.data(), table.size() * sizeof(LoraSliceWeights)));
+    LoraModule m;
+    m.table = static_cast<const LoraSliceWeights*>(d.data());
+    m.num_slots = slots;
+    m.num_slices = S;
+    m.in_features = c.in;
+    m.max_rank = max_rank;
+    for (int s = 0; s < S; ++s) m.slice_offsets[s + 1] = m.slice_offsets[s] + c.widths[s];
+    tables.push_back(std::move(d));
+    modules.push_back(m);
+  }
+  std::vector<TensorView> gemm_w;
+  for (int i = 0; i < gemm_copies; ++i) {
+    gemm_w.push_back({pool.Take(static_cast<size_t>(gemm_bytes)), DType::kBF16, {width, c.in}, Device::kCuda});
+  }
+  // Segment capacity as the model sizes it (its max_tokens), not the live count: the grid must
+  // not grow with it.
+  const Segs segs = BuildSegs(c.token_slots, 0x7fffffff);
+  LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs, DevSegs::Create(2048, T));
+  LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, UploadBf16(RandomVec(static_cast<size_t>(T) * c.in, -1, 1)));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, Poisoned(static_cast<size_t>(T) * S * max_rank * 4));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, UploadBf16(RandomVec(static_cast<size_t>(T) * width, -1, 1)));
+  const TensorView gx = Gpu(d_x, DType::kBF16, {T, c.in}), gy = Gpu(d_y, DType::kF32, {T, S * max_rank}),
+                   gout = Gpu(d_out, DType::kBF16, {T, width});
   const LoraSegments ds = dsegs.View();
-  const double a_bytes = 32.0 * 3 * rank * 4096 * 2, b_bytes = 32.0 * 6144 * rank * 2;
-  struct Variant { const char* name; bool shrink, expand; double bytes; };
-  for (const Variant& v : {Variant{"shrink", true, false, a_bytes + T * 4096 * 2},
-                           Variant{"expand", false, true, b_bytes + 2.0 * T * 6144 * 2},
-                           Variant{"shrink+expand", true, true, a_bytes + b_bytes + T * 4096 * 2 + 2.0 * T * 6144 * 2}}) {
+  struct Variant { const char* name; bool gemm, shrink, expand; double bytes; };
+  double us[5] = {};
+  int vi = 0;
+  for (const Variant& v : {Variant{"gemm", true, false, false, gemm_bytes}, Variant{"shrink", false, true, false, a_bytes},
+                           Variant{"expand", false, false, true, b_bytes},
+                           Variant{"lora", false, true, true, a_bytes + b_bytes},
+                           Variant{"gemm+lora", true, true, true, gemm_bytes + a_bytes + b_bytes}}) {
     LORAPLEX_ASSIGN_OR_RETURN(auto samples, cuda::TimeOnStream(g_gpu, 10, 21, 20, [&](int call) -> absl::Status {
-      const LoraModule m = worlds[call % sets]->Module(true);
-      if (v.shrink) LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, m, gy));
-      if (v.expand) LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraExpand(gy, ds, m, gout));
+      if (v.gemm) LORAPLEX_RETURN_IF_ERROR(g_gpu->Gemm(gx, gemm_w[call % gemm_copies], 0.0f, gout));
+      if (v.shrink) LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, modules[call % sets], gy));
+      if (v.expand) LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraExpand(gy, ds, modules[call % sets], gout));
       return absl::OkStatus();
     }));
-    const double us = Median(samples);
-    std::printf("TIME LoRA qkv 32x rank-16 T=32 %-14s %9.2f us  %7.1f GB/s (adapter bytes %.1f MB)\n", v.name, us,
-                v.bytes / us * 1e-3, v.bytes * 1e-6);
+    us[vi++] = Median(samples);
   }
+  std::printf("TIME LoRA %-34s T=%-4d segs=%-3d shrink %6.2f us %6.0f GB/s | expand %6.2f us %6.0f GB/s | "
+              "lora %6.2f us %6.0f GB/s (%5.2f MB) | gemm %6.2f us, gemm+lora %6.2f us = %.3fx\n",
+              c.name.c_str(), T, segs.count(), us[1], a_bytes / us[1] * 1e-3, us[2], b_bytes / us[2] * 1e-3, us[3],
+              (a_bytes + b_bytes) / us[3] * 1e-3, (a_bytes + b_bytes) * 1e-6, us[0], us[4], us[4] / us[0]);
   return absl::OkStatus();
+}
+
+absl::Status TimeLora() {
+  LORAPLEX_ASSIGN_OR_RETURN(WeightPool pool, WeightPool::Create(size_t{2} << 30));
+  struct Shape3 { const char* name; int in; std::vector<int> widths; };
+  const Shape3 shapes[] = {{"qkv", 4096, {4096, 1024, 1024}}, {"o", 4096, {4096}},
+                           {"gate_up", 4096, {14336, 14336}}, {"down", 14336, {4096}}};
+  std::vector<int> distinct32(32), four_by_8(32), mixed_ranks(32);
+  std::iota(distinct32.begin(), distinct32.end(), 0);
+  for (int t = 0; t < 32; ++t) four_by_8[t] = t / 8;
+  for (int s = 0; s < 32; ++s) mixed_ranks[s] = 8 << (s % 4);  // 8, 16, 32, 64
+  for (const Shape3& sh : shapes) {
+    const std::string n = sh.name;
+    for (const LoraTimingCase& c : {
+             LoraTimingCase{n + " 32 distinct r16", sh.in, sh.widths, distinct32, std::vector<int>(32, 16)},
+             LoraTimingCase{n + " 32 distinct r{8,16,32,64}", sh.in, sh.widths, distinct32, mixed_ranks},
+             LoraTimingCase{n + " 4 adapters x 8 tokens r16", sh.in, sh.widths, four_by_8, std::vector<int>(4, 16)},
+             LoraTimingCase{n + " 1 adapter x 1 token r16", sh.in, sh.widths, {0}, {16}},
+             LoraTimingCase{n + " 1 adapter x 1 token r64", sh.in, sh.widths, {0}, {64}}}) {
+      LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, c));
+    }
+  }
+  // Batches past 32 and a prefill step of 4 adapters x 512 tokens.
+  std::vector<int> distinct128(128), prefill(2048);
+  std::iota(distinct128.begin(), distinct128.end(), 0);
+  for (int t = 0; t < 2048; ++t) prefill[t] = t / 512;
+  LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, {"qkv 128 distinct r16", 4096, {4096, 1024, 1024}, distinct128,
+                                               std::vector<int>(128, 16)}));
+  LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, {"qkv prefill 4 x 512 tokens r16", 4096, {4096, 1024, 1024}, prefill,
+                                               std::vector<int>(4, 16)}));
+  // Persistent blocks per SM (the kernels are built for 2 resident): 1 and 4 for comparison.
+  for (int blocks : {1, 4}) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraBlocksPerSmForTest(g_gpu, blocks));
+    LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, {absl::StrCat("qkv 32 distinct r16 ", blocks, " blk/SM"), 4096,
+                                                 {4096, 1024, 1024}, distinct32, std::vector<int>(32, 16)}));
+  }
+  return cuda::SetLoraBlocksPerSmForTest(g_gpu, 2);
 }
 
 int Main() {

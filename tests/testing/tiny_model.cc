@@ -58,9 +58,8 @@ absl::StatusOr<HostTensor> ConvertTensor(const HostTensor& f32, DType dtype) {
     return copy;
   }
   HostTensor out(dtype, f32.shape());
-  LORAPLEX_RETURN_IF_ERROR(ConvertFromFloat(f32.As<float>(),
-                                            static_cast<size_t>(f32.shape().NumElements()), dtype,
-                                            out.data()));
+  LORAPLEX_RETURN_IF_ERROR(ConvertFromFloat(
+      f32.As<float>(), static_cast<size_t>(f32.shape().NumElements()), dtype, out.data()));
   return out;
 }
 
@@ -164,8 +163,8 @@ absl::Status WriteTinyModel(const std::string& dir, const TinyModelOptions& o) {
         {"original_max_position_embeddings", o.llama3_original_max_position},
     };
   }
-  LORAPLEX_ASSIGN_OR_RETURN(config, ApplyOverrides(std::move(config), o.config_overrides_json,
-                                                   "WriteTinyModel config"));
+  LORAPLEX_ASSIGN_OR_RETURN(
+      config, ApplyOverrides(std::move(config), o.config_overrides_json, "WriteTinyModel config"));
   LORAPLEX_RETURN_IF_ERROR(WriteText(dir + "/config.json", config.dump(2)));
 
   // Generated in a fixed order so a seed always gives the same weights.
@@ -179,9 +178,12 @@ absl::Status WriteTinyModel(const std::string& dir, const TinyModelOptions& o) {
   for (int64_t l = 0; l < spec.num_layers; ++l) {
     const std::string p = absl::StrCat("model.layers.", l, ".");
     weights.emplace_back(p + "input_layernorm.weight", RandomTensor(rng, {h}, 1, 0.1));
-    weights.emplace_back(p + "self_attn.q_proj.weight", RandomTensor(rng, {spec.q_width(), h}, 0, r_h));
-    weights.emplace_back(p + "self_attn.k_proj.weight", RandomTensor(rng, {spec.kv_width(), h}, 0, r_h));
-    weights.emplace_back(p + "self_attn.v_proj.weight", RandomTensor(rng, {spec.kv_width(), h}, 0, r_h));
+    weights.emplace_back(p + "self_attn.q_proj.weight",
+                         RandomTensor(rng, {spec.q_width(), h}, 0, r_h));
+    weights.emplace_back(p + "self_attn.k_proj.weight",
+                         RandomTensor(rng, {spec.kv_width(), h}, 0, r_h));
+    weights.emplace_back(p + "self_attn.v_proj.weight",
+                         RandomTensor(rng, {spec.kv_width(), h}, 0, r_h));
     weights.emplace_back(p + "self_attn.o_proj.weight",
                          RandomTensor(rng, {h, spec.q_width()}, 0,
                                       1.0 / std::sqrt(static_cast<double>(spec.q_width()))));
@@ -199,7 +201,8 @@ absl::Status WriteTinyModel(const std::string& dir, const TinyModelOptions& o) {
   std::vector<NamedTensor> named;
   converted.reserve(weights.size());
   for (auto& [name, tensor] : weights) {
-    if (std::find(o.omit_tensors.begin(), o.omit_tensors.end(), name) != o.omit_tensors.end()) continue;
+    if (std::find(o.omit_tensors.begin(), o.omit_tensors.end(), name) != o.omit_tensors.end())
+      continue;
     if (auto it = o.override_shapes.find(name); it != o.override_shapes.end()) {
       tensor = RandomTensor(rng, ToShape(it->second), 0, r_h);
     }
@@ -277,7 +280,8 @@ absl::Status WriteTinyAdapter(const std::string& dir, const model::ModelSpec& sp
   Rng rng(o.seed);
   std::vector<HostTensor> converted;
   std::vector<NamedTensor> named;
-  converted.reserve(2 * static_cast<size_t>(spec.num_layers) * model::kNumProj + o.extra_tensors.size());
+  converted.reserve(2 * static_cast<size_t>(spec.num_layers) * model::kNumProj +
+                    o.extra_tensors.size());
   for (int64_t l = 0; l < spec.num_layers; ++l) {
     if (!o.layers_to_transform.empty() &&
         std::find(o.layers_to_transform.begin(), o.layers_to_transform.end(), l) ==

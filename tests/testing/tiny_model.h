@@ -56,7 +56,7 @@ struct TinyAdapterOptions {
   int64_t r = 4;
   double alpha = 8.0;
   bool use_rslora = false;
-  std::vector<std::string> target_modules = {"q_proj",    "k_proj", "v_proj",   "o_proj",
+  std::vector<std::string> target_modules = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                              "gate_proj", "up_proj", "down_proj"};
   // PEFT semantics: a key matches a module whose name (e.g. "model.layers.1.mlp.down_proj") ends
   // with "." + key (keys are regexes as in PEFT).

@@ -1,5 +1,4 @@
 #include <catch2/catch.hpp>
-
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -105,7 +104,8 @@ TEST_CASE("IncrementalDetokenizer replaces bytes that can never become valid") {
 TEST_CASE("IncrementalDetokenizer matches Decode on random id streams") {
   auto tokenizer = LoadFixture();
   std::mt19937 rng(42);
-  std::uniform_int_distribution<int32_t> any_id(0, static_cast<int32_t>(tokenizer->vocab_size()) - 1);
+  std::uniform_int_distribution<int32_t> any_id(0,
+                                                static_cast<int32_t>(tokenizer->vocab_size()) - 1);
   int held_back = 0;
   for (int trial = 0; trial < 200; ++trial) {
     std::vector<int32_t> ids(1 + trial % 40);

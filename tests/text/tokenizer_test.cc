@@ -1,7 +1,6 @@
 #include "engine/text/tokenizer.h"
 
 #include <catch2/catch.hpp>
-
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -13,8 +12,7 @@ namespace loraplex::text {
 namespace {
 
 const std::string kFixtureDir = std::string(LORAPLEX_SOURCE_DIR) + "/tests/fixtures/tokenizer/";
-const char* const kVariants[] = {"tokenizer.json", "tokenizer_strings.json",
-                                 "tokenizer_gpt2.json"};
+const char* const kVariants[] = {"tokenizer.json", "tokenizer_strings.json", "tokenizer_gpt2.json"};
 
 std::string ReadFile(const std::string& path) {
   std::ifstream file(path, std::ios::binary);
@@ -43,7 +41,9 @@ int32_t ByteId(const Tokenizer& tokenizer, char byte) {
   return *id;
 }
 
-nlohmann::json FixtureJson() { return nlohmann::json::parse(ReadFile(kFixtureDir + "tokenizer.json")); }
+nlohmann::json FixtureJson() {
+  return nlohmann::json::parse(ReadFile(kFixtureDir + "tokenizer.json"));
+}
 
 TEST_CASE("Encode matches Hugging Face ids for every golden text in every variant") {
   const auto& texts = Golden()["texts"];
@@ -64,6 +64,21 @@ TEST_CASE("Encode matches Hugging Face ids for every golden text in every varian
   }
 }
 
+TEST_CASE("Split patterns with POSIX classes, literal brackets and case folding match HF") {
+  // Covers the \s rewriting and class parsing on constructs the Llama 3 pattern lacks.
+  const auto& cases = Golden()["custom_patterns"];
+  REQUIRE(cases.size() >= 3);
+  for (const auto& c : cases) {
+    nlohmann::json j = FixtureJson();
+    j["pre_tokenizer"]["pretokenizers"][0]["pattern"] = {{"Regex", c["pattern"]}};
+    INFO("pattern " << c["pattern"].get<std::string>());
+    auto tokenizer = Tokenizer::FromJson(j.dump());
+    REQUIRE(tokenizer.ok());
+    CHECK((*tokenizer)->Encode(c["text"].get<std::string>(), false).value() ==
+          c["ids"].get<std::vector<int32_t>>());
+  }
+}
+
 TEST_CASE("Merges written as strings and as pairs give the same tokenizer") {
   const nlohmann::json pairs = FixtureJson();
   REQUIRE(pairs["model"]["merges"][0].is_array());
@@ -73,8 +88,7 @@ TEST_CASE("Merges written as strings and as pairs give the same tokenizer") {
   auto a = Load("tokenizer.json");
   auto b = Load("tokenizer_strings.json");
   for (const auto& text : Golden()["texts"]) {
-    CHECK(a->Encode(text.get<std::string>()).value() ==
-          b->Encode(text.get<std::string>()).value());
+    CHECK(a->Encode(text.get<std::string>()).value() == b->Encode(text.get<std::string>()).value());
   }
 }
 
@@ -127,9 +141,9 @@ TEST_CASE("Special tokens are recognised in text, added as BOS and skipped on de
 
 TEST_CASE("Encode refuses invalid UTF-8 with INVALID_ARGUMENT") {
   auto tokenizer = Load("tokenizer.json");
-  for (const std::string& bad : {std::string("abc\xFF"), std::string("\xC3"),
-                                std::string("\xED\xA0\x80"), std::string("\xC0\xAF"),
-                                std::string("ok \xF4\x90\x80\x80")}) {
+  for (const std::string& bad :
+       {std::string("abc\xFF"), std::string("\xC3"), std::string("\xED\xA0\x80"),
+        std::string("\xC0\xAF"), std::string("ok \xF4\x90\x80\x80")}) {
     auto ids = tokenizer->Encode(bad);
     INFO(ids.status().ToString());
     REQUIRE_FALSE(ids.ok());
@@ -149,7 +163,9 @@ TEST_CASE("Decode refuses ids outside the vocabulary and replaces broken UTF-8")
   // U+4F60 is E4 BD A0; without its last byte it is one ill-formed subpart: one U+FFFD.
   const std::vector<int32_t> broken = {ByteId(*tokenizer, '\xE4'), ByteId(*tokenizer, '\xBD'),
                                        ByteId(*tokenizer, 'a')};
-  CHECK(tokenizer->Decode(broken).value() == "\xEF\xBF\xBD" "a");
+  CHECK(tokenizer->Decode(broken).value() ==
+        "\xEF\xBF\xBD"
+        "a");
   // A lone continuation byte and a byte that never starts a sequence: one U+FFFD each.
   CHECK(tokenizer->Decode({ByteId(*tokenizer, '\xBD'), ByteId(*tokenizer, '\xFF')}).value() ==
         "\xEF\xBF\xBD\xEF\xBF\xBD");
@@ -164,7 +180,8 @@ TEST_CASE("Long inputs encode in reasonable time and round-trip") {
   REQUIRE(ids.ok());
   CHECK(tokenizer->Decode(*ids).value() == run);
   std::string prose;
-  for (int i = 0; i < 2000; ++i) prose += "The model server answers each request, café 🙂 123.\n";
+  for (int i = 0; i < 2000; ++i)
+    prose += "The model server answers each request, café 🙂 123.\n";
   ids = tokenizer->Encode(prose, false);
   REQUIRE(ids.ok());
   CHECK(tokenizer->Decode(*ids).value() == prose);

@@ -19,10 +19,10 @@ TEST_CASE("Lossy decoding replaces each maximal ill-formed subpart with one U+FF
   // Expected values are Python's bytes.decode("utf-8", "replace"), which follows the same
   // Unicode recommendation as Rust's from_utf8_lossy used by Hugging Face tokenizers.
   CHECK(Lossy("plain ascii") == "plain ascii");
-  CHECK(Lossy("\xF0\x9F\x99") == kFffd);                                 // truncated emoji
-  CHECK(Lossy("\xE0\x80\x80") == kFffd + kFffd + kFffd);                 // overlong
-  CHECK(Lossy("\xED\xA0\x80") == kFffd + kFffd + kFffd);                 // surrogate
-  CHECK(Lossy("\xF4\x90\x80\x80") == kFffd + kFffd + kFffd + kFffd);     // above U+10FFFF
+  CHECK(Lossy("\xF0\x9F\x99") == kFffd);                              // truncated emoji
+  CHECK(Lossy("\xE0\x80\x80") == kFffd + kFffd + kFffd);              // overlong
+  CHECK(Lossy("\xED\xA0\x80") == kFffd + kFffd + kFffd);              // surrogate
+  CHECK(Lossy("\xF4\x90\x80\x80") == kFffd + kFffd + kFffd + kFffd);  // above U+10FFFF
   CHECK(Lossy("\xC3\x28") == kFffd + "(");
   CHECK(Lossy("\xE4\xE4") == kFffd + kFffd);
   CHECK(Lossy("\xF0\x9F\x99\x82\xF0") == "\xF0\x9F\x99\x82" + kFffd);
@@ -51,7 +51,7 @@ TEST_CASE("The byte-level alphabet maps all 256 bytes one to one and back") {
   std::string all;
   for (int b = 0; b < 256; ++b) all.push_back(static_cast<char>(b));
   const std::string mapped = BytesToByteLevel(all);
-  CHECK(BytesToByteLevel(" ") == "\xC4\xA0");  // "Ġ", as in every GPT-2 style vocabulary
+  CHECK(BytesToByteLevel(" ") == "\xC4\xA0");   // "Ġ", as in every GPT-2 style vocabulary
   CHECK(BytesToByteLevel("\n") == "\xC4\x8A");  // "Ċ"
   CHECK(BytesToByteLevel("A") == "A");
   CHECK(ByteLevelToBytes(mapped) == all);

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <string>
 #include "absl/strings/string_view.h"
@@ -28,6 +29,11 @@ static_assert(offsetof(LoraSliceWeights, scale) == offsetof(LoraSliceWeightsDev,
 
 constexpr size_t kGemmWorkspaceBytes = 32u << 20;      // cuBLASLt's recommendation on Hopper
 constexpr size_t kAttentionScratchBytes = 32u << 20;   // split-context partials
+// LoRA shrink split-K partials: [splits, tokens, slices·max_rank] F32. 64 MiB holds the fewest
+// splits of a 14336-wide input (14) for 8192 tokens at max_rank 128 on one slice.
+constexpr size_t kLoraPartialBytes = 64u << 20;
+constexpr int32_t kLoraCounters = 1 << 16;  // one per (segment, slice, token split)
+constexpr int kLoraBlocksPerSm = 2;         // persistent LoRA blocks per SM (all resident at once)
 
 absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
   if (err == cudaSuccess) return absl::OkStatus();
@@ -80,6 +86,14 @@ class CudaOps final : public Ops {
                                         "CUDA executor: allocate GEMM workspace"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->attention_scratch_, kAttentionScratchBytes),
                                         "CUDA executor: allocate attention scratch"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->lora_partials_, kLoraPartialBytes),
+                                        "CUDA executor: allocate LoRA partials"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->lora_counters_, kLoraCounters * sizeof(int32_t)),
+                                        "CUDA executor: allocate LoRA counters"));
+    // The shrink kernels leave every counter at zero when they finish; they start from zero here.
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMemset(ops->lora_counters_, 0, kLoraCounters * sizeof(int32_t)),
+                                        "CUDA executor: zero LoRA counters"));
+    ops->lora_blocks_ = ops->num_sms_ * kLoraBlocksPerSm;
     LORAPLEX_ASSIGN_OR_RETURN(ops->gemm_, CublasLtGemm::Create(ops->gemm_workspace_, kGemmWorkspaceBytes));
     return ops;
   }
@@ -87,6 +101,8 @@ class CudaOps final : public Ops {
   ~CudaOps() override {
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     gemm_.reset();
+    if (lora_counters_ != nullptr) cudaFree(lora_counters_);
+    if (lora_partials_ != nullptr) cudaFree(lora_partials_);
     if (attention_scratch_ != nullptr) cudaFree(attention_scratch_);
     if (gemm_workspace_ != nullptr) cudaFree(gemm_workspace_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
@@ -94,6 +110,7 @@ class CudaOps final : public Ops {
 
   cudaStream_t stream() const { return stream_; }
   void set_split_mode(AttentionSplitMode mode) { split_mode_ = mode; }
+  void set_lora_blocks_per_sm(int blocks) { lora_blocks_ = num_sms_ * blocks; }
 
   Device device() const override { return Device::kCuda; }
   DType compute_dtype() const override { return DType::kBF16; }
@@ -314,7 +331,8 @@ class CudaOps final : public Ops {
       return Invalid(kOp, absl::StrCat("in_features ", module.in_features,
                                        " must be a multiple of 8 and x 16-byte aligned"));
     }
-    return CudaStatus(LaunchLoraShrink(MakeLoraParams(segments, module), x.data, y.As<float>(), stream_), kOp);
+    LORAPLEX_ASSIGN_OR_RETURN(LoraParams p, MakeLoraParams(kOp, segments, module));
+    return CudaStatus(LaunchLoraShrink(p, x.data, y.As<float>(), stream_), kOp);
   }
 
   absl::Status LoraExpand(const TensorView& y, const LoraSegments& segments, const LoraModule& module,
@@ -323,7 +341,8 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CheckLora(kOp, segments, module, y, out.shape[0]));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 1, module.slice_offsets[module.num_slices]));
-    return CudaStatus(LaunchLoraExpand(MakeLoraParams(segments, module), y.As<float>(), out.data, stream_), kOp);
+    LORAPLEX_ASSIGN_OR_RETURN(LoraParams p, MakeLoraParams(kOp, segments, module));
+    return CudaStatus(LaunchLoraExpand(p, y.As<float>(), out.data, stream_), kOp);
   }
 
  private:
@@ -359,8 +378,10 @@ class CudaOps final : public Ops {
 
   absl::Status CheckLora(absl::string_view op, const LoraSegments& segments, const LoraModule& module,
                          const TensorView& y, int64_t num_tokens) {
-    if (module.num_slices < 1 || module.num_slices > 4) {
-      return Invalid(op, absl::StrCat("module.num_slices ", module.num_slices, " not in 1..4"));
+    // slice_offsets holds num_slices + 1 entries.
+    constexpr int kMaxSlices = static_cast<int>(sizeof(module.slice_offsets) / sizeof(module.slice_offsets[0])) - 1;
+    if (module.num_slices < 1 || module.num_slices > kMaxSlices) {
+      return Invalid(op, absl::StrCat("module.num_slices ", module.num_slices, " not in 1..", kMaxSlices));
     }
     if (module.max_rank < 1 || module.max_rank > kLoraMaxRank) {
       return Invalid(op, absl::StrCat("module.max_rank ", module.max_rank, " not in 1..", kLoraMaxRank));
@@ -387,7 +408,10 @@ class CudaOps final : public Ops {
     return CheckDim(op, "y", y, 1, static_cast<int64_t>(module.num_slices) * module.max_rank);
   }
 
-  static LoraParams MakeLoraParams(const LoraSegments& segments, const LoraModule& module) {
+  // Kernel parameters, with the split-K scratch: INVALID_ARGUMENT when the step has more segments
+  // or tokens than the scratch was sized for.
+  absl::StatusOr<LoraParams> MakeLoraParams(absl::string_view op, const LoraSegments& segments,
+                                            const LoraModule& module) const {
     LoraParams p;
     p.table = reinterpret_cast<const LoraSliceWeightsDev*>(module.table);
     p.num_slots = module.num_slots;
@@ -395,12 +419,33 @@ class CudaOps final : public Ops {
     p.in_features = module.in_features;
     p.max_rank = module.max_rank;
     for (int s = 0; s <= module.num_slices; ++s) p.slice_offsets[s] = module.slice_offsets[s];
+    for (int s = 0; s < module.num_slices; ++s) {
+      const int width = module.slice_offsets[s + 1] - module.slice_offsets[s];
+      p.tile_offsets[s + 1] = p.tile_offsets[s] + (width + kLoraExpandTile - 1) / kLoraExpandTile;
+    }
     p.token_rows = segments.token_rows;
     p.seg_starts = segments.seg_starts;
     p.seg_slots = segments.seg_slots;
     p.num_segments = segments.num_segments;
     p.max_segments = segments.max_segments;
     p.num_tokens = segments.num_tokens;
+    p.partials = static_cast<float*>(lora_partials_);
+    p.counters = static_cast<int32_t*>(lora_counters_);
+    p.counter_capacity = kLoraCounters;
+    p.num_blocks = lora_blocks_;
+    if (static_cast<int64_t>(segments.max_segments) * module.num_slices > kLoraCounters) {
+      return Invalid(op, absl::StrCat("segments.max_segments ", segments.max_segments, " x ", module.num_slices,
+                                      " slices exceeds the ", kLoraCounters, " split-K counters"));
+    }
+    const int64_t split_floats =
+        std::max<int64_t>(1, static_cast<int64_t>(segments.num_tokens) * module.num_slices * module.max_rank);
+    const int64_t max_splits = static_cast<int64_t>(kLoraPartialBytes / sizeof(float)) / split_floats;
+    if (max_splits < LoraShrinkMinSplits(module.in_features)) {
+      return Invalid(op, absl::StrCat(segments.num_tokens, " tokens x ", module.num_slices * module.max_rank,
+                                      " LoRA columns x ", LoraShrinkMinSplits(module.in_features),
+                                      " K chunks exceed the ", kLoraPartialBytes >> 20, " MiB split-K scratch"));
+    }
+    p.max_splits = static_cast<int32_t>(std::min<int64_t>(max_splits, 1 << 20));
     return p;
   }
 
@@ -408,6 +453,9 @@ class CudaOps final : public Ops {
   int num_sms_ = 0;
   void* gemm_workspace_ = nullptr;
   void* attention_scratch_ = nullptr;
+  void* lora_partials_ = nullptr;
+  void* lora_counters_ = nullptr;
+  int lora_blocks_ = 0;
   std::unique_ptr<CublasLtGemm> gemm_;
   cudaError_t deferred_error_ = cudaSuccess;
   AttentionSplitMode split_mode_ = AttentionSplitMode::kAuto;
@@ -500,6 +548,15 @@ absl::StatusOr<std::vector<double>> TimeOnStream(Ops* ops, int warmup, int repet
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
   return result;
+}
+
+absl::Status SetLoraBlocksPerSmForTest(Ops* ops, int blocks_per_sm) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraBlocksPerSmForTest"));
+  if (blocks_per_sm < 1 || blocks_per_sm > 32) {
+    return Invalid("SetLoraBlocksPerSmForTest", absl::StrCat("blocks_per_sm ", blocks_per_sm, " not in 1..32"));
+  }
+  cuda->set_lora_blocks_per_sm(blocks_per_sm);
+  return absl::OkStatus();
 }
 
 absl::Status SetAttentionSplitModeForTest(Ops* ops, AttentionSplitMode mode) {

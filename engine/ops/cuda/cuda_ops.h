@@ -47,6 +47,10 @@ absl::StatusOr<std::vector<double>> TimeOnStream(Ops* ops, int warmup, int repet
 
 // Attention splits a token's context over several blocks when few (token, kv head) pairs cannot
 // fill the GPU (decode). Tests force either path on any shape; production keeps kAuto.
+// The LoRA kernels run a fixed grid of this many persistent blocks per SM (default 2); tests and
+// benchmarks sweep it. INVALID_ARGUMENT outside 1..32.
+absl::Status SetLoraBlocksPerSmForTest(Ops* ops, int blocks_per_sm);
+
 enum class AttentionSplitMode { kAuto, kAlways, kNever };
 absl::Status SetAttentionSplitModeForTest(Ops* ops, AttentionSplitMode mode);
 

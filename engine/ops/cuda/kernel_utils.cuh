@@ -54,6 +54,6 @@ __device__ __forceinline__ float BlockSum(float v, float* scratch) {
   return total;
 }
 
-inline bool IsAligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+__host__ __device__ __forceinline__ bool IsAligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace loraplex::ops::cuda

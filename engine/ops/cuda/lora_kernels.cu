@@ -1,6 +1,19 @@
-// LoRA shrink and expand over adapter segments (tokens sorted by adapter slot). Each segment's
-// A and B are read once per step however many tokens it holds; work is proportional to each
-// slot's real rank (rank-0 slices exit at once).
+// LoRA shrink and expand over adapter segments (tokens sorted by adapter slot).
+//
+// Both kernels are bandwidth kernels in decode: what they must move is each active adapter's A
+// and B once per step. So each work item streams a contiguous piece of one adapter's weights with
+// 16-byte loads, a lane keeping several loads in flight, and a fixed grid of persistent blocks
+// (a few per SM) walks all items, so no block waits on an empty one and a captured graph needs no
+// grid resize. The split factors come from the live segment count read on the device.
+//
+// Shrink: item = (segment, slice, token split, K chunk). A warp holds up to 2 rows × 4 vectors of
+// A's chunk in registers, streams the item's tokens past them and warp-reduces each dot product.
+// K chunks write fp32 partials; the last block to finish a (segment, slice, token split) sums them
+// in chunk order into y (no atomics on y, no zeroing pass, no grid-wide barrier).
+// Expand: item = (segment, output tile of 1024 columns of one slice, token split). A thread keeps
+// the B rows (rank bf16 each, contiguous) of up to 4 of its columns in registers and applies them
+// to each token.
+// Work is proportional to each slot's real rank; rank-0 slices and empty segments cost nothing.
 #include "engine/ops/cuda/lora_kernels.h"
 
 #include "engine/ops/cuda/kernel_utils.cuh"
@@ -8,16 +21,60 @@
 namespace loraplex::ops::cuda {
 namespace {
 
-constexpr int kShrinkWarps = 8;
-constexpr int kShrinkChunk = kWarpSize * 8;   // K elements per block: one 16-byte vector a lane
-constexpr int kShrinkRowsPerWarp = 8;         // A rows a warp keeps in registers per pass
-constexpr int kExpandTile = 128;              // output columns per block, one per thread
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kStep = kWarpSize * 8;       // K elements a warp covers with one 16-byte vector a lane
+constexpr int kMaxStepsPerSplit = 4;       // vectors of one A row a lane holds
+constexpr int kRowsPerPass = 2;            // A rows a warp holds at once
+constexpr int kTokensPerItem = 16;         // long segments are split so an item has about this many
+constexpr int kMaxTokenSplits = 64;
+constexpr int kExpandColumnsPerThread = kLoraExpandTile / kThreads;
+constexpr int kBlocksPerSm = 2;  // 128 registers a thread: A/B vectors in flight
+
+__device__ __forceinline__ uint4 Load8(const bf16* p, bool aligned) {
+  if (aligned) return __ldg(reinterpret_cast<const uint4*>(p));
+  uint4 v;
+  uint16_t* h = reinterpret_cast<uint16_t*>(&v);
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(p);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) h[i] = s[i];
+  return v;
+}
+
+__device__ __forceinline__ float Dot8(const uint4& a, const uint4& b) {
+  const __nv_bfloat162* ha = reinterpret_cast<const __nv_bfloat162*>(&a);
+  const __nv_bfloat162* hb = reinterpret_cast<const __nv_bfloat162*>(&b);
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 fa = __bfloat1622float2(ha[i]);
+    const float2 fb = __bfloat1622float2(hb[i]);
+    s = fmaf(fa.x, fb.x, s);
+    s = fmaf(fa.y, fb.y, s);
+  }
+  return s;
+}
+
+// Σ_i b[i]·y[i] over 8 bf16 of b and 8 floats of y (16-byte aligned shared memory).
+__device__ __forceinline__ float Dot8(const uint4& b, const float* y) {
+  const __nv_bfloat162* hb = reinterpret_cast<const __nv_bfloat162*>(&b);
+  const float4 y0 = *reinterpret_cast<const float4*>(y);
+  const float4 y1 = *reinterpret_cast<const float4*>(y + 4);
+  const float yv[8] = {y0.x, y0.y, y0.z, y0.w, y1.x, y1.y, y1.z, y1.w};
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 fb = __bfloat1622float2(hb[i]);
+    s = fmaf(fb.x, yv[2 * i], s);
+    s = fmaf(fb.y, yv[2 * i + 1], s);
+  }
+  return s;
+}
 
 // Resolves a segment to its token range and the slice weights it uses; false when there is
-// nothing to do (segment past the live count, no adapter, rank 0).
+// nothing to do (no adapter, rank 0, no tokens). The same answer in every thread.
 __device__ __forceinline__ bool ResolveSegment(const LoraParams& p, int seg, int slice, int* begin,
                                                int* end, LoraSliceWeightsDev* w) {
-  if (seg >= *p.num_segments) return false;
   const int slot = p.seg_slots[seg];
   if (slot < 0 || slot >= p.num_slots) return false;
   *w = p.table[static_cast<int64_t>(slot) * p.num_slices + slice];
@@ -28,131 +85,231 @@ __device__ __forceinline__ bool ResolveSegment(const LoraParams& p, int seg, int
   return *begin < *end;
 }
 
-// grid (max_segments, num_slices): zero the columns the shrink accumulates into.
-__global__ void LoraShrinkZeroKernel(LoraParams p, float* __restrict__ y) {
-  int begin, end;
-  LoraSliceWeightsDev w;
-  if (!ResolveSegment(p, blockIdx.x, blockIdx.y, &begin, &end, &w)) return;
-  const int64_t y_row = static_cast<int64_t>(p.num_slices) * p.max_rank;
-  const int count = (end - begin) * w.rank;
-  for (int e = threadIdx.x; e < count; e += blockDim.x) {
-    const int i = e / w.rank;
-    const int j = e - i * w.rank;
-    y[p.token_rows[begin + i] * y_row + blockIdx.y * p.max_rank + j] = 0.0f;
-  }
+// Live segments and how many ways each segment's tokens are split (about kTokensPerItem tokens an
+// item, from the mean segment length; 1 in decode). Identical in every thread of the launch.
+__device__ __forceinline__ void LiveSegments(const LoraParams& p, int max_token_splits, int* nseg,
+                                             int* token_splits) {
+  *nseg = min(max(*p.num_segments, 0), p.max_segments);
+  *token_splits = 1;
+  if (*nseg == 0) return;
+  const int sorted = min(p.seg_starts[*nseg], p.num_tokens) - max(p.seg_starts[0], 0);
+  const int mean = max(sorted, 0) / *nseg;
+  *token_splits = max(1, min(mean / kTokensPerItem, max_token_splits));
 }
 
-// grid (K chunks, num_slices, max_segments). A warp holds up to 8 rows of A's K chunk in
-// registers and streams the segment's tokens past them.
-__global__ void __launch_bounds__(kShrinkWarps * kWarpSize)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     LoraShrinkKernel(LoraParams p, const bf16* __restrict__ x, float* __restrict__ y) {
-  int begin, end;
-  LoraSliceWeightsDev w;
-  if (!ResolveSegment(p, blockIdx.z, blockIdx.y, &begin, &end, &w)) return;
+  __shared__ int last_block;
+  const int S = p.num_slices;
+  int nseg, token_splits;
+  // Counters are per (segment, slice, token split): the split count must fit the counter array.
+  LiveSegments(p, max(1, min(kMaxTokenSplits, p.counter_capacity / max(1, p.max_segments * S))), &nseg,
+               &token_splits);
+  if (nseg == 0) return;
+  const int K = p.in_features;
+  const int steps_total = (K + kStep - 1) / kStep;
+  const int min_splits = (steps_total + kMaxStepsPerSplit - 1) / kMaxStepsPerSplit;
+  const int max_splits = max(min_splits, min(steps_total, p.max_splits));
+  const int base = nseg * S * token_splits;
+  // Enough items for every persistent block, but no K chunk shorter than one warp step.
+  int splits = min(max((p.num_blocks + base - 1) / base, min_splits), max_splits);
+  const int steps_per_split = (steps_total + splits - 1) / splits;
+  splits = (steps_total + steps_per_split - 1) / steps_per_split;
+  const int64_t items = static_cast<int64_t>(base) * splits;
+
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
-  const int k = blockIdx.x * kShrinkChunk + lane * 8;
-  const bool k_valid = k < p.in_features;
-  const int64_t y_row = static_cast<int64_t>(p.num_slices) * p.max_rank;
-  const int y_col = blockIdx.y * p.max_rank;
-  const bf16* a = static_cast<const bf16*>(w.a);
+  const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
+  const int64_t partial_stride = static_cast<int64_t>(p.num_tokens) * y_row;  // one K chunk's partials
 
-  for (int j0 = warp; j0 < w.rank; j0 += kShrinkWarps * kShrinkRowsPerWarp) {
-    float af[kShrinkRowsPerWarp][8];
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    int64_t rest = item;
+    const int ks = static_cast<int>(rest % splits);
+    rest /= splits;
+    const int ts = static_cast<int>(rest % token_splits);
+    rest /= token_splits;
+    const int slice = static_cast<int>(rest % S);
+    const int seg = static_cast<int>(rest / S);
+    int begin, end;
+    LoraSliceWeightsDev w;
+    if (!ResolveSegment(p, seg, slice, &begin, &end, &w)) continue;
+    const int first = begin + ts;
+    if (first >= end) continue;
+    const bf16* a = static_cast<const bf16*>(w.a);
+    const bool a_vec = IsAligned16(a);
+    const int step0 = ks * steps_per_split;
+    const int nsteps = min(steps_per_split, steps_total - step0);
+    const int col = slice * p.max_rank;
+    float* dst = splits > 1 ? p.partials + ks * partial_stride : y;
+
+    for (int j0 = warp; j0 < w.rank; j0 += kWarps * kRowsPerPass) {
+      uint4 av[kRowsPerPass][kMaxStepsPerSplit];
 #pragma unroll
-    for (int r = 0; r < kShrinkRowsPerWarp; ++r) {
-      const int j = j0 + r * kShrinkWarps;
-      if (k_valid && j < w.rank) {
-        Unpack8(*reinterpret_cast<const uint4*>(a + static_cast<int64_t>(j) * p.in_features + k), af[r]);
-      } else {
+      for (int r = 0; r < kRowsPerPass; ++r) {
+        const int j = j0 + r * kWarps;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) af[r][i] = 0.0f;
+        for (int v = 0; v < kMaxStepsPerSplit; ++v) {
+          const int k = (step0 + v) * kStep + lane * 8;
+          av[r][v] = (j < w.rank && v < nsteps && k < K) ? Load8(a + static_cast<int64_t>(j) * K + k, a_vec)
+                                                          : make_uint4(0, 0, 0, 0);
+        }
+      }
+      for (int idx = first; idx < end; idx += token_splits) {
+        const int64_t row = p.token_rows[idx];
+        uint4 xv[kMaxStepsPerSplit];
+#pragma unroll
+        for (int v = 0; v < kMaxStepsPerSplit; ++v) {
+          const int k = (step0 + v) * kStep + lane * 8;
+          xv[v] = (v < nsteps && k < K) ? __ldg(reinterpret_cast<const uint4*>(x + row * K + k))
+                                        : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int r = 0; r < kRowsPerPass; ++r) {
+          const int j = j0 + r * kWarps;
+          if (j >= w.rank) break;  // the same in every lane
+          float s = 0.0f;
+#pragma unroll
+          for (int v = 0; v < kMaxStepsPerSplit; ++v) s += Dot8(av[r][v], xv[v]);
+          s = WarpSum(s);
+          if (lane == 0) dst[row * y_row + col + j] = s;
+        }
       }
     }
-    for (int idx = begin; idx < end; ++idx) {
-      const int64_t row = p.token_rows[idx];
-      float xf[8];
-      if (k_valid) {
-        Unpack8(*reinterpret_cast<const uint4*>(x + row * p.in_features + k), xf);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) xf[i] = 0.0f;
-      }
-#pragma unroll
-      for (int r = 0; r < kShrinkRowsPerWarp; ++r) {
-        const int j = j0 + r * kShrinkWarps;
-        if (j >= w.rank) break;  // j is the same in every lane
+    if (splits == 1) continue;
+
+    // Publish this chunk's partials; the last chunk of the group to arrive reduces them.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int* counter = p.counters + (static_cast<int64_t>(seg) * S + slice) * token_splits + ts;
+      const int arrived = atomicAdd(counter, 1) + 1;
+      last_block = arrived == splits;
+      if (last_block) atomicExch(counter, 0);  // ready for the next launch
+    }
+    __syncthreads();
+    if (last_block) {
+      __threadfence();
+      const int count = (end - first + token_splits - 1) / token_splits;
+      for (int e = threadIdx.x; e < count * w.rank; e += kThreads) {
+        const int i = e / w.rank;
+        const int j = e - i * w.rank;
+        const int64_t at = static_cast<int64_t>(p.token_rows[first + i * token_splits]) * y_row + col + j;
         float s = 0.0f;
+        for (int c = 0; c < splits; ++c) s += __ldcg(p.partials + c * partial_stride + at);
+        y[at] = s;
+      }
+    }
+    __syncthreads();  // last_block is rewritten by the next item
+  }
+}
+
+// One expand work item: columns n0 + threadIdx.x + c·kThreads (c < kExpandColumnsPerThread) of
+// one slice for the tokens first, first + step, ... < end. NV > 0: rank = 8·NV and B 16-byte
+// aligned, so a column's B row is NV vectors held in registers across tokens, CPT columns at a
+// time (8 vectors a thread in flight). NV = 0: any rank, B rows streamed through L1 per token.
+template <int NV>
+__device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceWeightsDev& w, int width, int n0,
+                                           int first, int end, int step, int64_t y_col, int64_t out_col,
+                                           const float* __restrict__ y, bf16* __restrict__ out, float* y_s) {
+  constexpr int kCpt = NV == 0 ? 1 : (8 / NV < kExpandColumnsPerThread ? 8 / NV : kExpandColumnsPerThread);
+  constexpr int kHeld = NV == 0 ? 1 : NV;
+  const int r = w.rank;
+  const int64_t y_row = static_cast<int64_t>(p.num_slices) * p.max_rank;
+  const int64_t out_row = p.slice_offsets[p.num_slices];
+  const bf16* b = static_cast<const bf16*>(w.b);
+  for (int c0 = 0; c0 < kExpandColumnsPerThread; c0 += kCpt) {
+    uint4 bv[kCpt][kHeld];
+    bool valid[kCpt];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) s += xf[i] * af[r][i];
-        s = WarpSum(s);
-        if (lane == 0) atomicAdd(y + row * y_row + y_col + j, s);
+    for (int c = 0; c < kCpt; ++c) {
+      const int n = n0 + threadIdx.x + (c0 + c) * kThreads;
+      valid[c] = n < width;
+#pragma unroll
+      for (int v = 0; v < kHeld; ++v) {
+        bv[c][v] = (NV > 0 && valid[c]) ? __ldg(reinterpret_cast<const uint4*>(b + static_cast<int64_t>(n) * r) + v)
+                                        : make_uint4(0, 0, 0, 0);
+      }
+    }
+    for (int idx = first; idx < end; idx += step) {
+      const int64_t row = p.token_rows[idx];
+      __syncthreads();  // the previous token's y_s is no longer read
+      if (threadIdx.x < r) y_s[threadIdx.x] = y[row * y_row + y_col + threadIdx.x];
+      __syncthreads();
+#pragma unroll
+      for (int c = 0; c < kCpt; ++c) {
+        if (!valid[c]) continue;
+        const int n = n0 + threadIdx.x + (c0 + c) * kThreads;
+        float s = 0.0f;
+        if constexpr (NV > 0) {
+#pragma unroll
+          for (int v = 0; v < NV; ++v) s += Dot8(bv[c][v], y_s + 8 * v);
+        } else {
+          const bf16* b_row = b + static_cast<int64_t>(n) * r;
+          for (int j = 0; j < r; ++j) s += ToFloat(b_row[j]) * y_s[j];
+        }
+        bf16* o = out + row * out_row + out_col + n;
+        *o = ToBf16(ToFloat(*o) + w.scale * s);
       }
     }
   }
 }
 
-// grid (N tiles of the widest slice, num_slices, max_segments). B's [tile, rank] block is kept
-// transposed in shared memory; each token's y values are broadcast from shared memory.
-__global__ void __launch_bounds__(kExpandTile)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     LoraExpandKernel(LoraParams p, const float* __restrict__ y, bf16* __restrict__ out) {
-  __shared__ bf16 b_t[kLoraMaxRank][kExpandTile + 2];  // +2: rows in different banks
-  __shared__ float y_s[kLoraMaxRank];
-  const int slice = blockIdx.y;
-  const int width = p.slice_offsets[slice + 1] - p.slice_offsets[slice];
-  const int n0 = blockIdx.x * kExpandTile;
-  if (n0 >= width) return;
-  int begin, end;
-  LoraSliceWeightsDev w;
-  if (!ResolveSegment(p, blockIdx.z, slice, &begin, &end, &w)) return;
-  const int r = w.rank;
-  const int tile = min(kExpandTile, width - n0);
-  const bf16* b = static_cast<const bf16*>(w.b) + static_cast<int64_t>(n0) * r;
-  for (int e = threadIdx.x; e < tile * r; e += blockDim.x) {
-    const int n = e / r;
-    b_t[e - n * r][n] = b[e];  // contiguous global reads; rows n0.. of B are contiguous
-  }
-  const int64_t y_row = static_cast<int64_t>(p.num_slices) * p.max_rank;
-  const int64_t out_row = p.slice_offsets[p.num_slices];
-  const int n = threadIdx.x;
-  const int col = p.slice_offsets[slice] + n0 + n;
-  for (int idx = begin; idx < end; ++idx) {
-    const int64_t row = p.token_rows[idx];
-    __syncthreads();  // b_t is complete / the previous token's y_s is no longer read
-    for (int j = threadIdx.x; j < r; j += blockDim.x) y_s[j] = y[row * y_row + slice * p.max_rank + j];
-    __syncthreads();
-    if (n < tile) {
-      float s = 0.0f;
-      for (int j = 0; j < r; ++j) s += y_s[j] * ToFloat(b_t[j][n]);
-      bf16* o = out + row * out_row + col;
-      *o = ToBf16(ToFloat(*o) + w.scale * s);
+  __shared__ __align__(16) float y_s[kLoraMaxRank];
+  const int S = p.num_slices;
+  int nseg, token_splits;
+  LiveSegments(p, kMaxTokenSplits, &nseg, &token_splits);
+  if (nseg == 0) return;
+  const int total_tiles = p.tile_offsets[S];
+  const int64_t items = static_cast<int64_t>(nseg) * total_tiles * token_splits;
+
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    int64_t rest = item;
+    const int ts = static_cast<int>(rest % token_splits);
+    rest /= token_splits;
+    const int tile = static_cast<int>(rest % total_tiles);
+    const int seg = static_cast<int>(rest / total_tiles);
+    int slice = 0;
+    while (slice + 1 < S && tile >= p.tile_offsets[slice + 1]) ++slice;
+    int begin, end;
+    LoraSliceWeightsDev w;
+    if (!ResolveSegment(p, seg, slice, &begin, &end, &w)) continue;
+    const int first = begin + ts;
+    if (first >= end) continue;
+    const int width = p.slice_offsets[slice + 1] - p.slice_offsets[slice];
+    const int n0 = (tile - p.tile_offsets[slice]) * kLoraExpandTile;
+    const int64_t y_col = static_cast<int64_t>(slice) * p.max_rank;
+    const int64_t out_col = p.slice_offsets[slice];
+    const int nv = IsAligned16(w.b) && w.rank % 8 == 0 ? w.rank / 8 : 0;
+    switch (nv) {  // the ranks adapters use get register-held B rows; others the general path
+      case 1: ExpandItem<1>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+      case 2: ExpandItem<2>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+      case 4: ExpandItem<4>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+      case 8: ExpandItem<8>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+      default: ExpandItem<0>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
     }
   }
 }
 
 }  // namespace
 
+int LoraShrinkMinSplits(int in_features) {
+  const int steps = (in_features + kStep - 1) / kStep;
+  return (steps + kMaxStepsPerSplit - 1) / kMaxStepsPerSplit;
+}
+
 cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaStream_t stream) {
-  if (p.max_segments == 0 || p.num_slices == 0) return cudaSuccess;
-  LoraShrinkZeroKernel<<<dim3(p.max_segments, p.num_slices), 256, 0, stream>>>(p, y);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  const unsigned k_chunks = (p.in_features + kShrinkChunk - 1) / kShrinkChunk;
-  LoraShrinkKernel<<<dim3(k_chunks, p.num_slices, p.max_segments), kShrinkWarps * kWarpSize, 0,
-                     stream>>>(p, static_cast<const bf16*>(x), y);
+  if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0) return cudaSuccess;
+  LoraShrinkKernel<<<p.num_blocks, kThreads, 0, stream>>>(p, static_cast<const bf16*>(x), y);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cudaStream_t stream) {
-  if (p.max_segments == 0 || p.num_slices == 0) return cudaSuccess;
-  int max_width = 0;
-  for (int s = 0; s < p.num_slices; ++s) {
-    max_width = max(max_width, p.slice_offsets[s + 1] - p.slice_offsets[s]);
+  if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0 || p.tile_offsets[p.num_slices] == 0) {
+    return cudaSuccess;
   }
-  if (max_width <= 0) return cudaSuccess;
-  const unsigned tiles = (max_width + kExpandTile - 1) / kExpandTile;
-  LoraExpandKernel<<<dim3(tiles, p.num_slices, p.max_segments), kExpandTile, 0, stream>>>(
-      p, y, static_cast<bf16*>(out));
+  LoraExpandKernel<<<p.num_blocks, kThreads, 0, stream>>>(p, y, static_cast<bf16*>(out));
   return cudaGetLastError();
 }
 

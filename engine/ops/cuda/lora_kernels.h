@@ -1,7 +1,8 @@
 // Launchers of the LoRA shrink (x·Aᵀ, rank-aware split-K) and expand (out += scale·y·Bᵀ) kernels
-// over adapter segments. Grids cover capacities (max_segments, slices, K chunks / N tiles) and the
-// kernels read the live segment count, slots and ranks from device memory, so launches can be
-// captured in a CUDA graph and replayed with other batches. Thread-safe (stateless).
+// over adapter segments. Both use a fixed grid of persistent blocks that walk the step's work items;
+// the kernels read the live segment count, slots and ranks from device memory and size their split
+// factors from them, so launches can be captured in a CUDA graph and replayed with other batches.
+// Thread-safe (stateless); launches that share `partials`/`counters` must be stream-ordered.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -18,25 +19,41 @@ struct LoraSliceWeightsDev {
   float scale;
 };
 
-inline constexpr int kLoraMaxRank = 128;  // expand keeps a [rank, tile] block of B in shared memory
+inline constexpr int kLoraMaxRank = 128;     // y columns a block stages per token in shared memory
+inline constexpr int kLoraMaxSlices = 4;
+inline constexpr int kLoraExpandTile = 1024;  // output columns per expand work item
 
 struct LoraParams {
   const LoraSliceWeightsDev* table = nullptr;  // [num_slots][num_slices]
   int32_t num_slots = 0;
   int32_t num_slices = 0;
-  int32_t in_features = 0;        // multiple of 8
-  int32_t max_rank = 0;           // <= kLoraMaxRank
-  int32_t slice_offsets[5] = {};  // [num_slices + 1]
+  int32_t in_features = 0;                     // multiple of 8
+  int32_t max_rank = 0;                        // <= kLoraMaxRank
+  int32_t slice_offsets[kLoraMaxSlices + 1] = {};
+  // Expand work: tile_offsets[s] = first expand tile of slice s; [num_slices] = all tiles.
+  int32_t tile_offsets[kLoraMaxSlices + 1] = {};
   const int32_t* token_rows = nullptr;
   const int32_t* seg_starts = nullptr;
   const int32_t* seg_slots = nullptr;
   const int32_t* num_segments = nullptr;
   int32_t max_segments = 0;
   int32_t num_tokens = 0;
+  // Split-K scratch of the shrink: partial sums [splits, num_tokens, num_slices·max_rank] F32 and
+  // one arrival counter per (segment, slice, token split), zero between launches (the last block
+  // of each group resets its counter). max_splits: the most splits `partials` holds.
+  float* partials = nullptr;
+  int32_t max_splits = 0;
+  int32_t* counters = nullptr;
+  int32_t counter_capacity = 0;
+  int32_t num_blocks = 0;  // persistent blocks per launch (a multiple of the SM count)
 };
 
-// y[row, s·max_rank + j] = Σ_k x[row, k]·A_s[j, k] for j < rank of the segment's slot; zeroes
-// those columns first, then accumulates K chunks with fp32 atomics. Other columns untouched.
+// Shortest K chunk a split may have is 256 elements, the longest 4·256 (a lane then holds 4
+// 16-byte vectors of each A row in registers): a shrink needs ceil(ceil(K/256)/4) splits.
+int LoraShrinkMinSplits(int in_features);
+
+// y[row, s·max_rank + j] = Σ_k x[row, k]·A_s[j, k] for j < rank of the segment's slot (fp32 sums
+// in a fixed order, so results are deterministic). Other columns untouched.
 // x [num_tokens, in_features] bf16 (16-byte aligned rows); y [num_tokens, num_slices·max_rank] F32.
 cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaStream_t stream);
 
