@@ -339,7 +339,10 @@ bool EngineImpl::Step() {
   for (const sched::ScheduledSeq& s : plan.seqs) {
     if (!s.admitted) continue;
     std::unique_ptr<Sequence> seq = TakeWaiting(s.id);
-    if (!seq->first_scheduled) seq->first_scheduled = now;
+    if (!seq->first_scheduled) {  // a preempted sequence's prompt counts once
+      seq->first_scheduled = now;
+      loop_stats_.prompt_tokens_total += seq->prompt_len;
+    }
     running_.push_back(std::move(seq));
   }
   std::sort(running_.begin(), running_.end(),
@@ -414,10 +417,7 @@ bool EngineImpl::Step() {
     return true;
   }
   ++loop_stats_.steps;
-  for (const sched::ScheduledSeq& s : plan.seqs) {
-    by_id[s.id]->num_computed = s.start + s.num_tokens;
-    if (s.admitted) loop_stats_.prompt_tokens_total += by_id[s.id]->prompt_len;
-  }
+  for (const sched::ScheduledSeq& s : plan.seqs) by_id[s.id]->num_computed = s.start + s.num_tokens;
 
   const int64_t vocab = spec_.vocab_size;
   const absl::Time sampled_at = absl::Now();

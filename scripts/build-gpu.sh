@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Builds the CUDA configuration (build-cuda, sm_90a) on a development machine without a GPU and
-# stages what the GPU host needs: the GPU test binaries in build-cuda/gpu-bin and the non-system
-# shared libraries they link (gRPC, abseil, ...) in build-cuda/gpu-libs, via
-# ../shared/gpu/bundle-libs.sh. Carry build-cuda/gpu-bin and build-cuda/gpu-libs to the GPU host
-# and run scripts/gpu-run.sh there.
+# stages what the GPU host needs: the GPU test binaries in build-cuda/gpu-bin, the benchmark
+# tools (step_bench) in build-cuda/gpu-bin/tools, and the non-system shared libraries they link
+# (gRPC, abseil, ...) in build-cuda/gpu-libs, via ../shared/gpu/bundle-libs.sh. Carry
+# build-cuda/gpu-bin and build-cuda/gpu-libs to the GPU host and run scripts/gpu-run.sh there.
 # Usage: scripts/build-gpu.sh [target...]   (default: every test labelled gpu)
+# Env: LORAPLEX_GPU_BUILD (build folder, default build-cuda); LORAPLEX_GPU_TOOLS (default
+# step_bench; empty: none); JOBS (ninja jobs, default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-build=build-cuda
+build=${LORAPLEX_GPU_BUILD:-build-cuda}
+tools=${LORAPLEX_GPU_TOOLS-step_bench}
 bundle=${LORAPLEX_BUNDLE_LIBS:-../shared/gpu/bundle-libs.sh}
 cmake -S . -B "$build" -G Ninja -DLORAPLEX_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a >/dev/null
 
@@ -18,7 +21,8 @@ if [ ${#targets[@]} -eq 0 ]; then
 fi
 [ ${#targets[@]} -gt 0 ] || { echo "build-gpu: no gpu targets found" >&2; exit 1; }
 # nvcc is slow and development machines are shared: one job unless told otherwise.
-ninja -C "$build" -j "${JOBS:-1}" "${targets[@]}"
+read -r -a tool_targets <<<"$tools"
+ninja -C "$build" -j "${JOBS:-1}" "${targets[@]}" "${tool_targets[@]}"
 
 rm -rf "$build/gpu-bin"
 mkdir -p "$build/gpu-bin"
@@ -27,6 +31,13 @@ for t in "${targets[@]}"; do
   exe=$(find "$build" -path "$build/gpu-bin" -prune -o -type f -name "$t" -perm -u+x -print | head -n 1)
   [ -n "$exe" ] || { echo "build-gpu: no executable for target $t" >&2; exit 1; }
   cp "$exe" "$build/gpu-bin/"
+  exes+=("$exe")
+done
+mkdir -p "$build/gpu-bin/tools"
+for t in "${tool_targets[@]}"; do
+  exe=$(find "$build" -path "$build/gpu-bin" -prune -o -type f -name "$t" -perm -u+x -print | head -n 1)
+  [ -n "$exe" ] || { echo "build-gpu: no executable for tool $t" >&2; exit 1; }
+  cp "$exe" "$build/gpu-bin/tools/"
   exes+=("$exe")
 done
 rm -rf "$build/gpu-libs"

@@ -2,14 +2,21 @@
 # Runs on the GPU host: every binary in build-cuda/gpu-bin (staged by scripts/build-gpu.sh) with
 # the bundled libraries, each one's full log teed into OUTDIR/<name>.log, a JSON summary in
 # OUTDIR/summary.json, and a short table last (verdict per binary, failing lines, timings).
-# Exit status: 0 when every binary passed (or skipped), 1 otherwise.
-# Usage: scripts/gpu-run.sh OUTDIR
+# With --bench, then the step benchmark: bench/make_bench_checkpoint.py writes a random
+# Llama-3-8B checkpoint and adapters under $BENCH_DIR (default /tmp/loraplex-bench), tools/step_bench
+# times the engine's steps (OUTDIR/step_bench.json), bench/hf_peft_baseline.py times transformers +
+# PEFT on the same checkpoint (OUTDIR/hf_peft.json). --bench-only skips the test binaries.
+# Exit status: 0 when every binary passed (or skipped) and the benchmark ran, 1 otherwise.
+# Usage: scripts/gpu-run.sh OUTDIR [--bench | --bench-only]
+# Env: LORAPLEX_GPU_BUILD (build folder, default build-cuda); STEP_BENCH_ARGS, HF_BENCH_ARGS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: scripts/gpu-run.sh OUTDIR}
+out=${1:?usage: scripts/gpu-run.sh OUTDIR [--bench | --bench-only]}
+mode=${2:-tests}
 mkdir -p "$out"
-bin=build-cuda/gpu-bin
-export LD_LIBRARY_PATH="$PWD/build-cuda/gpu-libs:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+build=${LORAPLEX_GPU_BUILD:-build-cuda}
+bin=$build/gpu-bin
+export LD_LIBRARY_PATH="$PWD/$build/gpu-libs:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 per_binary_timeout=${GPU_RUN_TIMEOUT:-500}
 
 [ -d "$bin" ] && [ -n "$(ls -A "$bin")" ] || { echo "gpu-run: no binaries in $bin (run scripts/build-gpu.sh, carry build-cuda/gpu-bin and build-cuda/gpu-libs)" >&2; exit 2; }
@@ -18,6 +25,7 @@ status=0
 rows=()
 json="["
 for exe in "$bin"/*; do
+  [ "$mode" = --bench-only ] && break
   [ -f "$exe" ] && [ -x "$exe" ] || continue
   name=$(basename "$exe")
   echo "=== $name"
@@ -45,5 +53,24 @@ grep -h ' FAIL$' "$out"/*.log 2>/dev/null | head -n 30
 echo "== timings =="
 grep -h '^TIME ' "$out"/*.log 2>/dev/null
 echo "== summary ($(head -n 2 "$out/gpu.txt" | tail -n 1)) =="
-printf '%s\n' "${rows[@]}"
+[ ${#rows[@]} -gt 0 ] && printf '%s\n' "${rows[@]}"
+
+if [ "$mode" = --bench ] || [ "$mode" = --bench-only ]; then
+  bench_dir=${BENCH_DIR:-/tmp/loraplex-bench}
+  echo "== benchmark (checkpoint in $bench_dir)"
+  if [ ! -f "$bench_dir/model/config.json" ]; then
+    PYTHONUNBUFFERED=1 python3 bench/make_bench_checkpoint.py "$bench_dir" 2>&1 | tee "$out/make_checkpoint.log" ||
+      { echo "gpu-run: checkpoint generation failed"; exit 1; }
+  fi
+  # shellcheck disable=SC2086  # word splitting of the extra arguments is intended
+  timeout "$per_binary_timeout" "$bin/tools/step_bench" "$bench_dir/model" "$bench_dir/adapters" \
+    "$out/step_bench.json" ${STEP_BENCH_ARGS:-} 2>&1 | tee "$out/step_bench.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  if [ "${HF_BENCH:-1}" = 1 ]; then
+    # shellcheck disable=SC2086
+    PYTHONUNBUFFERED=1 timeout "$per_binary_timeout" python3 bench/hf_peft_baseline.py "$bench_dir" \
+      "$out/hf_peft.json" ${HF_BENCH_ARGS:-} 2>&1 | tee "$out/hf_peft.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  fi
+fi
 exit $status

@@ -59,7 +59,6 @@ struct LlamaModel::Impl {
   ops::Ops* ops = nullptr;
   bool has_lora = false;
   DType dtype = DType::kF32;
-  std::string dir;
 
   ops::DeviceMemory embed;       // [V, H]
   ops::DeviceMemory final_norm;  // [H]
@@ -163,7 +162,6 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   impl->ops = ops;
   impl->has_lora = slots != nullptr;
   impl->dtype = ops->compute_dtype();
-  impl->dir = dir;
   const DType dtype = impl->dtype;
   auto read = [&](const std::string& name) -> absl::StatusOr<HostTensor> {
     auto t = weights->ReadAs(name, dtype);

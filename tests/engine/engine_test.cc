@@ -1,6 +1,6 @@
 #include "engine/engine.h"
 
-#include <atomic>
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <memory>
 #include <optional>
@@ -261,6 +261,35 @@ TEST_CASE("KV pressure preempts sequences and the results still match solo runs"
   CHECK(stats.preemptions > 0);
   CHECK(stats.kv_blocks_used == 0);
   CHECK(stats.kv_blocks_total == 16);
+  // Recomputation after preemption counts neither prompt nor generated tokens twice.
+  int64_t prompt_tokens = 0;
+  for (const GenerateRequest& r : requests)
+    prompt_tokens += static_cast<int64_t>(r.prompt_ids.size());
+  CHECK(stats.prompt_tokens_total == prompt_tokens);
+  CHECK(stats.generated_tokens_total == 24 * static_cast<int64_t>(requests.size()));
+}
+
+TEST_CASE("EvictAdapter frees the device slot of an unloaded adapter") {
+  Harness h(BaseConfig());
+  h.RunAlone(Request("a1", Prompt(5, 2), 2));
+  auto resident = [&h] {
+    const std::vector<std::string> names = h.engine->Stats().resident_adapters;
+    return std::find(names.begin(), names.end(), "a1") != names.end();
+  };
+  const absl::Time deadline = absl::Now() + kWait;
+  while (!resident() && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
+  REQUIRE(resident());
+  uint64_t uid = 0;
+  {
+    absl::StatusOr<lora::AdapterRef> ref = h.registry->Acquire("a1");
+    REQUIRE(ref.ok());
+    uid = (*ref)->uid;
+  }
+  REQUIRE(h.registry->Unload("a1").ok());
+  h.engine->EvictAdapter(uid);
+  while (resident() && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
+  CHECK(!resident());
+  CHECK(h.engine->Stats().adapter_slots_used == 0);
 }
 
 TEST_CASE("Seeded sampling gives the same tokens alone and in a batch") {

@@ -32,7 +32,7 @@ constexpr size_t kAttentionScratchBytes = 32u << 20;   // split-context partials
 // LoRA shrink split-K partials: [splits, tokens, slices·max_rank] F32. 64 MiB holds the fewest
 // splits of a 14336-wide input (14) for 8192 tokens at max_rank 128 on one slice.
 constexpr size_t kLoraPartialBytes = 64u << 20;
-constexpr int32_t kLoraCounters = 1 << 16;  // one per (segment, slice, token split)
+constexpr int32_t kLoraCounters = 1 << 20;  // one per (segment, slice, token split)
 constexpr int kLoraBlocksPerSm = 2;         // persistent LoRA blocks per SM (all resident at once)
 
 absl::Status CudaStatus(cudaError_t err, absl::string_view what) {

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Writes a random-weight Llama-3-8B-shaped Hugging Face checkpoint and random PEFT adapters.
+
+For the step benchmark (bench/step_bench.cc) and the transformers + PEFT baseline
+(bench/hf_peft_baseline.py); runs on the GPU host, where torch draws the weights on the GPU.
+
+  OUT/model/      config.json, model-0000N-of-0000M.safetensors (~4 GB bf16 shards) + index
+  OUT/adapters/   r16_0..r16_{R-1} (rank 16) and mix_0..mix_{M-1} (ranks 8, 16, 32, 64 in turn),
+                  every adapter targeting all seven projections, lora_alpha = 2 * r
+
+Weights are normal with std 0.02 (norm weights 1), lora_A and lora_B likewise (PEFT initialises
+B to zero; random B makes the delta real). Usage:
+  make_bench_checkpoint.py OUT [--layers 32] [--r16 32] [--mixed 8] [--seed 0]
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+from safetensors.torch import save_file
+
+HIDDEN = 4096
+INTER = 14336
+HEADS = 32
+KV_HEADS = 8
+HEAD_DIM = 128
+VOCAB = 128256
+SHARD_BYTES = 4 << 30
+STD = 0.02
+PROJ_SHAPES = {  # name: (module path, out_features, in_features)
+    "q_proj": ("self_attn", HEADS * HEAD_DIM, HIDDEN),
+    "k_proj": ("self_attn", KV_HEADS * HEAD_DIM, HIDDEN),
+    "v_proj": ("self_attn", KV_HEADS * HEAD_DIM, HIDDEN),
+    "o_proj": ("self_attn", HIDDEN, HEADS * HEAD_DIM),
+    "gate_proj": ("mlp", INTER, HIDDEN),
+    "up_proj": ("mlp", INTER, HIDDEN),
+    "down_proj": ("mlp", HIDDEN, INTER),
+}
+
+
+def config(layers):
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": layers,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def randn(shape, gen):
+    # Drawn on the GPU (seconds for 16 GB instead of minutes on the CPU), then moved to the host.
+    return (torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) * STD).cpu()
+
+
+def model_tensors(layers):
+    """Yields (name, shape, is_norm) in checkpoint order."""
+    yield "model.embed_tokens.weight", (VOCAB, HIDDEN), False
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        yield p + "input_layernorm.weight", (HIDDEN,), True
+        yield p + "post_attention_layernorm.weight", (HIDDEN,), True
+        for proj, (module, out_f, in_f) in PROJ_SHAPES.items():
+            yield f"{p}{module}.{proj}.weight", (out_f, in_f), False
+    yield "model.norm.weight", (HIDDEN,), True
+    yield "lm_head.weight", (VOCAB, HIDDEN), False
+
+
+def write_model(out, layers, gen):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config(layers), f, indent=2)
+    # Plan shards first so the file names carry the shard count.
+    plan, shard, size = [], [], 0
+    for name, shape, is_norm in model_tensors(layers):
+        nbytes = 2 * torch.Size(shape).numel()
+        if shard and size + nbytes > SHARD_BYTES:
+            plan.append(shard)
+            shard, size = [], 0
+        shard.append((name, shape, is_norm))
+        size += nbytes
+    plan.append(shard)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(plan):
+        fname = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+        tensors = {}
+        for name, shape, is_norm in shard:
+            tensors[name] = torch.ones(shape, dtype=torch.bfloat16) if is_norm else randn(shape, gen)
+            weight_map[name] = fname
+            total += 2 * tensors[name].numel()
+        save_file(tensors, os.path.join(out, fname), metadata={"format": "pt"})
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    return total
+
+
+def write_adapter(out, base_dir, layers, rank, gen):
+    os.makedirs(out, exist_ok=True)
+    tensors = {}
+    for layer in range(layers):
+        for proj, (module, out_f, in_f) in PROJ_SHAPES.items():
+            p = f"base_model.model.model.layers.{layer}.{module}.{proj}"
+            tensors[p + ".lora_A.weight"] = randn((rank, in_f), gen)
+            tensors[p + ".lora_B.weight"] = randn((out_f, rank), gen)
+    save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_dir,
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "target_modules": list(PROJ_SHAPES),
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return sum(2 * t.numel() for t in tensors.values())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--r16", type=int, default=32, help="rank-16 adapters r16_0..")
+    ap.add_argument("--mixed", type=int, default=8, help="adapters mix_0.. of ranks 8, 16, 32, 64 in turn")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(args.seed)
+    t0 = time.time()
+    model_dir = os.path.join(args.out, "model")
+    total = write_model(model_dir, args.layers, gen)
+    print(f"model: {total / 1e9:.1f} GB in {time.time() - t0:.1f} s -> {model_dir}", flush=True)
+    t1 = time.time()
+    adapter_bytes = 0
+    names = [(f"r16_{i}", 16) for i in range(args.r16)]
+    names += [(f"mix_{i}", (8, 16, 32, 64)[i % 4]) for i in range(args.mixed)]
+    for name, rank in names:
+        adapter_bytes += write_adapter(os.path.join(args.out, "adapters", name), model_dir, args.layers, rank, gen)
+    print(f"adapters: {len(names)}, {adapter_bytes / 1e9:.1f} GB in {time.time() - t1:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

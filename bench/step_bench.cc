@@ -1,0 +1,304 @@
+// step_bench: decode and prefill step time of the real model on the CUDA executor, with and without
+// LoRA adapters, next to the roofline of the same GPU (a device-to-device copy and the cuBLASLt
+// GEMMs of one decode step alone).
+//
+// Loads the checkpoint through LlamaModel::Load on CudaOps and the adapters through
+// LoadPeftAdapter + SlotPool, exactly as the server does, then times LlamaModel::Forward (host
+// clock around the whole call: it ends with the logits on the host). Writes a JSON file and prints
+// a table. Single-threaded; run it alone on the GPU.
+//
+// Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128]
+//   ADAPTER_DIR holds r16_0..r16_31 (rank 16) and mix_0..mix_7 (ranks 8,16,32,64,...), as
+//   bench/make_bench_checkpoint.py writes them.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "engine/core/status.h"
+#include "engine/model/llama.h"
+#include "engine/model/model_spec.h"
+#include "engine/ops/cuda/cuda_ops.h"
+#include "engine/ops/ops.h"
+#include "lora/adapter.h"
+#include "lora/lora_batch.h"
+#include "lora/slot_pool.h"
+#include "nlohmann/json.hpp"
+
+namespace loraplex::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr int kContext = 512;        // tokens already in each sequence's cache in decode
+constexpr int kBlockSize = 16;
+constexpr int kPrefillTokens = 2048;
+constexpr int kNumR16 = 32;
+constexpr int kNumMixed = 8;
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+struct Result {
+  std::string phase;     // decode | prefill | roofline
+  std::string scenario;  // base | one adapter | N distinct | mixed ranks | ...
+  int batch = 0;
+  int tokens = 0;
+  int adapters = 0;
+  double ms = 0.0;
+  double ratio_to_base = 0.0;  // step time over the base-model step of the same batch
+};
+
+class Bench {
+ public:
+  absl::Status Setup(const std::string& model_dir, const std::string& adapter_dir, int max_batch) {
+    LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::cuda::CreateCudaOps());
+    LORAPLEX_ASSIGN_OR_RETURN(spec_, model::LoadModelSpec(model_dir));
+    const int blocks_per_seq = (kContext + 1 + kBlockSize - 1) / kBlockSize;
+    cap_.max_tokens = std::max(kPrefillTokens, max_batch);
+    cap_.max_seqs = std::max(max_batch, 1);
+    cap_.kv_block_size = kBlockSize;
+    cap_.max_blocks_per_seq = std::max(blocks_per_seq, (kPrefillTokens + kBlockSize - 1) / kBlockSize);
+    cap_.num_kv_blocks = std::max(max_batch * blocks_per_seq, cap_.max_blocks_per_seq);
+    lora::LoraLimits limits;
+    limits.max_rank = 64;
+    limits.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+    auto t0 = Clock::now();
+    for (int i = 0; i < kNumR16 + kNumMixed; ++i) {
+      const std::string name = i < kNumR16 ? absl::StrCat("r16_", i) : absl::StrCat("mix_", i - kNumR16);
+      LORAPLEX_ASSIGN_OR_RETURN(auto adapter, lora::LoadPeftAdapter(name, adapter_dir + "/" + name, spec_, limits,
+                                                                    DType::kBF16));
+      adapters_.push_back(std::move(adapter));
+    }
+    std::printf("loaded %zu adapters in %.1f s\n", adapters_.size(),
+                std::chrono::duration<double>(Clock::now() - t0).count());
+    LORAPLEX_ASSIGN_OR_RETURN(slots_, lora::SlotPool::Create(ops_.get(), spec_, kNumR16 + kNumMixed, 64));
+    t0 = Clock::now();
+    LORAPLEX_ASSIGN_OR_RETURN(model_, model::LlamaModel::Load(model_dir, spec_, ops_.get(), slots_.get(), cap_));
+    std::printf("loaded the model in %.1f s\n", std::chrono::duration<double>(Clock::now() - t0).count());
+    std::vector<const lora::LoadedAdapter*> all;
+    for (const auto& a : adapters_) all.push_back(a.get());
+    LORAPLEX_ASSIGN_OR_RETURN(adapter_slots_, slots_->EnsureResident(all, std::vector<bool>(all.size(), true)));
+    return absl::OkStatus();
+  }
+
+  // Decode: `batch` sequences of kContext cached tokens, one new token each. token_adapter[i] is an
+  // index into adapters_ or -1.
+  absl::StatusOr<double> DecodeStep(int batch, const std::vector<int>& token_adapter, int steps) {
+    model::StepInput in;
+    const int blocks_per_seq = (kContext + 1 + kBlockSize - 1) / kBlockSize;
+    in.block_tables.assign(static_cast<size_t>(batch) * cap_.max_blocks_per_seq, 0);
+    for (int s = 0; s < batch; ++s) {
+      in.token_ids.push_back((s * 7919) % static_cast<int>(spec_.vocab_size));
+      in.positions.push_back(kContext);
+      in.token_seq.push_back(s);
+      in.context_lens.push_back(kContext + 1);
+      for (int b = 0; b < blocks_per_seq; ++b) in.block_tables[s * cap_.max_blocks_per_seq + b] = s * blocks_per_seq + b;
+      in.slot_mapping.push_back((s * blocks_per_seq + kContext / kBlockSize) * kBlockSize + kContext % kBlockSize);
+      in.logit_rows.push_back(s);
+    }
+    SetLora(token_adapter, &in);
+    return TimeSteps(in, steps);
+  }
+
+  // Prefill: one sequence of `tokens` new tokens, all on `adapter` (-1: base).
+  absl::StatusOr<double> PrefillStep(int tokens, int adapter, int steps) {
+    model::StepInput in;
+    in.block_tables.assign(cap_.max_blocks_per_seq, 0);
+    for (int b = 0; b < cap_.max_blocks_per_seq; ++b) in.block_tables[b] = b;
+    for (int t = 0; t < tokens; ++t) {
+      in.token_ids.push_back((t * 7919) % static_cast<int>(spec_.vocab_size));
+      in.positions.push_back(t);
+      in.token_seq.push_back(0);
+      in.slot_mapping.push_back(t);
+    }
+    in.context_lens.push_back(tokens);
+    in.logit_rows.push_back(tokens - 1);
+    SetLora(std::vector<int>(tokens, adapter), &in);
+    return TimeSteps(in, steps);
+  }
+
+  // The cuBLASLt GEMMs of one decode step at M = batch (every layer's qkv, o, gate_up, down and the
+  // lm_head), on weights of the model's shapes that are not the model's own, timed back to back.
+  absl::StatusOr<double> GemmOnlyStep(int batch) {
+    const int64_t h = spec_.hidden_size, inter = spec_.intermediate_size;
+    struct G { int64_t n, k; };
+    const G layer[] = {{spec_.qkv_width(), h}, {h, spec_.q_width()}, {2 * inter, h}, {h, inter}};
+    if (gemm_weights_.data() == nullptr) {
+      int64_t elems = spec_.vocab_size * h;
+      for (const G& g : layer) elems += g.n * g.k * spec_.num_layers;
+      LORAPLEX_ASSIGN_OR_RETURN(gemm_weights_, ops_->Allocate(static_cast<size_t>(elems) * 2));
+      LORAPLEX_RETURN_IF_ERROR(FillRandom(gemm_weights_));
+      LORAPLEX_ASSIGN_OR_RETURN(gemm_x_, ops_->Allocate(static_cast<size_t>(kPrefillTokens) * inter * 2));
+      LORAPLEX_RETURN_IF_ERROR(FillRandom(gemm_x_));
+      LORAPLEX_ASSIGN_OR_RETURN(gemm_y_, ops_->Allocate(static_cast<size_t>(kPrefillTokens) * spec_.vocab_size * 4));
+    }
+    auto body = [&](int) -> absl::Status {
+      size_t at = 0;
+      for (int64_t l = 0; l < spec_.num_layers; ++l) {
+        for (const G& g : layer) {
+          LORAPLEX_RETURN_IF_ERROR(ops_->Gemm(gemm_x_.View(DType::kBF16, {batch, g.k}),
+                                              gemm_weights_.View(DType::kBF16, {g.n, g.k}, at), 0.0f,
+                                              gemm_y_.View(DType::kBF16, {batch, g.n})));
+          at += static_cast<size_t>(g.n * g.k) * 2;
+        }
+      }
+      return ops_->Gemm(gemm_x_.View(DType::kBF16, {batch, h}), gemm_weights_.View(DType::kBF16, {spec_.vocab_size, h}, at),
+                        0.0f, gemm_y_.View(DType::kF32, {batch, spec_.vocab_size}));
+    };
+    LORAPLEX_ASSIGN_OR_RETURN(auto us, ops::cuda::TimeOnStream(ops_.get(), 2, 7, 1, body));
+    return Median(us) * 1e-3;
+  }
+
+  // GB/s of a device-to-device copy of 4 GiB, counting bytes read and written.
+  absl::StatusOr<double> CopyBandwidth() {
+    const size_t bytes = size_t{2} << 30;
+    LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory a, ops_->Allocate(bytes));
+    LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory b, ops_->Allocate(bytes));
+    LORAPLEX_RETURN_IF_ERROR(FillRandom(a));
+    LORAPLEX_ASSIGN_OR_RETURN(auto us, ops::cuda::TimeOnStream(ops_.get(), 2, 9, 1, [&](int) {
+      return ops_->CopyOnDevice(b.data(), a.data(), bytes);
+    }));
+    return 2.0 * bytes / Median(us) * 1e-3;
+  }
+
+  int num_adapters() const { return static_cast<int>(adapters_.size()); }
+  const model::ModelSpec& spec() const { return spec_; }
+
+ private:
+  void SetLora(const std::vector<int>& token_adapter, model::StepInput* in) const {
+    std::vector<int32_t> token_slots;
+    bool any = false;
+    for (int a : token_adapter) {
+      token_slots.push_back(a < 0 ? -1 : adapter_slots_[static_cast<size_t>(a)]);
+      any |= a >= 0;
+    }
+    if (any) in->lora = lora::BuildLoraBatch(token_slots);
+  }
+
+  absl::StatusOr<double> TimeSteps(const model::StepInput& in, int steps) {
+    for (int i = 0; i < 2; ++i) LORAPLEX_RETURN_IF_ERROR(model_->Forward(in).status());
+    std::vector<double> ms;
+    for (int i = 0; i < steps; ++i) {
+      const auto t0 = Clock::now();
+      LORAPLEX_RETURN_IF_ERROR(model_->Forward(in).status());
+      ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+    }
+    return Median(ms);
+  }
+
+  // Random bf16 in [-0.05, 0.05): a 16 MiB random block copied over the buffer.
+  absl::Status FillRandom(const ops::DeviceMemory& mem) {
+    const size_t block = 16u << 20;
+    std::vector<uint16_t> host(block / 2);
+    uint32_t state = 12345;
+    for (auto& v : host) {
+      state = state * 1664525u + 1013904223u;
+      v = FloatToBf16((static_cast<float>(state >> 8) / 16777216.0f - 0.5f) * 0.1f);
+    }
+    LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory seed, ops_->Allocate(block));
+    LORAPLEX_RETURN_IF_ERROR(ops_->CopyToDevice(seed.data(), host.data(), block));
+    for (size_t at = 0; at < mem.size(); at += block) {
+      LORAPLEX_RETURN_IF_ERROR(
+          ops_->CopyOnDevice(static_cast<char*>(mem.data()) + at, seed.data(), std::min(block, mem.size() - at)));
+    }
+    return ops_->Synchronize();
+  }
+
+  std::unique_ptr<ops::Ops> ops_;
+  model::ModelSpec spec_;
+  model::ModelCapacity cap_;
+  std::vector<std::shared_ptr<const lora::LoadedAdapter>> adapters_;
+  std::unique_ptr<lora::SlotPool> slots_;
+  std::unique_ptr<model::LlamaModel> model_;
+  std::vector<int32_t> adapter_slots_;
+  ops::DeviceMemory gemm_weights_, gemm_x_, gemm_y_;
+};
+
+absl::Status Run(int argc, char** argv) {
+  if (argc < 4) {
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...]");
+  }
+  int steps = 20;
+  std::vector<int> batches = {1, 8, 32, 64, 128};
+  for (int i = 4; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i];
+    if (flag == "--steps") {
+      if (!absl::SimpleAtoi(argv[i + 1], &steps) || steps < 1) return absl::InvalidArgumentError(absl::StrCat("--steps ", argv[i + 1]));
+    } else if (flag == "--batches") {
+      batches.clear();
+      for (absl::string_view b : absl::StrSplit(argv[i + 1], ',')) {
+        int v = 0;
+        if (!absl::SimpleAtoi(b, &v) || v < 1) return absl::InvalidArgumentError(absl::StrCat("--batches ", argv[i + 1]));
+        batches.push_back(v);
+      }
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("unknown flag ", flag));
+    }
+  }
+  Bench bench;
+  LORAPLEX_RETURN_IF_ERROR(bench.Setup(argv[1], argv[2], *std::max_element(batches.begin(), batches.end())));
+
+  std::vector<Result> results;
+  LORAPLEX_ASSIGN_OR_RETURN(const double copy_gbs, bench.CopyBandwidth());
+  results.push_back({"roofline", "d2d copy GB/s (read+write)", 0, 0, 0, copy_gbs, 0});
+  for (int b : batches) {
+    LORAPLEX_ASSIGN_OR_RETURN(const double gemm_ms, bench.GemmOnlyStep(b));
+    results.push_back({"roofline", "cuBLASLt GEMMs of one step", b, b, 0, gemm_ms, 0});
+  }
+  for (int b : batches) {
+    LORAPLEX_ASSIGN_OR_RETURN(const double base, bench.DecodeStep(b, std::vector<int>(b, -1), steps));
+    results.push_back({"decode", "base", b, b, 0, base, 1.0});
+    std::vector<int> one(b, 0), distinct(b), mixed(b);
+    for (int i = 0; i < b; ++i) {
+      distinct[i] = i % kNumR16;
+      mixed[i] = kNumR16 + i % kNumMixed;
+    }
+    const int n_distinct = std::min(b, kNumR16), n_mixed = std::min(b, kNumMixed);
+    struct S { std::string name; std::vector<int>* adapters; int count; };
+    for (const S& s : {S{"one adapter r16", &one, 1}, S{absl::StrCat(n_distinct, " distinct r16"), &distinct, n_distinct},
+                       S{absl::StrCat(n_mixed, " mixed ranks"), &mixed, n_mixed}}) {
+      LORAPLEX_ASSIGN_OR_RETURN(const double ms, bench.DecodeStep(b, *s.adapters, steps));
+      results.push_back({"decode", s.name, b, b, s.count, ms, ms / base});
+    }
+  }
+  LORAPLEX_ASSIGN_OR_RETURN(const double prefill_base, bench.PrefillStep(kPrefillTokens, -1, std::max(3, steps / 4)));
+  results.push_back({"prefill", "base", 1, kPrefillTokens, 0, prefill_base, 1.0});
+  LORAPLEX_ASSIGN_OR_RETURN(const double prefill_lora, bench.PrefillStep(kPrefillTokens, 0, std::max(3, steps / 4)));
+  results.push_back({"prefill", "one adapter r16", 1, kPrefillTokens, 1, prefill_lora, prefill_lora / prefill_base});
+
+  nlohmann::json out = nlohmann::json::array();
+  std::printf("\n%-9s %-30s %6s %6s %9s %10s %8s\n", "phase", "scenario", "batch", "tokens", "ms", "tok/s", "x base");
+  for (const Result& r : results) {
+    const double tok_s = r.phase == "roofline" || r.ms <= 0 ? 0.0 : r.tokens / (r.ms * 1e-3);
+    out.push_back({{"phase", r.phase}, {"scenario", r.scenario}, {"batch", r.batch}, {"tokens", r.tokens},
+                   {"adapters", r.adapters}, {"ms", r.ms}, {"tokens_per_s", tok_s}, {"ratio_to_base", r.ratio_to_base}});
+    std::printf("%-9s %-30s %6d %6d %9.3f %10.0f %8.3f\n", r.phase.c_str(), r.scenario.c_str(), r.batch, r.tokens, r.ms,
+                tok_s, r.ratio_to_base);
+  }
+  std::ofstream f(argv[3]);
+  f << out.dump(2) << "\n";
+  if (!f) return absl::InternalError(absl::StrCat("cannot write ", argv[3]));
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace loraplex::bench
+
+int main(int argc, char** argv) {
+  const absl::Status s = loraplex::bench::Run(argc, argv);
+  if (!s.ok()) {
+    std::fprintf(stderr, "step_bench: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
