@@ -9,8 +9,9 @@ For the step benchmark (bench/step_bench.cc) and the transformers + PEFT baselin
                   every adapter targeting all seven projections, lora_alpha = 2 * r
 
 Weights are normal with std 0.02 (norm weights 1), lora_A and lora_B likewise (PEFT initialises
-B to zero; random B makes the delta real). Usage:
-  make_bench_checkpoint.py OUT [--layers 32] [--r16 32] [--mixed 8] [--seed 0]
+B to zero; random B makes the delta real). --tiny writes the same layout at toy sizes (hidden 64,
+2 layers) on the CPU, to smoke-test the benchmark without a GPU. Usage:
+  make_bench_checkpoint.py OUT [--layers 32] [--r16 32] [--mixed 8] [--seed 0] [--tiny]
 """
 import argparse
 import json
@@ -20,36 +21,38 @@ import time
 import torch
 from safetensors.torch import save_file
 
-HIDDEN = 4096
-INTER = 14336
-HEADS = 32
-KV_HEADS = 8
-HEAD_DIM = 128
-VOCAB = 128256
 SHARD_BYTES = 4 << 30
 STD = 0.02
-PROJ_SHAPES = {  # name: (module path, out_features, in_features)
-    "q_proj": ("self_attn", HEADS * HEAD_DIM, HIDDEN),
-    "k_proj": ("self_attn", KV_HEADS * HEAD_DIM, HIDDEN),
-    "v_proj": ("self_attn", KV_HEADS * HEAD_DIM, HIDDEN),
-    "o_proj": ("self_attn", HIDDEN, HEADS * HEAD_DIM),
-    "gate_proj": ("mlp", INTER, HIDDEN),
-    "up_proj": ("mlp", INTER, HIDDEN),
-    "down_proj": ("mlp", HIDDEN, INTER),
-}
+LLAMA3_8B = dict(hidden=4096, inter=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256)
+TINY = dict(hidden=64, inter=128, heads=4, kv_heads=2, head_dim=16, vocab=512)
+D = dict(LLAMA3_8B)
+DEVICE = "cuda"
+
+
+def proj_shapes():
+    """name: (module path, out_features, in_features)"""
+    return {
+        "q_proj": ("self_attn", D["heads"] * D["head_dim"], D["hidden"]),
+        "k_proj": ("self_attn", D["kv_heads"] * D["head_dim"], D["hidden"]),
+        "v_proj": ("self_attn", D["kv_heads"] * D["head_dim"], D["hidden"]),
+        "o_proj": ("self_attn", D["hidden"], D["heads"] * D["head_dim"]),
+        "gate_proj": ("mlp", D["inter"], D["hidden"]),
+        "up_proj": ("mlp", D["inter"], D["hidden"]),
+        "down_proj": ("mlp", D["hidden"], D["inter"]),
+    }
 
 
 def config(layers):
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTER,
+        "hidden_size": D["hidden"],
+        "intermediate_size": D["inter"],
         "num_hidden_layers": layers,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "head_dim": HEAD_DIM,
-        "vocab_size": VOCAB,
+        "num_attention_heads": D["heads"],
+        "num_key_value_heads": D["kv_heads"],
+        "head_dim": D["head_dim"],
+        "vocab_size": D["vocab"],
         "max_position_embeddings": 131072,
         "rms_norm_eps": 1e-5,
         "rope_theta": 500000.0,
@@ -72,20 +75,20 @@ def config(layers):
 
 def randn(shape, gen):
     # Drawn on the GPU (seconds for 16 GB instead of minutes on the CPU), then moved to the host.
-    return (torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) * STD).cpu()
+    return (torch.randn(shape, generator=gen, device=DEVICE, dtype=torch.bfloat16) * STD).cpu()
 
 
 def model_tensors(layers):
     """Yields (name, shape, is_norm) in checkpoint order."""
-    yield "model.embed_tokens.weight", (VOCAB, HIDDEN), False
+    yield "model.embed_tokens.weight", (D["vocab"], D["hidden"]), False
     for layer in range(layers):
         p = f"model.layers.{layer}."
-        yield p + "input_layernorm.weight", (HIDDEN,), True
-        yield p + "post_attention_layernorm.weight", (HIDDEN,), True
-        for proj, (module, out_f, in_f) in PROJ_SHAPES.items():
+        yield p + "input_layernorm.weight", (D["hidden"],), True
+        yield p + "post_attention_layernorm.weight", (D["hidden"],), True
+        for proj, (module, out_f, in_f) in proj_shapes().items():
             yield f"{p}{module}.{proj}.weight", (out_f, in_f), False
-    yield "model.norm.weight", (HIDDEN,), True
-    yield "lm_head.weight", (VOCAB, HIDDEN), False
+    yield "model.norm.weight", (D["hidden"],), True
+    yield "lm_head.weight", (D["vocab"], D["hidden"]), False
 
 
 def write_model(out, layers, gen):
@@ -120,7 +123,7 @@ def write_adapter(out, base_dir, layers, rank, gen):
     os.makedirs(out, exist_ok=True)
     tensors = {}
     for layer in range(layers):
-        for proj, (module, out_f, in_f) in PROJ_SHAPES.items():
+        for proj, (module, out_f, in_f) in proj_shapes().items():
             p = f"base_model.model.model.layers.{layer}.{module}.{proj}"
             tensors[p + ".lora_A.weight"] = randn((rank, in_f), gen)
             tensors[p + ".lora_B.weight"] = randn((out_f, rank), gen)
@@ -134,7 +137,7 @@ def write_adapter(out, base_dir, layers, rank, gen):
         "lora_dropout": 0.0,
         "bias": "none",
         "use_rslora": False,
-        "target_modules": list(PROJ_SHAPES),
+        "target_modules": list(proj_shapes()),
         "fan_in_fan_out": False,
         "inference_mode": True,
     }
@@ -150,8 +153,14 @@ def main():
     ap.add_argument("--r16", type=int, default=32, help="rank-16 adapters r16_0..")
     ap.add_argument("--mixed", type=int, default=8, help="adapters mix_0.. of ranks 8, 16, 32, 64 in turn")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (smoke test)")
     args = ap.parse_args()
-    gen = torch.Generator(device="cuda")
+    global DEVICE
+    if args.tiny:
+        D.update(TINY)
+        DEVICE = "cpu"
+        args.layers = min(args.layers, 2)
+    gen = torch.Generator(device=DEVICE)
     gen.manual_seed(args.seed)
     t0 = time.time()
     model_dir = os.path.join(args.out, "model")

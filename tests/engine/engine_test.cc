@@ -453,5 +453,35 @@ TEST_CASE("Destroying the engine cancels the requests it still holds") {
   CHECK(sink->finishes() == 1);
 }
 
+TEST_CASE("Engine::Create refuses configs it cannot serve with INVALID_ARGUMENT") {
+  const model::ModelSpec& spec = Fixture::Get().spec;
+  lora::AdapterRegistry registry(spec, lora::LoraLimits{}, DType::kF32, 4);
+  struct Bad {
+    const char* name;
+    void (*mutate)(config::Config&);
+  };
+  const std::vector<Bad> cases = {
+      {"unknown executor", [](config::Config& c) { c.engine.executor = "tpu"; }},
+      {"max_seq_len above max_position_embeddings",
+       [](config::Config& c) { c.model.max_seq_len = 257; }},
+      {"kv cache smaller than one sequence",
+       [](config::Config& c) { c.engine.kv_cache_tokens = 100; }},
+      {"zero block size", [](config::Config& c) { c.engine.kv_block_size = 0; }},
+  };
+  for (const Bad& bad : cases) {
+    SECTION(bad.name) {
+      config::Config config = BaseConfig();
+      bad.mutate(config);
+      CHECK(Engine::Create(config, &registry).status().code() ==
+            absl::StatusCode::kInvalidArgument);
+    }
+  }
+  SECTION("a missing model directory is NOT_FOUND") {
+    config::Config config = BaseConfig();
+    config.model.path = Fixture::Get().model_dir + "/missing";
+    CHECK(Engine::Create(config, &registry).status().code() == absl::StatusCode::kNotFound);
+  }
+}
+
 }  // namespace
 }  // namespace loraplex::engine

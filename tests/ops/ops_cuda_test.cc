@@ -769,9 +769,12 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks long segments", st3, RandomTokenSlots(T3, 4, 0.05), 1000, nullptr));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks short segments", st3, RandomTokenSlots(T3, 4, 0.05), 2, nullptr));
   // One persistent block per SM: every block walks many items.
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraBlocksPerSmForTest(g_gpu, 1));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 1, true));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks 1 block/SM", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraBlocksPerSmForTest(g_gpu, 2));
+  // Expand launched as a plain kernel, after the shrink finished.
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 2, false));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks no overlap", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 2, true));
 
   // CUDA graph: capture shrink+expand once, then replay with segment tables, counts and inputs
   // changed in device memory between replays (more segments than at capture, fewer, none).
@@ -971,13 +974,18 @@ absl::Status TimeLora() {
                                                std::vector<int>(128, 16)}));
   LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, {"qkv prefill 4 x 512 tokens r16", 4096, {4096, 1024, 1024}, prefill,
                                                std::vector<int>(4, 16)}));
-  // Persistent blocks per SM (the kernels are built for 2 resident): 1 and 4 for comparison.
-  for (int blocks : {1, 4}) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraBlocksPerSmForTest(g_gpu, blocks));
-    LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, {absl::StrCat("qkv 32 distinct r16 ", blocks, " blk/SM"), 4096,
-                                                 {4096, 1024, 1024}, distinct32, std::vector<int>(32, 16)}));
+  // Persistent blocks per SM (the kernels are built for 2 resident) and the expand/shrink overlap.
+  for (auto [blocks, overlap] : std::vector<std::pair<int, bool>>{{1, true}, {4, true}, {2, false}}) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, blocks, overlap));
+    for (const LoraTimingCase& c :
+         {LoraTimingCase{"qkv 32 distinct r16", 4096, {4096, 1024, 1024}, distinct32, std::vector<int>(32, 16)},
+          LoraTimingCase{"qkv 1 adapter x 1 token r16", 4096, {4096, 1024, 1024}, {0}, {16}}}) {
+      LoraTimingCase named = c;
+      named.name += absl::StrCat(" ", blocks, "blk", overlap ? "" : " no-ovl");
+      LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, named));
+    }
   }
-  return cuda::SetLoraBlocksPerSmForTest(g_gpu, 2);
+  return cuda::SetLoraTuningForTest(g_gpu, 2, true);
 }
 
 int Main() {

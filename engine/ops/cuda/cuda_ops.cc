@@ -110,7 +110,10 @@ class CudaOps final : public Ops {
 
   cudaStream_t stream() const { return stream_; }
   void set_split_mode(AttentionSplitMode mode) { split_mode_ = mode; }
-  void set_lora_blocks_per_sm(int blocks) { lora_blocks_ = num_sms_ * blocks; }
+  void set_lora_tuning(int blocks_per_sm, bool overlap) {
+    lora_blocks_ = num_sms_ * blocks_per_sm;
+    lora_overlap_ = overlap;
+  }
 
   Device device() const override { return Device::kCuda; }
   DType compute_dtype() const override { return DType::kBF16; }
@@ -433,6 +436,7 @@ class CudaOps final : public Ops {
     p.counters = static_cast<int32_t*>(lora_counters_);
     p.counter_capacity = kLoraCounters;
     p.num_blocks = lora_blocks_;
+    p.overlap_shrink = lora_overlap_;
     if (static_cast<int64_t>(segments.max_segments) * module.num_slices > kLoraCounters) {
       return Invalid(op, absl::StrCat("segments.max_segments ", segments.max_segments, " x ", module.num_slices,
                                       " slices exceeds the ", kLoraCounters, " split-K counters"));
@@ -456,6 +460,7 @@ class CudaOps final : public Ops {
   void* lora_partials_ = nullptr;
   void* lora_counters_ = nullptr;
   int lora_blocks_ = 0;
+  bool lora_overlap_ = true;
   std::unique_ptr<CublasLtGemm> gemm_;
   cudaError_t deferred_error_ = cudaSuccess;
   AttentionSplitMode split_mode_ = AttentionSplitMode::kAuto;
@@ -550,12 +555,12 @@ absl::StatusOr<std::vector<double>> TimeOnStream(Ops* ops, int warmup, int repet
   return result;
 }
 
-absl::Status SetLoraBlocksPerSmForTest(Ops* ops, int blocks_per_sm) {
-  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraBlocksPerSmForTest"));
+absl::Status SetLoraTuningForTest(Ops* ops, int blocks_per_sm, bool overlap_shrink) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraTuningForTest"));
   if (blocks_per_sm < 1 || blocks_per_sm > 32) {
-    return Invalid("SetLoraBlocksPerSmForTest", absl::StrCat("blocks_per_sm ", blocks_per_sm, " not in 1..32"));
+    return Invalid("SetLoraTuningForTest", absl::StrCat("blocks_per_sm ", blocks_per_sm, " not in 1..32"));
   }
-  cuda->set_lora_blocks_per_sm(blocks_per_sm);
+  cuda->set_lora_tuning(blocks_per_sm, overlap_shrink);
   return absl::OkStatus();
 }
 

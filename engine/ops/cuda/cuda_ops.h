@@ -20,8 +20,10 @@ bool CudaDevicePresent();
 // Every op enqueues on the ops' stream and returns without waiting, except CopyToHost and
 // Synchronize. CopyToDevice may return before the copy lands but never reads `src` afterwards.
 // Op-specific notes: Embed and GatherRows give zero rows for out-of-range indices; Attention
-// gives zero rows for padding tokens (token_seq < 0); LoraShrink sets (zeroes, then accumulates
-// into) exactly the columns its contract names, so callers need not zero y.
+// gives zero rows for padding tokens (token_seq < 0); LoraShrink sets exactly the columns its
+// contract names, so callers need not zero y. LoraExpand starts while the kernel just before it
+// runs and reads the segment arrays, slot table and B early: that kernel (normally the LoraShrink
+// of the same module) must not write them; it reads y and out only after that kernel finished.
 absl::StatusOr<std::unique_ptr<Ops>> CreateCudaOps();
 
 // A captured sequence of ops, replayable on the ops' stream. Must not outlive its ops.
@@ -47,9 +49,11 @@ absl::StatusOr<std::vector<double>> TimeOnStream(Ops* ops, int warmup, int repet
 
 // Attention splits a token's context over several blocks when few (token, kv head) pairs cannot
 // fill the GPU (decode). Tests force either path on any shape; production keeps kAuto.
-// The LoRA kernels run a fixed grid of this many persistent blocks per SM (default 2); tests and
-// benchmarks sweep it. INVALID_ARGUMENT outside 1..32.
-absl::Status SetLoraBlocksPerSmForTest(Ops* ops, int blocks_per_sm);
+// The LoRA kernels run a fixed grid of `blocks_per_sm` persistent blocks per SM (default 2), and
+// LoraExpand overlaps the LoraShrink launched just before it (programmatic dependent launch:
+// it loads B while the shrink runs; default on). Tests and benchmarks sweep both.
+// INVALID_ARGUMENT for blocks_per_sm outside 1..32.
+absl::Status SetLoraTuningForTest(Ops* ops, int blocks_per_sm, bool overlap_shrink);
 
 enum class AttentionSplitMode { kAuto, kAlways, kNever };
 absl::Status SetAttentionSplitModeForTest(Ops* ops, AttentionSplitMode mode);

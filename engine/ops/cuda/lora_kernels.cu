@@ -31,6 +31,11 @@ constexpr int kMaxTokenSplits = 64;
 constexpr int kExpandColumnsPerThread = kLoraExpandTile / kThreads;
 constexpr int kBlocksPerSm = 2;  // 128 registers a thread: A/B vectors in flight
 
+// Programmatic dependent launch (sm_90): the expand is launched while the shrink still runs, loads
+// its B rows, then waits here for the shrink's y. A no-op in a kernel not launched that way.
+__device__ __forceinline__ void WaitForPrecedingKernel() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void AllowDependentLaunch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
 __device__ __forceinline__ uint4 Load8(const bf16* p, bool aligned) {
   if (aligned) return __ldg(reinterpret_cast<const uint4*>(p));
   uint4 v;
@@ -100,6 +105,7 @@ __device__ __forceinline__ void LiveSegments(const LoraParams& p, int max_token_
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     LoraShrinkKernel(LoraParams p, const bf16* __restrict__ x, float* __restrict__ y) {
   __shared__ int last_block;
+  AllowDependentLaunch();  // the expand may take SMs this launch leaves idle; it waits for y itself
   const int S = p.num_slices;
   int nseg, token_splits;
   // Counters are per (segment, slice, token split): the split count must fit the counter array.
@@ -230,6 +236,7 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
                                         : make_uint4(0, 0, 0, 0);
       }
     }
+    WaitForPrecedingKernel();  // y (and out) are the preceding kernels' outputs
     for (int idx = first; idx < end; idx += step) {
       const int64_t row = p.token_rows[idx];
       __syncthreads();  // the previous token's y_s is no longer read
@@ -260,7 +267,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   const int S = p.num_slices;
   int nseg, token_splits;
   LiveSegments(p, kMaxTokenSplits, &nseg, &token_splits);
-  if (nseg == 0) return;
+  if (nseg == 0) {
+    WaitForPrecedingKernel();  // this launch completes only after the shrink (see the end)
+    return;
+  }
   const int total_tiles = p.tile_offsets[S];
   const int64_t items = static_cast<int64_t>(nseg) * total_tiles * token_splits;
 
@@ -290,6 +300,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
       default: ExpandItem<0>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
     }
   }
+  // Every block waits before it exits, so the launch's completion implies the shrink's: the next
+  // kernel on the stream (another module's shrink reusing the split-K scratch) relies on it.
+  WaitForPrecedingKernel();
 }
 
 }  // namespace
@@ -309,8 +322,16 @@ cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cud
   if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0 || p.tile_offsets[p.num_slices] == 0) {
     return cudaSuccess;
   }
-  LoraExpandKernel<<<p.num_blocks, kThreads, 0, stream>>>(p, y, static_cast<bf16*>(out));
-  return cudaGetLastError();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(p.num_blocks);
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = p.overlap_shrink ? 1 : 0;
+  return cudaLaunchKernelEx(&config, LoraExpandKernel, p, y, static_cast<bf16*>(out));
 }
 
 }  // namespace loraplex::ops::cuda

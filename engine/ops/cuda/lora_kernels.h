@@ -46,6 +46,10 @@ struct LoraParams {
   int32_t* counters = nullptr;
   int32_t counter_capacity = 0;
   int32_t num_blocks = 0;  // persistent blocks per launch (a multiple of the SM count)
+  // Expand only: launch it as a programmatic dependent of the kernel before it (the shrink), so
+  // it reads the segment arrays, slot table and B while that kernel still runs, and y and out
+  // only after it has finished.
+  bool overlap_shrink = true;
 };
 
 // Shortest K chunk a split may have is 256 elements, the longest 4·256 (a lane then holds 4
@@ -58,7 +62,9 @@ int LoraShrinkMinSplits(int in_features);
 cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaStream_t stream);
 
 // out[row, off_s + n] += scale·Σ_j y[row, s·max_rank + j]·B_s[n, j], fp32 math, one bf16 rounding.
-// y as above; out [num_tokens, slice_offsets[num_slices]] bf16, in place.
+// y as above; out [num_tokens, slice_offsets[num_slices]] bf16, in place. With overlap_shrink, the
+// kernel launched just before must not write the segment arrays, the slot table or B (the shrink
+// does not); the launch still completes only after that kernel has.
 cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cudaStream_t stream);
 
 }  // namespace loraplex::ops::cuda

@@ -1,0 +1,309 @@
+// The whole model on the CUDA ops (BF16) against the same model on the CPU ops (F32, the oracle):
+// mixed adapters of different ranks in one step, prefill + chunked prefill + decode, batch
+// invariance, and an adapter slot reused by another adapter. Exits 77 (skipped) without a GPU.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#define CATCH_CONFIG_RUNNER
+#include <catch2/catch.hpp>
+
+#include "engine/model/llama.h"
+#include "engine/model/model_spec.h"
+#include "engine/ops/ops.h"
+#include "lora/adapter.h"
+#include "lora/lora_batch.h"
+#include "lora/slot_pool.h"
+#include "tests/testing/tiny_model.h"
+
+namespace loraplex::model {
+namespace {
+
+constexpr int32_t kBlock = 16;
+const ModelCapacity kCapacity{/*max_tokens=*/256, /*max_seqs=*/8, /*num_kv_blocks=*/64,
+                              /*kv_block_size=*/kBlock, /*max_blocks_per_seq=*/16};
+
+// A sequence being fed to both executors: its tokens, its KV blocks, how much is computed.
+struct Seq {
+  std::vector<int32_t> tokens;
+  std::vector<int32_t> blocks;
+  int32_t computed = 0;
+  int32_t slot = -1;  // adapter slot, -1: base model
+};
+
+// A step that feeds `count[i]` new tokens of seqs[i] and asks for the last token's logits.
+StepInput MakeStep(std::vector<Seq>& seqs, const std::vector<int32_t>& count) {
+  StepInput in;
+  std::vector<int32_t> token_slots;
+  in.block_tables.assign(seqs.size() * kCapacity.max_blocks_per_seq, 0);
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    Seq& q = seqs[s];
+    for (int32_t i = 0; i < count[s]; ++i) {
+      const int32_t pos = q.computed + i;
+      in.token_ids.push_back(q.tokens[pos]);
+      in.positions.push_back(pos);
+      in.slot_mapping.push_back(q.blocks[pos / kBlock] * kBlock + pos % kBlock);
+      in.token_seq.push_back(static_cast<int32_t>(s));
+      token_slots.push_back(q.slot);
+    }
+    q.computed += count[s];
+    in.context_lens.push_back(q.computed);
+    std::copy(q.blocks.begin(), q.blocks.end(),
+              in.block_tables.begin() + s * kCapacity.max_blocks_per_seq);
+    in.logit_rows.push_back(static_cast<int32_t>(in.token_ids.size()) - 1);
+  }
+  in.lora = lora::BuildLoraBatch(token_slots, 16);
+  return in;
+}
+
+double RelErr(const std::vector<float>& got, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    num += (got[i] - ref[i]) * (got[i] - ref[i]);
+    den += static_cast<double>(ref[i]) * ref[i];
+  }
+  return std::sqrt(num / den);
+}
+
+// Rows of [rows, vocab] logits whose argmax agrees, counting only rows where the reference's top-2
+// margin is clear of BF16 noise.
+void CheckArgmax(const std::vector<float>& got, const std::vector<float>& ref, int64_t vocab) {
+  for (size_t r = 0; r * vocab < ref.size(); ++r) {
+    const float* g = got.data() + r * vocab;
+    const float* f = ref.data() + r * vocab;
+    std::vector<float> sorted(f, f + vocab);
+    std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<>());
+    if (sorted[0] - sorted[1] < 0.1f) continue;
+    CHECK(std::max_element(g, g + vocab) - g == std::max_element(f, f + vocab) - f);
+  }
+}
+
+struct Executor {
+  std::unique_ptr<ops::Ops> ops;
+  std::unique_ptr<lora::SlotPool> pool;
+  std::unique_ptr<LlamaModel> model;
+};
+
+Executor MakeExecutor(Device device, const std::string& dir, const ModelSpec& spec) {
+  Executor e;
+  auto ops = ops::CreateOps(device);
+  REQUIRE(ops.ok());
+  e.ops = std::move(*ops);
+  auto pool = lora::SlotPool::Create(e.ops.get(), spec, /*num_slots=*/3, /*max_rank=*/64);
+  REQUIRE(pool.ok());
+  e.pool = std::move(*pool);
+  auto model = LlamaModel::Load(dir, spec, e.ops.get(), e.pool.get(), kCapacity);
+  INFO(model.status().message());
+  REQUIRE(model.ok());
+  e.model = std::move(*model);
+  return e;
+}
+
+std::shared_ptr<const lora::LoadedAdapter> LoadAdapter(const std::string& name, const std::string& dir,
+                                                       const ModelSpec& spec, DType dtype) {
+  lora::LoraLimits limits;
+  limits.max_rank = 64;
+  limits.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  auto a = lora::LoadPeftAdapter(name, dir, spec, limits, dtype);
+  INFO(a.status().message());
+  REQUIRE(a.ok());
+  return *a;
+}
+
+std::vector<int32_t> RandomTokens(int n, int64_t vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> t(n);
+  for (auto& v : t) v = static_cast<int32_t>(rng() % vocab);
+  return t;
+}
+
+TEST_CASE("The CUDA model matches the CPU model with mixed-rank adapters over prefill, chunked prefill and decode") {
+  testing::TinyModelOptions mo;
+  mo.vocab = 512;
+  mo.hidden = 256;
+  mo.layers = 2;
+  mo.heads = 4;
+  mo.kv_heads = 2;
+  mo.head_dim = 64;  // a head size the CUDA attention supports
+  mo.intermediate = 512;
+  mo.dtype = DType::kBF16;
+  mo.llama3_rope = true;
+  const std::string dir = testing::MakeTempDir("cuda-model");
+  REQUIRE(testing::WriteTinyModel(dir, mo).ok());
+  auto spec = LoadModelSpec(dir);
+  REQUIRE(spec.ok());
+
+  // Three adapters: rank 4 attention-only, rank 16 all modules with rsLoRA, rank 64 MLP-only.
+  testing::TinyAdapterOptions ao[3];
+  ao[0].r = 4; ao[0].alpha = 8; ao[0].target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  ao[1].r = 16; ao[1].alpha = 16; ao[1].use_rslora = true; ao[1].seed = 9;
+  ao[2].r = 64; ao[2].alpha = 32; ao[2].target_modules = {"gate_proj", "up_proj", "down_proj"}; ao[2].seed = 13;
+  const char* names[3] = {"a4", "b16", "c64"};
+  for (int i = 0; i < 3; ++i) {
+    ao[i].dtype = DType::kBF16;
+    REQUIRE(testing::WriteTinyAdapter(dir + "/" + names[i], *spec, ao[i]).ok());
+  }
+
+  Executor cpu = MakeExecutor(Device::kCpu, dir, *spec);
+  Executor gpu = MakeExecutor(Device::kCuda, dir, *spec);
+  std::vector<std::shared_ptr<const lora::LoadedAdapter>> cpu_ad, gpu_ad;
+  for (int i = 0; i < 3; ++i) {
+    cpu_ad.push_back(LoadAdapter(names[i], dir + "/" + names[i], *spec, DType::kF32));
+    gpu_ad.push_back(LoadAdapter(names[i], dir + "/" + names[i], *spec, DType::kBF16));
+  }
+  auto cslots = cpu.pool->EnsureResident({cpu_ad[0].get(), cpu_ad[1].get(), cpu_ad[2].get()},
+                                         {false, false, false});
+  auto gslots = gpu.pool->EnsureResident({gpu_ad[0].get(), gpu_ad[1].get(), gpu_ad[2].get()},
+                                         {false, false, false});
+  REQUIRE(cslots.ok());
+  REQUIRE(gslots.ok());
+  REQUIRE(*cslots == *gslots);
+  const auto& slot = *cslots;
+
+  // Sequences: A on a4, B on the base model, C on b16 (chunked), D on c64 (joins later), E on a4.
+  // Physical blocks are shuffled so paging is exercised; 6 blocks (96 tokens) per sequence.
+  std::vector<int32_t> phys(30);
+  for (int i = 0; i < 30; ++i) phys[i] = i;
+  std::shuffle(phys.begin(), phys.end(), std::mt19937(7));
+  int next_seq = 0;
+  auto make = [&](int len, uint32_t seed, int32_t s) {
+    Seq q;
+    q.tokens = RandomTokens(len + 12, spec->vocab_size, seed);
+    q.blocks.assign(phys.begin() + next_seq * 6, phys.begin() + next_seq * 6 + 6);
+    ++next_seq;
+    q.slot = s;
+    return q;
+  };
+  std::vector<Seq> seqs = {make(37, 1, slot[0]), make(20, 2, -1), make(50, 3, slot[1]),
+                           make(9, 4, slot[2]), make(5, 5, slot[0])};
+  std::vector<Seq> cseqs = seqs, gseqs = seqs;
+
+  auto step = [&](const std::vector<int>& which, const std::vector<int32_t>& count) {
+    std::vector<Seq> cs, gs;
+    for (int w : which) { cs.push_back(cseqs[w]); gs.push_back(gseqs[w]); }
+    StepInput ci = MakeStep(cs, count), gi = MakeStep(gs, count);
+    for (size_t i = 0; i < which.size(); ++i) { cseqs[which[i]] = cs[i]; gseqs[which[i]] = gs[i]; }
+    auto cl = cpu.model->Forward(ci);
+    auto gl = gpu.model->Forward(gi);
+    INFO(gl.status().message());
+    REQUIRE(cl.ok());
+    REQUIRE(gl.ok());
+    const double err = RelErr(*gl, *cl);
+    std::printf("step seqs=%zu tokens=%zu segments=%d rel_err=%.3e\n", which.size(), ci.token_ids.size(),
+                ci.lora.num_segments(), err);
+    // BF16 weights are exact on both sides; BF16 activations through 2 layers give ~1e-2.
+    CHECK(err < 3e-2);
+    CheckArgmax(*gl, *cl, spec->vocab_size);
+  };
+  step({0, 1, 2}, {37, 20, 30});           // prefill A, B; first chunk of C
+  step({0, 1, 2, 3}, {1, 1, 20, 9});       // decode A, B; rest of C; prefill D
+  for (int i = 0; i < 6; ++i) step({0, 1, 2, 3}, {1, 1, 1, 1});  // decode all four
+  step({0, 1, 2, 3, 4}, {1, 1, 1, 1, 5});  // E joins (same adapter as A)
+}
+
+TEST_CASE("A sequence's GPU logits do not depend on what else is in the batch") {
+  testing::TinyModelOptions mo;
+  mo.vocab = 512; mo.hidden = 256; mo.heads = 4; mo.kv_heads = 2; mo.head_dim = 64;
+  mo.intermediate = 512; mo.dtype = DType::kBF16;
+  const std::string dir = testing::MakeTempDir("cuda-invariance");
+  REQUIRE(testing::WriteTinyModel(dir, mo).ok());
+  auto spec = LoadModelSpec(dir);
+  REQUIRE(spec.ok());
+  testing::TinyAdapterOptions ao;
+  ao.r = 16; ao.dtype = DType::kBF16;
+  REQUIRE(testing::WriteTinyAdapter(dir + "/x", *spec, ao).ok());
+  Executor gpu = MakeExecutor(Device::kCuda, dir, *spec);
+  auto ad = LoadAdapter("x", dir + "/x", *spec, DType::kBF16);
+  auto slots = gpu.pool->EnsureResident({ad.get()}, {false});
+  REQUIRE(slots.ok());
+
+  Seq alone;
+  alone.tokens = RandomTokens(24, spec->vocab_size, 3);
+  alone.blocks = {5, 2};
+  alone.slot = (*slots)[0];
+  std::vector<Seq> s1 = {alone};
+  auto solo = gpu.model->Forward(MakeStep(s1, {24}));
+  REQUIRE(solo.ok());
+
+  Seq other = alone;
+  other.tokens = RandomTokens(24, spec->vocab_size, 4);
+  other.blocks = {7, 9};
+  other.slot = -1;
+  Seq same = alone;
+  same.blocks = {11, 12};
+  std::vector<Seq> s3 = {other, same, other};
+  s3[2].blocks = {13, 14};
+  auto batched = gpu.model->Forward(MakeStep(s3, {24, 24, 24}));
+  REQUIRE(batched.ok());
+  std::vector<float> row(batched->begin() + spec->vocab_size, batched->begin() + 2 * spec->vocab_size);
+  const double err = RelErr(row, *solo);
+  std::printf("batch invariance rel_err=%.3e\n", err);
+  // GEMM algorithms may differ by batch size; the result must stay within BF16 rounding.
+  CHECK(err < 1e-2);
+}
+
+TEST_CASE("A slot reused by another adapter on the GPU gives that adapter's output, nothing of the previous one") {
+  testing::TinyModelOptions mo;
+  mo.vocab = 512; mo.hidden = 256; mo.heads = 4; mo.kv_heads = 2; mo.head_dim = 64;
+  mo.intermediate = 512; mo.dtype = DType::kBF16;
+  const std::string dir = testing::MakeTempDir("cuda-reuse");
+  REQUIRE(testing::WriteTinyModel(dir, mo).ok());
+  auto spec = LoadModelSpec(dir);
+  REQUIRE(spec.ok());
+  testing::TinyAdapterOptions big, small;
+  big.r = 64; big.dtype = DType::kBF16; big.seed = 21;                   // every module
+  small.r = 8; small.dtype = DType::kBF16; small.seed = 22;
+  small.target_modules = {"v_proj"};                                      // one module only
+  REQUIRE(testing::WriteTinyAdapter(dir + "/big", *spec, big).ok());
+  REQUIRE(testing::WriteTinyAdapter(dir + "/small", *spec, small).ok());
+
+  // A one-slot GPU pool: `small` must take `big`'s slot.
+  auto ops = ops::CreateOps(Device::kCuda);
+  REQUIRE(ops.ok());
+  auto pool = lora::SlotPool::Create(ops->get(), *spec, 1, 64);
+  REQUIRE(pool.ok());
+  auto model = LlamaModel::Load(dir, *spec, ops->get(), pool->get(), kCapacity);
+  REQUIRE(model.ok());
+  auto gbig = LoadAdapter("big", dir + "/big", *spec, DType::kBF16);
+  auto gsmall = LoadAdapter("small", dir + "/small", *spec, DType::kBF16);
+  REQUIRE((*pool)->EnsureResident({gbig.get()}, {false}).ok());
+  Seq q;
+  q.tokens = RandomTokens(16, spec->vocab_size, 8);
+  q.blocks = {0};
+  q.slot = 0;
+  std::vector<Seq> s = {q};
+  REQUIRE((*model)->Forward(MakeStep(s, {16})).ok());
+  auto slots = (*pool)->EnsureResident({gsmall.get()}, {false});
+  REQUIRE(slots.ok());
+  REQUIRE((*slots)[0] == 0);
+  s = {q};
+  auto reused = (*model)->Forward(MakeStep(s, {16}));
+  REQUIRE(reused.ok());
+
+  // The reference: `small` in a fresh CPU executor.
+  Executor cpu = MakeExecutor(Device::kCpu, dir, *spec);
+  auto csmall = LoadAdapter("small", dir + "/small", *spec, DType::kF32);
+  REQUIRE(cpu.pool->EnsureResident({csmall.get()}, {false}).ok());
+  s = {q};
+  auto ref = cpu.model->Forward(MakeStep(s, {16}));
+  REQUIRE(ref.ok());
+  const double err = RelErr(*reused, *ref);
+  std::printf("slot reuse rel_err=%.3e\n", err);
+  CHECK(err < 3e-2);
+}
+
+}  // namespace
+}  // namespace loraplex::model
+
+int main(int argc, char** argv) {
+  if (!loraplex::ops::CudaAvailable()) {
+    std::printf("skipped: no CUDA device\n");
+    return 77;
+  }
+  return Catch::Session().run(argc, argv);
+}
