@@ -7,7 +7,8 @@
 // clock around the whole call: it ends with the logits on the host). Writes a JSON file and prints
 // a table. Single-threaded; run it alone on the GPU.
 //
-// Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128]
+// Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
+//   --cpu 1: the CPU executor and no roofline (a smoke test on a toy checkpoint without a GPU).
 //   ADAPTER_DIR holds r16_0..r16_31 (rank 16) and mix_0..mix_7 (ranks 8,16,32,64,...), as
 //   bench/make_bench_checkpoint.py writes them.
 #include <algorithm>
@@ -22,6 +23,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "engine/core/dtype.h"
 #include "engine/core/status.h"
 #include "engine/model/llama.h"
 #include "engine/model/model_spec.h"
@@ -56,12 +58,19 @@ struct Result {
   int adapters = 0;
   double ms = 0.0;
   double ratio_to_base = 0.0;  // step time over the base-model step of the same batch
+  double gb_per_s = 0.0;       // roofline rows: bytes moved over time
 };
+
+double TokensPerSecond(const Result& r) { return r.phase == "roofline" || r.ms <= 0 ? 0.0 : r.tokens / (r.ms * 1e-3); }
 
 class Bench {
  public:
-  absl::Status Setup(const std::string& model_dir, const std::string& adapter_dir, int max_batch) {
-    LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::cuda::CreateCudaOps());
+  absl::Status Setup(const std::string& model_dir, const std::string& adapter_dir, int max_batch, bool cpu) {
+    if (cpu) {
+      LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::CreateOps(Device::kCpu));
+    } else {
+      LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::cuda::CreateCudaOps());
+    }
     LORAPLEX_ASSIGN_OR_RETURN(spec_, model::LoadModelSpec(model_dir));
     const int blocks_per_seq = (kContext + 1 + kBlockSize - 1) / kBlockSize;
     cap_.max_tokens = std::max(kPrefillTokens, max_batch);
@@ -76,7 +85,7 @@ class Bench {
     for (int i = 0; i < kNumR16 + kNumMixed; ++i) {
       const std::string name = i < kNumR16 ? absl::StrCat("r16_", i) : absl::StrCat("mix_", i - kNumR16);
       LORAPLEX_ASSIGN_OR_RETURN(auto adapter, lora::LoadPeftAdapter(name, adapter_dir + "/" + name, spec_, limits,
-                                                                    DType::kBF16));
+                                                                    ops_->compute_dtype()));
       adapters_.push_back(std::move(adapter));
     }
     std::printf("loaded %zu adapters in %.1f s\n", adapters_.size(),
@@ -159,8 +168,8 @@ class Bench {
     return Median(us) * 1e-3;
   }
 
-  // GB/s of a device-to-device copy of 4 GiB, counting bytes read and written.
-  absl::StatusOr<double> CopyBandwidth() {
+  // Milliseconds of a device-to-device copy of 2 GiB (4 GiB read + written).
+  absl::StatusOr<double> CopyMs() {
     const size_t bytes = size_t{2} << 30;
     LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory a, ops_->Allocate(bytes));
     LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory b, ops_->Allocate(bytes));
@@ -168,7 +177,7 @@ class Bench {
     LORAPLEX_ASSIGN_OR_RETURN(auto us, ops::cuda::TimeOnStream(ops_.get(), 2, 9, 1, [&](int) {
       return ops_->CopyOnDevice(b.data(), a.data(), bytes);
     }));
-    return 2.0 * bytes / Median(us) * 1e-3;
+    return Median(us) * 1e-3;
   }
 
   int num_adapters() const { return static_cast<int>(adapters_.size()); }
@@ -229,11 +238,14 @@ absl::Status Run(int argc, char** argv) {
     return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...]");
   }
   int steps = 20;
+  int cpu = 0;
   std::vector<int> batches = {1, 8, 32, 64, 128};
   for (int i = 4; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     if (flag == "--steps") {
       if (!absl::SimpleAtoi(argv[i + 1], &steps) || steps < 1) return absl::InvalidArgumentError(absl::StrCat("--steps ", argv[i + 1]));
+    } else if (flag == "--cpu") {
+      if (!absl::SimpleAtoi(argv[i + 1], &cpu)) return absl::InvalidArgumentError(absl::StrCat("--cpu ", argv[i + 1]));
     } else if (flag == "--batches") {
       batches.clear();
       for (absl::string_view b : absl::StrSplit(argv[i + 1], ',')) {
@@ -246,18 +258,34 @@ absl::Status Run(int argc, char** argv) {
     }
   }
   Bench bench;
-  LORAPLEX_RETURN_IF_ERROR(bench.Setup(argv[1], argv[2], *std::max_element(batches.begin(), batches.end())));
+  LORAPLEX_RETURN_IF_ERROR(bench.Setup(argv[1], argv[2], *std::max_element(batches.begin(), batches.end()), cpu != 0));
 
   std::vector<Result> results;
-  LORAPLEX_ASSIGN_OR_RETURN(const double copy_gbs, bench.CopyBandwidth());
-  results.push_back({"roofline", "d2d copy GB/s (read+write)", 0, 0, 0, copy_gbs, 0});
-  for (int b : batches) {
-    LORAPLEX_ASSIGN_OR_RETURN(const double gemm_ms, bench.GemmOnlyStep(b));
-    results.push_back({"roofline", "cuBLASLt GEMMs of one step", b, b, 0, gemm_ms, 0});
+  // Rows are printed as they are measured, so a run cut short still reports what it finished.
+  std::printf("\n%-9s %-30s %6s %6s %9s %10s %8s %8s\n", "phase", "scenario", "batch", "tokens", "ms", "tok/s",
+              "x base", "GB/s");
+  auto add = [&results](const Result& r) {
+    std::printf("%-9s %-30s %6d %6d %9.3f %10.0f %8.3f %8.0f\n", r.phase.c_str(), r.scenario.c_str(), r.batch, r.tokens,
+                r.ms, TokensPerSecond(r), r.ratio_to_base, r.gb_per_s);
+    std::fflush(stdout);
+    results.push_back(r);
+  };
+  if (cpu == 0) {
+    LORAPLEX_ASSIGN_OR_RETURN(const double copy_ms, bench.CopyMs());
+    add({"roofline", "d2d copy 2 GiB (read+write)", 0, 0, 0, copy_ms, 0, 4.0 * (1 << 30) / copy_ms * 1e-6});
+    const model::ModelSpec& sp = bench.spec();
+    const double weight_bytes =
+        2.0 * (sp.num_layers * (sp.qkv_width() * sp.hidden_size + sp.hidden_size * sp.q_width() +
+                                3.0 * sp.intermediate_size * sp.hidden_size) +
+               sp.vocab_size * sp.hidden_size);
+    for (int b : batches) {
+      LORAPLEX_ASSIGN_OR_RETURN(const double gemm_ms, bench.GemmOnlyStep(b));
+      add({"roofline", "cuBLASLt GEMMs of one step", b, b, 0, gemm_ms, 0, weight_bytes / gemm_ms * 1e-6});
+    }
   }
   for (int b : batches) {
     LORAPLEX_ASSIGN_OR_RETURN(const double base, bench.DecodeStep(b, std::vector<int>(b, -1), steps));
-    results.push_back({"decode", "base", b, b, 0, base, 1.0});
+    add({"decode", "base", b, b, 0, base, 1.0, 0});
     std::vector<int> one(b, 0), distinct(b), mixed(b);
     for (int i = 0; i < b; ++i) {
       distinct[i] = i % kNumR16;
@@ -268,22 +296,19 @@ absl::Status Run(int argc, char** argv) {
     for (const S& s : {S{"one adapter r16", &one, 1}, S{absl::StrCat(n_distinct, " distinct r16"), &distinct, n_distinct},
                        S{absl::StrCat(n_mixed, " mixed ranks"), &mixed, n_mixed}}) {
       LORAPLEX_ASSIGN_OR_RETURN(const double ms, bench.DecodeStep(b, *s.adapters, steps));
-      results.push_back({"decode", s.name, b, b, s.count, ms, ms / base});
+      add({"decode", s.name, b, b, s.count, ms, ms / base, 0});
     }
   }
   LORAPLEX_ASSIGN_OR_RETURN(const double prefill_base, bench.PrefillStep(kPrefillTokens, -1, std::max(3, steps / 4)));
-  results.push_back({"prefill", "base", 1, kPrefillTokens, 0, prefill_base, 1.0});
+  add({"prefill", "base", 1, kPrefillTokens, 0, prefill_base, 1.0, 0});
   LORAPLEX_ASSIGN_OR_RETURN(const double prefill_lora, bench.PrefillStep(kPrefillTokens, 0, std::max(3, steps / 4)));
-  results.push_back({"prefill", "one adapter r16", 1, kPrefillTokens, 1, prefill_lora, prefill_lora / prefill_base});
+  add({"prefill", "one adapter r16", 1, kPrefillTokens, 1, prefill_lora, prefill_lora / prefill_base, 0});
 
   nlohmann::json out = nlohmann::json::array();
-  std::printf("\n%-9s %-30s %6s %6s %9s %10s %8s\n", "phase", "scenario", "batch", "tokens", "ms", "tok/s", "x base");
   for (const Result& r : results) {
-    const double tok_s = r.phase == "roofline" || r.ms <= 0 ? 0.0 : r.tokens / (r.ms * 1e-3);
     out.push_back({{"phase", r.phase}, {"scenario", r.scenario}, {"batch", r.batch}, {"tokens", r.tokens},
-                   {"adapters", r.adapters}, {"ms", r.ms}, {"tokens_per_s", tok_s}, {"ratio_to_base", r.ratio_to_base}});
-    std::printf("%-9s %-30s %6d %6d %9.3f %10.0f %8.3f\n", r.phase.c_str(), r.scenario.c_str(), r.batch, r.tokens, r.ms,
-                tok_s, r.ratio_to_base);
+                   {"adapters", r.adapters}, {"ms", r.ms}, {"tokens_per_s", TokensPerSecond(r)},
+                   {"ratio_to_base", r.ratio_to_base}, {"gb_per_s", r.gb_per_s}});
   }
   std::ofstream f(argv[3]);
   f << out.dump(2) << "\n";

@@ -403,10 +403,6 @@ bool EngineImpl::Step() {
       sampled.push_back(seq);
     }
   }
-  // A step of prefill chunks only wants no logits, but LlamaModel::Forward asks for at least one
-  // row; the extra row is computed and ignored (sampled stays empty).
-  if (input.logit_rows.empty())
-    input.logit_rows.push_back(static_cast<int32_t>(input.token_ids.size()) - 1);
   if (!plan.adapters.empty()) input.lora = lora::BuildLoraBatch(token_slots);
   spdlog::debug("engine: step {}: {} seqs, {} tokens, {} adapters, {} sampled", loop_stats_.steps,
                 plan.seqs.size(), plan.num_tokens, plan.adapters.size(), sampled.size());

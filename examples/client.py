@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""A small loraplex client: sends one batch of prompts over several adapters at once and prints
-what each adapter answered, streaming text as it arrives.
+"""A small loraplex client: sends one prompt to several adapters at once (one mixed batch on the
+server) and prints what each adapter answered; with a single --adapter it streams the text.
 
   python3 examples/client.py [--server 127.0.0.1:50051] [--adapter upper --adapter base ...]
                              [--prompt "hello world"] [--max-new-tokens 24] [--temperature 0]
@@ -58,6 +58,8 @@ def main():
 
     lock = threading.Lock()
     answers = {}
+    # One request streams its text as it comes; a batch prints one answer per adapter at the end.
+    stream_inline = len(adapters) == 1
 
     def ask(adapter):
         label = adapter or "base"
@@ -72,8 +74,9 @@ def main():
                 if kind == "chunk":
                     text.append(response.chunk.text)
                     tokens += len(response.chunk.token_ids)
-                    with lock:
-                        print(f"[{label}] +{response.chunk.text!r}", flush=True)
+                    if stream_inline:
+                        sys.stdout.write(response.chunk.text)
+                        sys.stdout.flush()
                 elif kind == "complete":
                     reason = generation_pb2.FinishReason.Name(response.complete.finish_reason)
         except grpc.RpcError as e:
@@ -88,6 +91,8 @@ def main():
     for t in threads:
         t.join()
     elapsed = time.monotonic() - start
+    if stream_inline:
+        print()
 
     print(f"\nprompt: {args.prompt!r}  ({len(adapters)} requests in one batch, {elapsed:.2f} s)")
     for adapter in adapters:

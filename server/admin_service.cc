@@ -8,7 +8,6 @@
 #include "engine/core/status.h"
 #include "engine/model/model_spec.h"
 #include "server/status_mapping.h"
-#include "spdlog/spdlog.h"
 
 #ifndef LORAPLEX_VERSION
 #error "LORAPLEX_VERSION must be defined by the build"
@@ -60,10 +59,7 @@ absl::Status AdminService::DoLoad(const v1::LoadAdapterRequest& request,
                                   v1::LoadAdapterResponse* response) {
   if (request.name().empty()) return absl::InvalidArgumentError("name must not be empty");
   if (request.path().empty()) return absl::InvalidArgumentError("path must not be empty");
-  const absl::Time start = absl::Now();
   LORAPLEX_RETURN_IF_ERROR(registry_->Load(request.name(), request.path(), request.pinned()));
-  spdlog::info("adapter '{}' loaded from {} in {:.1f} ms (admin)", request.name(), request.path(),
-               absl::ToDoubleMilliseconds(absl::Now() - start));
   for (const lora::AdapterInfo& info : registry_->List()) {
     if (info.name == request.name()) {
       FillAdapterInfo(info, ResidentAdapters(*engine_), response->mutable_adapter());
@@ -93,7 +89,6 @@ absl::Status AdminService::DoUnload(const v1::UnloadAdapterRequest& request) {
   }
   LORAPLEX_RETURN_IF_ERROR(registry_->Unload(request.name()));
   engine_->EvictAdapter(uid);
-  spdlog::info("adapter '{}' unloaded (admin)", request.name());
   return absl::OkStatus();
 }
 

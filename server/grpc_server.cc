@@ -1,5 +1,8 @@
 #include "server/grpc_server.h"
 
+#include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <string>
 
 #include "engine/model/model_spec.h"
@@ -8,7 +11,6 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "server/admin_service.h"
 #include "server/generation_service.h"
-#include "spdlog/spdlog.h"
 
 namespace loraplex::server {
 namespace {
@@ -37,9 +39,12 @@ absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(const config::Conf
 
   grpc::ServerBuilder builder;
   builder.AddListeningPort(config->server.address, grpc::InsecureServerCredentials(), &server->port_);
-  const int max_bytes = static_cast<int>(config->server.max_message_bytes);
+  const int max_bytes = static_cast<int>(
+      std::min<int64_t>(config->server.max_message_bytes, std::numeric_limits<int>::max()));
   builder.SetMaxReceiveMessageSize(max_bytes);
   builder.SetMaxSendMessageSize(max_bytes);
+  // gRPC sets SO_REUSEPORT by default; a second daemon on the same port must fail, not share it.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.RegisterService(server->generation_.get());
   builder.RegisterService(server->admin_.get());
   server->server_ = builder.BuildAndStart();

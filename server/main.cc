@@ -119,14 +119,9 @@ std::vector<absl::Status> LoadConfiguredAdapters(const config::Config& config,
   std::vector<absl::Status> errors;
   for (size_t i = 0; i < config.adapters.size(); ++i) {
     const config::AdapterEntry& entry = config.adapters[i];
-    const absl::Time start = absl::Now();
+    // The registry logs each successful load with its timing.
     absl::Status status = registry->Load(entry.name, entry.path, entry.pinned);
-    if (!status.ok()) {
-      errors.push_back(Annotate(status, absl::StrCat("adapters[", i, "]")));
-      continue;
-    }
-    spdlog::info("adapter '{}' loaded from {} in {:.1f} ms{}", entry.name, entry.path,
-                 absl::ToDoubleMilliseconds(absl::Now() - start), entry.pinned ? " (pinned)" : "");
+    if (!status.ok()) errors.push_back(Annotate(status, absl::StrCat("adapters[", i, "]")));
   }
   return errors;
 }

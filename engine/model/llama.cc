@@ -309,8 +309,8 @@ absl::Status LlamaModel::Impl::ValidateStep(const StepInput& in) const {
     return bad("block_tables has ", in.block_tables.size(), " entries, expected ", s_count, " x ",
                cap.max_blocks_per_seq);
   }
-  if (in.logit_rows.empty() || static_cast<int64_t>(in.logit_rows.size()) > cap.max_seqs) {
-    return bad(in.logit_rows.size(), " logit rows outside [1, ", cap.max_seqs, "]");
+  if (static_cast<int64_t>(in.logit_rows.size()) > cap.max_seqs) {
+    return bad(in.logit_rows.size(), " logit rows outside [0, ", cap.max_seqs, "]");
   }
   const int64_t num_slots = static_cast<int64_t>(cap.num_kv_blocks) * cap.kv_block_size;
   for (int64_t s = 0; s < s_count; ++s) {
@@ -466,6 +466,11 @@ absl::StatusOr<std::vector<float>> LlamaModel::Forward(const StepInput& in) {
       ops.AddRmsNorm(proj_out, residual, m.final_norm.View(dt, {h}), eps, hidden));
 
   const int64_t rows = static_cast<int64_t>(in.logit_rows.size());
+  // A step of prefill chunks only wants no logits: the KV cache is all it had to fill.
+  if (rows == 0) {
+    LORAPLEX_RETURN_IF_ERROR(ops.Synchronize());
+    return std::vector<float>();
+  }
   const TensorView gathered = m.gathered.View(dt, {rows, h});
   const TensorView logits = m.logits.View(DType::kF32, {rows, spec.vocab_size});  // [rows, V] F32
   LORAPLEX_RETURN_IF_ERROR(

@@ -410,6 +410,13 @@ TEST_CASE("Forward refuses steps beyond its capacity or with inconsistent arrays
     CHECK((*model)->Forward(in).status().code() == absl::StatusCode::kInvalidArgument);
   }
   SECTION("the unchanged step runs") { CHECK((*model)->Forward(good).ok()); }
+  SECTION("a step of prefill chunks only returns no logits") {
+    StepInput in = good;
+    in.logit_rows.clear();
+    auto logits = (*model)->Forward(in);
+    REQUIRE(logits.ok());
+    CHECK(logits->empty());
+  }
 }
 
 // scale · B·A for every module of an adapter file (no rank/alpha patterns).
