@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
-# Installs dependencies, builds, generates the demo model, starts loraplexd on it, sends one batch
-# that mixes every adapter, prints what each answered, and stops the daemon.
+# Installs dependencies, builds, starts loraplexd on the trained demo model with its four adapters
+# (deploy/demo.yaml), sends one batch mixing every adapter, prints what each did, and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh
-if [ ! -f build/demo/model/config.json ]; then
-  /usr/bin/python3 scripts/make_demo_model.py build/demo >/dev/null
-fi
-port=${LORAPLEX_DEMO_PORT:-50151}
+mkdir -p build/demo
 log=build/demo/loraplexd.log
-build/server/loraplexd --config deploy/demo.yaml --address "127.0.0.1:${port}" >"$log" 2>&1 &
+build/server/loraplexd --config deploy/demo.yaml >"$log" 2>&1 &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
-/usr/bin/python3 examples/client.py --address "127.0.0.1:${port}" --wait-ready 60 --demo
+/usr/bin/python3 examples/demo.py --server 127.0.0.1:50051 --wait-ready 60 || {
+  echo "demo failed; daemon log: $log" >&2; tail -n 20 "$log" >&2; exit 1; }

@@ -143,6 +143,19 @@ class Ops {
   // y as LoraShrink's output; out [T, slice_offsets[num_slices]] compute dtype, updated in place.
   virtual absl::Status LoraExpand(const TensorView& y, const LoraSegments& segments,
                                   const LoraModule& module, const TensorView& out) = 0;
+  // A whole LoRA-wrapped projection: y = x · wᵀ, then, when `segments` and `module` are given,
+  // LoraShrink(x) into `lora_y` and LoraExpand(lora_y) into y. One call lets an executor run the
+  // shrink concurrently with the GEMM (it needs only x). Shapes as in Gemm (beta 0) and LoraShrink.
+  // The default runs the three ops in order.
+  virtual absl::Status GemmWithLora(const TensorView& x, const TensorView& w, const TensorView& y,
+                                    const LoraSegments* segments, const LoraModule* module,
+                                    const TensorView& lora_y) {
+    absl::Status s = Gemm(x, w, 0.0f, y);
+    if (!s.ok() || segments == nullptr || module == nullptr) return s;
+    s = LoraShrink(x, *segments, *module, lora_y);
+    if (!s.ok()) return s;
+    return LoraExpand(lora_y, *segments, *module, y);
+  }
 };
 
 // Creates the ops for `device`: CPU always; CUDA when built with it and a GPU is present.

@@ -720,6 +720,56 @@ std::vector<int> RandomTokenSlots(int tokens, int num_slots, double base_fractio
   return v;
 }
 
+// GemmWithLora (the whole wrapped projection; the shrink forked onto a side stream or not, called
+// directly or replayed from a graph) against the CPU's Gemm + LoraShrink + LoraExpand. `steps`
+// segment tables are used in turn on the same buffers (one capture, several replays).
+absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens, bool fork, bool graph, int steps) {
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 3, true, fork));
+  const int T = tokens, W = w.width(), yw = w.num_slices * w.max_rank;
+  // Base weights of size 1/sqrt(in): base outputs O(1), as large as the LoRA delta, so an error in
+  // either part shows in the relative error.
+  std::vector<float> wt = RandomVec(static_cast<size_t>(W) * w.in, -0.03f, 0.03f);
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_w, UploadBf16(wt));
+  LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs, DevSegs::Create(T, T));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, g_gpu->Allocate(static_cast<size_t>(T) * w.in * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, g_gpu->Allocate(static_cast<size_t>(T) * yw * 4));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
+  const LoraModule dm = w.Module(true), hm = w.Module(false);
+  const LoraSegments ds = dsegs.View();
+  const TensorView gx = Gpu(d_x, DType::kBF16, {T, w.in}), gy = Gpu(d_y, DType::kF32, {T, yw}),
+                   gout = Gpu(d_out, DType::kBF16, {T, W}), gw = Gpu(d_w, DType::kBF16, {W, w.in});
+  std::unique_ptr<cuda::CudaGraph> captured;
+  for (int step = 0; step < steps; ++step) {
+    Segs segs = BuildSegs(RandomTokenSlots(T, w.num_slots, 0.2), step % 2 == 0 ? 2 : 1000);
+    LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs));
+    std::vector<float> x = RandomVec(static_cast<size_t>(T) * w.in, -1, 1);
+    LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_x.data(), x));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_out.data(), 0xFF, static_cast<size_t>(T) * W * 2));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_y.data(), 0xFF, static_cast<size_t>(T) * yw * 4));
+    if (graph) {
+      if (captured == nullptr) {
+        LORAPLEX_RETURN_IF_ERROR(g_gpu->Synchronize());
+        LORAPLEX_ASSIGN_OR_RETURN(captured, cuda::CaptureCudaGraph(g_gpu, [&] {
+          return g_gpu->GemmWithLora(gx, gw, gout, &ds, &dm, gy);
+        }));
+      }
+      LORAPLEX_RETURN_IF_ERROR(captured->Launch());
+    } else {
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->GemmWithLora(gx, gw, gout, &ds, &dm, gy));
+    }
+    LORAPLEX_ASSIGN_OR_RETURN(std::vector<float> ref, CpuGemmParallel(x, wt, T, W, w.in, 0.0f, std::vector<float>(T * W)));
+    std::vector<float> ref_y(static_cast<size_t>(T) * yw, NAN);
+    int32_t count = 0;
+    const LoraSegments hs = HostSegs(segs, T, &count);
+    LORAPLEX_RETURN_IF_ERROR(g_cpu->LoraShrink(Host(x, {T, w.in}), hs, hm, Host(ref_y, {T, yw})));
+    LORAPLEX_RETURN_IF_ERROR(g_cpu->LoraExpand(Host(ref_y, {T, yw}), hs, hm, Host(ref, {T, W})));
+    LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(d_out.data(), ref.size()));
+    Compare(absl::StrCat(name, fork ? " fork" : " in order", graph ? " graph" : "", " segs=", segs.count()), got, ref,
+            kTolBf16);
+  }
+  return cuda::SetLoraTuningForTest(g_gpu, 3, true, true);
+}
+
 absl::Status LoraTests() {
   // qkv of Llama-3-8B: slices 4096/1024/1024 over in 4096; ranks {0, 8, 16, 64} mixed in one step,
   // some slots adapting only some slices.
@@ -769,12 +819,12 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks long segments", st3, RandomTokenSlots(T3, 4, 0.05), 1000, nullptr));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks short segments", st3, RandomTokenSlots(T3, 4, 0.05), 2, nullptr));
   // One persistent block per SM: every block walks many items.
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 1, true));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 1, true, true));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks 1 block/SM", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
   // Expand launched as a plain kernel, after the shrink finished.
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 2, false));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 3, false, true));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks no overlap", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 2, true));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 3, true, true));
 
   // CUDA graph: capture shrink+expand once, then replay with segment tables, counts and inputs
   // changed in device memory between replays (more segments than at capture, fewer, none).
@@ -796,6 +846,13 @@ absl::Status LoraTests() {
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA graph replay", st, std::vector<int>(T, -1), 1, graph.get()));
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA graph replay", st, RandomTokenSlots(T, 6, 0.0), 2, graph.get()));
   }
+
+  for (bool fork : {true, false}) {
+    for (bool graph : {false, true}) {
+      LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora qkv", *world, T, fork, graph, 3));
+    }
+  }
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora down", *down, 40, true, true, 2));
   return absl::OkStatus();
 }
 
@@ -864,8 +921,9 @@ struct LoraTimingCase {
   std::vector<int> slot_ranks;   // rank of every slice of each slot
 };
 
-// Times shrink, expand, both, the base GEMM of the module at M = T, and GEMM + both (the module as
-// a layer runs it). Bandwidth is adapter bytes (A and B of the slots the step uses) over time.
+// Times shrink, expand, both, the base GEMM of the module at M = T, GEMM + both as three ops, and
+// GemmWithLora (shrink forked beside the GEMM). Bandwidth is adapter bytes (A and B of the slots
+// the step uses) over time.
 absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
   const int T = static_cast<int>(c.token_slots.size());
   const int S = static_cast<int>(c.widths.size());
@@ -924,25 +982,43 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
   const TensorView gx = Gpu(d_x, DType::kBF16, {T, c.in}), gy = Gpu(d_y, DType::kF32, {T, S * max_rank}),
                    gout = Gpu(d_out, DType::kBF16, {T, width});
   const LoraSegments ds = dsegs.View();
-  struct Variant { const char* name; bool gemm, shrink, expand; double bytes; };
-  double us[5] = {};
+  struct Variant { const char* name; bool gemm, shrink, expand, fused; };
+  // Each variant timed twice: launched one call at a time from the host (eager, as the model runs
+  // today), and as a CUDA graph of 20 calls replayed (device time, launch gaps mostly gone).
+  constexpr int kGraphCalls = 20;
+  double eager[6] = {}, graph[6] = {};
   int vi = 0;
-  for (const Variant& v : {Variant{"gemm", true, false, false, gemm_bytes}, Variant{"shrink", false, true, false, a_bytes},
-                           Variant{"expand", false, false, true, b_bytes},
-                           Variant{"lora", false, true, true, a_bytes + b_bytes},
-                           Variant{"gemm+lora", true, true, true, gemm_bytes + a_bytes + b_bytes}}) {
-    LORAPLEX_ASSIGN_OR_RETURN(auto samples, cuda::TimeOnStream(g_gpu, 10, 21, 20, [&](int call) -> absl::Status {
+  for (const Variant& v : {Variant{"gemm", true, false, false, false}, Variant{"shrink", false, true, false, false},
+                           Variant{"expand", false, false, true, false}, Variant{"lora", false, true, true, false},
+                           Variant{"gemm+lora", true, true, true, false}, Variant{"fused", false, false, false, true}}) {
+    auto body = [&](int call) -> absl::Status {
+      if (v.fused) return g_gpu->GemmWithLora(gx, gemm_w[call % gemm_copies], gout, &ds, &modules[call % sets], gy);
       if (v.gemm) LORAPLEX_RETURN_IF_ERROR(g_gpu->Gemm(gx, gemm_w[call % gemm_copies], 0.0f, gout));
       if (v.shrink) LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, modules[call % sets], gy));
       if (v.expand) LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraExpand(gy, ds, modules[call % sets], gout));
       return absl::OkStatus();
+    };
+    LORAPLEX_ASSIGN_OR_RETURN(auto samples, cuda::TimeOnStream(g_gpu, 10, 21, 20, body));
+    eager[vi] = Median(samples);
+    // Graphs rotate through as many weight sets as fit 20 calls: for the smallest cases those fit
+    // the L2 and their numbers are partly L2 hits (marked "L2" below).
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->Synchronize());
+    LORAPLEX_ASSIGN_OR_RETURN(auto g, cuda::CaptureCudaGraph(g_gpu, [&]() -> absl::Status {
+      for (int call = 0; call < kGraphCalls; ++call) LORAPLEX_RETURN_IF_ERROR(body(call));
+      return absl::OkStatus();
     }));
-    us[vi++] = Median(samples);
+    LORAPLEX_ASSIGN_OR_RETURN(auto gsamples, cuda::TimeOnStream(g_gpu, 3, 11, 1, [&](int) { return g->Launch(); }));
+    graph[vi] = Median(gsamples) / kGraphCalls;
+    ++vi;
   }
-  std::printf("TIME LoRA %-34s T=%-4d segs=%-3d shrink %6.2f us %6.0f GB/s | expand %6.2f us %6.0f GB/s | "
-              "lora %6.2f us %6.0f GB/s (%5.2f MB) | gemm %6.2f us, gemm+lora %6.2f us = %.3fx\n",
-              c.name.c_str(), T, segs.count(), us[1], a_bytes / us[1] * 1e-3, us[2], b_bytes / us[2] * 1e-3, us[3],
-              (a_bytes + b_bytes) / us[3] * 1e-3, (a_bytes + b_bytes) * 1e-6, us[0], us[4], us[4] / us[0]);
+  const double ab = a_bytes + b_bytes;
+  const bool l2_resident = std::min(sets, kGraphCalls) * ab < 100e6;  // < 2x the 50 MB L2
+  std::printf("TIME LoRA %-34s T=%-4d segs=%-3d graph: shrink %6.2f us %5.0f GB/s, expand %6.2f us %5.0f GB/s, "
+              "lora %6.2f us %5.0f GB/s (%5.2f MB%s), gemm %6.2f us, +lora %.3fx, GemmWithLora %.3fx | eager: lora "
+              "%6.2f us, +lora %.3fx, GemmWithLora %.3fx\n",
+              c.name.c_str(), T, segs.count(), graph[1], a_bytes / graph[1] * 1e-3, graph[2], b_bytes / graph[2] * 1e-3,
+              graph[3], ab / graph[3] * 1e-3, ab * 1e-6, l2_resident ? ", L2" : "", graph[0], graph[4] / graph[0],
+              graph[5] / graph[0], eager[3], eager[4] / eager[0], eager[5] / eager[0]);
   return absl::OkStatus();
 }
 
@@ -974,9 +1050,9 @@ absl::Status TimeLora() {
                                                std::vector<int>(128, 16)}));
   LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, {"qkv prefill 4 x 512 tokens r16", 4096, {4096, 1024, 1024}, prefill,
                                                std::vector<int>(4, 16)}));
-  // Persistent blocks per SM (the kernels are built for 2 resident) and the expand/shrink overlap.
-  for (auto [blocks, overlap] : std::vector<std::pair<int, bool>>{{1, true}, {4, true}, {2, false}}) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, blocks, overlap));
+  // Shrink blocks per SM (default 3) and the expand/shrink overlap (default on).
+  for (auto [blocks, overlap] : std::vector<std::pair<int, bool>>{{2, true}, {3, false}}) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, blocks, overlap, true));
     for (const LoraTimingCase& c :
          {LoraTimingCase{"qkv 32 distinct r16", 4096, {4096, 1024, 1024}, distinct32, std::vector<int>(32, 16)},
           LoraTimingCase{"qkv 1 adapter x 1 token r16", 4096, {4096, 1024, 1024}, {0}, {16}}}) {
@@ -985,7 +1061,7 @@ absl::Status TimeLora() {
       LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, named));
     }
   }
-  return cuda::SetLoraTuningForTest(g_gpu, 2, true);
+  return cuda::SetLoraTuningForTest(g_gpu, 3, true, true);
 }
 
 int Main() {

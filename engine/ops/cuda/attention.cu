@@ -25,10 +25,12 @@ __device__ __forceinline__ void LoadBf16(const bf16* src, float (&f)[N]) {
     const float2 a = __bfloat1622float2(h[0]);
     const float2 b = __bfloat1622float2(h[1]);
     f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y;
-  } else {
-    static_assert(N == 2);
+  } else if constexpr (N == 2) {
     const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(src));
     f[0] = a.x, f[1] = a.y;
+  } else {
+    static_assert(N == 1);  // head_dim 32: one dim per lane
+    f[0] = ToFloat(*src);
   }
 }
 
@@ -220,7 +222,7 @@ void LaunchForDim(const AttentionParams& p, cudaStream_t stream) {
 }  // namespace
 
 bool AttentionSupported(int head_dim, int num_q_heads, int num_kv_heads) {
-  if (head_dim != 64 && head_dim != 128 && head_dim != 256) return false;
+  if (head_dim != 32 && head_dim != 64 && head_dim != 128 && head_dim != 256) return false;
   if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0) return false;
   const int group = num_q_heads / num_kv_heads;
   return group >= 1 && group <= 8;
@@ -249,6 +251,9 @@ void ChooseAttentionSplits(int num_sms, size_t scratch_bytes, int32_t max_contex
 cudaError_t LaunchAttention(const AttentionParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0) return cudaSuccess;
   switch (p.head_dim) {
+    case 32:
+      LaunchForDim<32>(p, stream);
+      break;
     case 64:
       LaunchForDim<64>(p, stream);
       break;

@@ -35,7 +35,7 @@ struct AttentionParams {
   float* partial = nullptr;               // [num_tokens, Hq, num_splits, D + 2] F32 when split
 };
 
-// True when a kernel is built for this head_dim (64, 128, 256) and group size Hq/Hkv (1..8).
+// True when a kernel is built for this head_dim (32, 64, 128, 256) and group size Hq/Hkv (1..8).
 bool AttentionSupported(int head_dim, int num_q_heads, int num_kv_heads);
 
 // Picks num_splits / keys_per_split from capacities only (never live counts, so a captured

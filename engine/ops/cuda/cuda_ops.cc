@@ -33,7 +33,10 @@ constexpr size_t kAttentionScratchBytes = 32u << 20;   // split-context partials
 // splits of a 14336-wide input (14) for 8192 tokens at max_rank 128 on one slice.
 constexpr size_t kLoraPartialBytes = 64u << 20;
 constexpr int32_t kLoraCounters = 1 << 20;  // one per (segment, slice, token split)
-constexpr int kLoraBlocksPerSm = 2;         // persistent LoRA blocks per SM (all resident at once)
+// Persistent LoRA blocks per SM, all resident at once: the shrink (74 registers, 68 KB shared
+// memory a block) fits 3, the expand (124 registers) 2.
+constexpr int kLoraShrinkBlocksPerSm = 3;
+constexpr int kLoraExpandBlocksPerSm = 2;
 
 absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
   if (err == cudaSuccess) return absl::OkStatus();
@@ -82,6 +85,12 @@ class CudaOps final : public Ops {
         cudaDeviceGetAttribute(&ops->num_sms_, cudaDevAttrMultiProcessorCount, 0), "CUDA executor: query SMs"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&ops->stream_, cudaStreamNonBlocking),
                                         "CUDA executor: create stream"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&ops->side_stream_, cudaStreamNonBlocking),
+                                        "CUDA executor: create side stream"));
+    for (cudaEvent_t* e : {&ops->fork_event_, &ops->join_event_}) {
+      LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(e, cudaEventDisableTiming),
+                                          "CUDA executor: create event"));
+    }
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->gemm_workspace_, kGemmWorkspaceBytes),
                                         "CUDA executor: allocate GEMM workspace"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->attention_scratch_, kAttentionScratchBytes),
@@ -93,13 +102,18 @@ class CudaOps final : public Ops {
     // The shrink kernels leave every counter at zero when they finish; they start from zero here.
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMemset(ops->lora_counters_, 0, kLoraCounters * sizeof(int32_t)),
                                         "CUDA executor: zero LoRA counters"));
-    ops->lora_blocks_ = ops->num_sms_ * kLoraBlocksPerSm;
+    ops->lora_shrink_blocks_ = ops->num_sms_ * kLoraShrinkBlocksPerSm;
+    ops->lora_expand_blocks_ = ops->num_sms_ * kLoraExpandBlocksPerSm;
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(PrepareLoraKernels(), "CUDA executor: configure LoRA kernels"));
     LORAPLEX_ASSIGN_OR_RETURN(ops->gemm_, CublasLtGemm::Create(ops->gemm_workspace_, kGemmWorkspaceBytes));
     return ops;
   }
 
   ~CudaOps() override {
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+    if (side_stream_ != nullptr) cudaStreamDestroy(side_stream_);
+    if (fork_event_ != nullptr) cudaEventDestroy(fork_event_);
+    if (join_event_ != nullptr) cudaEventDestroy(join_event_);
     gemm_.reset();
     if (lora_counters_ != nullptr) cudaFree(lora_counters_);
     if (lora_partials_ != nullptr) cudaFree(lora_partials_);
@@ -110,9 +124,10 @@ class CudaOps final : public Ops {
 
   cudaStream_t stream() const { return stream_; }
   void set_split_mode(AttentionSplitMode mode) { split_mode_ = mode; }
-  void set_lora_tuning(int blocks_per_sm, bool overlap) {
-    lora_blocks_ = num_sms_ * blocks_per_sm;
+  void set_lora_tuning(int shrink_blocks_per_sm, bool overlap, bool fork) {
+    lora_shrink_blocks_ = num_sms_ * shrink_blocks_per_sm;
     lora_overlap_ = overlap;
+    lora_fork_ = fork;
   }
 
   Device device() const override { return Device::kCuda; }
@@ -260,7 +275,7 @@ class CudaOps final : public Ops {
     if (!AttentionSupported(head_dim, num_q_heads, num_kv_heads)) {
       return absl::UnimplementedError(absl::StrCat(kOp, ": no kernel for head_dim ", head_dim, " with ",
                                                    num_q_heads, " q heads / ", num_kv_heads,
-                                                   " kv heads (head_dim 64/128/256, group 1..8)"));
+                                                   " kv heads (head_dim 32/64/128/256, group 1..8)"));
     }
     if (!Aligned16(cache.k.data) || !Aligned16(cache.v.data)) {
       return Invalid(kOp, "cache tensors must be 16-byte aligned");
@@ -326,26 +341,41 @@ class CudaOps final : public Ops {
 
   absl::Status LoraShrink(const TensorView& x, const LoraSegments& segments, const LoraModule& module,
                           const TensorView& y) override {
-    constexpr absl::string_view kOp = "LoraShrink";
-    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, 2));
-    LORAPLEX_RETURN_IF_ERROR(CheckLora(kOp, segments, module, y, x.shape[0]));
-    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "x", x, 1, module.in_features));
-    if (module.in_features % 8 != 0 || !Aligned16(x.data)) {
-      return Invalid(kOp, absl::StrCat("in_features ", module.in_features,
-                                       " must be a multiple of 8 and x 16-byte aligned"));
-    }
-    LORAPLEX_ASSIGN_OR_RETURN(LoraParams p, MakeLoraParams(kOp, segments, module));
-    return CudaStatus(LaunchLoraShrink(p, x.data, y.As<float>(), stream_), kOp);
+    LORAPLEX_ASSIGN_OR_RETURN(LoraParams p, PrepareLoraShrink(x, segments, module, y));
+    return CudaStatus(LaunchLoraShrink(p, x.data, y.As<float>(), stream_), "LoraShrink");
   }
 
   absl::Status LoraExpand(const TensorView& y, const LoraSegments& segments, const LoraModule& module,
                           const TensorView& out) override {
-    constexpr absl::string_view kOp = "LoraExpand";
-    LORAPLEX_RETURN_IF_ERROR(CheckLora(kOp, segments, module, y, out.shape[0]));
-    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
-    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 1, module.slice_offsets[module.num_slices]));
-    LORAPLEX_ASSIGN_OR_RETURN(LoraParams p, MakeLoraParams(kOp, segments, module));
-    return CudaStatus(LaunchLoraExpand(p, y.As<float>(), out.data, stream_), kOp);
+    LORAPLEX_ASSIGN_OR_RETURN(LoraParams p, PrepareLoraExpand(y, segments, module, out));
+    return CudaStatus(LaunchLoraExpand(p, y.As<float>(), out.data, stream_), "LoraExpand");
+  }
+
+  // The shrink runs on a side stream concurrently with the GEMM (both need only x, which the work
+  // already on the stream produces); the expand follows both on the ops' stream.
+  absl::Status GemmWithLora(const TensorView& x, const TensorView& w, const TensorView& y,
+                            const LoraSegments* segments, const LoraModule* module,
+                            const TensorView& lora_y) override {
+    if (segments == nullptr || module == nullptr || !lora_fork_) {
+      return Ops::GemmWithLora(x, w, y, segments, module, lora_y);
+    }
+    // Everything is checked before anything is enqueued: a failure must not leave the side
+    // stream forked (an open fork also breaks a graph capture).
+    LORAPLEX_ASSIGN_OR_RETURN(LoraParams shrink, PrepareLoraShrink(x, *segments, *module, lora_y));
+    LORAPLEX_ASSIGN_OR_RETURN(LoraParams expand, PrepareLoraExpand(lora_y, *segments, *module, y));
+    expand.overlap_shrink = false;  // the kernel before it is the GEMM; the shrink joins by event
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(fork_event_, stream_), "GemmWithLora: fork"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(side_stream_, fork_event_, 0), "GemmWithLora: fork"));
+    const absl::Status shrunk =
+        CudaStatus(LaunchLoraShrink(shrink, x.data, lora_y.As<float>(), side_stream_), "GemmWithLora: shrink");
+    const absl::Status recorded = CudaStatus(cudaEventRecord(join_event_, side_stream_), "GemmWithLora: join");
+    const absl::Status gemm = shrunk.ok() ? Gemm(x, w, 0.0f, y) : absl::OkStatus();
+    // Always join, so later work on the stream (and a capture's end) sees the side stream's.
+    LORAPLEX_RETURN_IF_ERROR(recorded);
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmWithLora: join"));
+    LORAPLEX_RETURN_IF_ERROR(shrunk);
+    LORAPLEX_RETURN_IF_ERROR(gemm);
+    return CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, stream_), "GemmWithLora: expand");
   }
 
  private:
@@ -377,6 +407,28 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CheckDim(op, "cache.k", cache.k, 2, num_kv_heads));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(op, "cache.k", cache.k, 3, head_dim));
     return absl::OkStatus();
+  }
+
+  absl::StatusOr<LoraParams> PrepareLoraShrink(const TensorView& x, const LoraSegments& segments,
+                                               const LoraModule& module, const TensorView& y) {
+    constexpr absl::string_view kOp = "LoraShrink";
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckLora(kOp, segments, module, y, x.shape[0]));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "x", x, 1, module.in_features));
+    if (module.in_features % 8 != 0 || !Aligned16(x.data)) {
+      return Invalid(kOp, absl::StrCat("in_features ", module.in_features,
+                                       " must be a multiple of 8 and x 16-byte aligned"));
+    }
+    return MakeLoraParams(kOp, segments, module, lora_shrink_blocks_);
+  }
+
+  absl::StatusOr<LoraParams> PrepareLoraExpand(const TensorView& y, const LoraSegments& segments,
+                                               const LoraModule& module, const TensorView& out) {
+    constexpr absl::string_view kOp = "LoraExpand";
+    LORAPLEX_RETURN_IF_ERROR(CheckLora(kOp, segments, module, y, out.shape[0]));
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
+    LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 1, module.slice_offsets[module.num_slices]));
+    return MakeLoraParams(kOp, segments, module, lora_expand_blocks_);
   }
 
   absl::Status CheckLora(absl::string_view op, const LoraSegments& segments, const LoraModule& module,
@@ -414,7 +466,7 @@ class CudaOps final : public Ops {
   // Kernel parameters, with the split-K scratch: INVALID_ARGUMENT when the step has more segments
   // or tokens than the scratch was sized for.
   absl::StatusOr<LoraParams> MakeLoraParams(absl::string_view op, const LoraSegments& segments,
-                                            const LoraModule& module) const {
+                                            const LoraModule& module, int num_blocks) const {
     LoraParams p;
     p.table = reinterpret_cast<const LoraSliceWeightsDev*>(module.table);
     p.num_slots = module.num_slots;
@@ -435,7 +487,7 @@ class CudaOps final : public Ops {
     p.partials = static_cast<float*>(lora_partials_);
     p.counters = static_cast<int32_t*>(lora_counters_);
     p.counter_capacity = kLoraCounters;
-    p.num_blocks = lora_blocks_;
+    p.num_blocks = num_blocks;
     p.overlap_shrink = lora_overlap_;
     if (static_cast<int64_t>(segments.max_segments) * module.num_slices > kLoraCounters) {
       return Invalid(op, absl::StrCat("segments.max_segments ", segments.max_segments, " x ", module.num_slices,
@@ -459,8 +511,13 @@ class CudaOps final : public Ops {
   void* attention_scratch_ = nullptr;
   void* lora_partials_ = nullptr;
   void* lora_counters_ = nullptr;
-  int lora_blocks_ = 0;
+  int lora_shrink_blocks_ = 0;
+  int lora_expand_blocks_ = 0;
   bool lora_overlap_ = true;
+  bool lora_fork_ = true;
+  cudaStream_t side_stream_ = nullptr;  // GemmWithLora's shrink
+  cudaEvent_t fork_event_ = nullptr;
+  cudaEvent_t join_event_ = nullptr;
   std::unique_ptr<CublasLtGemm> gemm_;
   cudaError_t deferred_error_ = cudaSuccess;
   AttentionSplitMode split_mode_ = AttentionSplitMode::kAuto;
@@ -555,12 +612,13 @@ absl::StatusOr<std::vector<double>> TimeOnStream(Ops* ops, int warmup, int repet
   return result;
 }
 
-absl::Status SetLoraTuningForTest(Ops* ops, int blocks_per_sm, bool overlap_shrink) {
+absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks_per_sm, bool overlap_shrink, bool fork_shrink) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraTuningForTest"));
-  if (blocks_per_sm < 1 || blocks_per_sm > 32) {
-    return Invalid("SetLoraTuningForTest", absl::StrCat("blocks_per_sm ", blocks_per_sm, " not in 1..32"));
+  if (shrink_blocks_per_sm < 1 || shrink_blocks_per_sm > 32) {
+    return Invalid("SetLoraTuningForTest",
+                   absl::StrCat("shrink_blocks_per_sm ", shrink_blocks_per_sm, " not in 1..32"));
   }
-  cuda->set_lora_tuning(blocks_per_sm, overlap_shrink);
+  cuda->set_lora_tuning(shrink_blocks_per_sm, overlap_shrink, fork_shrink);
   return absl::OkStatus();
 }
 

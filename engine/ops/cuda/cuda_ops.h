@@ -49,11 +49,13 @@ absl::StatusOr<std::vector<double>> TimeOnStream(Ops* ops, int warmup, int repet
 
 // Attention splits a token's context over several blocks when few (token, kv head) pairs cannot
 // fill the GPU (decode). Tests force either path on any shape; production keeps kAuto.
-// The LoRA kernels run a fixed grid of `blocks_per_sm` persistent blocks per SM (default 2), and
+// LoraShrink runs a fixed grid of `shrink_blocks_per_sm` persistent blocks per SM (default 3; the
+// expand always 2), and
 // LoraExpand overlaps the LoraShrink launched just before it (programmatic dependent launch:
-// it loads B while the shrink runs; default on). Tests and benchmarks sweep both.
-// INVALID_ARGUMENT for blocks_per_sm outside 1..32.
-absl::Status SetLoraTuningForTest(Ops* ops, int blocks_per_sm, bool overlap_shrink);
+// it loads B while the shrink runs; default on), and GemmWithLora runs the shrink on a side
+// stream concurrently with the GEMM (`fork_shrink`, default on; off: the three ops in order).
+// Tests and benchmarks sweep them. INVALID_ARGUMENT for shrink_blocks_per_sm outside 1..32.
+absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks_per_sm, bool overlap_shrink, bool fork_shrink);
 
 enum class AttentionSplitMode { kAuto, kAlways, kNever };
 absl::Status SetAttentionSplitModeForTest(Ops* ops, AttentionSplitMode mode);

@@ -6,8 +6,9 @@
 // (a few per SM) walks all items, so no block waits on an empty one and a captured graph needs no
 // grid resize. The split factors come from the live segment count read on the device.
 //
-// Shrink: item = (segment, slice, token split, K chunk). A warp holds up to 2 rows × 4 vectors of
-// A's chunk in registers, streams the item's tokens past them and warp-reduces each dot product.
+// Shrink: item = (segment, slice, token split, 16-row stage, K chunk of up to 2048). The block
+// copies its rows of A's chunk into shared memory (cp.async, up to 64 KB in flight), then each
+// warp takes 2 rows, streams the item's tokens past them and warp-reduces each dot product.
 // K chunks write fp32 partials; the last block to finish a (segment, slice, token split) sums them
 // in chunk order into y (no atomics on y, no zeroing pass, no grid-wide barrier).
 // Expand: item = (segment, output tile of 1024 columns of one slice, token split). A thread keeps
@@ -24,17 +25,28 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kStep = kWarpSize * 8;       // K elements a warp covers with one 16-byte vector a lane
-constexpr int kMaxStepsPerSplit = 4;       // vectors of one A row a lane holds
-constexpr int kRowsPerPass = 2;            // A rows a warp holds at once
-constexpr int kTokensPerItem = 16;         // long segments are split so an item has about this many
+constexpr int kMaxStepsPerSplit = 8;       // K chunk of a split: up to 8 warp steps (2048 elements)
+constexpr int kStageRows = 16;             // A rows a block stages in shared memory at once
+constexpr int kRowsPerWarp = kStageRows / (kThreads / kWarpSize);
+constexpr int kStageRowVecs = kMaxStepsPerSplit * kWarpSize;  // 16-byte vectors of a staged row
+// A stage (16 rows x 2048 bf16 = 64 KB) plus one token's x chunk (4 KB): two blocks fit an SM.
+constexpr int kShrinkSmemBytes = (kStageRows + 1) * kStageRowVecs * 16;
+constexpr int kTokensPerItem = 2;          // tokens an item handles one after another (latency-bound)
 constexpr int kMaxTokenSplits = 64;
 constexpr int kExpandColumnsPerThread = kLoraExpandTile / kThreads;
-constexpr int kBlocksPerSm = 2;  // 128 registers a thread: A/B vectors in flight
+constexpr int kExpandBlocksPerSm = 2;  // register cap 128: the expand holds B vectors in registers
+constexpr int kShrinkBlocksPerSm = 3;  // register cap 85: A is staged in shared memory
 
 // Programmatic dependent launch (sm_90): the expand is launched while the shrink still runs, loads
 // its B rows, then waits here for the shrink's y. A no-op in a kernel not launched that way.
 __device__ __forceinline__ void WaitForPrecedingKernel() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void AllowDependentLaunch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void CpAsyncWaitAll() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 __device__ __forceinline__ uint4 Load8(const bf16* p, bool aligned) {
   if (aligned) return __ldg(reinterpret_cast<const uint4*>(p));
@@ -91,19 +103,22 @@ __device__ __forceinline__ bool ResolveSegment(const LoraParams& p, int seg, int
 }
 
 // Live segments and how many ways each segment's tokens are split (about kTokensPerItem tokens an
-// item, from the mean segment length; 1 in decode). Identical in every thread of the launch.
+// item, from the mean segment length over all rows, which needs no second dependent load; 1 in
+// decode). Identical in every thread of the launch.
 __device__ __forceinline__ void LiveSegments(const LoraParams& p, int max_token_splits, int* nseg,
                                              int* token_splits) {
   *nseg = min(max(*p.num_segments, 0), p.max_segments);
   *token_splits = 1;
   if (*nseg == 0) return;
-  const int sorted = min(p.seg_starts[*nseg], p.num_tokens) - max(p.seg_starts[0], 0);
-  const int mean = max(sorted, 0) / *nseg;
+  const int mean = p.num_tokens / *nseg;
   *token_splits = max(1, min(mean / kTokensPerItem, max_token_splits));
 }
 
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+__global__ void __launch_bounds__(kThreads, kShrinkBlocksPerSm)
     LoraShrinkKernel(LoraParams p, const bf16* __restrict__ x, float* __restrict__ y) {
+  extern __shared__ uint4 shrink_smem[];
+  uint4* a_s = shrink_smem;                                // [kStageRows][kStageRowVecs]
+  uint4* x_s = shrink_smem + kStageRows * kStageRowVecs;  // [kStageRowVecs]
   __shared__ int last_block;
   AllowDependentLaunch();  // the expand may take SMs this launch leaves idle; it waits for y itself
   const int S = p.num_slices;
@@ -116,9 +131,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   const int steps_total = (K + kStep - 1) / kStep;
   const int min_splits = (steps_total + kMaxStepsPerSplit - 1) / kMaxStepsPerSplit;
   const int max_splits = max(min_splits, min(steps_total, p.max_splits));
-  const int base = nseg * S * token_splits;
-  // Enough items for every persistent block, but no K chunk shorter than one warp step.
-  int splits = min(max((p.num_blocks + base - 1) / base, min_splits), max_splits);
+  // Row stages are work items of their own, so a rank-64 adapter is spread over 4x the blocks of a
+  // rank-16 one instead of making its blocks 4x longer (stages past a slot's rank exit at once).
+  const int stages = (p.max_rank + kStageRows - 1) / kStageRows;
+  const int base = nseg * S * token_splits * stages;
+  // As many items as persistent blocks where the K chunks allow (one round, no tail), never fewer
+  // splits than a 2048-element chunk needs.
+  int splits = min(max(p.num_blocks / base, min_splits), max_splits);
   const int steps_per_split = (steps_total + splits - 1) / splits;
   splits = (steps_total + steps_per_split - 1) / steps_per_split;
   const int64_t items = static_cast<int64_t>(base) * splits;
@@ -132,6 +151,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     int64_t rest = item;
     const int ks = static_cast<int>(rest % splits);
     rest /= splits;
+    const int stage = static_cast<int>(rest % stages);
+    rest /= stages;
     const int ts = static_cast<int>(rest % token_splits);
     rest /= token_splits;
     const int slice = static_cast<int>(rest % S);
@@ -140,7 +161,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     LoraSliceWeightsDev w;
     if (!ResolveSegment(p, seg, slice, &begin, &end, &w)) continue;
     const int first = begin + ts;
-    if (first >= end) continue;
+    const int r0 = stage * kStageRows;
+    if (first >= end || r0 >= w.rank) continue;
     const bf16* a = static_cast<const bf16*>(w.a);
     const bool a_vec = IsAligned16(a);
     const int step0 = ks * steps_per_split;
@@ -148,36 +170,51 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     const int col = slice * p.max_rank;
     float* dst = splits > 1 ? p.partials + ks * partial_stride : y;
 
-    for (int j0 = warp; j0 < w.rank; j0 += kWarps * kRowsPerPass) {
-      uint4 av[kRowsPerPass][kMaxStepsPerSplit];
-#pragma unroll
-      for (int r = 0; r < kRowsPerPass; ++r) {
-        const int j = j0 + r * kWarps;
-#pragma unroll
-        for (int v = 0; v < kMaxStepsPerSplit; ++v) {
-          const int k = (step0 + v) * kStep + lane * 8;
-          av[r][v] = (j < w.rank && v < nsteps && k < K) ? Load8(a + static_cast<int64_t>(j) * K + k, a_vec)
-                                                          : make_uint4(0, 0, 0, 0);
+    // The stage's rows of A's chunk go to shared memory through cp.async (16 bytes a copy, all in
+    // flight at once, no registers held), with the first token's x beside them.
+    const int chunk_vecs = nsteps * kWarpSize;  // 16-byte vectors of one row's chunk
+    const int64_t k0 = static_cast<int64_t>(step0) * kStep;
+    const bf16* x_first = x + static_cast<int64_t>(p.token_rows[first]) * K;
+    {
+      const int rows = min(kStageRows, w.rank - r0);
+      __syncthreads();  // the previous item no longer reads the buffers
+      for (int e = threadIdx.x; e < rows * chunk_vecs; e += kThreads) {
+        const int rr = e / chunk_vecs;
+        const int v = e - rr * chunk_vecs;
+        if (k0 + v * 8 >= K) continue;
+        const bf16* src = a + static_cast<int64_t>(r0 + rr) * K + k0 + v * 8;
+        if (a_vec) {
+          CpAsync16(&a_s[rr * kStageRowVecs + v], src);
+        } else {
+          a_s[rr * kStageRowVecs + v] = Load8(src, false);
         }
       }
+      for (int v = threadIdx.x; v < chunk_vecs; v += kThreads) {
+        if (k0 + v * 8 < K) CpAsync16(&x_s[v], x_first + k0 + v * 8);
+      }
+      CpAsyncWaitAll();
+      __syncthreads();
       for (int idx = first; idx < end; idx += token_splits) {
         const int64_t row = p.token_rows[idx];
-        uint4 xv[kMaxStepsPerSplit];
+        float s[kRowsPerWarp] = {};
 #pragma unroll
-        for (int v = 0; v < kMaxStepsPerSplit; ++v) {
-          const int k = (step0 + v) * kStep + lane * 8;
-          xv[v] = (v < nsteps && k < K) ? __ldg(reinterpret_cast<const uint4*>(x + row * K + k))
-                                        : make_uint4(0, 0, 0, 0);
+        for (int i = 0; i < kMaxStepsPerSplit; ++i) {
+          const int v = lane + i * kWarpSize;
+          if (i < nsteps && k0 + v * 8 < K) {
+            const uint4 xv = idx == first ? x_s[v] : __ldg(reinterpret_cast<const uint4*>(x + row * K + k0) + v);
+#pragma unroll
+            for (int r = 0; r < kRowsPerWarp; ++r) {
+              const int rr = warp + r * kWarps;
+              if (rr < rows) s[r] += Dot8(a_s[rr * kStageRowVecs + v], xv);
+            }
+          }
         }
 #pragma unroll
-        for (int r = 0; r < kRowsPerPass; ++r) {
-          const int j = j0 + r * kWarps;
-          if (j >= w.rank) break;  // the same in every lane
-          float s = 0.0f;
-#pragma unroll
-          for (int v = 0; v < kMaxStepsPerSplit; ++v) s += Dot8(av[r][v], xv[v]);
-          s = WarpSum(s);
-          if (lane == 0) dst[row * y_row + col + j] = s;
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          const int rr = warp + r * kWarps;
+          if (rr >= rows) break;  // the same in every lane
+          const float sum = WarpSum(s[r]);
+          if (lane == 0) dst[row * y_row + col + r0 + rr] = sum;
         }
       }
     }
@@ -189,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     if (threadIdx.x == 0) {
       int* counter = p.counters + (static_cast<int64_t>(seg) * S + slice) * token_splits + ts;
       const int arrived = atomicAdd(counter, 1) + 1;
-      last_block = arrived == splits;
+      last_block = arrived == splits * ((w.rank + kStageRows - 1) / kStageRows);  // every chunk of every stage
       if (last_block) atomicExch(counter, 0);  // ready for the next launch
     }
     __syncthreads();
@@ -261,7 +298,7 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
   }
 }
 
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+__global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     LoraExpandKernel(LoraParams p, const float* __restrict__ y, bf16* __restrict__ out) {
   __shared__ __align__(16) float y_s[kLoraMaxRank];
   const int S = p.num_slices;
@@ -312,9 +349,13 @@ int LoraShrinkMinSplits(int in_features) {
   return (steps + kMaxStepsPerSplit - 1) / kMaxStepsPerSplit;
 }
 
+cudaError_t PrepareLoraKernels() {
+  return cudaFuncSetAttribute(LoraShrinkKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShrinkSmemBytes);
+}
+
 cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaStream_t stream) {
   if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0) return cudaSuccess;
-  LoraShrinkKernel<<<p.num_blocks, kThreads, 0, stream>>>(p, static_cast<const bf16*>(x), y);
+  LoraShrinkKernel<<<p.num_blocks, kThreads, kShrinkSmemBytes, stream>>>(p, static_cast<const bf16*>(x), y);
   return cudaGetLastError();
 }
 

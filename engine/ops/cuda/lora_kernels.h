@@ -52,9 +52,13 @@ struct LoraParams {
   bool overlap_shrink = true;
 };
 
-// Shortest K chunk a split may have is 256 elements, the longest 4·256 (a lane then holds 4
-// 16-byte vectors of each A row in registers): a shrink needs ceil(ceil(K/256)/4) splits.
+// Shortest K chunk a split may have is 256 elements, the longest 8·256 (a block stages 16 rows of
+// it in shared memory): a shrink needs ceil(ceil(K/256)/8) splits.
 int LoraShrinkMinSplits(int in_features);
+
+// Raises the shrink kernel's shared-memory limit (68 KB a block). Call once per device before
+// the first launch (CreateCudaOps does).
+cudaError_t PrepareLoraKernels();
 
 // y[row, s·max_rank + j] = Σ_k x[row, k]·A_s[j, k] for j < rank of the segment's slot (fp32 sums
 // in a fixed order, so results are deterministic). Other columns untouched.
