@@ -2,9 +2,9 @@
 //
 // Both kernels are bandwidth kernels in decode: what they must move is each active adapter's A
 // and B once per step. So each work item streams a contiguous piece of one adapter's weights with
-// 16-byte loads, a lane keeping several loads in flight, and a fixed grid of persistent blocks
-// (a few per SM) walks all items, so no block waits on an empty one and a captured graph needs no
-// grid resize. The split factors come from the live segment count read on the device.
+// 16-byte loads (cp.async into shared memory, or into registers), many in flight, and a fixed grid
+// of persistent blocks (a few per SM) walks all items, so no block waits on an empty one and a
+// captured graph needs no grid resize. Split factors come from the live segment count on the device.
 //
 // Shrink: item = (segment, slice, token split, 16-row stage, K chunk of up to 2048). The block
 // copies its rows of A's chunk into shared memory (cp.async, up to 64 KB in flight), then each
@@ -29,7 +29,7 @@ constexpr int kMaxStepsPerSplit = 8;       // K chunk of a split: up to 8 warp s
 constexpr int kStageRows = 16;             // A rows a block stages in shared memory at once
 constexpr int kRowsPerWarp = kStageRows / (kThreads / kWarpSize);
 constexpr int kStageRowVecs = kMaxStepsPerSplit * kWarpSize;  // 16-byte vectors of a staged row
-// A stage (16 rows x 2048 bf16 = 64 KB) plus one token's x chunk (4 KB): two blocks fit an SM.
+// A stage (16 rows x 2048 bf16 = 64 KB) plus one token's x chunk (4 KB): three blocks fit an SM.
 constexpr int kShrinkSmemBytes = (kStageRows + 1) * kStageRowVecs * 16;
 constexpr int kTokensPerItem = 2;          // tokens an item handles one after another (latency-bound)
 constexpr int kMaxTokenSplits = 64;
