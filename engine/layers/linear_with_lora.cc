@@ -106,8 +106,7 @@ absl::Status LinearWithLora::Forward(ops::Ops& ops, const TensorView& x,
                                      const TensorView& lora_scratch, const TensorView& y) const {
   if (weight_.empty())
     return absl::FailedPreconditionError("linear layer used before its weight was set");
-  LORAPLEX_RETURN_IF_ERROR(ops.Gemm(x, weight_, 0.0f, y));
-  if (segments == nullptr || lora_ == nullptr) return absl::OkStatus();
+  if (segments == nullptr || lora_ == nullptr) return ops.Gemm(x, weight_, 0.0f, y);
   const int64_t t = x.shape[0];
   const int64_t width = static_cast<int64_t>(lora_->num_slices) * lora_->max_rank;
   if (lora_scratch.dtype != DType::kF32 || lora_scratch.NumElements() < t * width) {
@@ -117,8 +116,8 @@ absl::Status LinearWithLora::Forward(ops::Ops& ops, const TensorView& x,
   }
   TensorView shrunk = lora_scratch;  // [T, num_slices · max_rank] F32
   shrunk.shape = Shape{t, width};
-  LORAPLEX_RETURN_IF_ERROR(ops.LoraShrink(x, *segments, *lora_, shrunk));
-  return ops.LoraExpand(shrunk, *segments, *lora_, y);
+  // One call, so an executor can run the shrink (which needs only x) beside the GEMM.
+  return ops.GemmWithLora(x, weight_, y, segments, lora_, shrunk);
 }
 
 absl::StatusOr<QkvParallelLinearWithLora> QkvParallelLinearWithLora::Create(

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
@@ -80,7 +81,32 @@ struct LlamaModel::Impl {
   ops::DeviceMemory logits;                      // [max_seqs, V] F32
   ops::DeviceMemory lora_scratch;                // [max_tokens * max(num_slices * max_rank)] F32
 
+  // Decode graphs by bucket (tokens = sequences = logit rows of the recorded step).
+  std::map<int32_t, std::unique_ptr<ops::Graph>> graphs;
+  bool graphs_unsupported = false;  // the ops answered UNIMPLEMENTED to Capture
+  int64_t graph_steps = 0;
+  // Host staging of a padded decode step, reused so the hot path does not allocate.
+  std::vector<int32_t> pad_ids, pad_positions, pad_slots, pad_token_seq, pad_logit_rows;
+
+  // What the enqueued ops are sized for; a graph fixes these at capture.
+  struct StepShape {
+    int64_t tokens = 0;           // activation rows
+    int64_t logit_rows = 0;       // rows of the logits GEMM; 0: no logits
+    int32_t max_seqs = 0;         // sequence rows the attention may address
+    int32_t max_context_len = 0;  // sizes the attention's context split
+    bool lora = false;            // pass the segment arrays (their live count is read on the device)
+  };
+
   absl::Status ValidateStep(const StepInput& in) const;
+  // The bucket a decode step runs in, or 0 when the step must run eagerly (prefill, mixed,
+  // graphs off or unsupported).
+  int32_t DecodeBucket(const StepInput& in) const;
+  absl::Status UploadStep(const StepInput& in);
+  absl::Status UploadPaddedDecode(const StepInput& in, int32_t bucket);
+  absl::Status UploadLora(const lora::LoraBatch& lb);
+  // Enqueues embedding, every layer, the final norm and the logits GEMM into `logits`; reads
+  // every per-step array from the step buffers, so a recording replays with their new contents.
+  absl::Status Enqueue(const StepShape& shape);
   absl::Status Upload(const ops::DeviceMemory& dst, const std::vector<int32_t>& src) const {
     return ops->CopyToDevice(dst.data(), src.data(), src.size() * sizeof(int32_t));
   }
@@ -372,114 +398,216 @@ absl::Status LlamaModel::Impl::ValidateStep(const StepInput& in) const {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<float>> LlamaModel::Forward(const StepInput& in) {
-  Impl& m = *impl_;
-  LORAPLEX_RETURN_IF_ERROR(m.ValidateStep(in));
-  ops::Ops& ops = *m.ops;
-  const ModelSpec& spec = m.spec;
-  const int64_t t = static_cast<int64_t>(in.token_ids.size());
+int32_t LlamaModel::Impl::DecodeBucket(const StepInput& in) const {
+  if (!cap.graphs || graphs_unsupported) return 0;
+  const size_t t = in.token_ids.size();
+  if (t != in.context_lens.size()) return 0;
+  std::vector<bool> seen(t, false);
+  for (int32_t seq : in.token_seq) {  // validated to lie in [0, S)
+    if (seen[static_cast<size_t>(seq)]) return 0;
+    seen[static_cast<size_t>(seq)] = true;
+  }
+  // Few buckets keep capture time and graph memory small; past 128 the GEMMs grow with M anyway.
+  static constexpr int32_t kBuckets[] = {1, 2, 4, 8, 16, 32, 48, 64, 96, 128};
+  const int32_t tokens = static_cast<int32_t>(t);
+  int32_t bucket = (tokens + 63) / 64 * 64;
+  for (int32_t b : kBuckets) {
+    if (b >= tokens) {
+      bucket = b;
+      break;
+    }
+  }
+  // The step buffers hold max_tokens rows and the logits max_seqs rows; T <= both (validated).
+  bucket = std::min({bucket, cap.max_seqs, cap.max_tokens});
+  if (in.logit_rows.size() > static_cast<size_t>(bucket)) return 0;
+  return bucket;
+}
+
+absl::Status LlamaModel::Impl::UploadLora(const lora::LoraBatch& lb) {
+  const std::vector<int32_t> count = {lb.seg_slots.empty() ? 0 : lb.num_segments()};
+  if (!lb.seg_slots.empty()) {
+    LORAPLEX_RETURN_IF_ERROR(Upload(token_rows, lb.token_rows));
+    LORAPLEX_RETURN_IF_ERROR(Upload(seg_starts, lb.seg_starts));
+    LORAPLEX_RETURN_IF_ERROR(Upload(seg_slots, lb.seg_slots));
+  }
+  return Upload(num_segments, count);
+}
+
+absl::Status LlamaModel::Impl::UploadStep(const StepInput& in) {
+  for (auto [dst, src] : {std::pair{&ids, &in.token_ids},
+                          {&positions, &in.positions},
+                          {&slot_mapping, &in.slot_mapping},
+                          {&token_seq, &in.token_seq},
+                          {&context_lens, &in.context_lens},
+                          {&block_tables, &in.block_tables},
+                          {&logit_rows, &in.logit_rows}}) {
+    LORAPLEX_RETURN_IF_ERROR(Upload(*dst, *src));
+  }
+  return in.lora.seg_slots.empty() ? absl::OkStatus() : UploadLora(in.lora);
+}
+
+absl::Status LlamaModel::Impl::UploadPaddedDecode(const StepInput& in, int32_t bucket) {
+  // Padding tokens: id 0, position 0, no sequence (attention gives zeros, RoPE skips them), no
+  // cache slot; no LoRA segment covers them. Padding logit rows read row 0 and are dropped.
+  auto pad = [bucket](const std::vector<int32_t>& src, int32_t fill, std::vector<int32_t>* dst) {
+    dst->assign(src.begin(), src.end());
+    dst->resize(static_cast<size_t>(bucket), fill);
+  };
+  pad(in.token_ids, 0, &pad_ids);
+  pad(in.positions, 0, &pad_positions);
+  pad(in.slot_mapping, -1, &pad_slots);
+  pad(in.token_seq, -1, &pad_token_seq);
+  pad(in.logit_rows, 0, &pad_logit_rows);
+  for (auto [dst, src] : {std::pair<ops::DeviceMemory*, const std::vector<int32_t>*>{&ids, &pad_ids},
+                          {&positions, &pad_positions},
+                          {&slot_mapping, &pad_slots},
+                          {&token_seq, &pad_token_seq},
+                          {&context_lens, &in.context_lens},
+                          {&block_tables, &in.block_tables},
+                          {&logit_rows, &pad_logit_rows}}) {
+    LORAPLEX_RETURN_IF_ERROR(Upload(*dst, *src));
+  }
+  // The graph always runs the LoRA kernels; with no segments the count is 0 and they exit.
+  return has_lora ? UploadLora(in.lora) : absl::OkStatus();
+}
+
+absl::Status LlamaModel::Impl::Enqueue(const StepShape& shape) {
+  const int64_t t = shape.tokens;
   const int64_t h = spec.hidden_size, inter = spec.intermediate_size;
   const float eps = static_cast<float>(spec.rms_norm_eps);
 
-  for (auto [dst, src] : {std::pair{&m.ids, &in.token_ids},
-                          {&m.positions, &in.positions},
-                          {&m.slot_mapping, &in.slot_mapping},
-                          {&m.token_seq, &in.token_seq},
-                          {&m.context_lens, &in.context_lens},
-                          {&m.block_tables, &in.block_tables},
-                          {&m.logit_rows, &in.logit_rows}}) {
-    LORAPLEX_RETURN_IF_ERROR(m.Upload(*dst, *src));
-  }
   ops::LoraSegments segments;
   const ops::LoraSegments* seg_ptr = nullptr;
-  if (!in.lora.seg_slots.empty()) {
-    const std::vector<int32_t> count = {in.lora.num_segments()};
-    LORAPLEX_RETURN_IF_ERROR(m.Upload(m.token_rows, in.lora.token_rows));
-    LORAPLEX_RETURN_IF_ERROR(m.Upload(m.seg_starts, in.lora.seg_starts));
-    LORAPLEX_RETURN_IF_ERROR(m.Upload(m.seg_slots, in.lora.seg_slots));
-    LORAPLEX_RETURN_IF_ERROR(m.Upload(m.num_segments, count));
-    segments.token_rows = static_cast<const int32_t*>(m.token_rows.data());
-    segments.seg_starts = static_cast<const int32_t*>(m.seg_starts.data());
-    segments.seg_slots = static_cast<const int32_t*>(m.seg_slots.data());
-    segments.num_segments = static_cast<const int32_t*>(m.num_segments.data());
-    segments.max_segments = m.cap.max_tokens;  // every segment holds at least one token
+  if (shape.lora) {
+    segments.token_rows = static_cast<const int32_t*>(token_rows.data());
+    segments.seg_starts = static_cast<const int32_t*>(seg_starts.data());
+    segments.seg_slots = static_cast<const int32_t*>(seg_slots.data());
+    segments.num_segments = static_cast<const int32_t*>(num_segments.data());
+    segments.max_segments = static_cast<int32_t>(t);  // every segment holds at least one token
     segments.num_tokens = static_cast<int32_t>(t);
     seg_ptr = &segments;
   }
 
   ops::AttentionMeta meta;
-  meta.positions = static_cast<const int32_t*>(m.positions.data());
-  meta.slot_mapping = static_cast<const int32_t*>(m.slot_mapping.data());
-  meta.token_seq = static_cast<const int32_t*>(m.token_seq.data());
-  meta.context_lens = static_cast<const int32_t*>(m.context_lens.data());
-  meta.block_tables = static_cast<const int32_t*>(m.block_tables.data());
+  meta.positions = static_cast<const int32_t*>(positions.data());
+  meta.slot_mapping = static_cast<const int32_t*>(slot_mapping.data());
+  meta.token_seq = static_cast<const int32_t*>(token_seq.data());
+  meta.context_lens = static_cast<const int32_t*>(context_lens.data());
+  meta.block_tables = static_cast<const int32_t*>(block_tables.data());
   meta.num_tokens = static_cast<int32_t>(t);
-  meta.max_seqs = static_cast<int32_t>(in.context_lens.size());
-  meta.max_blocks_per_seq = m.cap.max_blocks_per_seq;
-  meta.block_size = m.cap.kv_block_size;
-  meta.max_context_len = *std::max_element(in.context_lens.begin(), in.context_lens.end());
+  meta.max_seqs = shape.max_seqs;
+  meta.max_blocks_per_seq = cap.max_blocks_per_seq;
+  meta.block_size = cap.kv_block_size;
+  meta.max_context_len = shape.max_context_len;
 
-  const DType dt = m.dtype;
-  const TensorView ids = m.ids.View(DType::kI32, {t});
-  const TensorView residual = m.residual.View(dt, {t, h});       // [T, H] the residual stream
-  const TensorView hidden = m.hidden.View(dt, {t, h});           // [T, H] normed input of a block
-  const TensorView proj_out = m.proj_out.View(dt, {t, h});       // [T, H] o / down output
-  const TensorView qkv = m.qkv.View(dt, {t, spec.qkv_width()});  // [T, (Hq + 2Hkv)·D]
-  const TensorView attn = m.attn_out.View(dt, {t, spec.q_width()});
-  const TensorView gate_up = m.gate_up.View(dt, {t, 2 * inter});
-  const TensorView act = m.act.View(dt, {t, inter});
+  const DType dt = dtype;
+  const TensorView ids_view = ids.View(DType::kI32, {t});
+  const TensorView res = residual.View(dt, {t, h});             // [T, H] the residual stream
+  const TensorView hid = hidden.View(dt, {t, h});               // [T, H] normed input of a block
+  const TensorView proj = proj_out.View(dt, {t, h});            // [T, H] o / down output
+  const TensorView qkv_view = qkv.View(dt, {t, spec.qkv_width()});  // [T, (Hq + 2Hkv)·D]
+  const TensorView attn = attn_out.View(dt, {t, spec.q_width()});
+  const TensorView gu = gate_up.View(dt, {t, 2 * inter});
+  const TensorView act_view = act.View(dt, {t, inter});
   const TensorView scratch =
-      m.lora_scratch.data() != nullptr
-          ? m.lora_scratch.View(DType::kF32, {static_cast<int64_t>(m.lora_scratch.size() / 4)})
+      lora_scratch.data() != nullptr
+          ? lora_scratch.View(DType::kF32, {static_cast<int64_t>(lora_scratch.size() / 4)})
           : TensorView{};
-  const TensorView inv_freq = m.inv_freq.View(DType::kF32, {spec.head_dim / 2});
-  const Shape cache_shape{m.cap.num_kv_blocks, m.cap.kv_block_size, spec.num_kv_heads,
-                          spec.head_dim};
+  const TensorView freq = inv_freq.View(DType::kF32, {spec.head_dim / 2});
+  const Shape cache_shape{cap.num_kv_blocks, cap.kv_block_size, spec.num_kv_heads, spec.head_dim};
   const float softmax_scale =
       static_cast<float>(1.0 / std::sqrt(static_cast<double>(spec.head_dim)));
 
-  LORAPLEX_RETURN_IF_ERROR(ops.Embed(ids, m.embed.View(dt, {spec.vocab_size, h}), residual));
-  for (size_t l = 0; l < m.layers.size(); ++l) {
-    const Layer& layer = m.layers[l];
+  LORAPLEX_RETURN_IF_ERROR(ops->Embed(ids_view, embed.View(dt, {spec.vocab_size, h}), res));
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const Layer& layer = layers[l];
     const TensorView input_norm = layer.input_norm.View(dt, {h});
     if (l == 0) {
-      LORAPLEX_RETURN_IF_ERROR(ops.RmsNorm(residual, input_norm, eps, hidden));
+      LORAPLEX_RETURN_IF_ERROR(ops->RmsNorm(res, input_norm, eps, hid));
     } else {  // the previous layer's MLP output joins the residual here
-      LORAPLEX_RETURN_IF_ERROR(ops.AddRmsNorm(proj_out, residual, input_norm, eps, hidden));
+      LORAPLEX_RETURN_IF_ERROR(ops->AddRmsNorm(proj, res, input_norm, eps, hid));
     }
     const ops::KvCacheView cache{layer.k_cache.View(dt, cache_shape),
                                  layer.v_cache.View(dt, cache_shape)};
     const int hq = static_cast<int>(layer.qkv.num_q_heads()),
               hkv = static_cast<int>(layer.qkv.num_kv_heads());
     const int d = static_cast<int>(spec.head_dim);
-    LORAPLEX_RETURN_IF_ERROR(layer.qkv.Forward(ops, hidden, seg_ptr, scratch, qkv));
-    LORAPLEX_RETURN_IF_ERROR(ops.RopeAndCacheKv(qkv, inv_freq, hq, hkv, d, meta, cache));
-    LORAPLEX_RETURN_IF_ERROR(ops.Attention(qkv, hq, hkv, d, softmax_scale, meta, cache, attn));
-    LORAPLEX_RETURN_IF_ERROR(layer.o.Forward(ops, attn, seg_ptr, scratch, proj_out));
+    LORAPLEX_RETURN_IF_ERROR(layer.qkv.Forward(*ops, hid, seg_ptr, scratch, qkv_view));
+    LORAPLEX_RETURN_IF_ERROR(ops->RopeAndCacheKv(qkv_view, freq, hq, hkv, d, meta, cache));
+    LORAPLEX_RETURN_IF_ERROR(ops->Attention(qkv_view, hq, hkv, d, softmax_scale, meta, cache, attn));
+    LORAPLEX_RETURN_IF_ERROR(layer.o.Forward(*ops, attn, seg_ptr, scratch, proj));
     LORAPLEX_RETURN_IF_ERROR(
-        ops.AddRmsNorm(proj_out, residual, layer.post_norm.View(dt, {h}), eps, hidden));
-    LORAPLEX_RETURN_IF_ERROR(layer.gate_up.Forward(ops, hidden, seg_ptr, scratch, gate_up));
-    LORAPLEX_RETURN_IF_ERROR(ops.SiluMul(gate_up, act));
-    LORAPLEX_RETURN_IF_ERROR(layer.down.Forward(ops, act, seg_ptr, scratch, proj_out));
+        ops->AddRmsNorm(proj, res, layer.post_norm.View(dt, {h}), eps, hid));
+    LORAPLEX_RETURN_IF_ERROR(layer.gate_up.Forward(*ops, hid, seg_ptr, scratch, gu));
+    LORAPLEX_RETURN_IF_ERROR(ops->SiluMul(gu, act_view));
+    LORAPLEX_RETURN_IF_ERROR(layer.down.Forward(*ops, act_view, seg_ptr, scratch, proj));
   }
-  LORAPLEX_RETURN_IF_ERROR(
-      ops.AddRmsNorm(proj_out, residual, m.final_norm.View(dt, {h}), eps, hidden));
+  LORAPLEX_RETURN_IF_ERROR(ops->AddRmsNorm(proj, res, final_norm.View(dt, {h}), eps, hid));
 
-  const int64_t rows = static_cast<int64_t>(in.logit_rows.size());
+  const int64_t rows = shape.logit_rows;
   // A step of prefill chunks only wants no logits: the KV cache is all it had to fill.
-  if (rows == 0) {
-    LORAPLEX_RETURN_IF_ERROR(ops.Synchronize());
-    return std::vector<float>();
-  }
-  const TensorView gathered = m.gathered.View(dt, {rows, h});
-  const TensorView logits = m.logits.View(DType::kF32, {rows, spec.vocab_size});  // [rows, V] F32
+  if (rows == 0) return absl::OkStatus();
+  const TensorView gathered_view = gathered.View(dt, {rows, h});
+  const TensorView logits_view = logits.View(DType::kF32, {rows, spec.vocab_size});  // [rows, V] F32
   LORAPLEX_RETURN_IF_ERROR(
-      ops.GatherRows(hidden, m.logit_rows.View(DType::kI32, {rows}), gathered));
-  LORAPLEX_RETURN_IF_ERROR(ops.Gemm(gathered, m.lm_head->weight(), 0.0f, logits));
-  std::vector<float> out(static_cast<size_t>(rows * spec.vocab_size));
-  LORAPLEX_RETURN_IF_ERROR(ops.CopyToHost(out.data(), logits.data, out.size() * sizeof(float)));
-  LORAPLEX_RETURN_IF_ERROR(ops.Synchronize());
+      ops->GatherRows(hid, logit_rows.View(DType::kI32, {rows}), gathered_view));
+  return ops->Gemm(gathered_view, lm_head->weight(), 0.0f, logits_view);
+}
+
+absl::StatusOr<std::vector<float>> LlamaModel::Forward(const StepInput& in) {
+  Impl& m = *impl_;
+  LORAPLEX_RETURN_IF_ERROR(m.ValidateStep(in));
+  const int32_t bucket = m.DecodeBucket(in);
+  bool replayed = false;
+  if (bucket > 0) {
+    // Copies land in the buffers the graph reads before it runs (same stream, in order).
+    LORAPLEX_RETURN_IF_ERROR(m.UploadPaddedDecode(in, bucket));
+    auto it = m.graphs.find(bucket);
+    if (it == m.graphs.end()) {
+      Impl::StepShape shape;
+      shape.tokens = bucket;
+      shape.logit_rows = bucket;
+      shape.max_seqs = bucket;
+      // A capacity bound, not this step's: the graph must serve any later context length.
+      shape.max_context_len = m.cap.max_blocks_per_seq * m.cap.kv_block_size;
+      shape.lora = m.has_lora;
+      absl::StatusOr<std::unique_ptr<ops::Graph>> graph = m.ops->Capture([&] { return m.Enqueue(shape); });
+      if (graph.ok()) {
+        it = m.graphs.emplace(bucket, *std::move(graph)).first;
+      } else if (absl::IsUnimplemented(graph.status())) {
+        m.graphs_unsupported = true;  // this executor runs every step eagerly from now on
+      } else {
+        return Annotate(graph.status(), absl::StrCat("LlamaModel::Forward: capture of decode bucket ", bucket));
+      }
+    }
+    if (it != m.graphs.end()) {
+      LORAPLEX_RETURN_IF_ERROR(it->second->Replay());
+      ++m.graph_steps;
+      replayed = true;
+    }
+  }
+  if (!replayed) {
+    // The padded upload (if any) is overwritten here: an eager step reads only its own rows.
+    LORAPLEX_RETURN_IF_ERROR(m.UploadStep(in));
+    Impl::StepShape shape;
+    shape.tokens = static_cast<int64_t>(in.token_ids.size());
+    shape.logit_rows = static_cast<int64_t>(in.logit_rows.size());
+    shape.max_seqs = static_cast<int32_t>(in.context_lens.size());
+    shape.max_context_len = *std::max_element(in.context_lens.begin(), in.context_lens.end());
+    shape.lora = !in.lora.seg_slots.empty();
+    LORAPLEX_RETURN_IF_ERROR(m.Enqueue(shape));
+  }
+
+  const size_t rows = in.logit_rows.size();
+  std::vector<float> out(rows * static_cast<size_t>(m.spec.vocab_size));
+  if (rows > 0) {
+    LORAPLEX_RETURN_IF_ERROR(m.ops->CopyToHost(out.data(), m.logits.data(), out.size() * sizeof(float)));
+  }
+  LORAPLEX_RETURN_IF_ERROR(m.ops->Synchronize());
   return out;
 }
+
+int64_t LlamaModel::graph_steps() const { return impl_->graph_steps; }
+int LlamaModel::num_graphs() const { return static_cast<int>(impl_->graphs.size()); }
 
 }  // namespace loraplex::model

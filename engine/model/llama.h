@@ -22,6 +22,9 @@ struct ModelCapacity {
   int32_t num_kv_blocks = 256;
   int32_t kv_block_size = 16;
   int32_t max_blocks_per_seq = 128;  // ceil(max_seq_len / block_size)
+  // Decode steps (one token per sequence) replay a graph captured once per batch-size bucket,
+  // where the ops record graphs (CUDA); false, or ops without graphs (CPU): every step eager.
+  bool graphs = true;
 };
 
 // One step's inputs, host side. T tokens from S sequences; the tokens of a sequence are
@@ -49,7 +52,16 @@ class LlamaModel {
   ~LlamaModel();
 
   // Runs one step; returns F32 logits [logit_rows.size(), vocab] on the host.
+  // A decode step (every sequence contributes exactly one token) is padded to the smallest
+  // bucket of {1, 2, 4, 8, 16, 32, 48, 64, 96, 128, then multiples of 64} that holds it (capped
+  // at min(max_seqs, max_tokens)) and replays that bucket's graph, captured on its first use;
+  // prefill and mixed steps run eagerly. Errors: INVALID_ARGUMENT naming the bad input field;
+  // the ops' errors (a failed capture included) otherwise.
   absl::StatusOr<std::vector<float>> Forward(const StepInput& input);
+
+  // Steps that ran by replaying a graph, and the graphs captured so far (one per bucket used).
+  int64_t graph_steps() const;
+  int num_graphs() const;
 
   const ModelSpec& spec() const;
   const ModelCapacity& capacity() const;

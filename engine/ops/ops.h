@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "absl/status/status.h"
@@ -16,6 +17,17 @@
 namespace loraplex::ops {
 
 class Ops;
+
+// A recorded sequence of ops (a CUDA graph), replayable on its Ops' stream. Must not outlive
+// its Ops. Engine thread only.
+class Graph {
+ public:
+  virtual ~Graph() = default;
+  // Enqueues one replay. Pointers, shapes and host-side parameters are those of the capture;
+  // device memory the recorded ops read (step arrays, segment tables, counts) may change between
+  // replays, written by copies enqueued before Replay on the same Ops.
+  virtual absl::Status Replay() = 0;
+};
 
 // Device memory owned by an Ops; freed on destruction. Move-only.
 class DeviceMemory {
@@ -155,6 +167,14 @@ class Ops {
     s = LoraShrink(x, *segments, *module, lora_y);
     if (!s.ok()) return s;
     return LoraExpand(lora_y, *segments, *module, y);
+  }
+
+  // --- graphs ---------------------------------------------------------------------------
+  // Records every op `body` enqueues into a Graph without running any of them. `body` may only
+  // enqueue ops (no Allocate, CopyToHost or Synchronize). UNIMPLEMENTED where the executor has
+  // no graphs (the CPU ops: callers run eagerly); `body`'s error, or INTERNAL, otherwise.
+  virtual absl::StatusOr<std::unique_ptr<Graph>> Capture(const std::function<absl::Status()>& /*body*/) {
+    return absl::UnimplementedError("Capture: this executor does not record graphs");
   }
 };
 

@@ -3,9 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
-#include <limits>
 #include <numeric>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"

@@ -378,6 +378,8 @@ class CudaOps final : public Ops {
     return CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, stream_), "GemmWithLora: expand");
   }
 
+  absl::StatusOr<std::unique_ptr<Graph>> Capture(const std::function<absl::Status()>& body) override;
+
  private:
   CudaOps() = default;
 
@@ -583,6 +585,11 @@ absl::StatusOr<std::unique_ptr<CudaGraph>> CaptureCudaGraph(Ops* ops,
     return CudaStatus(inst, "CaptureCudaGraph: instantiate");
   }
   return std::unique_ptr<CudaGraph>(new CudaGraphImpl(graph, exec, stream));
+}
+
+absl::StatusOr<std::unique_ptr<Graph>> CudaOps::Capture(const std::function<absl::Status()>& body) {
+  LORAPLEX_ASSIGN_OR_RETURN(std::unique_ptr<CudaGraph> graph, CaptureCudaGraph(this, body));
+  return std::unique_ptr<Graph>(std::move(graph));
 }
 
 absl::StatusOr<std::vector<double>> TimeOnStream(Ops* ops, int warmup, int repetitions, int calls_per_sample,

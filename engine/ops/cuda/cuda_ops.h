@@ -27,16 +27,18 @@ bool CudaDevicePresent();
 absl::StatusOr<std::unique_ptr<Ops>> CreateCudaOps();
 
 // A captured sequence of ops, replayable on the ops' stream. Must not outlive its ops.
-class CudaGraph {
+class CudaGraph : public Graph {
  public:
-  virtual ~CudaGraph() = default;
   // Enqueues one replay; device memory the graph reads (segment tables, counts) may be changed
   // between replays.
   virtual absl::Status Launch() = 0;
+  absl::Status Replay() override { return Launch(); }
 };
 
 // Captures everything `record` enqueues on `ops` (which must come from CreateCudaOps) into a
-// graph. Nothing runs during capture. INVALID_ARGUMENT for other ops; `record`'s error otherwise.
+// graph (what Ops::Capture does for these ops). Nothing runs during capture; the side stream of
+// GemmWithLora joins the capture through its fork/join events. INVALID_ARGUMENT for other ops;
+// `record`'s error otherwise.
 absl::StatusOr<std::unique_ptr<CudaGraph>> CaptureCudaGraph(Ops* ops,
                                                             const std::function<absl::Status()>& record);
 
