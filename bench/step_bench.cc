@@ -1,6 +1,7 @@
 // step_bench: decode and prefill step time of the real model on the CUDA executor, with and without
 // LoRA adapters, next to the roofline of the same GPU (a device-to-device copy and the cuBLASLt
-// GEMMs of one decode step alone).
+// GEMMs of one decode step alone). Decode steps replay the model's per-bucket CUDA graphs (as the
+// server runs them); rows marked "eager" run the same steps with graphs off, for comparison.
 //
 // Loads the checkpoint through LlamaModel::Load on CudaOps and the adapters through
 // LoadPeftAdapter + SlotPool, exactly as the server does, then times LlamaModel::Forward (host
@@ -8,6 +9,8 @@
 // a table. Single-threaded; run it alone on the GPU.
 //
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
+//                   [--graphs 0]
+//   --graphs 0: every step eager (no graph rows).
 //   --cpu 1: the CPU executor and no roofline (a smoke test on a toy checkpoint without a GPU).
 //   ADAPTER_DIR holds r16_0..r16_31 (rank 16) and mix_0..mix_7 (ranks 8,16,32,64,...), as
 //   bench/make_bench_checkpoint.py writes them.
@@ -59,6 +62,7 @@ struct Result {
   double ms = 0.0;
   double ratio_to_base = 0.0;  // step time over the base-model step of the same batch
   double gb_per_s = 0.0;       // roofline rows: bytes moved over time
+  bool graphs = false;         // decode rows: the step replayed a CUDA graph
 };
 
 double TokensPerSecond(const Result& r) { return r.phase == "roofline" || r.ms <= 0 ? 0.0 : r.tokens / (r.ms * 1e-3); }
@@ -101,8 +105,9 @@ class Bench {
   }
 
   // Decode: `batch` sequences of kContext cached tokens, one new token each. token_adapter[i] is an
-  // index into adapters_ or -1.
-  absl::StatusOr<double> DecodeStep(int batch, const std::vector<int>& token_adapter, int steps) {
+  // index into adapters_ or -1. `graphs`: replay the model's graph of the batch's bucket (it must
+  // then have run from one: INTERNAL otherwise, so a graph row never silently times eager steps).
+  absl::StatusOr<double> DecodeStep(int batch, const std::vector<int>& token_adapter, int steps, bool graphs) {
     model::StepInput in;
     const int blocks_per_seq = (kContext + 1 + kBlockSize - 1) / kBlockSize;
     in.block_tables.assign(static_cast<size_t>(batch) * cap_.max_blocks_per_seq, 0);
@@ -116,7 +121,14 @@ class Bench {
       in.logit_rows.push_back(s);
     }
     SetLora(token_adapter, &in);
-    return TimeSteps(in, steps);
+    model_->set_graphs(graphs);
+    const int64_t replays_before = model_->graph_steps();
+    LORAPLEX_ASSIGN_OR_RETURN(const double ms, TimeSteps(in, steps));
+    const int64_t replays = model_->graph_steps() - replays_before;
+    if (graphs && replays == 0) {
+      return absl::InternalError(absl::StrCat("decode batch ", batch, ": no step replayed a graph"));
+    }
+    return ms;
   }
 
   // Prefill: one sequence of `tokens` new tokens, all on `adapter` (-1: base).
@@ -235,10 +247,11 @@ class Bench {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0]");
   }
   int steps = 20;
   int cpu = 0;
+  int graphs = 1;
   std::vector<int> batches = {1, 8, 32, 64, 128};
   for (int i = 4; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
@@ -246,6 +259,8 @@ absl::Status Run(int argc, char** argv) {
       if (!absl::SimpleAtoi(argv[i + 1], &steps) || steps < 1) return absl::InvalidArgumentError(absl::StrCat("--steps ", argv[i + 1]));
     } else if (flag == "--cpu") {
       if (!absl::SimpleAtoi(argv[i + 1], &cpu)) return absl::InvalidArgumentError(absl::StrCat("--cpu ", argv[i + 1]));
+    } else if (flag == "--graphs") {
+      if (!absl::SimpleAtoi(argv[i + 1], &graphs)) return absl::InvalidArgumentError(absl::StrCat("--graphs ", argv[i + 1]));
     } else if (flag == "--batches") {
       batches.clear();
       for (absl::string_view b : absl::StrSplit(argv[i + 1], ',')) {
@@ -283,9 +298,12 @@ absl::Status Run(int argc, char** argv) {
       add({"roofline", "cuBLASLt GEMMs of one step", b, b, 0, gemm_ms, 0, weight_bytes / gemm_ms * 1e-6});
     }
   }
+  // The CPU ops record no graphs: their decode rows are eager whatever is asked.
+  const bool use_graphs = graphs != 0 && cpu == 0;
+  const std::string mode = use_graphs ? "" : ", eager";
   for (int b : batches) {
-    LORAPLEX_ASSIGN_OR_RETURN(const double base, bench.DecodeStep(b, std::vector<int>(b, -1), steps));
-    add({"decode", "base", b, b, 0, base, 1.0, 0});
+    LORAPLEX_ASSIGN_OR_RETURN(const double base, bench.DecodeStep(b, std::vector<int>(b, -1), steps, use_graphs));
+    add({"decode", "base" + mode, b, b, 0, base, 1.0, 0, use_graphs});
     std::vector<int> one(b, 0), distinct(b), mixed(b);
     for (int i = 0; i < b; ++i) {
       distinct[i] = i % kNumR16;
@@ -295,8 +313,16 @@ absl::Status Run(int argc, char** argv) {
     struct S { std::string name; std::vector<int>* adapters; int count; };
     for (const S& s : {S{"one adapter r16", &one, 1}, S{absl::StrCat(n_distinct, " distinct r16"), &distinct, n_distinct},
                        S{absl::StrCat(n_mixed, " mixed ranks"), &mixed, n_mixed}}) {
-      LORAPLEX_ASSIGN_OR_RETURN(const double ms, bench.DecodeStep(b, *s.adapters, steps));
-      add({"decode", s.name, b, b, s.count, ms, ms / base, 0});
+      LORAPLEX_ASSIGN_OR_RETURN(const double ms, bench.DecodeStep(b, *s.adapters, steps, use_graphs));
+      add({"decode", s.name + mode, b, b, s.count, ms, ms / base, 0, use_graphs});
+    }
+    if (use_graphs) {
+      // The same steps without graphs (x base: over the graph base row), to show the launch cost.
+      LORAPLEX_ASSIGN_OR_RETURN(const double eager_base, bench.DecodeStep(b, std::vector<int>(b, -1), steps, false));
+      add({"decode", "base, eager", b, b, 0, eager_base, eager_base / base, 0, false});
+      LORAPLEX_ASSIGN_OR_RETURN(const double eager_lora, bench.DecodeStep(b, distinct, steps, false));
+      add({"decode", absl::StrCat(n_distinct, " distinct r16, eager"), b, b, n_distinct, eager_lora,
+           eager_lora / base, 0, false});
     }
   }
   LORAPLEX_ASSIGN_OR_RETURN(const double prefill_base, bench.PrefillStep(kPrefillTokens, -1, std::max(3, steps / 4)));
@@ -308,7 +334,7 @@ absl::Status Run(int argc, char** argv) {
   for (const Result& r : results) {
     out.push_back({{"phase", r.phase}, {"scenario", r.scenario}, {"batch", r.batch}, {"tokens", r.tokens},
                    {"adapters", r.adapters}, {"ms", r.ms}, {"tokens_per_s", TokensPerSecond(r)},
-                   {"ratio_to_base", r.ratio_to_base}, {"gb_per_s", r.gb_per_s}});
+                   {"ratio_to_base", r.ratio_to_base}, {"gb_per_s", r.gb_per_s}, {"graphs", r.graphs}});
   }
   std::ofstream f(argv[3]);
   f << out.dump(2) << "\n";

@@ -378,7 +378,8 @@ absl::Status LlamaModel::Impl::ValidateStep(const StepInput& in) const {
   if (!has_lora) return bad("LoRA segments given but the model was loaded without a slot pool");
   if (lb.seg_starts.size() != lb.seg_slots.size() + 1 || lb.seg_starts.front() != 0 ||
       lb.seg_starts.back() != static_cast<int32_t>(lb.token_rows.size()) ||
-      static_cast<int64_t>(lb.token_rows.size()) > t_count) {
+      static_cast<int64_t>(lb.token_rows.size()) > t_count ||
+      static_cast<int64_t>(lb.seg_slots.size()) > t_count) {  // the kernels size for <= T segments
     return bad("LoRA batch has ", lb.seg_slots.size(), " segments, ", lb.seg_starts.size(),
                " starts and ", lb.token_rows.size(), " token rows for ", t_count, " tokens");
   }
@@ -571,13 +572,15 @@ absl::StatusOr<std::vector<float>> LlamaModel::Forward(const StepInput& in) {
       // A capacity bound, not this step's: the graph must serve any later context length.
       shape.max_context_len = m.cap.max_blocks_per_seq * m.cap.kv_block_size;
       shape.lora = m.has_lora;
-      absl::StatusOr<std::unique_ptr<ops::Graph>> graph = m.ops->Capture([&] { return m.Enqueue(shape); });
+      absl::StatusOr<std::unique_ptr<ops::Graph>> graph =
+          m.ops->Capture([&] { return m.Enqueue(shape); });
       if (graph.ok()) {
         it = m.graphs.emplace(bucket, *std::move(graph)).first;
       } else if (absl::IsUnimplemented(graph.status())) {
         m.graphs_unsupported = true;  // this executor runs every step eagerly from now on
       } else {
-        return Annotate(graph.status(), absl::StrCat("LlamaModel::Forward: capture of decode bucket ", bucket));
+        return Annotate(graph.status(),
+                        absl::StrCat("LlamaModel::Forward: capture of decode bucket ", bucket));
       }
     }
     if (it != m.graphs.end()) {
@@ -601,12 +604,14 @@ absl::StatusOr<std::vector<float>> LlamaModel::Forward(const StepInput& in) {
   const size_t rows = in.logit_rows.size();
   std::vector<float> out(rows * static_cast<size_t>(m.spec.vocab_size));
   if (rows > 0) {
-    LORAPLEX_RETURN_IF_ERROR(m.ops->CopyToHost(out.data(), m.logits.data(), out.size() * sizeof(float)));
+    LORAPLEX_RETURN_IF_ERROR(
+        m.ops->CopyToHost(out.data(), m.logits.data(), out.size() * sizeof(float)));
   }
   LORAPLEX_RETURN_IF_ERROR(m.ops->Synchronize());
   return out;
 }
 
+void LlamaModel::set_graphs(bool enabled) { impl_->cap.graphs = enabled; }
 int64_t LlamaModel::graph_steps() const { return impl_->graph_steps; }
 int LlamaModel::num_graphs() const { return static_cast<int>(impl_->graphs.size()); }
 

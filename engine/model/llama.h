@@ -59,6 +59,9 @@ class LlamaModel {
   // the ops' errors (a failed capture included) otherwise.
   absl::StatusOr<std::vector<float>> Forward(const StepInput& input);
 
+  // Turns decode graphs on or off from the next step (ModelCapacity::graphs at load); graphs
+  // already captured are kept for when they are turned back on.
+  void set_graphs(bool enabled);
   // Steps that ran by replaying a graph, and the graphs captured so far (one per bucket used).
   int64_t graph_steps() const;
   int num_graphs() const;

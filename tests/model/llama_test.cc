@@ -5,13 +5,16 @@
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <functional>
 #include <map>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "engine/core/safetensors.h"
+#include "engine/core/status.h"
 #include "engine/model/model_spec.h"
+#include "engine/ops/cpu/cpu_ops.h"
 #include "engine/ops/ops.h"
 #include "lora/adapter.h"
 #include "lora/lora_batch.h"
@@ -331,6 +334,39 @@ TEST_CASE("Sharded weights with an index load and match the dense forward") {
   ExpectBatchedStepsMatchDense(options);
 }
 
+TEST_CASE("Decode steps on the CPU ops run eagerly, graphs requested or not, and match the dense forward") {
+  const std::string dir = testing::MakeTempDir("llama-decode");
+  REQUIRE(testing::WriteTinyModel(dir, testing::TinyModelOptions{}).ok());
+  auto spec = LoadModelSpec(dir);
+  REQUIRE(spec.ok());
+  auto ops = ops::CreateOps(Device::kCpu);
+  REQUIRE(ops.ok());
+  REQUIRE(kCapacity.graphs);  // the default: the model asks the ops for graphs, the CPU has none
+  auto model = LlamaModel::Load(dir, *spec, ops->get(), nullptr, kCapacity);
+  REQUIRE(model.ok());
+  std::vector<Sequence> seqs(3);
+  seqs[0] = {RandomTokens(10, spec->vocab_size, 4), {1, 3, 5}, 0, -1};
+  seqs[1] = {RandomTokens(10, spec->vocab_size, 5), {8, 0, 12}, 0, -1};
+  seqs[2] = {RandomTokens(10, spec->vocab_size, 6), {15, 4, 6}, 0, -1};
+  const DenseReference ref(dir, *spec);
+  std::vector<std::vector<std::vector<double>>> dense;
+  for (const Sequence& s : seqs) dense.push_back(ref.Logits(s.tokens, nullptr));
+
+  // Prefill (every row's logits: 15 of the 16 rows capacity allows), then decode steps of 3
+  // sequences (a graph would pad them to 4), then of 1.
+  const std::vector<std::vector<Chunk>> steps = {
+      {{0, 5}, {1, 5}, {2, 5}}, {{0, 1}, {1, 1}, {2, 1}}, {{2, 1}, {0, 1}, {1, 1}}, {{1, 1}}};
+  for (const auto& chunks : steps) {
+    const StepInput in = MakeStep(seqs, chunks);
+    auto logits = (*model)->Forward(in);
+    INFO(logits.status().message());
+    REQUIRE(logits.ok());
+    CheckStep(*logits, in, chunks, dense, spec->vocab_size);
+  }
+  CHECK((*model)->graph_steps() == 0);
+  CHECK((*model)->num_graphs() == 0);
+}
+
 TEST_CASE("BF16 weights are converted to the compute dtype at load") {
   testing::TinyModelOptions options;
   options.dtype = DType::kBF16;
@@ -488,6 +524,165 @@ TEST_CASE(
   // Sequence A uses y, B the base model, C uses x.
   ExpectBatchedStepsMatchDense(options, {(*slots)[1], -1, (*slots)[0]}, pool->get(),
                                {&dy, nullptr, &dx}, ops->get(), dir);
+}
+
+// The CPU ops with graphs the way the CUDA ops have them: Capture records each op with its
+// arguments as they are at capture (by value, as a kernel launch keeps them) and runs nothing;
+// Replay runs the recorded ops again, reading whatever the device memory holds then.
+class RecordingCpuOps final : public ops::Ops {
+ public:
+  RecordingCpuOps() : cpu_(ops::CreateCpuOps()) {}
+  int captures() const { return captures_; }
+
+  Device device() const override { return cpu_->device(); }
+  DType compute_dtype() const override { return cpu_->compute_dtype(); }
+  absl::StatusOr<ops::DeviceMemory> Allocate(size_t bytes) override {
+    if (recording_ != nullptr) return absl::FailedPreconditionError("Allocate during a capture");
+    return cpu_->Allocate(bytes);
+  }
+  void Free(void* ptr) override { cpu_->Free(ptr); }
+  absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
+    if (recording_ != nullptr) return absl::FailedPreconditionError("CopyToDevice during a capture");
+    return cpu_->CopyToDevice(dst, src, bytes);
+  }
+  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
+    if (recording_ != nullptr) return absl::FailedPreconditionError("CopyToHost during a capture");
+    return cpu_->CopyToHost(dst, src, bytes);
+  }
+  absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) override {
+    return Run([=, this] { return cpu_->CopyOnDevice(dst, src, bytes); });
+  }
+  absl::Status Memset(void* dst, int value, size_t bytes) override {
+    return Run([=, this] { return cpu_->Memset(dst, value, bytes); });
+  }
+  absl::Status Synchronize() override {
+    if (recording_ != nullptr) return absl::FailedPreconditionError("Synchronize during a capture");
+    return cpu_->Synchronize();
+  }
+  absl::Status Embed(const TensorView& ids, const TensorView& table, const TensorView& out) override {
+    return Run([=, this] { return cpu_->Embed(ids, table, out); });
+  }
+  absl::Status RmsNorm(const TensorView& x, const TensorView& w, float eps, const TensorView& out) override {
+    return Run([=, this] { return cpu_->RmsNorm(x, w, eps, out); });
+  }
+  absl::Status AddRmsNorm(const TensorView& x, const TensorView& residual, const TensorView& w, float eps,
+                          const TensorView& out) override {
+    return Run([=, this] { return cpu_->AddRmsNorm(x, residual, w, eps, out); });
+  }
+  absl::Status Gemm(const TensorView& x, const TensorView& w, float beta, const TensorView& y) override {
+    return Run([=, this] { return cpu_->Gemm(x, w, beta, y); });
+  }
+  absl::Status RopeAndCacheKv(const TensorView& qkv, const TensorView& inv_freq, int hq, int hkv, int d,
+                              const ops::AttentionMeta& meta, const ops::KvCacheView& cache) override {
+    return Run([=, this] { return cpu_->RopeAndCacheKv(qkv, inv_freq, hq, hkv, d, meta, cache); });
+  }
+  absl::Status Attention(const TensorView& qkv, int hq, int hkv, int d, float scale,
+                         const ops::AttentionMeta& meta, const ops::KvCacheView& cache,
+                         const TensorView& out) override {
+    return Run([=, this] { return cpu_->Attention(qkv, hq, hkv, d, scale, meta, cache, out); });
+  }
+  absl::Status SiluMul(const TensorView& gate_up, const TensorView& out) override {
+    return Run([=, this] { return cpu_->SiluMul(gate_up, out); });
+  }
+  absl::Status GatherRows(const TensorView& x, const TensorView& rows, const TensorView& out) override {
+    return Run([=, this] { return cpu_->GatherRows(x, rows, out); });
+  }
+  absl::Status LoraShrink(const TensorView& x, const ops::LoraSegments& segments, const ops::LoraModule& module,
+                          const TensorView& y) override {
+    return Run([=, this] { return cpu_->LoraShrink(x, segments, module, y); });
+  }
+  absl::Status LoraExpand(const TensorView& y, const ops::LoraSegments& segments, const ops::LoraModule& module,
+                          const TensorView& out) override {
+    return Run([=, this] { return cpu_->LoraExpand(y, segments, module, out); });
+  }
+
+  absl::StatusOr<std::unique_ptr<ops::Graph>> Capture(const std::function<absl::Status()>& body) override {
+    auto graph = std::make_unique<Recorded>();
+    recording_ = &graph->steps;
+    const absl::Status status = body();
+    recording_ = nullptr;
+    if (!status.ok()) return status;
+    ++captures_;
+    return std::unique_ptr<ops::Graph>(std::move(graph));
+  }
+
+ private:
+  struct Recorded : ops::Graph {
+    std::vector<std::function<absl::Status()>> steps;
+    absl::Status Replay() override {
+      for (const auto& step : steps) LORAPLEX_RETURN_IF_ERROR(step());
+      return absl::OkStatus();
+    }
+  };
+  absl::Status Run(std::function<absl::Status()> op) {
+    if (recording_ == nullptr) return op();
+    recording_->push_back(std::move(op));
+    return absl::OkStatus();
+  }
+
+  std::unique_ptr<ops::Ops> cpu_;
+  std::vector<std::function<absl::Status()>>* recording_ = nullptr;
+  int captures_ = 0;
+};
+
+TEST_CASE("Decode steps replayed from a recorded graph are padded to their bucket and match the dense forward") {
+  testing::TinyModelOptions options;
+  const std::string dir = testing::MakeTempDir("llama-graph");
+  REQUIRE(testing::WriteTinyModel(dir, options).ok());
+  auto spec = LoadModelSpec(dir);
+  REQUIRE(spec.ok());
+  RecordingCpuOps ops;
+  testing::TinyAdapterOptions xo;
+  xo.r = 4;
+  xo.alpha = 8;
+  const std::string xdir = dir + "/x";
+  REQUIRE(testing::WriteTinyAdapter(xdir, *spec, xo).ok());
+  lora::LoraLimits limits;
+  limits.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  auto x = lora::LoadPeftAdapter("x", xdir, *spec, limits, DType::kF32);
+  REQUIRE(x.ok());
+  auto pool = lora::SlotPool::Create(&ops, *spec, /*num_slots=*/2, /*max_rank=*/8);
+  REQUIRE(pool.ok());
+  auto slots = (*pool)->EnsureResident({x->get()}, {false});
+  REQUIRE(slots.ok());
+  auto model = LlamaModel::Load(dir, *spec, &ops, pool->get(), kCapacity);
+  REQUIRE(model.ok());
+  const DenseAdapter dx = ReadDenseAdapter(xdir, *spec, 8.0 / 4);
+
+  // A and C on adapter x, B on the base model.
+  std::vector<Sequence> seqs(3);
+  seqs[0] = {RandomTokens(10, spec->vocab_size, 7), {1, 3, 5}, 0, (*slots)[0]};
+  seqs[1] = {RandomTokens(10, spec->vocab_size, 8), {8, 0, 12}, 0, -1};
+  seqs[2] = {RandomTokens(10, spec->vocab_size, 9), {15, 4, 6}, 0, (*slots)[0]};
+  const DenseReference ref(dir, *spec);
+  const std::vector<std::vector<std::vector<double>>> dense = {
+      ref.Logits(seqs[0].tokens, &dx), ref.Logits(seqs[1].tokens, nullptr), ref.Logits(seqs[2].tokens, &dx)};
+
+  struct Step {
+    std::vector<Chunk> chunks;
+    int64_t graph_steps;  // after the step
+    int graphs;
+  };
+  const std::vector<Step> steps = {
+      {{{0, 4}, {1, 4}, {2, 4}}, 0, 0},          // prefill: eager
+      {{{1, 1}}, 1, 1},                          // bucket 1, no adapter (the LoRA ops see 0 segments)
+      {{{0, 1}, {1, 1}, {2, 1}}, 2, 2},          // bucket 4 with a padding row, one adapter
+      {{{2, 1}, {0, 1}}, 3, 3},                  // bucket 2, adapter only
+      {{{1, 1}, {2, 1}, {0, 1}}, 4, 3},          // bucket 4 again, other order
+      {{{0, 2}, {1, 1}}, 4, 3},                  // mixed: eager
+      {{{1, 1}}, 5, 3},                          // bucket 1 again
+      {{{0, 1}, {2, 1}}, 6, 3},                  // bucket 2 again
+  };
+  for (const Step& step : steps) {
+    const StepInput in = MakeStep(seqs, step.chunks);
+    auto logits = (*model)->Forward(in);
+    INFO(logits.status().message());
+    REQUIRE(logits.ok());
+    CheckStep(*logits, in, step.chunks, dense, spec->vocab_size);
+    CHECK((*model)->graph_steps() == step.graph_steps);
+    CHECK((*model)->num_graphs() == step.graphs);
+  }
+  CHECK(ops.captures() == 3);
 }
 
 }  // namespace

@@ -89,15 +89,16 @@ struct Executor {
   std::unique_ptr<LlamaModel> model;
 };
 
-Executor MakeExecutor(Device device, const std::string& dir, const ModelSpec& spec) {
+Executor MakeExecutor(Device device, const std::string& dir, const ModelSpec& spec, int32_t num_slots = 3,
+                      const ModelCapacity& capacity = kCapacity) {
   Executor e;
   auto ops = ops::CreateOps(device);
   REQUIRE(ops.ok());
   e.ops = std::move(*ops);
-  auto pool = lora::SlotPool::Create(e.ops.get(), spec, /*num_slots=*/3, /*max_rank=*/64);
+  auto pool = lora::SlotPool::Create(e.ops.get(), spec, num_slots, /*max_rank=*/64);
   REQUIRE(pool.ok());
   e.pool = std::move(*pool);
-  auto model = LlamaModel::Load(dir, spec, e.ops.get(), e.pool.get(), kCapacity);
+  auto model = LlamaModel::Load(dir, spec, e.ops.get(), e.pool.get(), capacity);
   INFO(model.status().message());
   REQUIRE(model.ok());
   e.model = std::move(*model);
@@ -295,6 +296,131 @@ TEST_CASE("A slot reused by another adapter on the GPU gives that adapter's outp
   const double err = RelErr(*reused, *ref);
   std::printf("slot reuse rel_err=%.3e\n", err);
   CHECK(err < 3e-2);
+}
+
+TEST_CASE("Decode steps replayed from CUDA graphs equal eager steps and the CPU model as sequences, adapters and slots change") {
+  testing::TinyModelOptions mo;
+  mo.vocab = 512; mo.hidden = 256; mo.layers = 2; mo.heads = 4; mo.kv_heads = 2; mo.head_dim = 64;
+  mo.intermediate = 512; mo.dtype = DType::kBF16; mo.llama3_rope = true;
+  const std::string dir = testing::MakeTempDir("cuda-graphs");
+  REQUIRE(testing::WriteTinyModel(dir, mo).ok());
+  auto spec = LoadModelSpec(dir);
+  REQUIRE(spec.ok());
+
+  // Five adapters for a four-slot pool, so the last one must take another's slot mid-run.
+  constexpr int kAdapters = 5;
+  testing::TinyAdapterOptions ao[kAdapters];
+  ao[0].r = 4; ao[0].alpha = 8; ao[0].target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  ao[1].r = 16; ao[1].alpha = 16; ao[1].use_rslora = true; ao[1].seed = 9;
+  ao[2].r = 64; ao[2].alpha = 32; ao[2].target_modules = {"gate_proj", "up_proj", "down_proj"}; ao[2].seed = 13;
+  ao[3].r = 8; ao[3].alpha = 16; ao[3].seed = 17;
+  ao[4].r = 32; ao[4].alpha = 32; ao[4].seed = 19;
+  const char* names[kAdapters] = {"a4", "b16", "c64", "d8", "e32"};
+  for (int i = 0; i < kAdapters; ++i) {
+    ao[i].dtype = DType::kBF16;
+    REQUIRE(testing::WriteTinyAdapter(dir + "/" + names[i], *spec, ao[i]).ok());
+  }
+
+  ModelCapacity eager_cap = kCapacity;
+  eager_cap.graphs = false;
+  // kCapacity.max_seqs is 8: the buckets are 1, 2, 4 and 8.
+  Executor cpu = MakeExecutor(Device::kCpu, dir, *spec, 4);
+  Executor eager = MakeExecutor(Device::kCuda, dir, *spec, 4, eager_cap);
+  Executor graphs = MakeExecutor(Device::kCuda, dir, *spec, 4, kCapacity);
+  Executor* all[3] = {&cpu, &eager, &graphs};
+  std::vector<std::shared_ptr<const lora::LoadedAdapter>> adapters[3];
+  for (int e = 0; e < 3; ++e) {
+    for (int i = 0; i < kAdapters; ++i) {
+      adapters[e].push_back(LoadAdapter(names[i], dir + "/" + names[i], *spec,
+                                        e == 0 ? DType::kF32 : DType::kBF16));
+    }
+  }
+  // Makes adapters `which` resident in every executor; all three pools must pick the same slots.
+  auto resident = [&](const std::vector<int>& which) {
+    std::vector<int32_t> first;
+    for (int e = 0; e < 3; ++e) {
+      std::vector<const lora::LoadedAdapter*> list;
+      for (int w : which) list.push_back(adapters[e][w].get());
+      auto slots = all[e]->pool->EnsureResident(list, std::vector<bool>(list.size(), false));
+      REQUIRE(slots.ok());
+      if (e == 0) first = *slots;
+      REQUIRE(*slots == first);
+    }
+    return first;
+  };
+  const std::vector<int32_t> slot = resident({0, 1, 2, 3});
+
+  // Eight sequences: 0 and 5 on the base model, the others on a4, b16, c64, d8 (two share one).
+  std::vector<int32_t> phys(48);
+  for (int i = 0; i < 48; ++i) phys[i] = i;
+  std::shuffle(phys.begin(), phys.end(), std::mt19937(11));
+  const int32_t prompt[8] = {12, 7, 20, 3, 9, 15, 5, 11};
+  const int32_t seq_slot[8] = {-1, slot[0], slot[1], slot[2], slot[0], -1, slot[3], slot[1]};
+  std::vector<Seq> seqs(8);
+  for (int i = 0; i < 8; ++i) {
+    seqs[i].tokens = RandomTokens(prompt[i] + 16, spec->vocab_size, 100 + i);
+    seqs[i].blocks.assign(phys.begin() + i * 6, phys.begin() + i * 6 + 6);
+    seqs[i].slot = seq_slot[i];
+  }
+  std::vector<Seq> state[3] = {seqs, seqs, seqs};
+
+  int decode_steps = 0;
+  // One step of sequences `which` (count[i] new tokens each) on all three executors; base_only
+  // runs every token on the base model.
+  auto step = [&](const std::vector<int>& which, const std::vector<int32_t>& count, bool base_only = false) {
+    std::vector<float> logits[3];
+    int segments = 0;
+    for (int e = 0; e < 3; ++e) {
+      std::vector<Seq> picked;
+      for (int w : which) {
+        picked.push_back(state[e][w]);
+        if (base_only) picked.back().slot = -1;
+      }
+      StepInput in = MakeStep(picked, count);
+      segments = in.lora.num_segments();
+      for (size_t i = 0; i < which.size(); ++i) state[e][which[i]].computed = picked[i].computed;
+      auto out = all[e]->model->Forward(in);
+      INFO(out.status().message());
+      REQUIRE(out.ok());
+      logits[e] = *std::move(out);
+    }
+    const bool decode = std::all_of(count.begin(), count.end(), [](int32_t c) { return c == 1; });
+    decode_steps += decode ? 1 : 0;
+    const double vs_eager = RelErr(logits[2], logits[1]);
+    const double vs_cpu = RelErr(logits[2], logits[0]);
+    std::printf("graph step seqs=%zu segments=%d decode=%d rel_err vs eager=%.3e vs cpu=%.3e\n", which.size(),
+                segments, decode ? 1 : 0, vs_eager, vs_cpu);
+    // The graph pads to its bucket (other GEMM shapes) and sizes the attention's context split
+    // for the capacity: a different summation order, so BF16 rounding as in batch invariance.
+    CHECK(vs_eager < 1e-2);
+    // BF16 against the F32 oracle through 2 layers, as in the first test.
+    CHECK(vs_cpu < 3e-2);
+    CheckArgmax(logits[2], logits[0], spec->vocab_size);
+    CHECK(graphs.model->graph_steps() == decode_steps);
+  };
+
+  step({0, 1, 2, 3, 4, 5, 6, 7}, {12, 7, 20, 3, 9, 15, 5, 11});  // prefill: eager
+  step({0, 5}, {1, 1});                                         // bucket 2, no adapters
+  step({0, 1, 5}, {1, 1, 1});                                   // bucket 4, one adapter
+  step({0, 1, 2, 3, 5}, {1, 1, 1, 1, 1});                       // bucket 8, three adapters
+  step({0, 1, 2, 3, 4, 5, 6, 7}, {1, 1, 1, 1, 1, 1, 1, 1});     // bucket 8 full, four adapters
+  step({7, 6, 4, 3, 2, 1}, {1, 1, 1, 1, 1, 1});                 // bucket 8, other order
+  step({1, 2, 3, 4, 5, 6, 7}, {1, 1, 1, 1, 1, 1, 1}, true);     // bucket 8, no adapters at all
+  step({3}, {1});                                               // bucket 1, one adapter
+  step({2, 0, 1}, {1, 1, 1});                                   // bucket 4, two adapters
+
+  // e32 takes d8's slot; sequence 6 now runs on e32 through the same graphs.
+  const std::vector<int32_t> reused = resident({0, 1, 2, 4});
+  REQUIRE(reused[3] == slot[3]);
+  for (auto& s : state) s[6].slot = reused[3];
+  step({6, 0, 1}, {1, 1, 1});                                   // bucket 4, reused slot
+  step({0, 1, 2, 3, 4, 5, 6, 7}, {1, 1, 1, 1, 1, 1, 1, 1});     // bucket 8, reused slot
+  step({6, 2}, {2, 1});                                         // mixed: eager
+  step({6, 2}, {1, 1});                                         // bucket 2, with adapters now
+
+  CHECK(graphs.model->num_graphs() == 4);  // buckets 1, 2, 4, 8, each captured once
+  CHECK(eager.model->graph_steps() == 0);
+  CHECK(cpu.model->graph_steps() == 0);  // the CPU ops record no graphs
 }
 
 }  // namespace
