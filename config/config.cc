@@ -386,7 +386,8 @@ absl::StatusOr<Config> ParseRoot(const YAML::Node& root, const std::string& base
                {"max_running_seqs", Int(&e.max_running_seqs, 1)},
                {"default_seed", [&e](const YAML::Node& v, const Where& vw) {
                   return ParseUint(v, vw, &e.default_seed);
-                }}});
+                }},
+               {"cuda_graphs", Bool(&e.cuda_graphs)}});
         }},
        {"lora", [&](const YAML::Node& n, const Where& w) { return ParseLora(n, w, &config.lora); }},
        // Adapters are checked after the whole document: their limits live in `lora`, which may

@@ -35,6 +35,7 @@ struct EngineConfig {
   int64_t max_batch_tokens = 2048;        // tokens in one forward step (prefill chunks included)
   int64_t max_running_seqs = 64;          // sequences decoding at once
   uint64_t default_seed = 0;              // seed for requests that give none (mixed with their id)
+  bool cuda_graphs = true;                // replay decode steps as CUDA graphs (per batch bucket)
 };
 
 struct LoraConfig {

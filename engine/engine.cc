@@ -469,8 +469,11 @@ void EngineImpl::Finish(std::unique_ptr<Sequence> seq, FinishReason reason,
       seq->id, seq->request.request_id, seq->request.adapter, usage.prompt_tokens,
       usage.completion_tokens, usage.time_to_first_token_s, usage.total_time_s,
       FinishReasonName(reason), status.ok() ? "" : ": ", std::string(status.message()));
+  // The adapter is released before the sink hears of the end, so a client that unloads the
+  // adapter right after its stream finishes never finds it still in use.
+  seq->adapter = lora::AdapterRef();
   seq->sink->OnFinish(reason, status, usage);
-  seq.reset();  // releases the adapter before the request counts as done
+  seq.reset();
   absl::MutexLock lock(&mu_);
   --in_flight_;
 }
@@ -583,6 +586,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const config::Config& con
   capacity.max_seqs = static_cast<int32_t>(ec.max_running_seqs);
   capacity.num_kv_blocks = static_cast<int32_t>(num_blocks);
   capacity.kv_block_size = static_cast<int32_t>(ec.kv_block_size);
+  capacity.graphs = ec.cuda_graphs;
   capacity.max_blocks_per_seq =
       static_cast<int32_t>(kv::BlocksForTokens(max_seq_len, capacity.kv_block_size));
   LORAPLEX_ASSIGN_OR_RETURN(

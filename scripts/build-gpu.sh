@@ -40,6 +40,8 @@ for t in "${tool_targets[@]}"; do
   cp "$exe" "$build/gpu-bin/tools/"
   exes+=("$exe")
 done
+# Debug info would push the carried folders past the device tool's 64 MiB; line tables stay.
+find "$build/gpu-bin" -type f -perm -u+x -exec strip --strip-debug {} +
 rm -rf "$build/gpu-libs"
 "$bundle" "$build/gpu-libs" "${exes[@]}"
 echo "staged ${#exes[@]} binaries in $build/gpu-bin ($(du -sh "$build/gpu-bin" | cut -f1))"

@@ -17,6 +17,8 @@ mkdir -p "$out"
 build=${LORAPLEX_GPU_BUILD:-build-cuda}
 bin=$build/gpu-bin
 export LD_LIBRARY_PATH="$PWD/$build/gpu-libs:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Tests that read fixtures from the source tree find them in this copy of it.
+export LORAPLEX_SOURCE_DIR="$PWD"
 per_binary_timeout=${GPU_RUN_TIMEOUT:-500}
 
 [ -d "$bin" ] && [ -n "$(ls -A "$bin")" ] || { echo "gpu-run: no binaries in $bin (run scripts/build-gpu.sh, carry build-cuda/gpu-bin and build-cuda/gpu-libs)" >&2; exit 2; }

@@ -45,6 +45,7 @@ engine:
   max_batch_tokens: 1024
   max_running_seqs: 16
   default_seed: 18446744073709551615
+  cuda_graphs: false
 lora:
   max_rank: 16
   target_modules: [q_proj, v_proj]
@@ -82,6 +83,7 @@ logging:
   CHECK(c.engine.max_batch_tokens == 1024);
   CHECK(c.engine.max_running_seqs == 16);
   CHECK(c.engine.default_seed == 18446744073709551615ull);
+  CHECK_FALSE(c.engine.cuda_graphs);
   CHECK(c.lora.max_rank == 16);
   CHECK(c.lora.target_modules == std::vector<std::string>{"q_proj", "v_proj"});
   CHECK(c.lora.adapter_slots == 4);

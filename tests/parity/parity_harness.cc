@@ -1,5 +1,7 @@
 #include "tests/parity/parity_harness.h"
 
+#include <cstdlib>
+
 #include <algorithm>
 #include <cmath>
 #include <fstream>
@@ -82,7 +84,13 @@ std::vector<double> LogSoftmax(const float* logits, int64_t vocab) {
 
 }  // namespace
 
-std::string FixtureDir() { return std::string(LORAPLEX_SOURCE_DIR) + "/tests/fixtures/trained"; }
+// The source tree is where the build put it unless LORAPLEX_SOURCE_DIR says otherwise (a GPU host
+// runs the binaries from a copy of the tree in another folder).
+std::string FixtureDir() {
+  const char* env = std::getenv("LORAPLEX_SOURCE_DIR");
+  return std::string(env != nullptr && *env != '\0' ? env : LORAPLEX_SOURCE_DIR) +
+         "/tests/fixtures/trained";
+}
 
 std::vector<int32_t> Record::Sequence() const {
   std::vector<int32_t> s = prompt_ids;
