@@ -9,9 +9,15 @@
 // a table. Single-threaded; run it alone on the GPU.
 //
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
-//                   [--graphs 0]
+//                   [--graphs 0] [--profile 1|2]
 //   --graphs 0: every step eager (no graph rows).
 //   --cpu 1: the CPU executor and no roofline (a smoke test on a toy checkpoint without a GPU).
+//     A build without CUDA has only this mode.
+//   --profile 1: instead of the rows above, a per-op breakdown of eager decode steps (base and
+//     32 distinct r16 per batch): the model runs on ProfilingOps (bench/profiling_ops.h), which
+//     synchronises around every op, and a table per scenario gives each op key's calls, ms and
+//     share of the step. --profile 2: the same with GemmWithLora split into its Gemm, LoraShrink
+//     and LoraExpand (no shrink/GEMM overlap). JSON: {"profile": [...]}.
 //   ADAPTER_DIR holds r16_0..r16_31 (rank 16) and mix_0..mix_7 (ranks 8,16,32,64,...), as
 //   bench/make_bench_checkpoint.py writes them.
 #include <algorithm>
@@ -26,12 +32,15 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "bench/profiling_ops.h"
 #include "engine/core/dtype.h"
 #include "engine/core/status.h"
 #include "engine/model/llama.h"
 #include "engine/model/model_spec.h"
-#include "engine/ops/cuda/cuda_ops.h"
 #include "engine/ops/ops.h"
+#if LORAPLEX_STEP_BENCH_CUDA
+#include "engine/ops/cuda/cuda_ops.h"
+#endif
 #include "lora/adapter.h"
 #include "lora/lora_batch.h"
 #include "lora/slot_pool.h"
@@ -69,11 +78,22 @@ double TokensPerSecond(const Result& r) { return r.phase == "roofline" || r.ms <
 
 class Bench {
  public:
-  absl::Status Setup(const std::string& model_dir, const std::string& adapter_dir, int max_batch, bool cpu) {
+  // `profile` 1 or 2: the model runs on ProfilingOps over the executor (2: GemmWithLora split).
+  absl::Status Setup(const std::string& model_dir, const std::string& adapter_dir, int max_batch, bool cpu,
+                     int profile) {
     if (cpu) {
       LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::CreateOps(Device::kCpu));
     } else {
+#if LORAPLEX_STEP_BENCH_CUDA
       LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::cuda::CreateCudaOps());
+#else
+      return absl::UnimplementedError("step_bench was built without CUDA: run it with --cpu 1");
+#endif
+    }
+    ops::Ops* model_ops = ops_.get();
+    if (profile != 0) {
+      profiling_ = std::make_unique<ProfilingOps>(ops_.get(), profile == 2);
+      model_ops = profiling_.get();
     }
     LORAPLEX_ASSIGN_OR_RETURN(spec_, model::LoadModelSpec(model_dir));
     const int blocks_per_seq = (kContext + 1 + kBlockSize - 1) / kBlockSize;
@@ -96,7 +116,7 @@ class Bench {
                 std::chrono::duration<double>(Clock::now() - t0).count());
     LORAPLEX_ASSIGN_OR_RETURN(slots_, lora::SlotPool::Create(ops_.get(), spec_, kNumR16 + kNumMixed, 64));
     t0 = Clock::now();
-    LORAPLEX_ASSIGN_OR_RETURN(model_, model::LlamaModel::Load(model_dir, spec_, ops_.get(), slots_.get(), cap_));
+    LORAPLEX_ASSIGN_OR_RETURN(model_, model::LlamaModel::Load(model_dir, spec_, model_ops, slots_.get(), cap_));
     std::printf("loaded the model in %.1f s\n", std::chrono::duration<double>(Clock::now() - t0).count());
     std::vector<const lora::LoadedAdapter*> all;
     for (const auto& a : adapters_) all.push_back(a.get());
@@ -108,19 +128,7 @@ class Bench {
   // index into adapters_ or -1. `graphs`: replay the model's graph of the batch's bucket (it must
   // then have run from one: INTERNAL otherwise, so a graph row never silently times eager steps).
   absl::StatusOr<double> DecodeStep(int batch, const std::vector<int>& token_adapter, int steps, bool graphs) {
-    model::StepInput in;
-    const int blocks_per_seq = (kContext + 1 + kBlockSize - 1) / kBlockSize;
-    in.block_tables.assign(static_cast<size_t>(batch) * cap_.max_blocks_per_seq, 0);
-    for (int s = 0; s < batch; ++s) {
-      in.token_ids.push_back((s * 7919) % static_cast<int>(spec_.vocab_size));
-      in.positions.push_back(kContext);
-      in.token_seq.push_back(s);
-      in.context_lens.push_back(kContext + 1);
-      for (int b = 0; b < blocks_per_seq; ++b) in.block_tables[s * cap_.max_blocks_per_seq + b] = s * blocks_per_seq + b;
-      in.slot_mapping.push_back((s * blocks_per_seq + kContext / kBlockSize) * kBlockSize + kContext % kBlockSize);
-      in.logit_rows.push_back(s);
-    }
-    SetLora(token_adapter, &in);
+    const model::StepInput in = DecodeInput(batch, token_adapter);
     model_->set_graphs(graphs);
     const int64_t replays_before = model_->graph_steps();
     LORAPLEX_ASSIGN_OR_RETURN(const double ms, TimeSteps(in, steps));
@@ -129,6 +137,35 @@ class Bench {
       return absl::InternalError(absl::StrCat("decode batch ", batch, ": no step replayed a graph"));
     }
     return ms;
+  }
+
+  // Eager decode steps of DecodeStep's shape on ProfilingOps (Setup with profile != 0): first
+  // `steps` unprofiled steps (also the warm-up; their median is `eager_ms`), then `steps`
+  // profiled ones.
+  struct Profile {
+    double eager_ms = 0.0;
+    ProfilingOps::Report report;
+  };
+  absl::StatusOr<Profile> ProfileDecode(int batch, const std::vector<int>& token_adapter, int steps) {
+    if (profiling_ == nullptr) return absl::FailedPreconditionError("ProfileDecode: Setup ran without profile");
+    const model::StepInput in = DecodeInput(batch, token_adapter);
+    model_->set_graphs(false);
+    Profile p;
+    LORAPLEX_ASSIGN_OR_RETURN(p.eager_ms, TimeSteps(in, steps));
+    profiling_->Reset();
+    profiling_->set_enabled(true);
+    for (int i = 0; i < steps; ++i) {
+      profiling_->BeginStep();
+      const absl::Status s = model_->Forward(in).status();
+      profiling_->EndStep();
+      if (!s.ok()) {
+        profiling_->set_enabled(false);
+        return s;
+      }
+    }
+    profiling_->set_enabled(false);
+    p.report = profiling_->GetReport();
+    return p;
   }
 
   // Prefill: one sequence of `tokens` new tokens, all on `adapter` (-1: base).
@@ -151,6 +188,9 @@ class Bench {
   // The cuBLASLt GEMMs of one decode step at M = batch (every layer's qkv, o, gate_up, down and the
   // lm_head), on weights of the model's shapes that are not the model's own, timed back to back.
   absl::StatusOr<double> GemmOnlyStep(int batch) {
+#if !LORAPLEX_STEP_BENCH_CUDA
+    return absl::UnimplementedError(absl::StrCat("GemmOnlyStep(", batch, "): step_bench was built without CUDA"));
+#else
     const int64_t h = spec_.hidden_size, inter = spec_.intermediate_size;
     struct G { int64_t n, k; };
     const G layer[] = {{spec_.qkv_width(), h}, {h, spec_.q_width()}, {2 * inter, h}, {h, inter}};
@@ -178,10 +218,14 @@ class Bench {
     };
     LORAPLEX_ASSIGN_OR_RETURN(auto us, ops::cuda::TimeOnStream(ops_.get(), 2, 7, 1, body));
     return Median(us) * 1e-3;
+#endif
   }
 
   // Milliseconds of a device-to-device copy of 2 GiB (4 GiB read + written).
   absl::StatusOr<double> CopyMs() {
+#if !LORAPLEX_STEP_BENCH_CUDA
+    return absl::UnimplementedError("CopyMs: step_bench was built without CUDA");
+#else
     const size_t bytes = size_t{2} << 30;
     LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory a, ops_->Allocate(bytes));
     LORAPLEX_ASSIGN_OR_RETURN(ops::DeviceMemory b, ops_->Allocate(bytes));
@@ -190,12 +234,31 @@ class Bench {
       return ops_->CopyOnDevice(b.data(), a.data(), bytes);
     }));
     return Median(us) * 1e-3;
+#endif
   }
 
   int num_adapters() const { return static_cast<int>(adapters_.size()); }
   const model::ModelSpec& spec() const { return spec_; }
 
  private:
+  // `batch` sequences of kContext cached tokens, one new token each, on token_adapter's adapters.
+  model::StepInput DecodeInput(int batch, const std::vector<int>& token_adapter) const {
+    model::StepInput in;
+    const int blocks_per_seq = (kContext + 1 + kBlockSize - 1) / kBlockSize;
+    in.block_tables.assign(static_cast<size_t>(batch) * cap_.max_blocks_per_seq, 0);
+    for (int s = 0; s < batch; ++s) {
+      in.token_ids.push_back((s * 7919) % static_cast<int>(spec_.vocab_size));
+      in.positions.push_back(kContext);
+      in.token_seq.push_back(s);
+      in.context_lens.push_back(kContext + 1);
+      for (int b = 0; b < blocks_per_seq; ++b) in.block_tables[s * cap_.max_blocks_per_seq + b] = s * blocks_per_seq + b;
+      in.slot_mapping.push_back((s * blocks_per_seq + kContext / kBlockSize) * kBlockSize + kContext % kBlockSize);
+      in.logit_rows.push_back(s);
+    }
+    SetLora(token_adapter, &in);
+    return in;
+  }
+
   void SetLora(const std::vector<int>& token_adapter, model::StepInput* in) const {
     std::vector<int32_t> token_slots;
     bool any = false;
@@ -236,6 +299,7 @@ class Bench {
   }
 
   std::unique_ptr<ops::Ops> ops_;
+  std::unique_ptr<ProfilingOps> profiling_;  // between ops_ and the model when profiling
   model::ModelSpec spec_;
   model::ModelCapacity cap_;
   std::vector<std::shared_ptr<const lora::LoadedAdapter>> adapters_;
@@ -245,13 +309,65 @@ class Bench {
   ops::DeviceMemory gemm_weights_, gemm_x_, gemm_y_;
 };
 
+// Prints one scenario's per-op table and returns its JSON.
+nlohmann::json PrintProfile(const std::string& scenario, int batch, const Bench::Profile& p) {
+  const ProfilingOps::Report& r = p.report;
+  const double steps = static_cast<double>(std::max<int64_t>(r.steps, 1));
+  const double step_ms = r.step_ms / steps, ops_ms = r.ops_ms / steps;
+  std::printf("\n== profile: decode batch %d, %s (%lld profiled steps; unprofiled eager step %.3f ms)\n", batch,
+              scenario.c_str(), static_cast<long long>(r.steps), p.eager_ms);
+  std::printf("%-36s %9s %10s %8s\n", "op", "calls", "ms/step", "% step");
+  nlohmann::json ops = nlohmann::json::array();
+  for (const ProfilingOps::OpStat& s : r.ops) {
+    const double ms = s.ms / steps;
+    std::printf("%-36s %9.1f %10.3f %7.1f%%\n", s.key.c_str(), s.calls / steps, ms,
+                step_ms > 0 ? 100.0 * ms / step_ms : 0.0);
+    ops.push_back({{"op", s.key}, {"calls_per_step", s.calls / steps}, {"ms_per_step", ms}});
+  }
+  const double calls = r.op_calls / steps;
+  std::printf("%-36s %9.1f %10.3f %7.1f%%\n", "sum of ops", calls, ops_ms, step_ms > 0 ? 100.0 * ops_ms / step_ms : 0.0);
+  std::printf("%-36s %9s %10.3f %7.1f%%\n", "host between ops (step - ops)", "", step_ms - ops_ms,
+              step_ms > 0 ? 100.0 * (step_ms - ops_ms) / step_ms : 0.0);
+  std::printf("%-36s %9s %10.3f\n", "profiled step (wall)", "", step_ms);
+  // Each timed op waits for the device before and after, so each carries one launch plus one
+  // synchronise of latency that a queued (eager or graph) step hides: subtract ~calls x that.
+  std::printf("note: %.0f timed op calls per step; each includes its launch + sync latency (~5-10 us on a GPU),\n"
+              "      i.e. ~%.2f ms at 5 us each that an unsynchronised step overlaps.\n",
+              calls, calls * 5e-3);
+  std::fflush(stdout);
+  return {{"scenario", scenario},           {"batch", batch},
+          {"steps", r.steps},               {"eager_step_ms", p.eager_ms},
+          {"profiled_step_ms", step_ms},    {"ops_ms", ops_ms},
+          {"host_ms", step_ms - ops_ms},    {"op_calls_per_step", calls},
+          {"ops", ops}};
+}
+
+// --profile: per batch, the base step and 32 distinct r16 (fewer at smaller batches), eager.
+absl::Status RunProfile(Bench& bench, const std::vector<int>& batches, int steps, int profile, const char* out_path) {
+  nlohmann::json profiles = nlohmann::json::array();
+  for (int b : batches) {
+    std::vector<int> distinct(b);
+    for (int i = 0; i < b; ++i) distinct[i] = i % kNumR16;
+    const int n_distinct = std::min(b, kNumR16);
+    LORAPLEX_ASSIGN_OR_RETURN(const Bench::Profile base, bench.ProfileDecode(b, std::vector<int>(b, -1), steps));
+    profiles.push_back(PrintProfile("base", b, base));
+    LORAPLEX_ASSIGN_OR_RETURN(const Bench::Profile lora, bench.ProfileDecode(b, distinct, steps));
+    profiles.push_back(PrintProfile(absl::StrCat(n_distinct, " distinct r16", profile == 2 ? " (split)" : ""), b, lora));
+  }
+  std::ofstream f(out_path);
+  f << nlohmann::json{{"profile", profiles}}.dump(2) << "\n";
+  if (!f) return absl::InternalError(absl::StrCat("cannot write ", out_path));
+  return absl::OkStatus();
+}
+
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2]");
   }
   int steps = 20;
   int cpu = 0;
   int graphs = 1;
+  int profile = 0;
   std::vector<int> batches = {1, 8, 32, 64, 128};
   for (int i = 4; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
@@ -261,6 +377,10 @@ absl::Status Run(int argc, char** argv) {
       if (!absl::SimpleAtoi(argv[i + 1], &cpu)) return absl::InvalidArgumentError(absl::StrCat("--cpu ", argv[i + 1]));
     } else if (flag == "--graphs") {
       if (!absl::SimpleAtoi(argv[i + 1], &graphs)) return absl::InvalidArgumentError(absl::StrCat("--graphs ", argv[i + 1]));
+    } else if (flag == "--profile") {
+      if (!absl::SimpleAtoi(argv[i + 1], &profile) || profile < 0 || profile > 2) {
+        return absl::InvalidArgumentError(absl::StrCat("--profile ", argv[i + 1], " (expected 0, 1 or 2)"));
+      }
     } else if (flag == "--batches") {
       batches.clear();
       for (absl::string_view b : absl::StrSplit(argv[i + 1], ',')) {
@@ -273,7 +393,9 @@ absl::Status Run(int argc, char** argv) {
     }
   }
   Bench bench;
-  LORAPLEX_RETURN_IF_ERROR(bench.Setup(argv[1], argv[2], *std::max_element(batches.begin(), batches.end()), cpu != 0));
+  LORAPLEX_RETURN_IF_ERROR(
+      bench.Setup(argv[1], argv[2], *std::max_element(batches.begin(), batches.end()), cpu != 0, profile));
+  if (profile != 0) return RunProfile(bench, batches, steps, profile, argv[3]);
 
   std::vector<Result> results;
   // Rows are printed as they are measured, so a run cut short still reports what it finished.
