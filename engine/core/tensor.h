@@ -1,5 +1,5 @@
 // TensorView: a non-owning view of a dense, row-major tensor on some device; HostTensor: an
-// owning host tensor. Views are plain values; HostTensor is move-only.
+// owning host tensor. Views are plain values (thread-compatible); HostTensor is move-only.
 #pragma once
 
 #include <array>
