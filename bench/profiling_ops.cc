@@ -127,7 +127,9 @@ absl::Status ProfilingOps::LoraExpand(const TensorView& y, const ops::LoraSegmen
                                       const ops::LoraModule& module, const TensorView& out) {
   return Timed(
       [&] {
-        return absl::StrCat("LoraExpand N=", module.slice_offsets[module.num_slices], " slices=", module.num_slices);
+        // K (the module's input width) tells o_proj and down_proj apart: both expand to N=hidden.
+        return absl::StrCat("LoraExpand N=", module.slice_offsets[module.num_slices], " K=", module.in_features,
+                            " slices=", module.num_slices);
       },
       [&] { return inner_->LoraExpand(y, segments, module, out); });
 }

@@ -39,7 +39,6 @@ class ProfilingOps : public ops::Ops {
 
   // While disabled every call is forwarded untimed (no added synchronisation).
   void set_enabled(bool enabled) { enabled_ = enabled; }
-  bool enabled() const { return enabled_; }
   void Reset();
   // Brackets one step (e.g. one LlamaModel::Forward) whose wall time the report compares with
   // the sum of the ops inside it; the remainder is host work between ops.
