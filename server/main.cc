@@ -26,7 +26,9 @@
 #include "engine/ops/ops.h"
 #include "engine/text/tokenizer.h"
 #include "lora/registry.h"
+#include "nlohmann/json.hpp"
 #include "server/grpc_server.h"
+#include "spdlog/pattern_formatter.h"
 #include "spdlog/spdlog.h"
 
 namespace loraplex::server {
@@ -74,6 +76,21 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
   return flags;
 }
 
+// `%j` in a log pattern: the message as a JSON string, quotes included and every character that
+// JSON requires escaped, so `format: json` lines stay valid whatever a message contains.
+class JsonMessageFlag : public spdlog::custom_flag_formatter {
+ public:
+  void format(const spdlog::details::log_msg& msg, const std::tm&, spdlog::memory_buf_t& dest) override {
+    const std::string quoted =
+        nlohmann::json(std::string(msg.payload.data(), msg.payload.size()))
+            .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    dest.append(quoted.data(), quoted.data() + quoted.size());
+  }
+  std::unique_ptr<custom_flag_formatter> clone() const override {
+    return std::make_unique<JsonMessageFlag>();
+  }
+};
+
 absl::Status SetUpLogging(const config::LoggingConfig& logging, const std::string& level_flag) {
   const std::string level_name = level_flag.empty() ? logging.level : level_flag;
   const spdlog::level::level_enum level = spdlog::level::from_str(level_name);
@@ -84,7 +101,10 @@ absl::Status SetUpLogging(const config::LoggingConfig& logging, const std::strin
   }
   spdlog::set_level(level);
   if (logging.format == "json") {
-    spdlog::set_pattern(R"({"time":"%Y-%m-%dT%H:%M:%S.%f%z","level":"%l","thread":%t,"msg":"%v"})");
+    auto formatter = std::make_unique<spdlog::pattern_formatter>();
+    formatter->add_flag<JsonMessageFlag>('j').set_pattern(
+        R"({"time":"%Y-%m-%dT%H:%M:%S.%f%z","level":"%l","thread":%t,"msg":%j})");
+    spdlog::set_formatter(std::move(formatter));
   } else {
     spdlog::set_pattern("%Y-%m-%d %H:%M:%S.%e %^%L%$ %t %v");
   }
