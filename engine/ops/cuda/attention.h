@@ -28,19 +28,20 @@ struct AttentionParams {
   int32_t max_blocks_per_seq = 0;
   int32_t block_size = 0;
   float softmax_scale = 1.0f;
-  // Context split: split s covers keys [s·keys_per_split, (s+1)·keys_per_split), the last one
-  // runs to the token's end, so an underestimated max_context_len stays correct.
+  // Context split (grid size, fixed at launch): each token's LIVE context ctx is cut into
+  // ceil(ctx / k) splits of k = ceil(ctx / num_splits) keys rounded up to a multiple of 32;
+  // the other splits exit at once and the merge ignores them. So any max_context_len (the
+  // capacity under CUDA graphs, or an underestimate) stays correct and work follows ctx.
   int32_t num_splits = 1;
-  int32_t keys_per_split = 0;
   float* partial = nullptr;               // [num_tokens, Hq, num_splits, D + 2] F32 when split
 };
 
 // True when a kernel is built for this head_dim (32, 64, 128, 256) and group size Hq/Hkv (1..8).
 bool AttentionSupported(int head_dim, int num_q_heads, int num_kv_heads);
 
-// Picks num_splits / keys_per_split from capacities only (never live counts, so a captured
-// graph stays valid): split when (tokens × kv heads) blocks cannot fill the GPU and contexts
-// may be long, bounded by `scratch_bytes` of partial results.
+// Picks num_splits from launch-time values only (never live counts, so a captured graph stays
+// valid): split when (tokens × kv heads) blocks cannot fill the GPU and contexts may be long,
+// bounded by `scratch_bytes` of partial results.
 void ChooseAttentionSplits(int num_sms, size_t scratch_bytes, int32_t max_context_len,
                            AttentionParams* p);
 

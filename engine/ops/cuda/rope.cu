@@ -1,5 +1,7 @@
-// Fused rotate-half RoPE on q, k and the paged K/V cache write: one block per token, so a token's
-// rotated k is written to the cache by the thread that computed it.
+// Fused rotate-half RoPE on q, k and the paged K/V cache write: blockIdx.x is the token, and the
+// token's rotation pairs and v elements are spread over gridDim.y blocks so that every thread does
+// about one of each (a loop of dependent load/store round trips per thread was the latency of a
+// decode step's call). A token's rotated k is written to the cache by the thread that computed it.
 #include "engine/ops/cuda/rope.h"
 
 #include "engine/ops/cuda/kernel_utils.cuh"
@@ -21,7 +23,9 @@ __global__ void RopeAndCacheKvKernel(RopeParams p) {
   bf16* v_dst = static_cast<bf16*>(p.v_cache) + slot * kv_width;
 
   const int rotated_heads = p.num_q_heads + p.num_kv_heads;
-  for (int e = threadIdx.x; e < rotated_heads * half; e += blockDim.x) {
+  const int first = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x);
+  const int stride = static_cast<int>(gridDim.y * blockDim.x);
+  for (int e = first; e < rotated_heads * half; e += stride) {
     const int head = e / half;
     const int i = e - head * half;
     bf16* h = row + static_cast<int64_t>(head) * p.head_dim;
@@ -41,7 +45,7 @@ __global__ void RopeAndCacheKvKernel(RopeParams p) {
   }
   if (cache) {
     const bf16* v_src = row + static_cast<int64_t>(p.num_q_heads + p.num_kv_heads) * p.head_dim;
-    for (int64_t e = threadIdx.x; e < kv_width; e += blockDim.x) v_dst[e] = v_src[e];
+    for (int64_t e = first; e < kv_width; e += stride) v_dst[e] = v_src[e];
   }
 }
 
@@ -49,7 +53,15 @@ __global__ void RopeAndCacheKvKernel(RopeParams p) {
 
 cudaError_t LaunchRopeAndCacheKv(const RopeParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0) return cudaSuccess;
-  RopeAndCacheKvKernel<<<static_cast<unsigned>(p.num_tokens), 256, 0, stream>>>(p);
+  constexpr int kThreads = 256;
+  // Enough blocks per token for one rotation pair (and one v element) per thread.
+  const int64_t pairs = static_cast<int64_t>(p.num_q_heads + p.num_kv_heads) * (p.head_dim / 2);
+  const int64_t v_elems = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
+  const int64_t work = pairs > v_elems ? pairs : v_elems;
+  const int64_t per_token = (work + kThreads - 1) / kThreads;
+  const dim3 grid(static_cast<unsigned>(p.num_tokens),
+                  static_cast<unsigned>(per_token < 1 ? 1 : per_token > 64 ? 64 : per_token));
+  RopeAndCacheKvKernel<<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
