@@ -18,6 +18,9 @@ struct LoraLimits {
   int64_t max_rank = 64;
   std::vector<std::string> target_modules;  // subset of q_proj .. down_proj
   std::vector<std::string> allowed_roots;   // empty: any path
+  // Pinned adapters the registry accepts at once (< 0: no limit). At least one device slot must
+  // stay unpinned, or requests for every other adapter could never run.
+  int64_t max_pinned = -1;
 };
 
 // One wrapped projection of one layer. rank 0: not adapted (a and b empty).

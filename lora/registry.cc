@@ -41,6 +41,15 @@ absl::Status AdapterRegistry::Load(const std::string& name, const std::string& p
       return absl::ResourceExhaustedError(absl::StrCat("adapter '", name, "': the registry is full (",
                                                        max_adapters_, " adapters, lora.max_adapters)"));
     }
+    if (pinned && limits_.max_pinned >= 0) {
+      int64_t pinned_now = 0;
+      for (const auto& [unused, entry] : entries_) pinned_now += entry.pinned ? 1 : 0;
+      if (pinned_now >= limits_.max_pinned) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "adapter '", name, "': ", pinned_now, " adapters are pinned already, the most the ",
+            "device slots allow (lora.adapter_slots - 1); load it unpinned or unload a pinned one"));
+      }
+    }
     return absl::OkStatus();
   };
   {

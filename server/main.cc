@@ -129,6 +129,7 @@ std::unique_ptr<lora::AdapterRegistry> MakeRegistry(const config::Config& config
   limits.max_rank = config.lora.max_rank;
   limits.target_modules = config.lora.target_modules;
   limits.allowed_roots = config.lora.allowed_roots;
+  limits.max_pinned = config.lora.adapter_slots - 1;
   return std::make_unique<lora::AdapterRegistry>(spec, limits, AdapterWeightsDType(config),
                                                  config.lora.max_adapters);
 }

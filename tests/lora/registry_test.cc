@@ -147,5 +147,20 @@ TEST_CASE("Acquire reports the adapter's pinned flag") {
   CHECK(registry.Acquire("nope").status().code() == absl::StatusCode::kNotFound);
 }
 
+TEST_CASE("AdapterRegistry refuses a pinned load past max_pinned but still takes unpinned ones") {
+  LoraLimits limits = test::Limits();
+  limits.max_pinned = 1;
+  AdapterRegistry registry(test::Spec(), limits, DType::kF32, 16);
+  const std::string dir = test::WriteAdapter({});
+  REQUIRE(registry.Load("p1", dir, /*pinned=*/true).ok());
+  const absl::Status second = registry.Load("p2", dir, /*pinned=*/true);
+  CHECK(second.code() == absl::StatusCode::kResourceExhausted);
+  CHECK(second.message().find("adapter 'p2'") != std::string_view::npos);
+  CHECK(registry.Load("u", dir).ok());
+  CHECK(Names(registry) == std::vector<std::string>{"p1", "u"});
+  REQUIRE(registry.Unload("p1").ok());
+  CHECK(registry.Load("p2", dir, /*pinned=*/true).ok());
+}
+
 }  // namespace
 }  // namespace loraplex::lora
