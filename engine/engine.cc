@@ -563,13 +563,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const config::Config& con
   }
   const int64_t num_blocks = kv::BlocksForTokens(kv_tokens, static_cast<int32_t>(ec.kv_block_size));
 
-  Device device = Device::kCpu;
-  if (ec.executor == "cuda" || (ec.executor == "auto" && ops::CudaAvailable())) {
-    device = Device::kCuda;
-  } else if (ec.executor != "cpu" && ec.executor != "auto") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("engine.executor must be cpu, cuda or auto, got '", ec.executor, "'"));
-  }
+  LORAPLEX_ASSIGN_OR_RETURN(const Device device, ops::ResolveExecutor(ec.executor));
   const std::string executor_name = device == Device::kCuda ? "cuda" : "cpu";
   absl::StatusOr<std::unique_ptr<ops::Ops>> ops = ops::CreateOps(device);
   if (!ops.ok()) return Annotate(ops.status(), absl::StrCat("engine.executor '", ec.executor, "'"));

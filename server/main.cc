@@ -116,11 +116,11 @@ std::string TokenizerPath(const config::Config& config) {
                                              : config.model.tokenizer_path;
 }
 
-// Adapter weights live in the executor's compute dtype (F32 on CPU, BF16 on CUDA; ops.h).
+// Adapter weights live in the compute dtype of the executor the engine will pick.
 DType AdapterWeightsDType(const config::Config& config) {
-  const bool cuda = config.engine.executor == "cuda" ||
-                    (config.engine.executor == "auto" && ops::CudaAvailable());
-  return cuda ? DType::kBF16 : DType::kF32;
+  absl::StatusOr<Device> device = ops::ResolveExecutor(config.engine.executor);
+  // A bad executor name fails Engine::Create with its own message; any dtype will do until then.
+  return ops::ComputeDTypeOf(device.value_or(Device::kCpu));
 }
 
 std::unique_ptr<lora::AdapterRegistry> MakeRegistry(const config::Config& config,

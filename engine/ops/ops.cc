@@ -2,6 +2,8 @@
 // reaches the GPU only through the Ops it returns.
 #include "engine/ops/ops.h"
 
+#include "absl/strings/str_cat.h"
+
 #include "engine/ops/cpu/cpu_ops.h"
 #if LORAPLEX_WITH_CUDA
 #include "engine/ops/cuda/cuda_ops.h"
@@ -60,5 +62,14 @@ bool CudaAvailable() {
   return false;
 #endif
 }
+
+absl::StatusOr<Device> ResolveExecutor(std::string_view executor) {
+  if (executor == "cuda" || (executor == "auto" && CudaAvailable())) return Device::kCuda;
+  if (executor == "cpu" || executor == "auto") return Device::kCpu;
+  return absl::InvalidArgumentError(absl::StrCat("engine.executor must be cpu, cuda or auto, got '",
+                                                 std::string(executor), "'"));
+}
+
+DType ComputeDTypeOf(Device device) { return device == Device::kCuda ? DType::kBF16 : DType::kF32; }
 
 }  // namespace loraplex::ops

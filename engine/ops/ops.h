@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string_view>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -182,5 +183,10 @@ class Ops {
 absl::StatusOr<std::unique_ptr<Ops>> CreateOps(Device device);
 // True when this build has the CUDA executor and a GPU is visible.
 bool CudaAvailable();
+// The device an `engine.executor` setting selects: "cpu", "cuda", or "auto" (CUDA when
+// CudaAvailable()). INVALID_ARGUMENT for anything else.
+absl::StatusOr<Device> ResolveExecutor(std::string_view executor);
+// The dtype the ops of `device` compute and keep weights in (F32 on CPU, BF16 on CUDA).
+DType ComputeDTypeOf(Device device);
 
 }  // namespace loraplex::ops
