@@ -117,6 +117,11 @@ absl::Status ProfilingOps::GatherRows(const TensorView& x, const TensorView& row
   return Timed([] { return std::string("GatherRows"); }, [&] { return inner_->GatherRows(x, rows, out); });
 }
 
+absl::Status ProfilingOps::Sample(const TensorView& logits, const ops::SamplingRow* rows,
+                                  ops::SampledToken* out) {
+  return Timed([] { return std::string("Sample"); }, [&] { return inner_->Sample(logits, rows, out); });
+}
+
 absl::Status ProfilingOps::LoraShrink(const TensorView& x, const ops::LoraSegments& segments,
                                       const ops::LoraModule& module, const TensorView& y) {
   return Timed([&] { return absl::StrCat("LoraShrink K=", module.in_features, " slices=", module.num_slices); },

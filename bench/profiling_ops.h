@@ -69,6 +69,7 @@ class ProfilingOps : public ops::Ops {
                          const TensorView& out) override;
   absl::Status SiluMul(const TensorView& gate_up, const TensorView& out) override;
   absl::Status GatherRows(const TensorView& x, const TensorView& rows, const TensorView& out) override;
+  absl::Status Sample(const TensorView& logits, const ops::SamplingRow* rows, ops::SampledToken* out) override;
   absl::Status LoraShrink(const TensorView& x, const ops::LoraSegments& segments, const ops::LoraModule& module,
                           const TensorView& y) override;
   absl::Status LoraExpand(const TensorView& y, const ops::LoraSegments& segments, const ops::LoraModule& module,

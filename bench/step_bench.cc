@@ -156,7 +156,7 @@ class Bench {
     profiling_->set_enabled(true);
     for (int i = 0; i < steps; ++i) {
       profiling_->BeginStep();
-      const absl::Status s = model_->Forward(in).status();
+      const absl::Status s = model_->ForwardSample(in).status();
       profiling_->EndStep();
       if (!s.ok()) {
         profiling_->set_enabled(false);
@@ -181,6 +181,7 @@ class Bench {
     }
     in.context_lens.push_back(tokens);
     in.logit_rows.push_back(tokens - 1);
+    in.sampling.emplace_back();  // greedy, as the engine samples a request without settings
     SetLora(std::vector<int>(tokens, adapter), &in);
     return TimeSteps(in, steps);
   }
@@ -254,6 +255,7 @@ class Bench {
       for (int b = 0; b < blocks_per_seq; ++b) in.block_tables[s * cap_.max_blocks_per_seq + b] = s * blocks_per_seq + b;
       in.slot_mapping.push_back((s * blocks_per_seq + kContext / kBlockSize) * kBlockSize + kContext % kBlockSize);
       in.logit_rows.push_back(s);
+      in.sampling.emplace_back();  // greedy, picked on the device as the engine does
     }
     SetLora(token_adapter, &in);
     return in;
@@ -270,11 +272,12 @@ class Bench {
   }
 
   absl::StatusOr<double> TimeSteps(const model::StepInput& in, int steps) {
-    for (int i = 0; i < 2; ++i) LORAPLEX_RETURN_IF_ERROR(model_->Forward(in).status());
+    // ForwardSample, as the engine steps: the tokens are picked on the device.
+    for (int i = 0; i < 2; ++i) LORAPLEX_RETURN_IF_ERROR(model_->ForwardSample(in).status());
     std::vector<double> ms;
     for (int i = 0; i < steps; ++i) {
       const auto t0 = Clock::now();
-      LORAPLEX_RETURN_IF_ERROR(model_->Forward(in).status());
+      LORAPLEX_RETURN_IF_ERROR(model_->ForwardSample(in).status());
       ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
     }
     return Median(ms);

@@ -400,6 +400,8 @@ bool EngineImpl::Step() {
     std::copy(blocks.begin(), blocks.end(), input.block_tables.end() - max_blocks);
     if (s.samples) {
       input.logit_rows.push_back(static_cast<int32_t>(input.token_ids.size()) - 1);
+      input.sampling.push_back(SamplingRowOf(seq->request.sampling, seq->seed, seq->generated,
+                                             seq->request.sampling.top_logprobs));
       sampled.push_back(seq);
     }
   }
@@ -407,22 +409,22 @@ bool EngineImpl::Step() {
   spdlog::debug("engine: step {}: {} seqs, {} tokens, {} adapters, {} sampled", loop_stats_.steps,
                 plan.seqs.size(), plan.num_tokens, plan.adapters.size(), sampled.size());
 
-  absl::StatusOr<std::vector<float>> logits = model_->Forward(input);
-  if (!logits.ok()) {
-    Fail(logits.status());
+  // The tokens are picked where the logits are (on the GPU with the CUDA executor): only the
+  // picks and the requested log-probabilities come back.
+  absl::StatusOr<std::vector<ops::SampledToken>> picks = model_->ForwardSample(input);
+  if (!picks.ok()) {
+    Fail(picks.status());
     return true;
   }
   ++loop_stats_.steps;
   for (const sched::ScheduledSeq& s : plan.seqs) by_id[s.id]->num_computed = s.start + s.num_tokens;
 
-  const int64_t vocab = spec_.vocab_size;
   const absl::Time sampled_at = absl::Now();
   std::vector<std::pair<uint64_t, FinishReason>> finished;
   for (size_t i = 0; i < sampled.size(); ++i) {
     Sequence* seq = sampled[i];
     const SamplingParams& params = seq->request.sampling;
-    const SampleResult r = Sample(logits->data() + i * vocab, vocab, params, seq->seed,
-                                  seq->generated, params.top_logprobs);
+    const SampleResult r = ToSampleResult((*picks)[i], params.top_logprobs);
     TokenEvent event;
     event.token_id = r.token;
     if (params.logprobs || params.top_logprobs > 0) event.logprob = r.logprob;

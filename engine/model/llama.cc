@@ -79,10 +79,12 @@ struct LlamaModel::Impl {
   ops::DeviceMemory gate_up, act;                // [max_tokens, 2I], [max_tokens, I]
   ops::DeviceMemory gathered;                    // [max_seqs, H]
   ops::DeviceMemory logits;                      // [max_seqs, V] F32
+  ops::DeviceMemory sampling_rows;               // [max_seqs] ops::SamplingRow
+  ops::DeviceMemory sampled;                     // [max_seqs] ops::SampledToken
   ops::DeviceMemory lora_scratch;                // [max_tokens * max(num_slices * max_rank)] F32
 
-  // Decode graphs by bucket (tokens = sequences = logit rows of the recorded step).
-  std::map<int32_t, std::unique_ptr<ops::Graph>> graphs;
+  // Decode graphs by (bucket, with LoRA) (bucket: tokens = sequences = logit rows of the step).
+  std::map<std::pair<int32_t, bool>, std::unique_ptr<ops::Graph>> graphs;
   bool graphs_unsupported = false;  // the ops answered UNIMPLEMENTED to Capture
   int64_t graph_steps = 0;
   // Host staging of a padded decode step, reused so the hot path does not allocate.
@@ -98,6 +100,9 @@ struct LlamaModel::Impl {
   };
 
   absl::Status ValidateStep(const StepInput& in) const;
+  absl::Status CheckSampling(const StepInput& in) const;
+  // Uploads the step and enqueues it (a graph replay or eager ops); the logits land in `logits`.
+  absl::Status RunStep(const StepInput& in);
   // The bucket a decode step runs in, or 0 when the step must run eagerly (prefill, mixed,
   // graphs off or unsupported).
   int32_t DecodeBucket(const StepInput& in) const;
@@ -299,6 +304,10 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   LORAPLEX_ASSIGN_OR_RETURN(impl->act, AllocateElements(ops, max_t * inter, dtype));
   LORAPLEX_ASSIGN_OR_RETURN(impl->gathered, AllocateElements(ops, max_s * h, dtype));
   LORAPLEX_ASSIGN_OR_RETURN(impl->logits, AllocateElements(ops, max_s * v, DType::kF32));
+  LORAPLEX_ASSIGN_OR_RETURN(impl->sampling_rows,
+                            ops->Allocate(static_cast<size_t>(max_s) * sizeof(ops::SamplingRow)));
+  LORAPLEX_ASSIGN_OR_RETURN(impl->sampled,
+                            ops->Allocate(static_cast<size_t>(max_s) * sizeof(ops::SampledToken)));
   if (lora_width > 0) {
     LORAPLEX_ASSIGN_OR_RETURN(impl->lora_scratch,
                               AllocateElements(ops, max_t * lora_width, DType::kF32));
@@ -468,8 +477,8 @@ absl::Status LlamaModel::Impl::UploadPaddedDecode(const StepInput& in, int32_t b
                           {&logit_rows, &pad_logit_rows}}) {
     LORAPLEX_RETURN_IF_ERROR(Upload(*dst, *src));
   }
-  // The graph always runs the LoRA kernels; with no segments the count is 0 and they exit.
-  return has_lora ? UploadLora(in.lora) : absl::OkStatus();
+  // A step without adapters replays the bucket's graph recorded without LoRA kernels.
+  return in.lora.seg_slots.empty() ? absl::OkStatus() : UploadLora(in.lora);
 }
 
 absl::Status LlamaModel::Impl::Enqueue(const StepShape& shape) {
@@ -555,15 +564,35 @@ absl::Status LlamaModel::Impl::Enqueue(const StepShape& shape) {
   return ops->Gemm(gathered_view, lm_head->weight(), 0.0f, logits_view);
 }
 
-absl::StatusOr<std::vector<float>> LlamaModel::Forward(const StepInput& in) {
-  Impl& m = *impl_;
-  LORAPLEX_RETURN_IF_ERROR(m.ValidateStep(in));
+absl::Status LlamaModel::Impl::CheckSampling(const StepInput& in) const {
+  if (in.sampling.size() != in.logit_rows.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("StepInput: sampling has ", in.sampling.size(),
+                                                   " rows, logit_rows ", in.logit_rows.size()));
+  }
+  for (size_t i = 0; i < in.sampling.size(); ++i) {
+    const ops::SamplingRow& r = in.sampling[i];
+    if (!(r.temperature >= 0.0f) || !std::isfinite(r.temperature) || !(r.top_p > 0.0f) ||
+        !(r.top_p <= 1.0f) || r.top_k < 0 || r.top_n < 0 || r.top_n > ops::kMaxSampleTopN) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "StepInput: sampling[", i, "] has temperature ", r.temperature, ", top_p ", r.top_p,
+          ", top_k ", r.top_k, ", top_n ", r.top_n));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
+  Impl& m = *this;
   const int32_t bucket = m.DecodeBucket(in);
   bool replayed = false;
   if (bucket > 0) {
     // Copies land in the buffers the graph reads before it runs (same stream, in order).
     LORAPLEX_RETURN_IF_ERROR(m.UploadPaddedDecode(in, bucket));
-    auto it = m.graphs.find(bucket);
+    // Steps with adapters and steps without replay separate graphs: the base model's step then
+    // carries no LoRA launches at all.
+    const bool lora = !in.lora.seg_slots.empty();
+    const std::pair<int32_t, bool> key{bucket, lora};
+    auto it = m.graphs.find(key);
     if (it == m.graphs.end()) {
       Impl::StepShape shape;
       shape.tokens = bucket;
@@ -571,11 +600,11 @@ absl::StatusOr<std::vector<float>> LlamaModel::Forward(const StepInput& in) {
       shape.max_seqs = bucket;
       // A capacity bound, not this step's: the graph must serve any later context length.
       shape.max_context_len = m.cap.max_blocks_per_seq * m.cap.kv_block_size;
-      shape.lora = m.has_lora;
+      shape.lora = lora;
       absl::StatusOr<std::unique_ptr<ops::Graph>> graph =
           m.ops->Capture([&] { return m.Enqueue(shape); });
       if (graph.ok()) {
-        it = m.graphs.emplace(bucket, *std::move(graph)).first;
+        it = m.graphs.emplace(key, *std::move(graph)).first;
       } else if (absl::IsUnimplemented(graph.status())) {
         m.graphs_unsupported = true;  // this executor runs every step eagerly from now on
       } else {
@@ -600,12 +629,43 @@ absl::StatusOr<std::vector<float>> LlamaModel::Forward(const StepInput& in) {
     shape.lora = !in.lora.seg_slots.empty();
     LORAPLEX_RETURN_IF_ERROR(m.Enqueue(shape));
   }
+  return absl::OkStatus();
+}
 
+absl::StatusOr<std::vector<float>> LlamaModel::Forward(const StepInput& in) {
+  Impl& m = *impl_;
+  LORAPLEX_RETURN_IF_ERROR(m.ValidateStep(in));
+  LORAPLEX_RETURN_IF_ERROR(m.RunStep(in));
   const size_t rows = in.logit_rows.size();
   std::vector<float> out(rows * static_cast<size_t>(m.spec.vocab_size));
   if (rows > 0) {
     LORAPLEX_RETURN_IF_ERROR(
         m.ops->CopyToHost(out.data(), m.logits.data(), out.size() * sizeof(float)));
+  }
+  LORAPLEX_RETURN_IF_ERROR(m.ops->Synchronize());
+  return out;
+}
+
+absl::StatusOr<std::vector<ops::SampledToken>> LlamaModel::ForwardSample(const StepInput& in) {
+  Impl& m = *impl_;
+  LORAPLEX_RETURN_IF_ERROR(m.ValidateStep(in));
+  LORAPLEX_RETURN_IF_ERROR(m.CheckSampling(in));
+  // Enqueued before the step so the copy overlaps nothing the step waits for.
+  const size_t rows = in.logit_rows.size();
+  if (rows > 0) {
+    LORAPLEX_RETURN_IF_ERROR(m.ops->CopyToDevice(m.sampling_rows.data(), in.sampling.data(),
+                                                 rows * sizeof(ops::SamplingRow)));
+  }
+  LORAPLEX_RETURN_IF_ERROR(m.RunStep(in));
+  std::vector<ops::SampledToken> out(rows);
+  if (rows > 0) {
+    const TensorView logits_view =
+        m.logits.View(DType::kF32, {static_cast<int64_t>(rows), m.spec.vocab_size});
+    auto* sampled = static_cast<ops::SampledToken*>(m.sampled.data());
+    LORAPLEX_RETURN_IF_ERROR(m.ops->Sample(
+        logits_view, static_cast<const ops::SamplingRow*>(m.sampling_rows.data()), sampled));
+    LORAPLEX_RETURN_IF_ERROR(
+        m.ops->CopyToHost(out.data(), sampled, rows * sizeof(ops::SampledToken)));
   }
   LORAPLEX_RETURN_IF_ERROR(m.ops->Synchronize());
   return out;

@@ -22,7 +22,8 @@ struct ModelCapacity {
   int32_t num_kv_blocks = 256;
   int32_t kv_block_size = 16;
   int32_t max_blocks_per_seq = 128;  // ceil(max_seq_len / block_size)
-  // Decode steps (one token per sequence) replay a graph captured once per batch-size bucket,
+  // Decode steps (one token per sequence) replay a graph captured once per batch-size bucket
+  // (and per steps with / without adapters),
   // where the ops record graphs (CUDA); false, or ops without graphs (CPU): every step eager.
   bool graphs = true;
 };
@@ -38,6 +39,8 @@ struct StepInput {
   std::vector<int32_t> block_tables;  // [S * max_blocks_per_seq], unused entries 0
   std::vector<int32_t> logit_rows;    // [S'] token rows whose next-token logits are wanted
   lora::LoraBatch lora;               // adapter segments (empty: base model only)
+  // [S'] how each logit row picks its token (ForwardSample only; Forward ignores it).
+  std::vector<ops::SamplingRow> sampling;
 };
 
 class LlamaModel {
@@ -58,11 +61,17 @@ class LlamaModel {
   // prefill and mixed steps run eagerly. Errors: INVALID_ARGUMENT naming the bad input field;
   // the ops' errors (a failed capture included) otherwise.
   absl::StatusOr<std::vector<float>> Forward(const StepInput& input);
+  // Runs one step like Forward and samples each logit row's next token on the device
+  // (Ops::Sample with input.sampling[i]); only the SampledTokens [logit_rows.size()] come back to
+  // the host, not the logits. INVALID_ARGUMENT when input.sampling does not hold one valid row per
+  // logit row (temperature >= 0 and finite, top_p in (0, 1], top_k >= 0, top_n in [0, 20]).
+  absl::StatusOr<std::vector<ops::SampledToken>> ForwardSample(const StepInput& input);
 
   // Turns decode graphs on or off from the next step (ModelCapacity::graphs at load); graphs
   // already captured are kept for when they are turned back on.
   void set_graphs(bool enabled);
-  // Steps that ran by replaying a graph, and the graphs captured so far (one per bucket used).
+  // Steps that ran by replaying a graph, and the graphs captured so far (one per bucket used
+  // with adapters, one per bucket used without).
   int64_t graph_steps() const;
   int num_graphs() const;
 

@@ -101,6 +101,25 @@ struct LoraSegments {
   int32_t num_tokens = 0;                 // rows of x / shrink output
 };
 
+// One logits row's sampling request. Device array element (the model uploads one per sampled row).
+struct SamplingRow {
+  uint64_t seed = 0;         // the request's seed
+  int64_t step = 0;          // tokens the request has generated so far (0 for the first)
+  float temperature = 0.0f;  // 0: greedy
+  float top_p = 1.0f;        // in (0, 1]
+  int32_t top_k = 0;         // 0: no limit; 1: greedy
+  int32_t top_n = 0;         // top log-probabilities wanted, in [0, kMaxSampleTopN]
+};
+inline constexpr int kMaxSampleTopN = 20;
+
+// What sampling one row produced. Device array element, copied back to the host whole.
+struct SampledToken {
+  int32_t token = 0;
+  float logprob = 0.0f;  // log-softmax of the raw logits (before temperature and filters)
+  int32_t top_ids[kMaxSampleTopN] = {};        // [top_n] best first (higher logit, lower id on a tie)
+  float top_logprobs[kMaxSampleTopN] = {};     // [top_n] their log-softmax values
+};
+
 class Ops {
  public:
   virtual ~Ops() = default;
@@ -169,6 +188,17 @@ class Ops {
     if (!s.ok()) return s;
     return LoraExpand(lora_y, *segments, *module, y);
   }
+
+  // Picks one token per row of `logits` [R, V] F32 from rows[r] (device [R]) into out[r]
+  // (device [R]); entries of top_ids/top_logprobs past rows[r].top_n are unspecified. Semantics
+  // (both executors): temperature 0 or top_k 1 is greedy (argmax, lowest id on a tie). Otherwise
+  // candidates are ranked by (logit desc, id asc); top_k keeps the first k, top_p then the shortest
+  // prefix whose temperature-scaled probability mass (renormalised over those kept) reaches top_p;
+  // the token is drawn from the kept ones with weights exp((logit - max) / temperature), walking
+  // them in id order against u·total, u uniform in [0, 1) from (seed, step) alone. So a row's token
+  // depends only on its logits and its SamplingRow, never on the other rows. The CUDA executor sums
+  // weights in 2^-40 fixed point (a weight below 2^-40 of the largest is never drawn).
+  virtual absl::Status Sample(const TensorView& logits, const SamplingRow* rows, SampledToken* out) = 0;
 
   // --- graphs ---------------------------------------------------------------------------
   // Records every op `body` enqueues into a Graph without running any of them. `body` may only

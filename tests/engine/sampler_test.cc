@@ -103,6 +103,26 @@ TEST_CASE("top_p keeps the smallest set of most likely tokens reaching p") {
   CHECK(std::abs(freq[2] - 0.375) < kFreqTolerance);
 }
 
+TEST_CASE("top_k breaks ties by the lower id, so exactly k tokens are kept") {
+  const std::vector<float> tied = {1.0f, 3.0f, 3.0f, 3.0f};
+  const std::vector<double> freq = Frequencies(tied, Params(1.0f, 2), kDraws);
+  CHECK(freq[0] == 0.0);
+  CHECK(std::abs(freq[1] - 0.5) < kFreqTolerance);
+  CHECK(std::abs(freq[2] - 0.5) < kFreqTolerance);
+  CHECK(freq[3] == 0.0);
+}
+
+TEST_CASE("top_k and top_p together: top_p applies to the mass renormalised over the top k") {
+  // Top 3 of {0.4, 0.3, 0.2, 0.1}: {0.4, 0.3, 0.2} renormalised to {4/9, 3/9, 2/9}; top_p 0.7
+  // keeps 4/9 + 3/9 = 0.78 >= 0.7, so two tokens in the ratio 4:3.
+  const std::vector<double> freq =
+      Frequencies(LogitsOf({0.1, 0.4, 0.2, 0.3}), Params(1.0f, 3, 0.7f), kDraws);
+  CHECK(freq[0] == 0.0);
+  CHECK(freq[2] == 0.0);
+  CHECK(std::abs(freq[1] - 4.0 / 7.0) < kFreqTolerance);
+  CHECK(std::abs(freq[3] - 3.0 / 7.0) < kFreqTolerance);
+}
+
 TEST_CASE("Logprobs are the log-softmax of the raw logits whatever the temperature") {
   double z = 0.0;
   for (float l : kLogits) z += std::exp(static_cast<double>(l));

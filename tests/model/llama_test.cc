@@ -587,6 +587,9 @@ class RecordingCpuOps final : public ops::Ops {
   absl::Status GatherRows(const TensorView& x, const TensorView& rows, const TensorView& out) override {
     return Run([=, this] { return cpu_->GatherRows(x, rows, out); });
   }
+  absl::Status Sample(const TensorView& logits, const ops::SamplingRow* rows, ops::SampledToken* out) override {
+    return Run([=, this] { return cpu_->Sample(logits, rows, out); });
+  }
   absl::Status LoraShrink(const TensorView& x, const ops::LoraSegments& segments, const ops::LoraModule& module,
                           const TensorView& y) override {
     return Run([=, this] { return cpu_->LoraShrink(x, segments, module, y); });
@@ -665,7 +668,7 @@ TEST_CASE("Decode steps replayed from a recorded graph are padded to their bucke
   };
   const std::vector<Step> steps = {
       {{{0, 4}, {1, 4}, {2, 4}}, 0, 0},          // prefill: eager
-      {{{1, 1}}, 1, 1},                          // bucket 1, no adapter (the LoRA ops see 0 segments)
+      {{{1, 1}}, 1, 1},                          // bucket 1, no adapter (recorded without LoRA ops)
       {{{0, 1}, {1, 1}, {2, 1}}, 2, 2},          // bucket 4 with a padding row, one adapter
       {{{2, 1}, {0, 1}}, 3, 3},                  // bucket 2, adapter only
       {{{1, 1}, {2, 1}, {0, 1}}, 4, 3},          // bucket 4 again, other order

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
+#include "engine/ops/cpu/sampling.h"
 
 namespace loraplex::ops {
 namespace {
@@ -34,6 +35,15 @@ absl::Status CheckI32(const char* op, const char* name, const TensorView& t) {
     return Invalid(op, name, " has dtype ", std::string(DTypeName(t.dtype)), ", expected I32");
   if (t.shape.rank != 1)
     return Invalid(op, name, " has shape ", t.shape.ToString(), ", expected rank 1");
+  return absl::OkStatus();
+}
+
+absl::Status CheckSamplingRow(const SamplingRow& row, int64_t r) {
+  if (!(row.temperature >= 0.0f) || !std::isfinite(row.temperature) || !(row.top_p > 0.0f) ||
+      !(row.top_p <= 1.0f) || row.top_k < 0 || row.top_n < 0 || row.top_n > kMaxSampleTopN) {
+    return Invalid("Sample", "rows[", r, "] has temperature ", row.temperature, ", top_p ",
+                   row.top_p, ", top_k ", row.top_k, ", top_n ", row.top_n);
+  }
   return absl::OkStatus();
 }
 
@@ -375,6 +385,18 @@ class CpuOps final : public Ops {
         return Invalid("GatherRows", "rows[", i, "] = ", r, " outside [0,", x.shape[0], ")");
       std::memcpy(out.As<float>() + i * h, x.As<float>() + r * h,
                   static_cast<size_t>(h) * sizeof(float));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Sample(const TensorView& logits, const SamplingRow* rows, SampledToken* out) override {
+    LORAPLEX_RETURN_IF_ERROR(CheckF32("Sample", "logits", logits, 2));
+    if (rows == nullptr || out == nullptr) return Invalid("Sample", "rows and out must not be null");
+    const int64_t vocab = logits.shape[1];
+    if (vocab < 1) return Invalid("Sample", "logits has shape ", logits.shape.ToString());
+    for (int64_t r = 0; r < logits.shape[0]; ++r) {
+      LORAPLEX_RETURN_IF_ERROR(CheckSamplingRow(rows[r], r));
+      out[r] = cpu::SampleRow(logits.As<float>() + r * vocab, vocab, rows[r]);
     }
     return absl::OkStatus();
   }

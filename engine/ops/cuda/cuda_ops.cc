@@ -17,10 +17,22 @@
 #include "engine/ops/cuda/lora_kernels.h"
 #include "engine/ops/cuda/norm.h"
 #include "engine/ops/cuda/rope.h"
+#include "engine/ops/cuda/sampling.h"
 
 namespace loraplex::ops::cuda {
 namespace {
 
+static_assert(sizeof(SamplingRow) == sizeof(SamplingRowDev));
+static_assert(offsetof(SamplingRow, seed) == offsetof(SamplingRowDev, seed));
+static_assert(offsetof(SamplingRow, step) == offsetof(SamplingRowDev, step));
+static_assert(offsetof(SamplingRow, temperature) == offsetof(SamplingRowDev, temperature));
+static_assert(offsetof(SamplingRow, top_p) == offsetof(SamplingRowDev, top_p));
+static_assert(offsetof(SamplingRow, top_k) == offsetof(SamplingRowDev, top_k));
+static_assert(offsetof(SamplingRow, top_n) == offsetof(SamplingRowDev, top_n));
+static_assert(sizeof(SampledToken) == sizeof(SampledTokenDev));
+static_assert(offsetof(SampledToken, top_ids) == offsetof(SampledTokenDev, top_ids));
+static_assert(offsetof(SampledToken, top_logprobs) == offsetof(SampledTokenDev, top_logprobs));
+static_assert(kMaxSampleTopN == kSampleMaxTopN);
 static_assert(sizeof(LoraSliceWeights) == sizeof(LoraSliceWeightsDev));
 static_assert(offsetof(LoraSliceWeights, a) == offsetof(LoraSliceWeightsDev, a));
 static_assert(offsetof(LoraSliceWeights, b) == offsetof(LoraSliceWeightsDev, b));
@@ -336,6 +348,18 @@ class CudaOps final : public Ops {
     const int64_t row_bytes = x.shape[1] * static_cast<int64_t>(DTypeSize(x.dtype));
     return CudaStatus(LaunchGatherRows(x.data, x.shape[0], row_bytes, rows.As<int32_t>(), rows.shape[0],
                                        out.data, stream_),
+                      kOp);
+  }
+
+  // rows live on the device, so their values are not checked here (the model checks them on the
+  // host before it uploads them).
+  absl::Status Sample(const TensorView& logits, const SamplingRow* rows, SampledToken* out) override {
+    constexpr absl::string_view kOp = "Sample";
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "logits", logits, DType::kF32, 2));
+    if (rows == nullptr || out == nullptr) return Invalid(kOp, "rows and out must not be null");
+    return CudaStatus(LaunchSample(logits.As<float>(), logits.shape[0], logits.shape[1],
+                                   reinterpret_cast<const SamplingRowDev*>(rows),
+                                   reinterpret_cast<SampledTokenDev*>(out), stream_),
                       kOp);
   }
 

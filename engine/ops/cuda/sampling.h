@@ -1,0 +1,35 @@
+// Launcher of the GPU sampler: one block per logits row picks the token (greedy, or temperature
+// with top-k / top-p and a per-row seed), its log-probability and the top-n log-probabilities,
+// with Ops::Sample's semantics. Thread-safe (stateless); work runs on `stream`.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace loraplex::ops::cuda {
+
+inline constexpr int kSampleMaxTopN = 20;
+
+// Device layouts of ops::SamplingRow and ops::SampledToken (cuda_ops.cc static_asserts that they
+// match).
+struct SamplingRowDev {
+  uint64_t seed;
+  int64_t step;
+  float temperature;
+  float top_p;
+  int32_t top_k;
+  int32_t top_n;
+};
+struct SampledTokenDev {
+  int32_t token;
+  float logprob;
+  int32_t top_ids[kSampleMaxTopN];
+  float top_logprobs[kSampleMaxTopN];
+};
+
+// For r < num_rows: out[r] from logits [num_rows, vocab] F32 and rows[r]. vocab in [1, 2^31).
+cudaError_t LaunchSample(const float* logits, int64_t num_rows, int64_t vocab,
+                         const SamplingRowDev* rows, SampledTokenDev* out, cudaStream_t stream);
+
+}  // namespace loraplex::ops::cuda
