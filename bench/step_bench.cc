@@ -4,9 +4,13 @@
 // server runs them); rows marked "eager" run the same steps with graphs off, for comparison.
 //
 // Loads the checkpoint through LlamaModel::Load on CudaOps and the adapters through
-// LoadPeftAdapter + SlotPool, exactly as the server does, then times LlamaModel::Forward (host
-// clock around the whole call: it ends with the logits on the host). Writes a JSON file and prints
-// a table. Single-threaded; run it alone on the GPU.
+// LoadPeftAdapter + SlotPool, exactly as the server does, then times LlamaModel::ForwardSample
+// as the engine calls it (host clock around the whole call: it ends with the greedy picks on the
+// host). Decode scenarios per batch: base, one r16 adapter, 4 r16 adapters (batch >= 8, batch/4
+// requests each), one distinct r16 adapter per request (up to 32), 8 adapters of ranks 8..64;
+// their GB/s column is the adapters' bytes over the time LoRA adds to the base step (equal
+// across rows when LoRA costs in proportion to the ranks). Writes a JSON file and prints a
+// table. Single-threaded; run it alone on the GPU.
 //
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2]
@@ -25,6 +29,7 @@
 #include <cstdio>
 #include <fstream>
 #include <numeric>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -239,6 +244,15 @@ class Bench {
   }
 
   int num_adapters() const { return static_cast<int>(adapters_.size()); }
+  // Bytes of the distinct adapters a step of `token_adapter` reads (A and B of every module).
+  double AdapterBytes(const std::vector<int>& token_adapter) const {
+    std::set<int> seen(token_adapter.begin(), token_adapter.end());
+    double bytes = 0.0;
+    for (int a : seen) {
+      if (a >= 0) bytes += static_cast<double>(adapters_[static_cast<size_t>(a)]->weight_bytes);
+    }
+    return bytes;
+  }
   const model::ModelSpec& spec() const { return spec_; }
 
  private:
@@ -429,17 +443,25 @@ absl::Status Run(int argc, char** argv) {
   for (int b : batches) {
     LORAPLEX_ASSIGN_OR_RETURN(const double base, bench.DecodeStep(b, std::vector<int>(b, -1), steps, use_graphs));
     add({"decode", "base" + mode, b, b, 0, base, 1.0, 0, use_graphs});
-    std::vector<int> one(b, 0), distinct(b), mixed(b);
+    std::vector<int> one(b, 0), four(b), distinct(b), mixed(b);
     for (int i = 0; i < b; ++i) {
+      four[i] = i * 4 / b;  // 4 adapters, b/4 consecutive requests each
       distinct[i] = i % kNumR16;
       mixed[i] = kNumR16 + i % kNumMixed;
     }
     const int n_distinct = std::min(b, kNumR16), n_mixed = std::min(b, kNumMixed);
     struct S { std::string name; std::vector<int>* adapters; int count; };
-    for (const S& s : {S{"one adapter r16", &one, 1}, S{absl::StrCat(n_distinct, " distinct r16"), &distinct, n_distinct},
-                       S{absl::StrCat(n_mixed, " mixed ranks"), &mixed, n_mixed}}) {
+    std::vector<S> scenarios = {S{"one adapter r16", &one, 1}};
+    if (b >= 8) scenarios.push_back(S{"4 adapters r16", &four, 4});
+    scenarios.push_back(S{absl::StrCat(n_distinct, " distinct r16"), &distinct, n_distinct});
+    scenarios.push_back(S{absl::StrCat(n_mixed, " mixed ranks"), &mixed, n_mixed});
+    for (const S& s : scenarios) {
       LORAPLEX_ASSIGN_OR_RETURN(const double ms, bench.DecodeStep(b, *s.adapters, steps, use_graphs));
-      add({"decode", s.name + mode, b, b, s.count, ms, ms / base, 0, use_graphs});
+      // GB/s here: the adapters' bytes over the time LoRA adds to the base step; equal across
+      // rows when the cost is proportional to what the adapters hold (their ranks).
+      const double added_ms = ms - base;
+      add({"decode", s.name + mode, b, b, s.count, ms, ms / base,
+           added_ms > 0 ? bench.AdapterBytes(*s.adapters) / added_ms * 1e-6 : 0.0, use_graphs});
     }
     if (use_graphs) {
       // The same steps without graphs (x base: over the graph base row), to show the launch cost.
