@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Builds the CUDA configuration (build-cuda, sm_90a) on a development machine without a GPU and
 # stages what the GPU host needs: the GPU test binaries in build-cuda/gpu-bin, the benchmark
-# tools (step_bench) in build-cuda/gpu-bin/tools, and the non-system shared libraries they link
+# tools (step_bench, the daemon loraplexd) in build-cuda/gpu-bin/tools, the Python stubs in
+# build-cuda/gpu-bin/python, and the non-system shared libraries they link
 # (gRPC, abseil, ...) in build-cuda/gpu-libs, via ../shared/gpu/bundle-libs.sh. Carry
 # build-cuda/gpu-bin and build-cuda/gpu-libs to the GPU host and run scripts/gpu-run.sh there.
 # Usage: scripts/build-gpu.sh [target...]   (default: every test labelled gpu)
 # Env: LORAPLEX_GPU_BUILD (build folder, default build-cuda); LORAPLEX_GPU_TOOLS (default
-# step_bench; empty: none); JOBS (ninja jobs, default 1).
+# "step_bench loraplexd"; empty: none); JOBS (ninja jobs, default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${LORAPLEX_GPU_BUILD:-build-cuda}
-tools=${LORAPLEX_GPU_TOOLS-step_bench}
+tools=${LORAPLEX_GPU_TOOLS-step_bench loraplexd}
 bundle=${LORAPLEX_BUNDLE_LIBS:-../shared/gpu/bundle-libs.sh}
 cmake -S . -B "$build" -G Ninja -DLORAPLEX_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a >/dev/null
 
@@ -22,7 +23,8 @@ fi
 [ ${#targets[@]} -gt 0 ] || { echo "build-gpu: no gpu targets found" >&2; exit 1; }
 # nvcc is slow and development machines are shared: one job unless told otherwise.
 read -r -a tool_targets <<<"$tools"
-ninja -C "$build" -j "${JOBS:-1}" "${targets[@]}" "${tool_targets[@]}"
+# The Python gRPC stubs travel in gpu-bin/python for bench/gpu_daemon_run.sh's clients.
+ninja -C "$build" -j "${JOBS:-1}" "${targets[@]}" "${tool_targets[@]}" loraplex_proto_python
 
 rm -rf "$build/gpu-bin"
 mkdir -p "$build/gpu-bin"
@@ -40,6 +42,7 @@ for t in "${tool_targets[@]}"; do
   cp "$exe" "$build/gpu-bin/tools/"
   exes+=("$exe")
 done
+cp -r "$build/python" "$build/gpu-bin/python"
 # Debug info would push the carried folders past the device tool's 64 MiB; line tables stay.
 find "$build/gpu-bin" -type f -perm -u+x -exec strip --strip-debug {} +
 rm -rf "$build/gpu-libs"

@@ -15,6 +15,7 @@
 #include "engine/core/status.h"
 #include "engine/model/model_spec.h"
 #include "engine/ops/cpu/cpu_ops.h"
+#include "engine/ops/cpu/sampling.h"
 #include "engine/ops/ops.h"
 #include "lora/adapter.h"
 #include "lora/lora_batch.h"
@@ -365,6 +366,64 @@ TEST_CASE("Decode steps on the CPU ops run eagerly, graphs requested or not, and
   }
   CHECK((*model)->graph_steps() == 0);
   CHECK((*model)->num_graphs() == 0);
+}
+
+TEST_CASE("ForwardSample picks each row's token from that row's logits with that row's settings") {
+  const std::string dir = testing::MakeTempDir("llama-sample");
+  REQUIRE(testing::WriteTinyModel(dir, testing::TinyModelOptions{}).ok());
+  auto spec = LoadModelSpec(dir);
+  REQUIRE(spec.ok());
+  auto ops = ops::CreateOps(Device::kCpu);
+  REQUIRE(ops.ok());
+  auto model = LlamaModel::Load(dir, *spec, ops->get(), nullptr, kCapacity);
+  REQUIRE(model.ok());
+  std::vector<Sequence> seqs(3);
+  seqs[0] = {RandomTokens(10, spec->vocab_size, 4), {3}, 0, -1};
+  seqs[1] = {RandomTokens(10, spec->vocab_size, 5), {5}, 0, -1};
+  seqs[2] = {RandomTokens(10, spec->vocab_size, 6), {4}, 0, -1};
+  StepInput in = MakeStep(seqs, {{0, 1}, {1, 1}, {2, 1}});
+  REQUIRE(in.logit_rows.size() == 3);
+  in.sampling.resize(3);
+  in.sampling[0].top_n = 3;  // greedy with top log-probabilities
+  in.sampling[1].temperature = 1.0f;
+  in.sampling[1].top_k = 5;
+  in.sampling[1].seed = 99;
+  in.sampling[1].step = 4;
+  in.sampling[2].temperature = 0.7f;
+  in.sampling[2].top_p = 0.8f;
+  in.sampling[2].seed = 7;
+
+  // The rows' logits, from a plain Forward of the same step (the KV cache is rewritten alike).
+  auto logits = (*model)->Forward(in);
+  REQUIRE(logits.ok());
+  auto picks = (*model)->ForwardSample(in);
+  INFO(picks.status().message());
+  REQUIRE(picks.ok());
+  REQUIRE(picks->size() == 3);
+  const int64_t v = spec->vocab_size;
+  for (size_t i = 0; i < 3; ++i) {
+    const ops::SampledToken want = ops::cpu::SampleRow(logits->data() + i * v, v, in.sampling[i]);
+    CHECK((*picks)[i].token == want.token);
+    CHECK((*picks)[i].logprob == want.logprob);
+  }
+  for (int j = 0; j < 3; ++j) CHECK((*picks)[0].top_ids[j] == ops::cpu::SampleRow(logits->data(), v, in.sampling[0]).top_ids[j]);
+  // Greedy is the argmax.
+  CHECK((*picks)[0].token == std::max_element(logits->begin(), logits->begin() + v) - logits->begin());
+
+  SECTION("one sampling row per logit row is required") {
+    StepInput bad = in;
+    bad.sampling.pop_back();
+    const absl::Status st = (*model)->ForwardSample(bad).status();
+    CHECK(st.code() == absl::StatusCode::kInvalidArgument);
+    CHECK(std::string(st.message()).find("sampling has 2 rows") != std::string::npos);
+  }
+  SECTION("a bad row is named") {
+    StepInput bad = in;
+    bad.sampling[2].top_p = 0.0f;
+    const absl::Status st = (*model)->ForwardSample(bad).status();
+    CHECK(st.code() == absl::StatusCode::kInvalidArgument);
+    CHECK(std::string(st.message()).find("sampling[2]") != std::string::npos);
+  }
 }
 
 TEST_CASE("BF16 weights are converted to the compute dtype at load") {
