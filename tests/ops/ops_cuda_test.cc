@@ -720,11 +720,15 @@ std::vector<int> RandomTokenSlots(int tokens, int num_slots, double base_fractio
   return v;
 }
 
-// GemmWithLora (the whole wrapped projection; the shrink forked onto a side stream or not, called
-// directly or replayed from a graph) against the CPU's Gemm + LoraShrink + LoraExpand. `steps`
-// segment tables are used in turn on the same buffers (one capture, several replays).
-absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens, bool fork, bool graph, int steps) {
+// GemmWithLora (the whole wrapped projection; the shrink forked onto a side stream or not, the
+// expand beside the GEMM into the delta buffer or in place after it, called directly or replayed
+// from a graph) against the CPU's Gemm + LoraShrink + LoraExpand; elements no adapter changes must
+// keep the bits of a plain GEMM. `steps` segment tables are used in turn on the same buffers (one
+// capture, several replays); the third has only base-model tokens (no segment at all).
+absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens, bool fork, bool graph, int steps,
+                               bool in_place = false) {
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 3, true, fork));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, in_place ? 0 : SIZE_MAX));
   const int T = tokens, W = w.width(), yw = w.num_slices * w.max_rank;
   // Base weights of size 1/sqrt(in): base outputs O(1), as large as the LoRA delta, so an error in
   // either part shows in the relative error.
@@ -734,13 +738,14 @@ absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, g_gpu->Allocate(static_cast<size_t>(T) * w.in * 2));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, g_gpu->Allocate(static_cast<size_t>(T) * yw * 4));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_plain, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
   const LoraModule dm = w.Module(true), hm = w.Module(false);
   const LoraSegments ds = dsegs.View();
   const TensorView gx = Gpu(d_x, DType::kBF16, {T, w.in}), gy = Gpu(d_y, DType::kF32, {T, yw}),
                    gout = Gpu(d_out, DType::kBF16, {T, W}), gw = Gpu(d_w, DType::kBF16, {W, w.in});
   std::unique_ptr<cuda::CudaGraph> captured;
   for (int step = 0; step < steps; ++step) {
-    Segs segs = BuildSegs(RandomTokenSlots(T, w.num_slots, 0.2), step % 2 == 0 ? 2 : 1000);
+    Segs segs = BuildSegs(RandomTokenSlots(T, w.num_slots, step == 2 ? 1.0 : 0.2), step % 2 == 0 ? 2 : 1000);
     LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs));
     std::vector<float> x = RandomVec(static_cast<size_t>(T) * w.in, -1, 1);
     LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_x.data(), x));
@@ -764,9 +769,19 @@ absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens
     LORAPLEX_RETURN_IF_ERROR(g_cpu->LoraShrink(Host(x, {T, w.in}), hs, hm, Host(ref_y, {T, yw})));
     LORAPLEX_RETURN_IF_ERROR(g_cpu->LoraExpand(Host(ref_y, {T, yw}), hs, hm, Host(ref, {T, W})));
     LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(d_out.data(), ref.size()));
-    Compare(absl::StrCat(name, fork ? " fork" : " in order", graph ? " graph" : "", " segs=", segs.count()), got, ref,
-            kTolBf16);
+    // Elements no adapter changes against a plain GEMM of the same inputs, bit for bit.
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->Gemm(gx, gw, 0.0f, Gpu(d_plain, DType::kBF16, {T, W})));
+    LORAPLEX_ASSIGN_OR_RETURN(auto plain, DownloadBf16(d_plain.data(), ref.size()));
+    std::vector<uint8_t> y_mask, out_mask;
+    LoraMasks(w, segs, T, &y_mask, &out_mask);
+    for (size_t i = 0; i < ref.size(); ++i) {
+      if (out_mask[i] == 0) ref[i] = plain[i];
+    }
+    Compare(absl::StrCat(name, fork ? " fork" : " in order", fork && in_place ? " in-place" : "",
+                         graph ? " graph" : "", " segs=", segs.count()),
+            got, ref, kTolBf16, out_mask);
   }
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, SIZE_MAX));
   return cuda::SetLoraTuningForTest(g_gpu, 3, true, true);
 }
 
@@ -849,11 +864,53 @@ absl::Status LoraTests() {
 
   for (bool fork : {true, false}) {
     for (bool graph : {false, true}) {
-      LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora qkv", *world, T, fork, graph, 3));
+      LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora qkv", *world, T, fork, graph, 4));
     }
   }
+  // The in-place expand a step whose delta does not fit the buffer falls back to.
+  for (bool graph : {false, true}) {
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora qkv", *world, T, true, graph, 4, true));
+  }
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora down", *down, 40, true, true, 2));
-  return absl::OkStatus();
+  // Odd ranks (general expand path, 128 = max) and long segments split over tokens, delta path.
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora odd ranks", *odd, 160, true, true, 4));
+
+  // The tensor-core kernels (steps of >= 256 tokens by default, so T3 above already ran them),
+  // forced for every step size: many 1-token segments, mixed and odd ranks (12, 24, 40: B rows
+  // not whole 16-byte vectors; 128: two rank passes), reused slots, graph replays with changing
+  // segment counts, and GemmWithLora (in place after the join).
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 1));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA[tc] qkv mixed ranks", st, RandomTokenSlots(T, 6, 0.2), 2, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA[tc] qkv mixed ranks", st, RandomTokenSlots(T, 6, 0.2), 1000, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA[tc] qkv all base tokens", st, std::vector<int>(T, -1), 4, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA[tc] down prefill", st2, RandomTokenSlots(T2, 3, 0.1), 1000, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA[tc] odd ranks short segments", st3, RandomTokenSlots(T3, 4, 0.05), 2, nullptr));
+  {
+    LORAPLEX_RETURN_IF_ERROR(dsegs3.Write(BuildSegs(RandomTokenSlots(T3, 4, 0.05), 1000)));
+    const LoraModule dm = odd->Module(true);
+    const LoraSegments ds = dsegs3.View();
+    const TensorView gx = Gpu(st3.d_x, DType::kBF16, {T3, odd->in});
+    const TensorView gy = Gpu(st3.d_y, DType::kF32, {T3, odd->num_slices * odd->max_rank});
+    const TensorView gout = Gpu(st3.d_out, DType::kBF16, {T3, odd->width()});
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->Synchronize());
+    LORAPLEX_ASSIGN_OR_RETURN(auto graph, cuda::CaptureCudaGraph(g_gpu, [&]() -> absl::Status {
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, dm, gy));
+      return g_gpu->LoraExpand(gy, ds, dm, gout);
+    }));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA[tc] graph replay", st3, RandomTokenSlots(T3, 4, 0.05), 1000, graph.get()));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA[tc] graph replay", st3, RandomTokenSlots(T3, 4, 0.1), 3, graph.get()));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA[tc] graph replay", st3, std::vector<int>(T3, -1), 1, graph.get()));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA[tc] graph replay", st3, RandomTokenSlots(T3, 4, 0.0), 1000, graph.get()));
+  }
+  for (bool graph : {false, true}) {
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[tc] qkv", *world, T, true, graph, 4));
+  }
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[tc] odd ranks", *odd, 160, true, true, 4));
+  // And the split-K kernels on the long step the tensor cores take by default.
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 1 << 30));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA[split-K] odd ranks long segments", st3, RandomTokenSlots(T3, 4, 0.05), 1000, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA[split-K] odd ranks short segments", st3, RandomTokenSlots(T3, 4, 0.05), 2, nullptr));
+  return cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 256);
 }
 
 // --- timing ----------------------------------------------------------------------------------------
@@ -921,9 +978,10 @@ struct LoraTimingCase {
   std::vector<int> slot_ranks;   // rank of every slice of each slot
 };
 
-// Times shrink, expand, both, the base GEMM of the module at M = T, GEMM + both as three ops, and
-// GemmWithLora (shrink forked beside the GEMM). Bandwidth is adapter bytes (A and B of the slots
-// the step uses) over time.
+// Times shrink, expand, both, the base GEMM of the module at M = T, GEMM + both as three ops,
+// GemmWithLora (shrink and expand beside the GEMM, delta added after it), and GemmWithLora with
+// the in-place expand after the GEMM (the fallback, and the v4 path). Bandwidth is adapter bytes
+// (A and B of the slots the step uses) over time.
 absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
   const int T = static_cast<int>(c.token_slots.size());
   const int S = static_cast<int>(c.widths.size());
@@ -982,15 +1040,18 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
   const TensorView gx = Gpu(d_x, DType::kBF16, {T, c.in}), gy = Gpu(d_y, DType::kF32, {T, S * max_rank}),
                    gout = Gpu(d_out, DType::kBF16, {T, width});
   const LoraSegments ds = dsegs.View();
-  struct Variant { const char* name; bool gemm, shrink, expand, fused; };
+  struct Variant { const char* name; bool gemm, shrink, expand, fused, in_place; };
   // Each variant timed twice: launched one call at a time from the host (eager, as the model runs
   // today), and as a CUDA graph of 20 calls replayed (device time, launch gaps mostly gone).
   constexpr int kGraphCalls = 20;
-  double eager[6] = {}, graph[6] = {};
+  double eager[7] = {}, graph[7] = {};
   int vi = 0;
-  for (const Variant& v : {Variant{"gemm", true, false, false, false}, Variant{"shrink", false, true, false, false},
-                           Variant{"expand", false, false, true, false}, Variant{"lora", false, true, true, false},
-                           Variant{"gemm+lora", true, true, true, false}, Variant{"fused", false, false, false, true}}) {
+  for (const Variant& v :
+       {Variant{"gemm", true, false, false, false, false}, Variant{"shrink", false, true, false, false, false},
+        Variant{"expand", false, false, true, false, false}, Variant{"lora", false, true, true, false, false},
+        Variant{"gemm+lora", true, true, true, false, false}, Variant{"fused", false, false, false, true, false},
+        Variant{"fused in-place", false, false, false, true, true}}) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, v.in_place ? 0 : SIZE_MAX));
     auto body = [&](int call) -> absl::Status {
       if (v.fused) return g_gpu->GemmWithLora(gx, gemm_w[call % gemm_copies], gout, &ds, &modules[call % sets], gy);
       if (v.gemm) LORAPLEX_RETURN_IF_ERROR(g_gpu->Gemm(gx, gemm_w[call % gemm_copies], 0.0f, gout));
@@ -1011,14 +1072,16 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
     graph[vi] = Median(gsamples) / kGraphCalls;
     ++vi;
   }
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, SIZE_MAX));
   const double ab = a_bytes + b_bytes;
   const bool l2_resident = std::min(sets, kGraphCalls) * ab < 100e6;  // < 2x the 50 MB L2
   std::printf("TIME LoRA %-34s T=%-4d segs=%-3d graph: shrink %6.2f us %5.0f GB/s, expand %6.2f us %5.0f GB/s, "
-              "lora %6.2f us %5.0f GB/s (%5.2f MB%s), gemm %6.2f us, +lora %.3fx, GemmWithLora %.3fx | eager: lora "
-              "%6.2f us, +lora %.3fx, GemmWithLora %.3fx\n",
+              "lora %6.2f us %5.0f GB/s (%5.2f MB%s), gemm %6.2f us, +lora %.3fx, GemmWithLora %.3fx (+%.2f us), "
+              "in-place %.3fx (+%.2f us) | eager: lora %6.2f us, +lora %.3fx, GemmWithLora %.3fx, in-place %.3fx\n",
               c.name.c_str(), T, segs.count(), graph[1], a_bytes / graph[1] * 1e-3, graph[2], b_bytes / graph[2] * 1e-3,
               graph[3], ab / graph[3] * 1e-3, ab * 1e-6, l2_resident ? ", L2" : "", graph[0], graph[4] / graph[0],
-              graph[5] / graph[0], eager[3], eager[4] / eager[0], eager[5] / eager[0]);
+              graph[5] / graph[0], graph[5] - graph[0], graph[6] / graph[0], graph[6] - graph[0], eager[3],
+              eager[4] / eager[0], eager[5] / eager[0], eager[6] / eager[0]);
   return absl::OkStatus();
 }
 
@@ -1050,6 +1113,13 @@ absl::Status TimeLora() {
                                                std::vector<int>(128, 16)}));
   LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, {"qkv prefill 4 x 512 tokens r16", 4096, {4096, 1024, 1024}, prefill,
                                                std::vector<int>(4, 16)}));
+  LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, {"gate_up prefill 4 x 512 tokens r16", 4096, {14336, 14336}, prefill,
+                                               std::vector<int>(4, 16)}));
+  // The same prefill step on the split-K kernels (what it ran before the tensor-core ones).
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 1 << 30));
+  LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, {"qkv prefill 4 x 512 tokens r16 split-K", 4096, {4096, 1024, 1024},
+                                               prefill, std::vector<int>(4, 16)}));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 256));
   // Shrink blocks per SM (default 3) and the expand/shrink overlap (default on).
   for (auto [blocks, overlap] : std::vector<std::pair<int, bool>>{{2, true}, {3, false}}) {
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, blocks, overlap, true));

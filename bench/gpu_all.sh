@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# On the GPU host, in one call: every GPU test binary and the step benchmark
+# (scripts/gpu-run.sh --bench), the daemon on the GPU (bench/gpu_daemon_run.sh), and optionally
+# the per-op profile (PROFILE=1) and transformers + PEFT (HF_BENCH=1). Logs go to OUTDIR/logs and
+# are packed into OUTDIR/logs.tgz (the device tool brings back few files); a short summary is
+# printed last.
+# Usage: bench/gpu_all.sh OUTDIR   Env: LORAPLEX_GPU_BUILD, STEP_BENCH_ARGS, HF_BENCH (default 0),
+#        HF_BENCH_ARGS, PROFILE (default 1), DAEMON (default 1).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bench/gpu_all.sh OUTDIR}
+logs=$out/logs
+mkdir -p "$logs"
+build=${LORAPLEX_GPU_BUILD:-build-cuda}
+export LORAPLEX_GPU_BUILD=$build
+status=0
+HF_BENCH=${HF_BENCH:-0} scripts/gpu-run.sh "$logs" --bench >"$logs/gpu-run.log" 2>&1 || status=1
+if [ "${DAEMON:-1}" = 1 ]; then
+  bench/gpu_daemon_run.sh "$logs/daemon" >"$logs/daemon.log" 2>&1 || status=1
+fi
+if [ "${PROFILE:-1}" = 1 ]; then
+  LD_LIBRARY_PATH="$PWD/$build/gpu-libs:/usr/local/cuda/lib64" timeout 300 "$build/gpu-bin/tools/step_bench" \
+    "${BENCH_DIR:-/tmp/loraplex-bench}/model" "${BENCH_DIR:-/tmp/loraplex-bench}/adapters" "$logs/profile.json" \
+    --profile 1 --batches 1,32 --steps 5 >"$logs/profile.log" 2>&1 || status=1
+fi
+tar czf "$out/logs.tgz" -C "$out" logs
+echo "== tests"; sed -n '/== summary/,$p' "$logs/gpu-run.log" | sed -n '1,12p'
+echo "== failing checks"; grep -h ' FAIL$' "$logs"/*.log | head -n 20
+echo "== sampling"; grep -h '^TIME Sample' "$logs/sampling_cuda_test.log" 2>/dev/null
+echo "== LoRA kernels (graph; all in logs/ops_cuda_test.log)"
+grep -h '^TIME LoRA' "$logs/ops_cuda_test.log" 2>/dev/null | grep -E 'qkv|prefill' | grep -v blk | cut -c11-200
+echo "== step bench"; grep -E '^(roofline|decode|prefill) ' "$logs/step_bench.log"
+[ -f "$logs/hf_peft.log" ] && { echo "== hf+peft"; grep '^hf+peft' "$logs/hf_peft.log"; }
+[ -f "$logs/daemon.log" ] && { echo "== daemon"; tail -n 3 "$logs/daemon/demo.txt" 2>/dev/null; cut -c1-200 "$logs/daemon/loadgen.jsonl" 2>/dev/null; }
+[ -f "$logs/profile.log" ] && { echo "== profile"; grep -E '^== profile|^(Gemm|GemmWithLora|Attention|AddRmsNorm|RmsNorm|RopeAndCacheKv|SiluMul|Sample|Embed|GatherRows|sum of ops|host between|profiled step)' "$logs/profile.log" | cut -c1-80; }
+exit $status

@@ -1,0 +1,42 @@
+// Tensor-core LoRA kernels for steps whose adapter segments hold many tokens (prefill chunks):
+// each work item multiplies a tile of up to 64 of a segment's tokens by one slice's A (shrink) or
+// B (expand) with bf16 mma (fp32 accumulation), so the weights are read once per 64 tokens rather
+// than once per token or two. Same contracts as LaunchLoraShrink / LaunchLoraExpand except that the
+// expand rounds y to bf16 before the product (as PEFT's bf16 lora_A output is). Segment counts,
+// slots and ranks are read on the device; a fixed grid of persistent blocks walks the items.
+// Thread-safe (stateless); work runs on `stream`.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "engine/ops/cuda/lora_kernels.h"
+
+namespace loraplex::ops::cuda {
+
+struct LoraTcParams {
+  const LoraSliceWeightsDev* table = nullptr;  // [num_slots][num_slices]
+  int32_t num_slots = 0;
+  int32_t num_slices = 0;
+  int32_t in_features = 0;                     // multiple of 8
+  int32_t max_rank = 0;                        // <= 128
+  int32_t slice_offsets[5] = {};
+  const int32_t* token_rows = nullptr;
+  const int32_t* seg_starts = nullptr;
+  const int32_t* seg_slots = nullptr;
+  const int32_t* num_segments = nullptr;
+  int32_t max_segments = 0;
+  int32_t num_tokens = 0;
+  int32_t num_blocks = 0;  // persistent blocks per launch
+};
+
+// y[row, s·max_rank + j] = Σ_k x[row, k]·A_s[j, k] (j < rank), fp32 accumulation; other columns
+// untouched. x [num_tokens, in_features] bf16, 16-byte aligned rows; y F32.
+cudaError_t LaunchLoraShrinkTc(const LoraTcParams& p, const void* x, float* y, cudaStream_t stream);
+
+// out[row, off_s + n] += scale·Σ_j bf16(y[row, s·max_rank + j])·B_s[n, j], fp32 accumulation, one
+// bf16 rounding of the sum into out. out [num_tokens, slice_offsets[num_slices]] bf16.
+cudaError_t LaunchLoraExpandTc(const LoraTcParams& p, const float* y, void* out, cudaStream_t stream);
+
+}  // namespace loraplex::ops::cuda
