@@ -14,16 +14,19 @@ mkdir -p "$logs"
 build=${LORAPLEX_GPU_BUILD:-build-cuda}
 export LORAPLEX_GPU_BUILD=$build
 status=0
+pack() { tar czf "$out/logs.tgz" -C "$out" logs; }  # after each phase: a run cut short keeps what it did
 HF_BENCH=${HF_BENCH:-0} scripts/gpu-run.sh "$logs" --bench >"$logs/gpu-run.log" 2>&1 || status=1
+pack
 if [ "${DAEMON:-1}" = 1 ]; then
   bench/gpu_daemon_run.sh "$logs/daemon" >"$logs/daemon.log" 2>&1 || status=1
+  pack
 fi
 if [ "${PROFILE:-1}" = 1 ]; then
   LD_LIBRARY_PATH="$PWD/$build/gpu-libs:/usr/local/cuda/lib64" timeout 300 "$build/gpu-bin/tools/step_bench" \
     "${BENCH_DIR:-/tmp/loraplex-bench}/model" "${BENCH_DIR:-/tmp/loraplex-bench}/adapters" "$logs/profile.json" \
     --profile 1 --batches 1,32 --steps 5 >"$logs/profile.log" 2>&1 || status=1
 fi
-tar czf "$out/logs.tgz" -C "$out" logs
+pack
 echo "== tests"; sed -n '/== summary/,$p' "$logs/gpu-run.log" | sed -n '1,12p'
 echo "== failing checks"; grep -h ' FAIL$' "$logs"/*.log | head -n 20
 echo "== sampling"; grep -h '^TIME Sample' "$logs/sampling_cuda_test.log" 2>/dev/null

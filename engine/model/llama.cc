@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -67,11 +68,24 @@ struct LlamaModel::Impl {
   std::optional<ColumnParallelLinearWithLora> lm_head;
   std::vector<Layer> layers;
 
-  // Step inputs (I32), sized at capacity.
-  ops::DeviceMemory ids, positions, slot_mapping, token_seq;  // [max_tokens]
-  ops::DeviceMemory context_lens, logit_rows;                 // [max_seqs]
-  ops::DeviceMemory block_tables;                             // [max_seqs * max_blocks_per_seq]
-  ops::DeviceMemory token_rows, seg_starts, seg_slots, num_segments;  // [max_tokens(+1)], [1]
+  // Step inputs, sized at capacity: regions of one device arena mirrored in host memory, so a
+  // step's inputs go to the device in one copy (each copy costs microseconds of host time, and
+  // the device idles until the step's inputs are there).
+  struct StepBuffer {
+    const ops::DeviceMemory* arena = nullptr;
+    uint8_t* host = nullptr;
+    size_t offset = 0, bytes = 0;
+    void* data() const { return static_cast<char*>(arena->data()) + offset; }
+    TensorView View(DType dtype, Shape shape) const { return arena->View(dtype, shape, offset); }
+  };
+  ops::DeviceMemory step_arena;
+  std::vector<uint8_t> step_host;          // the arena's host mirror
+  size_t dirty_begin = 0, dirty_end = 0;   // bytes of the mirror written since the last flush
+  StepBuffer ids, positions, slot_mapping, token_seq;  // [max_tokens] I32
+  StepBuffer context_lens, logit_rows;                 // [max_seqs] I32
+  StepBuffer block_tables;                             // [max_seqs * max_blocks_per_seq] I32
+  StepBuffer token_rows, seg_starts, seg_slots, num_segments;  // [max_tokens(+1)], [1] I32
+  StepBuffer sampling_rows;                            // [max_seqs] ops::SamplingRow
   // Activations (compute dtype unless noted), sized at capacity.
   ops::DeviceMemory residual, hidden, proj_out;  // [max_tokens, H]
   ops::DeviceMemory qkv;                         // [max_tokens, qkv_width]
@@ -79,7 +93,6 @@ struct LlamaModel::Impl {
   ops::DeviceMemory gate_up, act;                // [max_tokens, 2I], [max_tokens, I]
   ops::DeviceMemory gathered;                    // [max_seqs, H]
   ops::DeviceMemory logits;                      // [max_seqs, V] F32
-  ops::DeviceMemory sampling_rows;               // [max_seqs] ops::SamplingRow
   ops::DeviceMemory sampled;                     // [max_seqs] ops::SampledToken
   ops::DeviceMemory lora_scratch;                // [max_tokens * max(num_slices * max_rank)] F32
 
@@ -108,12 +121,32 @@ struct LlamaModel::Impl {
   int32_t DecodeBucket(const StepInput& in) const;
   absl::Status UploadStep(const StepInput& in);
   absl::Status UploadPaddedDecode(const StepInput& in, int32_t bucket);
-  absl::Status UploadLora(const lora::LoraBatch& lb);
+  void UploadLora(const lora::LoraBatch& lb);
   // Enqueues embedding, every layer, the final norm and the logits GEMM into `logits`; reads
   // every per-step array from the step buffers, so a recording replays with their new contents.
   absl::Status Enqueue(const StepShape& shape);
-  absl::Status Upload(const ops::DeviceMemory& dst, const std::vector<int32_t>& src) const {
-    return ops->CopyToDevice(dst.data(), src.data(), src.size() * sizeof(int32_t));
+  // Stages `bytes` for `dst` in the host mirror; FlushUploads sends everything staged.
+  void Stage(const StepBuffer& dst, const void* src, size_t bytes) {
+    if (bytes == 0) return;
+    std::memcpy(dst.host, src, bytes);  // sizes were validated against the capacity
+    const size_t begin = dst.offset, end = dst.offset + bytes;
+    if (dirty_begin == dirty_end) {
+      dirty_begin = begin;
+      dirty_end = end;
+    } else {
+      dirty_begin = std::min(dirty_begin, begin);
+      dirty_end = std::max(dirty_end, end);
+    }
+  }
+  void Upload(const StepBuffer& dst, const std::vector<int32_t>& src) {
+    Stage(dst, src.data(), src.size() * sizeof(int32_t));
+  }
+  absl::Status FlushUploads() {
+    if (dirty_begin == dirty_end) return absl::OkStatus();
+    const absl::Status s = ops->CopyToDevice(static_cast<char*>(step_arena.data()) + dirty_begin,
+                                             step_host.data() + dirty_begin, dirty_end - dirty_begin);
+    dirty_begin = dirty_end = 0;
+    return s;
   }
 };
 
@@ -285,16 +318,36 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   }
 
   const int64_t max_t = capacity.max_tokens, max_s = capacity.max_seqs;
-  for (auto* m : {&impl->ids, &impl->positions, &impl->slot_mapping, &impl->token_seq,
-                  &impl->token_rows, &impl->seg_slots}) {
-    LORAPLEX_ASSIGN_OR_RETURN(*m, AllocateElements(ops, max_t, DType::kI32));
+  {
+    // The step arena: the small per-step arrays first (a decode step's copy then spans little
+    // more than what it writes), each region 16-byte aligned.
+    const std::pair<Impl::StepBuffer*, size_t> regions[] = {
+        {&impl->num_segments, sizeof(int32_t)},
+        {&impl->context_lens, max_s * sizeof(int32_t)},
+        {&impl->logit_rows, max_s * sizeof(int32_t)},
+        {&impl->sampling_rows, max_s * sizeof(ops::SamplingRow)},
+        {&impl->ids, max_t * sizeof(int32_t)},
+        {&impl->positions, max_t * sizeof(int32_t)},
+        {&impl->slot_mapping, max_t * sizeof(int32_t)},
+        {&impl->token_seq, max_t * sizeof(int32_t)},
+        {&impl->seg_slots, max_t * sizeof(int32_t)},
+        {&impl->seg_starts, (max_t + 1) * sizeof(int32_t)},
+        {&impl->token_rows, max_t * sizeof(int32_t)},
+        {&impl->block_tables, max_s * capacity.max_blocks_per_seq * sizeof(int32_t)},
+    };
+    size_t total = 0;
+    for (const auto& [buffer, bytes] : regions) {
+      buffer->offset = total;
+      buffer->bytes = bytes;
+      total += (bytes + 15) / 16 * 16;
+    }
+    LORAPLEX_ASSIGN_OR_RETURN(impl->step_arena, ops->Allocate(total));
+    impl->step_host.assign(total, 0);
+    for (const auto& [buffer, bytes] : regions) {
+      buffer->arena = &impl->step_arena;
+      buffer->host = impl->step_host.data() + buffer->offset;
+    }
   }
-  LORAPLEX_ASSIGN_OR_RETURN(impl->seg_starts, AllocateElements(ops, max_t + 1, DType::kI32));
-  LORAPLEX_ASSIGN_OR_RETURN(impl->num_segments, AllocateElements(ops, 1, DType::kI32));
-  LORAPLEX_ASSIGN_OR_RETURN(impl->context_lens, AllocateElements(ops, max_s, DType::kI32));
-  LORAPLEX_ASSIGN_OR_RETURN(impl->logit_rows, AllocateElements(ops, max_s, DType::kI32));
-  LORAPLEX_ASSIGN_OR_RETURN(
-      impl->block_tables, AllocateElements(ops, max_s * capacity.max_blocks_per_seq, DType::kI32));
   for (auto* m : {&impl->residual, &impl->hidden, &impl->proj_out}) {
     LORAPLEX_ASSIGN_OR_RETURN(*m, AllocateElements(ops, max_t * h, dtype));
   }
@@ -304,8 +357,6 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   LORAPLEX_ASSIGN_OR_RETURN(impl->act, AllocateElements(ops, max_t * inter, dtype));
   LORAPLEX_ASSIGN_OR_RETURN(impl->gathered, AllocateElements(ops, max_s * h, dtype));
   LORAPLEX_ASSIGN_OR_RETURN(impl->logits, AllocateElements(ops, max_s * v, DType::kF32));
-  LORAPLEX_ASSIGN_OR_RETURN(impl->sampling_rows,
-                            ops->Allocate(static_cast<size_t>(max_s) * sizeof(ops::SamplingRow)));
   LORAPLEX_ASSIGN_OR_RETURN(impl->sampled,
                             ops->Allocate(static_cast<size_t>(max_s) * sizeof(ops::SampledToken)));
   if (lora_width > 0) {
@@ -433,14 +484,14 @@ int32_t LlamaModel::Impl::DecodeBucket(const StepInput& in) const {
   return bucket;
 }
 
-absl::Status LlamaModel::Impl::UploadLora(const lora::LoraBatch& lb) {
+void LlamaModel::Impl::UploadLora(const lora::LoraBatch& lb) {
   const std::vector<int32_t> count = {lb.seg_slots.empty() ? 0 : lb.num_segments()};
   if (!lb.seg_slots.empty()) {
-    LORAPLEX_RETURN_IF_ERROR(Upload(token_rows, lb.token_rows));
-    LORAPLEX_RETURN_IF_ERROR(Upload(seg_starts, lb.seg_starts));
-    LORAPLEX_RETURN_IF_ERROR(Upload(seg_slots, lb.seg_slots));
+    Upload(token_rows, lb.token_rows);
+    Upload(seg_starts, lb.seg_starts);
+    Upload(seg_slots, lb.seg_slots);
   }
-  return Upload(num_segments, count);
+  Upload(num_segments, count);
 }
 
 absl::Status LlamaModel::Impl::UploadStep(const StepInput& in) {
@@ -451,9 +502,10 @@ absl::Status LlamaModel::Impl::UploadStep(const StepInput& in) {
                           {&context_lens, &in.context_lens},
                           {&block_tables, &in.block_tables},
                           {&logit_rows, &in.logit_rows}}) {
-    LORAPLEX_RETURN_IF_ERROR(Upload(*dst, *src));
+    Upload(*dst, *src);
   }
-  return in.lora.seg_slots.empty() ? absl::OkStatus() : UploadLora(in.lora);
+  if (!in.lora.seg_slots.empty()) UploadLora(in.lora);
+  return FlushUploads();
 }
 
 absl::Status LlamaModel::Impl::UploadPaddedDecode(const StepInput& in, int32_t bucket) {
@@ -468,17 +520,18 @@ absl::Status LlamaModel::Impl::UploadPaddedDecode(const StepInput& in, int32_t b
   pad(in.slot_mapping, -1, &pad_slots);
   pad(in.token_seq, -1, &pad_token_seq);
   pad(in.logit_rows, 0, &pad_logit_rows);
-  for (auto [dst, src] : {std::pair<ops::DeviceMemory*, const std::vector<int32_t>*>{&ids, &pad_ids},
+  for (auto [dst, src] : {std::pair<StepBuffer*, const std::vector<int32_t>*>{&ids, &pad_ids},
                           {&positions, &pad_positions},
                           {&slot_mapping, &pad_slots},
                           {&token_seq, &pad_token_seq},
                           {&context_lens, &in.context_lens},
                           {&block_tables, &in.block_tables},
                           {&logit_rows, &pad_logit_rows}}) {
-    LORAPLEX_RETURN_IF_ERROR(Upload(*dst, *src));
+    Upload(*dst, *src);
   }
   // A step without adapters replays the bucket's graph recorded without LoRA kernels.
-  return in.lora.seg_slots.empty() ? absl::OkStatus() : UploadLora(in.lora);
+  if (!in.lora.seg_slots.empty()) UploadLora(in.lora);
+  return FlushUploads();
 }
 
 absl::Status LlamaModel::Impl::Enqueue(const StepShape& shape) {
@@ -650,12 +703,9 @@ absl::StatusOr<std::vector<ops::SampledToken>> LlamaModel::ForwardSample(const S
   Impl& m = *impl_;
   LORAPLEX_RETURN_IF_ERROR(m.ValidateStep(in));
   LORAPLEX_RETURN_IF_ERROR(m.CheckSampling(in));
-  // Enqueued before the step so the copy overlaps nothing the step waits for.
+  // Staged with the step's other inputs: they reach the device in the step's one copy.
   const size_t rows = in.logit_rows.size();
-  if (rows > 0) {
-    LORAPLEX_RETURN_IF_ERROR(m.ops->CopyToDevice(m.sampling_rows.data(), in.sampling.data(),
-                                                 rows * sizeof(ops::SamplingRow)));
-  }
+  m.Stage(m.sampling_rows, in.sampling.data(), rows * sizeof(ops::SamplingRow));
   LORAPLEX_RETURN_IF_ERROR(m.RunStep(in));
   std::vector<ops::SampledToken> out(rows);
   if (rows > 0) {

@@ -4,24 +4,17 @@
 // and B once per step. So each work item streams a contiguous piece of one adapter's weights with
 // 16-byte loads (cp.async into shared memory, or into registers), many in flight, and a fixed grid
 // of persistent blocks (a few per SM) walks all items, so no block waits on an empty one and a
-// captured graph needs no grid resize. Split factors come from the live segments on the device.
-//
-// Work is numbered per live (segment, slice) pair: every block loads the pairs' ranks in
-// parallel, prefix-sums each pair's item count in shared memory and binary-searches its own items
-// in it. A pair's item count is proportional to its bytes (width x rank), so a batch of mixed
-// ranks costs in proportion to its ranks, not to the largest; rank-0 slices and empty segments
-// get no items at all.
+// captured graph needs no grid resize. Split factors come from the live segment count on the device.
 //
 // Shrink: item = (segment, slice, token split, 16-row stage, K chunk of up to 2048). The block
 // copies its rows of A's chunk into shared memory (cp.async, up to 64 KB in flight), then each
 // warp takes 2 rows, streams the item's tokens past them and warp-reduces each dot product.
 // K chunks write fp32 partials; the last block to finish a (segment, slice, token split) sums them
 // in chunk order into y (no atomics on y, no zeroing pass, no grid-wide barrier).
-// Expand: item = (segment, output tile of one slice, token split), the tile 64/rank columns a
-// thread (32 KB of B an item at ranks 8..64). A thread keeps the B rows (rank bf16 each,
-// contiguous) of its columns in registers and applies them to each token. It adds into the
-// output in place, or (GemmWithLora) writes scale·y·Bᵀ into an F32 delta buffer and marks the
-// (row, slice) pairs it wrote, so it can run beside the GEMM; LoraAddDelta then folds the delta in.
+// Expand: item = (segment, output tile of 1024 columns of one slice, token split). A thread keeps
+// the B rows (rank bf16 each, contiguous) of up to 4 of its columns in registers and applies them
+// to each token.
+// Work is proportional to each slot's real rank; rank-0 slices and empty segments cost nothing.
 #include "engine/ops/cuda/lora_kernels.h"
 
 #include "engine/ops/cuda/kernel_utils.cuh"
@@ -40,9 +33,9 @@ constexpr int kStageRowVecs = kMaxStepsPerSplit * kWarpSize;  // 16-byte vectors
 constexpr int kShrinkSmemBytes = (kStageRows + 1) * kStageRowVecs * 16;
 constexpr int kTokensPerItem = 2;          // tokens an item handles one after another (latency-bound)
 constexpr int kMaxTokenSplits = 64;
+constexpr int kExpandColumnsPerThread = kLoraExpandTile / kThreads;
 constexpr int kExpandBlocksPerSm = 2;  // register cap 128: the expand holds B vectors in registers
 constexpr int kShrinkBlocksPerSm = 3;  // register cap 85: A is staged in shared memory
-constexpr int kAddThreads = 256;
 
 // Programmatic dependent launch (sm_90): the expand is launched while the shrink still runs, loads
 // its B rows, then waits here for the shrink's y. A no-op in a kernel not launched that way.
@@ -121,90 +114,14 @@ __device__ __forceinline__ void LiveSegments(const LoraParams& p, int max_token_
   *token_splits = max(1, min(mean / kTokensPerItem, max_token_splits));
 }
 
-// Shared memory of the work walk: an inclusive prefix of item counts over up to kThreads pairs.
-struct WalkSmem {
-  int scan[kThreads];
-  int warp_sums[kWarps];
-};
-
-// Inclusive prefix sum of `v` over the block into ws.scan; returns the block's total. Every
-// thread must call it (it contains __syncthreads).
-__device__ __forceinline__ int BlockInclusiveScan(int v, WalkSmem& ws) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-#pragma unroll
-  for (int d = 1; d < kWarpSize; d <<= 1) {
-    const int u = __shfl_up_sync(0xffffffffu, v, d);
-    if (lane >= d) v += u;
-  }
-  __syncthreads();  // readers of the previous scan are done
-  if (lane == kWarpSize - 1) ws.warp_sums[warp] = v;
-  __syncthreads();
-  for (int i = 0; i < warp; ++i) v += ws.warp_sums[i];
-  ws.scan[threadIdx.x] = v;
-  __syncthreads();
-  return ws.scan[kThreads - 1];
-}
-
-// Sum of count(i) over pairs 0 .. num_pairs-1, in every thread.
-template <typename Count>
-__device__ __forceinline__ int64_t TotalItems(int num_pairs, const Count& count, WalkSmem& ws) {
-  int64_t total = 0;
-  for (int c0 = 0; c0 < num_pairs; c0 += kThreads) {
-    const int i = c0 + threadIdx.x;
-    total += BlockInclusiveScan(i < num_pairs ? count(i) : 0, ws);
-  }
-  return total;
-}
-
-// Calls body(pair, local) for this block's share of the items: pair i owns count(i)·per_unit
-// consecutive item numbers (pairs in order), and the block takes item numbers blockIdx.x,
-// blockIdx.x + gridDim.x, ... `local` is the item's index within its pair. Every thread calls it
-// and `body` runs in every thread for every item (so it may use __syncthreads).
-template <typename Count, typename Body>
-__device__ __forceinline__ void ForEachItem(int num_pairs, int per_unit, const Count& count, const Body& body,
-                                            WalkSmem& ws) {
-  int64_t first = 0;  // item number of the chunk's first item
-  int64_t next = blockIdx.x;
-  for (int c0 = 0; c0 < num_pairs; c0 += kThreads) {
-    const int i = c0 + threadIdx.x;
-    const int total = BlockInclusiveScan(i < num_pairs ? count(i) * per_unit : 0, ws);
-    while (next < first + total) {
-      const int local = static_cast<int>(next - first);
-      int lo = 0, hi = kThreads - 1;  // the first pair whose inclusive prefix passes `local`
-      while (lo < hi) {
-        const int mid = (lo + hi) / 2;
-        if (ws.scan[mid] > local) {
-          hi = mid;
-        } else {
-          lo = mid + 1;
-        }
-      }
-      body(c0 + lo, local - (lo > 0 ? ws.scan[lo - 1] : 0));
-      next += gridDim.x;
-    }
-    first += total;
-  }
-}
-
 __global__ void __launch_bounds__(kThreads, kShrinkBlocksPerSm)
     LoraShrinkKernel(LoraParams p, const bf16* __restrict__ x, float* __restrict__ y) {
   extern __shared__ uint4 shrink_smem[];
   uint4* a_s = shrink_smem;                                // [kStageRows][kStageRowVecs]
   uint4* x_s = shrink_smem + kStageRows * kStageRowVecs;  // [kStageRowVecs]
   __shared__ int last_block;
-  __shared__ WalkSmem ws;
   AllowDependentLaunch();  // the expand may take SMs this launch leaves idle; it waits for y itself
   const int S = p.num_slices;
-  // GemmWithLora's expand marks the (row, slice) pairs it writes into the delta buffer: start
-  // from none (the expand runs after this kernel has completed).
-  if (p.delta_mask != nullptr) {
-    const int64_t n = static_cast<int64_t>(p.delta_rows) * S;
-    for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < n;
-         e += static_cast<int64_t>(gridDim.x) * kThreads) {
-      p.delta_mask[e] = 0;
-    }
-  }
   int nseg, token_splits;
   // Counters are per (segment, slice, token split): the split count must fit the counter array.
   LiveSegments(p, max(1, min(kMaxTokenSplits, p.counter_capacity / max(1, p.max_segments * S))), &nseg,
@@ -214,43 +131,38 @@ __global__ void __launch_bounds__(kThreads, kShrinkBlocksPerSm)
   const int steps_total = (K + kStep - 1) / kStep;
   const int min_splits = (steps_total + kMaxStepsPerSplit - 1) / kMaxStepsPerSplit;
   const int max_splits = max(min_splits, min(steps_total, p.max_splits));
-  // A unit = (segment, slice, token split, 16-row stage of the slot's real rank), so a rank-64
-  // adapter is spread over 4x the blocks of a rank-16 one instead of making its blocks 4x longer.
-  const auto units = [&](int pair) -> int {
-    int begin = 0, end = 0;
-    LoraSliceWeightsDev w;
-    if (!ResolveSegment(p, pair / S, pair % S, &begin, &end, &w)) return 0;
-    return (w.rank + kStageRows - 1) / kStageRows * min(token_splits, end - begin);
-  };
-  const int num_pairs = nseg * S;
-  const int64_t total_units = TotalItems(num_pairs, units, ws);
-  if (total_units == 0) return;
+  // Row stages are work items of their own, so a rank-64 adapter is spread over 4x the blocks of a
+  // rank-16 one instead of making its blocks 4x longer (stages past a slot's rank exit at once).
+  const int stages = (p.max_rank + kStageRows - 1) / kStageRows;
+  const int base = nseg * S * token_splits * stages;
   // As many items as persistent blocks where the K chunks allow (one round, no tail), never fewer
   // splits than a 2048-element chunk needs.
-  int splits = static_cast<int>(min(max(static_cast<int64_t>(p.num_blocks) / total_units,
-                                        static_cast<int64_t>(min_splits)),
-                                    static_cast<int64_t>(max_splits)));
+  int splits = min(max(p.num_blocks / base, min_splits), max_splits);
   const int steps_per_split = (steps_total + splits - 1) / splits;
   splits = (steps_total + steps_per_split - 1) / steps_per_split;
+  const int64_t items = static_cast<int64_t>(base) * splits;
 
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
   const int64_t partial_stride = static_cast<int64_t>(p.num_tokens) * y_row;  // one K chunk's partials
 
-  ForEachItem(num_pairs, splits, units, [&](int pair, int local) {
-    const int seg = pair / S;
-    const int slice = pair % S;
-    int begin = 0, end = 0;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    int64_t rest = item;
+    const int ks = static_cast<int>(rest % splits);
+    rest /= splits;
+    const int stage = static_cast<int>(rest % stages);
+    rest /= stages;
+    const int ts = static_cast<int>(rest % token_splits);
+    rest /= token_splits;
+    const int slice = static_cast<int>(rest % S);
+    const int seg = static_cast<int>(rest / S);
+    int begin, end;
     LoraSliceWeightsDev w;
-    ResolveSegment(p, seg, slice, &begin, &end, &w);  // true: the pair has items
-    const int stages = (w.rank + kStageRows - 1) / kStageRows;
-    const int ks = local % splits;
-    const int unit = local / splits;
-    const int stage = unit % stages;
-    const int ts = unit / stages;  // < min(token_splits, end - begin)
+    if (!ResolveSegment(p, seg, slice, &begin, &end, &w)) continue;
     const int first = begin + ts;
     const int r0 = stage * kStageRows;
+    if (first >= end || r0 >= w.rank) continue;
     const bf16* a = static_cast<const bf16*>(w.a);
     const bool a_vec = IsAligned16(a);
     const int step0 = ks * steps_per_split;
@@ -306,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, kShrinkBlocksPerSm)
         }
       }
     }
-    if (splits == 1) return;
+    if (splits == 1) continue;
 
     // Publish this chunk's partials; the last chunk of the group to arrive reduces them.
     __threadfence();
@@ -314,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, kShrinkBlocksPerSm)
     if (threadIdx.x == 0) {
       int* counter = p.counters + (static_cast<int64_t>(seg) * S + slice) * token_splits + ts;
       const int arrived = atomicAdd(counter, 1) + 1;
-      last_block = arrived == splits * stages;  // every chunk of every stage
+      last_block = arrived == splits * ((w.rank + kStageRows - 1) / kStageRows);  // every chunk of every stage
       if (last_block) atomicExch(counter, 0);  // ready for the next launch
     }
     __syncthreads();
@@ -331,50 +243,41 @@ __global__ void __launch_bounds__(kThreads, kShrinkBlocksPerSm)
       }
     }
     __syncthreads();  // last_block is rewritten by the next item
-  }, ws);
+  }
 }
 
-// Output columns a thread of an expand item covers for a slot of rank `rank`: 64/rank, so an item
-// moves about 32 KB of B whatever the rank (8 columns at rank 8 .. 1 at rank 64 and above).
-__device__ __forceinline__ int ExpandColumnsPerThread(int rank) { return min(8, max(1, 64 / rank)); }
-
-// One expand work item: columns n0 + threadIdx.x + c·kThreads (c < cpt) of one slice for the
-// tokens first, first + step, ... < end. NV > 0: rank = 8·NV and B 16-byte aligned, so a column's
-// B row is NV vectors held in registers across tokens (cpt = 8/NV columns: 8 vectors a thread in
-// flight). NV = 0: any rank, B rows streamed through L1 per token, one column at a time.
-// Writes out[row, out_col + n] += scale·s in place, or with p.delta delta[row, out_col + n] =
-// scale·s and delta_mask[row, slice] = 1.
+// One expand work item: columns n0 + threadIdx.x + c·kThreads (c < kExpandColumnsPerThread) of
+// one slice for the tokens first, first + step, ... < end. NV > 0: rank = 8·NV and B 16-byte
+// aligned, so a column's B row is NV vectors held in registers across tokens, CPT columns at a
+// time (8 vectors a thread in flight). NV = 0: any rank, B rows streamed through L1 per token.
 template <int NV>
-__device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceWeightsDev& w, int slice, int width,
-                                           int n0, int cpt, int first, int end, int step, int64_t y_col,
-                                           int64_t out_col, const float* __restrict__ y, bf16* __restrict__ out,
-                                           float* y_s) {
-  constexpr int kCpt = NV == 0 ? 1 : 8 / NV;
+__device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceWeightsDev& w, int width, int n0,
+                                           int first, int end, int step, int64_t y_col, int64_t out_col,
+                                           const float* __restrict__ y, bf16* __restrict__ out, float* y_s) {
+  constexpr int kCpt = NV == 0 ? 1 : (8 / NV < kExpandColumnsPerThread ? 8 / NV : kExpandColumnsPerThread);
   constexpr int kHeld = NV == 0 ? 1 : NV;
   const int r = w.rank;
   const int64_t y_row = static_cast<int64_t>(p.num_slices) * p.max_rank;
   const int64_t out_row = p.slice_offsets[p.num_slices];
   const bf16* b = static_cast<const bf16*>(w.b);
-  for (int c0 = 0; c0 < cpt; c0 += kCpt) {
+  for (int c0 = 0; c0 < kExpandColumnsPerThread; c0 += kCpt) {
     uint4 bv[kCpt][kHeld];
     bool valid[kCpt];
 #pragma unroll
     for (int c = 0; c < kCpt; ++c) {
       const int n = n0 + threadIdx.x + (c0 + c) * kThreads;
-      valid[c] = c0 + c < cpt && n < width;
+      valid[c] = n < width;
 #pragma unroll
       for (int v = 0; v < kHeld; ++v) {
         bv[c][v] = (NV > 0 && valid[c]) ? __ldg(reinterpret_cast<const uint4*>(b + static_cast<int64_t>(n) * r) + v)
                                         : make_uint4(0, 0, 0, 0);
       }
     }
-    WaitForPrecedingKernel();  // y (and out, the delta mask) are the preceding kernels' outputs
+    WaitForPrecedingKernel();  // y (and out) are the preceding kernels' outputs
     for (int idx = first; idx < end; idx += step) {
       const int64_t row = p.token_rows[idx];
-      if (p.delta != nullptr && row >= p.delta_rows) continue;  // outside the buffer (same in every thread)
       __syncthreads();  // the previous token's y_s is no longer read
       if (threadIdx.x < r) y_s[threadIdx.x] = y[row * y_row + y_col + threadIdx.x];
-      if (p.delta_mask != nullptr && threadIdx.x == 0) p.delta_mask[row * p.num_slices + slice] = 1;
       __syncthreads();
 #pragma unroll
       for (int c = 0; c < kCpt; ++c) {
@@ -388,14 +291,8 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
           const bf16* b_row = b + static_cast<int64_t>(n) * r;
           for (int j = 0; j < r; ++j) s += ToFloat(b_row[j]) * y_s[j];
         }
-        const int64_t at = row * out_row + out_col + n;
-        if (p.delta != nullptr) {
-          p.delta[at] = __fmul_rn(w.scale, s);
-        } else {
-          // The product rounded on its own (no fused multiply-add), as the delta path stores it:
-          // both paths give the same bits.
-          out[at] = ToBf16(ToFloat(out[at]) + __fmul_rn(w.scale, s));
-        }
+        bf16* o = out + row * out_row + out_col + n;
+        *o = ToBf16(ToFloat(*o) + w.scale * s);
       }
     }
   }
@@ -404,96 +301,45 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
 __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     LoraExpandKernel(LoraParams p, const float* __restrict__ y, bf16* __restrict__ out) {
   __shared__ __align__(16) float y_s[kLoraMaxRank];
-  __shared__ WalkSmem ws;
   const int S = p.num_slices;
   int nseg, token_splits;
   LiveSegments(p, kMaxTokenSplits, &nseg, &token_splits);
-  // Items of a pair: (output tile, token split), the tile ExpandColumnsPerThread(rank)·kThreads
-  // columns wide.
-  const auto items = [&](int pair) -> int {
-    int begin = 0, end = 0;
+  if (nseg == 0) {
+    WaitForPrecedingKernel();  // this launch completes only after the shrink (see the end)
+    return;
+  }
+  const int total_tiles = p.tile_offsets[S];
+  const int64_t items = static_cast<int64_t>(nseg) * total_tiles * token_splits;
+
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    int64_t rest = item;
+    const int ts = static_cast<int>(rest % token_splits);
+    rest /= token_splits;
+    const int tile = static_cast<int>(rest % total_tiles);
+    const int seg = static_cast<int>(rest / total_tiles);
+    int slice = 0;
+    while (slice + 1 < S && tile >= p.tile_offsets[slice + 1]) ++slice;
+    int begin, end;
     LoraSliceWeightsDev w;
-    const int slice = pair % S;
-    if (!ResolveSegment(p, pair / S, slice, &begin, &end, &w)) return 0;
-    const int width = p.slice_offsets[slice + 1] - p.slice_offsets[slice];
-    const int tile = ExpandColumnsPerThread(w.rank) * kThreads;
-    return (width + tile - 1) / tile * min(token_splits, end - begin);
-  };
-  ForEachItem(nseg * S, 1, items, [&](int pair, int local) {
-    const int seg = pair / S;
-    const int slice = pair % S;
-    int begin = 0, end = 0;
-    LoraSliceWeightsDev w;
-    ResolveSegment(p, seg, slice, &begin, &end, &w);  // true: the pair has items
-    const int splits_here = min(token_splits, end - begin);
-    const int ts = local % splits_here;
-    const int tile = local / splits_here;
-    const int cpt = ExpandColumnsPerThread(w.rank);
+    if (!ResolveSegment(p, seg, slice, &begin, &end, &w)) continue;
     const int first = begin + ts;
+    if (first >= end) continue;
     const int width = p.slice_offsets[slice + 1] - p.slice_offsets[slice];
-    const int n0 = tile * cpt * kThreads;
+    const int n0 = (tile - p.tile_offsets[slice]) * kLoraExpandTile;
     const int64_t y_col = static_cast<int64_t>(slice) * p.max_rank;
     const int64_t out_col = p.slice_offsets[slice];
     const int nv = IsAligned16(w.b) && w.rank % 8 == 0 ? w.rank / 8 : 0;
     switch (nv) {  // the ranks adapters use get register-held B rows; others the general path
-      case 1: ExpandItem<1>(p, w, slice, width, n0, cpt, first, end, token_splits, y_col, out_col, y, out, y_s); break;
-      case 2: ExpandItem<2>(p, w, slice, width, n0, cpt, first, end, token_splits, y_col, out_col, y, out, y_s); break;
-      case 4: ExpandItem<4>(p, w, slice, width, n0, cpt, first, end, token_splits, y_col, out_col, y, out, y_s); break;
-      case 8: ExpandItem<8>(p, w, slice, width, n0, cpt, first, end, token_splits, y_col, out_col, y, out, y_s); break;
-      default: ExpandItem<0>(p, w, slice, width, n0, cpt, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+      case 1: ExpandItem<1>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+      case 2: ExpandItem<2>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+      case 4: ExpandItem<4>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+      case 8: ExpandItem<8>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+      default: ExpandItem<0>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
     }
-  }, ws);
+  }
   // Every block waits before it exits, so the launch's completion implies the shrink's: the next
   // kernel on the stream (another module's shrink reusing the split-K scratch) relies on it.
   WaitForPrecedingKernel();
-}
-
-struct AddDeltaParams {
-  const float* delta;
-  const uint8_t* mask;
-  int32_t rows;
-  int32_t num_slices;
-  int32_t slice_offsets[kLoraMaxSlices + 1];
-};
-
-// out[row, c..c+7] = bf16(float(out) + delta) where the expand marked (row, slice of c); one
-// thread per 8 columns. The mask, delta and out loads are issued together (one round trip); rows
-// the expand did not mark keep their bits.
-__global__ void __launch_bounds__(kAddThreads) LoraAddDeltaKernel(AddDeltaParams p, bf16* __restrict__ out) {
-  // Constant indices only (a dynamically indexed parameter array would go through local memory).
-  int width = p.slice_offsets[1];
-#pragma unroll
-  for (int s = 2; s <= kLoraMaxSlices; ++s) {
-    if (s <= p.num_slices) width = p.slice_offsets[s];
-  }
-  const int vecs_per_row = width / 8;
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kAddThreads + threadIdx.x;
-  if (idx >= static_cast<int64_t>(p.rows) * vecs_per_row) return;
-  const int64_t row = idx / vecs_per_row;
-  const int col = static_cast<int>(idx - row * vecs_per_row) * 8;
-  int slice = 0;
-#pragma unroll
-  for (int s = 1; s < kLoraMaxSlices; ++s) {
-    if (s < p.num_slices && col >= p.slice_offsets[s]) slice = s;
-  }
-  const int64_t at = row * width + col;
-  const uint8_t marked = p.mask[row * p.num_slices + slice];
-  const float4 d0 = __ldcg(reinterpret_cast<const float4*>(p.delta + at));
-  const float4 d1 = __ldcg(reinterpret_cast<const float4*>(p.delta + at) + 1);
-  uint4* o = reinterpret_cast<uint4*>(out + at);
-  const uint4 ov = *o;
-  if (!marked) return;
-  float f[8];
-  Unpack8(ov, f);
-  f[0] += d0.x;
-  f[1] += d0.y;
-  f[2] += d0.z;
-  f[3] += d0.w;
-  f[4] += d1.x;
-  f[5] += d1.y;
-  f[6] += d1.z;
-  f[7] += d1.w;
-  *o = Pack8(f);
 }
 
 }  // namespace
@@ -514,7 +360,7 @@ cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaS
 }
 
 cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cudaStream_t stream) {
-  if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0 || p.slice_offsets[p.num_slices] == 0) {
+  if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0 || p.tile_offsets[p.num_slices] == 0) {
     return cudaSuccess;
   }
   cudaLaunchConfig_t config = {};
@@ -527,21 +373,6 @@ cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cud
   config.attrs = attribute;
   config.numAttrs = p.overlap_shrink ? 1 : 0;
   return cudaLaunchKernelEx(&config, LoraExpandKernel, p, y, static_cast<bf16*>(out));
-}
-
-cudaError_t LaunchLoraAddDelta(const LoraParams& p, void* out, cudaStream_t stream) {
-  const int width = p.slice_offsets[p.num_slices];
-  const int64_t threads = static_cast<int64_t>(p.delta_rows) * (width / 8);
-  if (threads == 0) return cudaSuccess;
-  AddDeltaParams a;
-  a.delta = p.delta;
-  a.mask = p.delta_mask;
-  a.rows = p.delta_rows;
-  a.num_slices = p.num_slices;
-  for (int s = 0; s <= kLoraMaxSlices; ++s) a.slice_offsets[s] = p.slice_offsets[s];
-  const int64_t blocks = (threads + kAddThreads - 1) / kAddThreads;
-  LoraAddDeltaKernel<<<static_cast<unsigned>(blocks), kAddThreads, 0, stream>>>(a, static_cast<bf16*>(out));
-  return cudaGetLastError();
 }
 
 }  // namespace loraplex::ops::cuda

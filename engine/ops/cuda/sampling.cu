@@ -10,6 +10,10 @@
 // order: each thread owns a contiguous range of ids, a block scan of the range sums finds the
 // thread whose range holds u · total, and that thread walks its range. Every reduction has a fixed
 // shape, so a row's result depends on its logits and SamplingRow alone.
+// Selections first try a histogram of logit distance below the maximum (one pass, then the one
+// bin that crosses the target sorted in shared memory); the radix selection is the fallback for
+// a crossing bin too full to sort there (nearly flat rows). The first pass (max, argmax, softmax
+// sum) runs split over 16 blocks a row when the caller gives scratch, so greedy rows cost little.
 #include <cfloat>
 
 #include "engine/ops/cuda/kernel_utils.cuh"
@@ -23,11 +27,29 @@ constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kBins = 256;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr float kWeightScale = 1099511627776.0f;  // 2^40
-constexpr int kPrefilter = 4096;
+// Histogram selection: 2048 bins of 1/32 logit below the row's maximum (the last bin takes the
+// rest); the bin where the running count or weight reaches the target is sorted exactly, when it
+// holds at most kCandidates elements (else the radix selection runs).
+constexpr int kHistBins = 2048;
+constexpr float kBinsPerLogit = 32.0f;
+constexpr int kCandidates = 2048;
+// Per-row partial statistics of the first pass, computed by kStatsBlocks blocks per row.
+constexpr int kStatsBlocks = 16;
+constexpr int kStatsThreads = 256;
 
 struct Shared {
-  unsigned long long mass[kBins];
-  unsigned int count[kBins];
+  union {
+    struct {  // radix selection: one 8-bit digit per pass
+      unsigned long long mass[kBins];
+      unsigned int count[kBins];
+    };
+    struct {  // histogram selection: bins of logit distance below the maximum
+      unsigned long long hmass[kHistBins];
+      unsigned int hcount[kHistBins];
+    };
+  };
+  unsigned long long cand[kCandidates];  // keys of the crossing bin, then sorted descending
+  int num_cand;
   unsigned long long warp_u64[kWarps];
   float warp_m[kWarps];
   float warp_s[kWarps];
@@ -43,7 +65,7 @@ struct Shared {
 };
 
 __device__ __forceinline__ uint64_t RankKey(float v, int id) {
-  uint32_t b = __float_as_uint(v);
+  uint32_t b = v == 0.0f ? 0u : __float_as_uint(v);  // -0 ranks as +0: they compare equal
   b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
   return (static_cast<uint64_t>(b) << 32) | (0xffffffffu - static_cast<uint32_t>(id));
 }
@@ -173,18 +195,132 @@ __device__ uint64_t SelectThreshold(const float* __restrict__ l, int vocab, uint
   return prefix;
 }
 
-__global__ void __launch_bounds__(kThreads) SampleKernel(const float* __restrict__ logits, int vocab,
-                                                         const SamplingRowDev* __restrict__ rows,
-                                                         SampledTokenDev* __restrict__ out) {
-  __shared__ Shared sh;
-  const float* l = logits + static_cast<int64_t>(blockIdx.x) * vocab;
-  const SamplingRowDev p = rows[blockIdx.x];
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
 
-  // Pass 1: max, argmax (the lowest id on a tie) and Σ exp(l - max), online in one read.
+__device__ __forceinline__ float KeyValue(uint64_t key) {
+  const uint32_t b = static_cast<uint32_t>(key >> 32);
+  return __uint_as_float((b & 0x80000000u) ? (b & 0x7fffffffu) : ~b);
+}
+
+__device__ __forceinline__ int HistBin(float v, float row_max) {
+  return static_cast<int>(fminf((row_max - v) * kBinsPerLogit, static_cast<float>(kHistBins - 1)));
+}
+
+// As SelectThreshold, in two passes: a histogram over logit distance finds the bin where the
+// running count (or weight) reaches `need`, then that bin's elements are sorted in shared memory.
+// false (nothing decided) when the bin holds more than kCandidates elements.
+template <bool kMass>
+__device__ bool FastSelect(const float* __restrict__ l, int vocab, uint64_t lower, uint64_t need, float row_max,
+                           float inv_t, Shared& sh, uint64_t* threshold) {
+  for (int b = threadIdx.x; b < kHistBins; b += kThreads) {
+    sh.hcount[b] = 0;
+    sh.hmass[b] = 0;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < vocab; i += kThreads) {
+    const float v = l[i];
+    if (RankKey(v, i) < lower) continue;
+    const int bin = HistBin(v, row_max);
+    atomicAdd(&sh.hcount[bin], 1u);
+    if (kMass) {
+      const uint64_t w = Weight(v, row_max, inv_t);
+      if (w != 0) atomicAdd(&sh.hmass[bin], static_cast<unsigned long long>(w));
+    }
+  }
+  __syncthreads();
+  // Bins in order (bin 0 holds the largest logits): each thread sums two, a block scan finds the
+  // thread whose bins hold the crossing.
+  const int b0 = 2 * threadIdx.x;
+  const uint64_t v0 = kMass ? sh.hmass[b0] : sh.hcount[b0];
+  const uint64_t v1 = kMass ? sh.hmass[b0 + 1] : sh.hcount[b0 + 1];
+  uint64_t total = 0;
+  const uint64_t before = BlockExclusiveScanU64(v0 + v1, &total, sh);
+  if (before < need && need <= before + v0 + v1) {
+    const bool first = need <= before + v0;
+    sh.digit = first ? b0 : b0 + 1;
+    sh.before = first ? before : before + v0;
+  }
+  if (threadIdx.x == 0) sh.num_cand = 0;
+  __syncthreads();
+  const int crossing = sh.digit;
+  const uint64_t need_in_bin = need - sh.before;
+  const bool fits = sh.hcount[crossing] <= static_cast<unsigned>(kCandidates);  // same in every thread
+  __syncthreads();  // the histogram is read no more (the radix selection reuses its memory)
+  if (!fits) return false;
+  for (int i = threadIdx.x; i < vocab; i += kThreads) {
+    const float v = l[i];
+    const uint64_t key = RankKey(v, i);
+    if (key < lower || HistBin(v, row_max) != crossing) continue;
+    sh.cand[atomicAdd(&sh.num_cand, 1)] = key;
+  }
+  __syncthreads();
+  // Rank sort, descending (keys are unique): each thread ranks its two candidates, then writes them.
+  const int n = sh.num_cand;
+  uint64_t mine[2] = {0, 0};
+  int rank[2] = {-1, -1};
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int idx = threadIdx.x + k * kThreads;
+    if (idx >= n) continue;
+    mine[k] = sh.cand[idx];
+    int r = 0;
+    for (int j = 0; j < n; ++j) r += sh.cand[j] > mine[k] ? 1 : 0;
+    rank[k] = r;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    if (rank[k] >= 0) sh.cand[rank[k]] = mine[k];
+  }
+  __syncthreads();
+  if (!kMass) {
+    *threshold = sh.cand[need_in_bin - 1];  // the need_in_bin-th largest of the bin
+    return true;
+  }
+  // The running weight over the sorted bin: each thread two consecutive candidates.
+  const int c0 = 2 * threadIdx.x;
+  const uint64_t w0 = c0 < n ? Weight(KeyValue(sh.cand[c0]), row_max, inv_t) : 0;
+  const uint64_t w1 = c0 + 1 < n ? Weight(KeyValue(sh.cand[c0 + 1]), row_max, inv_t) : 0;
+  uint64_t bin_total = 0;
+  const uint64_t run = BlockExclusiveScanU64(w0 + w1, &bin_total, sh);
+  if (run < need_in_bin && need_in_bin <= run + w0 + w1) sh.token = need_in_bin <= run + w0 ? c0 : c0 + 1;
+  __syncthreads();
+  *threshold = sh.cand[sh.token];
+  __syncthreads();
+  return true;
+}
+
+template <bool kMass>
+__device__ uint64_t Select(const float* __restrict__ l, int vocab, uint64_t lower, uint64_t need, float row_max,
+                           float inv_t, Shared& sh) {
+  uint64_t threshold = 0;
+  if (FastSelect<kMass>(l, vocab, lower, need, row_max, inv_t, sh, &threshold)) return threshold;
+  return SelectThreshold<kMass>(l, vocab, lower, need, row_max, inv_t, sh);
+}
+
+// Running (max, Σ exp(l - max), argmax with the lowest id on a tie), merged.
+__device__ __forceinline__ void Merge(float& m, float& s, int& arg, float m2, float s2, int a2) {
+  const float mm = fmaxf(m, m2);
+  s = s * expf(m - mm) + s2 * expf(m2 - mm);
+  arg = (m2 > m || (m2 == m && a2 < arg)) ? a2 : arg;
+  m = mm;
+}
+
+__device__ __forceinline__ void WarpMerge(float& m, float& s, int& arg) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(kFull, m, o), s2 = __shfl_xor_sync(kFull, s, o);
+    const int a2 = __shfl_xor_sync(kFull, arg, o);
+    Merge(m, s, arg, m2, s2, a2);
+  }
+}
+
+// Statistics of elements [begin, end) of a row, strided over the block, merged in a fixed tree.
+// Every thread gets the result. `scratch` holds 3 x 32 words.
+__device__ void RowStats(const float* __restrict__ l, int begin, int end, float* scratch_m, float* scratch_s,
+                         int* scratch_arg, float* m_out, float* s_out, int* arg_out) {
   float m = -FLT_MAX, s = 0.0f;
   int arg = 0x7fffffff;
-  for (int i = threadIdx.x; i < vocab; i += kThreads) {
+  for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const float v = l[i];
     if (v > m) {
       s = s * expf(m - v) + 1.0f;
@@ -194,37 +330,65 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const float* __restrict
       s += expf(v - m);
     }
   }
-#pragma unroll
-  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
-    const float m2 = __shfl_xor_sync(kFull, m, o), s2 = __shfl_xor_sync(kFull, s, o);
-    const int a2 = __shfl_xor_sync(kFull, arg, o);
-    const float mm = fmaxf(m, m2);
-    s = s * expf(m - mm) + s2 * expf(m2 - mm);
-    arg = (m2 > m || (m2 == m && a2 < arg)) ? a2 : arg;
-    m = mm;
-  }
+  WarpMerge(m, s, arg);
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   if (lane == 0) {
-    sh.warp_m[warp] = m;
-    sh.warp_s[warp] = s;
-    sh.warp_arg[warp] = arg;
+    scratch_m[warp] = m;
+    scratch_s[warp] = s;
+    scratch_arg[warp] = arg;
   }
   __syncthreads();
-  m = sh.warp_m[lane];
-  s = sh.warp_s[lane];
-  arg = sh.warp_arg[lane];
-#pragma unroll
-  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
-    const float m2 = __shfl_xor_sync(kFull, m, o), s2 = __shfl_xor_sync(kFull, s, o);
-    const int a2 = __shfl_xor_sync(kFull, arg, o);
-    const float mm = fmaxf(m, m2);
-    s = s * expf(m - mm) + s2 * expf(m2 - mm);
-    arg = (m2 > m || (m2 == m && a2 < arg)) ? a2 : arg;
-    m = mm;
+  const int warps = blockDim.x / kWarpSize;
+  m = lane < warps ? scratch_m[lane] : -FLT_MAX;
+  s = lane < warps ? scratch_s[lane] : 0.0f;
+  arg = lane < warps ? scratch_arg[lane] : 0x7fffffff;
+  WarpMerge(m, s, arg);
+  __syncthreads();
+  *m_out = m;
+  *s_out = s;
+  *arg_out = arg;
+}
+
+// First pass split over kStatsBlocks blocks per row (a row is too much for one SM to read fast).
+__global__ void __launch_bounds__(kStatsThreads) SampleStatsKernel(const float* __restrict__ logits, int vocab,
+                                                                   float4* __restrict__ partials) {
+  __shared__ float sm[kWarpSize], ss[kWarpSize];
+  __shared__ int sa[kWarpSize];
+  const int row = blockIdx.y, part = blockIdx.x;
+  const int chunk = (vocab + kStatsBlocks - 1) / kStatsBlocks;
+  const int begin = min(part * chunk, vocab), end = min(begin + chunk, vocab);
+  float m, s;
+  int arg;
+  RowStats(logits + static_cast<int64_t>(row) * vocab, begin, end, sm, ss, sa, &m, &s, &arg);
+  if (threadIdx.x == 0) partials[static_cast<int64_t>(row) * kStatsBlocks + part] = make_float4(m, s, __int_as_float(arg), 0.0f);
+}
+
+__global__ void __launch_bounds__(kThreads) SampleKernel(const float* __restrict__ logits, int vocab,
+                                                         const SamplingRowDev* __restrict__ rows,
+                                                         SampledTokenDev* __restrict__ out,
+                                                         const float4* __restrict__ partials) {
+  __shared__ Shared sh;
+  const float* l = logits + static_cast<int64_t>(blockIdx.x) * vocab;
+  const SamplingRowDev p = rows[blockIdx.x];
+
+  // Pass 1: max, argmax (the lowest id on a tie) and Σ exp(l - max), from the partials when the
+  // stats kernel ran (merged in part order), else online in one read.
+  float m, s;
+  int arg;
+  if (partials != nullptr) {
+    m = -FLT_MAX;
+    s = 0.0f;
+    arg = 0x7fffffff;
+    for (int part = 0; part < kStatsBlocks; ++part) {
+      const float4 q = partials[static_cast<int64_t>(blockIdx.x) * kStatsBlocks + part];
+      Merge(m, s, arg, q.x, q.y, __float_as_int(q.z));
+    }
+  } else {
+    RowStats(l, 0, vocab, sh.warp_m, sh.warp_s, sh.warp_arg, &m, &s, &arg);
   }
   if (arg >= vocab) arg = 0;  // every logit -inf: no maximum was taken
   const float row_max = m;
   const float log_z = row_max + logf(s);
-  __syncthreads();
 
   int token = arg;
   const bool greedy = p.temperature == 0.0f || p.top_k == 1;
@@ -232,30 +396,19 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const float* __restrict
     const float inv_t = 1.0f / p.temperature;
     uint64_t threshold = 0;
     if (p.top_k > 0 && p.top_k < vocab) {
-      threshold = SelectThreshold<false>(l, vocab, 0, static_cast<uint64_t>(p.top_k), row_max, inv_t, sh);
+      threshold = Select<false>(l, vocab, 0, static_cast<uint64_t>(p.top_k), row_max, inv_t, sh);
     }
     if (p.top_p < 1.0f) {
-      // The mass the top-p prefix must reach, over the top-k survivors; and the top kPrefilter
-      // of them, which hold that mass in all but flat distributions: then the mass selection
-      // looks at those alone (few elements per histogram bin).
-      const int survivors = p.top_k > 0 && p.top_k < vocab ? p.top_k : vocab;
-      const uint64_t prefilter =
-          survivors > kPrefilter ? SelectThreshold<false>(l, vocab, threshold, kPrefilter, row_max, inv_t, sh) : 0;
-      uint64_t kept = 0, kept_top = 0;
+      // The mass the top-p prefix must reach, over the top-k survivors.
+      uint64_t kept = 0;
       for (int i = threadIdx.x; i < vocab; i += kThreads) {
         const float v = l[i];
-        const uint64_t key = RankKey(v, i);
-        if (key < threshold) continue;
-        const uint64_t w = Weight(v, row_max, inv_t);
-        kept += w;
-        if (key >= prefilter) kept_top += w;
+        if (RankKey(v, i) >= threshold) kept += Weight(v, row_max, inv_t);
       }
       kept = BlockSumU64(kept, sh);
-      kept_top = BlockSumU64(kept_top, sh);
       const double want = ceil(static_cast<double>(p.top_p) * static_cast<double>(kept));
       const uint64_t need = want < 1.0 ? 1ull : (want > static_cast<double>(kept) ? kept : static_cast<uint64_t>(want));
-      const uint64_t lower = kept_top >= need && prefilter > threshold ? prefilter : threshold;
-      const uint64_t t = SelectThreshold<true>(l, vocab, lower, need, row_max, inv_t, sh);
+      const uint64_t t = Select<true>(l, vocab, threshold, need, row_max, inv_t, sh);
       threshold = t > threshold ? t : threshold;
     }
     // The draw: ids in order, each thread a contiguous range.
@@ -290,7 +443,7 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const float* __restrict
 
   const int top_n = min(min(max(p.top_n, 0), kSampleMaxTopN), vocab);
   if (top_n > 0) {
-    const uint64_t threshold = SelectThreshold<false>(l, vocab, 0, static_cast<uint64_t>(top_n), row_max, 1.0f, sh);
+    const uint64_t threshold = Select<false>(l, vocab, 0, static_cast<uint64_t>(top_n), row_max, 1.0f, sh);
     if (threadIdx.x == 0) sh.top_count = 0;
     __syncthreads();
     for (int i = threadIdx.x; i < vocab; i += kThreads) {
@@ -330,12 +483,23 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const float* __restrict
 
 }  // namespace
 
+size_t SampleScratchBytes(int64_t num_rows) {
+  return static_cast<size_t>(num_rows) * kStatsBlocks * sizeof(float4);
+}
+
 cudaError_t LaunchSample(const float* logits, int64_t num_rows, int64_t vocab, const SamplingRowDev* rows,
-                         SampledTokenDev* out, cudaStream_t stream) {
+                         SampledTokenDev* out, void* scratch, size_t scratch_bytes, cudaStream_t stream) {
   if (num_rows <= 0) return cudaSuccess;
   if (vocab < 1 || vocab >= 0x7fffffff || num_rows > 0x7fffffff) return cudaErrorInvalidValue;
-  SampleKernel<<<static_cast<unsigned>(num_rows), kThreads, 0, stream>>>(logits, static_cast<int>(vocab), rows,
-                                                                          out);
+  float4* partials = nullptr;
+  if (scratch != nullptr && scratch_bytes >= SampleScratchBytes(num_rows) && num_rows <= 65535 &&
+      vocab >= kStatsBlocks * kStatsThreads) {
+    partials = static_cast<float4*>(scratch);
+    SampleStatsKernel<<<dim3(kStatsBlocks, static_cast<unsigned>(num_rows)), kStatsThreads, 0, stream>>>(
+        logits, static_cast<int>(vocab), partials);
+  }
+  SampleKernel<<<static_cast<unsigned>(num_rows), kThreads, 0, stream>>>(logits, static_cast<int>(vocab), rows, out,
+                                                                          partials);
   return cudaGetLastError();
 }
 

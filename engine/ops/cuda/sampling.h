@@ -28,8 +28,13 @@ struct SampledTokenDev {
   float top_logprobs[kSampleMaxTopN];
 };
 
+// Device scratch (bytes) that lets LaunchSample split its first pass over several blocks a row.
+size_t SampleScratchBytes(int64_t num_rows);
+
 // For r < num_rows: out[r] from logits [num_rows, vocab] F32 and rows[r]. vocab in [1, 2^31).
-cudaError_t LaunchSample(const float* logits, int64_t num_rows, int64_t vocab,
-                         const SamplingRowDev* rows, SampledTokenDev* out, cudaStream_t stream);
+// `scratch` (device, may be null): used when it holds SampleScratchBytes(num_rows); launches that
+// share it must be stream-ordered.
+cudaError_t LaunchSample(const float* logits, int64_t num_rows, int64_t vocab, const SamplingRowDev* rows,
+                         SampledTokenDev* out, void* scratch, size_t scratch_bytes, cudaStream_t stream);
 
 }  // namespace loraplex::ops::cuda
