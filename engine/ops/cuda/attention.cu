@@ -43,6 +43,7 @@ __device__ __forceinline__ int KeysPerSplit(int ctx, int num_splits) {
 // G: the group size this instance is built for (>= the real one; extra heads see zero q).
 template <int D, int G>
 __global__ void __launch_bounds__(kThreads) AttentionKernel(AttentionParams p) {
+  PdlEnter();  // before any global memory access (see kernel_utils.cuh)
   constexpr int kLanesPerKey = D / 8;                     // 16-byte slice per lane
   constexpr int kKeyGroups = kThreads / kLanesPerKey;     // keys in flight per step
   __shared__ float score_s[G][kTile];                     // scores, then softmax weights
@@ -238,6 +239,7 @@ __global__ void __launch_bounds__(kThreads) AttentionKernel(AttentionParams p) {
 
 // One block per (token, q head), one thread per dim; reads only the token's live splits.
 __global__ void AttentionCombineKernel(AttentionParams p) {
+  PdlEnter();  // before any global memory access (see kernel_utils.cuh)
   const int t = blockIdx.x;
   const int h = blockIdx.y;
   const int d = threadIdx.x;
@@ -268,7 +270,7 @@ __global__ void AttentionCombineKernel(AttentionParams p) {
 template <int D, int G>
 void LaunchFor(const AttentionParams& p, cudaStream_t stream) {
   const dim3 grid(p.num_tokens, p.num_kv_heads, p.num_splits);
-  AttentionKernel<D, G><<<grid, kThreads, 0, stream>>>(p);
+  (void)LaunchDependent(AttentionKernel<D, G>, dim3(grid), dim3(kThreads), 0, stream, p);
 }
 
 template <int D>
@@ -330,7 +332,7 @@ cudaError_t LaunchAttention(const AttentionParams& p, cudaStream_t stream) {
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
-  AttentionCombineKernel<<<dim3(p.num_tokens, p.num_q_heads), p.head_dim, 0, stream>>>(p);
+  (void)LaunchDependent(AttentionCombineKernel, dim3(p.num_tokens, p.num_q_heads), dim3(p.head_dim), 0, stream, p);
   return cudaGetLastError();
 }
 

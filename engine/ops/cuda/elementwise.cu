@@ -10,6 +10,7 @@ namespace {
 template <bool kVec>
 __global__ void GatherRowsKernel(const char* __restrict__ src, int64_t src_rows, int64_t row_bytes,
                                  const int32_t* __restrict__ indices, char* __restrict__ dst) {
+  PdlEnter();  // before any global memory access (see kernel_utils.cuh)
   const int64_t i = blockIdx.x;
   const int32_t index = indices[i];
   const bool valid = index >= 0 && index < src_rows;
@@ -31,6 +32,7 @@ __device__ __forceinline__ float SiluMul(float g, float u) { return g / (1.0f + 
 // One element per thread step, any inter or alignment.
 __global__ void SiluMulKernel(const bf16* __restrict__ gate_up, int64_t num_tokens, int64_t inter,
                               bf16* __restrict__ out) {
+  PdlEnter();  // before any global memory access (see kernel_utils.cuh)
   const int64_t total = num_tokens * inter;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -46,6 +48,7 @@ __global__ void SiluMulKernel(const bf16* __restrict__ gate_up, int64_t num_toke
 // both bases 16-byte aligned, so every row is too.
 __global__ void SiluMulVecKernel(const uint4* __restrict__ gate_up, int64_t num_tokens,
                                  int64_t inter_vecs, uint4* __restrict__ out) {
+  PdlEnter();  // before any global memory access (see kernel_utils.cuh)
   const int64_t total = num_tokens * inter_vecs;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -71,9 +74,9 @@ cudaError_t LaunchGatherRows(const void* src, int64_t src_rows, int64_t row_byte
   const char* s = static_cast<const char*>(src);
   char* d = static_cast<char*>(dst);
   if (vec) {
-    GatherRowsKernel<true><<<grid, 256, 0, stream>>>(s, src_rows, row_bytes, indices, d);
+    (void)LaunchDependent(GatherRowsKernel<true>, dim3(grid), dim3(256), 0, stream, s, src_rows, row_bytes, indices, d);
   } else {
-    GatherRowsKernel<false><<<grid, 256, 0, stream>>>(s, src_rows, row_bytes, indices, d);
+    (void)LaunchDependent(GatherRowsKernel<false>, dim3(grid), dim3(256), 0, stream, s, src_rows, row_bytes, indices, d);
   }
   return cudaGetLastError();
 }
@@ -86,10 +89,10 @@ cudaError_t LaunchSiluMul(const void* gate_up, int64_t num_tokens, int64_t inter
   const int64_t blocks = (work + 255) / 256;
   const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
   if (vec) {
-    SiluMulVecKernel<<<grid, 256, 0, stream>>>(static_cast<const uint4*>(gate_up), num_tokens,
+    (void)LaunchDependent(SiluMulVecKernel, dim3(grid), dim3(256), 0, stream, static_cast<const uint4*>(gate_up), num_tokens,
                                                inter / 8, static_cast<uint4*>(out));
   } else {
-    SiluMulKernel<<<grid, 256, 0, stream>>>(static_cast<const bf16*>(gate_up), num_tokens, inter,
+    (void)LaunchDependent(SiluMulKernel, dim3(grid), dim3(256), 0, stream, static_cast<const bf16*>(gate_up), num_tokens, inter,
                                             static_cast<bf16*>(out));
   }
   return cudaGetLastError();

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 namespace loraplex::ops::cuda {
 
@@ -65,5 +66,33 @@ __device__ __forceinline__ float BlockSum(float v, float* scratch) {
 }
 
 __host__ __device__ __forceinline__ bool IsAligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Programmatic dependent launch (sm_90). A kernel started by LaunchDependent may be scheduled
+// while the kernel before it on the stream is still finishing, which hides most of the launch
+// gap between the many small kernels of a decode step. Such a kernel calls PdlEnter first, before
+// it touches global memory: it lets the next dependent kernel be scheduled, then waits until the
+// kernel before it has completed and its writes are visible. (The next kernel can only start once
+// every block of this one has begun, so waiting blocks never crowd out unscheduled ones.) In a
+// kernel launched the ordinary way both instructions do nothing.
+__device__ __forceinline__ void PdlEnter() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
+template <typename... KernelArgs, typename... Args>
+cudaError_t LaunchDependent(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes,
+                            cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
 
 }  // namespace loraplex::ops::cuda

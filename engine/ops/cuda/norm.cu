@@ -28,6 +28,7 @@ template <bool kAdd, int kVecsPerThread>
 __global__ void __launch_bounds__(kMaxThreads)
     RmsNormVecKernel(const bf16* x, bf16* residual, const bf16* __restrict__ weight, int64_t hidden,
                      float eps, bf16* out) {
+  PdlEnter();  // before any global memory access (see kernel_utils.cuh)
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const int num_vecs = static_cast<int>(hidden / kVec);
@@ -78,6 +79,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <bool kAdd>
 __global__ void RmsNormScalarKernel(const bf16* x, bf16* residual, const bf16* __restrict__ weight,
                                     int64_t hidden, float eps, bf16* out) {
+  PdlEnter();  // before any global memory access (see kernel_utils.cuh)
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const bf16* xr = x + row * hidden;
@@ -117,7 +119,7 @@ cudaError_t Launch(const void* x, void* residual, const void* weight, int64_t ro
                    num_vecs <= static_cast<int64_t>(kMaxThreads) * kMaxVecsPerThread;
   if (!vec) {
     const int threads = RoundUpToWarp(hidden < kMaxThreads ? hidden : kMaxThreads);
-    RmsNormScalarKernel<kAdd><<<grid, threads, 0, stream>>>(xp, rp, wp, hidden, eps, op);
+    (void)LaunchDependent(RmsNormScalarKernel<kAdd>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op);
     return cudaGetLastError();
   }
   // The fewest vectors per thread that fit the row in kMaxThreads threads.
@@ -128,16 +130,16 @@ cudaError_t Launch(const void* x, void* residual, const void* weight, int64_t ro
   const int threads = RoundUpToWarp((num_vecs + per_thread - 1) / per_thread);
   switch (per_thread) {
     case 1:
-      RmsNormVecKernel<kAdd, 1><<<grid, threads, 0, stream>>>(xp, rp, wp, hidden, eps, op);
+      (void)LaunchDependent(RmsNormVecKernel<kAdd, 1>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op);
       break;
     case 2:
-      RmsNormVecKernel<kAdd, 2><<<grid, threads, 0, stream>>>(xp, rp, wp, hidden, eps, op);
+      (void)LaunchDependent(RmsNormVecKernel<kAdd, 2>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op);
       break;
     case 4:
-      RmsNormVecKernel<kAdd, 4><<<grid, threads, 0, stream>>>(xp, rp, wp, hidden, eps, op);
+      (void)LaunchDependent(RmsNormVecKernel<kAdd, 4>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op);
       break;
     default:
-      RmsNormVecKernel<kAdd, kMaxVecsPerThread><<<grid, threads, 0, stream>>>(xp, rp, wp, hidden, eps, op);
+      (void)LaunchDependent(RmsNormVecKernel<kAdd, kMaxVecsPerThread>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op);
       break;
   }
   return cudaGetLastError();

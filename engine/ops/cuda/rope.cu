@@ -10,6 +10,7 @@ namespace loraplex::ops::cuda {
 namespace {
 
 __global__ void RopeAndCacheKvKernel(RopeParams p) {
+  PdlEnter();  // before any global memory access (see kernel_utils.cuh)
   const int64_t t = blockIdx.x;
   if (p.token_seq != nullptr && p.token_seq[t] < 0) return;
   const int half = p.head_dim / 2;
@@ -61,7 +62,7 @@ cudaError_t LaunchRopeAndCacheKv(const RopeParams& p, cudaStream_t stream) {
   const int64_t per_token = (work + kThreads - 1) / kThreads;
   const dim3 grid(static_cast<unsigned>(p.num_tokens),
                   static_cast<unsigned>(per_token < 1 ? 1 : per_token > 64 ? 64 : per_token));
-  RopeAndCacheKvKernel<<<grid, kThreads, 0, stream>>>(p);
+  (void)LaunchDependent(RopeAndCacheKvKernel, dim3(grid), dim3(kThreads), 0, stream, p);
   return cudaGetLastError();
 }
 

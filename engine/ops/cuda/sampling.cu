@@ -352,6 +352,7 @@ __device__ void RowStats(const float* __restrict__ l, int begin, int end, float*
 // First pass split over kStatsBlocks blocks per row (a row is too much for one SM to read fast).
 __global__ void __launch_bounds__(kStatsThreads) SampleStatsKernel(const float* __restrict__ logits, int vocab,
                                                                    float4* __restrict__ partials) {
+  PdlEnter();  // before any global memory access (see kernel_utils.cuh)
   __shared__ float sm[kWarpSize], ss[kWarpSize];
   __shared__ int sa[kWarpSize];
   const int row = blockIdx.y, part = blockIdx.x;
@@ -367,6 +368,7 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const float* __restrict
                                                          const SamplingRowDev* __restrict__ rows,
                                                          SampledTokenDev* __restrict__ out,
                                                          const float4* __restrict__ partials) {
+  PdlEnter();  // before any global memory access (see kernel_utils.cuh)
   __shared__ Shared sh;
   const float* l = logits + static_cast<int64_t>(blockIdx.x) * vocab;
   const SamplingRowDev p = rows[blockIdx.x];
@@ -495,11 +497,11 @@ cudaError_t LaunchSample(const float* logits, int64_t num_rows, int64_t vocab, c
   if (scratch != nullptr && scratch_bytes >= SampleScratchBytes(num_rows) && num_rows <= 65535 &&
       vocab >= kStatsBlocks * kStatsThreads) {
     partials = static_cast<float4*>(scratch);
-    SampleStatsKernel<<<dim3(kStatsBlocks, static_cast<unsigned>(num_rows)), kStatsThreads, 0, stream>>>(
-        logits, static_cast<int>(vocab), partials);
+    (void)LaunchDependent(SampleStatsKernel, dim3(kStatsBlocks, static_cast<unsigned>(num_rows)), dim3(kStatsThreads),
+                          0, stream, logits, static_cast<int>(vocab), partials);
   }
-  SampleKernel<<<static_cast<unsigned>(num_rows), kThreads, 0, stream>>>(logits, static_cast<int>(vocab), rows, out,
-                                                                          partials);
+  (void)LaunchDependent(SampleKernel, dim3(static_cast<unsigned>(num_rows)), dim3(kThreads), 0, stream, logits,
+                        static_cast<int>(vocab), rows, out, static_cast<const float4*>(partials));
   return cudaGetLastError();
 }
 
