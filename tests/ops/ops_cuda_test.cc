@@ -720,12 +720,15 @@ std::vector<int> RandomTokenSlots(int tokens, int num_slots, double base_fractio
   return v;
 }
 
-// GemmWithLora (the whole wrapped projection; the shrink forked onto a side stream or not, called
-// directly or replayed from a graph) against the CPU's Gemm + LoraShrink + LoraExpand; elements no adapter changes must
+// GemmWithLora (the whole wrapped projection; the shrink forked onto a side stream or not, the
+// expand beside the GEMM into the delta buffer or in place after it, called directly or replayed
+// from a graph) against the CPU's Gemm + LoraShrink + LoraExpand; elements no adapter changes must
 // keep the bits of a plain GEMM. `steps` segment tables are used in turn on the same buffers (one
 // capture, several replays); the third has only base-model tokens (no segment at all).
-absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens, bool fork, bool graph, int steps) {
+absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens, bool fork, bool graph, int steps,
+                               bool in_place = false) {
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 3, true, fork));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, in_place ? 0 : SIZE_MAX));
   const int T = tokens, W = w.width(), yw = w.num_slices * w.max_rank;
   // Base weights of size 1/sqrt(in): base outputs O(1), as large as the LoRA delta, so an error in
   // either part shows in the relative error.
@@ -774,9 +777,11 @@ absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens
     for (size_t i = 0; i < ref.size(); ++i) {
       if (out_mask[i] == 0) ref[i] = plain[i];
     }
-    Compare(absl::StrCat(name, fork ? " fork" : " in order", graph ? " graph" : "", " segs=", segs.count()),
+    Compare(absl::StrCat(name, fork ? " fork" : " in order", fork && in_place ? " in-place" : "",
+                         graph ? " graph" : "", " segs=", segs.count()),
             got, ref, kTolBf16, out_mask);
   }
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, SIZE_MAX));
   return cuda::SetLoraTuningForTest(g_gpu, 3, true, true);
 }
 
@@ -861,6 +866,10 @@ absl::Status LoraTests() {
     for (bool graph : {false, true}) {
       LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora qkv", *world, T, fork, graph, 4));
     }
+  }
+  // The in-place expand a step whose delta does not fit the buffer falls back to.
+  for (bool graph : {false, true}) {
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora qkv", *world, T, true, graph, 4, true));
   }
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora down", *down, 40, true, true, 2));
   // Odd ranks (general expand path, 128 = max) and long segments split over tokens.
@@ -969,9 +978,10 @@ struct LoraTimingCase {
   std::vector<int> slot_ranks;   // rank of every slice of each slot
 };
 
-// Times shrink, expand, both, the base GEMM of the module at M = T, GEMM + both as three ops, and
-// GemmWithLora (shrink forked beside the GEMM). Bandwidth is adapter bytes (A and B of the slots
-// the step uses) over time.
+// Times shrink, expand, both, the base GEMM of the module at M = T, GEMM + both as three ops,
+// GemmWithLora (shrink and expand beside the GEMM, delta added after it), and GemmWithLora with
+// the in-place expand after the GEMM. Bandwidth is adapter bytes (A and B of the slots the step
+// uses) over time.
 absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
   const int T = static_cast<int>(c.token_slots.size());
   const int S = static_cast<int>(c.widths.size());
@@ -1030,15 +1040,18 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
   const TensorView gx = Gpu(d_x, DType::kBF16, {T, c.in}), gy = Gpu(d_y, DType::kF32, {T, S * max_rank}),
                    gout = Gpu(d_out, DType::kBF16, {T, width});
   const LoraSegments ds = dsegs.View();
-  struct Variant { const char* name; bool gemm, shrink, expand, fused; };
+  struct Variant { const char* name; bool gemm, shrink, expand, fused, in_place; };
   // Each variant timed twice: launched one call at a time from the host (eager, as the model runs
   // today), and as a CUDA graph of 20 calls replayed (device time, launch gaps mostly gone).
   constexpr int kGraphCalls = 20;
-  double eager[6] = {}, graph[6] = {};
+  double eager[7] = {}, graph[7] = {};
   int vi = 0;
-  for (const Variant& v : {Variant{"gemm", true, false, false, false}, Variant{"shrink", false, true, false, false},
-                           Variant{"expand", false, false, true, false}, Variant{"lora", false, true, true, false},
-                           Variant{"gemm+lora", true, true, true, false}, Variant{"fused", false, false, false, true}}) {
+  for (const Variant& v :
+       {Variant{"gemm", true, false, false, false, false}, Variant{"shrink", false, true, false, false, false},
+        Variant{"expand", false, false, true, false, false}, Variant{"lora", false, true, true, false, false},
+        Variant{"gemm+lora", true, true, true, false, false}, Variant{"fused", false, false, false, true, false},
+        Variant{"fused in-place", false, false, false, true, true}}) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, v.in_place ? 0 : SIZE_MAX));
     auto body = [&](int call) -> absl::Status {
       if (v.fused) return g_gpu->GemmWithLora(gx, gemm_w[call % gemm_copies], gout, &ds, &modules[call % sets], gy);
       if (v.gemm) LORAPLEX_RETURN_IF_ERROR(g_gpu->Gemm(gx, gemm_w[call % gemm_copies], 0.0f, gout));
@@ -1059,14 +1072,16 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
     graph[vi] = Median(gsamples) / kGraphCalls;
     ++vi;
   }
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, SIZE_MAX));
   const double ab = a_bytes + b_bytes;
   const bool l2_resident = std::min(sets, kGraphCalls) * ab < 100e6;  // < 2x the 50 MB L2
   std::printf("TIME LoRA %-34s T=%-4d segs=%-3d graph: shrink %6.2f us %5.0f GB/s, expand %6.2f us %5.0f GB/s, "
-              "lora %6.2f us %5.0f GB/s (%5.2f MB%s), gemm %6.2f us, +lora %.3fx, GemmWithLora %.3fx (+%.2f us) | "
-              "eager: lora %6.2f us, +lora %.3fx, GemmWithLora %.3fx\n",
+              "lora %6.2f us %5.0f GB/s (%5.2f MB%s), gemm %6.2f us, +lora %.3fx, GemmWithLora %.3fx (+%.2f us), "
+              "in-place %.3fx (+%.2f us) | eager: lora %6.2f us, +lora %.3fx, GemmWithLora %.3fx, in-place %.3fx\n",
               c.name.c_str(), T, segs.count(), graph[1], a_bytes / graph[1] * 1e-3, graph[2], b_bytes / graph[2] * 1e-3,
               graph[3], ab / graph[3] * 1e-3, ab * 1e-6, l2_resident ? ", L2" : "", graph[0], graph[4] / graph[0],
-              graph[5] / graph[0], graph[5] - graph[0], eager[3], eager[4] / eager[0], eager[5] / eager[0]);
+              graph[5] / graph[0], graph[5] - graph[0], graph[6] / graph[0], graph[6] - graph[0], eager[3],
+              eager[4] / eager[0], eager[5] / eager[0], eager[6] / eager[0]);
   return absl::OkStatus();
 }
 

@@ -46,6 +46,10 @@ constexpr size_t kAttentionScratchBytes = 32u << 20;   // split-context partials
 // splits of a 14336-wide input (14) for 8192 tokens at max_rank 128 on one slice.
 constexpr size_t kLoraPartialBytes = 64u << 20;
 constexpr int32_t kLoraCounters = 1 << 20;  // one per (segment, slice, token split)
+// GemmWithLora's expand-to-delta buffer, [tokens, out width] F32, and its (row, slice) marks: a
+// decode or small prefill step fits (gate_up: 585 tokens); larger steps use the in-place expand.
+constexpr size_t kLoraDeltaBytes = 64u << 20;
+constexpr size_t kLoraDeltaMaskBytes = 1u << 20;
 // Persistent LoRA blocks per SM, all resident at once: the shrink (74 registers, 68 KB shared
 // memory a block) fits 3, the expand (124 registers) 2.
 constexpr int kLoraShrinkBlocksPerSm = 3;
@@ -120,6 +124,10 @@ class CudaOps final : public Ops {
     // The shrink kernels leave every counter at zero when they finish; they start from zero here.
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMemset(ops->lora_counters_, 0, kLoraCounters * sizeof(int32_t)),
                                         "CUDA executor: zero LoRA counters"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->lora_delta_, kLoraDeltaBytes),
+                                        "CUDA executor: allocate LoRA delta"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(reinterpret_cast<void**>(&ops->lora_delta_mask_), kLoraDeltaMaskBytes),
+                                        "CUDA executor: allocate LoRA delta marks"));
     // Enough for the sampler's first pass split over blocks on up to 4096 rows; past that it
     // reads each row in one block.
     ops->sample_scratch_bytes_ = SampleScratchBytes(4096);
@@ -141,6 +149,8 @@ class CudaOps final : public Ops {
     if (lora_counters_ != nullptr) cudaFree(lora_counters_);
     if (lora_partials_ != nullptr) cudaFree(lora_partials_);
     if (sample_scratch_ != nullptr) cudaFree(sample_scratch_);
+    if (lora_delta_ != nullptr) cudaFree(lora_delta_);
+    if (lora_delta_mask_ != nullptr) cudaFree(lora_delta_mask_);
     if (attention_scratch_ != nullptr) cudaFree(attention_scratch_);
     if (gemm_workspace_ != nullptr) cudaFree(gemm_workspace_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
@@ -149,6 +159,7 @@ class CudaOps final : public Ops {
   cudaStream_t stream() const { return stream_; }
   void set_split_mode(AttentionSplitMode mode) { split_mode_ = mode; }
   void set_lora_tensor_core_min_tokens(int tokens) { lora_tc_min_tokens_ = tokens; }
+  void set_lora_delta_limit(size_t bytes) { lora_delta_limit_ = std::min(bytes, kLoraDeltaBytes); }
   void set_lora_tuning(int shrink_blocks_per_sm, bool overlap, bool fork) {
     lora_shrink_blocks_ = num_sms_ * shrink_blocks_per_sm;
     lora_overlap_ = overlap;
@@ -420,7 +431,11 @@ class CudaOps final : public Ops {
   }
 
   // The shrink runs on a side stream concurrently with the GEMM (both need only x, which the work
-  // already on the stream produces); the expand follows both on the ops' stream.
+  // already on the stream produces). When the step's [rows, out width] F32 delta fits the delta
+  // buffer, the expand runs there too, writing scale·y·Bᵀ into it, and after the join one
+  // elementwise kernel adds it to the GEMM's output (the same bits as the in-place expand): the
+  // GEMM's critical path gains only that kernel. Otherwise (and for the tensor-core kernels of
+  // long steps) the expand follows both on the ops' stream, in place.
   absl::Status GemmWithLora(const TensorView& x, const TensorView& w, const TensorView& y,
                             const LoraSegments* segments, const LoraModule* module,
                             const TensorView& lora_y) override {
@@ -431,18 +446,47 @@ class CudaOps final : public Ops {
     // stream forked (an open fork also breaks a graph capture).
     LORAPLEX_ASSIGN_OR_RETURN(LoraParams shrink, PrepareLoraShrink(x, *segments, *module, lora_y));
     LORAPLEX_ASSIGN_OR_RETURN(LoraParams expand, PrepareLoraExpand(lora_y, *segments, *module, y));
-    expand.overlap_shrink = false;  // the kernel before it is the GEMM; the shrink joins by event
+    if (segments->max_segments == 0) return Gemm(x, w, 0.0f, y);  // no segment can exist
+    const bool delta = !UseTensorCores(shrink) && LoraDeltaFits(*module, y);
+    if (delta) {
+      const int32_t rows = static_cast<int32_t>(y.shape[0]);
+      for (LoraParams* p : {&shrink, &expand}) {
+        p->delta_mask = lora_delta_mask_;
+        p->delta_rows = rows;
+      }
+      expand.delta = static_cast<float*>(lora_delta_);
+    } else {
+      expand.overlap_shrink = false;  // the kernel before it is the GEMM; the shrink joins by event
+    }
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(fork_event_, stream_), "GemmWithLora: fork"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(side_stream_, fork_event_, 0), "GemmWithLora: fork"));
-    const absl::Status shrunk = LaunchShrink(shrink, x.data, lora_y.As<float>(), side_stream_, "GemmWithLora: shrink");
+    absl::Status side = LaunchShrink(shrink, x.data, lora_y.As<float>(), side_stream_, "GemmWithLora: shrink");
+    if (side.ok() && delta) {
+      side = CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, side_stream_), "GemmWithLora: expand");
+    }
     const absl::Status recorded = CudaStatus(cudaEventRecord(join_event_, side_stream_), "GemmWithLora: join");
-    const absl::Status gemm = shrunk.ok() ? Gemm(x, w, 0.0f, y) : absl::OkStatus();
+    const absl::Status gemm = side.ok() ? Gemm(x, w, 0.0f, y) : absl::OkStatus();
     // Always join, so later work on the stream (and a capture's end) sees the side stream's.
     LORAPLEX_RETURN_IF_ERROR(recorded);
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmWithLora: join"));
-    LORAPLEX_RETURN_IF_ERROR(shrunk);
+    LORAPLEX_RETURN_IF_ERROR(side);
     LORAPLEX_RETURN_IF_ERROR(gemm);
+    if (delta) return CudaStatus(LaunchLoraAddDelta(expand, y.data, stream_), "GemmWithLora: add delta");
     return LaunchExpand(expand, lora_y.As<float>(), y.data, stream_, "GemmWithLora: expand");
+  }
+
+  // Whether GemmWithLora's delta path can take this call: the delta and its marks fit their
+  // buffers, and the add kernel's 8-column vectors neither straddle slices nor miss alignment.
+  bool LoraDeltaFits(const LoraModule& module, const TensorView& y) const {
+    const int64_t rows = y.shape[0];
+    const int64_t width = module.slice_offsets[module.num_slices];
+    if (rows * width * static_cast<int64_t>(sizeof(float)) > static_cast<int64_t>(lora_delta_limit_)) return false;
+    if (rows * module.num_slices > static_cast<int64_t>(kLoraDeltaMaskBytes)) return false;
+    if (!Aligned16(y.data)) return false;
+    for (int s = 0; s <= module.num_slices; ++s) {
+      if (module.slice_offsets[s] % 8 != 0) return false;
+    }
+    return true;
   }
 
   absl::StatusOr<std::unique_ptr<Graph>> Capture(const std::function<absl::Status()>& body) override;
@@ -588,6 +632,9 @@ class CudaOps final : public Ops {
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
   size_t sample_scratch_bytes_ = 0;
   int lora_tc_min_tokens_ = kLoraTensorCoreMinTokens;
+  void* lora_delta_ = nullptr;                  // [rows, out width] F32, kLoraDeltaBytes
+  uint8_t* lora_delta_mask_ = nullptr;          // [rows, slices], kLoraDeltaMaskBytes
+  size_t lora_delta_limit_ = kLoraDeltaBytes;   // tests lower it to force the in-place expand
   cudaStream_t side_stream_ = nullptr;  // GemmWithLora's shrink
   cudaEvent_t fork_event_ = nullptr;
   cudaEvent_t join_event_ = nullptr;
@@ -697,6 +744,12 @@ absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks_per_sm, bool overl
                    absl::StrCat("shrink_blocks_per_sm ", shrink_blocks_per_sm, " not in 1..32"));
   }
   cuda->set_lora_tuning(shrink_blocks_per_sm, overlap_shrink, fork_shrink);
+  return absl::OkStatus();
+}
+
+absl::Status SetLoraDeltaLimitForTest(Ops* ops, size_t bytes) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraDeltaLimitForTest"));
+  cuda->set_lora_delta_limit(bytes);
   return absl::OkStatus();
 }
 

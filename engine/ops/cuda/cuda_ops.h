@@ -58,6 +58,10 @@ absl::StatusOr<std::vector<double>> TimeOnStream(Ops* ops, int warmup, int repet
 // stream concurrently with the GEMM (`fork_shrink`, default on; off: the three ops in order).
 // Tests and benchmarks sweep them. INVALID_ARGUMENT for shrink_blocks_per_sm outside 1..32.
 absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks_per_sm, bool overlap_shrink, bool fork_shrink);
+// GemmWithLora (forked) runs the expand beside the GEMM into an F32 delta buffer of 64 MiB when
+// the call's rows x out width x 4 bytes fit, else in place after the GEMM. Tests lower the limit
+// (0: always in place) to cover both paths; values above 64 MiB act as 64 MiB.
+absl::Status SetLoraDeltaLimitForTest(Ops* ops, size_t bytes);
 // LoRA ops of steps with at least `min_tokens` tokens run the tensor-core kernels (default 256);
 // tests force either kind at any size. INVALID_ARGUMENT for min_tokens < 1.
 absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens);

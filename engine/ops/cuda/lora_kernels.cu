@@ -13,7 +13,9 @@
 // in chunk order into y (no atomics on y, no zeroing pass, no grid-wide barrier).
 // Expand: item = (segment, output tile of 1024 columns of one slice, token split). A thread keeps
 // the B rows (rank bf16 each, contiguous) of up to 4 of its columns in registers and applies them
-// to each token.
+// to each token; it adds scale·delta into the output in place, or (GemmWithLora) writes it into
+// an F32 delta buffer and marks the (row, slice) pairs it wrote, so it can run beside the GEMM;
+// LoraAddDelta then folds the delta in.
 // Work is proportional to each slot's real rank; rank-0 slices and empty segments cost nothing.
 #include "engine/ops/cuda/lora_kernels.h"
 
@@ -122,6 +124,15 @@ __global__ void __launch_bounds__(kThreads, kShrinkBlocksPerSm)
   __shared__ int last_block;
   AllowDependentLaunch();  // the expand may take SMs this launch leaves idle; it waits for y itself
   const int S = p.num_slices;
+  // GemmWithLora's expand marks the (row, slice) pairs it writes into the delta buffer: start
+  // from none (the expand reads the marks only after this kernel has completed).
+  if (p.delta_mask != nullptr) {
+    const int64_t n = static_cast<int64_t>(p.delta_rows) * S;
+    for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < n;
+         e += static_cast<int64_t>(gridDim.x) * kThreads) {
+      p.delta_mask[e] = 0;
+    }
+  }
   int nseg, token_splits;
   // Counters are per (segment, slice, token split): the split count must fit the counter array.
   LiveSegments(p, max(1, min(kMaxTokenSplits, p.counter_capacity / max(1, p.max_segments * S))), &nseg,
@@ -250,9 +261,11 @@ __global__ void __launch_bounds__(kThreads, kShrinkBlocksPerSm)
 // one slice for the tokens first, first + step, ... < end. NV > 0: rank = 8·NV and B 16-byte
 // aligned, so a column's B row is NV vectors held in registers across tokens, CPT columns at a
 // time (8 vectors a thread in flight). NV = 0: any rank, B rows streamed through L1 per token.
+// Writes out[row, out_col + n] += scale·s in place, or in delta mode delta[row, out_col + n] =
+// scale·s and delta_mask[row, slice] = 1.
 template <int NV>
-__device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceWeightsDev& w, int width, int n0,
-                                           int first, int end, int step, int64_t y_col, int64_t out_col,
+__device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceWeightsDev& w, int slice, int width,
+                                           int n0, int first, int end, int step, int64_t y_col, int64_t out_col,
                                            const float* __restrict__ y, bf16* __restrict__ out, float* y_s) {
   constexpr int kCpt = NV == 0 ? 1 : (8 / NV < kExpandColumnsPerThread ? 8 / NV : kExpandColumnsPerThread);
   constexpr int kHeld = NV == 0 ? 1 : NV;
@@ -273,11 +286,13 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
                                         : make_uint4(0, 0, 0, 0);
       }
     }
-    WaitForPrecedingKernel();  // y (and out) are the preceding kernels' outputs
+    WaitForPrecedingKernel();  // y (and out, the delta marks) are the preceding kernels' outputs
     for (int idx = first; idx < end; idx += step) {
       const int64_t row = p.token_rows[idx];
+      if (p.delta != nullptr && row >= p.delta_rows) continue;  // outside the buffer (same in every thread)
       __syncthreads();  // the previous token's y_s is no longer read
       if (threadIdx.x < r) y_s[threadIdx.x] = y[row * y_row + y_col + threadIdx.x];
+      if (p.delta_mask != nullptr && threadIdx.x == 0) p.delta_mask[row * p.num_slices + slice] = 1;
       __syncthreads();
 #pragma unroll
       for (int c = 0; c < kCpt; ++c) {
@@ -291,8 +306,14 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
           const bf16* b_row = b + static_cast<int64_t>(n) * r;
           for (int j = 0; j < r; ++j) s += ToFloat(b_row[j]) * y_s[j];
         }
-        bf16* o = out + row * out_row + out_col + n;
-        *o = ToBf16(ToFloat(*o) + w.scale * s);
+        const int64_t at = row * out_row + out_col + n;
+        // The product rounded on its own (no fused multiply-add) in both modes: the delta path
+        // and the in-place one give the same bits.
+        if (p.delta != nullptr) {
+          p.delta[at] = __fmul_rn(w.scale, s);
+        } else {
+          out[at] = ToBf16(ToFloat(out[at]) + __fmul_rn(w.scale, s));
+        }
       }
     }
   }
@@ -330,11 +351,11 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     const int64_t out_col = p.slice_offsets[slice];
     const int nv = IsAligned16(w.b) && w.rank % 8 == 0 ? w.rank / 8 : 0;
     switch (nv) {  // the ranks adapters use get register-held B rows; others the general path
-      case 1: ExpandItem<1>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
-      case 2: ExpandItem<2>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
-      case 4: ExpandItem<4>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
-      case 8: ExpandItem<8>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
-      default: ExpandItem<0>(p, w, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+      case 1: ExpandItem<1>(p, w, slice, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+      case 2: ExpandItem<2>(p, w, slice, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+      case 4: ExpandItem<4>(p, w, slice, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+      case 8: ExpandItem<8>(p, w, slice, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+      default: ExpandItem<0>(p, w, slice, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
     }
   }
   // Every block waits before it exits, so the launch's completion implies the shrink's: the next
@@ -342,7 +363,72 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
   WaitForPrecedingKernel();
 }
 
+constexpr int kAddThreads = 256;
+
+struct AddDeltaParams {
+  const float* delta;
+  const uint8_t* mask;
+  int32_t rows;
+  int32_t num_slices;
+  int32_t slice_offsets[kLoraMaxSlices + 1];
+};
+
+// out[row, c..c+7] = bf16(float(out) + delta) where the expand marked (row, slice of c); one
+// thread per 8 columns. The mask, delta and out loads are issued together (one round trip); rows
+// the expand did not mark keep their bits.
+__global__ void __launch_bounds__(kAddThreads) LoraAddDeltaKernel(AddDeltaParams p, bf16* __restrict__ out) {
+  // Constant indices only (a dynamically indexed parameter array would go through local memory).
+  int width = p.slice_offsets[1];
+#pragma unroll
+  for (int s = 2; s <= kLoraMaxSlices; ++s) {
+    if (s <= p.num_slices) width = p.slice_offsets[s];
+  }
+  const int vecs_per_row = width / 8;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kAddThreads + threadIdx.x;
+  if (idx >= static_cast<int64_t>(p.rows) * vecs_per_row) return;
+  const int64_t row = idx / vecs_per_row;
+  const int col = static_cast<int>(idx - row * vecs_per_row) * 8;
+  int slice = 0;
+#pragma unroll
+  for (int s = 1; s < kLoraMaxSlices; ++s) {
+    if (s < p.num_slices && col >= p.slice_offsets[s]) slice = s;
+  }
+  const int64_t at = row * width + col;
+  const uint8_t marked = p.mask[row * p.num_slices + slice];
+  const float4 d0 = __ldcg(reinterpret_cast<const float4*>(p.delta + at));
+  const float4 d1 = __ldcg(reinterpret_cast<const float4*>(p.delta + at) + 1);
+  uint4* o = reinterpret_cast<uint4*>(out + at);
+  const uint4 ov = *o;
+  if (!marked) return;
+  float f[8];
+  Unpack8(ov, f);
+  f[0] += d0.x;
+  f[1] += d0.y;
+  f[2] += d0.z;
+  f[3] += d0.w;
+  f[4] += d1.x;
+  f[5] += d1.y;
+  f[6] += d1.z;
+  f[7] += d1.w;
+  *o = Pack8(f);
+}
+
 }  // namespace
+
+cudaError_t LaunchLoraAddDelta(const LoraParams& p, void* out, cudaStream_t stream) {
+  const int width = p.slice_offsets[p.num_slices];
+  const int64_t threads = static_cast<int64_t>(p.delta_rows) * (width / 8);
+  if (threads == 0) return cudaSuccess;
+  AddDeltaParams a;
+  a.delta = p.delta;
+  a.mask = p.delta_mask;
+  a.rows = p.delta_rows;
+  a.num_slices = p.num_slices;
+  for (int s = 0; s <= kLoraMaxSlices; ++s) a.slice_offsets[s] = p.slice_offsets[s];
+  const int64_t blocks = (threads + kAddThreads - 1) / kAddThreads;
+  LoraAddDeltaKernel<<<static_cast<unsigned>(blocks), kAddThreads, 0, stream>>>(a, static_cast<bf16*>(out));
+  return cudaGetLastError();
+}
 
 int LoraShrinkMinSplits(int in_features) {
   const int steps = (in_features + kStep - 1) / kStep;

@@ -2,7 +2,7 @@
 // over adapter segments. Both use a fixed grid of persistent blocks that walk the step's work items;
 // the kernels read the live segment count, slots and ranks from device memory and size their split
 // factors from them, so launches can be captured in a CUDA graph and replayed with other batches.
-// Thread-safe (stateless); launches that share `partials`/`counters` must be stream-ordered.
+// Thread-safe (stateless); launches that share `partials`/`counters`/`delta` must be stream-ordered.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -50,6 +50,13 @@ struct LoraParams {
   // it reads the segment arrays, slot table and B while that kernel still runs, and y and out
   // only after it has finished.
   bool overlap_shrink = true;
+  // Delta mode (GemmWithLora): the expand writes scale·y·Bᵀ into `delta` [delta_rows,
+  // slice_offsets[num_slices]] F32 instead of adding it to out, and sets delta_mask[row, slice]
+  // ([delta_rows, num_slices] bytes) for every (row, slice) it wrote; the shrink of the same module
+  // clears delta_mask first (set it in both params). Rows of segments must be < delta_rows.
+  float* delta = nullptr;
+  uint8_t* delta_mask = nullptr;
+  int32_t delta_rows = 0;
 };
 
 // Shortest K chunk a split may have is 256 elements, the longest 8·256 (a block stages 16 rows of
@@ -69,6 +76,13 @@ cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaS
 // y as above; out [num_tokens, slice_offsets[num_slices]] bf16, in place. With overlap_shrink, the
 // kernel launched just before must not write the segment arrays, the slot table or B (the shrink
 // does not); the launch still completes only after that kernel has.
+// In delta mode `out` is not touched (see LoraParams::delta).
 cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cudaStream_t stream);
+
+// out[row, c] = bf16(float(out[row, c]) + delta[row, c]) for rows < p.delta_rows where the expand
+// set delta_mask[row, slice of c]; other elements keep their bits. The same bits the in-place
+// expand gives. out [delta_rows, slice_offsets[num_slices]] bf16, 16-byte aligned, every slice
+// offset a multiple of 8. Launch after the delta-mode shrink and expand of the same params.
+cudaError_t LaunchLoraAddDelta(const LoraParams& p, void* out, cudaStream_t stream);
 
 }  // namespace loraplex::ops::cuda
