@@ -417,6 +417,8 @@ class CudaOps final : public Ops {
     tc.max_segments = p.max_segments;
     tc.num_tokens = p.num_tokens;
     tc.num_blocks = num_sms_ * kLoraTensorCoreBlocksPerSm;
+    tc.partials = static_cast<float*>(lora_partials_);  // the split-K kernels' scratch, unused here
+    tc.partial_bytes = kLoraPartialBytes;
     return tc;
   }
 

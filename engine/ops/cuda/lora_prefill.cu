@@ -12,6 +12,8 @@
 // element belongs to one item, so results are deterministic.
 #include <mma.h>
 
+#include <algorithm>
+
 #include "engine/ops/cuda/kernel_utils.cuh"
 #include "engine/ops/cuda/lora_prefill.h"
 
@@ -75,24 +77,34 @@ __device__ __forceinline__ bool SliceOf(const LoraTcParams& p, int seg, int slic
   return w->rank > 0;
 }
 
+// Shrink item = (tile, slice, rank block, K split); with splits > 1 the split's sums go to
+// partials[split] and LoraShrinkTcReduceKernel adds them up.
 __global__ void __launch_bounds__(kThreads) LoraShrinkTcKernel(LoraTcParams p, const bf16* __restrict__ x,
-                                                                float* __restrict__ y) {
+                                                                float* __restrict__ y, int splits, int steps_per_split) {
   // Two stages of [64 tokens][64 k] X and [64 rank rows][64 k] A; the result tile reuses them.
   __shared__ __align__(128) bf16 stage[2][2][kTile][kLd];
   const int nseg = LiveSegments(p);
   if (nseg == 0) return;
   const int S = p.num_slices;
   const int rank_blocks = (p.max_rank + kRankBlock - 1) / kRankBlock;
-  const int64_t items = static_cast<int64_t>(VirtualTiles(p, nseg)) * S * rank_blocks;
+  const int64_t items = static_cast<int64_t>(VirtualTiles(p, nseg)) * S * rank_blocks * splits;
   const int K = p.in_features;
-  const int nk = (K + kKStep - 1) / kKStep;
+  const int nk_total = (K + kKStep - 1) / kKStep;
   const int warp = threadIdx.x / kWarpSize;
   const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int rb = static_cast<int>(item % rank_blocks);
-    const int slice = static_cast<int>((item / rank_blocks) % S);
-    const int v = static_cast<int>(item / (static_cast<int64_t>(rank_blocks) * S));
+    int64_t rest = item;
+    const int split = static_cast<int>(rest % splits);
+    rest /= splits;
+    const int rb = static_cast<int>(rest % rank_blocks);
+    rest /= rank_blocks;
+    const int slice = static_cast<int>(rest % S);
+    const int v = static_cast<int>(rest / S);
+    const int kt0 = split * steps_per_split;
+    const int nk = min(steps_per_split, nk_total - kt0);
+    if (nk <= 0) continue;
+    float* dst = splits > 1 ? p.partials + static_cast<int64_t>(split) * p.num_tokens * y_row : y;
     int seg, begin, end;
     if (!LocateTile(p, nseg, v, &seg, &begin, &end)) continue;
     LoraSliceWeightsDev w;
@@ -105,7 +117,7 @@ __global__ void __launch_bounds__(kThreads) LoraShrinkTcKernel(LoraTcParams p, c
 
     // Each thread copies 4 of the 512 16-byte vectors of each tile per stage.
     auto load_stage = [&](int buf, int kt) {
-      const int k0 = kt * kKStep;
+      const int k0 = (kt0 + kt) * kKStep;
       for (int e = threadIdx.x; e < kTile * (kKStep / 8); e += kThreads) {
         const int r = e / (kKStep / 8);
         const int c = (e % (kKStep / 8)) * 8;
@@ -174,7 +186,34 @@ __global__ void __launch_bounds__(kThreads) LoraShrinkTcKernel(LoraTcParams p, c
     __syncthreads();
     for (int e = threadIdx.x; e < rows * rrows; e += kThreads) {
       const int i = e / rrows, j = e % rrows;
-      y[static_cast<int64_t>(p.token_rows[begin + i]) * y_row + slice * p.max_rank + r0 + j] = cs[i * kLdCs + j];
+      dst[static_cast<int64_t>(p.token_rows[begin + i]) * y_row + slice * p.max_rank + r0 + j] = cs[i * kLdCs + j];
+    }
+  }
+}
+
+// y = Σ_split partials[split] over the (row, column) pairs the shrink wrote, in split order.
+__global__ void __launch_bounds__(kThreads) LoraShrinkTcReduceKernel(LoraTcParams p, float* __restrict__ y,
+                                                                      int splits) {
+  const int nseg = LiveSegments(p);
+  if (nseg == 0) return;
+  const int S = p.num_slices;
+  const int64_t items = static_cast<int64_t>(VirtualTiles(p, nseg)) * S;
+  const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
+  const int64_t stride = static_cast<int64_t>(p.num_tokens) * y_row;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int slice = static_cast<int>(item % S);
+    const int v = static_cast<int>(item / S);
+    int seg, begin, end;
+    if (!LocateTile(p, nseg, v, &seg, &begin, &end)) continue;
+    LoraSliceWeightsDev w;
+    if (!SliceOf(p, seg, slice, &w)) continue;
+    const int rows = end - begin;
+    for (int e = threadIdx.x; e < rows * w.rank; e += kThreads) {
+      const int i = e / w.rank, j = e % w.rank;
+      const int64_t at = static_cast<int64_t>(p.token_rows[begin + i]) * y_row + slice * p.max_rank + j;
+      float sum = 0.0f;
+      for (int sp = 0; sp < splits; ++sp) sum += p.partials[sp * stride + at];
+      y[at] = sum;
     }
   }
 }
@@ -306,7 +345,25 @@ __global__ void __launch_bounds__(kThreads) LoraExpandTcKernel(LoraTcParams p, i
 
 cudaError_t LaunchLoraShrinkTc(const LoraTcParams& p, const void* x, float* y, cudaStream_t stream) {
   if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0 || p.max_rank <= 0) return cudaSuccess;
-  LoraShrinkTcKernel<<<p.num_blocks, kThreads, 0, stream>>>(p, static_cast<const bf16*>(x), y);
+  // A tile's K loop is latency-bound (two stages in flight): split K into chunks of ~1024 (at
+  // most 8), as far as the scratch holds the partial sums.
+  const int steps = (p.in_features + kKStep - 1) / kKStep;
+  int splits = std::min(8, std::max(1, steps / 16));
+  const size_t per_split = static_cast<size_t>(p.num_tokens) * p.num_slices * p.max_rank * sizeof(float);
+  if (p.partials == nullptr || per_split == 0) {
+    splits = 1;
+  } else {
+    splits = static_cast<int>(std::min<size_t>(splits, p.partial_bytes / per_split));
+    splits = std::max(splits, 1);
+  }
+  const int steps_per_split = (steps + splits - 1) / splits;
+  splits = (steps + steps_per_split - 1) / steps_per_split;
+  LoraShrinkTcKernel<<<p.num_blocks, kThreads, 0, stream>>>(p, static_cast<const bf16*>(x), y, splits,
+                                                            steps_per_split);
+  if (splits == 1) return cudaGetLastError();
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  LoraShrinkTcReduceKernel<<<p.num_blocks, kThreads, 0, stream>>>(p, y, splits);
   return cudaGetLastError();
 }
 

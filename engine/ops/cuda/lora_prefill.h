@@ -29,10 +29,15 @@ struct LoraTcParams {
   int32_t max_segments = 0;
   int32_t num_tokens = 0;
   int32_t num_blocks = 0;  // persistent blocks per launch
+  // Shrink split-K scratch: [splits, num_tokens, num_slices·max_rank] F32 partial sums (summed in
+  // split order into y by a second kernel); null or too small: no K split.
+  float* partials = nullptr;
+  size_t partial_bytes = 0;
 };
 
-// y[row, s·max_rank + j] = Σ_k x[row, k]·A_s[j, k] (j < rank), fp32 accumulation; other columns
-// untouched. x [num_tokens, in_features] bf16, 16-byte aligned rows; y F32.
+// y[row, s·max_rank + j] = Σ_k x[row, k]·A_s[j, k] (j < rank), fp32 accumulation in a fixed
+// order; other columns untouched. x [num_tokens, in_features] bf16, 16-byte aligned rows; y F32.
+// With partials the K range is split over more work items (then summed in a second launch).
 cudaError_t LaunchLoraShrinkTc(const LoraTcParams& p, const void* x, float* y, cudaStream_t stream);
 
 // out[row, off_s + n] += scale·Σ_j bf16(y[row, s·max_rank + j])·B_s[n, j], fp32 accumulation, one
