@@ -2,18 +2,18 @@
 // from L2 after the first pass).
 //
 // Candidates are ranked by a 64-bit key: the logit's order-preserving bits above the complement
-// of its id, so larger key = higher logit, lower id on a tie, and no two keys are equal. top-k and
-// top-p then become thresholds on that key, found by radix selection (8-bit digits from the top,
-// one histogram pass each, stopping as soon as the bin that crosses the target is wanted whole):
-// top-k counts elements, top-p sums fixed-point weights (exp((l - max) / T) · 2^40 as integers,
-// so the sums are exact and the same in any order). The draw walks the kept candidates in id
-// order: each thread owns a contiguous range of ids, a block scan of the range sums finds the
-// thread whose range holds u · total, and that thread walks its range. Every reduction has a fixed
-// shape, so a row's result depends on its logits and SamplingRow alone.
-// Selections first try a histogram of logit distance below the maximum (one pass, then the one
-// bin that crosses the target sorted in shared memory); the radix selection is the fallback for
-// a crossing bin too full to sort there (nearly flat rows). The first pass (max, argmax, softmax
-// sum) runs split over 16 blocks a row when the caller gives scratch, so greedy rows cost little.
+// of its id, so larger key = higher logit, lower id on a tie, and no two keys are equal. top-k,
+// top-p and top-n then become thresholds on that key: top-k and top-n count elements, top-p sums
+// fixed-point weights (exp((l - max) / T) · 2^40 as integers, so the sums are exact and the same
+// in any order). A threshold is found by a histogram of logit distance below the maximum (one
+// pass, then the one bin that crosses the target sorted exactly in shared memory), or, when that
+// bin is too full to sort there (nearly flat rows), by radix selection (8-bit digits from the top,
+// one histogram pass each, stopping as soon as the bin that crosses the target is wanted whole).
+// The draw walks the kept candidates in id order: each thread owns a contiguous range of ids, a
+// block scan of the range sums finds the thread whose range holds u · total, and that thread
+// walks its range. Every reduction has a fixed shape, so a row's result depends on its logits and
+// SamplingRow alone. The first pass (max, argmax, softmax sum) runs split over 16 blocks a row when
+// the caller gives scratch, so greedy rows cost little.
 #include <cfloat>
 
 #include "engine/ops/cuda/kernel_utils.cuh"
