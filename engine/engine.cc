@@ -588,6 +588,13 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const config::Config& con
   LORAPLEX_ASSIGN_OR_RETURN(
       std::unique_ptr<model::LlamaModel> model,
       model::LlamaModel::Load(config.model.path, spec, ops->get(), slots.get(), capacity));
+  if (device == Device::kCuda) {
+    // Every decode bucket's graph is recorded now, so no request waits for a capture.
+    const absl::Time warm_start = absl::Now();
+    LORAPLEX_ASSIGN_OR_RETURN(const int graphs, model->WarmUp());
+    spdlog::info("engine: recorded {} decode graphs in {:.0f} ms", graphs,
+                 absl::ToDoubleMilliseconds(absl::Now() - warm_start));
+  }
   spdlog::info(
       "engine: {} executor, {} layers, vocab {}, max_seq_len {}, kv {} blocks x {} tokens, "
       "batch {} tokens / {} seqs, {} adapter slots (max rank {})",

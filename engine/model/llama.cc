@@ -721,6 +721,36 @@ absl::StatusOr<std::vector<ops::SampledToken>> LlamaModel::ForwardSample(const S
   return out;
 }
 
+absl::StatusOr<int> LlamaModel::WarmUp() {
+  Impl& m = *impl_;
+  if (!m.cap.graphs || m.graphs_unsupported) return 0;
+  const size_t before = m.graphs.size();
+  const int32_t limit = std::min(m.cap.max_seqs, m.cap.max_tokens);
+  for (int32_t b = 1; b <= limit; ++b) {
+    StepInput in;
+    for (int32_t s = 0; s < b; ++s) {
+      in.token_ids.push_back(0);
+      in.positions.push_back(0);
+      in.slot_mapping.push_back(0);  // every row writes the same K/V into slot 0: same bits
+      in.token_seq.push_back(s);
+      in.context_lens.push_back(1);
+      in.logit_rows.push_back(s);
+    }
+    in.block_tables.assign(static_cast<size_t>(b) * m.cap.max_blocks_per_seq, 0);
+    in.sampling.resize(static_cast<size_t>(b));
+    const int32_t bucket = m.DecodeBucket(in);
+    if (bucket != b) continue;  // only the smallest batch of each bucket
+    for (const bool lora : {false, true}) {
+      if (lora && !m.has_lora) break;
+      // Slot 0's table: rank 0 (nothing read) unless an adapter is already resident there.
+      in.lora = lora ? lora::BuildLoraBatch(std::vector<int32_t>(static_cast<size_t>(b), 0)) : lora::LoraBatch{};
+      LORAPLEX_RETURN_IF_ERROR(Annotate(ForwardSample(in).status(), absl::StrCat("LlamaModel::WarmUp: bucket ", b)));
+      if (m.graphs_unsupported) return 0;
+    }
+  }
+  return static_cast<int>(m.graphs.size() - before);
+}
+
 void LlamaModel::set_graphs(bool enabled) { impl_->cap.graphs = enabled; }
 int64_t LlamaModel::graph_steps() const { return impl_->graph_steps; }
 int LlamaModel::num_graphs() const { return static_cast<int>(impl_->graphs.size()); }
