@@ -402,33 +402,18 @@ class CudaOps final : public Ops {
 
   bool UseTensorCores(const LoraParams& p) const { return p.num_tokens >= lora_tc_min_tokens_; }
 
-  LoraTcParams TensorCoreParams(const LoraParams& p) const {
-    LoraTcParams tc;
-    tc.table = p.table;
-    tc.num_slots = p.num_slots;
-    tc.num_slices = p.num_slices;
-    tc.in_features = p.in_features;
-    tc.max_rank = p.max_rank;
-    for (int s = 0; s <= p.num_slices; ++s) tc.slice_offsets[s] = p.slice_offsets[s];
-    tc.token_rows = p.token_rows;
-    tc.seg_starts = p.seg_starts;
-    tc.seg_slots = p.seg_slots;
-    tc.num_segments = p.num_segments;
-    tc.max_segments = p.max_segments;
-    tc.num_tokens = p.num_tokens;
-    tc.num_blocks = num_sms_ * kLoraTensorCoreBlocksPerSm;
-    tc.partials = static_cast<float*>(lora_partials_);  // the split-K kernels' scratch, unused here
-    tc.partial_bytes = kLoraPartialBytes;
-    return tc;
-  }
-
   absl::Status LaunchShrink(const LoraParams& p, const void* x, float* y, cudaStream_t stream, absl::string_view op) {
-    if (UseTensorCores(p)) return CudaStatus(LaunchLoraShrinkTc(TensorCoreParams(p), x, y, stream), op);
+    if (UseTensorCores(p)) {
+      // The split-K kernels' partial-sum scratch serves the tensor-core shrink's K split too.
+      return CudaStatus(LaunchLoraShrinkTc(p, num_sms_ * kLoraTensorCoreBlocksPerSm, kLoraPartialBytes, x, y, stream), op);
+    }
     return CudaStatus(LaunchLoraShrink(p, x, y, stream), op);
   }
 
   absl::Status LaunchExpand(const LoraParams& p, const float* y, void* out, cudaStream_t stream, absl::string_view op) {
-    if (UseTensorCores(p)) return CudaStatus(LaunchLoraExpandTc(TensorCoreParams(p), y, out, stream), op);
+    if (UseTensorCores(p)) {
+      return CudaStatus(LaunchLoraExpandTc(p, num_sms_ * kLoraTensorCoreBlocksPerSm, y, out, stream), op);
+    }
     return CudaStatus(LaunchLoraExpand(p, y, out, stream), op);
   }
 
@@ -604,7 +589,7 @@ class CudaOps final : public Ops {
     p.counter_capacity = kLoraCounters;
     p.num_blocks = num_blocks;
     p.overlap_shrink = lora_overlap_;
-    if (UseTensorCores(p)) return p;  // the tensor-core kernels use no split-K scratch
+    if (UseTensorCores(p)) return p;  // no split-K counters; their shrink sizes its own K split
     if (static_cast<int64_t>(segments.max_segments) * module.num_slices > kLoraCounters) {
       return Invalid(op, absl::StrCat("segments.max_segments ", segments.max_segments, " x ", module.num_slices,
                                       " slices exceeds the ", kLoraCounters, " split-K counters"));

@@ -74,14 +74,31 @@ __host__ __device__ __forceinline__ bool IsAligned16(const void* p) { return (re
 // kernel before it has completed and its writes are visible. (The next kernel can only start once
 // every block of this one has begun, so waiting blocks never crowd out unscheduled ones.) In a
 // kernel launched the ordinary way both instructions do nothing.
+// The two halves, for kernels that do independent work between them: WaitForPrecedingKernel
+// returns once the kernel before this one has completed and its writes are visible;
+// AllowDependentLaunch lets the next dependent kernel be scheduled now.
+__device__ __forceinline__ void WaitForPrecedingKernel() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void AllowDependentLaunch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 __device__ __forceinline__ void PdlEnter() {
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+  AllowDependentLaunch();
+  WaitForPrecedingKernel();
 }
 
+// 16-byte asynchronous copy global -> shared (cp.async, sm_80+), and its completion waits.
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void CpAsyncWaitAll() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+// Waits until at most N committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// LaunchDependent, or an ordinary launch when `dependent` is false.
 template <typename... KernelArgs, typename... Args>
-cudaError_t LaunchDependent(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes,
-                            cudaStream_t stream, Args&&... args) {
+cudaError_t LaunchMaybeDependent(bool dependent, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                                 size_t smem_bytes, cudaStream_t stream, Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
@@ -91,8 +108,14 @@ cudaError_t LaunchDependent(void (*kernel)(KernelArgs...), dim3 grid, dim3 block
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  config.numAttrs = 1;
+  config.numAttrs = dependent ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+template <typename... KernelArgs, typename... Args>
+cudaError_t LaunchDependent(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes,
+                            cudaStream_t stream, Args&&... args) {
+  return LaunchMaybeDependent(true, kernel, grid, block, smem_bytes, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace loraplex::ops::cuda

@@ -39,17 +39,6 @@ constexpr int kExpandColumnsPerThread = kLoraExpandTile / kThreads;
 constexpr int kExpandBlocksPerSm = 2;  // register cap 128: the expand holds B vectors in registers
 constexpr int kShrinkBlocksPerSm = 3;  // register cap 85: A is staged in shared memory
 
-// Programmatic dependent launch (sm_90): the expand is launched while the shrink still runs, loads
-// its B rows, then waits here for the shrink's y. A no-op in a kernel not launched that way.
-__device__ __forceinline__ void WaitForPrecedingKernel() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void AllowDependentLaunch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
-
-__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void CpAsyncWaitAll() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-
 __device__ __forceinline__ uint4 Load8(const bf16* p, bool aligned) {
   if (aligned) return __ldg(reinterpret_cast<const uint4*>(p));
   uint4 v;
@@ -449,16 +438,9 @@ cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cud
   if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0 || p.tile_offsets[p.num_slices] == 0) {
     return cudaSuccess;
   }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(p.num_blocks);
-  config.blockDim = dim3(kThreads);
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = p.overlap_shrink ? 1 : 0;
-  return cudaLaunchKernelEx(&config, LoraExpandKernel, p, y, static_cast<bf16*>(out));
+  // As a programmatic dependent of the shrink: the expand loads B while the shrink still runs.
+  return LaunchMaybeDependent(p.overlap_shrink, LoraExpandKernel, dim3(p.num_blocks), dim3(kThreads), 0, stream, p, y,
+                              static_cast<bf16*>(out));
 }
 
 }  // namespace loraplex::ops::cuda

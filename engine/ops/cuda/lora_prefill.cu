@@ -31,25 +31,17 @@ constexpr int kExpandCols = 128;
 constexpr int kLdC = kExpandCols + 4;  // F32 row stride of the expand's result tile
 constexpr int kLdCs = kRankBlock + 4;  // F32 row stride of the shrink's result tile
 
-__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
 __device__ __forceinline__ int Base(const int32_t* seg_starts, int s) { return max(seg_starts[s], 0) / kTile + s; }
 
 // The live segment count and the virtual tiles that cover every segment's tokens.
-__device__ __forceinline__ int LiveSegments(const LoraTcParams& p) {
+__device__ __forceinline__ int LiveSegments(const LoraParams& p) {
   return min(max(*p.num_segments, 0), p.max_segments);
 }
-__device__ __forceinline__ int VirtualTiles(const LoraTcParams& p, int nseg) { return p.num_tokens / kTile + nseg + 1; }
+__device__ __forceinline__ int VirtualTiles(const LoraParams& p, int nseg) { return p.num_tokens / kTile + nseg + 1; }
 
 // Segment s and sorted positions [begin, end) of virtual tile v; false for a spare tile. Same
 // answer in every thread.
-__device__ __forceinline__ bool LocateTile(const LoraTcParams& p, int nseg, int v, int* seg, int* begin, int* end) {
+__device__ __forceinline__ bool LocateTile(const LoraParams& p, int nseg, int v, int* seg, int* begin, int* end) {
   if (nseg <= 0 || Base(p.seg_starts, 0) > v) return false;
   int lo = 0, hi = nseg - 1;
   while (lo < hi) {
@@ -69,7 +61,7 @@ __device__ __forceinline__ bool LocateTile(const LoraTcParams& p, int nseg, int 
 }
 
 // The slice weights of segment `seg`; false when its slot does not adapt the slice.
-__device__ __forceinline__ bool SliceOf(const LoraTcParams& p, int seg, int slice, LoraSliceWeightsDev* w) {
+__device__ __forceinline__ bool SliceOf(const LoraParams& p, int seg, int slice, LoraSliceWeightsDev* w) {
   const int slot = p.seg_slots[seg];
   if (slot < 0 || slot >= p.num_slots) return false;
   *w = p.table[static_cast<int64_t>(slot) * p.num_slices + slice];
@@ -79,7 +71,7 @@ __device__ __forceinline__ bool SliceOf(const LoraTcParams& p, int seg, int slic
 
 // Shrink item = (tile, slice, rank block, K split); with splits > 1 the split's sums go to
 // partials[split] and LoraShrinkTcReduceKernel adds them up.
-__global__ void __launch_bounds__(kThreads) LoraShrinkTcKernel(LoraTcParams p, const bf16* __restrict__ x,
+__global__ void __launch_bounds__(kThreads) LoraShrinkTcKernel(LoraParams p, const bf16* __restrict__ x,
                                                                 float* __restrict__ y, int splits, int steps_per_split) {
   // Two stages of [64 tokens][64 k] X and [64 rank rows][64 k] A; the result tile reuses them.
   __shared__ __align__(128) bf16 stage[2][2][kTile][kLd];
@@ -192,7 +184,7 @@ __global__ void __launch_bounds__(kThreads) LoraShrinkTcKernel(LoraTcParams p, c
 }
 
 // y = Σ_split partials[split] over the (row, column) pairs the shrink wrote, in split order.
-__global__ void __launch_bounds__(kThreads) LoraShrinkTcReduceKernel(LoraTcParams p, float* __restrict__ y,
+__global__ void __launch_bounds__(kThreads) LoraShrinkTcReduceKernel(LoraParams p, float* __restrict__ y,
                                                                       int splits) {
   const int nseg = LiveSegments(p);
   if (nseg == 0) return;
@@ -229,7 +221,7 @@ struct ExpandSmem {
   };
 };
 
-__global__ void __launch_bounds__(kThreads) LoraExpandTcKernel(LoraTcParams p, int total_col_tiles,
+__global__ void __launch_bounds__(kThreads) LoraExpandTcKernel(LoraParams p, int total_col_tiles,
                                                                 int4 col_tile_offsets, const float* __restrict__ y,
                                                                 bf16* __restrict__ out) {
   __shared__ __align__(128) ExpandSmem sm;
@@ -343,8 +335,9 @@ __global__ void __launch_bounds__(kThreads) LoraExpandTcKernel(LoraTcParams p, i
 
 }  // namespace
 
-cudaError_t LaunchLoraShrinkTc(const LoraTcParams& p, const void* x, float* y, cudaStream_t stream) {
-  if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0 || p.max_rank <= 0) return cudaSuccess;
+cudaError_t LaunchLoraShrinkTc(const LoraParams& p, int num_blocks, size_t partial_bytes, const void* x, float* y,
+                               cudaStream_t stream) {
+  if (p.max_segments == 0 || p.num_slices == 0 || num_blocks <= 0 || p.max_rank <= 0) return cudaSuccess;
   // A tile's K loop is latency-bound (two stages in flight): split K into chunks of ~1024 (at
   // most 8), as far as the scratch holds the partial sums.
   const int steps = (p.in_features + kKStep - 1) / kKStep;
@@ -353,22 +346,22 @@ cudaError_t LaunchLoraShrinkTc(const LoraTcParams& p, const void* x, float* y, c
   if (p.partials == nullptr || per_split == 0) {
     splits = 1;
   } else {
-    splits = static_cast<int>(std::min<size_t>(splits, p.partial_bytes / per_split));
+    splits = static_cast<int>(std::min<size_t>(splits, partial_bytes / per_split));
     splits = std::max(splits, 1);
   }
   const int steps_per_split = (steps + splits - 1) / splits;
   splits = (steps + steps_per_split - 1) / steps_per_split;
-  LoraShrinkTcKernel<<<p.num_blocks, kThreads, 0, stream>>>(p, static_cast<const bf16*>(x), y, splits,
+  LoraShrinkTcKernel<<<num_blocks, kThreads, 0, stream>>>(p, static_cast<const bf16*>(x), y, splits,
                                                             steps_per_split);
   if (splits == 1) return cudaGetLastError();
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  LoraShrinkTcReduceKernel<<<p.num_blocks, kThreads, 0, stream>>>(p, y, splits);
+  LoraShrinkTcReduceKernel<<<num_blocks, kThreads, 0, stream>>>(p, y, splits);
   return cudaGetLastError();
 }
 
-cudaError_t LaunchLoraExpandTc(const LoraTcParams& p, const float* y, void* out, cudaStream_t stream) {
-  if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0 || p.max_rank <= 0) return cudaSuccess;
+cudaError_t LaunchLoraExpandTc(const LoraParams& p, int num_blocks, const float* y, void* out, cudaStream_t stream) {
+  if (p.max_segments == 0 || p.num_slices == 0 || num_blocks <= 0 || p.max_rank <= 0) return cudaSuccess;
   if (p.num_slices > 4) return cudaErrorInvalidValue;
   int offsets[4] = {0, 0, 0, 0};
   int total = 0;
@@ -378,7 +371,7 @@ cudaError_t LaunchLoraExpandTc(const LoraTcParams& p, const float* y, void* out,
   }
   for (int s = p.num_slices; s < 4; ++s) offsets[s] = total;
   if (total == 0) return cudaSuccess;
-  LoraExpandTcKernel<<<p.num_blocks, kThreads, 0, stream>>>(p, total, make_int4(offsets[0], offsets[1], offsets[2], offsets[3]),
+  LoraExpandTcKernel<<<num_blocks, kThreads, 0, stream>>>(p, total, make_int4(offsets[0], offsets[1], offsets[2], offsets[3]),
                                                             y, static_cast<bf16*>(out));
   return cudaGetLastError();
 }

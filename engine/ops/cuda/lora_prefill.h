@@ -15,33 +15,18 @@
 
 namespace loraplex::ops::cuda {
 
-struct LoraTcParams {
-  const LoraSliceWeightsDev* table = nullptr;  // [num_slots][num_slices]
-  int32_t num_slots = 0;
-  int32_t num_slices = 0;
-  int32_t in_features = 0;                     // multiple of 8
-  int32_t max_rank = 0;                        // <= 128
-  int32_t slice_offsets[5] = {};
-  const int32_t* token_rows = nullptr;
-  const int32_t* seg_starts = nullptr;
-  const int32_t* seg_slots = nullptr;
-  const int32_t* num_segments = nullptr;
-  int32_t max_segments = 0;
-  int32_t num_tokens = 0;
-  int32_t num_blocks = 0;  // persistent blocks per launch
-  // Shrink split-K scratch: [splits, num_tokens, num_slices·max_rank] F32 partial sums (summed in
-  // split order into y by a second kernel); null or too small: no K split.
-  float* partials = nullptr;
-  size_t partial_bytes = 0;
-};
+// `p` as for the split-K kernels (their `num_blocks`, `max_splits`, `counters` and delta fields are
+// not used); `num_blocks` persistent blocks walk the items.
 
 // y[row, s·max_rank + j] = Σ_k x[row, k]·A_s[j, k] (j < rank), fp32 accumulation in a fixed
 // order; other columns untouched. x [num_tokens, in_features] bf16, 16-byte aligned rows; y F32.
-// With partials the K range is split over more work items (then summed in a second launch).
-cudaError_t LaunchLoraShrinkTc(const LoraTcParams& p, const void* x, float* y, cudaStream_t stream);
+// With p.partials ([splits, num_tokens, num_slices·max_rank] F32 in `partial_bytes`) the K range is
+// split over more work items, then summed in split order by a second launch.
+cudaError_t LaunchLoraShrinkTc(const LoraParams& p, int num_blocks, size_t partial_bytes, const void* x, float* y,
+                               cudaStream_t stream);
 
 // out[row, off_s + n] += scale·Σ_j bf16(y[row, s·max_rank + j])·B_s[n, j], fp32 accumulation, one
 // bf16 rounding of the sum into out. out [num_tokens, slice_offsets[num_slices]] bf16.
-cudaError_t LaunchLoraExpandTc(const LoraTcParams& p, const float* y, void* out, cudaStream_t stream);
+cudaError_t LaunchLoraExpandTc(const LoraParams& p, int num_blocks, const float* y, void* out, cudaStream_t stream);
 
 }  // namespace loraplex::ops::cuda
