@@ -100,8 +100,6 @@ struct LlamaModel::Impl {
   std::map<std::pair<int32_t, bool>, std::unique_ptr<ops::Graph>> graphs;
   bool graphs_unsupported = false;  // the ops answered UNIMPLEMENTED to Capture
   int64_t graph_steps = 0;
-  // Host staging of a padded decode step, reused so the hot path does not allocate.
-  std::vector<int32_t> pad_ids, pad_positions, pad_slots, pad_token_seq, pad_logit_rows;
 
   // What the enqueued ops are sized for; a graph fixes these at capture.
   struct StepShape {
@@ -119,6 +117,8 @@ struct LlamaModel::Impl {
   // The bucket a decode step runs in, or 0 when the step must run eagerly (prefill, mixed,
   // graphs off or unsupported).
   int32_t DecodeBucket(const StepInput& in) const;
+  // The batch-size bucket `tokens` decode tokens are padded to.
+  int32_t BucketOf(int32_t tokens) const;
   absl::Status UploadStep(const StepInput& in);
   absl::Status UploadPaddedDecode(const StepInput& in, int32_t bucket);
   void UploadLora(const lora::LoraBatch& lb);
@@ -129,6 +129,11 @@ struct LlamaModel::Impl {
   void Stage(const StepBuffer& dst, const void* src, size_t bytes) {
     if (bytes == 0) return;
     std::memcpy(dst.host, src, bytes);  // sizes were validated against the capacity
+    MarkStaged(dst, bytes);
+  }
+  // The first `bytes` of `dst`'s mirror were written and go with the next flush.
+  void MarkStaged(const StepBuffer& dst, size_t bytes) {
+    if (bytes == 0) return;
     const size_t begin = dst.offset, end = dst.offset + bytes;
     if (dirty_begin == dirty_end) {
       dirty_begin = begin;
@@ -140,6 +145,13 @@ struct LlamaModel::Impl {
   }
   void Upload(const StepBuffer& dst, const std::vector<int32_t>& src) {
     Stage(dst, src.data(), src.size() * sizeof(int32_t));
+  }
+  // Upload of `src` followed by `fill` up to `count` entries.
+  void UploadPadded(const StepBuffer& dst, const std::vector<int32_t>& src, int32_t fill, int32_t count) {
+    auto* host = reinterpret_cast<int32_t*>(dst.host);
+    std::copy(src.begin(), src.end(), host);  // src.size() <= count (the step fits its bucket)
+    std::fill(host + src.size(), host + count, fill);
+    MarkStaged(dst, static_cast<size_t>(count) * sizeof(int32_t));
   }
   absl::Status FlushUploads() {
     if (dirty_begin == dirty_end) return absl::OkStatus();
@@ -468,9 +480,14 @@ int32_t LlamaModel::Impl::DecodeBucket(const StepInput& in) const {
     if (seen[static_cast<size_t>(seq)]) return 0;
     seen[static_cast<size_t>(seq)] = true;
   }
+  const int32_t bucket = BucketOf(static_cast<int32_t>(t));
+  if (in.logit_rows.size() > static_cast<size_t>(bucket)) return 0;
+  return bucket;
+}
+
+int32_t LlamaModel::Impl::BucketOf(int32_t tokens) const {
   // Few buckets keep capture time and graph memory small; past 128 the GEMMs grow with M anyway.
   static constexpr int32_t kBuckets[] = {1, 2, 4, 8, 16, 32, 48, 64, 96, 128};
-  const int32_t tokens = static_cast<int32_t>(t);
   int32_t bucket = (tokens + 63) / 64 * 64;
   for (int32_t b : kBuckets) {
     if (b >= tokens) {
@@ -479,9 +496,7 @@ int32_t LlamaModel::Impl::DecodeBucket(const StepInput& in) const {
     }
   }
   // The step buffers hold max_tokens rows and the logits max_seqs rows; T <= both (validated).
-  bucket = std::min({bucket, cap.max_seqs, cap.max_tokens});
-  if (in.logit_rows.size() > static_cast<size_t>(bucket)) return 0;
-  return bucket;
+  return std::min({bucket, cap.max_seqs, cap.max_tokens});
 }
 
 void LlamaModel::Impl::UploadLora(const lora::LoraBatch& lb) {
@@ -511,24 +526,13 @@ absl::Status LlamaModel::Impl::UploadStep(const StepInput& in) {
 absl::Status LlamaModel::Impl::UploadPaddedDecode(const StepInput& in, int32_t bucket) {
   // Padding tokens: id 0, position 0, no sequence (attention gives zeros, RoPE skips them), no
   // cache slot; no LoRA segment covers them. Padding logit rows read row 0 and are dropped.
-  auto pad = [bucket](const std::vector<int32_t>& src, int32_t fill, std::vector<int32_t>* dst) {
-    dst->assign(src.begin(), src.end());
-    dst->resize(static_cast<size_t>(bucket), fill);
-  };
-  pad(in.token_ids, 0, &pad_ids);
-  pad(in.positions, 0, &pad_positions);
-  pad(in.slot_mapping, -1, &pad_slots);
-  pad(in.token_seq, -1, &pad_token_seq);
-  pad(in.logit_rows, 0, &pad_logit_rows);
-  for (auto [dst, src] : {std::pair<StepBuffer*, const std::vector<int32_t>*>{&ids, &pad_ids},
-                          {&positions, &pad_positions},
-                          {&slot_mapping, &pad_slots},
-                          {&token_seq, &pad_token_seq},
-                          {&context_lens, &in.context_lens},
-                          {&block_tables, &in.block_tables},
-                          {&logit_rows, &pad_logit_rows}}) {
-    Upload(*dst, *src);
-  }
+  UploadPadded(ids, in.token_ids, 0, bucket);
+  UploadPadded(positions, in.positions, 0, bucket);
+  UploadPadded(slot_mapping, in.slot_mapping, -1, bucket);
+  UploadPadded(token_seq, in.token_seq, -1, bucket);
+  UploadPadded(logit_rows, in.logit_rows, 0, bucket);
+  Upload(context_lens, in.context_lens);
+  Upload(block_tables, in.block_tables);
   // A step without adapters replays the bucket's graph recorded without LoRA kernels.
   if (!in.lora.seg_slots.empty()) UploadLora(in.lora);
   return FlushUploads();
@@ -624,8 +628,7 @@ absl::Status LlamaModel::Impl::CheckSampling(const StepInput& in) const {
   }
   for (size_t i = 0; i < in.sampling.size(); ++i) {
     const ops::SamplingRow& r = in.sampling[i];
-    if (!(r.temperature >= 0.0f) || !std::isfinite(r.temperature) || !(r.top_p > 0.0f) ||
-        !(r.top_p <= 1.0f) || r.top_k < 0 || r.top_n < 0 || r.top_n > ops::kMaxSampleTopN) {
+    if (!ops::IsValidSamplingRow(r)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "StepInput: sampling[", i, "] has temperature ", r.temperature, ", top_p ", r.top_p,
           ", top_k ", r.top_k, ", top_n ", r.top_n));
@@ -727,6 +730,7 @@ absl::StatusOr<int> LlamaModel::WarmUp() {
   const size_t before = m.graphs.size();
   const int32_t limit = std::min(m.cap.max_seqs, m.cap.max_tokens);
   for (int32_t b = 1; b <= limit; ++b) {
+    if (m.BucketOf(b) != b) continue;  // only the smallest batch of each bucket
     StepInput in;
     for (int32_t s = 0; s < b; ++s) {
       in.token_ids.push_back(0);
@@ -738,8 +742,6 @@ absl::StatusOr<int> LlamaModel::WarmUp() {
     }
     in.block_tables.assign(static_cast<size_t>(b) * m.cap.max_blocks_per_seq, 0);
     in.sampling.resize(static_cast<size_t>(b));
-    const int32_t bucket = m.DecodeBucket(in);
-    if (bucket != b) continue;  // only the smallest batch of each bucket
     for (const bool lora : {false, true}) {
       if (lora && !m.has_lora) break;
       // Slot 0's table: rank 0 (nothing read) unless an adapter is already resident there.

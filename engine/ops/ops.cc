@@ -2,6 +2,8 @@
 // reaches the GPU only through the Ops it returns.
 #include "engine/ops/ops.h"
 
+#include <cmath>
+
 #include "absl/strings/str_cat.h"
 
 #include "engine/ops/cpu/cpu_ops.h"
@@ -26,6 +28,11 @@ DeviceMemory& DeviceMemory::operator=(DeviceMemory&& o) noexcept {
 
 DeviceMemory::~DeviceMemory() {
   if (ptr_ != nullptr && ops_ != nullptr) ops_->Free(ptr_);
+}
+
+bool IsValidSamplingRow(const SamplingRow& row) {
+  return row.temperature >= 0.0f && std::isfinite(row.temperature) && row.top_p > 0.0f &&
+         row.top_p <= 1.0f && row.top_k >= 0 && row.top_n >= 0 && row.top_n <= kMaxSampleTopN;
 }
 
 TensorView DeviceMemory::View(DType dtype, Shape shape, size_t offset) const {

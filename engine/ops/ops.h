@@ -111,6 +111,8 @@ struct SamplingRow {
   int32_t top_n = 0;         // top log-probabilities wanted, in [0, kMaxSampleTopN]
 };
 inline constexpr int kMaxSampleTopN = 20;
+// temperature >= 0 and finite, top_p in (0, 1], top_k >= 0, top_n in [0, kMaxSampleTopN].
+bool IsValidSamplingRow(const SamplingRow& row);
 
 // What sampling one row produced. Device array element, copied back to the host whole.
 struct SampledToken {

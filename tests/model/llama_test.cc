@@ -687,38 +687,56 @@ class RecordingCpuOps final : public ops::Ops {
   int captures_ = 0;
 };
 
-TEST_CASE("Decode steps replayed from a recorded graph are padded to their bucket and match the dense forward") {
-  testing::TinyModelOptions options;
-  const std::string dir = testing::MakeTempDir("llama-graph");
-  REQUIRE(testing::WriteTinyModel(dir, options).ok());
-  auto spec = LoadModelSpec(dir);
-  REQUIRE(spec.ok());
-  RecordingCpuOps ops;
-  testing::TinyAdapterOptions xo;
-  xo.r = 4;
-  xo.alpha = 8;
-  const std::string xdir = dir + "/x";
-  REQUIRE(testing::WriteTinyAdapter(xdir, *spec, xo).ok());
-  lora::LoraLimits limits;
-  limits.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-  auto x = lora::LoadPeftAdapter("x", xdir, *spec, limits, DType::kF32);
-  REQUIRE(x.ok());
-  auto pool = lora::SlotPool::Create(&ops, *spec, /*num_slots=*/2, /*max_rank=*/8);
-  REQUIRE(pool.ok());
-  auto slots = (*pool)->EnsureResident({x->get()}, {false});
-  REQUIRE(slots.ok());
-  auto model = LlamaModel::Load(dir, *spec, &ops, pool->get(), kCapacity);
-  REQUIRE(model.ok());
-  const DenseAdapter dx = ReadDenseAdapter(xdir, *spec, 8.0 / 4);
+// A tiny model on graph-recording CPU ops with adapter x resident in a 2-slot pool, and three
+// sequences: A and C on x, B on the base model (B's second block is block 0), with their dense
+// reference logits. Members are set up in declaration order.
+struct GraphFixture {
+  explicit GraphFixture(const std::string& name) : dir(testing::MakeTempDir(name)) {
+    REQUIRE(testing::WriteTinyModel(dir, testing::TinyModelOptions{}).ok());
+    auto parsed = LoadModelSpec(dir);
+    REQUIRE(parsed.ok());
+    spec = *parsed;
+    testing::TinyAdapterOptions xo;
+    xo.r = 4;
+    xo.alpha = 8;
+    const std::string xdir = dir + "/x";
+    REQUIRE(testing::WriteTinyAdapter(xdir, spec, xo).ok());
+    lora::LoraLimits limits;
+    limits.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+    auto x = lora::LoadPeftAdapter("x", xdir, spec, limits, DType::kF32);
+    REQUIRE(x.ok());
+    adapter = *std::move(x);
+    auto created = lora::SlotPool::Create(&ops, spec, /*num_slots=*/2, /*max_rank=*/8);
+    REQUIRE(created.ok());
+    pool = *std::move(created);
+    auto slots = pool->EnsureResident({adapter.get()}, {false});
+    REQUIRE(slots.ok());
+    auto loaded = LlamaModel::Load(dir, spec, &ops, pool.get(), kCapacity);
+    REQUIRE(loaded.ok());
+    model = *std::move(loaded);
+    const DenseAdapter dx = ReadDenseAdapter(xdir, spec, 8.0 / 4);
+    seqs.resize(3);
+    seqs[0] = {RandomTokens(10, spec.vocab_size, 7), {1, 3, 5}, 0, (*slots)[0]};
+    seqs[1] = {RandomTokens(10, spec.vocab_size, 8), {8, 0, 12}, 0, -1};
+    seqs[2] = {RandomTokens(10, spec.vocab_size, 9), {15, 4, 6}, 0, (*slots)[0]};
+    const DenseReference ref(dir, spec);
+    dense = {ref.Logits(seqs[0].tokens, &dx), ref.Logits(seqs[1].tokens, nullptr), ref.Logits(seqs[2].tokens, &dx)};
+  }
 
-  // A and C on adapter x, B on the base model.
-  std::vector<Sequence> seqs(3);
-  seqs[0] = {RandomTokens(10, spec->vocab_size, 7), {1, 3, 5}, 0, (*slots)[0]};
-  seqs[1] = {RandomTokens(10, spec->vocab_size, 8), {8, 0, 12}, 0, -1};
-  seqs[2] = {RandomTokens(10, spec->vocab_size, 9), {15, 4, 6}, 0, (*slots)[0]};
-  const DenseReference ref(dir, *spec);
-  const std::vector<std::vector<std::vector<double>>> dense = {
-      ref.Logits(seqs[0].tokens, &dx), ref.Logits(seqs[1].tokens, nullptr), ref.Logits(seqs[2].tokens, &dx)};
+  std::string dir;
+  ModelSpec spec;
+  RecordingCpuOps ops;
+  std::shared_ptr<const lora::LoadedAdapter> adapter;
+  std::unique_ptr<lora::SlotPool> pool;
+  std::unique_ptr<LlamaModel> model;
+  std::vector<Sequence> seqs;
+  std::vector<std::vector<std::vector<double>>> dense;
+};
+
+TEST_CASE("Decode steps replayed from a recorded graph are padded to their bucket and match the dense forward") {
+  GraphFixture f("llama-graph");
+  LlamaModel& model = *f.model;
+  std::vector<Sequence>& seqs = f.seqs;
 
   struct Step {
     std::vector<Chunk> chunks;
@@ -737,56 +755,28 @@ TEST_CASE("Decode steps replayed from a recorded graph are padded to their bucke
   };
   for (const Step& step : steps) {
     const StepInput in = MakeStep(seqs, step.chunks);
-    auto logits = (*model)->Forward(in);
+    auto logits = model.Forward(in);
     INFO(logits.status().message());
     REQUIRE(logits.ok());
-    CheckStep(*logits, in, step.chunks, dense, spec->vocab_size);
-    CHECK((*model)->graph_steps() == step.graph_steps);
-    CHECK((*model)->num_graphs() == step.graphs);
+    CheckStep(*logits, in, step.chunks, f.dense, f.spec.vocab_size);
+    CHECK(model.graph_steps() == step.graph_steps);
+    CHECK(model.num_graphs() == step.graphs);
   }
-  CHECK(ops.captures() == 3);
+  CHECK(f.ops.captures() == 3);
 }
 
 TEST_CASE("WarmUp records every bucket's graphs once; later steps replay them and match the dense forward") {
-  testing::TinyModelOptions options;
-  const std::string dir = testing::MakeTempDir("llama-warmup");
-  REQUIRE(testing::WriteTinyModel(dir, options).ok());
-  auto spec = LoadModelSpec(dir);
-  REQUIRE(spec.ok());
-  RecordingCpuOps ops;
-  testing::TinyAdapterOptions xo;
-  xo.r = 4;
-  xo.alpha = 8;
-  const std::string xdir = dir + "/x";
-  REQUIRE(testing::WriteTinyAdapter(xdir, *spec, xo).ok());
-  lora::LoraLimits limits;
-  limits.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-  auto x = lora::LoadPeftAdapter("x", xdir, *spec, limits, DType::kF32);
-  REQUIRE(x.ok());
-  auto pool = lora::SlotPool::Create(&ops, *spec, /*num_slots=*/2, /*max_rank=*/8);
-  REQUIRE(pool.ok());
-  auto slots = (*pool)->EnsureResident({x->get()}, {false});
-  REQUIRE(slots.ok());
-  auto model = LlamaModel::Load(dir, *spec, &ops, pool->get(), kCapacity);
-  REQUIRE(model.ok());
-  const DenseAdapter dx = ReadDenseAdapter(xdir, *spec, 8.0 / 4);
-
-  // A and C on adapter x, B on the base model.
-  std::vector<Sequence> seqs(3);
-  seqs[0] = {RandomTokens(10, spec->vocab_size, 7), {1, 3, 5}, 0, (*slots)[0]};
-  seqs[1] = {RandomTokens(10, spec->vocab_size, 8), {8, 0, 12}, 0, -1};
-  seqs[2] = {RandomTokens(10, spec->vocab_size, 9), {15, 4, 6}, 0, (*slots)[0]};
-  const DenseReference ref(dir, *spec);
-  const std::vector<std::vector<std::vector<double>>> dense = {
-      ref.Logits(seqs[0].tokens, &dx), ref.Logits(seqs[1].tokens, nullptr), ref.Logits(seqs[2].tokens, &dx)};
+  GraphFixture f("llama-warmup");
+  LlamaModel& model = *f.model;
+  std::vector<Sequence>& seqs = f.seqs;
 
   // Buckets 1, 2, 4, 8 and 16 (the capacity's 16 sequences), each without and with adapters.
-  auto warmed = (*model)->WarmUp();
+  auto warmed = model.WarmUp();
   INFO(warmed.status().message());
   REQUIRE(warmed.ok());
   CHECK(*warmed == 10);
-  CHECK(ops.captures() == 10);
-  CHECK((*model)->graph_steps() == 10);  // each capture ran once as a replay
+  CHECK(f.ops.captures() == 10);
+  CHECK(model.graph_steps() == 10);  // each capture ran once as a replay
 
   // The warm-up wrote KV slot 0 (block 0, which sequence B uses from position 4 on): B writes it
   // before reading it, so every step still matches the dense forward, and nothing is recaptured.
@@ -794,16 +784,16 @@ TEST_CASE("WarmUp records every bucket's graphs once; later steps replay them an
       {{0, 4}, {1, 4}, {2, 4}}, {{1, 1}}, {{0, 1}, {1, 1}, {2, 1}}, {{2, 1}, {0, 1}}, {{0, 2}, {1, 1}}, {{1, 1}}};
   for (const auto& chunks : steps) {
     const StepInput in = MakeStep(seqs, chunks);
-    auto logits = (*model)->Forward(in);
+    auto logits = model.Forward(in);
     INFO(logits.status().message());
     REQUIRE(logits.ok());
-    CheckStep(*logits, in, chunks, dense, spec->vocab_size);
+    CheckStep(*logits, in, chunks, f.dense, f.spec.vocab_size);
   }
-  CHECK((*model)->graph_steps() == 10 + 4);
-  CHECK((*model)->num_graphs() == 10);
-  CHECK(ops.captures() == 10);
+  CHECK(model.graph_steps() == 10 + 4);
+  CHECK(model.num_graphs() == 10);
+  CHECK(f.ops.captures() == 10);
   // A second warm-up captures nothing new.
-  auto again = (*model)->WarmUp();
+  auto again = model.WarmUp();
   REQUIRE(again.ok());
   CHECK(*again == 0);
 }

@@ -39,8 +39,7 @@ absl::Status CheckI32(const char* op, const char* name, const TensorView& t) {
 }
 
 absl::Status CheckSamplingRow(const SamplingRow& row, int64_t r) {
-  if (!(row.temperature >= 0.0f) || !std::isfinite(row.temperature) || !(row.top_p > 0.0f) ||
-      !(row.top_p <= 1.0f) || row.top_k < 0 || row.top_n < 0 || row.top_n > kMaxSampleTopN) {
+  if (!IsValidSamplingRow(row)) {
     return Invalid("Sample", "rows[", r, "] has temperature ", row.temperature, ", top_p ",
                    row.top_p, ", top_k ", row.top_k, ", top_n ", row.top_n);
   }
