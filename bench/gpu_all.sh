@@ -5,7 +5,9 @@
 # are packed into OUTDIR/logs.tgz (the device tool brings back few files); a short summary is
 # printed last.
 # Usage: bench/gpu_all.sh OUTDIR   Env: LORAPLEX_GPU_BUILD, STEP_BENCH_ARGS, HF_BENCH (default 0),
-#        HF_BENCH_ARGS, PROFILE (default 1), DAEMON (default 1).
+#        HF_BENCH_ARGS, PROFILE (default 1), DAEMON (default 1), STEP_BENCH_VARIANTS (';'-separated
+#        extra step_bench argument lists, each run after the main one, e.g. "--batches 1,32
+#        --lora-sm-reserve 16").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bench/gpu_all.sh OUTDIR}
@@ -17,6 +19,17 @@ status=0
 pack() { tar czf "$out/logs.tgz" -C "$out" logs; }  # after each phase: a run cut short keeps what it did
 HF_BENCH=${HF_BENCH:-0} scripts/gpu-run.sh "$logs" --bench >"$logs/gpu-run.log" 2>&1 || status=1
 pack
+variant=0
+IFS=';' read -r -a variants <<<"${STEP_BENCH_VARIANTS:-}"
+for args in "${variants[@]}"; do
+  variant=$((variant + 1))
+  echo "args: $args" >"$logs/step_bench_variant$variant.log"
+  # shellcheck disable=SC2086  # the argument list is split on purpose
+  LD_LIBRARY_PATH="$PWD/$build/gpu-libs:/usr/local/cuda/lib64" timeout 300 "$build/gpu-bin/tools/step_bench" \
+    "${BENCH_DIR:-/tmp/loraplex-bench}/model" "${BENCH_DIR:-/tmp/loraplex-bench}/adapters" \
+    "$logs/step_bench_variant$variant.json" $args >>"$logs/step_bench_variant$variant.log" 2>&1 || status=1
+  pack
+done
 if [ "${DAEMON:-1}" = 1 ]; then
   bench/gpu_daemon_run.sh "$logs/daemon" >"$logs/daemon.log" 2>&1 || status=1
   pack
@@ -33,6 +46,9 @@ echo "== sampling"; grep -h '^TIME Sample' "$logs/sampling_cuda_test.log" 2>/dev
 echo "== LoRA kernels (graph; all in logs/ops_cuda_test.log)"
 grep -h '^TIME LoRA' "$logs/ops_cuda_test.log" 2>/dev/null | grep -E 'qkv|prefill' | grep -v blk | cut -c11-200
 echo "== step bench"; grep -E '^(roofline|decode|prefill) ' "$logs/step_bench.log"
+for f in "$logs"/step_bench_variant*.log; do
+  [ -f "$f" ] && { echo "== step bench variant: $(head -n 1 "$f")"; grep -E '^decode ' "$f" | grep -v eager; }
+done
 [ -f "$logs/hf_peft.log" ] && { echo "== hf+peft"; grep '^hf+peft' "$logs/hf_peft.log"; }
 [ -f "$logs/daemon.log" ] && { echo "== daemon"; tail -n 3 "$logs/daemon/demo.txt" 2>/dev/null; cut -c1-200 "$logs/daemon/loadgen.jsonl" 2>/dev/null; }
 [ -f "$logs/profile.log" ] && { echo "== profile"; grep -E '^== profile|^(Gemm|GemmWithLora|Attention|AddRmsNorm|RmsNorm|RopeAndCacheKv|SiluMul|Sample|Embed|GatherRows|sum of ops|host between|profiled step)' "$logs/profile.log" | cut -c1-80; }

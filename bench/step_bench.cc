@@ -85,13 +85,17 @@ class Bench {
  public:
   // `profile` 1 or 2: the model runs on ProfilingOps over the executor (2: GemmWithLora split).
   absl::Status Setup(const std::string& model_dir, const std::string& adapter_dir, int max_batch, bool cpu,
-                     int profile) {
+                     int profile, int lora_sm_reserve) {
     if (cpu) {
       LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::CreateOps(Device::kCpu));
     } else {
 #if LORAPLEX_STEP_BENCH_CUDA
       LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::cuda::CreateCudaOps());
+      if (lora_sm_reserve >= 0) {
+        LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmSmReserveForTest(ops_.get(), lora_sm_reserve));
+      }
 #else
+      (void)lora_sm_reserve;
       return absl::UnimplementedError("step_bench was built without CUDA: run it with --cpu 1");
 #endif
     }
@@ -379,9 +383,10 @@ absl::Status RunProfile(Bench& bench, const std::vector<int>& batches, int steps
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-sm-reserve N]");
   }
   int steps = 20;
+  int lora_sm_reserve = -1;  // the executor's default
   int cpu = 0;
   int graphs = 1;
   int profile = 0;
@@ -398,6 +403,10 @@ absl::Status Run(int argc, char** argv) {
       if (!absl::SimpleAtoi(argv[i + 1], &profile) || profile < 0 || profile > 2) {
         return absl::InvalidArgumentError(absl::StrCat("--profile ", argv[i + 1], " (expected 0, 1 or 2)"));
       }
+    } else if (flag == "--lora-sm-reserve") {
+      if (!absl::SimpleAtoi(argv[i + 1], &lora_sm_reserve) || lora_sm_reserve < 0) {
+        return absl::InvalidArgumentError(absl::StrCat("--lora-sm-reserve ", argv[i + 1]));
+      }
     } else if (flag == "--batches") {
       batches.clear();
       for (absl::string_view b : absl::StrSplit(argv[i + 1], ',')) {
@@ -411,7 +420,8 @@ absl::Status Run(int argc, char** argv) {
   }
   Bench bench;
   LORAPLEX_RETURN_IF_ERROR(
-      bench.Setup(argv[1], argv[2], *std::max_element(batches.begin(), batches.end()), cpu != 0, profile));
+      bench.Setup(argv[1], argv[2], *std::max_element(batches.begin(), batches.end()), cpu != 0, profile,
+                  lora_sm_reserve));
   if (profile != 0) return RunProfile(bench, batches, steps, profile, argv[3]);
 
   std::vector<Result> results;

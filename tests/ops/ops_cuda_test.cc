@@ -785,6 +785,123 @@ absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens
   return cuda::SetLoraTuningForTest(g_gpu, 3, true, true);
 }
 
+// A pending GemmWithLora delta folded into the op that reads the GEMM output next (AddRmsNorm,
+// SiluMul, RopeAndCacheKv) against the same two ops with the delta added by its own kernel right
+// after the GEMM: every output of the consumer, and the GEMM output it leaves in memory, bit for
+// bit; eagerly and replayed from a graph. Some tokens have no adapter; for RoPE one row is padding
+// (left as is, but its delta still lands) and one is not cached.
+enum class FoldConsumer { kAddRmsNorm, kSiluMul, kRope };
+
+absl::Status CheckLoraFold(FoldConsumer consumer, int tokens) {
+  const int T = tokens, in = 1024, hq = 8, hkv = 2, d = 128, bs = 16, num_blocks = 8;
+  std::vector<int> widths;
+  std::string name;
+  switch (consumer) {
+    case FoldConsumer::kAddRmsNorm: widths = {2048}; name = "AddRmsNorm"; break;
+    case FoldConsumer::kSiluMul: widths = {1536, 1536}; name = "SiluMul"; break;
+    case FoldConsumer::kRope: widths = {hq * d, hkv * d, hkv * d}; name = "RopeAndCacheKv"; break;
+  }
+  const int S = static_cast<int>(widths.size());
+  std::vector<std::vector<int>> ranks = {{16, 16, 16}, {64, 0, 64}, {8, 8, 8}};
+  for (auto& r : ranks) r.resize(S);
+  LORAPLEX_ASSIGN_OR_RETURN(auto w, LoraWorld::Create(3, in, widths, 64, ranks));
+  const int W = w->width(), yw = S * w->max_rank;
+  std::vector<float> wt = RandomVec(static_cast<size_t>(W) * in, -0.03f, 0.03f);
+  std::vector<float> x = RandomVec(static_cast<size_t>(T) * in, -1, 1);
+  std::vector<float> residual = RandomVec(static_cast<size_t>(T) * W, -1, 1);
+  std::vector<float> norm_w = RandomVec(W, 0.5f, 1.5f);
+  std::vector<float> inv_freq(d / 2);
+  for (int i = 0; i < d / 2; ++i) inv_freq[i] = std::pow(500000.0f, -2.0f * i / d);
+  const int64_t kv_row = static_cast<int64_t>(hkv) * d, cache_slots = static_cast<int64_t>(num_blocks) * bs;
+  std::vector<float> k_cache = RandomVec(cache_slots * kv_row, -1, 1), v_cache = RandomVec(cache_slots * kv_row, -1, 1);
+  std::vector<int32_t> positions(T), slot_mapping(T), token_seq(T, 0);
+  for (int t = 0; t < T; ++t) {
+    positions[t] = RandomInt(0, 9000);
+    slot_mapping[t] = t;
+  }
+  if (T > 2) {
+    slot_mapping[1] = -1;
+    token_seq[2] = -1;
+  }
+  Segs segs = BuildSegs(RandomTokenSlots(T, w->num_slots, 0.25), 3);
+  LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs, DevSegs::Create(T, T));
+  LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_w, UploadBf16(wt));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, UploadBf16(x));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, g_gpu->Allocate(static_cast<size_t>(T) * yw * 4));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_res, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_hid, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_norm_w, UploadBf16(norm_w));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_freq, UploadF32(inv_freq));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_pos, UploadI32(positions));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_slots, UploadI32(slot_mapping));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_seq, UploadI32(token_seq));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_k, g_gpu->Allocate(k_cache.size() * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_v, g_gpu->Allocate(v_cache.size() * 2));
+  const LoraModule dm = w->Module(true);
+  const LoraSegments ds = dsegs.View();
+  const TensorView gx = Gpu(d_x, DType::kBF16, {T, in}), gy = Gpu(d_y, DType::kF32, {T, yw}),
+                   gout = Gpu(d_out, DType::kBF16, {T, W}), gw = Gpu(d_w, DType::kBF16, {W, in});
+  const Shape cs{num_blocks, bs, hkv, d};
+  AttentionMeta meta;
+  meta.num_tokens = T;
+  meta.block_size = bs;
+  meta.positions = static_cast<const int32_t*>(d_pos.data());
+  meta.slot_mapping = static_cast<const int32_t*>(d_slots.data());
+  meta.token_seq = static_cast<const int32_t*>(d_seq.data());
+  auto body = [&]() -> absl::Status {
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->GemmWithLora(gx, gw, gout, &ds, &dm, gy));
+    switch (consumer) {
+      case FoldConsumer::kAddRmsNorm:
+        return g_gpu->AddRmsNorm(gout, Gpu(d_res, DType::kBF16, {T, W}), Gpu(d_norm_w, DType::kBF16, {W}), 1e-5f,
+                                 Gpu(d_hid, DType::kBF16, {T, W}));
+      case FoldConsumer::kSiluMul:
+        return g_gpu->SiluMul(gout, Gpu(d_hid, DType::kBF16, {T, W / 2}));
+      case FoldConsumer::kRope:
+        return g_gpu->RopeAndCacheKv(gout, Gpu(d_freq, DType::kF32, {d / 2}), hq, hkv, d, meta,
+                                     {Gpu(d_k, DType::kBF16, cs), Gpu(d_v, DType::kBF16, cs)});
+    }
+    return absl::OkStatus();
+  };
+  // Runs the pair from the same starting state; returns every buffer it may write.
+  auto run = [&](bool fold, bool graph) -> absl::StatusOr<std::vector<std::vector<float>>> {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraFoldForTest(g_gpu, fold));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_out.data(), 0xFF, static_cast<size_t>(T) * W * 2));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_hid.data(), 0xFF, static_cast<size_t>(T) * W * 2));
+    LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_res.data(), residual));
+    LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_k.data(), k_cache));
+    LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_v.data(), v_cache));
+    if (graph) {
+      LORAPLEX_ASSIGN_OR_RETURN(auto captured, cuda::CaptureCudaGraph(g_gpu, body));
+      LORAPLEX_RETURN_IF_ERROR(captured->Launch());
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->Synchronize());
+    } else {
+      LORAPLEX_RETURN_IF_ERROR(body());
+    }
+    std::vector<std::vector<float>> got;
+    for (auto [mem, n] : std::vector<std::pair<const DeviceMemory*, size_t>>{
+             {&d_out, static_cast<size_t>(T) * W}, {&d_hid, static_cast<size_t>(T) * W},
+             {&d_res, static_cast<size_t>(T) * W}, {&d_k, k_cache.size()}, {&d_v, v_cache.size()}}) {
+      LORAPLEX_ASSIGN_OR_RETURN(auto v, DownloadBf16(mem->data(), n));
+      got.push_back(std::move(v));
+    }
+    return got;
+  };
+  LORAPLEX_ASSIGN_OR_RETURN(auto ref, run(false, false));
+  for (bool graph : {false, true}) {
+    LORAPLEX_ASSIGN_OR_RETURN(auto got, run(true, graph));
+    const char* parts[] = {"gemm out", "out", "residual", "k cache", "v cache"};
+    for (size_t i = 0; i < ref.size(); ++i) {
+      // An all-zero mask: every element must equal the unfolded run's, NaN poison included.
+      Compare(absl::StrCat("LoRA delta folded into ", name, graph ? " graph" : "", " T=", T, " segs=", segs.count(),
+                           ": ", parts[i]),
+              got[i], ref[i], 0.0, std::vector<uint8_t>(ref[i].size(), 0));
+    }
+  }
+  return cuda::SetLoraFoldForTest(g_gpu, true);
+}
+
 absl::Status LoraTests() {
   // qkv of Llama-3-8B: slices 4096/1024/1024 over in 4096; ranks {0, 8, 16, 64} mixed in one step,
   // some slots adapting only some slices.
@@ -1120,17 +1237,6 @@ absl::Status TimeLora() {
   LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, {"qkv prefill 4 x 512 tokens r16 split-K", 4096, {4096, 1024, 1024},
                                                prefill, std::vector<int>(4, 16)}));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 256));
-  // Shrink blocks per SM (default 3) and the expand/shrink overlap (default on).
-  for (auto [blocks, overlap] : std::vector<std::pair<int, bool>>{{2, true}, {3, false}}) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, blocks, overlap, true));
-    for (const LoraTimingCase& c :
-         {LoraTimingCase{"qkv 32 distinct r16", 4096, {4096, 1024, 1024}, distinct32, std::vector<int>(32, 16)},
-          LoraTimingCase{"qkv 1 adapter x 1 token r16", 4096, {4096, 1024, 1024}, {0}, {16}}}) {
-      LoraTimingCase named = c;
-      named.name += absl::StrCat(" ", blocks, "blk", overlap ? "" : " no-ovl");
-      LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, named));
-    }
-  }
   return cuda::SetLoraTuningForTest(g_gpu, 3, true, true);
 }
 
@@ -1166,6 +1272,11 @@ int Main() {
   GemmTests();
   AttentionTests();
   Run("LoRA", [] { return LoraTests(); });
+  for (int t : {1, 5, 32}) {
+    for (auto c : {FoldConsumer::kAddRmsNorm, FoldConsumer::kSiluMul, FoldConsumer::kRope}) {
+      Run("LoRA delta fold", [&] { return CheckLoraFold(c, t); });
+    }
+  }
   Run("Synchronize", [] { return g_gpu->Synchronize(); });
 
   std::printf("\n-- timing (median of 21 samples of 20 calls; inputs rotated past L2) --\n");

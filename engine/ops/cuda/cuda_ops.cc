@@ -14,6 +14,7 @@
 #include "engine/ops/cuda/attention.h"
 #include "engine/ops/cuda/cublaslt_gemm.h"
 #include "engine/ops/cuda/elementwise.h"
+#include "engine/ops/cuda/lora_delta.h"
 #include "engine/ops/cuda/lora_kernels.h"
 #include "engine/ops/cuda/lora_prefill.h"
 #include "engine/ops/cuda/norm.h"
@@ -59,6 +60,10 @@ constexpr int kLoraTensorCoreBlocksPerSm = 4;  // 128 threads, ~37 KB of shared 
 // each adapter's weights once per 64 tokens of a segment; smaller ones (decode) the
 // bandwidth-bound split-K kernels.
 constexpr int kLoraTensorCoreMinTokens = 256;
+// SMs GemmWithLora's GEMM leaves to the LoRA kernels running beside it (its cuBLASLt algorithm is
+// chosen for the rest). Measured (bench/runs/2026-11-29-fold): reserving 16 or 32 SMs made decode
+// steps with adapters slower at batch 1 and 32, so none are reserved.
+constexpr int kLoraGemmSmReserve = 0;
 
 absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
   if (err == cudaSuccess) return absl::OkStatus();
@@ -160,6 +165,9 @@ class CudaOps final : public Ops {
   void set_split_mode(AttentionSplitMode mode) { split_mode_ = mode; }
   void set_lora_tensor_core_min_tokens(int tokens) { lora_tc_min_tokens_ = tokens; }
   void set_lora_delta_limit(size_t bytes) { lora_delta_limit_ = std::min(bytes, kLoraDeltaBytes); }
+  void set_lora_fold(bool fold) { lora_fold_ = fold; }
+  int num_sms() const { return num_sms_; }
+  void set_lora_gemm_sm_reserve(int sms) { lora_gemm_sm_reserve_ = sms; }
   void set_lora_tuning(int shrink_blocks_per_sm, bool overlap, bool fork) {
     lora_shrink_blocks_ = num_sms_ * shrink_blocks_per_sm;
     lora_overlap_ = overlap;
@@ -183,18 +191,23 @@ class CudaOps final : public Ops {
 
   void Free(void* ptr) override {
     if (ptr == nullptr) return;
+    // The pending delta may belong to this memory; cudaFree waits for the add.
+    const absl::Status flushed = FlushLoraDelta();
+    if (!flushed.ok() && deferred_error_ == cudaSuccess) deferred_error_ = cudaErrorLaunchFailure;
     const cudaError_t err = cudaFree(ptr);
     // Free cannot report; the next Synchronize does.
     if (err != cudaSuccess && deferred_error_ == cudaSuccess) deferred_error_ = err;
   }
 
   absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     if (bytes == 0) return absl::OkStatus();
     // From pageable memory the call returns once `src` is staged, so the caller may reuse it.
     return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "CopyToDevice");
   }
 
   absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     if (bytes == 0) return absl::OkStatus();
     LORAPLEX_RETURN_IF_ERROR(
         CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "CopyToHost"));
@@ -202,16 +215,19 @@ class CudaOps final : public Ops {
   }
 
   absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) override {
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     if (bytes == 0) return absl::OkStatus();
     return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "CopyOnDevice");
   }
 
   absl::Status Memset(void* dst, int value, size_t bytes) override {
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     if (bytes == 0) return absl::OkStatus();
     return CudaStatus(cudaMemsetAsync(dst, value, bytes, stream_), "Memset");
   }
 
   absl::Status Synchronize() override {
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     if (deferred_error_ != cudaSuccess) {
       const cudaError_t err = deferred_error_;
       deferred_error_ = cudaSuccess;
@@ -223,6 +239,7 @@ class CudaOps final : public Ops {
 
   absl::Status Embed(const TensorView& ids, const TensorView& table, const TensorView& out) override {
     constexpr absl::string_view kOp = "Embed";
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "ids", ids, DType::kI32, 1));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "table", table, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
@@ -236,6 +253,7 @@ class CudaOps final : public Ops {
   absl::Status RmsNorm(const TensorView& x, const TensorView& weight, float eps,
                        const TensorView& out) override {
     constexpr absl::string_view kOp = "RmsNorm";
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "weight", weight, DType::kBF16, 1));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
@@ -257,12 +275,20 @@ class CudaOps final : public Ops {
       return Invalid(kOp, absl::StrCat("residual ", residual.shape.ToString(), " and out ", out.shape.ToString(),
                                        " must have x's shape ", x.shape.ToString()));
     }
+    LORAPLEX_ASSIGN_OR_RETURN(const LoraDeltaView delta, TakeLoraDelta(x));
     return CudaStatus(LaunchAddRmsNorm(x.data, residual.data, weight.data, x.shape[0], x.shape[1], eps,
-                                       out.data, stream_),
+                                       out.data, delta, stream_),
                       kOp);
   }
 
   absl::Status Gemm(const TensorView& x, const TensorView& w, float beta, const TensorView& y) override {
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
+    return GemmOnSms(x, w, beta, y, 0);
+  }
+
+  // Gemm with the algorithm chosen for `sm_count_target` SMs (0: all of them).
+  absl::Status GemmOnSms(const TensorView& x, const TensorView& w, float beta, const TensorView& y,
+                         int sm_count_target) {
     constexpr absl::string_view kOp = "Gemm";
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "w", w, DType::kBF16, 2));
@@ -275,7 +301,7 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "y", y, 1, w.shape[0]));
     if (x.shape[1] == 0) return Invalid(kOp, "K is 0");
     return Annotate(gemm_->Run(x.data, w.data, y.data, y.dtype == DType::kF32, x.shape[0], w.shape[0],
-                               x.shape[1], beta, stream_),
+                               x.shape[1], beta, stream_, sm_count_target),
                     "Gemm");
   }
 
@@ -300,6 +326,12 @@ class CudaOps final : public Ops {
     p.num_q_heads = num_q_heads;
     p.num_kv_heads = num_kv_heads;
     p.head_dim = head_dim;
+    LORAPLEX_ASSIGN_OR_RETURN(p.delta, TakeLoraDelta(qkv));
+    if (!p.delta.empty() && p.num_tokens < p.delta.rows) {
+      // Rows past meta.num_tokens get no block: add the delta to them first.
+      LORAPLEX_RETURN_IF_ERROR(CudaStatus(LaunchLoraDeltaAdd(p.delta, qkv.data, stream_), kOp));
+      p.delta = LoraDeltaView{};
+    }
     return CudaStatus(LaunchRopeAndCacheKv(p, stream_), kOp);
   }
 
@@ -307,6 +339,7 @@ class CudaOps final : public Ops {
                          float softmax_scale, const AttentionMeta& meta, const KvCacheView& cache,
                          const TensorView& out) override {
     constexpr absl::string_view kOp = "Attention";
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     LORAPLEX_RETURN_IF_ERROR(CheckQkvAndCache(kOp, qkv, num_q_heads, num_kv_heads, head_dim, meta, cache));
     if (!AttentionSupported(head_dim, num_q_heads, num_kv_heads)) {
       return absl::UnimplementedError(absl::StrCat(kOp, ": no kernel for head_dim ", head_dim, " with ",
@@ -359,11 +392,13 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 0, gate_up.shape[0]));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "gate_up", gate_up, 1, 2 * out.shape[1]));
-    return CudaStatus(LaunchSiluMul(gate_up.data, out.shape[0], out.shape[1], out.data, stream_), kOp);
+    LORAPLEX_ASSIGN_OR_RETURN(const LoraDeltaView delta, TakeLoraDelta(gate_up));
+    return CudaStatus(LaunchSiluMul(gate_up.data, out.shape[0], out.shape[1], out.data, delta, stream_), kOp);
   }
 
   absl::Status GatherRows(const TensorView& x, const TensorView& rows, const TensorView& out) override {
     constexpr absl::string_view kOp = "GatherRows";
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, x.dtype, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "rows", rows, DType::kI32, 1));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, x.dtype, 2));
@@ -379,6 +414,7 @@ class CudaOps final : public Ops {
   // host before it uploads them).
   absl::Status Sample(const TensorView& logits, const SamplingRow* rows, SampledToken* out) override {
     constexpr absl::string_view kOp = "Sample";
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "logits", logits, DType::kF32, 2));
     if (rows == nullptr || out == nullptr) return Invalid(kOp, "rows and out must not be null");
     return CudaStatus(LaunchSample(logits.As<float>(), logits.shape[0], logits.shape[1],
@@ -390,12 +426,14 @@ class CudaOps final : public Ops {
 
   absl::Status LoraShrink(const TensorView& x, const LoraSegments& segments, const LoraModule& module,
                           const TensorView& y) override {
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     LORAPLEX_ASSIGN_OR_RETURN(LoraParams p, PrepareLoraShrink(x, segments, module, y));
     return LaunchShrink(p, x.data, y.As<float>(), stream_, "LoraShrink");
   }
 
   absl::Status LoraExpand(const TensorView& y, const LoraSegments& segments, const LoraModule& module,
                           const TensorView& out) override {
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     LORAPLEX_ASSIGN_OR_RETURN(LoraParams p, PrepareLoraExpand(y, segments, module, out));
     return LaunchExpand(p, y.As<float>(), out.data, stream_, "LoraExpand");
   }
@@ -419,13 +457,17 @@ class CudaOps final : public Ops {
 
   // The shrink runs on a side stream concurrently with the GEMM (both need only x, which the work
   // already on the stream produces). When the step's [rows, out width] F32 delta fits the delta
-  // buffer, the expand runs there too, writing scale·y·Bᵀ into it, and after the join one
-  // elementwise kernel adds it to the GEMM's output (the same bits as the in-place expand): the
-  // GEMM's critical path gains only that kernel. Otherwise (and for the tensor-core kernels of
+  // buffer, the expand runs there too, writing scale·y·Bᵀ into it, and the delta is left pending:
+  // the next op that reads y whole (AddRmsNorm's x, RopeAndCacheKv's qkv, SiluMul's gate_up: what
+  // follows every wrapped projection of the model) adds it while it loads y, and any other op
+  // first adds it with one elementwise kernel (FlushLoraDelta). Either way y ends up with the
+  // same bits as the in-place expand gives, and the GEMM's critical path gains no kernel.
+  // Otherwise (and for the tensor-core kernels of
   // long steps) the expand follows both on the ops' stream, in place.
   absl::Status GemmWithLora(const TensorView& x, const TensorView& w, const TensorView& y,
                             const LoraSegments* segments, const LoraModule* module,
                             const TensorView& lora_y) override {
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());  // its delta buffer is about to be rewritten
     if (segments == nullptr || module == nullptr || !lora_fork_) {
       return Ops::GemmWithLora(x, w, y, segments, module, lora_y);
     }
@@ -452,13 +494,20 @@ class CudaOps final : public Ops {
       side = CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, side_stream_), "GemmWithLora: expand");
     }
     const absl::Status recorded = CudaStatus(cudaEventRecord(join_event_, side_stream_), "GemmWithLora: join");
-    const absl::Status gemm = side.ok() ? Gemm(x, w, 0.0f, y) : absl::OkStatus();
+    // The GEMM may leave SMs to the LoRA kernels beside it (lora_gemm_sm_reserve_).
+    const int gemm_sms = lora_gemm_sm_reserve_ > 0 ? num_sms_ - lora_gemm_sm_reserve_ : 0;
+    const absl::Status gemm = side.ok() ? GemmOnSms(x, w, 0.0f, y, gemm_sms) : absl::OkStatus();
     // Always join, so later work on the stream (and a capture's end) sees the side stream's.
     LORAPLEX_RETURN_IF_ERROR(recorded);
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmWithLora: join"));
     LORAPLEX_RETURN_IF_ERROR(side);
     LORAPLEX_RETURN_IF_ERROR(gemm);
-    if (delta) return CudaStatus(LaunchLoraAddDelta(expand, y.data, stream_), "GemmWithLora: add delta");
+    if (delta) {
+      pending_.view = LoraDeltaOf(expand);
+      pending_.out = y.data;
+      pending_.active = true;
+      return lora_fold_ ? absl::OkStatus() : FlushLoraDelta();
+    }
     return LaunchExpand(expand, lora_y.As<float>(), y.data, stream_, "GemmWithLora: expand");
   }
 
@@ -477,6 +526,28 @@ class CudaOps final : public Ops {
   }
 
   absl::StatusOr<std::unique_ptr<Graph>> Capture(const std::function<absl::Status()>& body) override;
+
+  // Adds the pending LoRA delta (if any) to its GEMM output with the add kernel. Every op that
+  // does not fold it calls this first, and so do graph capture, replay and stream timing, so work
+  // enqueued later (or a host copy) never sees y without it.
+  absl::Status FlushLoraDelta() {
+    if (!pending_.active) return absl::OkStatus();
+    pending_.active = false;
+    return CudaStatus(LaunchLoraDeltaAdd(pending_.view, pending_.out, stream_), "GemmWithLora: add delta");
+  }
+
+  // The pending LoRA delta for a kernel about to read `t` whole, which then owns adding it: only
+  // when `t` is exactly the GEMM output the delta belongs to (same memory and shape). Otherwise
+  // the delta is flushed and the view is empty.
+  absl::StatusOr<LoraDeltaView> TakeLoraDelta(const TensorView& t) {
+    if (pending_.active && t.data == pending_.out && t.dtype == DType::kBF16 && t.shape.rank == 2 &&
+        t.shape[0] == pending_.view.rows && t.shape[1] == pending_.view.width) {
+      pending_.active = false;
+      return pending_.view;
+    }
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
+    return LoraDeltaView{};
+  }
 
  private:
   CudaOps() = default;
@@ -625,6 +696,15 @@ class CudaOps final : public Ops {
   cudaStream_t side_stream_ = nullptr;  // GemmWithLora's shrink
   cudaEvent_t fork_event_ = nullptr;
   cudaEvent_t join_event_ = nullptr;
+  // GemmWithLora's delta, not yet added to its output `out` (see FlushLoraDelta).
+  struct PendingLoraDelta {
+    bool active = false;
+    void* out = nullptr;
+    LoraDeltaView view;
+  };
+  PendingLoraDelta pending_;
+  bool lora_fold_ = true;  // tests turn folding off to compare both ways
+  int lora_gemm_sm_reserve_ = kLoraGemmSmReserve;
   std::unique_ptr<CublasLtGemm> gemm_;
   cudaError_t deferred_error_ = cudaSuccess;
   AttentionSplitMode split_mode_ = AttentionSplitMode::kAuto;
@@ -632,18 +712,21 @@ class CudaOps final : public Ops {
 
 class CudaGraphImpl final : public CudaGraph {
  public:
-  CudaGraphImpl(cudaGraph_t graph, cudaGraphExec_t exec, cudaStream_t stream)
-      : graph_(graph), exec_(exec), stream_(stream) {}
+  CudaGraphImpl(CudaOps* ops, cudaGraph_t graph, cudaGraphExec_t exec)
+      : ops_(ops), graph_(graph), exec_(exec) {}
   ~CudaGraphImpl() override {
     cudaGraphExecDestroy(exec_);
     cudaGraphDestroy(graph_);
   }
-  absl::Status Launch() override { return CudaStatus(cudaGraphLaunch(exec_, stream_), "CudaGraph::Launch"); }
+  absl::Status Launch() override {
+    LORAPLEX_RETURN_IF_ERROR(ops_->FlushLoraDelta());  // an eager op's delta lands before the replay reads
+    return CudaStatus(cudaGraphLaunch(exec_, ops_->stream()), "CudaGraph::Launch");
+  }
 
  private:
+  CudaOps* ops_;
   cudaGraph_t graph_;
   cudaGraphExec_t exec_;
-  cudaStream_t stream_;
 };
 
 absl::StatusOr<CudaOps*> AsCudaOps(Ops* ops, absl::string_view what) {
@@ -673,9 +756,12 @@ absl::StatusOr<std::unique_ptr<CudaGraph>> CaptureCudaGraph(Ops* ops,
                                                             const std::function<absl::Status()>& record) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "CaptureCudaGraph"));
   cudaStream_t stream = cuda->stream();
+  LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());  // eager work stays out of the graph
   LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal),
                                       "CaptureCudaGraph: begin"));
-  const absl::Status recorded = record();
+  absl::Status recorded = record();
+  // The graph's last op may have left a delta pending: it is added inside the graph.
+  if (recorded.ok()) recorded = cuda->FlushLoraDelta();
   cudaGraph_t graph = nullptr;
   const cudaError_t end = cudaStreamEndCapture(stream, &graph);  // always end, even after an error
   if (!recorded.ok()) {
@@ -689,7 +775,7 @@ absl::StatusOr<std::unique_ptr<CudaGraph>> CaptureCudaGraph(Ops* ops,
     cudaGraphDestroy(graph);
     return CudaStatus(inst, "CaptureCudaGraph: instantiate");
   }
-  return std::unique_ptr<CudaGraph>(new CudaGraphImpl(graph, exec, stream));
+  return std::unique_ptr<CudaGraph>(new CudaGraphImpl(cuda, graph, exec));
 }
 
 absl::StatusOr<std::unique_ptr<Graph>> CudaOps::Capture(const std::function<absl::Status()>& body) {
@@ -710,6 +796,7 @@ absl::StatusOr<std::vector<double>> TimeOnStream(Ops* ops, int warmup, int repet
     for (int r = 0; r < repetitions; ++r) {
       LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(start, cuda->stream()), "TimeOnStream: record"));
       for (int c = 0; c < calls_per_sample; ++c) LORAPLEX_RETURN_IF_ERROR(body(call++));
+      LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());  // the last call's delta counts too
       LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(stop, cuda->stream()), "TimeOnStream: record"));
       LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(stop), "TimeOnStream: wait"));
       float ms = 0.0f;
@@ -737,6 +824,22 @@ absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks_per_sm, bool overl
 absl::Status SetLoraDeltaLimitForTest(Ops* ops, size_t bytes) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraDeltaLimitForTest"));
   cuda->set_lora_delta_limit(bytes);
+  return absl::OkStatus();
+}
+
+absl::Status SetLoraFoldForTest(Ops* ops, bool fold) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraFoldForTest"));
+  LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());
+  cuda->set_lora_fold(fold);
+  return absl::OkStatus();
+}
+
+absl::Status SetLoraGemmSmReserveForTest(Ops* ops, int sms) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraGemmSmReserveForTest"));
+  if (sms < 0 || sms >= cuda->num_sms()) {
+    return Invalid("SetLoraGemmSmReserveForTest", absl::StrCat("sms ", sms, " not in 0..", cuda->num_sms() - 1));
+  }
+  cuda->set_lora_gemm_sm_reserve(sms);
   return absl::OkStatus();
 }
 

@@ -62,6 +62,15 @@ absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks_per_sm, bool overl
 // the call's rows x out width x 4 bytes fit, else in place after the GEMM. Tests lower the limit
 // (0: always in place) to cover both paths; values above 64 MiB act as 64 MiB.
 absl::Status SetLoraDeltaLimitForTest(Ops* ops, size_t bytes);
+// That delta is left for the op that reads the GEMM output next: AddRmsNorm, RopeAndCacheKv and
+// SiluMul add it as they load it (and write it back); every other op, a capture's end, a replay
+// and TimeOnStream add it first with a separate kernel. `fold` false: always that kernel, right
+// after the GEMM (tests compare both ways bit for bit). Default true.
+absl::Status SetLoraFoldForTest(Ops* ops, bool fold);
+// GemmWithLora's GEMM (when its LoRA kernels run beside it) uses the cuBLASLt algorithm chosen for
+// the device's SMs minus `sms`, leaving those to the LoRA kernels. Benchmarks sweep it.
+// INVALID_ARGUMENT outside 0..SMs-1. Graphs keep the value they were captured with.
+absl::Status SetLoraGemmSmReserveForTest(Ops* ops, int sms);
 // LoRA ops of steps with at least `min_tokens` tokens run the tensor-core kernels (default 256);
 // tests force either kind at any size. INVALID_ARGUMENT for min_tokens < 1.
 absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens);

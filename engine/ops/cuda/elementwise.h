@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "engine/ops/cuda/lora_delta.h"
+
 namespace loraplex::ops::cuda {
 
 // dst[i] = src[indices[i]] for i < num_out_rows, whole rows of `row_bytes` bytes (any dtype).
@@ -16,8 +18,9 @@ cudaError_t LaunchGatherRows(const void* src, int64_t src_rows, int64_t row_byte
                              cudaStream_t stream);
 
 // out = silu(gate_up[:, :inter]) * gate_up[:, inter:], fp32 math, one bf16 rounding.
-// gate_up [num_tokens, 2·inter] bf16; out [num_tokens, inter] bf16.
+// gate_up [num_tokens, 2·inter] bf16; out [num_tokens, inter] bf16. `delta` (may be empty): a
+// pending LoRA delta of gate_up ([num_tokens, 2·inter]), added first and written back to it.
 cudaError_t LaunchSiluMul(const void* gate_up, int64_t num_tokens, int64_t inter, void* out,
-                          cudaStream_t stream);
+                          const LoraDeltaView& delta, cudaStream_t stream);
 
 }  // namespace loraplex::ops::cuda

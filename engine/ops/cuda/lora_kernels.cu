@@ -15,7 +15,7 @@
 // the B rows (rank bf16 each, contiguous) of up to 4 of its columns in registers and applies them
 // to each token; it adds scale·delta into the output in place, or (GemmWithLora) writes it into
 // an F32 delta buffer and marks the (row, slice) pairs it wrote, so it can run beside the GEMM;
-// LoraAddDelta then folds the delta in.
+// the kernel that reads the GEMM output next folds the delta in (lora_delta.h).
 // Work is proportional to each slot's real rank; rank-0 slices and empty segments cost nothing.
 #include "engine/ops/cuda/lora_kernels.h"
 
@@ -352,71 +352,21 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
   WaitForPrecedingKernel();
 }
 
-constexpr int kAddThreads = 256;
-
-struct AddDeltaParams {
-  const float* delta;
-  const uint8_t* mask;
-  int32_t rows;
-  int32_t num_slices;
-  int32_t slice_offsets[kLoraMaxSlices + 1];
-};
-
-// out[row, c..c+7] = bf16(float(out) + delta) where the expand marked (row, slice of c); one
-// thread per 8 columns. The mask, delta and out loads are issued together (one round trip); rows
-// the expand did not mark keep their bits.
-__global__ void __launch_bounds__(kAddThreads) LoraAddDeltaKernel(AddDeltaParams p, bf16* __restrict__ out) {
-  // Constant indices only (a dynamically indexed parameter array would go through local memory).
-  int width = p.slice_offsets[1];
-#pragma unroll
-  for (int s = 2; s <= kLoraMaxSlices; ++s) {
-    if (s <= p.num_slices) width = p.slice_offsets[s];
-  }
-  const int vecs_per_row = width / 8;
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kAddThreads + threadIdx.x;
-  if (idx >= static_cast<int64_t>(p.rows) * vecs_per_row) return;
-  const int64_t row = idx / vecs_per_row;
-  const int col = static_cast<int>(idx - row * vecs_per_row) * 8;
-  int slice = 0;
-#pragma unroll
-  for (int s = 1; s < kLoraMaxSlices; ++s) {
-    if (s < p.num_slices && col >= p.slice_offsets[s]) slice = s;
-  }
-  const int64_t at = row * width + col;
-  const uint8_t marked = p.mask[row * p.num_slices + slice];
-  const float4 d0 = __ldcg(reinterpret_cast<const float4*>(p.delta + at));
-  const float4 d1 = __ldcg(reinterpret_cast<const float4*>(p.delta + at) + 1);
-  uint4* o = reinterpret_cast<uint4*>(out + at);
-  const uint4 ov = *o;
-  if (!marked) return;
-  float f[8];
-  Unpack8(ov, f);
-  f[0] += d0.x;
-  f[1] += d0.y;
-  f[2] += d0.z;
-  f[3] += d0.w;
-  f[4] += d1.x;
-  f[5] += d1.y;
-  f[6] += d1.z;
-  f[7] += d1.w;
-  *o = Pack8(f);
-}
-
 }  // namespace
 
+LoraDeltaView LoraDeltaOf(const LoraParams& p) {
+  LoraDeltaView d;
+  d.delta = p.delta;
+  d.mask = p.delta_mask;
+  d.rows = p.delta_rows;
+  d.num_slices = p.num_slices;
+  for (int s = 0; s <= p.num_slices; ++s) d.slice_offsets[s] = p.slice_offsets[s];
+  d.width = p.slice_offsets[p.num_slices];
+  return d;
+}
+
 cudaError_t LaunchLoraAddDelta(const LoraParams& p, void* out, cudaStream_t stream) {
-  const int width = p.slice_offsets[p.num_slices];
-  const int64_t threads = static_cast<int64_t>(p.delta_rows) * (width / 8);
-  if (threads == 0) return cudaSuccess;
-  AddDeltaParams a;
-  a.delta = p.delta;
-  a.mask = p.delta_mask;
-  a.rows = p.delta_rows;
-  a.num_slices = p.num_slices;
-  for (int s = 0; s <= kLoraMaxSlices; ++s) a.slice_offsets[s] = p.slice_offsets[s];
-  const int64_t blocks = (threads + kAddThreads - 1) / kAddThreads;
-  LoraAddDeltaKernel<<<static_cast<unsigned>(blocks), kAddThreads, 0, stream>>>(a, static_cast<bf16*>(out));
-  return cudaGetLastError();
+  return LaunchLoraDeltaAdd(LoraDeltaOf(p), out, stream);
 }
 
 int LoraShrinkMinSplits(int in_features) {

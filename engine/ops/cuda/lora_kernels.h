@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "engine/ops/cuda/lora_delta.h"
+
 namespace loraplex::ops::cuda {
 
 // Device layout of ops::LoraSliceWeights (cuda_ops.cc static_asserts that they match).
@@ -20,7 +22,7 @@ struct LoraSliceWeightsDev {
 };
 
 inline constexpr int kLoraMaxRank = 128;     // y columns a block stages per token in shared memory
-inline constexpr int kLoraMaxSlices = 4;
+inline constexpr int kLoraMaxSlices = kLoraDeltaMaxSlices;
 inline constexpr int kLoraExpandTile = 1024;  // output columns per expand work item
 
 struct LoraParams {
@@ -84,5 +86,8 @@ cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cud
 // expand gives. out [delta_rows, slice_offsets[num_slices]] bf16, 16-byte aligned, every slice
 // offset a multiple of 8. Launch after the delta-mode shrink and expand of the same params.
 cudaError_t LaunchLoraAddDelta(const LoraParams& p, void* out, cudaStream_t stream);
+
+// The delta-mode expand's output as a view a consumer kernel can fold in (lora_delta.h).
+LoraDeltaView LoraDeltaOf(const LoraParams& p);
 
 }  // namespace loraplex::ops::cuda

@@ -5,7 +5,7 @@
 // inputs otherwise serialise each iteration's loads behind the previous iteration's stores).
 #include "engine/ops/cuda/norm.h"
 
-#include "engine/ops/cuda/kernel_utils.cuh"
+#include "engine/ops/cuda/lora_delta.cuh"
 
 namespace loraplex::ops::cuda {
 namespace {
@@ -23,29 +23,41 @@ int RoundUpToWarp(int64_t n) {
 // Vector path: hidden % 8 == 0 and every pointer 16-byte aligned. Thread t owns vectors
 // t, t + blockDim.x, ... (kVecsPerThread of them at most), reads them all before writing any, and
 // writes only those, so out, x and residual may alias one another.
-// kAdd: residual += x first, and normalise the rounded residual.
+// kAdd: residual += x first, and normalise the rounded residual. A pending LoRA delta of x (the
+// GEMM output) is added to x as it is loaded and written back to x (lora_delta.h).
 template <bool kAdd, int kVecsPerThread>
 __global__ void __launch_bounds__(kMaxThreads)
-    RmsNormVecKernel(const bf16* x, bf16* residual, const bf16* __restrict__ weight, int64_t hidden,
-                     float eps, bf16* out) {
+    RmsNormVecKernel(bf16* x, bf16* residual, const bf16* __restrict__ weight, int64_t hidden,
+                     float eps, bf16* out, LoraDeltaView delta) {
   PdlEnter();  // before any global memory access (see kernel_utils.cuh)
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const int num_vecs = static_cast<int>(hidden / kVec);
-  const uint4* xr = reinterpret_cast<const uint4*>(x + row * hidden);
+  uint4* xr = reinterpret_cast<uint4*>(x + row * hidden);
   uint4* rr = kAdd ? reinterpret_cast<uint4*>(residual + row * hidden) : nullptr;
   uint4* orow = reinterpret_cast<uint4*>(out + row * hidden);
   const uint4* w = reinterpret_cast<const uint4*>(weight);
 
   float v[kVecsPerThread][kVec];
   uint4 wv[kVecsPerThread];
+  uint4 x_fixed[kVecsPerThread];  // x with the LoRA delta, written back with the outputs
+  bool fixed[kVecsPerThread];
   float sum_sq = 0.0f;
 #pragma unroll
   for (int j = 0; j < kVecsPerThread; ++j) {
     const int i = threadIdx.x + j * blockDim.x;
+    fixed[j] = false;
     if (i >= num_vecs) continue;
     Unpack8(xr[i], v[j]);
     wv[j] = w[i];  // loaded now so its latency hides behind the reduction
+    if constexpr (kAdd) {
+      float d[kVec];
+      fixed[j] = LoadLoraDelta8(delta, row, static_cast<int64_t>(i) * kVec, d);
+      if (fixed[j]) {
+        AddLoraDelta8(v[j], d);
+        x_fixed[j] = Pack8(v[j]);
+      }
+    }
     if constexpr (kAdd) {
       float r[kVec];
       Unpack8(rr[i], r);
@@ -61,6 +73,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int j = 0; j < kVecsPerThread; ++j) {
     const int i = threadIdx.x + j * blockDim.x;
     if (i >= num_vecs) continue;
+    if (fixed[j]) xr[i] = x_fixed[j];
     // v holds bf16-exact values, so packing it writes back the rounded residual unchanged.
     if constexpr (kAdd) rr[i] = Pack8(v[j]);
     float wf[kVec];
@@ -106,9 +119,9 @@ __global__ void RmsNormScalarKernel(const bf16* x, bf16* residual, const bf16* _
 
 template <bool kAdd>
 cudaError_t Launch(const void* x, void* residual, const void* weight, int64_t rows, int64_t hidden,
-                   float eps, void* out, cudaStream_t stream) {
+                   float eps, void* out, const LoraDeltaView& delta, cudaStream_t stream) {
   if (rows == 0 || hidden == 0) return cudaSuccess;
-  const bf16* xp = static_cast<const bf16*>(x);
+  bf16* xp = static_cast<bf16*>(const_cast<void*>(x));
   bf16* rp = static_cast<bf16*>(residual);
   const bf16* wp = static_cast<const bf16*>(weight);
   bf16* op = static_cast<bf16*>(out);
@@ -118,6 +131,9 @@ cudaError_t Launch(const void* x, void* residual, const void* weight, int64_t ro
                    (!kAdd || IsAligned16(residual)) &&
                    num_vecs <= static_cast<int64_t>(kMaxThreads) * kMaxVecsPerThread;
   if (!vec) {
+    // The scalar kernel does not fold a LoRA delta: add it first.
+    const cudaError_t added = LaunchLoraDeltaAdd(delta, xp, stream);
+    if (added != cudaSuccess) return added;
     const int threads = RoundUpToWarp(hidden < kMaxThreads ? hidden : kMaxThreads);
     (void)LaunchDependent(RmsNormScalarKernel<kAdd>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op);
     return cudaGetLastError();
@@ -130,16 +146,20 @@ cudaError_t Launch(const void* x, void* residual, const void* weight, int64_t ro
   const int threads = RoundUpToWarp((num_vecs + per_thread - 1) / per_thread);
   switch (per_thread) {
     case 1:
-      (void)LaunchDependent(RmsNormVecKernel<kAdd, 1>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op);
+      (void)LaunchDependent(RmsNormVecKernel<kAdd, 1>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op,
+                            delta);
       break;
     case 2:
-      (void)LaunchDependent(RmsNormVecKernel<kAdd, 2>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op);
+      (void)LaunchDependent(RmsNormVecKernel<kAdd, 2>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op,
+                            delta);
       break;
     case 4:
-      (void)LaunchDependent(RmsNormVecKernel<kAdd, 4>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op);
+      (void)LaunchDependent(RmsNormVecKernel<kAdd, 4>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op,
+                            delta);
       break;
     default:
-      (void)LaunchDependent(RmsNormVecKernel<kAdd, kMaxVecsPerThread>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op);
+      (void)LaunchDependent(RmsNormVecKernel<kAdd, kMaxVecsPerThread>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op,
+                            delta);
       break;
   }
   return cudaGetLastError();
@@ -149,12 +169,13 @@ cudaError_t Launch(const void* x, void* residual, const void* weight, int64_t ro
 
 cudaError_t LaunchRmsNorm(const void* x, const void* weight, int64_t rows, int64_t hidden,
                           float eps, void* out, cudaStream_t stream) {
-  return Launch<false>(x, nullptr, weight, rows, hidden, eps, out, stream);
+  return Launch<false>(x, nullptr, weight, rows, hidden, eps, out, LoraDeltaView{}, stream);
 }
 
 cudaError_t LaunchAddRmsNorm(const void* x, void* residual, const void* weight, int64_t rows,
-                             int64_t hidden, float eps, void* out, cudaStream_t stream) {
-  return Launch<true>(x, residual, weight, rows, hidden, eps, out, stream);
+                             int64_t hidden, float eps, void* out, const LoraDeltaView& delta,
+                             cudaStream_t stream) {
+  return Launch<true>(x, residual, weight, rows, hidden, eps, out, delta, stream);
 }
 
 }  // namespace loraplex::ops::cuda

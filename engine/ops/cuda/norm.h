@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "engine/ops/cuda/lora_delta.h"
+
 namespace loraplex::ops::cuda {
 
 // out = x / sqrt(mean(x²) + eps) * weight, per row, fp32 math. x, out [rows, hidden] bf16 (may
@@ -14,8 +16,10 @@ cudaError_t LaunchRmsNorm(const void* x, const void* weight, int64_t rows, int64
                           float eps, void* out, cudaStream_t stream);
 
 // residual = bf16(residual + x); out = rmsnorm(residual) * weight, the norm taken over the rounded
-// residual that the next layer will read. x, residual, out [rows, hidden] bf16.
+// residual that the next layer will read. x, residual, out [rows, hidden] bf16. `delta` (may be
+// empty): a pending LoRA delta of x ([rows, hidden]), added to x first and written back to it.
 cudaError_t LaunchAddRmsNorm(const void* x, void* residual, const void* weight, int64_t rows,
-                             int64_t hidden, float eps, void* out, cudaStream_t stream);
+                             int64_t hidden, float eps, void* out, const LoraDeltaView& delta,
+                             cudaStream_t stream);
 
 }  // namespace loraplex::ops::cuda

@@ -4,7 +4,7 @@
 // decode step's call). A token's rotated k is written to the cache by the thread that computed it.
 #include "engine/ops/cuda/rope.h"
 
-#include "engine/ops/cuda/kernel_utils.cuh"
+#include "engine/ops/cuda/lora_delta.cuh"
 
 namespace loraplex::ops::cuda {
 namespace {
@@ -12,10 +12,22 @@ namespace {
 __global__ void RopeAndCacheKvKernel(RopeParams p) {
   PdlEnter();  // before any global memory access (see kernel_utils.cuh)
   const int64_t t = blockIdx.x;
-  if (p.token_seq != nullptr && p.token_seq[t] < 0) return;
   const int half = p.head_dim / 2;
   const int64_t row_width = static_cast<int64_t>(p.num_q_heads + 2 * p.num_kv_heads) * p.head_dim;
   bf16* row = static_cast<bf16*>(p.qkv) + t * row_width;
+  const int first = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x);
+  const int stride = static_cast<int>(gridDim.y * blockDim.x);
+  if (p.token_seq != nullptr && p.token_seq[t] < 0) {
+    // A padding row is left as is, but a pending LoRA delta still lands in it (lora_delta.h).
+    if (!p.delta.empty()) {
+      for (int64_t e = first; e < row_width; e += stride) {
+        bool changed;
+        const bf16 v = FoldLoraDelta1(p.delta, t, e, row[e], &changed);
+        if (changed) row[e] = v;
+      }
+    }
+    return;
+  }
   const float pos = static_cast<float>(p.positions[t]);
   const int64_t slot = p.slot_mapping[t];
   const bool cache = slot >= 0 && slot < p.num_cache_slots;
@@ -24,16 +36,17 @@ __global__ void RopeAndCacheKvKernel(RopeParams p) {
   bf16* v_dst = static_cast<bf16*>(p.v_cache) + slot * kv_width;
 
   const int rotated_heads = p.num_q_heads + p.num_kv_heads;
-  const int first = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x);
-  const int stride = static_cast<int>(gridDim.y * blockDim.x);
   for (int e = first; e < rotated_heads * half; e += stride) {
     const int head = e / half;
     const int i = e - head * half;
     bf16* h = row + static_cast<int64_t>(head) * p.head_dim;
     float s, c;
     sincosf(pos * p.inv_freq[i], &s, &c);  // precise: angles reach ~1e5 rad at long contexts
-    const float x1 = ToFloat(h[i]);
-    const float x2 = ToFloat(h[i + half]);
+    // A pending LoRA delta is added before the rotation (the GEMM output plus delta is what the
+    // separate add kernel would have left here).
+    const int64_t col = static_cast<int64_t>(head) * p.head_dim + i;
+    const float x1 = ToFloat(FoldLoraDelta1(p.delta, t, col, h[i]));
+    const float x2 = ToFloat(FoldLoraDelta1(p.delta, t, col + half, h[i + half]));
     const bf16 y1 = ToBf16(x1 * c - x2 * s);
     const bf16 y2 = ToBf16(x2 * c + x1 * s);
     h[i] = y1;
@@ -44,9 +57,15 @@ __global__ void RopeAndCacheKvKernel(RopeParams p) {
       k_dst[off + i + half] = y2;
     }
   }
-  if (cache) {
-    const bf16* v_src = row + static_cast<int64_t>(p.num_q_heads + p.num_kv_heads) * p.head_dim;
-    for (int64_t e = first; e < kv_width; e += stride) v_dst[e] = v_src[e];
+  if (cache || !p.delta.empty()) {
+    const int64_t v_col = static_cast<int64_t>(p.num_q_heads + p.num_kv_heads) * p.head_dim;
+    bf16* v_src = row + v_col;
+    for (int64_t e = first; e < kv_width; e += stride) {
+      bool changed;
+      const bf16 v = FoldLoraDelta1(p.delta, t, v_col + e, v_src[e], &changed);
+      if (changed) v_src[e] = v;
+      if (cache) v_dst[e] = v;
+    }
   }
 }
 

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "engine/ops/cuda/lora_delta.h"
+
 namespace loraplex::ops::cuda {
 
 struct RopeParams {
@@ -21,6 +23,9 @@ struct RopeParams {
   int32_t num_q_heads = 0;
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;              // even
+  // A pending LoRA delta of qkv ([num_tokens, row width]; may be empty): added to q, k and v
+  // before the rotation and the cache write, and written back to qkv (lora_delta.h).
+  LoraDeltaView delta;
 };
 
 // Rotate-half RoPE on q and k (angle = position · inv_freq[i], fp32, precise sincos), then the
