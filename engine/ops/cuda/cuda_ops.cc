@@ -60,6 +60,8 @@ constexpr int kLoraTensorCoreBlocksPerSm = 4;  // 128 threads, ~37 KB of shared 
 // each adapter's weights once per 64 tokens of a segment; smaller ones (decode) the
 // bandwidth-bound split-K kernels.
 constexpr int kLoraTensorCoreMinTokens = 256;
+// Shrink blocks a step may use per token (decode at batch 1 needs far fewer than the full grid).
+constexpr int kLoraShrinkBlocksPerToken = 64;
 // SMs GemmWithLora's GEMM leaves to the LoRA kernels running beside it (its cuBLASLt algorithm is
 // chosen for the rest). Measured (bench/runs/2026-11-29-fold): reserving 16 or 32 SMs made decode
 // steps with adapters slower at batch 1 and 32, so none are reserved.
@@ -590,7 +592,10 @@ class CudaOps final : public Ops {
       return Invalid(kOp, absl::StrCat("in_features ", module.in_features,
                                        " must be a multiple of 8 and x 16-byte aligned"));
     }
-    return MakeLoraParams(kOp, segments, module, lora_shrink_blocks_);
+    // A few tokens cannot use the full grid; its idle blocks would only hold SMs the GEMM beside
+    // the shrink needs.
+    const int64_t want = static_cast<int64_t>(kLoraShrinkBlocksPerToken) * std::max(1, segments.num_tokens);
+    return MakeLoraParams(kOp, segments, module, static_cast<int>(std::min<int64_t>(lora_shrink_blocks_, want)));
   }
 
   absl::StatusOr<LoraParams> PrepareLoraExpand(const TensorView& y, const LoraSegments& segments,
@@ -599,7 +604,15 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CheckLora(kOp, segments, module, y, out.shape[0]));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 1, module.slice_offsets[module.num_slices]));
-    return MakeLoraParams(kOp, segments, module, lora_expand_blocks_);
+    // No more blocks than the most work items the step can have (every token its own segment,
+    // every tile of every slice): an idle expand block, launched early beside the shrink, waits
+    // for it to finish and meanwhile holds registers the GEMM beside them needs.
+    int64_t tiles = 0;
+    for (int s = 0; s < module.num_slices; ++s) {
+      tiles += (module.slice_offsets[s + 1] - module.slice_offsets[s] + kLoraExpandTile - 1) / kLoraExpandTile;
+    }
+    const int64_t want = std::max<int64_t>(1, tiles) * std::max(1, segments.num_tokens);
+    return MakeLoraParams(kOp, segments, module, static_cast<int>(std::min<int64_t>(lora_expand_blocks_, want)));
   }
 
   absl::Status CheckLora(absl::string_view op, const LoraSegments& segments, const LoraModule& module,
