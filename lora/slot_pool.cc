@@ -51,6 +51,9 @@ struct SlotPool::Impl {
   std::vector<size_t> table_start;         // [num_layers * kNumWrappedLayers] entry index
   std::vector<ops::LoraModule> modules;    // [num_layers * kNumWrappedLayers]
   std::vector<Slot> slots;
+  // [num_slots] a bound on the ranks of each slot's table entries (kept across eviction: the
+  // entries stay until the next upload rewrites them).
+  std::vector<int32_t> table_ranks;
   int64_t tick = 0;
   int64_t uploads = 0;
 
@@ -170,6 +173,7 @@ absl::StatusOr<std::unique_ptr<SlotPool>> SlotPool::Create(ops::Ops* ops, const 
     }
   }
   impl->slots.resize(static_cast<size_t>(num_slots));
+  impl->table_ranks.assign(static_cast<size_t>(num_slots), 0);
   std::unique_ptr<SlotPool> pool(new SlotPool());
   pool->impl_ = std::move(impl);
   return pool;
@@ -232,7 +236,10 @@ absl::StatusOr<std::vector<int32_t>> SlotPool::EnsureResident(const std::vector<
         spdlog::info("adapter '{}' evicted from slot {} for '{}'", p.slots[slot].name, slot, a.name);
       }
       p.slots[slot] = Impl::Slot{};
+      // While the upload runs (or after it failed) the entries mix both adapters' ranks.
+      p.table_ranks[slot] = std::max(p.table_ranks[slot], a.max_module_rank);
       LORAPLEX_RETURN_IF_ERROR(p.Upload(slot, a));
+      p.table_ranks[slot] = a.max_module_rank;
       spdlog::debug("adapter '{}' uploaded to slot {}", a.name, slot);
       p.slots[slot].uid = a.uid;
       p.slots[slot].name = a.name;
@@ -257,6 +264,11 @@ const ops::LoraModule& SlotPool::module(int64_t layer, WrappedLayer which) const
 }
 
 int32_t SlotPool::num_slots() const { return impl_->num_slots; }
+
+int32_t SlotPool::slot_rank(int32_t slot) const {
+  if (slot < 0 || slot >= impl_->num_slots) return 0;
+  return impl_->table_ranks[static_cast<size_t>(slot)];
+}
 
 int32_t SlotPool::used_slots() const {
   return static_cast<int32_t>(

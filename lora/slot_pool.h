@@ -40,6 +40,9 @@ class SlotPool {
   // The slot table for one wrapped layer of one decoder layer; stable address for the pool's life.
   const ops::LoraModule& module(int64_t layer, WrappedLayer which) const;
   int32_t num_slots() const;
+  // A bound on the rank any table entry of `slot` holds (0 for a slot never written): the adapter
+  // there's largest module rank. For LoraSegments::max_rank.
+  int32_t slot_rank(int32_t slot) const;
   int32_t used_slots() const;
   std::vector<std::string> resident_names() const;
   int64_t uploads() const;  // adapters copied into slots so far (for tests and metrics)

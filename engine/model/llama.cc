@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <optional>
 
@@ -59,6 +60,7 @@ struct LlamaModel::Impl {
   ModelSpec spec;
   ModelCapacity cap;
   ops::Ops* ops = nullptr;
+  const lora::SlotPool* slot_pool = nullptr;  // bounds the step's LoRA ranks (may be null)
   bool has_lora = false;
   DType dtype = DType::kF32;
 
@@ -84,7 +86,8 @@ struct LlamaModel::Impl {
   StepBuffer ids, positions, slot_mapping, token_seq;  // [max_tokens] I32
   StepBuffer context_lens, logit_rows;                 // [max_seqs] I32
   StepBuffer block_tables;                             // [max_seqs * max_blocks_per_seq] I32
-  StepBuffer token_rows, seg_starts, seg_slots, num_segments;  // [max_tokens(+1)], [1] I32
+  StepBuffer token_rows, seg_starts, seg_slots;  // [max_tokens(+1)] I32
+  StepBuffer num_segments;  // [2] I32: the segment count, then the step's rank bound
   StepBuffer sampling_rows;                            // [max_seqs] ops::SamplingRow
   // Activations (compute dtype unless noted), sized at capacity.
   ops::DeviceMemory residual, hidden, proj_out;  // [max_tokens, H]
@@ -236,6 +239,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   impl->spec = spec;
   impl->cap = capacity;
   impl->ops = ops;
+  impl->slot_pool = slots;
   impl->has_lora = slots != nullptr;
   impl->dtype = ops->compute_dtype();
   const DType dtype = impl->dtype;
@@ -334,7 +338,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
     // The step arena: the small per-step arrays first (a decode step's copy then spans little
     // more than what it writes), each region 16-byte aligned.
     const std::pair<Impl::StepBuffer*, size_t> regions[] = {
-        {&impl->num_segments, sizeof(int32_t)},
+        {&impl->num_segments, 2 * sizeof(int32_t)},
         {&impl->context_lens, max_s * sizeof(int32_t)},
         {&impl->logit_rows, max_s * sizeof(int32_t)},
         {&impl->sampling_rows, max_s * sizeof(ops::SamplingRow)},
@@ -500,7 +504,12 @@ int32_t LlamaModel::Impl::BucketOf(int32_t tokens) const {
 }
 
 void LlamaModel::Impl::UploadLora(const lora::LoraBatch& lb) {
-  const std::vector<int32_t> count = {lb.seg_slots.empty() ? 0 : lb.num_segments()};
+  // The largest rank any slot of the step holds bounds the kernels' work (ops::LoraSegments).
+  int32_t max_rank = slot_pool == nullptr ? std::numeric_limits<int32_t>::max() : 0;
+  if (slot_pool != nullptr) {
+    for (int32_t slot : lb.seg_slots) max_rank = std::max(max_rank, slot_pool->slot_rank(slot));
+  }
+  const std::vector<int32_t> count = {lb.seg_slots.empty() ? 0 : lb.num_segments(), max_rank};
   if (!lb.seg_slots.empty()) {
     Upload(token_rows, lb.token_rows);
     Upload(seg_starts, lb.seg_starts);
@@ -550,6 +559,7 @@ absl::Status LlamaModel::Impl::Enqueue(const StepShape& shape) {
     segments.seg_starts = static_cast<const int32_t*>(seg_starts.data());
     segments.seg_slots = static_cast<const int32_t*>(seg_slots.data());
     segments.num_segments = static_cast<const int32_t*>(num_segments.data());
+    segments.max_rank = static_cast<const int32_t*>(num_segments.data()) + 1;
     segments.max_segments = static_cast<int32_t>(t);  // every segment holds at least one token
     segments.num_tokens = static_cast<int32_t>(t);
     seg_ptr = &segments;

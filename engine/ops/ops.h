@@ -99,6 +99,10 @@ struct LoraSegments {
   const int32_t* num_segments = nullptr;  // [1]
   int32_t max_segments = 0;
   int32_t num_tokens = 0;                 // rows of x / shrink output
+  // [1] optional: a bound on the rank any segment's slot has in any module this step (entries
+  // above it are treated as that rank, so it must be a true bound). The CUDA kernels size their
+  // work by it instead of module.max_rank; null: module.max_rank.
+  const int32_t* max_rank = nullptr;
 };
 
 // One logits row's sampling request. Device array element (the model uploads one per sampled row).

@@ -1,5 +1,7 @@
 #include "lora/slot_pool.h"
 
+#include <algorithm>
+
 #include <catch2/catch.hpp>
 
 #include "tests/lora/lora_test_util.h"
@@ -200,6 +202,38 @@ TEST_CASE("A slot reused by an adapter with fewer targets has rank 0 entries for
   REQUIRE(f.Ensure({small.get()})[0] == slot);
   CheckSlotHolds(f, slot, *small);
   CHECK(f.Entries(1, WrappedLayer::kQkv, slot)[0].rank == 0);  // layer 1 q had full's weights
+}
+
+TEST_CASE("SlotPool slot_rank bounds every rank in the slot's table entries") {
+  Fixture f(2);
+  testing::TinyAdapterOptions o;
+  o.r = 4;
+  o.rank_pattern = {{"down_proj", 8}};  // one module type above the rest
+  auto r8 = Adapter("r8", o);
+  o.rank_pattern.clear();
+  o.seed = 8;
+  auto r4 = Adapter("r4", o);
+  CHECK(f.pool->slot_rank(0) == 0);  // never written
+  CHECK(f.pool->slot_rank(-1) == 0);
+  CHECK(f.pool->slot_rank(2) == 0);
+  const int32_t slot = f.Ensure({r8.get()})[0];
+  CHECK(f.pool->slot_rank(slot) == 8);
+  // Every entry of the slot is at most the bound, and some entry reaches it.
+  int32_t largest = 0;
+  for (int64_t l = 0; l < test::Spec().num_layers; ++l) {
+    for (WrappedLayer w : kAllWrapped) {
+      for (const ops::LoraSliceWeights& e : f.Entries(l, w, slot)) largest = std::max(largest, e.rank);
+    }
+  }
+  CHECK(largest == 8);
+  // Evicted: the entries stay until the next upload, and so does the bound.
+  f.pool->Evict(r8->uid);
+  CHECK(f.pool->slot_rank(slot) == 8);
+  // Reused by a smaller adapter: every entry rewritten, the bound drops with them.
+  Fixture g(1);
+  g.Ensure({r8.get()});
+  g.Ensure({r4.get()});
+  CHECK(g.pool->slot_rank(0) == 4);
 }
 
 TEST_CASE("SlotPool Evict frees the adapter's slot") {

@@ -602,7 +602,7 @@ Segs BuildSegs(const std::vector<int>& token_slots, int max_len) {
 
 // Fixed-capacity device segment buffers, rewritten each step like the engine's.
 struct DevSegs {
-  DeviceMemory rows, starts, slots, count;
+  DeviceMemory rows, starts, slots, count, rank_bound;
   int max_segments, num_tokens;
   static absl::StatusOr<DevSegs> Create(int max_segments, int num_tokens) {
     DevSegs d;
@@ -612,10 +612,13 @@ struct DevSegs {
     LORAPLEX_ASSIGN_OR_RETURN(d.starts, Poisoned((max_segments + 1) * 4));
     LORAPLEX_ASSIGN_OR_RETURN(d.slots, Poisoned(max_segments * 4));
     LORAPLEX_ASSIGN_OR_RETURN(d.count, Poisoned(4));
+    LORAPLEX_ASSIGN_OR_RETURN(d.rank_bound, Poisoned(4));
     return d;
   }
   // Writes only the live entries: stale ones from a previous step stay behind the count.
-  absl::Status Write(const Segs& s) {
+  // `bound`: LoraSegments::max_rank for the step (the default bounds nothing).
+  absl::Status Write(const Segs& s, int32_t bound = INT32_MAX) {
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(rank_bound.data(), &bound, 4));
     if (s.count() > max_segments) return absl::InvalidArgumentError("test: too many segments");
     const int32_t n = s.count();
     LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(rows.data(), s.token_rows.data(), s.token_rows.size() * 4));
@@ -623,12 +626,22 @@ struct DevSegs {
     LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(slots.data(), s.seg_slots.data(), s.seg_slots.size() * 4));
     return g_gpu->CopyToDevice(count.data(), &n, 4);
   }
-  LoraSegments View() const {
+  // with_bound false: no LoraSegments::max_rank (the kernels use the module's max rank).
+  LoraSegments View(bool with_bound = true) const {
     return {static_cast<const int32_t*>(rows.data()), static_cast<const int32_t*>(starts.data()),
             static_cast<const int32_t*>(slots.data()), static_cast<const int32_t*>(count.data()), max_segments,
-            num_tokens};
+            num_tokens, with_bound ? static_cast<const int32_t*>(rank_bound.data()) : nullptr};
   }
 };
+
+// The tightest LoraSegments::max_rank of a step: the largest rank any of its segments' slots has.
+int32_t StepRankBound(const LoraWorld& w, const Segs& s) {
+  int32_t bound = 0;
+  for (int slot : s.seg_slots) {
+    for (int sl = 0; sl < w.num_slices; ++sl) bound = std::max(bound, w.host_table[slot * w.num_slices + sl].rank);
+  }
+  return bound;
+}
 
 LoraSegments HostSegs(Segs& s, int num_tokens, int32_t* count) {
   // The CPU ops reject null arrays, which empty vectors may give when no token has an adapter.
@@ -669,7 +682,11 @@ absl::Status CheckLoraStep(const std::string& name, LoraStep& st, const std::vec
   LoraWorld& w = *st.world;
   const int T = st.tokens, yw = w.num_slices * w.max_rank, W = w.width();
   Segs segs = BuildSegs(token_slots, max_len);
-  LORAPLEX_RETURN_IF_ERROR(st.dsegs->Write(segs));
+  // The kernels size their work by the step's rank bound when there is one: alternate the
+  // tightest bound, none (INT32_MAX) and, eagerly, no bound pointer at all.
+  static int calls = 0;
+  const int variant = calls++ % 3;
+  LORAPLEX_RETURN_IF_ERROR(st.dsegs->Write(segs, variant == 0 ? StepRankBound(w, segs) : INT32_MAX));
   std::vector<uint8_t> y_mask, out_mask;
   LoraMasks(w, segs, T, &y_mask, &out_mask);
   std::vector<float> x = RandomVec(static_cast<size_t>(T) * w.in, -1, 1);
@@ -678,7 +695,7 @@ absl::Status CheckLoraStep(const std::string& name, LoraStep& st, const std::vec
   LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_out.data(), base));
   LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(st.d_y.data(), 0xFF, static_cast<size_t>(T) * yw * 4));
   const LoraModule dm = w.Module(true), hm = w.Module(false);
-  const LoraSegments ds = st.dsegs->View();
+  const LoraSegments ds = st.dsegs->View(variant != 2);
   const TensorView gx = Gpu(st.d_x, DType::kBF16, {T, w.in}), gy = Gpu(st.d_y, DType::kF32, {T, yw}),
                    gout = Gpu(st.d_out, DType::kBF16, {T, W});
   int32_t count = 0;
@@ -696,7 +713,10 @@ absl::Status CheckLoraStep(const std::string& name, LoraStep& st, const std::vec
   LORAPLEX_RETURN_IF_ERROR(g_cpu->LoraExpand(Host(ref_y, {T, yw}), hs, hm, Host(ref_out, {T, W})));
   LORAPLEX_ASSIGN_OR_RETURN(auto got_y, DownloadF32(st.d_y.data(), ref_y.size()));
   LORAPLEX_ASSIGN_OR_RETURN(auto got_out, DownloadBf16(st.d_out.data(), ref_out.size()));
-  const std::string tag = absl::StrCat(name, " segs=", segs.count());
+  const std::string tag = absl::StrCat(name, " segs=", segs.count(),
+                                       variant == 0                          ? " bound"
+                                       : variant == 2 && graph == nullptr ? " no-bound-ptr"
+                                                                          : "");
   Compare(tag + " shrink y", got_y, ref_y, kTolF32, y_mask);
   Compare(tag + " shrink+expand out", got_out, ref_out, kTolBf16, out_mask);
   if (graph != nullptr) return absl::OkStatus();
@@ -746,7 +766,7 @@ absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens
   std::unique_ptr<cuda::CudaGraph> captured;
   for (int step = 0; step < steps; ++step) {
     Segs segs = BuildSegs(RandomTokenSlots(T, w.num_slots, step == 2 ? 1.0 : 0.2), step % 2 == 0 ? 2 : 1000);
-    LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs));
+    LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs, step % 2 == 0 ? StepRankBound(w, segs) : INT32_MAX));
     std::vector<float> x = RandomVec(static_cast<size_t>(T) * w.in, -1, 1);
     LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_x.data(), x));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_out.data(), 0xFF, static_cast<size_t>(T) * W * 2));
@@ -825,7 +845,7 @@ absl::Status CheckLoraFold(FoldConsumer consumer, int tokens) {
   }
   Segs segs = BuildSegs(RandomTokenSlots(T, w->num_slots, 0.25), 3);
   LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs, DevSegs::Create(T, T));
-  LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs));
+  LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs, StepRankBound(*w, segs)));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_w, UploadBf16(wt));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, UploadBf16(x));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, g_gpu->Allocate(static_cast<size_t>(T) * yw * 4));
@@ -1103,7 +1123,9 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
   const int T = static_cast<int>(c.token_slots.size());
   const int S = static_cast<int>(c.widths.size());
   const int slots = static_cast<int>(c.slot_ranks.size());
-  const int max_rank = *std::max_element(c.slot_ranks.begin(), c.slot_ranks.end());
+  // Tables sized for rank 64 like a serving pool's, with the step's own rank bound.
+  const int case_rank = *std::max_element(c.slot_ranks.begin(), c.slot_ranks.end());
+  const int max_rank = std::max(64, case_rank);
   int width = 0;
   for (int w : c.widths) width += w;
   std::vector<bool> used(slots, false);
@@ -1150,7 +1172,7 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
   // not grow with it.
   const Segs segs = BuildSegs(c.token_slots, 0x7fffffff);
   LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs, DevSegs::Create(2048, T));
-  LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs));
+  LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs, case_rank));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, UploadBf16(RandomVec(static_cast<size_t>(T) * c.in, -1, 1)));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, Poisoned(static_cast<size_t>(T) * S * max_rank * 4));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, UploadBf16(RandomVec(static_cast<size_t>(T) * width, -1, 1)));

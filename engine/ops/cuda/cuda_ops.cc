@@ -607,9 +607,10 @@ class CudaOps final : public Ops {
     // No more blocks than the most work items the step can have (every token its own segment,
     // every tile of every slice): an idle expand block, launched early beside the shrink, waits
     // for it to finish and meanwhile holds registers the GEMM beside them needs.
+    const int tw = LoraExpandTileWidth(module.max_rank);  // the narrowest tiles a step can have
     int64_t tiles = 0;
     for (int s = 0; s < module.num_slices; ++s) {
-      tiles += (module.slice_offsets[s + 1] - module.slice_offsets[s] + kLoraExpandTile - 1) / kLoraExpandTile;
+      tiles += (module.slice_offsets[s + 1] - module.slice_offsets[s] + tw - 1) / tw;
     }
     const int64_t want = std::max<int64_t>(1, tiles) * std::max(1, segments.num_tokens);
     return MakeLoraParams(kOp, segments, module, static_cast<int>(std::min<int64_t>(lora_expand_blocks_, want)));
@@ -658,14 +659,11 @@ class CudaOps final : public Ops {
     p.in_features = module.in_features;
     p.max_rank = module.max_rank;
     for (int s = 0; s <= module.num_slices; ++s) p.slice_offsets[s] = module.slice_offsets[s];
-    for (int s = 0; s < module.num_slices; ++s) {
-      const int width = module.slice_offsets[s + 1] - module.slice_offsets[s];
-      p.tile_offsets[s + 1] = p.tile_offsets[s] + (width + kLoraExpandTile - 1) / kLoraExpandTile;
-    }
     p.token_rows = segments.token_rows;
     p.seg_starts = segments.seg_starts;
     p.seg_slots = segments.seg_slots;
     p.num_segments = segments.num_segments;
+    p.live_max_rank = segments.max_rank;
     p.max_segments = segments.max_segments;
     p.num_tokens = segments.num_tokens;
     p.partials = static_cast<float*>(lora_partials_);

@@ -79,14 +79,23 @@ __device__ __forceinline__ float Dot8(const uint4& b, const float* y) {
   return s;
 }
 
+// The step's rank bound: max_rank, or less when the step says so (LoraParams::live_max_rank).
+// Identical in every thread.
+__device__ __forceinline__ int LiveMaxRank(const LoraParams& p) {
+  if (p.live_max_rank == nullptr) return p.max_rank;
+  return min(max(*p.live_max_rank, 0), p.max_rank);
+}
+
 // Resolves a segment to its token range and the slice weights it uses; false when there is
-// nothing to do (no adapter, rank 0, no tokens). The same answer in every thread.
-__device__ __forceinline__ bool ResolveSegment(const LoraParams& p, int seg, int slice, int* begin,
+// nothing to do (no adapter, rank 0, no tokens). The same answer in every thread. Ranks are
+// clamped to `rank_bound` (the kernels made work only that far; a larger rank would also spill
+// into the next slice's y columns).
+__device__ __forceinline__ bool ResolveSegment(const LoraParams& p, int seg, int slice, int rank_bound, int* begin,
                                                int* end, LoraSliceWeightsDev* w) {
   const int slot = p.seg_slots[seg];
   if (slot < 0 || slot >= p.num_slots) return false;
   *w = p.table[static_cast<int64_t>(slot) * p.num_slices + slice];
-  w->rank = min(w->rank, p.max_rank);  // a larger rank would spill into the next slice
+  w->rank = min(w->rank, rank_bound);
   if (w->rank <= 0) return false;
   *begin = max(p.seg_starts[seg], 0);
   *end = min(p.seg_starts[seg + 1], p.num_tokens);
@@ -126,13 +135,17 @@ __global__ void __launch_bounds__(kThreads, kShrinkBlocksPerSm)
   // Counters are per (segment, slice, token split): the split count must fit the counter array.
   LiveSegments(p, max(1, min(kMaxTokenSplits, p.counter_capacity / max(1, p.max_segments * S))), &nseg,
                &token_splits);
-  if (nseg == 0) return;
+  const int live_rank = LiveMaxRank(p);
+  if (nseg == 0 || live_rank == 0) return;
   const int K = p.in_features;
   const int steps_total = (K + kStep - 1) / kStep;
   const int min_splits = (steps_total + kMaxStepsPerSplit - 1) / kMaxStepsPerSplit;
   const int max_splits = max(min_splits, min(steps_total, p.max_splits));
   // Row stages are work items of their own, so a rank-64 adapter is spread over 4x the blocks of a
   // rank-16 one instead of making its blocks 4x longer (stages past a slot's rank exit at once).
+  // Stages come from max_rank, not the step's bound: with fewer stages the splits grow, and the
+  // shrink then keeps more SMs busy beside the GEMM, which slowed uniform rank-16 steps at batch 32
+  // (1.17x -> 1.26x the base step; bench/runs/2026-11-29-bound).
   const int stages = (p.max_rank + kStageRows - 1) / kStageRows;
   const int base = nseg * S * token_splits * stages;
   // As many items as persistent blocks where the K chunks allow (one round, no tail), never fewer
@@ -159,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, kShrinkBlocksPerSm)
     const int seg = static_cast<int>(rest / S);
     int begin, end;
     LoraSliceWeightsDev w;
-    if (!ResolveSegment(p, seg, slice, &begin, &end, &w)) continue;
+    if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;
     const int first = begin + ts;
     const int r0 = stage * kStageRows;
     if (first >= end || r0 >= w.rank) continue;
@@ -252,23 +265,26 @@ __global__ void __launch_bounds__(kThreads, kShrinkBlocksPerSm)
 // time (8 vectors a thread in flight). NV = 0: any rank, B rows streamed through L1 per token.
 // Writes out[row, out_col + n] += scale·s in place, or in delta mode delta[row, out_col + n] =
 // scale·s and delta_mask[row, slice] = 1.
+// The tile is `tw` columns wide (kLoraExpandTile or narrower for a higher rank bound).
 template <int NV>
 __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceWeightsDev& w, int slice, int width,
-                                           int n0, int first, int end, int step, int64_t y_col, int64_t out_col,
-                                           const float* __restrict__ y, bf16* __restrict__ out, float* y_s) {
+                                           int n0, int tw, int first, int end, int step, int64_t y_col,
+                                           int64_t out_col, const float* __restrict__ y, bf16* __restrict__ out,
+                                           float* y_s) {
   constexpr int kCpt = NV == 0 ? 1 : (8 / NV < kExpandColumnsPerThread ? 8 / NV : kExpandColumnsPerThread);
   constexpr int kHeld = NV == 0 ? 1 : NV;
   const int r = w.rank;
   const int64_t y_row = static_cast<int64_t>(p.num_slices) * p.max_rank;
   const int64_t out_row = p.slice_offsets[p.num_slices];
   const bf16* b = static_cast<const bf16*>(w.b);
-  for (int c0 = 0; c0 < kExpandColumnsPerThread; c0 += kCpt) {
+  for (int c0 = 0; c0 < kExpandColumnsPerThread && c0 * kThreads < tw; c0 += kCpt) {
     uint4 bv[kCpt][kHeld];
     bool valid[kCpt];
 #pragma unroll
     for (int c = 0; c < kCpt; ++c) {
-      const int n = n0 + threadIdx.x + (c0 + c) * kThreads;
-      valid[c] = n < width;
+      const int in_tile = threadIdx.x + (c0 + c) * kThreads;
+      const int n = n0 + in_tile;
+      valid[c] = in_tile < tw && n < width;
 #pragma unroll
       for (int v = 0; v < kHeld; ++v) {
         bv[c][v] = (NV > 0 && valid[c]) ? __ldg(reinterpret_cast<const uint4*>(b + static_cast<int64_t>(n) * r) + v)
@@ -314,11 +330,29 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
   const int S = p.num_slices;
   int nseg, token_splits;
   LiveSegments(p, kMaxTokenSplits, &nseg, &token_splits);
-  if (nseg == 0) {
-    WaitForPrecedingKernel();  // this launch completes only after the shrink (see the end)
+  const int live_rank = LiveMaxRank(p);
+  if (nseg == 0 || live_rank == 0) {
+    if (blockIdx.x == 0) WaitForPrecedingKernel();  // this launch completes only after the shrink (see the end)
     return;
   }
-  const int total_tiles = p.tile_offsets[S];
+  // When full-width tiles leave blocks idle, tiles narrow as the step's rank bound grows, so an
+  // item of a rank-64 adapter moves as many bytes of B as one of a rank-16 adapter instead of 4x
+  // (and takes as long). When full-width items already fill the grid they stay (fewer, longer
+  // items: at batch 128 narrow ones made the step slower).
+  int total_tiles = 0;
+#pragma unroll
+  for (int s = 0; s < kLoraMaxSlices; ++s) {
+    if (s < S) total_tiles += (p.slice_offsets[s + 1] - p.slice_offsets[s] + kLoraExpandTile - 1) / kLoraExpandTile;
+  }
+  int tw = kLoraExpandTile;
+  if (static_cast<int64_t>(nseg) * total_tiles * token_splits < gridDim.x) {
+    tw = LoraExpandTileWidth(live_rank);
+    total_tiles = 0;
+#pragma unroll
+    for (int s = 0; s < kLoraMaxSlices; ++s) {
+      if (s < S) total_tiles += (p.slice_offsets[s + 1] - p.slice_offsets[s] + tw - 1) / tw;
+    }
+  }
   const int64_t items = static_cast<int64_t>(nseg) * total_tiles * token_splits;
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
@@ -327,29 +361,45 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     rest /= token_splits;
     const int tile = static_cast<int>(rest % total_tiles);
     const int seg = static_cast<int>(rest / total_tiles);
-    int slice = 0;
-    while (slice + 1 < S && tile >= p.tile_offsets[slice + 1]) ++slice;
+    int slice = 0, slice_first_tile = 0, acc = 0;  // constant indices only (no local memory)
+#pragma unroll
+    for (int s = 0; s < kLoraMaxSlices; ++s) {
+      if (s < S) {
+        if (tile >= acc) {
+          slice = s;
+          slice_first_tile = acc;
+        }
+        acc += (p.slice_offsets[s + 1] - p.slice_offsets[s] + tw - 1) / tw;
+      }
+    }
     int begin, end;
     LoraSliceWeightsDev w;
-    if (!ResolveSegment(p, seg, slice, &begin, &end, &w)) continue;
+    if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;
     const int first = begin + ts;
     if (first >= end) continue;
     const int width = p.slice_offsets[slice + 1] - p.slice_offsets[slice];
-    const int n0 = (tile - p.tile_offsets[slice]) * kLoraExpandTile;
+    const int n0 = (tile - slice_first_tile) * tw;
     const int64_t y_col = static_cast<int64_t>(slice) * p.max_rank;
     const int64_t out_col = p.slice_offsets[slice];
     const int nv = IsAligned16(w.b) && w.rank % 8 == 0 ? w.rank / 8 : 0;
     switch (nv) {  // the ranks adapters use get register-held B rows; others the general path
-      case 1: ExpandItem<1>(p, w, slice, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
-      case 2: ExpandItem<2>(p, w, slice, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
-      case 4: ExpandItem<4>(p, w, slice, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
-      case 8: ExpandItem<8>(p, w, slice, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
-      default: ExpandItem<0>(p, w, slice, width, n0, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+      case 1: ExpandItem<1>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
+        break;
+      case 2: ExpandItem<2>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
+        break;
+      case 4: ExpandItem<4>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
+        break;
+      case 8: ExpandItem<8>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
+        break;
+      default: ExpandItem<0>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
+        break;
     }
   }
-  // Every block waits before it exits, so the launch's completion implies the shrink's: the next
+  // Block 0 waits before it exits, so the launch's completion implies the shrink's: the next
   // kernel on the stream (another module's shrink reusing the split-K scratch) relies on it.
-  WaitForPrecedingKernel();
+  // Blocks without work exit at once: launched early beside the shrink, a block that waited
+  // would hold an SM's registers (half of them) that the GEMM running beside it needs.
+  if (blockIdx.x == 0) WaitForPrecedingKernel();
 }
 
 }  // namespace
@@ -385,7 +435,7 @@ cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaS
 }
 
 cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cudaStream_t stream) {
-  if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0 || p.tile_offsets[p.num_slices] == 0) {
+  if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0 || p.slice_offsets[p.num_slices] == 0) {
     return cudaSuccess;
   }
   // As a programmatic dependent of the shrink: the expand loads B while the shrink still runs.

@@ -23,7 +23,12 @@ struct LoraSliceWeightsDev {
 
 inline constexpr int kLoraMaxRank = 128;     // y columns a block stages per token in shared memory
 inline constexpr int kLoraMaxSlices = kLoraDeltaMaxSlices;
-inline constexpr int kLoraExpandTile = 1024;  // output columns per expand work item
+// Output columns of an expand work item when the step's ranks are <= 16; a bound of r > 16 gives
+// kLoraExpandTile·16/r (so an item moves about the same bytes of B whatever the rank).
+inline constexpr int kLoraExpandTile = 1024;
+__host__ __device__ constexpr int LoraExpandTileWidth(int rank_bound) {
+  return rank_bound <= 16 ? kLoraExpandTile : rank_bound >= kLoraExpandTile * 16 ? 1 : kLoraExpandTile * 16 / rank_bound;
+}
 
 struct LoraParams {
   const LoraSliceWeightsDev* table = nullptr;  // [num_slots][num_slices]
@@ -32,12 +37,13 @@ struct LoraParams {
   int32_t in_features = 0;                     // multiple of 8
   int32_t max_rank = 0;                        // <= kLoraMaxRank
   int32_t slice_offsets[kLoraMaxSlices + 1] = {};
-  // Expand work: tile_offsets[s] = first expand tile of slice s; [num_slices] = all tiles.
-  int32_t tile_offsets[kLoraMaxSlices + 1] = {};
   const int32_t* token_rows = nullptr;
   const int32_t* seg_starts = nullptr;
   const int32_t* seg_slots = nullptr;
   const int32_t* num_segments = nullptr;
+  // [1] or null: a bound on every live segment's rank (LoraSegments::max_rank). The shrink makes
+  // row stages and the expand sizes its tiles for it rather than for max_rank.
+  const int32_t* live_max_rank = nullptr;
   int32_t max_segments = 0;
   int32_t num_tokens = 0;
   // Split-K scratch of the shrink: partial sums [splits, num_tokens, num_slices·max_rank] F32 and
