@@ -184,7 +184,8 @@ class Ops {
   // A whole LoRA-wrapped projection: y = x · wᵀ, then, when `segments` and `module` are given,
   // LoraShrink(x) into `lora_y` and LoraExpand(lora_y) into y. One call lets an executor run the
   // shrink concurrently with the GEMM (it needs only x). Shapes as in Gemm (beta 0) and LoraShrink.
-  // The default runs the three ops in order.
+  // The default runs the three ops in order. An executor may finish y lazily (the CUDA one adds
+  // the LoRA part in the next op that reads y): every later op and copy sees the complete y.
   virtual absl::Status GemmWithLora(const TensorView& x, const TensorView& w, const TensorView& y,
                                     const LoraSegments* segments, const LoraModule* module,
                                     const TensorView& lora_y) {
