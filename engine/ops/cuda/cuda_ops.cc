@@ -193,12 +193,11 @@ class CudaOps final : public Ops {
 
   void Free(void* ptr) override {
     if (ptr == nullptr) return;
-    // The pending delta may belong to this memory; cudaFree waits for the add.
-    const absl::Status flushed = FlushLoraDelta();
-    if (!flushed.ok() && deferred_error_ == cudaSuccess) deferred_error_ = cudaErrorLaunchFailure;
-    const cudaError_t err = cudaFree(ptr);
-    // Free cannot report; the next Synchronize does.
-    if (err != cudaSuccess && deferred_error_ == cudaSuccess) deferred_error_ = err;
+    // The pending delta may belong to this memory; cudaFree waits for the add. Free cannot
+    // report; the next Synchronize does.
+    for (const cudaError_t err : {AddPendingLoraDelta(), cudaFree(ptr)}) {
+      if (err != cudaSuccess && deferred_error_ == cudaSuccess) deferred_error_ = err;
+    }
   }
 
   absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
@@ -464,8 +463,8 @@ class CudaOps final : public Ops {
   // follows every wrapped projection of the model) adds it while it loads y, and any other op
   // first adds it with one elementwise kernel (FlushLoraDelta). Either way y ends up with the
   // same bits as the in-place expand gives, and the GEMM's critical path gains no kernel.
-  // Otherwise (and for the tensor-core kernels of
-  // long steps) the expand follows both on the ops' stream, in place.
+  // Otherwise (and for the tensor-core kernels of long steps) the expand follows both on the ops'
+  // stream, in place.
   absl::Status GemmWithLora(const TensorView& x, const TensorView& w, const TensorView& y,
                             const LoraSegments* segments, const LoraModule* module,
                             const TensorView& lora_y) override {
@@ -532,11 +531,7 @@ class CudaOps final : public Ops {
   // Adds the pending LoRA delta (if any) to its GEMM output with the add kernel. Every op that
   // does not fold it calls this first, and so do graph capture, replay and stream timing, so work
   // enqueued later (or a host copy) never sees y without it.
-  absl::Status FlushLoraDelta() {
-    if (!pending_.active) return absl::OkStatus();
-    pending_.active = false;
-    return CudaStatus(LaunchLoraDeltaAdd(pending_.view, pending_.out, stream_), "GemmWithLora: add delta");
-  }
+  absl::Status FlushLoraDelta() { return CudaStatus(AddPendingLoraDelta(), "GemmWithLora: add delta"); }
 
   // The pending LoRA delta for a kernel about to read `t` whole, which then owns adding it: only
   // when `t` is exactly the GEMM output the delta belongs to (same memory and shape). Otherwise
@@ -553,6 +548,13 @@ class CudaOps final : public Ops {
 
  private:
   CudaOps() = default;
+
+  // FlushLoraDelta's launch (nothing when no delta is pending).
+  cudaError_t AddPendingLoraDelta() {
+    if (!pending_.active) return cudaSuccess;
+    pending_.active = false;
+    return LaunchLoraDeltaAdd(pending_.view, pending_.out, stream_);
+  }
 
   absl::Status CheckQkvAndCache(absl::string_view op, const TensorView& qkv, int num_q_heads, int num_kv_heads,
                                 int head_dim, const AttentionMeta& meta, const KvCacheView& cache) {
@@ -605,8 +607,8 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 1, module.slice_offsets[module.num_slices]));
     // No more blocks than the most work items the step can have (every token its own segment,
-    // every tile of every slice): an idle expand block, launched early beside the shrink, waits
-    // for it to finish and meanwhile holds registers the GEMM beside them needs.
+    // every tile of every slice at the narrowest width): each block is launched early beside the
+    // shrink (PDL) and takes an SM's registers from the GEMM running beside them.
     const int tw = LoraExpandTileWidth(module.max_rank);  // the narrowest tiles a step can have
     int64_t tiles = 0;
     for (int s = 0; s < module.num_slices; ++s) {

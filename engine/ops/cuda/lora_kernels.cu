@@ -11,9 +11,10 @@
 // warp takes 2 rows, streams the item's tokens past them and warp-reduces each dot product.
 // K chunks write fp32 partials; the last block to finish a (segment, slice, token split) sums them
 // in chunk order into y (no atomics on y, no zeroing pass, no grid-wide barrier).
-// Expand: item = (segment, output tile of 1024 columns of one slice, token split). A thread keeps
-// the B rows (rank bf16 each, contiguous) of up to 4 of its columns in registers and applies them
-// to each token; it adds scale·delta into the output in place, or (GemmWithLora) writes it into
+// Expand: item = (segment, output tile of one slice, token split); a tile is 1024 columns, or
+// 1024·16/r for a step whose rank bound r > 16 when full-width items would leave blocks idle (an
+// item then moves the same bytes of B whatever the rank). A thread keeps the B rows (rank bf16
+// each, contiguous) of up to 4 of its columns in registers and applies them to each token; it adds scale·delta into the output in place, or (GemmWithLora) writes it into
 // an F32 delta buffer and marks the (row, slice) pairs it wrote, so it can run beside the GEMM;
 // the kernel that reads the GEMM output next folds the delta in (lora_delta.h).
 // Work is proportional to each slot's real rank; rank-0 slices and empty segments cost nothing.
