@@ -9,8 +9,10 @@
 // host). Decode scenarios per batch: base, one r16 adapter, 4 r16 adapters (batch >= 8, batch/4
 // requests each), one distinct r16 adapter per request (up to 32), 8 adapters of ranks 8..64;
 // their GB/s column is the adapters' bytes over the time LoRA adds to the base step (equal
-// across rows when LoRA costs in proportion to the ranks). Writes a JSON file and prints a
-// table. Single-threaded; run it alone on the GPU.
+// across rows when LoRA costs in proportion to the ranks). Rows marked "paired" repeat the
+// one-adapter and one-per-request scenarios with each step right after a base step, and give the
+// median of the per-pair ratios (insensitive to drift between rows). Writes a JSON file and
+// prints a table. Single-threaded; run it alone on the GPU.
 //
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2] [--lora-sm-reserve N]
@@ -156,6 +158,36 @@ class Bench {
       return absl::InternalError(absl::StrCat("decode batch ", batch, ": no step replayed a graph"));
     }
     return ms;
+  }
+
+  // Base steps and steps with `token_adapter` of the same batch, alternated one by one after
+  // their warm-ups, so that clock or thermal drift between two rows cannot move the ratio: the
+  // median of the per-pair ratios, and the adapter steps' median time.
+  struct Paired {
+    double ms = 0.0;
+    double ratio = 0.0;
+  };
+  absl::StatusOr<Paired> PairedDecode(int batch, const std::vector<int>& token_adapter, int steps, bool graphs) {
+    const model::StepInput base = DecodeInput(batch, std::vector<int>(batch, -1));
+    const model::StepInput lora = DecodeInput(batch, token_adapter);
+    model_->set_graphs(graphs);
+    for (int i = 0; i < 2; ++i) {
+      LORAPLEX_RETURN_IF_ERROR(model_->ForwardSample(base).status());
+      LORAPLEX_RETURN_IF_ERROR(model_->ForwardSample(lora).status());
+    }
+    std::vector<double> ms, ratios;
+    for (int i = 0; i < steps; ++i) {
+      const auto t0 = Clock::now();
+      LORAPLEX_RETURN_IF_ERROR(model_->ForwardSample(base).status());
+      const auto t1 = Clock::now();
+      LORAPLEX_RETURN_IF_ERROR(model_->ForwardSample(lora).status());
+      const auto t2 = Clock::now();
+      const double base_ms = std::chrono::duration<double, std::milli>(t1 - t0).count();
+      const double lora_ms = std::chrono::duration<double, std::milli>(t2 - t1).count();
+      ms.push_back(lora_ms);
+      ratios.push_back(lora_ms / base_ms);
+    }
+    return Paired{Median(ms), Median(ratios)};
   }
 
   // Eager decode steps of DecodeStep's shape on ProfilingOps (Setup with profile != 0): first
@@ -494,6 +526,14 @@ absl::Status Run(int argc, char** argv) {
       const double added_ms = ms - base;
       add({"decode", s.name + mode, b, b, s.count, ms, ms / base,
            added_ms > 0 ? bench.AdapterBytes(*s.adapters) / added_ms * 1e-6 : 0.0, use_graphs});
+    }
+    // One adapter and one per request again, each step paired with a base step (x base: the
+    // median per-pair ratio), for targets within the rows' run-to-run drift.
+    std::vector<S> paired = {scenarios.front()};
+    if (b > 1) paired.push_back(scenarios[scenarios.size() - 2]);  // at batch 1 the same as the first
+    for (const S& s : paired) {
+      LORAPLEX_ASSIGN_OR_RETURN(const Bench::Paired p, bench.PairedDecode(b, *s.adapters, steps, use_graphs));
+      add({"decode", s.name + mode + ", paired", b, b, s.count, p.ms, p.ratio, 0, use_graphs});
     }
     if (use_graphs) {
       // The same steps without graphs (x base: over the graph base row), to show the launch cost.

@@ -47,11 +47,13 @@ TEST_CASE("step_bench runs every decode and prefill scenario on the CPU executor
     CHECK(r["ms"].get<double>() > 0.0);
     CHECK(r["tokens_per_s"].get<double>() > 0.0);
     CHECK(r["graphs"].get<bool>() == false);  // the CPU ops record no graphs
+    if (key.find("paired") != std::string::npos) CHECK(r["ratio_to_base"].get<double>() > 0.0);
   }
   for (const char* want : {"decode/base, eager/1", "decode/one adapter r16, eager/1", "decode/1 distinct r16, eager/1",
                            "decode/1 mixed ranks, eager/1", "decode/base, eager/8", "decode/4 adapters r16, eager/8",
-                           "decode/8 distinct r16, eager/8", "decode/8 mixed ranks, eager/8", "prefill/base/1",
-                           "prefill/one adapter r16/1"}) {
+                           "decode/8 distinct r16, eager/8", "decode/8 mixed ranks, eager/8",
+                           "decode/one adapter r16, eager, paired/1", "decode/one adapter r16, eager, paired/8",
+                           "decode/8 distinct r16, eager, paired/8", "prefill/base/1", "prefill/one adapter r16/1"}) {
     INFO(want);
     CHECK(seen.count(want) == 1);
   }
