@@ -318,6 +318,15 @@ absl::Status ParseLora(const YAML::Node& node, const Where& where, LoraConfig* l
         }},
        {"adapter_slots", Int(&lora->adapter_slots, 1)},
        {"max_adapters", Int(&lora->max_adapters, 1)},
+       {"host_cache_mib",
+        [lora](const YAML::Node& n, const Where& w) -> absl::Status {
+          LORAPLEX_RETURN_IF_ERROR(ParseInt(n, w, &lora->host_cache_mib));
+          if (lora->host_cache_mib < 0 || lora->host_cache_mib > (int64_t{1} << 30)) {
+            return Error(w, absl::StrCat("must be in [0, 1073741824] (MiB; 0: no limit), got ",
+                                         lora->host_cache_mib));
+          }
+          return absl::OkStatus();
+        }},
        {"allowed_roots", [lora](const YAML::Node& n, const Where& w) -> absl::Status {
           std::vector<Where> wheres;
           LORAPLEX_RETURN_IF_ERROR(ParseStringList(n, w, &lora->allowed_roots, &wheres));

@@ -43,7 +43,10 @@ struct LoraConfig {
   std::vector<std::string> target_modules = {"q_proj", "k_proj", "v_proj", "o_proj",
                                              "gate_proj", "up_proj", "down_proj"};
   int64_t adapter_slots = 8;              // adapters resident on the device at once
-  int64_t max_adapters = 1024;            // adapters registered (loaded on the host) at once
+  int64_t max_adapters = 1024;            // adapters registered at once
+  // Parsed adapter weights kept in host memory beyond pinned and in-use adapters, in MiB (0: no
+  // limit); the least recently used others are parsed again from disk when next used.
+  int64_t host_cache_mib = 0;
   std::vector<std::string> allowed_roots; // adapter paths must resolve under one of these; empty: any
 };
 

@@ -24,14 +24,53 @@ absl::Status CheckName(const std::string& name) {
   return absl::OkStatus();
 }
 
+AdapterInfo InfoOf(const LoadedAdapter& a, bool pinned) {
+  AdapterInfo info;
+  info.name = a.name;
+  info.path = a.path;
+  info.rank = a.rank;
+  info.alpha = a.alpha;
+  info.target_modules = a.target_modules;
+  info.pinned = pinned;
+  info.weight_bytes = a.weight_bytes;
+  return info;
+}
+
 }  // namespace
 
 AdapterRegistry::AdapterRegistry(model::ModelSpec spec, LoraLimits limits, DType weights_dtype,
-                                 int64_t max_adapters)
+                                 int64_t max_adapters, size_t host_budget_bytes)
     : spec_(std::move(spec)),
       limits_(std::move(limits)),
       weights_dtype_(weights_dtype),
-      max_adapters_(max_adapters) {}
+      max_adapters_(max_adapters),
+      host_budget_bytes_(host_budget_bytes) {}
+
+void AdapterRegistry::TrimLocked() {
+  if (host_budget_bytes_ == 0 || host_bytes_ <= host_budget_bytes_) return;
+  std::vector<Entry*> candidates;
+  for (auto& [name, entry] : entries_) {
+    if (entry.adapter != nullptr && !entry.pinned && entry.uses->load() == 0) candidates.push_back(&entry);
+  }
+  std::sort(candidates.begin(), candidates.end(), [](const Entry* a, const Entry* b) { return a->last_use < b->last_use; });
+  for (Entry* entry : candidates) {
+    if (host_bytes_ <= host_budget_bytes_) break;
+    host_bytes_ -= entry->info.weight_bytes;
+    entry->adapter.reset();
+    spdlog::debug("adapter '{}': weights dropped from host memory (lora.host_cache_mib)", entry->info.name);
+  }
+}
+
+AdapterRef AdapterRegistry::RefLocked(Entry& entry) {
+  entry.last_use = ++tick_;
+  entry.uses->fetch_add(1);
+  AdapterRef ref;
+  ref.adapter_ = entry.adapter;
+  // The deleter owns the counter, so a ref outliving an unloaded entry is still safe.
+  ref.use_ = std::shared_ptr<void>(entry.uses.get(), [uses = entry.uses](void*) { uses->fetch_sub(1); });
+  ref.pinned_ = entry.pinned;
+  return ref;
+}
 
 absl::Status AdapterRegistry::Load(const std::string& name, const std::string& path, bool pinned) {
   LORAPLEX_RETURN_IF_ERROR(CheckName(name));
@@ -66,7 +105,10 @@ absl::Status AdapterRegistry::Load(const std::string& name, const std::string& p
     absl::MutexLock lock(&mu_);
     // Another thread may have taken the name or the last place while this one was parsing.
     LORAPLEX_RETURN_IF_ERROR(check_room());
-    entries_.emplace(name, Entry{adapter, std::make_shared<std::atomic<int64_t>>(0), pinned});
+    entries_.emplace(name, Entry{adapter, InfoOf(a, pinned), std::make_shared<std::atomic<int64_t>>(0), pinned,
+                                 ++tick_});
+    host_bytes_ += a.weight_bytes;
+    TrimLocked();
   }
   spdlog::info("adapter '{}' loaded from {} in {:.1f} ms: rank {}, alpha {}, {} projections, {} bytes{}", name,
                a.path, ms, a.rank, a.alpha, a.target_modules.size(), a.weight_bytes, pinned ? ", pinned" : "");
@@ -82,23 +124,54 @@ absl::Status AdapterRegistry::Unload(const std::string& name) {
     return absl::FailedPreconditionError(
         absl::StrCat("adapter '", name, "' is in use by ", uses, uses == 1 ? " request" : " requests"));
   }
+  if (it->second.adapter != nullptr) host_bytes_ -= it->second.info.weight_bytes;
   entries_.erase(it);
   spdlog::info("adapter '{}' unloaded", name);
   return absl::OkStatus();
 }
 
 absl::StatusOr<AdapterRef> AdapterRegistry::Acquire(const std::string& name) {
+  std::string path;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = entries_.find(name);
+    if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("adapter '", name, "' not found"));
+    if (it->second.adapter != nullptr) return RefLocked(it->second);
+    path = it->second.info.path;
+  }
+  // Dropped from the host tier: parse it again, unlocked like Load (validated the same way: the
+  // files may have changed since).
+  const auto start = std::chrono::steady_clock::now();
+  absl::StatusOr<std::shared_ptr<const LoadedAdapter>> parsed =
+      LoadPeftAdapter(name, path, spec_, limits_, weights_dtype_);
+  if (!parsed.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat("adapter '", name, "': reloading its weights from ", path,
+                                                      " failed: ", parsed.status().message()));
+  }
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   absl::MutexLock lock(&mu_);
   auto it = entries_.find(name);
+  // Unloaded meanwhile, or unloaded and loaded again from another path: the name's current entry
+  // decides.
   if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("adapter '", name, "' not found"));
-  const Entry& entry = it->second;
-  entry.uses->fetch_add(1);
-  AdapterRef ref;
-  ref.adapter_ = entry.adapter;
-  // The deleter owns the counter, so a ref outliving an unloaded entry is still safe.
-  ref.use_ = std::shared_ptr<void>(entry.uses.get(), [uses = entry.uses](void*) { uses->fetch_sub(1); });
-  ref.pinned_ = entry.pinned;
+  Entry& entry = it->second;
+  if (entry.adapter == nullptr && entry.info.path == path) {
+    entry.adapter = *std::move(parsed);
+    entry.info = InfoOf(*entry.adapter, entry.pinned);
+    host_bytes_ += entry.info.weight_bytes;
+    spdlog::info("adapter '{}' reloaded into host memory from {} in {:.1f} ms", name, path, ms);
+  }
+  if (entry.adapter == nullptr) {
+    return absl::UnavailableError(absl::StrCat("adapter '", name, "' changed while it was reloaded; try again"));
+  }
+  AdapterRef ref = RefLocked(entry);  // in use now: the trim below keeps it
+  TrimLocked();
   return ref;
+}
+
+size_t AdapterRegistry::host_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return host_bytes_;
 }
 
 std::vector<AdapterInfo> AdapterRegistry::List() const {
@@ -107,9 +180,10 @@ std::vector<AdapterInfo> AdapterRegistry::List() const {
     absl::MutexLock lock(&mu_);
     out.reserve(entries_.size());
     for (const auto& [name, entry] : entries_) {
-      const LoadedAdapter& a = *entry.adapter;
-      out.push_back(AdapterInfo{a.name, a.path, a.rank, a.alpha, a.target_modules, entry.pinned,
-                                entry.uses->load(), a.weight_bytes});
+      AdapterInfo info = entry.info;
+      info.active_requests = entry.uses->load();
+      info.host_resident = entry.adapter != nullptr;
+      out.push_back(std::move(info));
     }
   }
   std::sort(out.begin(), out.end(), [](const AdapterInfo& x, const AdapterInfo& y) { return x.name < y.name; });

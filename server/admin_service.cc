@@ -23,7 +23,11 @@ void FillAdapterInfo(const lora::AdapterInfo& info, const absl::flat_hash_set<st
   out->set_rank(static_cast<uint32_t>(info.rank));
   out->set_alpha(info.alpha);
   for (const std::string& module : info.target_modules) out->add_target_modules(module);
-  out->set_state(resident.contains(info.name) ? v1::ADAPTER_STATE_RESIDENT : v1::ADAPTER_STATE_LOADED);
+  // A device slot of an adapter whose host weights were dropped is stale: its next use parses it
+  // again (a new load) and uploads that.
+  out->set_state(!info.host_resident            ? v1::ADAPTER_STATE_ON_DISK
+                 : resident.contains(info.name) ? v1::ADAPTER_STATE_RESIDENT
+                                                : v1::ADAPTER_STATE_LOADED);
   out->set_pinned(info.pinned);
   out->set_active_requests(static_cast<uint64_t>(std::max<int64_t>(info.active_requests, 0)));
   out->set_weight_bytes(info.weight_bytes);

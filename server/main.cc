@@ -131,7 +131,8 @@ std::unique_ptr<lora::AdapterRegistry> MakeRegistry(const config::Config& config
   limits.allowed_roots = config.lora.allowed_roots;
   limits.max_pinned = config.lora.adapter_slots - 1;
   return std::make_unique<lora::AdapterRegistry>(spec, limits, AdapterWeightsDType(config),
-                                                 config.lora.max_adapters);
+                                                 config.lora.max_adapters,
+                                                 static_cast<size_t>(config.lora.host_cache_mib) << 20);
 }
 
 // Loads every adapter of the YAML registry; returns the errors (one per failed adapter).

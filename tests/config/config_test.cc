@@ -51,6 +51,7 @@ lora:
   target_modules: [q_proj, v_proj]
   adapter_slots: 4
   max_adapters: 100
+  host_cache_mib: 2048
   allowed_roots: [/adapters]
 adapters:
   - name: sql
@@ -88,6 +89,7 @@ logging:
   CHECK(c.lora.target_modules == std::vector<std::string>{"q_proj", "v_proj"});
   CHECK(c.lora.adapter_slots == 4);
   CHECK(c.lora.max_adapters == 100);
+  CHECK(c.lora.host_cache_mib == 2048);
   CHECK(c.lora.allowed_roots == std::vector<std::string>{"/adapters"});
   REQUIRE(c.adapters.size() == 2);
   CHECK(c.adapters[0].name == "sql");
@@ -146,6 +148,9 @@ TEST_CASE("Out-of-range numbers name the YAML path, line and value") {
   RequireError("model:\n  path: m\n  max_seq_len: -2\n", "model.max_seq_len (line 3)");
   RequireError(std::string(kModel) + "lora:\n  adapter_slots: 0\n", "lora.adapter_slots (line 4)");
   RequireError(std::string(kModel) + "lora:\n  max_adapters: 0\n", "lora.max_adapters (line 4)");
+  RequireError(std::string(kModel) + "lora:\n  host_cache_mib: -1\n",
+               "lora.host_cache_mib (line 4): must be in [0, 1073741824] (MiB; 0: no limit), got -1");
+  RequireError(std::string(kModel) + "lora:\n  host_cache_mib: 1073741825\n", "lora.host_cache_mib (line 4)");
 }
 
 TEST_CASE("kv_block_size must be a power of two in [1, 256]") {

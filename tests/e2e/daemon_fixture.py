@@ -39,8 +39,9 @@ def make_demo(out_dir):
     return out_dir
 
 
-def write_config(path, demo_dir, adapters, extra=""):
-    """Writes a daemon config for the demo model; adapters is a list of (name, path)."""
+def write_config(path, demo_dir, adapters, extra="", lora_extra=()):
+    """Writes a daemon config for the demo model; adapters is a list of (name, path); lora_extra:
+    more lines of the lora section (indented)."""
     lines = [
         "server:",
         "  address: 127.0.0.1:0",
@@ -52,6 +53,7 @@ def write_config(path, demo_dir, adapters, extra=""):
         "  executor: cpu",
         "lora:",
         "  adapter_slots: 4",
+        *lora_extra,
         "adapters:",
     ]
     for name, adapter_path in adapters:

@@ -190,6 +190,48 @@ class HealthAndInfoTest(DaemonTest):
         self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
 
 
+class HostCacheTest(unittest.TestCase):
+    """lora.host_cache_mib: idle adapters' weights leave host memory and come back on use."""
+
+    def test_a_dropped_adapter_is_parsed_again_when_a_request_uses_it(self):
+        upper = os.path.join(DEMO_DIR, "adapters", "upper")
+        log_path = os.path.join(TEMP_DIR, "host-cache.log")
+        config = fx.write_config(os.path.join(TEMP_DIR, "host-cache.yaml"), DEMO_DIR, [("upper", upper)],
+                                 lora_extra=["  host_cache_mib: 1"])
+        daemon = fx.Daemon.start(config, log_path)
+        try:
+            admin = admin_pb2_grpc.AdminStub(daemon.channel)
+            generation = generation_pb2_grpc.GenerationStub(daemon.channel)
+
+            def tokens(adapter):
+                return [t for r in generation.Generate(greedy_request(PROMPTS[0], adapter), timeout=60)
+                        if r.WhichOneof("response") == "chunk" for t in r.chunk.token_ids]
+
+            def states():
+                return {a.name: a.state for a in admin.ListAdapters(admin_pb2.ListAdaptersRequest()).adapters}
+
+            expected = tokens("upper")
+            size = admin.ListAdapters(admin_pb2.ListAdaptersRequest()).adapters[0].weight_bytes
+            # More copies than 1 MiB holds: the least recently used ones leave host memory.
+            copies = (1 << 20) // size + 2
+            for i in range(copies):
+                admin.LoadAdapter(admin_pb2.LoadAdapterRequest(name=f"upper-{i}", path=upper))
+            now = states()
+            self.assertEqual(len(now), copies + 1)
+            self.assertEqual(now["upper"], admin_pb2.ADAPTER_STATE_ON_DISK)
+            self.assertGreaterEqual(sum(s == admin_pb2.ADAPTER_STATE_ON_DISK for s in now.values()), 2)
+            self.assertNotEqual(now[f"upper-{copies - 1}"], admin_pb2.ADAPTER_STATE_ON_DISK)
+            # Parsed again from its path: the same weights give the same tokens.
+            self.assertEqual(tokens("upper"), expected)
+            self.assertNotEqual(states()["upper"], admin_pb2.ADAPTER_STATE_ON_DISK)
+            with open(log_path) as f:
+                self.assertIn("adapter 'upper' reloaded into host memory", f.read())
+        finally:
+            alive = daemon.alive()
+            code = daemon.stop()
+            self.assertTrue(alive and code == 0, f"loraplexd alive={alive} exit={code}:\n{daemon.log_tail()}")
+
+
 class GenerateTest(DaemonTest):
     def test_concurrent_streams_match_each_request_served_alone(self):
         adapters = [""] + list(fx.DEMO_ADAPTERS)

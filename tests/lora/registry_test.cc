@@ -1,5 +1,6 @@
 #include "lora/registry.h"
 
+#include <filesystem>
 #include <thread>
 
 #include <catch2/catch.hpp>
@@ -160,6 +161,96 @@ TEST_CASE("AdapterRegistry refuses a pinned load past max_pinned but still takes
   CHECK(Names(registry) == std::vector<std::string>{"p1", "u"});
   REQUIRE(registry.Unload("p1").ok());
   CHECK(registry.Load("p2", dir, /*pinned=*/true).ok());
+}
+
+
+// --- host byte budget --------------------------------------------------------------------------
+
+size_t WeightBytes(const std::string& dir) { return test::MustLoad("probe", dir)->weight_bytes; }
+
+bool Resident(const AdapterRegistry& r, const std::string& name) {
+  for (const AdapterInfo& info : r.List()) {
+    if (info.name == name) return info.host_resident;
+  }
+  FAIL("no adapter " << name);
+  return false;
+}
+
+TEST_CASE("Under a host budget the least recently used idle adapter's weights leave host memory") {
+  const std::string dir = test::WriteAdapter({});
+  const size_t bytes = WeightBytes(dir);
+  AdapterRegistry registry(test::Spec(), test::Limits(), DType::kF32, 16, 2 * bytes);  // room for two
+  REQUIRE(registry.Load("a", dir).ok());
+  REQUIRE(registry.Load("b", dir).ok());
+  CHECK(registry.host_bytes() == 2 * bytes);
+  REQUIRE(registry.Acquire("a").ok());  // a is now more recent than b
+  REQUIRE(registry.Load("c", dir).ok());
+  CHECK(registry.host_bytes() == 2 * bytes);
+  CHECK(Resident(registry, "a"));
+  CHECK_FALSE(Resident(registry, "b"));
+  CHECK(Resident(registry, "c"));
+  // Still registered and listed with its metadata; using it parses it again (a new uid, as any
+  // reload), and the least recent other one goes instead.
+  const std::vector<AdapterInfo> list = registry.List();
+  REQUIRE(list.size() == 3);
+  CHECK(list[1].name == "b");
+  CHECK(list[1].weight_bytes == bytes);
+  CHECK(list[1].rank == 4);
+  auto b = registry.Acquire("b");
+  REQUIRE(b.ok());
+  CHECK((*b)->name == "b");
+  CHECK((*b)->weight_bytes == bytes);
+  CHECK(Resident(registry, "b"));
+  CHECK_FALSE(Resident(registry, "a"));
+  CHECK(registry.host_bytes() == 2 * bytes);
+}
+
+TEST_CASE("Pinned and in-use adapters keep their host weights past the budget") {
+  const std::string dir = test::WriteAdapter({});
+  const size_t bytes = WeightBytes(dir);
+  AdapterRegistry registry(test::Spec(), test::Limits(), DType::kF32, 16, bytes);  // room for one
+  REQUIRE(registry.Load("pinned", dir, /*pinned=*/true).ok());
+  REQUIRE(registry.Load("busy", dir).ok());
+  auto busy = registry.Acquire("busy");
+  REQUIRE(busy.ok());
+  REQUIRE(registry.Load("idle", dir).ok());
+  CHECK(Resident(registry, "pinned"));
+  CHECK(Resident(registry, "busy"));
+  CHECK_FALSE(Resident(registry, "idle"));  // over budget as soon as loaded: validated, then dropped
+  CHECK(registry.host_bytes() == 2 * bytes);
+  // Released: the next trim may drop it; in use again, it is parsed again.
+  *busy = AdapterRef();
+  REQUIRE(registry.Acquire("idle").ok());
+  CHECK(Resident(registry, "idle") != Resident(registry, "busy"));
+  CHECK(Resident(registry, "pinned"));
+  // Unloading a dropped adapter works like any other.
+  const std::string dropped = Resident(registry, "idle") ? "busy" : "idle";
+  CHECK(registry.Unload(dropped).ok());
+  CHECK(registry.host_bytes() == 2 * bytes);
+}
+
+TEST_CASE("A dropped adapter whose files became invalid fails its use, not the registry") {
+  const std::string dir = test::WriteAdapter({});
+  const size_t bytes = WeightBytes(dir);
+  AdapterRegistry registry(test::Spec(), test::Limits(), DType::kF32, 16, bytes);
+  REQUIRE(registry.Load("gone", dir).ok());
+  REQUIRE(registry.Load("other", test::WriteAdapter({})).ok());
+  REQUIRE_FALSE(Resident(registry, "gone"));
+  std::filesystem::remove_all(dir);
+  const auto st = registry.Acquire("gone");
+  CHECK(st.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(std::string(st.status().message()).find("adapter 'gone': reloading its weights from ") == 0);
+  CHECK(Names(registry) == std::vector<std::string>{"gone", "other"});  // still registered
+  CHECK(registry.Acquire("other").ok());
+  CHECK(registry.Unload("gone").ok());
+}
+
+TEST_CASE("Without a budget every adapter stays in host memory") {
+  AdapterRegistry registry = MakeRegistry();
+  const std::string dir = test::WriteAdapter({});
+  for (const char* name : {"a", "b", "c"}) REQUIRE(registry.Load(name, dir).ok());
+  for (const AdapterInfo& info : registry.List()) CHECK(info.host_resident);
+  CHECK(registry.host_bytes() == 3 * WeightBytes(dir));
 }
 
 }  // namespace
