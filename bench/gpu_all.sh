@@ -7,7 +7,7 @@
 # Usage: bench/gpu_all.sh OUTDIR   Env: LORAPLEX_GPU_BUILD, STEP_BENCH_ARGS, HF_BENCH (default 0),
 #        HF_BENCH_ARGS, PROFILE (default 1), DAEMON (default 1), STEP_BENCH_VARIANTS (';'-separated
 #        extra step_bench argument lists, each run after the main one, e.g. "--batches 1,32
-#        --lora-sm-reserve 16").
+#        --lora-overlap 0").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bench/gpu_all.sh OUTDIR}

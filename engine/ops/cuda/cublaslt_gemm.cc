@@ -31,7 +31,14 @@ absl::StatusOr<std::unique_ptr<CublasLtGemm>> CublasLtGemm::Create(void* workspa
   g->workspace_ = workspace;
   g->workspace_bytes_ = workspace_bytes;
   LORAPLEX_RETURN_IF_ERROR(LtError(cublasLtCreate(&g->handle_), "create handle"));
-  LORAPLEX_RETURN_IF_ERROR(g->Desc(0).status());
+  LORAPLEX_RETURN_IF_ERROR(
+      LtError(cublasLtMatmulDescCreate(&g->desc_, CUBLAS_COMPUTE_32F, CUDA_R_32F), "create matmul desc"));
+  const cublasOperation_t trans_w = CUBLAS_OP_T;
+  const cublasOperation_t trans_x = CUBLAS_OP_N;
+  LORAPLEX_RETURN_IF_ERROR(LtError(cublasLtMatmulDescSetAttribute(
+      g->desc_, CUBLASLT_MATMUL_DESC_TRANSA, &trans_w, sizeof trans_w), "set TRANSA"));
+  LORAPLEX_RETURN_IF_ERROR(LtError(cublasLtMatmulDescSetAttribute(
+      g->desc_, CUBLASLT_MATMUL_DESC_TRANSB, &trans_x, sizeof trans_x), "set TRANSB"));
   LORAPLEX_RETURN_IF_ERROR(LtError(cublasLtMatmulPreferenceCreate(&g->preference_), "create preference"));
   const uint64_t ws = workspace_bytes;
   LORAPLEX_RETURN_IF_ERROR(LtError(cublasLtMatmulPreferenceSetAttribute(
@@ -39,29 +46,9 @@ absl::StatusOr<std::unique_ptr<CublasLtGemm>> CublasLtGemm::Create(void* workspa
   return g;
 }
 
-absl::StatusOr<cublasLtMatmulDesc_t> CublasLtGemm::Desc(int sm_count_target) {
-  if (auto it = descs_.find(sm_count_target); it != descs_.end()) return it->second;
-  cublasLtMatmulDesc_t desc = nullptr;
-  LORAPLEX_RETURN_IF_ERROR(
-      LtError(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "create matmul desc"));
-  descs_.emplace(sm_count_target, desc);  // owned (destroyed) from here on, even on error below
-  const cublasOperation_t trans_w = CUBLAS_OP_T;
-  const cublasOperation_t trans_x = CUBLAS_OP_N;
-  LORAPLEX_RETURN_IF_ERROR(LtError(cublasLtMatmulDescSetAttribute(
-      desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_w, sizeof trans_w), "set TRANSA"));
-  LORAPLEX_RETURN_IF_ERROR(LtError(cublasLtMatmulDescSetAttribute(
-      desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_x, sizeof trans_x), "set TRANSB"));
-  if (sm_count_target > 0) {
-    const int32_t sms = sm_count_target;
-    LORAPLEX_RETURN_IF_ERROR(LtError(cublasLtMatmulDescSetAttribute(
-        desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &sms, sizeof sms), "set SM count target"));
-  }
-  return desc;
-}
-
 CublasLtGemm::~CublasLtGemm() {
   if (preference_ != nullptr) cublasLtMatmulPreferenceDestroy(preference_);
-  for (auto& [sms, desc] : descs_) cublasLtMatmulDescDestroy(desc);
+  if (desc_ != nullptr) cublasLtMatmulDescDestroy(desc_);
   if (handle_ != nullptr) cublasLtDestroy(handle_);
 }
 
@@ -74,7 +61,7 @@ absl::Status CublasLtGemm::InitLayouts(int64_t m, int64_t n, int64_t k, bool y_f
   return absl::OkStatus();
 }
 
-absl::StatusOr<cublasLtMatmulAlgo_t> CublasLtGemm::Heuristic(cublasLtMatmulDesc_t desc, Plan& plan, int alignment) {
+absl::StatusOr<cublasLtMatmulAlgo_t> CublasLtGemm::Heuristic(Plan& plan, int alignment) {
   const uint32_t align = static_cast<uint32_t>(alignment);
   for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
                     CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES}) {
@@ -84,50 +71,48 @@ absl::StatusOr<cublasLtMatmulAlgo_t> CublasLtGemm::Heuristic(cublasLtMatmulDesc_
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   LORAPLEX_RETURN_IF_ERROR(LtError(
-      cublasLtMatmulAlgoGetHeuristic(handle_, desc, &plan.w_layout, &plan.x_layout, &plan.y_layout,
+      cublasLtMatmulAlgoGetHeuristic(handle_, desc_, &plan.w_layout, &plan.x_layout, &plan.y_layout,
                                      &plan.y_layout, preference_, 1, &result, &found),
       "heuristic"));
   if (found == 0) return absl::InternalError("cuBLASLt heuristic found no algorithm");
   return result.algo;
 }
 
-absl::StatusOr<CublasLtGemm::Plan*> CublasLtGemm::GetPlan(int64_t m, int64_t n, int64_t k, bool y_f32,
-                                                          int alignment, int sm_count_target) {
-  const Key key{m, n, k, y_f32, alignment, sm_count_target};
+absl::StatusOr<CublasLtGemm::Plan*> CublasLtGemm::GetPlan(int64_t m, int64_t n, int64_t k,
+                                                                bool y_f32, int alignment) {
+  const Key key{m, n, k, y_f32, alignment};
   if (auto it = plans_.find(key); it != plans_.end()) return it->second.get();
-  LORAPLEX_ASSIGN_OR_RETURN(cublasLtMatmulDesc_t desc, Desc(sm_count_target));
   auto plan = std::make_unique<Plan>();
-  const Key bucket_key{MBucket(m), n, k, y_f32, alignment, sm_count_target};
+  const Key bucket_key{MBucket(m), n, k, y_f32, alignment};
   auto algo_it = bucket_algos_.find(bucket_key);
   if (algo_it == bucket_algos_.end()) {
     Plan bucket_plan;
     LORAPLEX_RETURN_IF_ERROR(InitLayouts(MBucket(m), n, k, y_f32, &bucket_plan));
-    LORAPLEX_ASSIGN_OR_RETURN(cublasLtMatmulAlgo_t algo, Heuristic(desc, bucket_plan, alignment));
+    LORAPLEX_ASSIGN_OR_RETURN(cublasLtMatmulAlgo_t algo, Heuristic(bucket_plan, alignment));
     algo_it = bucket_algos_.emplace(bucket_key, algo).first;
   }
   LORAPLEX_RETURN_IF_ERROR(InitLayouts(m, n, k, y_f32, plan.get()));
   plan->algo = algo_it->second;
   // The bucket's algorithm was chosen for a larger M; keep it only if cuBLASLt accepts this shape.
   cublasLtMatmulHeuristicResult_t check{};
-  const cublasStatus_t st = cublasLtMatmulAlgoCheck(handle_, desc, &plan->w_layout, &plan->x_layout,
+  const cublasStatus_t st = cublasLtMatmulAlgoCheck(handle_, desc_, &plan->w_layout, &plan->x_layout,
                                                     &plan->y_layout, &plan->y_layout, &plan->algo, &check);
   if (st != CUBLAS_STATUS_SUCCESS || check.workspaceSize > workspace_bytes_) {
-    LORAPLEX_ASSIGN_OR_RETURN(plan->algo, Heuristic(desc, *plan, alignment));
+    LORAPLEX_ASSIGN_OR_RETURN(plan->algo, Heuristic(*plan, alignment));
   }
   return plans_.emplace(key, std::move(plan)).first->second.get();
 }
 
 absl::Status CublasLtGemm::Run(const void* x, const void* w, void* y, bool y_f32, int64_t m,
-                               int64_t n, int64_t k, float beta, cudaStream_t stream, int sm_count_target) {
+                               int64_t n, int64_t k, float beta, cudaStream_t stream) {
   if (m == 0 || n == 0) return absl::OkStatus();
   // The largest power of two (<= 256) dividing every address: algorithms may assume no more.
   const uintptr_t bits = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w) |
                          reinterpret_cast<uintptr_t>(y) | 256u;
   const int alignment = static_cast<int>(bits & (~bits + 1));
-  LORAPLEX_ASSIGN_OR_RETURN(Plan* plan, GetPlan(m, n, k, y_f32, alignment, sm_count_target));
-  LORAPLEX_ASSIGN_OR_RETURN(cublasLtMatmulDesc_t desc, Desc(sm_count_target));
+  LORAPLEX_ASSIGN_OR_RETURN(Plan* plan, GetPlan(m, n, k, y_f32, alignment));
   const float alpha = 1.0f;
-  return LtError(cublasLtMatmul(handle_, desc, &alpha, w, &plan->w_layout, x, &plan->x_layout, &beta,
+  return LtError(cublasLtMatmul(handle_, desc_, &alpha, w, &plan->w_layout, x, &plan->x_layout, &beta,
                                 y, &plan->y_layout, y, &plan->y_layout, &plan->algo, workspace_,
                                 workspace_bytes_, stream),
                  absl::StrCat("matmul m=", m, " n=", n, " k=", k));

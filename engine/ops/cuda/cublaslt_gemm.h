@@ -26,14 +26,12 @@ class CublasLtGemm {
   CublasLtGemm& operator=(const CublasLtGemm&) = delete;
 
   // x [m, k] bf16; w [n, k] bf16; y [m, n] F32 when y_f32 else bf16 (read only when beta != 0).
-  // sm_count_target > 0: choose (and size) the algorithm for that many SMs, leaving the rest to
-  // kernels that run concurrently on another stream (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET).
   absl::Status Run(const void* x, const void* w, void* y, bool y_f32, int64_t m, int64_t n,
-                   int64_t k, float beta, cudaStream_t stream, int sm_count_target = 0);
+                   int64_t k, float beta, cudaStream_t stream);
 
  private:
-  // (m or m bucket, n, k, y_f32, alignment in bytes, SM count target)
-  using Key = std::tuple<int64_t, int64_t, int64_t, bool, int, int>;
+  // (m or m bucket, n, k, y_f32, alignment in bytes)
+  using Key = std::tuple<int64_t, int64_t, int64_t, bool, int>;
   struct Plan {
     cublasLtMatrixLayoutOpaque_t w_layout, x_layout, y_layout;
     cublasLtMatmulAlgo_t algo;
@@ -41,13 +39,11 @@ class CublasLtGemm {
 
   CublasLtGemm() = default;
   absl::Status InitLayouts(int64_t m, int64_t n, int64_t k, bool y_f32, Plan* plan);
-  absl::StatusOr<cublasLtMatmulAlgo_t> Heuristic(cublasLtMatmulDesc_t desc, Plan& plan, int alignment);
-  absl::StatusOr<Plan*> GetPlan(int64_t m, int64_t n, int64_t k, bool y_f32, int alignment, int sm_count_target);
-  // The matmul description for an SM count target (0: the whole device), created on first use.
-  absl::StatusOr<cublasLtMatmulDesc_t> Desc(int sm_count_target);
+  absl::StatusOr<cublasLtMatmulAlgo_t> Heuristic(Plan& plan, int alignment);
+  absl::StatusOr<Plan*> GetPlan(int64_t m, int64_t n, int64_t k, bool y_f32, int alignment);
 
   cublasLtHandle_t handle_ = nullptr;
-  std::map<int, cublasLtMatmulDesc_t> descs_;
+  cublasLtMatmulDesc_t desc_ = nullptr;
   cublasLtMatmulPreference_t preference_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;

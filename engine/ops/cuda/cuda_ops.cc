@@ -62,10 +62,6 @@ constexpr int kLoraTensorCoreBlocksPerSm = 4;  // 128 threads, ~37 KB of shared 
 constexpr int kLoraTensorCoreMinTokens = 256;
 // Shrink blocks a step may use per token (decode at batch 1 needs far fewer than the full grid).
 constexpr int kLoraShrinkBlocksPerToken = 64;
-// SMs GemmWithLora's GEMM leaves to the LoRA kernels running beside it (its cuBLASLt algorithm is
-// chosen for the rest). Measured (bench/runs/2026-11-29-fold): reserving 16 or 32 SMs made decode
-// steps with adapters slower at batch 1 and 32, so none are reserved.
-constexpr int kLoraGemmSmReserve = 0;
 
 absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
   if (err == cudaSuccess) return absl::OkStatus();
@@ -168,8 +164,6 @@ class CudaOps final : public Ops {
   void set_lora_tensor_core_min_tokens(int tokens) { lora_tc_min_tokens_ = tokens; }
   void set_lora_delta_limit(size_t bytes) { lora_delta_limit_ = std::min(bytes, kLoraDeltaBytes); }
   void set_lora_fold(bool fold) { lora_fold_ = fold; }
-  int num_sms() const { return num_sms_; }
-  void set_lora_gemm_sm_reserve(int sms) { lora_gemm_sm_reserve_ = sms; }
   void set_lora_tuning(int shrink_blocks_per_sm, bool overlap, bool fork) {
     lora_shrink_blocks_ = num_sms_ * shrink_blocks_per_sm;
     lora_overlap_ = overlap;
@@ -283,14 +277,8 @@ class CudaOps final : public Ops {
   }
 
   absl::Status Gemm(const TensorView& x, const TensorView& w, float beta, const TensorView& y) override {
-    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
-    return GemmOnSms(x, w, beta, y, 0);
-  }
-
-  // Gemm with the algorithm chosen for `sm_count_target` SMs (0: all of them).
-  absl::Status GemmOnSms(const TensorView& x, const TensorView& w, float beta, const TensorView& y,
-                         int sm_count_target) {
     constexpr absl::string_view kOp = "Gemm";
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "w", w, DType::kBF16, 2));
     if (y.dtype != DType::kBF16 && y.dtype != DType::kF32) {
@@ -302,7 +290,7 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "y", y, 1, w.shape[0]));
     if (x.shape[1] == 0) return Invalid(kOp, "K is 0");
     return Annotate(gemm_->Run(x.data, w.data, y.data, y.dtype == DType::kF32, x.shape[0], w.shape[0],
-                               x.shape[1], beta, stream_, sm_count_target),
+                               x.shape[1], beta, stream_),
                     "Gemm");
   }
 
@@ -495,9 +483,8 @@ class CudaOps final : public Ops {
       side = CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, side_stream_), "GemmWithLora: expand");
     }
     const absl::Status recorded = CudaStatus(cudaEventRecord(join_event_, side_stream_), "GemmWithLora: join");
-    // The GEMM may leave SMs to the LoRA kernels beside it (lora_gemm_sm_reserve_).
-    const int gemm_sms = lora_gemm_sm_reserve_ > 0 ? num_sms_ - lora_gemm_sm_reserve_ : 0;
-    const absl::Status gemm = side.ok() ? GemmOnSms(x, w, 0.0f, y, gemm_sms) : absl::OkStatus();
+    // The pending delta was flushed on entry, so this Gemm enqueues only the GEMM.
+    const absl::Status gemm = side.ok() ? Gemm(x, w, 0.0f, y) : absl::OkStatus();
     // Always join, so later work on the stream (and a capture's end) sees the side stream's.
     LORAPLEX_RETURN_IF_ERROR(recorded);
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmWithLora: join"));
@@ -717,7 +704,6 @@ class CudaOps final : public Ops {
   };
   PendingLoraDelta pending_;
   bool lora_fold_ = true;  // tests turn folding off to compare both ways
-  int lora_gemm_sm_reserve_ = kLoraGemmSmReserve;
   std::unique_ptr<CublasLtGemm> gemm_;
   cudaError_t deferred_error_ = cudaSuccess;
   AttentionSplitMode split_mode_ = AttentionSplitMode::kAuto;
@@ -844,15 +830,6 @@ absl::Status SetLoraFoldForTest(Ops* ops, bool fold) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraFoldForTest"));
   LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());
   cuda->set_lora_fold(fold);
-  return absl::OkStatus();
-}
-
-absl::Status SetLoraGemmSmReserveForTest(Ops* ops, int sms) {
-  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraGemmSmReserveForTest"));
-  if (sms < 0 || sms >= cuda->num_sms()) {
-    return Invalid("SetLoraGemmSmReserveForTest", absl::StrCat("sms ", sms, " not in 0..", cuda->num_sms() - 1));
-  }
-  cuda->set_lora_gemm_sm_reserve(sms);
   return absl::OkStatus();
 }
 

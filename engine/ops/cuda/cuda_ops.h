@@ -67,10 +67,6 @@ absl::Status SetLoraDeltaLimitForTest(Ops* ops, size_t bytes);
 // and TimeOnStream add it first with a separate kernel. `fold` false: always that kernel, right
 // after the GEMM (tests compare both ways bit for bit). Default true.
 absl::Status SetLoraFoldForTest(Ops* ops, bool fold);
-// GemmWithLora's GEMM (when its LoRA kernels run beside it) uses the cuBLASLt algorithm chosen for
-// the device's SMs minus `sms`, leaving those to the LoRA kernels. Benchmarks sweep it.
-// INVALID_ARGUMENT outside 0..SMs-1. Graphs keep the value they were captured with.
-absl::Status SetLoraGemmSmReserveForTest(Ops* ops, int sms);
 // LoRA ops of steps with at least `min_tokens` tokens run the tensor-core kernels (default 256);
 // tests force either kind at any size. INVALID_ARGUMENT for min_tokens < 1.
 absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens);

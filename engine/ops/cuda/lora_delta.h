@@ -1,7 +1,7 @@
 // A LoRA delta that GemmWithLora computed beside its GEMM and left for the kernel that reads the
 // GEMM's output next (cuda_ops.cc: "pending LoRA delta"). That kernel adds it while it loads the
 // output, so the step needs no separate add kernel: for each (row, slice) the expand marked,
-// out[row, c] becomes bf16(float(out[row, c]) + delta[row, c]) exactly as LaunchLoraAddDelta
+// out[row, c] becomes bf16(float(out[row, c]) + delta[row, c]) exactly as LaunchLoraDeltaAdd
 // would leave it, and the consumer writes that value back, so memory ends up identical too.
 // Plain C++ (no CUDA headers); the device helpers are in lora_delta.cuh.
 #pragma once

@@ -416,10 +416,6 @@ LoraDeltaView LoraDeltaOf(const LoraParams& p) {
   return d;
 }
 
-cudaError_t LaunchLoraAddDelta(const LoraParams& p, void* out, cudaStream_t stream) {
-  return LaunchLoraDeltaAdd(LoraDeltaOf(p), out, stream);
-}
-
 int LoraShrinkMinSplits(int in_features) {
   const int steps = (in_features + kStep - 1) / kStep;
   return (steps + kMaxStepsPerSplit - 1) / kMaxStepsPerSplit;

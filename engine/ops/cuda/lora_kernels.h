@@ -87,12 +87,6 @@ cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaS
 // In delta mode `out` is not touched (see LoraParams::delta).
 cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cudaStream_t stream);
 
-// out[row, c] = bf16(float(out[row, c]) + delta[row, c]) for rows < p.delta_rows where the expand
-// set delta_mask[row, slice of c]; other elements keep their bits. The same bits the in-place
-// expand gives. out [delta_rows, slice_offsets[num_slices]] bf16, 16-byte aligned, every slice
-// offset a multiple of 8. Launch after the delta-mode shrink and expand of the same params.
-cudaError_t LaunchLoraAddDelta(const LoraParams& p, void* out, cudaStream_t stream);
-
 // The delta-mode expand's output as a view a consumer kernel can fold in (lora_delta.h).
 LoraDeltaView LoraDeltaOf(const LoraParams& p);
 
