@@ -50,7 +50,7 @@ void AdapterRegistry::TrimLocked() {
   if (host_budget_bytes_ == 0 || host_bytes_ <= host_budget_bytes_) return;
   std::vector<Entry*> candidates;
   for (auto& [name, entry] : entries_) {
-    if (entry.adapter != nullptr && !entry.pinned && entry.uses->load() == 0) candidates.push_back(&entry);
+    if (entry.adapter != nullptr && !entry.info.pinned && entry.uses->load() == 0) candidates.push_back(&entry);
   }
   std::sort(candidates.begin(), candidates.end(), [](const Entry* a, const Entry* b) { return a->last_use < b->last_use; });
   for (Entry* entry : candidates) {
@@ -68,7 +68,7 @@ AdapterRef AdapterRegistry::RefLocked(Entry& entry) {
   ref.adapter_ = entry.adapter;
   // The deleter owns the counter, so a ref outliving an unloaded entry is still safe.
   ref.use_ = std::shared_ptr<void>(entry.uses.get(), [uses = entry.uses](void*) { uses->fetch_sub(1); });
-  ref.pinned_ = entry.pinned;
+  ref.pinned_ = entry.info.pinned;
   return ref;
 }
 
@@ -82,7 +82,7 @@ absl::Status AdapterRegistry::Load(const std::string& name, const std::string& p
     }
     if (pinned && limits_.max_pinned >= 0) {
       int64_t pinned_now = 0;
-      for (const auto& [unused, entry] : entries_) pinned_now += entry.pinned ? 1 : 0;
+      for (const auto& [unused, entry] : entries_) pinned_now += entry.info.pinned ? 1 : 0;
       if (pinned_now >= limits_.max_pinned) {
         return absl::ResourceExhaustedError(absl::StrCat(
             "adapter '", name, "': ", pinned_now, " adapters are pinned already, the most the ",
@@ -105,8 +105,7 @@ absl::Status AdapterRegistry::Load(const std::string& name, const std::string& p
     absl::MutexLock lock(&mu_);
     // Another thread may have taken the name or the last place while this one was parsing.
     LORAPLEX_RETURN_IF_ERROR(check_room());
-    entries_.emplace(name, Entry{adapter, InfoOf(a, pinned), std::make_shared<std::atomic<int64_t>>(0), pinned,
-                                 ++tick_});
+    entries_.emplace(name, Entry{adapter, InfoOf(a, pinned), std::make_shared<std::atomic<int64_t>>(0), ++tick_});
     host_bytes_ += a.weight_bytes;
     TrimLocked();
   }
@@ -157,7 +156,7 @@ absl::StatusOr<AdapterRef> AdapterRegistry::Acquire(const std::string& name) {
   Entry& entry = it->second;
   if (entry.adapter == nullptr && entry.info.path == path) {
     entry.adapter = *std::move(parsed);
-    entry.info = InfoOf(*entry.adapter, entry.pinned);
+    entry.info = InfoOf(*entry.adapter, entry.info.pinned);
     host_bytes_ += entry.info.weight_bytes;
     spdlog::info("adapter '{}' reloaded into host memory from {} in {:.1f} ms", name, path, ms);
   }

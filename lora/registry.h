@@ -73,9 +73,8 @@ class AdapterRegistry {
  private:
   struct Entry {
     std::shared_ptr<const LoadedAdapter> adapter;  // null: dropped from the host tier
-    AdapterInfo info;                              // as of the last parse
+    AdapterInfo info;  // as of the last parse; info.pinned is the entry's flag
     std::shared_ptr<std::atomic<int64_t>> uses;
-    bool pinned = false;
     int64_t last_use = 0;
   };
   // Drops the parsed weights of least recently used entries that are neither pinned nor in use
