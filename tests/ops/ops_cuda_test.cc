@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <numeric>
 #include <random>
@@ -1120,6 +1121,10 @@ struct LoraTimingCase {
 // the in-place expand after the GEMM. Bandwidth is adapter bytes (A and B of the slots the step
 // uses) over time.
 absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
+  // LORAPLEX_TIME_LORA_ONLY=<text>: time only the cases whose name contains it (for a profiler).
+  if (const char* only = std::getenv("LORAPLEX_TIME_LORA_ONLY"); only != nullptr && c.name.find(only) == std::string::npos) {
+    return absl::OkStatus();
+  }
   const int T = static_cast<int>(c.token_slots.size());
   const int S = static_cast<int>(c.widths.size());
   const int slots = static_cast<int>(c.slot_ranks.size());
@@ -1275,6 +1280,10 @@ int Main() {
   }
   g_gpu = gpu->get();
   g_cpu = cpu->get();
+  if (std::getenv("LORAPLEX_TIME_LORA_ONLY") != nullptr) {  // profiling run: the timing cases alone
+    Run("TIME LoRA", [] { return TimeLora(); });
+    return g_failures == 0 ? 0 : 1;
+  }
 
   Run("Embed", [] { return TestEmbed(5000, 4096, 37); });
   Run("Embed", [] { return TestEmbed(1000, 68, 5); });  // rows not whole 16-byte vectors
