@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdlib>
 #include <string>
 #include "absl/strings/string_view.h"
 
@@ -138,6 +139,9 @@ class CudaOps final : public Ops {
                                         "CUDA executor: allocate sampling scratch"));
     ops->lora_shrink_blocks_ = ops->num_sms_ * kLoraShrinkBlocksPerSm;
     ops->lora_expand_blocks_ = ops->num_sms_ * kLoraExpandBlocksPerSm;
+    if (const char* kind = std::getenv("LORAPLEX_LORA_SHRINK"); kind != nullptr && std::string(kind) == "splitk") {
+      ops->lora_row_shrink_ = false;
+    }
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(PrepareLoraKernels(), "CUDA executor: configure LoRA kernels"));
     LORAPLEX_ASSIGN_OR_RETURN(ops->gemm_, CublasLtGemm::Create(ops->gemm_workspace_, kGemmWorkspaceBytes));
     return ops;
@@ -584,7 +588,14 @@ class CudaOps final : public Ops {
     // A few tokens cannot use the full grid; its idle blocks would only hold SMs the GEMM beside
     // the shrink needs.
     const int64_t want = static_cast<int64_t>(kLoraShrinkBlocksPerToken) * std::max(1, segments.num_tokens);
-    return MakeLoraParams(kOp, segments, module, static_cast<int>(std::min<int64_t>(lora_shrink_blocks_, want)));
+    LORAPLEX_ASSIGN_OR_RETURN(LoraParams p, MakeLoraParams(kOp, segments, module,
+                                                           static_cast<int>(std::min<int64_t>(lora_shrink_blocks_, want))));
+    if (lora_row_shrink_ && !UseTensorCores(p)) {
+      p.row_items = true;
+      p.num_blocks = LoraShrinkRowBlocks(num_sms_, segments.num_tokens, module.num_slices, module.max_rank,
+                                         module.in_features);
+    }
+    return p;
   }
 
   absl::StatusOr<LoraParams> PrepareLoraExpand(const TensorView& y, const LoraSegments& segments,
@@ -686,6 +697,7 @@ class CudaOps final : public Ops {
   int lora_shrink_blocks_ = 0;
   int lora_expand_blocks_ = 0;
   bool lora_overlap_ = true;
+  bool lora_row_shrink_ = true;  // LORAPLEX_LORA_SHRINK=splitk: the split-K kernel (A/B runs)
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
   size_t sample_scratch_bytes_ = 0;

@@ -20,6 +20,8 @@
 // Work is proportional to each slot's real rank; rank-0 slices and empty segments cost nothing.
 #include "engine/ops/cuda/lora_kernels.h"
 
+#include <algorithm>
+
 #include "engine/ops/cuda/kernel_utils.cuh"
 
 namespace loraplex::ops::cuda {
@@ -42,12 +44,10 @@ constexpr int kShrinkBlocksPerSm = 3;  // register cap 85: A is staged in shared
 
 __device__ __forceinline__ uint4 Load8(const bf16* p, bool aligned) {
   if (aligned) return __ldg(reinterpret_cast<const uint4*>(p));
-  uint4 v;
-  uint16_t* h = reinterpret_cast<uint16_t*>(&v);
+  // Composed in registers (a uint16_t view of a uint4 would put it in local memory).
   const uint16_t* s = reinterpret_cast<const uint16_t*>(p);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) h[i] = s[i];
-  return v;
+  auto pair = [s](int i) { return static_cast<uint32_t>(s[i]) | (static_cast<uint32_t>(s[i + 1]) << 16); };
+  return make_uint4(pair(0), pair(2), pair(4), pair(6));
 }
 
 __device__ __forceinline__ float Dot8(const uint4& a, const uint4& b) {
@@ -260,6 +260,136 @@ __global__ void __launch_bounds__(kThreads, kShrinkBlocksPerSm)
   }
 }
 
+// Row-item shrink (decode): item = (segment, slice, group of kRowItemRows rows of A, token group).
+// A block covers the item's whole K range: its warps take interleaved 256-element steps, each
+// lane loads the rows' and tokens' 16-byte vectors straight into registers (two steps in flight),
+// and the block reduces the per-lane sums (a multi-value warp butterfly, then shared memory) in a
+// fixed order into y. No split-K scratch, no counters, no cross-block hand-off: the latency of an
+// item is one round of loads and one block reduction. Rows past a slot's rank and segments past
+// the live count cost nothing but the metadata reads.
+constexpr int kRowItemRows = 4;
+constexpr int kRowItemTokens = 4;
+constexpr int kRowItemValues = kRowItemRows * kRowItemTokens;  // sums a lane carries (16)
+
+// Sums v[i] over the warp's lanes for every i < 16 with 16 shuffles (not 16·5): each stage
+// exchanges half the values with the lane `o` apart. Lane l returns the sum of index (l >> 1) & 15.
+template <int N>  // a stage: N values in, N/2 out, exchanged with the lane N apart
+__device__ __forceinline__ void WarpFold(float (&v)[kRowItemValues], int lane) {
+  const bool upper = (lane & N) != 0;
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) {
+    const float send = upper ? v[i] : v[i + N / 2];
+    const float keep = upper ? v[i + N / 2] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, N);
+  }
+}
+
+__device__ __forceinline__ float WarpSum16(float (&v)[kRowItemValues], int lane) {
+  static_assert(kRowItemValues == 16);
+  WarpFold<16>(v, lane);
+  WarpFold<8>(v, lane);
+  WarpFold<4>(v, lane);
+  WarpFold<2>(v, lane);
+  return v[0] + __shfl_xor_sync(0xffffffffu, v[0], 1);
+}
+
+template <int kItemWarps>
+__global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
+    LoraShrinkRowsKernel(LoraParams p, const bf16* __restrict__ x, float* __restrict__ y) {
+  __shared__ float red[kItemWarps][kRowItemValues];
+  AllowDependentLaunch();  // the expand may take SMs this launch leaves idle; it waits for y itself
+  const int S = p.num_slices;
+  if (p.delta_mask != nullptr) {  // see LoraShrinkKernel
+    const int64_t n = static_cast<int64_t>(p.delta_rows) * S;
+    for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+         e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      p.delta_mask[e] = 0;
+    }
+  }
+  const int nseg = min(max(*p.num_segments, 0), p.max_segments);
+  const int live_rank = LiveMaxRank(p);
+  if (nseg == 0 || live_rank == 0) return;
+  // Token groups per segment from the mean segment length (a longer segment's group takes more
+  // passes): identical in every thread.
+  const int groups = max(1, (p.num_tokens / nseg + kRowItemTokens - 1) / kRowItemTokens);
+  const int row_groups = (live_rank + kRowItemRows - 1) / kRowItemRows;
+  const int64_t items = static_cast<int64_t>(nseg) * S * groups * row_groups;
+  const int K = p.in_features;
+  const int steps_total = (K + kStep - 1) / kStep;
+  const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    int64_t rest = item;
+    const int rg = static_cast<int>(rest % row_groups);
+    rest /= row_groups;
+    const int g = static_cast<int>(rest % groups);
+    rest /= groups;
+    const int slice = static_cast<int>(rest % S);
+    const int seg = static_cast<int>(rest / S);
+    int begin, end;
+    LoraSliceWeightsDev w;
+    if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;
+    const int r0 = rg * kRowItemRows;
+    if (r0 >= w.rank) continue;
+    const int rows = min(kRowItemRows, w.rank - r0);
+    const bf16* a = static_cast<const bf16*>(w.a) + static_cast<int64_t>(r0) * K;
+    const bool a_vec = IsAligned16(w.a);  // K is a multiple of 8: every row stays aligned
+    const int64_t col = static_cast<int64_t>(slice) * p.max_rank + r0;
+    for (int t0 = begin + g * kRowItemTokens; t0 < end; t0 += groups * kRowItemTokens) {
+      const int nt = min(kRowItemTokens, end - t0);
+      int xrow[kRowItemTokens];
+#pragma unroll
+      for (int t = 0; t < kRowItemTokens; ++t) xrow[t] = p.token_rows[t < nt ? t0 + t : t0];  // extras: unused
+      float acc[kRowItemValues] = {};
+      // Two steps per round, all of their loads issued before the math.
+      for (int s0 = warp; s0 < steps_total; s0 += 2 * kItemWarps) {
+        uint4 av[2][kRowItemRows], xv[2][kRowItemTokens];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t k = static_cast<int64_t>(s0 + h * kItemWarps) * kStep + lane * 8;
+          const bool in = s0 + h * kItemWarps < steps_total && k < K;
+#pragma unroll
+          for (int r = 0; r < kRowItemRows; ++r) {
+            av[h][r] = in && r < rows ? Load8(a + static_cast<int64_t>(r) * K + k, a_vec) : make_uint4(0, 0, 0, 0);
+          }
+#pragma unroll
+          for (int t = 0; t < kRowItemTokens; ++t) {
+            xv[h][t] = in ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(xrow[t]) * K + k))
+                          : make_uint4(0, 0, 0, 0);
+          }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int r = 0; r < kRowItemRows; ++r) {
+#pragma unroll
+            for (int t = 0; t < kRowItemTokens; ++t) acc[r * kRowItemTokens + t] += Dot8(av[h][r], xv[h][t]);
+          }
+        }
+      }
+      const float sum = WarpSum16(acc, lane);
+      if ((lane & 1) == 0) red[warp][(lane >> 1) & (kRowItemValues - 1)] = sum;
+      __syncthreads();
+      if (threadIdx.x < kRowItemValues) {
+        const int r = threadIdx.x / kRowItemTokens;
+        const int t = threadIdx.x % kRowItemTokens;
+        if (r < rows && t < nt) {
+          float total = 0.0f;
+#pragma unroll
+          for (int wi = 0; wi < kItemWarps; ++wi) total += red[wi][threadIdx.x];
+          int row = xrow[0];  // xrow[t] with constant indices (no local memory)
+#pragma unroll
+          for (int tt = 1; tt < kRowItemTokens; ++tt) row = tt == t ? xrow[tt] : row;
+          y[static_cast<int64_t>(row) * y_row + col + r] = total;
+        }
+      }
+      __syncthreads();  // red is rewritten by the next pass
+    }
+  }
+}
+
 // One expand work item: columns n0 + threadIdx.x + c·kThreads (c < kExpandColumnsPerThread) of
 // one slice for the tokens first, first + step, ... < end. NV > 0: rank = 8·NV and B 16-byte
 // aligned, so a column's B row is NV vectors held in registers across tokens, CPT columns at a
@@ -416,6 +546,14 @@ LoraDeltaView LoraDeltaOf(const LoraParams& p) {
   return d;
 }
 
+int LoraShrinkRowBlocks(int num_sms, int num_tokens, int num_slices, int max_rank, int in_features) {
+  const int warps = in_features > 8192 ? 16 : 8;
+  const int64_t cap = static_cast<int64_t>(num_sms) * (16 / warps);
+  const int64_t most = static_cast<int64_t>(std::max(1, num_tokens)) * std::max(1, num_slices) *
+                       ((std::max(1, max_rank) + kRowItemRows - 1) / kRowItemRows);
+  return static_cast<int>(std::max<int64_t>(1, std::min(cap, most)));
+}
+
 int LoraShrinkMinSplits(int in_features) {
   const int steps = (in_features + kStep - 1) / kStep;
   return (steps + kMaxStepsPerSplit - 1) / kMaxStepsPerSplit;
@@ -427,6 +565,15 @@ cudaError_t PrepareLoraKernels() {
 
 cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaStream_t stream) {
   if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0) return cudaSuccess;
+  if (p.row_items) {
+    const int blocks = p.num_blocks;
+    if (p.in_features > 8192) {
+      LoraShrinkRowsKernel<16><<<blocks, 16 * kWarpSize, 0, stream>>>(p, static_cast<const bf16*>(x), y);
+    } else {
+      LoraShrinkRowsKernel<8><<<blocks, 8 * kWarpSize, 0, stream>>>(p, static_cast<const bf16*>(x), y);
+    }
+    return cudaGetLastError();
+  }
   LoraShrinkKernel<<<p.num_blocks, kThreads, kShrinkSmemBytes, stream>>>(p, static_cast<const bf16*>(x), y);
   return cudaGetLastError();
 }

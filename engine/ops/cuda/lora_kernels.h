@@ -54,6 +54,8 @@ struct LoraParams {
   int32_t* counters = nullptr;
   int32_t counter_capacity = 0;
   int32_t num_blocks = 0;  // persistent blocks per launch (a multiple of the SM count)
+  // Shrink only: the row-item kernel (no split-K scratch; LoraShrinkRowBlocks sizes its grid).
+  bool row_items = false;
   // Expand only: launch it as a programmatic dependent of the kernel before it (the shrink), so
   // it reads the segment arrays, slot table and B while that kernel still runs, and y and out
   // only after it has finished.
@@ -70,6 +72,10 @@ struct LoraParams {
 // Shortest K chunk a split may have is 256 elements, the longest 8·256 (a block stages 16 rows of
 // it in shared memory): a shrink needs ceil(ceil(K/256)/8) splits.
 int LoraShrinkMinSplits(int in_features);
+
+// Grid of the row-item shrink for a step of `num_tokens` tokens (the most items it can have at
+// max_rank, capped at what the GPU holds at once).
+int LoraShrinkRowBlocks(int num_sms, int num_tokens, int num_slices, int max_rank, int in_features);
 
 // Raises the shrink kernel's shared-memory limit (68 KB a block). Call once per device before
 // the first launch (CreateCudaOps does).
