@@ -142,6 +142,11 @@ class CudaOps final : public Ops {
     if (const char* kind = std::getenv("LORAPLEX_LORA_SHRINK"); kind != nullptr && std::string(kind) == "splitk") {
       ops->lora_row_shrink_ = false;
     }
+    if (const char* v = std::getenv("LORAPLEX_LORA_GEMM_FIRST"); v != nullptr) ops->lora_gemm_first_ = std::atoi(v) != 0;
+    if (const char* v = std::getenv("LORAPLEX_LORA_ROW_BLOCKS"); v != nullptr) ops->lora_row_blocks_cap_ = std::atoi(v);
+    if (const char* v = std::getenv("LORAPLEX_LORA_EXPAND_BLOCKS"); v != nullptr && std::atoi(v) > 0) {
+      ops->lora_expand_blocks_ = std::atoi(v);
+    }
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(PrepareLoraKernels(), "CUDA executor: configure LoRA kernels"));
     LORAPLEX_ASSIGN_OR_RETURN(ops->gemm_, CublasLtGemm::Create(ops->gemm_workspace_, kGemmWorkspaceBytes));
     return ops;
@@ -482,13 +487,14 @@ class CudaOps final : public Ops {
     }
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(fork_event_, stream_), "GemmWithLora: fork"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(side_stream_, fork_event_, 0), "GemmWithLora: fork"));
+    // The pending delta was flushed on entry, so this Gemm enqueues only the GEMM.
+    absl::Status gemm = lora_gemm_first_ ? Gemm(x, w, 0.0f, y) : absl::OkStatus();
     absl::Status side = LaunchShrink(shrink, x.data, lora_y.As<float>(), side_stream_, "GemmWithLora: shrink");
     if (side.ok() && delta) {
       side = CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, side_stream_), "GemmWithLora: expand");
     }
     const absl::Status recorded = CudaStatus(cudaEventRecord(join_event_, side_stream_), "GemmWithLora: join");
-    // The pending delta was flushed on entry, so this Gemm enqueues only the GEMM.
-    const absl::Status gemm = side.ok() ? Gemm(x, w, 0.0f, y) : absl::OkStatus();
+    if (!lora_gemm_first_ && side.ok()) gemm = Gemm(x, w, 0.0f, y);
     // Always join, so later work on the stream (and a capture's end) sees the side stream's.
     LORAPLEX_RETURN_IF_ERROR(recorded);
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmWithLora: join"));
@@ -594,6 +600,7 @@ class CudaOps final : public Ops {
       p.row_items = true;
       p.num_blocks = LoraShrinkRowBlocks(num_sms_, segments.num_tokens, module.num_slices, module.max_rank,
                                          module.in_features);
+      if (lora_row_blocks_cap_ > 0) p.num_blocks = std::min(p.num_blocks, lora_row_blocks_cap_);
     }
     return p;
   }
@@ -698,6 +705,8 @@ class CudaOps final : public Ops {
   int lora_expand_blocks_ = 0;
   bool lora_overlap_ = true;
   bool lora_row_shrink_ = true;  // LORAPLEX_LORA_SHRINK=splitk: the split-K kernel (A/B runs)
+  bool lora_gemm_first_ = false;
+  int lora_row_blocks_cap_ = 0;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
   size_t sample_scratch_bytes_ = 0;
