@@ -15,12 +15,12 @@
 // prints a table. Single-threaded; run it alone on the GPU.
 //
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
-//                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks-per-sm N]
+//                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
 //                   [--lora-overlap 0|1]
 //   --graphs 0: every step eager (no graph rows).
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
-//     persistent shrink blocks per SM, and whether the expand starts beside the shrink
-//     (programmatic dependent launch).
+//     a cap on the decode shrink's grid (blocks), and whether the expand starts beside the
+//     shrink (programmatic dependent launch).
 //   --cpu 1: the CPU executor and no roofline (a smoke test on a toy checkpoint without a GPU).
 //     A build without CUDA has only this mode.
 //   --profile 1: instead of the rows above, a per-op breakdown of eager decode steps (base and
@@ -91,18 +91,18 @@ class Bench {
  public:
   // `profile` 1 or 2: the model runs on ProfilingOps over the executor (2: GemmWithLora split).
   absl::Status Setup(const std::string& model_dir, const std::string& adapter_dir, int max_batch, bool cpu,
-                     int profile, int lora_shrink_blocks_per_sm, int lora_overlap) {
+                     int profile, int lora_shrink_blocks, int lora_overlap) {
     if (cpu) {
       LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::CreateOps(Device::kCpu));
     } else {
 #if LORAPLEX_STEP_BENCH_CUDA
       LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::cuda::CreateCudaOps());
-      if (lora_shrink_blocks_per_sm > 0 || lora_overlap >= 0) {
+      if (lora_shrink_blocks > 0 || lora_overlap >= 0) {
         LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraTuningForTest(
-            ops_.get(), lora_shrink_blocks_per_sm > 0 ? lora_shrink_blocks_per_sm : 3, lora_overlap != 0, true));
+            ops_.get(), std::max(0, lora_shrink_blocks), lora_overlap != 0, true));
       }
 #else
-      (void)lora_shrink_blocks_per_sm;
+      (void)lora_shrink_blocks;
       (void)lora_overlap;
       return absl::UnimplementedError("step_bench was built without CUDA: run it with --cpu 1");
 #endif
@@ -421,11 +421,11 @@ absl::Status RunProfile(Bench& bench, const std::vector<int>& batches, int steps
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks-per-sm N] [--lora-overlap 0|1]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1]");
   }
   int steps = 20;
   // LoRA kernel tuning (CUDA; -1: the executor's defaults): SetLoraTuningForTest.
-  int lora_shrink_blocks_per_sm = -1;
+  int lora_shrink_blocks = -1;
   int lora_overlap = -1;
   int cpu = 0;
   int graphs = 1;
@@ -443,9 +443,9 @@ absl::Status Run(int argc, char** argv) {
       if (!absl::SimpleAtoi(argv[i + 1], &profile) || profile < 0 || profile > 2) {
         return absl::InvalidArgumentError(absl::StrCat("--profile ", argv[i + 1], " (expected 0, 1 or 2)"));
       }
-    } else if (flag == "--lora-shrink-blocks-per-sm") {
-      if (!absl::SimpleAtoi(argv[i + 1], &lora_shrink_blocks_per_sm) || lora_shrink_blocks_per_sm < 1) {
-        return absl::InvalidArgumentError(absl::StrCat("--lora-shrink-blocks-per-sm ", argv[i + 1]));
+    } else if (flag == "--lora-shrink-blocks") {
+      if (!absl::SimpleAtoi(argv[i + 1], &lora_shrink_blocks) || lora_shrink_blocks < 1) {
+        return absl::InvalidArgumentError(absl::StrCat("--lora-shrink-blocks ", argv[i + 1]));
       }
     } else if (flag == "--lora-overlap") {
       if (!absl::SimpleAtoi(argv[i + 1], &lora_overlap) || (lora_overlap != 0 && lora_overlap != 1)) {
@@ -465,7 +465,7 @@ absl::Status Run(int argc, char** argv) {
   Bench bench;
   LORAPLEX_RETURN_IF_ERROR(
       bench.Setup(argv[1], argv[2], *std::max_element(batches.begin(), batches.end()), cpu != 0, profile,
-                  lora_shrink_blocks_per_sm, lora_overlap));
+                  lora_shrink_blocks, lora_overlap));
   if (profile != 0) return RunProfile(bench, batches, steps, profile, argv[3]);
 
   std::vector<Result> results;

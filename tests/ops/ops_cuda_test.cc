@@ -748,7 +748,7 @@ std::vector<int> RandomTokenSlots(int tokens, int num_slots, double base_fractio
 // capture, several replays); the third has only base-model tokens (no segment at all).
 absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens, bool fork, bool graph, int steps,
                                bool in_place = false) {
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 3, true, fork));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, fork));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, in_place ? 0 : SIZE_MAX));
   const int T = tokens, W = w.width(), yw = w.num_slices * w.max_rank;
   // Base weights of size 1/sqrt(in): base outputs O(1), as large as the LoRA delta, so an error in
@@ -803,7 +803,7 @@ absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens
             got, ref, kTolBf16, out_mask);
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, SIZE_MAX));
-  return cuda::SetLoraTuningForTest(g_gpu, 3, true, true);
+  return cuda::SetLoraTuningForTest(g_gpu, 0, true, true);
 }
 
 // A pending GemmWithLora delta folded into the op that reads the GEMM output next (AddRmsNorm,
@@ -971,13 +971,17 @@ absl::Status LoraTests() {
   LORAPLEX_ASSIGN_OR_RETURN(st3.d_out, g_gpu->Allocate(static_cast<size_t>(T3) * odd->width() * 2));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks long segments", st3, RandomTokenSlots(T3, 4, 0.05), 1000, nullptr));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks short segments", st3, RandomTokenSlots(T3, 4, 0.05), 2, nullptr));
-  // One persistent block per SM: every block walks many items.
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 1, true, true));
-  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks 1 block/SM", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
+  // A shrink grid of 1 and of 7 blocks: blocks walk many items (and a 7-block grid splits them
+  // unevenly).
+  for (int blocks : {1, 7}) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, blocks, true, true));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA odd ranks ", blocks, " shrink blocks"), st3,
+                                           RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
+  }
   // Expand launched as a plain kernel, after the shrink finished.
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 3, false, true));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, false, true));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks no overlap", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 3, true, true));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
 
   // CUDA graph: capture shrink+expand once, then replay with segment tables, counts and inputs
   // changed in device memory between replays (more segments than at capture, fewer, none).
@@ -1264,7 +1268,7 @@ absl::Status TimeLora() {
   LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, {"qkv prefill 4 x 512 tokens r16 split-K", 4096, {4096, 1024, 1024},
                                                prefill, std::vector<int>(4, 16)}));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 256));
-  return cuda::SetLoraTuningForTest(g_gpu, 3, true, true);
+  return cuda::SetLoraTuningForTest(g_gpu, 0, true, true);
 }
 
 int Main() {

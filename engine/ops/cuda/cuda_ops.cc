@@ -44,25 +44,19 @@ static_assert(offsetof(LoraSliceWeights, scale) == offsetof(LoraSliceWeightsDev,
 
 constexpr size_t kGemmWorkspaceBytes = 32u << 20;      // cuBLASLt's recommendation on Hopper
 constexpr size_t kAttentionScratchBytes = 32u << 20;   // split-context partials
-// LoRA shrink split-K partials: [splits, tokens, slices·max_rank] F32. 64 MiB holds the fewest
-// splits of a 14336-wide input (14) for 8192 tokens at max_rank 128 on one slice.
+// The tensor-core LoRA shrink's split-K partials: [splits, tokens, slices·max_rank] F32.
 constexpr size_t kLoraPartialBytes = 64u << 20;
-constexpr int32_t kLoraCounters = 1 << 20;  // one per (segment, slice, token split)
 // GemmWithLora's expand-to-delta buffer, [tokens, out width] F32, and its (row, slice) marks: a
 // decode or small prefill step fits (gate_up: 585 tokens); larger steps use the in-place expand.
 constexpr size_t kLoraDeltaBytes = 64u << 20;
 constexpr size_t kLoraDeltaMaskBytes = 1u << 20;
-// Persistent LoRA blocks per SM, all resident at once: the shrink (74 registers, 68 KB shared
-// memory a block) fits 3, the expand (124 registers) 2.
-constexpr int kLoraShrinkBlocksPerSm = 3;
+// Persistent expand blocks per SM, all resident at once (124 registers a thread).
 constexpr int kLoraExpandBlocksPerSm = 2;
 constexpr int kLoraTensorCoreBlocksPerSm = 4;  // 128 threads, ~37 KB of shared memory each
 // Steps of this many tokens or more (prefill chunks) run the tensor-core LoRA kernels, which read
 // each adapter's weights once per 64 tokens of a segment; smaller ones (decode) the
-// bandwidth-bound split-K kernels.
+// bandwidth-bound kernels of lora_kernels.cu.
 constexpr int kLoraTensorCoreMinTokens = 256;
-// Shrink blocks a step may use per token (decode at batch 1 needs far fewer than the full grid).
-constexpr int kLoraShrinkBlocksPerToken = 64;
 
 absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
   if (err == cudaSuccess) return absl::OkStatus();
@@ -123,11 +117,6 @@ class CudaOps final : public Ops {
                                         "CUDA executor: allocate attention scratch"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->lora_partials_, kLoraPartialBytes),
                                         "CUDA executor: allocate LoRA partials"));
-    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->lora_counters_, kLoraCounters * sizeof(int32_t)),
-                                        "CUDA executor: allocate LoRA counters"));
-    // The shrink kernels leave every counter at zero when they finish; they start from zero here.
-    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMemset(ops->lora_counters_, 0, kLoraCounters * sizeof(int32_t)),
-                                        "CUDA executor: zero LoRA counters"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->lora_delta_, kLoraDeltaBytes),
                                         "CUDA executor: allocate LoRA delta"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(reinterpret_cast<void**>(&ops->lora_delta_mask_), kLoraDeltaMaskBytes),
@@ -137,17 +126,7 @@ class CudaOps final : public Ops {
     ops->sample_scratch_bytes_ = SampleScratchBytes(4096);
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->sample_scratch_, ops->sample_scratch_bytes_),
                                         "CUDA executor: allocate sampling scratch"));
-    ops->lora_shrink_blocks_ = ops->num_sms_ * kLoraShrinkBlocksPerSm;
     ops->lora_expand_blocks_ = ops->num_sms_ * kLoraExpandBlocksPerSm;
-    if (const char* kind = std::getenv("LORAPLEX_LORA_SHRINK"); kind != nullptr && std::string(kind) == "splitk") {
-      ops->lora_row_shrink_ = false;
-    }
-    if (const char* v = std::getenv("LORAPLEX_LORA_GEMM_FIRST"); v != nullptr) ops->lora_gemm_first_ = std::atoi(v) != 0;
-    if (const char* v = std::getenv("LORAPLEX_LORA_ROW_BLOCKS"); v != nullptr) ops->lora_row_blocks_cap_ = std::atoi(v);
-    if (const char* v = std::getenv("LORAPLEX_LORA_EXPAND_BLOCKS"); v != nullptr && std::atoi(v) > 0) {
-      ops->lora_expand_blocks_ = std::atoi(v);
-    }
-    LORAPLEX_RETURN_IF_ERROR(CudaStatus(PrepareLoraKernels(), "CUDA executor: configure LoRA kernels"));
     LORAPLEX_ASSIGN_OR_RETURN(ops->gemm_, CublasLtGemm::Create(ops->gemm_workspace_, kGemmWorkspaceBytes));
     return ops;
   }
@@ -158,7 +137,6 @@ class CudaOps final : public Ops {
     if (fork_event_ != nullptr) cudaEventDestroy(fork_event_);
     if (join_event_ != nullptr) cudaEventDestroy(join_event_);
     gemm_.reset();
-    if (lora_counters_ != nullptr) cudaFree(lora_counters_);
     if (lora_partials_ != nullptr) cudaFree(lora_partials_);
     if (sample_scratch_ != nullptr) cudaFree(sample_scratch_);
     if (lora_delta_ != nullptr) cudaFree(lora_delta_);
@@ -173,8 +151,8 @@ class CudaOps final : public Ops {
   void set_lora_tensor_core_min_tokens(int tokens) { lora_tc_min_tokens_ = tokens; }
   void set_lora_delta_limit(size_t bytes) { lora_delta_limit_ = std::min(bytes, kLoraDeltaBytes); }
   void set_lora_fold(bool fold) { lora_fold_ = fold; }
-  void set_lora_tuning(int shrink_blocks_per_sm, bool overlap, bool fork) {
-    lora_shrink_blocks_ = num_sms_ * shrink_blocks_per_sm;
+  void set_lora_tuning(int shrink_blocks, bool overlap, bool fork) {
+    lora_shrink_blocks_ = shrink_blocks;
     lora_overlap_ = overlap;
     lora_fork_ = fork;
   }
@@ -487,14 +465,15 @@ class CudaOps final : public Ops {
     }
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(fork_event_, stream_), "GemmWithLora: fork"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(side_stream_, fork_event_, 0), "GemmWithLora: fork"));
-    // The pending delta was flushed on entry, so this Gemm enqueues only the GEMM.
-    absl::Status gemm = lora_gemm_first_ ? Gemm(x, w, 0.0f, y) : absl::OkStatus();
+    // The side chain is enqueued first: the GEMM enqueued first made steps slower (its CTAs take
+    // every SM they can; the LoRA blocks then wait or delay its tail). bench/runs/2026-11-29-rows.
     absl::Status side = LaunchShrink(shrink, x.data, lora_y.As<float>(), side_stream_, "GemmWithLora: shrink");
     if (side.ok() && delta) {
       side = CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, side_stream_), "GemmWithLora: expand");
     }
     const absl::Status recorded = CudaStatus(cudaEventRecord(join_event_, side_stream_), "GemmWithLora: join");
-    if (!lora_gemm_first_ && side.ok()) gemm = Gemm(x, w, 0.0f, y);
+    // The pending delta was flushed on entry, so this Gemm enqueues only the GEMM.
+    const absl::Status gemm = side.ok() ? Gemm(x, w, 0.0f, y) : absl::OkStatus();
     // Always join, so later work on the stream (and a capture's end) sees the side stream's.
     LORAPLEX_RETURN_IF_ERROR(recorded);
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmWithLora: join"));
@@ -591,18 +570,11 @@ class CudaOps final : public Ops {
       return Invalid(kOp, absl::StrCat("in_features ", module.in_features,
                                        " must be a multiple of 8 and x 16-byte aligned"));
     }
-    // A few tokens cannot use the full grid; its idle blocks would only hold SMs the GEMM beside
-    // the shrink needs.
-    const int64_t want = static_cast<int64_t>(kLoraShrinkBlocksPerToken) * std::max(1, segments.num_tokens);
-    LORAPLEX_ASSIGN_OR_RETURN(LoraParams p, MakeLoraParams(kOp, segments, module,
-                                                           static_cast<int>(std::min<int64_t>(lora_shrink_blocks_, want))));
-    if (lora_row_shrink_ && !UseTensorCores(p)) {
-      p.row_items = true;
-      p.num_blocks = LoraShrinkRowBlocks(num_sms_, segments.num_tokens, module.num_slices, module.max_rank,
-                                         module.in_features);
-      if (lora_row_blocks_cap_ > 0) p.num_blocks = std::min(p.num_blocks, lora_row_blocks_cap_);
-    }
-    return p;
+    // No more blocks than the step can have items (a few tokens cannot use a large grid; its
+    // idle blocks would only hold SMs the GEMM beside the shrink needs).
+    int blocks = LoraShrinkBlocks(num_sms_, segments.num_tokens, module.num_slices, module.max_rank);
+    if (lora_shrink_blocks_ > 0) blocks = std::min(blocks, lora_shrink_blocks_);
+    return MakeLoraParams(segments, module, blocks);
   }
 
   absl::StatusOr<LoraParams> PrepareLoraExpand(const TensorView& y, const LoraSegments& segments,
@@ -620,7 +592,7 @@ class CudaOps final : public Ops {
       tiles += (module.slice_offsets[s + 1] - module.slice_offsets[s] + tw - 1) / tw;
     }
     const int64_t want = std::max<int64_t>(1, tiles) * std::max(1, segments.num_tokens);
-    return MakeLoraParams(kOp, segments, module, static_cast<int>(std::min<int64_t>(lora_expand_blocks_, want)));
+    return MakeLoraParams(segments, module, static_cast<int>(std::min<int64_t>(lora_expand_blocks_, want)));
   }
 
   absl::Status CheckLora(absl::string_view op, const LoraSegments& segments, const LoraModule& module,
@@ -655,10 +627,8 @@ class CudaOps final : public Ops {
     return CheckDim(op, "y", y, 1, static_cast<int64_t>(module.num_slices) * module.max_rank);
   }
 
-  // Kernel parameters, with the split-K scratch: INVALID_ARGUMENT when the step has more segments
-  // or tokens than the scratch was sized for.
-  absl::StatusOr<LoraParams> MakeLoraParams(absl::string_view op, const LoraSegments& segments,
-                                            const LoraModule& module, int num_blocks) const {
+  // Kernel parameters of a checked call (CheckLora).
+  LoraParams MakeLoraParams(const LoraSegments& segments, const LoraModule& module, int num_blocks) const {
     LoraParams p;
     p.table = reinterpret_cast<const LoraSliceWeightsDev*>(module.table);
     p.num_slots = module.num_slots;
@@ -674,24 +644,8 @@ class CudaOps final : public Ops {
     p.max_segments = segments.max_segments;
     p.num_tokens = segments.num_tokens;
     p.partials = static_cast<float*>(lora_partials_);
-    p.counters = static_cast<int32_t*>(lora_counters_);
-    p.counter_capacity = kLoraCounters;
     p.num_blocks = num_blocks;
     p.overlap_shrink = lora_overlap_;
-    if (UseTensorCores(p)) return p;  // no split-K counters; their shrink sizes its own K split
-    if (static_cast<int64_t>(segments.max_segments) * module.num_slices > kLoraCounters) {
-      return Invalid(op, absl::StrCat("segments.max_segments ", segments.max_segments, " x ", module.num_slices,
-                                      " slices exceeds the ", kLoraCounters, " split-K counters"));
-    }
-    const int64_t split_floats =
-        std::max<int64_t>(1, static_cast<int64_t>(segments.num_tokens) * module.num_slices * module.max_rank);
-    const int64_t max_splits = static_cast<int64_t>(kLoraPartialBytes / sizeof(float)) / split_floats;
-    if (max_splits < LoraShrinkMinSplits(module.in_features)) {
-      return Invalid(op, absl::StrCat(segments.num_tokens, " tokens x ", module.num_slices * module.max_rank,
-                                      " LoRA columns x ", LoraShrinkMinSplits(module.in_features),
-                                      " K chunks exceed the ", kLoraPartialBytes >> 20, " MiB split-K scratch"));
-    }
-    p.max_splits = static_cast<int32_t>(std::min<int64_t>(max_splits, 1 << 20));
     return p;
   }
 
@@ -700,13 +654,9 @@ class CudaOps final : public Ops {
   void* gemm_workspace_ = nullptr;
   void* attention_scratch_ = nullptr;
   void* lora_partials_ = nullptr;
-  void* lora_counters_ = nullptr;
-  int lora_shrink_blocks_ = 0;
+  int lora_shrink_blocks_ = 0;  // a cap on the shrink's grid (tests); 0: LoraShrinkBlocks alone
   int lora_expand_blocks_ = 0;
   bool lora_overlap_ = true;
-  bool lora_row_shrink_ = true;  // LORAPLEX_LORA_SHRINK=splitk: the split-K kernel (A/B runs)
-  bool lora_gemm_first_ = false;
-  int lora_row_blocks_cap_ = 0;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
   size_t sample_scratch_bytes_ = 0;
@@ -831,13 +781,12 @@ absl::StatusOr<std::vector<double>> TimeOnStream(Ops* ops, int warmup, int repet
   return result;
 }
 
-absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks_per_sm, bool overlap_shrink, bool fork_shrink) {
+absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks, bool overlap_shrink, bool fork_shrink) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraTuningForTest"));
-  if (shrink_blocks_per_sm < 1 || shrink_blocks_per_sm > 32) {
-    return Invalid("SetLoraTuningForTest",
-                   absl::StrCat("shrink_blocks_per_sm ", shrink_blocks_per_sm, " not in 1..32"));
+  if (shrink_blocks < 0) {
+    return Invalid("SetLoraTuningForTest", absl::StrCat("shrink_blocks ", shrink_blocks, " must be >= 0"));
   }
-  cuda->set_lora_tuning(shrink_blocks_per_sm, overlap_shrink, fork_shrink);
+  cuda->set_lora_tuning(shrink_blocks, overlap_shrink, fork_shrink);
   return absl::OkStatus();
 }
 

@@ -51,13 +51,13 @@ absl::StatusOr<std::vector<double>> TimeOnStream(Ops* ops, int warmup, int repet
 
 // Attention splits a token's context over several blocks when few (token, kv head) pairs cannot
 // fill the GPU (decode). Tests force either path on any shape; production keeps kAuto.
-// LoraShrink runs a fixed grid of `shrink_blocks_per_sm` persistent blocks per SM (default 3; the
-// expand always 2), and
+// The decode LoraShrink's grid is capped at `shrink_blocks` blocks (0: no cap beyond its own,
+// 3/4 of the SMs; 1 makes one block walk every work item),
 // LoraExpand overlaps the LoraShrink launched just before it (programmatic dependent launch:
 // it loads B while the shrink runs; default on), and GemmWithLora runs the shrink on a side
 // stream concurrently with the GEMM (`fork_shrink`, default on; off: the three ops in order).
-// Tests and benchmarks sweep them. INVALID_ARGUMENT for shrink_blocks_per_sm outside 1..32.
-absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks_per_sm, bool overlap_shrink, bool fork_shrink);
+// Tests and benchmarks sweep them. INVALID_ARGUMENT for a negative shrink_blocks.
+absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks, bool overlap_shrink, bool fork_shrink);
 // GemmWithLora (forked) runs the expand beside the GEMM into an F32 delta buffer of 64 MiB when
 // the call's rows x out width x 4 bytes fit, else in place after the GEMM. Tests lower the limit
 // (0: always in place) to cover both paths; values above 64 MiB act as 64 MiB.

@@ -1,22 +1,25 @@
-// LoRA shrink and expand over adapter segments (tokens sorted by adapter slot).
+// LoRA shrink and expand over adapter segments (tokens sorted by adapter slot), for decode and
+// small prefill steps (long steps use the tensor-core kernels of lora_prefill.cu).
 //
-// Both kernels are bandwidth kernels in decode: what they must move is each active adapter's A
-// and B once per step. So each work item streams a contiguous piece of one adapter's weights with
-// 16-byte loads (cp.async into shared memory, or into registers), many in flight, and a fixed grid
-// of persistent blocks (a few per SM) walks all items, so no block waits on an empty one and a
-// captured graph needs no grid resize. Split factors come from the live segment count on the device.
+// Both kernels are bandwidth kernels: what they must move is each active adapter's A and B once
+// per step, with 16-byte loads into registers, many in flight. Both read the live segment count,
+// slots and ranks on the device, so a captured graph replays any batch without a grid resize.
 //
-// Shrink: item = (segment, slice, token split, 16-row stage, K chunk of up to 2048). The block
-// copies its rows of A's chunk into shared memory (cp.async, up to 64 KB in flight), then each
-// warp takes 2 rows, streams the item's tokens past them and warp-reduces each dot product.
-// K chunks write fp32 partials; the last block to finish a (segment, slice, token split) sums them
-// in chunk order into y (no atomics on y, no zeroing pass, no grid-wide barrier).
+// Shrink: item = (segment, slice, 4 rows of A, group of up to 4 of the segment's tokens). A
+// block covers the item's whole K range: its warps take interleaved 256-element steps, each lane
+// loads the rows' and tokens' vectors (two steps in flight) and accumulates 16 sums, which the
+// block reduces in a fixed order (a multi-value warp butterfly, then shared memory) straight into
+// y: no split-K scratch, no counters, no cross-block hand-off. Rows past a slot's rank cost only
+// the metadata reads. The grid is capped at 3/4 of the SMs: the shrink runs beside the GEMM and
+// each of its blocks holds an SM's registers that a GEMM CTA would need (a larger grid made whole
+// steps slower, a smaller one the shrink too long; bench/runs/2026-11-29-rows).
 // Expand: item = (segment, output tile of one slice, token split); a tile is 1024 columns, or
 // 1024·16/r for a step whose rank bound r > 16 when full-width items would leave blocks idle (an
 // item then moves the same bytes of B whatever the rank). A thread keeps the B rows (rank bf16
-// each, contiguous) of up to 4 of its columns in registers and applies them to each token; it adds scale·delta into the output in place, or (GemmWithLora) writes it into
-// an F32 delta buffer and marks the (row, slice) pairs it wrote, so it can run beside the GEMM;
-// the kernel that reads the GEMM output next folds the delta in (lora_delta.h).
+// each, contiguous) of up to 4 of its columns in registers and applies them to the item's tokens
+// (their y staged 8 tokens at a time); it adds scale·delta into the output in place, or (GemmWithLora) writes it into an F32 delta buffer
+// and marks the (row, slice) pairs it wrote, so it can run beside the GEMM; the kernel that reads
+// the GEMM output next folds the delta in (lora_delta.h).
 // Work is proportional to each slot's real rank; rank-0 slices and empty segments cost nothing.
 #include "engine/ops/cuda/lora_kernels.h"
 
@@ -27,20 +30,13 @@
 namespace loraplex::ops::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kThreads = 256;              // expand block
 constexpr int kStep = kWarpSize * 8;       // K elements a warp covers with one 16-byte vector a lane
-constexpr int kMaxStepsPerSplit = 8;       // K chunk of a split: up to 8 warp steps (2048 elements)
-constexpr int kStageRows = 16;             // A rows a block stages in shared memory at once
-constexpr int kRowsPerWarp = kStageRows / (kThreads / kWarpSize);
-constexpr int kStageRowVecs = kMaxStepsPerSplit * kWarpSize;  // 16-byte vectors of a staged row
-// A stage (16 rows x 2048 bf16 = 64 KB) plus one token's x chunk (4 KB): three blocks fit an SM.
-constexpr int kShrinkSmemBytes = (kStageRows + 1) * kStageRowVecs * 16;
-constexpr int kTokensPerItem = 2;          // tokens an item handles one after another (latency-bound)
+constexpr int kTokensPerItem = 2;          // tokens an expand item handles one after another
 constexpr int kMaxTokenSplits = 64;
 constexpr int kExpandColumnsPerThread = kLoraExpandTile / kThreads;
 constexpr int kExpandBlocksPerSm = 2;  // register cap 128: the expand holds B vectors in registers
-constexpr int kShrinkBlocksPerSm = 3;  // register cap 85: A is staged in shared memory
+constexpr int kExpandTokens = 8;       // tokens of an item whose y the expand stages at once
 
 __device__ __forceinline__ uint4 Load8(const bf16* p, bool aligned) {
   if (aligned) return __ldg(reinterpret_cast<const uint4*>(p));
@@ -115,158 +111,8 @@ __device__ __forceinline__ void LiveSegments(const LoraParams& p, int max_token_
   *token_splits = max(1, min(mean / kTokensPerItem, max_token_splits));
 }
 
-__global__ void __launch_bounds__(kThreads, kShrinkBlocksPerSm)
-    LoraShrinkKernel(LoraParams p, const bf16* __restrict__ x, float* __restrict__ y) {
-  extern __shared__ uint4 shrink_smem[];
-  uint4* a_s = shrink_smem;                                // [kStageRows][kStageRowVecs]
-  uint4* x_s = shrink_smem + kStageRows * kStageRowVecs;  // [kStageRowVecs]
-  __shared__ int last_block;
-  AllowDependentLaunch();  // the expand may take SMs this launch leaves idle; it waits for y itself
-  const int S = p.num_slices;
-  // GemmWithLora's expand marks the (row, slice) pairs it writes into the delta buffer: start
-  // from none (the expand reads the marks only after this kernel has completed).
-  if (p.delta_mask != nullptr) {
-    const int64_t n = static_cast<int64_t>(p.delta_rows) * S;
-    for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < n;
-         e += static_cast<int64_t>(gridDim.x) * kThreads) {
-      p.delta_mask[e] = 0;
-    }
-  }
-  int nseg, token_splits;
-  // Counters are per (segment, slice, token split): the split count must fit the counter array.
-  LiveSegments(p, max(1, min(kMaxTokenSplits, p.counter_capacity / max(1, p.max_segments * S))), &nseg,
-               &token_splits);
-  const int live_rank = LiveMaxRank(p);
-  if (nseg == 0 || live_rank == 0) return;
-  const int K = p.in_features;
-  const int steps_total = (K + kStep - 1) / kStep;
-  const int min_splits = (steps_total + kMaxStepsPerSplit - 1) / kMaxStepsPerSplit;
-  const int max_splits = max(min_splits, min(steps_total, p.max_splits));
-  // Row stages are work items of their own, so a rank-64 adapter is spread over 4x the blocks of a
-  // rank-16 one instead of making its blocks 4x longer (stages past a slot's rank exit at once).
-  // Stages come from max_rank, not the step's bound: with fewer stages the splits grow, and the
-  // shrink then keeps more SMs busy beside the GEMM, which slowed uniform rank-16 steps at batch 32
-  // (1.17x -> 1.26x the base step; bench/runs/2026-11-29-bound).
-  const int stages = (p.max_rank + kStageRows - 1) / kStageRows;
-  const int base = nseg * S * token_splits * stages;
-  // As many items as persistent blocks where the K chunks allow (one round, no tail), never fewer
-  // splits than a 2048-element chunk needs.
-  int splits = min(max(p.num_blocks / base, min_splits), max_splits);
-  const int steps_per_split = (steps_total + splits - 1) / splits;
-  splits = (steps_total + steps_per_split - 1) / steps_per_split;
-  const int64_t items = static_cast<int64_t>(base) * splits;
-
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
-  const int64_t partial_stride = static_cast<int64_t>(p.num_tokens) * y_row;  // one K chunk's partials
-
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    int64_t rest = item;
-    const int ks = static_cast<int>(rest % splits);
-    rest /= splits;
-    const int stage = static_cast<int>(rest % stages);
-    rest /= stages;
-    const int ts = static_cast<int>(rest % token_splits);
-    rest /= token_splits;
-    const int slice = static_cast<int>(rest % S);
-    const int seg = static_cast<int>(rest / S);
-    int begin, end;
-    LoraSliceWeightsDev w;
-    if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;
-    const int first = begin + ts;
-    const int r0 = stage * kStageRows;
-    if (first >= end || r0 >= w.rank) continue;
-    const bf16* a = static_cast<const bf16*>(w.a);
-    const bool a_vec = IsAligned16(a);
-    const int step0 = ks * steps_per_split;
-    const int nsteps = min(steps_per_split, steps_total - step0);
-    const int col = slice * p.max_rank;
-    float* dst = splits > 1 ? p.partials + ks * partial_stride : y;
-
-    // The stage's rows of A's chunk go to shared memory through cp.async (16 bytes a copy, all in
-    // flight at once, no registers held), with the first token's x beside them.
-    const int chunk_vecs = nsteps * kWarpSize;  // 16-byte vectors of one row's chunk
-    const int64_t k0 = static_cast<int64_t>(step0) * kStep;
-    const bf16* x_first = x + static_cast<int64_t>(p.token_rows[first]) * K;
-    {
-      const int rows = min(kStageRows, w.rank - r0);
-      __syncthreads();  // the previous item no longer reads the buffers
-      for (int e = threadIdx.x; e < rows * chunk_vecs; e += kThreads) {
-        const int rr = e / chunk_vecs;
-        const int v = e - rr * chunk_vecs;
-        if (k0 + v * 8 >= K) continue;
-        const bf16* src = a + static_cast<int64_t>(r0 + rr) * K + k0 + v * 8;
-        if (a_vec) {
-          CpAsync16(&a_s[rr * kStageRowVecs + v], src);
-        } else {
-          a_s[rr * kStageRowVecs + v] = Load8(src, false);
-        }
-      }
-      for (int v = threadIdx.x; v < chunk_vecs; v += kThreads) {
-        if (k0 + v * 8 < K) CpAsync16(&x_s[v], x_first + k0 + v * 8);
-      }
-      CpAsyncWaitAll();
-      __syncthreads();
-      for (int idx = first; idx < end; idx += token_splits) {
-        const int64_t row = p.token_rows[idx];
-        float s[kRowsPerWarp] = {};
-#pragma unroll
-        for (int i = 0; i < kMaxStepsPerSplit; ++i) {
-          const int v = lane + i * kWarpSize;
-          if (i < nsteps && k0 + v * 8 < K) {
-            const uint4 xv = idx == first ? x_s[v] : __ldg(reinterpret_cast<const uint4*>(x + row * K + k0) + v);
-#pragma unroll
-            for (int r = 0; r < kRowsPerWarp; ++r) {
-              const int rr = warp + r * kWarps;
-              if (rr < rows) s[r] += Dot8(a_s[rr * kStageRowVecs + v], xv);
-            }
-          }
-        }
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) {
-          const int rr = warp + r * kWarps;
-          if (rr >= rows) break;  // the same in every lane
-          const float sum = WarpSum(s[r]);
-          if (lane == 0) dst[row * y_row + col + r0 + rr] = sum;
-        }
-      }
-    }
-    if (splits == 1) continue;
-
-    // Publish this chunk's partials; the last chunk of the group to arrive reduces them.
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int* counter = p.counters + (static_cast<int64_t>(seg) * S + slice) * token_splits + ts;
-      const int arrived = atomicAdd(counter, 1) + 1;
-      last_block = arrived == splits * ((w.rank + kStageRows - 1) / kStageRows);  // every chunk of every stage
-      if (last_block) atomicExch(counter, 0);  // ready for the next launch
-    }
-    __syncthreads();
-    if (last_block) {
-      __threadfence();
-      const int count = (end - first + token_splits - 1) / token_splits;
-      for (int e = threadIdx.x; e < count * w.rank; e += kThreads) {
-        const int i = e / w.rank;
-        const int j = e - i * w.rank;
-        const int64_t at = static_cast<int64_t>(p.token_rows[first + i * token_splits]) * y_row + col + j;
-        float s = 0.0f;
-        for (int c = 0; c < splits; ++c) s += __ldcg(p.partials + c * partial_stride + at);
-        y[at] = s;
-      }
-    }
-    __syncthreads();  // last_block is rewritten by the next item
-  }
-}
-
-// Row-item shrink (decode): item = (segment, slice, group of kRowItemRows rows of A, token group).
-// A block covers the item's whole K range: its warps take interleaved 256-element steps, each
-// lane loads the rows' and tokens' 16-byte vectors straight into registers (two steps in flight),
-// and the block reduces the per-lane sums (a multi-value warp butterfly, then shared memory) in a
-// fixed order into y. No split-K scratch, no counters, no cross-block hand-off: the latency of an
-// item is one round of loads and one block reduction. Rows past a slot's rank and segments past
-// the live count cost nothing but the metadata reads.
+// The shrink (see the top of the file). kItemWarps: 8, or 16 for inputs wider than
+// kLoraShrinkWideInput (down_proj), so each warp still has few steps.
 constexpr int kRowItemRows = 4;
 constexpr int kRowItemTokens = 4;
 constexpr int kRowItemValues = kRowItemRows * kRowItemTokens;  // sums a lane carries (16)
@@ -299,7 +145,9 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   __shared__ float red[kItemWarps][kRowItemValues];
   AllowDependentLaunch();  // the expand may take SMs this launch leaves idle; it waits for y itself
   const int S = p.num_slices;
-  if (p.delta_mask != nullptr) {  // see LoraShrinkKernel
+  // GemmWithLora's expand marks the (row, slice) pairs it writes into the delta buffer: start
+  // from none (the expand reads the marks only after this kernel has completed).
+  if (p.delta_mask != nullptr) {
     const int64_t n = static_cast<int64_t>(p.delta_rows) * S;
     for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
          e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -401,7 +249,7 @@ template <int NV>
 __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceWeightsDev& w, int slice, int width,
                                            int n0, int tw, int first, int end, int step, int64_t y_col,
                                            int64_t out_col, const float* __restrict__ y, bf16* __restrict__ out,
-                                           float* y_s) {
+                                           float* y_s, int* rows_s) {
   constexpr int kCpt = NV == 0 ? 1 : (8 / NV < kExpandColumnsPerThread ? 8 / NV : kExpandColumnsPerThread);
   constexpr int kHeld = NV == 0 ? 1 : NV;
   const int r = w.rank;
@@ -423,32 +271,46 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
       }
     }
     WaitForPrecedingKernel();  // y (and out, the delta marks) are the preceding kernels' outputs
-    for (int idx = first; idx < end; idx += step) {
-      const int64_t row = p.token_rows[idx];
-      if (p.delta != nullptr && row >= p.delta_rows) continue;  // outside the buffer (same in every thread)
-      __syncthreads();  // the previous token's y_s is no longer read
-      if (threadIdx.x < r) y_s[threadIdx.x] = y[row * y_row + y_col + threadIdx.x];
-      if (p.delta_mask != nullptr && threadIdx.x == 0) p.delta_mask[row * p.num_slices + slice] = 1;
-      __syncthreads();
-#pragma unroll
-      for (int c = 0; c < kCpt; ++c) {
-        if (!valid[c]) continue;
-        const int n = n0 + threadIdx.x + (c0 + c) * kThreads;
-        float s = 0.0f;
-        if constexpr (NV > 0) {
-#pragma unroll
-          for (int v = 0; v < NV; ++v) s += Dot8(bv[c][v], y_s + 8 * v);
-        } else {
-          const bf16* b_row = b + static_cast<int64_t>(n) * r;
-          for (int j = 0; j < r; ++j) s += ToFloat(b_row[j]) * y_s[j];
+    // y of up to kExpandTokens tokens staged at once (one round of loads for all of them).
+    for (int idx0 = first; idx0 < end; idx0 += step * kExpandTokens) {
+      __syncthreads();  // the previous chunk's y_s and rows_s are no longer read
+      for (int e = threadIdx.x; e < kExpandTokens * r; e += kThreads) {
+        const int i = e / r;
+        const int j = e - i * r;
+        const int idx = idx0 + i * step;
+        int row = idx < end ? p.token_rows[idx] : -1;
+        if (p.delta != nullptr && row >= p.delta_rows) row = -1;  // outside the buffer: skipped
+        if (row >= 0) y_s[i * kLoraMaxRank + j] = y[row * y_row + y_col + j];
+        if (j == 0) {
+          rows_s[i] = row;
+          if (row >= 0 && p.delta_mask != nullptr) p.delta_mask[static_cast<int64_t>(row) * p.num_slices + slice] = 1;
         }
-        const int64_t at = row * out_row + out_col + n;
-        // The product rounded on its own (no fused multiply-add) in both modes: the delta path
-        // and the in-place one give the same bits.
-        if (p.delta != nullptr) {
-          p.delta[at] = __fmul_rn(w.scale, s);
-        } else {
-          out[at] = ToBf16(ToFloat(out[at]) + __fmul_rn(w.scale, s));
+      }
+      __syncthreads();
+      for (int i = 0; i < kExpandTokens; ++i) {
+        const int64_t row = rows_s[i];
+        if (row < 0) continue;  // the same in every thread
+        const float* yt = y_s + i * kLoraMaxRank;
+#pragma unroll
+        for (int c = 0; c < kCpt; ++c) {
+          if (!valid[c]) continue;
+          const int n = n0 + threadIdx.x + (c0 + c) * kThreads;
+          float s = 0.0f;
+          if constexpr (NV > 0) {
+#pragma unroll
+            for (int v = 0; v < NV; ++v) s += Dot8(bv[c][v], yt + 8 * v);
+          } else {
+            const bf16* b_row = b + static_cast<int64_t>(n) * r;
+            for (int j = 0; j < r; ++j) s += ToFloat(b_row[j]) * yt[j];
+          }
+          const int64_t at = row * out_row + out_col + n;
+          // The product rounded on its own (no fused multiply-add) in both modes: the delta path
+          // and the in-place one give the same bits.
+          if (p.delta != nullptr) {
+            p.delta[at] = __fmul_rn(w.scale, s);
+          } else {
+            out[at] = ToBf16(ToFloat(out[at]) + __fmul_rn(w.scale, s));
+          }
         }
       }
     }
@@ -457,7 +319,8 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
 
 __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     LoraExpandKernel(LoraParams p, const float* __restrict__ y, bf16* __restrict__ out) {
-  __shared__ __align__(16) float y_s[kLoraMaxRank];
+  __shared__ __align__(16) float y_s[kExpandTokens * kLoraMaxRank];
+  __shared__ int rows_s[kExpandTokens];
   const int S = p.num_slices;
   int nseg, token_splits;
   LiveSegments(p, kMaxTokenSplits, &nseg, &token_splits);
@@ -514,15 +377,15 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     const int64_t out_col = p.slice_offsets[slice];
     const int nv = IsAligned16(w.b) && w.rank % 8 == 0 ? w.rank / 8 : 0;
     switch (nv) {  // the ranks adapters use get register-held B rows; others the general path
-      case 1: ExpandItem<1>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
+      case 1: ExpandItem<1>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s, rows_s);
         break;
-      case 2: ExpandItem<2>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
+      case 2: ExpandItem<2>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s, rows_s);
         break;
-      case 4: ExpandItem<4>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
+      case 4: ExpandItem<4>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s, rows_s);
         break;
-      case 8: ExpandItem<8>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
+      case 8: ExpandItem<8>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s, rows_s);
         break;
-      default: ExpandItem<0>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
+      default: ExpandItem<0>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s, rows_s);
         break;
     }
   }
@@ -546,35 +409,20 @@ LoraDeltaView LoraDeltaOf(const LoraParams& p) {
   return d;
 }
 
-int LoraShrinkRowBlocks(int num_sms, int num_tokens, int num_slices, int max_rank, int in_features) {
-  const int warps = in_features > 8192 ? 16 : 8;
-  const int64_t cap = static_cast<int64_t>(num_sms) * (16 / warps);
+int LoraShrinkBlocks(int num_sms, int num_tokens, int num_slices, int max_rank) {
+  const int64_t cap = std::max(1, num_sms * 3 / 4);
   const int64_t most = static_cast<int64_t>(std::max(1, num_tokens)) * std::max(1, num_slices) *
                        ((std::max(1, max_rank) + kRowItemRows - 1) / kRowItemRows);
   return static_cast<int>(std::max<int64_t>(1, std::min(cap, most)));
 }
 
-int LoraShrinkMinSplits(int in_features) {
-  const int steps = (in_features + kStep - 1) / kStep;
-  return (steps + kMaxStepsPerSplit - 1) / kMaxStepsPerSplit;
-}
-
-cudaError_t PrepareLoraKernels() {
-  return cudaFuncSetAttribute(LoraShrinkKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShrinkSmemBytes);
-}
-
 cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaStream_t stream) {
   if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0) return cudaSuccess;
-  if (p.row_items) {
-    const int blocks = p.num_blocks;
-    if (p.in_features > 8192) {
-      LoraShrinkRowsKernel<16><<<blocks, 16 * kWarpSize, 0, stream>>>(p, static_cast<const bf16*>(x), y);
-    } else {
-      LoraShrinkRowsKernel<8><<<blocks, 8 * kWarpSize, 0, stream>>>(p, static_cast<const bf16*>(x), y);
-    }
-    return cudaGetLastError();
+  if (p.in_features > kLoraShrinkWideInput) {
+    LoraShrinkRowsKernel<16><<<p.num_blocks, 16 * kWarpSize, 0, stream>>>(p, static_cast<const bf16*>(x), y);
+  } else {
+    LoraShrinkRowsKernel<8><<<p.num_blocks, 8 * kWarpSize, 0, stream>>>(p, static_cast<const bf16*>(x), y);
   }
-  LoraShrinkKernel<<<p.num_blocks, kThreads, kShrinkSmemBytes, stream>>>(p, static_cast<const bf16*>(x), y);
   return cudaGetLastError();
 }
 

@@ -1,8 +1,8 @@
-// Launchers of the LoRA shrink (x·Aᵀ, rank-aware split-K) and expand (out += scale·y·Bᵀ) kernels
-// over adapter segments. Both use a fixed grid of persistent blocks that walk the step's work items;
-// the kernels read the live segment count, slots and ranks from device memory and size their split
-// factors from them, so launches can be captured in a CUDA graph and replayed with other batches.
-// Thread-safe (stateless); launches that share `partials`/`counters`/`delta` must be stream-ordered.
+// Launchers of the LoRA shrink (x·Aᵀ) and expand (out += scale·y·Bᵀ) kernels over adapter
+// segments, for decode and small prefill steps. The kernels read the live segment count, slots and
+// ranks from device memory and size their work from them, so launches can be captured in a CUDA
+// graph and replayed with other batches.
+// Thread-safe (stateless); launches that share `delta` must be stream-ordered.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -42,20 +42,14 @@ struct LoraParams {
   const int32_t* seg_slots = nullptr;
   const int32_t* num_segments = nullptr;
   // [1] or null: a bound on every live segment's rank (LoraSegments::max_rank). The shrink makes
-  // row stages and the expand sizes its tiles for it rather than for max_rank.
+  // row items and the expand sizes its tiles for it rather than for max_rank.
   const int32_t* live_max_rank = nullptr;
   int32_t max_segments = 0;
   int32_t num_tokens = 0;
-  // Split-K scratch of the shrink: partial sums [splits, num_tokens, num_slices·max_rank] F32 and
-  // one arrival counter per (segment, slice, token split), zero between launches (the last block
-  // of each group resets its counter). max_splits: the most splits `partials` holds.
+  // Split-K scratch of the tensor-core shrink (lora_prefill.h): partial sums [splits, num_tokens,
+  // num_slices·max_rank] F32.
   float* partials = nullptr;
-  int32_t max_splits = 0;
-  int32_t* counters = nullptr;
-  int32_t counter_capacity = 0;
-  int32_t num_blocks = 0;  // persistent blocks per launch (a multiple of the SM count)
-  // Shrink only: the row-item kernel (no split-K scratch; LoraShrinkRowBlocks sizes its grid).
-  bool row_items = false;
+  int32_t num_blocks = 0;  // blocks per launch; they walk the step's work items
   // Expand only: launch it as a programmatic dependent of the kernel before it (the shrink), so
   // it reads the segment arrays, slot table and B while that kernel still runs, and y and out
   // only after it has finished.
@@ -69,17 +63,12 @@ struct LoraParams {
   int32_t delta_rows = 0;
 };
 
-// Shortest K chunk a split may have is 256 elements, the longest 8·256 (a block stages 16 rows of
-// it in shared memory): a shrink needs ceil(ceil(K/256)/8) splits.
-int LoraShrinkMinSplits(int in_features);
+// Inputs wider than this run the shrink with 16 warps a block (else 8).
+inline constexpr int kLoraShrinkWideInput = 8192;
 
-// Grid of the row-item shrink for a step of `num_tokens` tokens (the most items it can have at
-// max_rank, capped at what the GPU holds at once).
-int LoraShrinkRowBlocks(int num_sms, int num_tokens, int num_slices, int max_rank, int in_features);
-
-// Raises the shrink kernel's shared-memory limit (68 KB a block). Call once per device before
-// the first launch (CreateCudaOps does).
-cudaError_t PrepareLoraKernels();
+// Grid of the shrink for a step of `num_tokens` tokens: the most items it can have at max_rank,
+// capped at 3/4 of the SMs.
+int LoraShrinkBlocks(int num_sms, int num_tokens, int num_slices, int max_rank);
 
 // y[row, s·max_rank + j] = Σ_k x[row, k]·A_s[j, k] for j < rank of the segment's slot (fp32 sums
 // in a fixed order, so results are deterministic). Other columns untouched.

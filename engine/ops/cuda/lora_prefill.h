@@ -15,8 +15,8 @@
 
 namespace loraplex::ops::cuda {
 
-// `p` as for the split-K kernels (their `num_blocks`, `max_splits`, `counters` and delta fields are
-// not used); `num_blocks` persistent blocks walk the items.
+// `p` as for the kernels of lora_kernels.h (their `num_blocks` and delta fields are not used);
+// `num_blocks` persistent blocks walk the items.
 
 // y[row, s·max_rank + j] = Σ_k x[row, k]·A_s[j, k] (j < rank), fp32 accumulation in a fixed
 // order; other columns untouched. x [num_tokens, in_features] bf16, 16-byte aligned rows; y F32.
