@@ -16,8 +16,8 @@
 // Expand: item = (segment, output tile of one slice, token split); a tile is 1024 columns, or
 // 1024·16/r for a step whose rank bound r > 16 when full-width items would leave blocks idle (an
 // item then moves the same bytes of B whatever the rank). A thread keeps the B rows (rank bf16
-// each, contiguous) of up to 4 of its columns in registers and applies them to the item's tokens
-// (their y staged 8 tokens at a time); it adds scale·delta into the output in place, or (GemmWithLora) writes it into an F32 delta buffer
+// each, contiguous) of up to 4 of its columns in registers and applies them to each token (staging
+// y for 8 tokens at once measured slower, bench/runs/2026-11-29-rows); it adds scale·delta into the output in place, or (GemmWithLora) writes it into an F32 delta buffer
 // and marks the (row, slice) pairs it wrote, so it can run beside the GEMM; the kernel that reads
 // the GEMM output next folds the delta in (lora_delta.h).
 // Work is proportional to each slot's real rank; rank-0 slices and empty segments cost nothing.
@@ -36,7 +36,6 @@ constexpr int kTokensPerItem = 2;          // tokens an expand item handles one 
 constexpr int kMaxTokenSplits = 64;
 constexpr int kExpandColumnsPerThread = kLoraExpandTile / kThreads;
 constexpr int kExpandBlocksPerSm = 2;  // register cap 128: the expand holds B vectors in registers
-constexpr int kExpandTokens = 8;       // tokens of an item whose y the expand stages at once
 
 __device__ __forceinline__ uint4 Load8(const bf16* p, bool aligned) {
   if (aligned) return __ldg(reinterpret_cast<const uint4*>(p));
@@ -249,7 +248,7 @@ template <int NV>
 __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceWeightsDev& w, int slice, int width,
                                            int n0, int tw, int first, int end, int step, int64_t y_col,
                                            int64_t out_col, const float* __restrict__ y, bf16* __restrict__ out,
-                                           float* y_s, int* rows_s) {
+                                           float* y_s) {
   constexpr int kCpt = NV == 0 ? 1 : (8 / NV < kExpandColumnsPerThread ? 8 / NV : kExpandColumnsPerThread);
   constexpr int kHeld = NV == 0 ? 1 : NV;
   const int r = w.rank;
@@ -271,46 +270,32 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
       }
     }
     WaitForPrecedingKernel();  // y (and out, the delta marks) are the preceding kernels' outputs
-    // y of up to kExpandTokens tokens staged at once (one round of loads for all of them).
-    for (int idx0 = first; idx0 < end; idx0 += step * kExpandTokens) {
-      __syncthreads();  // the previous chunk's y_s and rows_s are no longer read
-      for (int e = threadIdx.x; e < kExpandTokens * r; e += kThreads) {
-        const int i = e / r;
-        const int j = e - i * r;
-        const int idx = idx0 + i * step;
-        int row = idx < end ? p.token_rows[idx] : -1;
-        if (p.delta != nullptr && row >= p.delta_rows) row = -1;  // outside the buffer: skipped
-        if (row >= 0) y_s[i * kLoraMaxRank + j] = y[row * y_row + y_col + j];
-        if (j == 0) {
-          rows_s[i] = row;
-          if (row >= 0 && p.delta_mask != nullptr) p.delta_mask[static_cast<int64_t>(row) * p.num_slices + slice] = 1;
-        }
-      }
+    for (int idx = first; idx < end; idx += step) {
+      const int64_t row = p.token_rows[idx];
+      if (p.delta != nullptr && row >= p.delta_rows) continue;  // outside the buffer (same in every thread)
+      __syncthreads();  // the previous token's y_s is no longer read
+      if (threadIdx.x < r) y_s[threadIdx.x] = y[row * y_row + y_col + threadIdx.x];
+      if (p.delta_mask != nullptr && threadIdx.x == 0) p.delta_mask[row * p.num_slices + slice] = 1;
       __syncthreads();
-      for (int i = 0; i < kExpandTokens; ++i) {
-        const int64_t row = rows_s[i];
-        if (row < 0) continue;  // the same in every thread
-        const float* yt = y_s + i * kLoraMaxRank;
 #pragma unroll
-        for (int c = 0; c < kCpt; ++c) {
-          if (!valid[c]) continue;
-          const int n = n0 + threadIdx.x + (c0 + c) * kThreads;
-          float s = 0.0f;
-          if constexpr (NV > 0) {
+      for (int c = 0; c < kCpt; ++c) {
+        if (!valid[c]) continue;
+        const int n = n0 + threadIdx.x + (c0 + c) * kThreads;
+        float s = 0.0f;
+        if constexpr (NV > 0) {
 #pragma unroll
-            for (int v = 0; v < NV; ++v) s += Dot8(bv[c][v], yt + 8 * v);
-          } else {
-            const bf16* b_row = b + static_cast<int64_t>(n) * r;
-            for (int j = 0; j < r; ++j) s += ToFloat(b_row[j]) * yt[j];
-          }
-          const int64_t at = row * out_row + out_col + n;
-          // The product rounded on its own (no fused multiply-add) in both modes: the delta path
-          // and the in-place one give the same bits.
-          if (p.delta != nullptr) {
-            p.delta[at] = __fmul_rn(w.scale, s);
-          } else {
-            out[at] = ToBf16(ToFloat(out[at]) + __fmul_rn(w.scale, s));
-          }
+          for (int v = 0; v < NV; ++v) s += Dot8(bv[c][v], y_s + 8 * v);
+        } else {
+          const bf16* b_row = b + static_cast<int64_t>(n) * r;
+          for (int j = 0; j < r; ++j) s += ToFloat(b_row[j]) * y_s[j];
+        }
+        const int64_t at = row * out_row + out_col + n;
+        // The product rounded on its own (no fused multiply-add) in both modes: the delta path
+        // and the in-place one give the same bits.
+        if (p.delta != nullptr) {
+          p.delta[at] = __fmul_rn(w.scale, s);
+        } else {
+          out[at] = ToBf16(ToFloat(out[at]) + __fmul_rn(w.scale, s));
         }
       }
     }
@@ -319,8 +304,7 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
 
 __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     LoraExpandKernel(LoraParams p, const float* __restrict__ y, bf16* __restrict__ out) {
-  __shared__ __align__(16) float y_s[kExpandTokens * kLoraMaxRank];
-  __shared__ int rows_s[kExpandTokens];
+  __shared__ __align__(16) float y_s[kLoraMaxRank];
   const int S = p.num_slices;
   int nseg, token_splits;
   LiveSegments(p, kMaxTokenSplits, &nseg, &token_splits);
@@ -377,15 +361,15 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     const int64_t out_col = p.slice_offsets[slice];
     const int nv = IsAligned16(w.b) && w.rank % 8 == 0 ? w.rank / 8 : 0;
     switch (nv) {  // the ranks adapters use get register-held B rows; others the general path
-      case 1: ExpandItem<1>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s, rows_s);
+      case 1: ExpandItem<1>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
         break;
-      case 2: ExpandItem<2>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s, rows_s);
+      case 2: ExpandItem<2>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
         break;
-      case 4: ExpandItem<4>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s, rows_s);
+      case 4: ExpandItem<4>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
         break;
-      case 8: ExpandItem<8>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s, rows_s);
+      case 8: ExpandItem<8>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
         break;
-      default: ExpandItem<0>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s, rows_s);
+      default: ExpandItem<0>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
         break;
     }
   }
