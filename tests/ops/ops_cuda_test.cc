@@ -33,7 +33,7 @@ namespace {
 //   missing term) gives O(1e-1) or more.
 constexpr double kTolBf16 = 1e-2;
 // - F32 outputs from bf16 operands: products are exact in fp32, only the fp32 summation order
-//   (tensor-core tiles, split-K atomics) differs from fp64: ~1e-6 observed in such sums, 1e-4 bound.
+//   (tensor-core tiles, split K, warp trees) differs from fp64: ~1e-6 observed in such sums, 1e-4 bound.
 constexpr double kTolF32 = 1e-4;
 
 Ops* g_gpu = nullptr;
@@ -1048,10 +1048,10 @@ absl::Status LoraTests() {
     LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[tc] qkv", *world, T, true, graph, 4));
   }
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[tc] odd ranks", *odd, 160, true, true, 4));
-  // And the split-K kernels on the long step the tensor cores take by default.
+  // And the decode kernels on the long step the tensor cores take by default.
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 1 << 30));
-  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA[split-K] odd ranks long segments", st3, RandomTokenSlots(T3, 4, 0.05), 1000, nullptr));
-  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA[split-K] odd ranks short segments", st3, RandomTokenSlots(T3, 4, 0.05), 2, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA[decode kernels] odd ranks long segments", st3, RandomTokenSlots(T3, 4, 0.05), 1000, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA[decode kernels] odd ranks short segments", st3, RandomTokenSlots(T3, 4, 0.05), 2, nullptr));
   return cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 256);
 }
 
@@ -1263,9 +1263,9 @@ absl::Status TimeLora() {
                                                std::vector<int>(4, 16)}));
   LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, {"gate_up prefill 4 x 512 tokens r16", 4096, {14336, 14336}, prefill,
                                                std::vector<int>(4, 16)}));
-  // The same prefill step on the split-K kernels (what it ran before the tensor-core ones).
+  // The same prefill step on the decode kernels (what it ran before the tensor-core ones).
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 1 << 30));
-  LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, {"qkv prefill 4 x 512 tokens r16 split-K", 4096, {4096, 1024, 1024},
+  LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, {"qkv prefill 4 x 512 tokens r16 decode kernels", 4096, {4096, 1024, 1024},
                                                prefill, std::vector<int>(4, 16)}));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 256));
   return cuda::SetLoraTuningForTest(g_gpu, 0, true, true);

@@ -418,7 +418,6 @@ class CudaOps final : public Ops {
 
   absl::Status LaunchShrink(const LoraParams& p, const void* x, float* y, cudaStream_t stream, absl::string_view op) {
     if (UseTensorCores(p)) {
-      // The split-K kernels' partial-sum scratch serves the tensor-core shrink's K split too.
       return CudaStatus(LaunchLoraShrinkTc(p, num_sms_ * kLoraTensorCoreBlocksPerSm, kLoraPartialBytes, x, y, stream), op);
     }
     return CudaStatus(LaunchLoraShrink(p, x, y, stream), op);

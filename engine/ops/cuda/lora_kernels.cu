@@ -374,7 +374,8 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     }
   }
   // Block 0 waits before it exits, so the launch's completion implies the shrink's: the next
-  // kernel on the stream (another module's shrink reusing the split-K scratch) relies on it.
+  // kernel on the stream (the next module's shrink, which rewrites y and the delta marks) relies
+  // on it.
   // Blocks without work exit at once: launched early beside the shrink, a block that waited
   // would hold an SM's registers (half of them) that the GEMM running beside it needs.
   if (blockIdx.x == 0) WaitForPrecedingKernel();
