@@ -115,6 +115,9 @@ struct LlamaModel::Impl {
 
   absl::Status ValidateStep(const StepInput& in) const;
   absl::Status CheckSampling(const StepInput& in) const;
+  // Ops::PrepareGemm for every GEMM a step up to capacity runs (each layer's four projections at
+  // up to max_tokens rows, the logits at up to max_seqs), on the buffers the steps use.
+  absl::Status PrepareGemms();
   // Uploads the step and enqueues it (a graph replay or eager ops); the logits land in `logits`.
   absl::Status RunStep(const StepInput& in);
   // The bucket a decode step runs in, or 0 when the step must run eagerly (prefill, mixed,
@@ -734,8 +737,27 @@ absl::StatusOr<std::vector<ops::SampledToken>> LlamaModel::ForwardSample(const S
   return out;
 }
 
+absl::Status LlamaModel::Impl::PrepareGemms() {
+  const int64_t h = spec.hidden_size, inter = spec.intermediate_size;
+  const int64_t t = cap.max_tokens, s = cap.max_seqs;
+  for (const Layer& layer : layers) {
+    LORAPLEX_RETURN_IF_ERROR(ops->PrepareGemm(hidden.View(dtype, {t, h}), layer.qkv.weight(),
+                                              qkv.View(dtype, {t, spec.qkv_width()})));
+    LORAPLEX_RETURN_IF_ERROR(ops->PrepareGemm(attn_out.View(dtype, {t, spec.q_width()}), layer.o.weight(),
+                                              proj_out.View(dtype, {t, h})));
+    LORAPLEX_RETURN_IF_ERROR(ops->PrepareGemm(hidden.View(dtype, {t, h}), layer.gate_up.weight(),
+                                              gate_up.View(dtype, {t, 2 * inter})));
+    LORAPLEX_RETURN_IF_ERROR(ops->PrepareGemm(act.View(dtype, {t, inter}), layer.down.weight(),
+                                              proj_out.View(dtype, {t, h})));
+  }
+  return ops->PrepareGemm(gathered.View(dtype, {s, h}), lm_head->weight(),
+                          logits.View(DType::kF32, {s, spec.vocab_size}));
+}
+
 absl::StatusOr<int> LlamaModel::WarmUp() {
   Impl& m = *impl_;
+  // Prefill row counts vary every step: their GEMM algorithms are chosen here, not on first use.
+  LORAPLEX_RETURN_IF_ERROR(Annotate(m.PrepareGemms(), "LlamaModel::WarmUp"));
   if (!m.cap.graphs || m.graphs_unsupported) return 0;
   const size_t before = m.graphs.size();
   const int32_t limit = std::min(m.cap.max_seqs, m.cap.max_tokens);

@@ -67,8 +67,10 @@ class LlamaModel {
   // logit row (temperature >= 0 and finite, top_p in (0, 1], top_k >= 0, top_n in [0, 20]).
   absl::StatusOr<std::vector<ops::SampledToken>> ForwardSample(const StepInput& input);
 
-  // Records the decode graph of every bucket up to capacity, without and (when loaded with a slot
-  // pool) with adapters, so no request pays for a capture or a first GEMM plan. The warm-up
+  // Chooses the GEMM algorithm of every row count a step can have (Ops::PrepareGemm; prefill
+  // chunks included) and records the decode graph of every bucket up to capacity, without and
+  // (when loaded with a slot pool) with adapters, so no request pays for a capture or a first GEMM
+  // plan. The warm-up
   // steps write only KV slot 0 (free at start-up: a sequence writes every slot before reading it)
   // and their outputs are dropped. Returns the graphs captured; 0 where graphs are off or the ops
   // record none. Call before serving.

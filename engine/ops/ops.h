@@ -155,6 +155,17 @@ class Ops {
   // y = x · wᵀ + beta · y. x [M, K]; w [N, K] (same dtype as x); y [M, N] in x's dtype or F32.
   virtual absl::Status Gemm(const TensorView& x, const TensorView& w, float beta,
                             const TensorView& y) = 0;
+  // Makes every later Gemm(x', w, beta, y') whose x' and y' are the first M <= x.shape[0] rows of
+  // x and y as fast to start as the second call of its shape: an executor that chooses a GEMM
+  // algorithm per shape does it now (the CUDA one: per row-count bucket) instead of on first use.
+  // Runs nothing on the device and changes no result; an executor that prepares checks the
+  // arguments as Gemm does. Default: nothing to prepare (no checks).
+  virtual absl::Status PrepareGemm(const TensorView& x, const TensorView& w, const TensorView& y) {
+    (void)x;
+    (void)w;
+    (void)y;
+    return absl::OkStatus();
+  }
   // Rotates q and k of `qkv` in place (rotate-half RoPE with inv_freq) and writes k, v into the
   // cache at meta.slot_mapping. qkv [T, (Hq + 2·Hkv)·D] (q heads, then k heads, then v heads);
   // inv_freq [D/2] F32 (llama3 scaling already applied).

@@ -8,6 +8,7 @@
 #include <functional>
 #include <map>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -631,6 +632,16 @@ class RecordingCpuOps final : public ops::Ops {
   absl::Status Gemm(const TensorView& x, const TensorView& w, float beta, const TensorView& y) override {
     return Run([=, this] { return cpu_->Gemm(x, w, beta, y); });
   }
+  // Runs nothing on the device, so it is never recorded; the calls are kept for the test.
+  absl::Status PrepareGemm(const TensorView& x, const TensorView& w, const TensorView& y) override {
+    if (recording_ != nullptr) return absl::FailedPreconditionError("PrepareGemm during a capture");
+    prepared_.push_back({x, w, y});
+    return cpu_->PrepareGemm(x, w, y);
+  }
+  struct Prepared {
+    TensorView x, w, y;
+  };
+  const std::vector<Prepared>& prepared() const { return prepared_; }
   absl::Status RopeAndCacheKv(const TensorView& qkv, const TensorView& inv_freq, int hq, int hkv, int d,
                               const ops::AttentionMeta& meta, const ops::KvCacheView& cache) override {
     return Run([=, this] { return cpu_->RopeAndCacheKv(qkv, inv_freq, hq, hkv, d, meta, cache); });
@@ -685,6 +696,7 @@ class RecordingCpuOps final : public ops::Ops {
   std::unique_ptr<ops::Ops> cpu_;
   std::vector<std::function<absl::Status()>>* recording_ = nullptr;
   int captures_ = 0;
+  std::vector<Prepared> prepared_;
 };
 
 // A tiny model on graph-recording CPU ops with adapter x resident in a 2-slot pool, and three
@@ -777,6 +789,28 @@ TEST_CASE("WarmUp records every bucket's graphs once; later steps replay them an
   CHECK(*warmed == 10);
   CHECK(f.ops.captures() == 10);
   CHECK(model.graph_steps() == 10);  // each capture ran once as a replay
+
+  // Every GEMM a step can run was prepared at its largest row count: each layer's qkv, o, gate_up
+  // and down at max_tokens rows on distinct weights, then the logits at max_seqs rows.
+  const auto& prepared = f.ops.prepared();
+  REQUIRE(prepared.size() == 4 * static_cast<size_t>(f.spec.num_layers) + 1);
+  std::set<const void*> weights;
+  for (size_t i = 0; i < prepared.size(); ++i) {
+    const auto& [x, w, y] = prepared[i];
+    INFO("PrepareGemm call " << i << ": x " << x.shape.ToString() << " w " << w.shape.ToString() << " y "
+                             << y.shape.ToString());
+    const bool logits = i + 1 == prepared.size();
+    CHECK(x.shape[0] == (logits ? kCapacity.max_seqs : kCapacity.max_tokens));
+    CHECK(x.shape[1] == w.shape[1]);
+    CHECK(y.shape == Shape{x.shape[0], w.shape[0]});
+    CHECK(y.dtype == (logits ? DType::kF32 : x.dtype));
+    weights.insert(w.data);
+  }
+  CHECK(weights.size() == prepared.size());
+  const int64_t qkv_width = (f.spec.num_heads + 2 * f.spec.num_kv_heads) * f.spec.head_dim;
+  CHECK(prepared[0].w.shape == Shape{qkv_width, f.spec.hidden_size});
+  CHECK(prepared[3].w.shape == Shape{f.spec.hidden_size, f.spec.intermediate_size});
+  CHECK(prepared.back().w.shape == Shape{f.spec.vocab_size, f.spec.hidden_size});
 
   // The warm-up wrote KV slot 0 (block 0, which sequence B uses from position 4 on): B writes it
   // before reading it, so every step still matches the dense forward, and nothing is recaptured.

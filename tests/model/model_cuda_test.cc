@@ -14,6 +14,7 @@
 
 #include "engine/model/llama.h"
 #include "engine/model/model_spec.h"
+#include "engine/ops/cuda/cuda_ops.h"
 #include "engine/ops/ops.h"
 #include "lora/adapter.h"
 #include "lora/lora_batch.h"
@@ -422,6 +423,46 @@ TEST_CASE("Decode steps replayed from CUDA graphs equal eager steps and the CPU 
   CHECK(graphs.model->num_graphs() == 6);
   CHECK(eager.model->graph_steps() == 0);
   CHECK(cpu.model->graph_steps() == 0);  // the CPU ops record no graphs
+}
+
+TEST_CASE("WarmUp chooses every GEMM algorithm up front: prefill and decode steps of any length add none") {
+  testing::TinyModelOptions mo;
+  mo.vocab = 512; mo.hidden = 256; mo.layers = 2; mo.heads = 4; mo.kv_heads = 2; mo.head_dim = 64;
+  mo.intermediate = 512; mo.dtype = DType::kBF16;
+  const std::string dir = testing::MakeTempDir("cuda-prepare-gemm");
+  REQUIRE(testing::WriteTinyModel(dir, mo).ok());
+  auto spec = LoadModelSpec(dir);
+  REQUIRE(spec.ok());
+  Executor e = MakeExecutor(Device::kCuda, dir, *spec);
+  auto before = ops::cuda::GemmAlgorithmsForTest(e.ops.get());
+  REQUIRE(before.ok());
+  auto warmed = e.model->WarmUp();
+  INFO(warmed.status().message());
+  REQUIRE(warmed.ok());
+  auto after = ops::cuda::GemmAlgorithmsForTest(e.ops.get());
+  REQUIRE(after.ok());
+  // Each projection at row buckets 1, 2, 4, ..., 256 (max_tokens) and the logits at 1..8
+  // (max_seqs): the warm-up chose them (two projections share a shape here).
+  std::printf("GEMM algorithms: %lld before WarmUp, %lld after\n", static_cast<long long>(*before),
+              static_cast<long long>(*after));
+  CHECK(*after >= *before + 3 * 9 + 4);
+  // Prefill steps of lengths no step ran before, chunked and mixed with decode rows, choose none.
+  uint32_t seed = 40;
+  for (const std::vector<int32_t>& counts : std::vector<std::vector<int32_t>>{{37}, {129, 5}, {256}, {3, 1, 1}, {200, 33}}) {
+    std::vector<Seq> seqs(counts.size());
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      seqs[s].tokens = RandomTokens(counts[s], spec->vocab_size, ++seed);
+      for (int32_t b = 0; b < kCapacity.max_blocks_per_seq; ++b) {
+        seqs[s].blocks.push_back(static_cast<int32_t>(s) * kCapacity.max_blocks_per_seq + b);
+      }
+    }
+    auto logits = e.model->Forward(MakeStep(seqs, counts));
+    INFO(logits.status().message());
+    REQUIRE(logits.ok());
+    auto now = ops::cuda::GemmAlgorithmsForTest(e.ops.get());
+    REQUIRE(now.ok());
+    CHECK(*now == *after);
+  }
 }
 
 }  // namespace

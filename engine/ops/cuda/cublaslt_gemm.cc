@@ -103,14 +103,31 @@ absl::StatusOr<CublasLtGemm::Plan*> CublasLtGemm::GetPlan(int64_t m, int64_t n, 
   return plans_.emplace(key, std::move(plan)).first->second.get();
 }
 
+namespace {
+
+// The largest power of two (<= 256) dividing every address: algorithms may assume no more.
+int Alignment(const void* x, const void* w, const void* y) {
+  const uintptr_t bits = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w) |
+                         reinterpret_cast<uintptr_t>(y) | 256u;
+  return static_cast<int>(bits & (~bits + 1));
+}
+
+}  // namespace
+
+absl::Status CublasLtGemm::Prepare(const void* x, const void* w, const void* y, bool y_f32, int64_t max_m,
+                                   int64_t n, int64_t k) {
+  if (n == 0) return absl::OkStatus();
+  const int alignment = Alignment(x, w, y);
+  for (int64_t m = 1; m <= max_m; m = MBucket(m) + 1) {
+    LORAPLEX_RETURN_IF_ERROR(GetPlan(MBucket(m), n, k, y_f32, alignment).status());
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CublasLtGemm::Run(const void* x, const void* w, void* y, bool y_f32, int64_t m,
                                int64_t n, int64_t k, float beta, cudaStream_t stream) {
   if (m == 0 || n == 0) return absl::OkStatus();
-  // The largest power of two (<= 256) dividing every address: algorithms may assume no more.
-  const uintptr_t bits = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w) |
-                         reinterpret_cast<uintptr_t>(y) | 256u;
-  const int alignment = static_cast<int>(bits & (~bits + 1));
-  LORAPLEX_ASSIGN_OR_RETURN(Plan* plan, GetPlan(m, n, k, y_f32, alignment));
+  LORAPLEX_ASSIGN_OR_RETURN(Plan* plan, GetPlan(m, n, k, y_f32, Alignment(x, w, y)));
   const float alpha = 1.0f;
   return LtError(cublasLtMatmul(handle_, desc_, &alpha, w, &plan->w_layout, x, &plan->x_layout, &beta,
                                 y, &plan->y_layout, y, &plan->y_layout, &plan->algo, workspace_,

@@ -1,7 +1,7 @@
 // Row-major y[M,N] = x[M,K]·w[N,K]ᵀ + beta·y through cuBLASLt (bf16 operands, fp32 compute,
 // bf16 or F32 y), run as the column-major TN problem yᵀ = w·xᵀ. The heuristic's algorithm is
 // cached per (M bucket, N, K, y dtype, alignment) and checked once per exact M; matrix layouts are
-// cached per exact shape. One caller-owned workspace serves every call (and captured graphs).
+// cached per exact shape. Prepare chooses the buckets' algorithms ahead of use (at start-up). One caller-owned workspace serves every call (and captured graphs).
 // Engine thread only.
 #pragma once
 
@@ -28,6 +28,11 @@ class CublasLtGemm {
   // x [m, k] bf16; w [n, k] bf16; y [m, n] F32 when y_f32 else bf16 (read only when beta != 0).
   absl::Status Run(const void* x, const void* w, void* y, bool y_f32, int64_t m, int64_t n,
                    int64_t k, float beta, cudaStream_t stream);
+  // Chooses the algorithm of every M bucket up to max_m for Run with these pointers' alignment
+  // and this (n, k, y dtype), so no Run of those shapes pays for the heuristic. Runs nothing.
+  absl::Status Prepare(const void* x, const void* w, const void* y, bool y_f32, int64_t max_m, int64_t n,
+                       int64_t k);
+  int64_t num_algorithms() const { return static_cast<int64_t>(bucket_algos_.size()); }
 
  private:
   // (m or m bucket, n, k, y_f32, alignment in bytes)

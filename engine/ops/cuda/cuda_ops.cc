@@ -266,6 +266,24 @@ class CudaOps final : public Ops {
   absl::Status Gemm(const TensorView& x, const TensorView& w, float beta, const TensorView& y) override {
     constexpr absl::string_view kOp = "Gemm";
     LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
+    LORAPLEX_RETURN_IF_ERROR(CheckGemm(kOp, x, w, y));
+    return Annotate(gemm_->Run(x.data, w.data, y.data, y.dtype == DType::kF32, x.shape[0], w.shape[0],
+                               x.shape[1], beta, stream_),
+                    "Gemm");
+  }
+
+  absl::Status PrepareGemm(const TensorView& x, const TensorView& w, const TensorView& y) override {
+    constexpr absl::string_view kOp = "PrepareGemm";
+    LORAPLEX_RETURN_IF_ERROR(CheckGemm(kOp, x, w, y));
+    return Annotate(gemm_->Prepare(x.data, w.data, y.data, y.dtype == DType::kF32, x.shape[0], w.shape[0],
+                                   x.shape[1]),
+                    "PrepareGemm");
+  }
+
+  int64_t gemm_algorithms() const { return gemm_->num_algorithms(); }
+
+  // Gemm's and PrepareGemm's argument checks (kOp names the op in the message).
+  absl::Status CheckGemm(absl::string_view kOp, const TensorView& x, const TensorView& w, const TensorView& y) {
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "w", w, DType::kBF16, 2));
     if (y.dtype != DType::kBF16 && y.dtype != DType::kF32) {
@@ -276,9 +294,7 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "y", y, 0, x.shape[0]));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "y", y, 1, w.shape[0]));
     if (x.shape[1] == 0) return Invalid(kOp, "K is 0");
-    return Annotate(gemm_->Run(x.data, w.data, y.data, y.dtype == DType::kF32, x.shape[0], w.shape[0],
-                               x.shape[1], beta, stream_),
-                    "Gemm");
+    return absl::OkStatus();
   }
 
   absl::Status RopeAndCacheKv(const TensorView& qkv, const TensorView& inv_freq, int num_q_heads,
@@ -787,6 +803,11 @@ absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks, bool overlap_shri
   }
   cuda->set_lora_tuning(shrink_blocks, overlap_shrink, fork_shrink);
   return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "GemmAlgorithmsForTest"));
+  return cuda->gemm_algorithms();
 }
 
 absl::Status SetLoraDeltaLimitForTest(Ops* ops, size_t bytes) {

@@ -58,6 +58,9 @@ absl::StatusOr<std::vector<double>> TimeOnStream(Ops* ops, int warmup, int repet
 // stream concurrently with the GEMM (`fork_shrink`, default on; off: the three ops in order).
 // Tests and benchmarks sweep them. INVALID_ARGUMENT for a negative shrink_blocks.
 absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks, bool overlap_shrink, bool fork_shrink);
+// How many GEMM algorithms the executor has chosen so far (one per cuBLASLt shape bucket): a
+// step whose shapes were prepared (Ops::PrepareGemm) adds none.
+absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops);
 // GemmWithLora (forked) runs the expand beside the GEMM into an F32 delta buffer of 64 MiB when
 // the call's rows x out width x 4 bytes fit, else in place after the GEMM. Tests lower the limit
 // (0: always in place) to cover both paths; values above 64 MiB act as 64 MiB.
