@@ -16,12 +16,12 @@
 //
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
-//                   [--lora-overlap 0|1] [--lora-side-sms N]
+//                   [--lora-overlap 0|1] [--lora-side-sms N] [--lora-shrink-warps 8|16]
 //   --graphs 0: every step eager (no graph rows).
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
 //     a cap on the decode shrink's grid (blocks), whether the expand starts beside the shrink
-//     (programmatic dependent launch), and (an experiment) the side chain confined to a green
-//     context of N SMs.
+//     (programmatic dependent launch), and (experiments) the side chain confined to a green
+//     context of N SMs, the shrink's block size in warps (16: one block fills an SM).
 //   --cpu 1: the CPU executor and no roofline (a smoke test on a toy checkpoint without a GPU).
 //     A build without CUDA has only this mode.
 //   --profile 1: instead of the rows above, a per-op breakdown of eager decode steps (base and
@@ -92,12 +92,16 @@ class Bench {
  public:
   // `profile` 1 or 2: the model runs on ProfilingOps over the executor (2: GemmWithLora split).
   absl::Status Setup(const std::string& model_dir, const std::string& adapter_dir, int max_batch, bool cpu,
-                     int profile, int lora_shrink_blocks, int lora_overlap, int lora_side_sms) {
+                     int profile, int lora_shrink_blocks, int lora_overlap, int lora_side_sms,
+                     int lora_shrink_warps) {
     if (cpu) {
       LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::CreateOps(Device::kCpu));
     } else {
 #if LORAPLEX_STEP_BENCH_CUDA
       LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::cuda::CreateCudaOps());
+      if (lora_shrink_warps > 0) {
+        LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkWarpsForTest(ops_.get(), lora_shrink_warps));
+      }
       if (lora_side_sms > 0) {
         LORAPLEX_ASSIGN_OR_RETURN(const int granted, ops::cuda::SetLoraSideStreamSmsForTest(ops_.get(), lora_side_sms));
         std::printf("LoRA side chain on a green context of %d SMs\n", granted);
@@ -110,6 +114,7 @@ class Bench {
       (void)lora_shrink_blocks;
       (void)lora_overlap;
       (void)lora_side_sms;
+      (void)lora_shrink_warps;
       return absl::UnimplementedError("step_bench was built without CUDA: run it with --cpu 1");
 #endif
     }
@@ -427,13 +432,14 @@ absl::Status RunProfile(Bench& bench, const std::vector<int>& batches, int steps
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-side-sms N]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-side-sms N] [--lora-shrink-warps 8|16]");
   }
   int steps = 20;
   // LoRA kernel tuning (CUDA; -1: the executor's defaults): SetLoraTuningForTest.
   int lora_shrink_blocks = -1;
   int lora_overlap = -1;
   int lora_side_sms = 0;
+  int lora_shrink_warps = 0;
   int cpu = 0;
   int graphs = 1;
   int profile = 0;
@@ -453,6 +459,10 @@ absl::Status Run(int argc, char** argv) {
     } else if (flag == "--lora-shrink-blocks") {
       if (!absl::SimpleAtoi(argv[i + 1], &lora_shrink_blocks) || lora_shrink_blocks < 1) {
         return absl::InvalidArgumentError(absl::StrCat("--lora-shrink-blocks ", argv[i + 1]));
+      }
+    } else if (flag == "--lora-shrink-warps") {
+      if (!absl::SimpleAtoi(argv[i + 1], &lora_shrink_warps) || (lora_shrink_warps != 8 && lora_shrink_warps != 16)) {
+        return absl::InvalidArgumentError(absl::StrCat("--lora-shrink-warps ", argv[i + 1], " (expected 8 or 16)"));
       }
     } else if (flag == "--lora-side-sms") {
       if (!absl::SimpleAtoi(argv[i + 1], &lora_side_sms) || lora_side_sms < 1) {
@@ -476,7 +486,7 @@ absl::Status Run(int argc, char** argv) {
   Bench bench;
   LORAPLEX_RETURN_IF_ERROR(
       bench.Setup(argv[1], argv[2], *std::max_element(batches.begin(), batches.end()), cpu != 0, profile,
-                  lora_shrink_blocks, lora_overlap, lora_side_sms));
+                  lora_shrink_blocks, lora_overlap, lora_side_sms, lora_shrink_warps));
   if (profile != 0) return RunProfile(bench, batches, steps, profile, argv[3]);
 
   std::vector<Result> results;

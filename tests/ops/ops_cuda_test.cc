@@ -971,6 +971,9 @@ absl::Status LoraTests() {
   LORAPLEX_ASSIGN_OR_RETURN(st3.d_out, g_gpu->Allocate(static_cast<size_t>(T3) * odd->width() * 2));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks long segments", st3, RandomTokenSlots(T3, 4, 0.05), 1000, nullptr));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks short segments", st3, RandomTokenSlots(T3, 4, 0.05), 2, nullptr));
+  // T3 = 300 tokens runs the tensor-core kernels by default; the cases below are about the decode
+  // kernels, so they take every step size until the end of this block.
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 1 << 30));
   // A shrink grid of 1 and of 7 blocks: blocks walk many items (and a 7-block grid splits them
   // unevenly).
   for (int blocks : {1, 7}) {
@@ -978,10 +981,22 @@ absl::Status LoraTests() {
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA odd ranks ", blocks, " shrink blocks"), st3,
                                            RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
   }
+  // The shrink's other block size on each input width (16 warps on K = 4096, 8 on K = 14336),
+  // with a small grid so blocks walk many items.
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 5, true, true));
+  for (int warps : {16, 8}) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkWarpsForTest(g_gpu, warps));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA odd ranks ", warps, "-warp shrink"), st3,
+                                           RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA down prefill ", warps, "-warp shrink"), st2,
+                                           RandomTokenSlots(T2, 3, 0.1), 1000, nullptr));
+  }
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkWarpsForTest(g_gpu, 0));
   // Expand launched as a plain kernel, after the shrink finished.
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, false, true));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks no overlap", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 256));
 
   // CUDA graph: capture shrink+expand once, then replay with segment tables, counts and inputs
   // changed in device memory between replays (more segments than at capture, fewer, none).

@@ -169,6 +169,8 @@ class CudaOps final : public Ops {
     return green_side_->sms();
   }
 
+  void set_lora_shrink_warps(int warps) { lora_shrink_warps_ = warps; }
+
   void set_lora_tuning(int shrink_blocks, bool overlap, bool fork) {
     lora_shrink_blocks_ = shrink_blocks;
     lora_overlap_ = overlap;
@@ -607,7 +609,9 @@ class CudaOps final : public Ops {
     // idle blocks would only hold SMs the GEMM beside the shrink needs).
     int blocks = LoraShrinkBlocks(num_sms_, segments.num_tokens, module.num_slices, module.max_rank);
     if (lora_shrink_blocks_ > 0) blocks = std::min(blocks, lora_shrink_blocks_);
-    return MakeLoraParams(segments, module, blocks);
+    LoraParams p = MakeLoraParams(segments, module, blocks);
+    p.shrink_warps = lora_shrink_warps_;
+    return p;
   }
 
   absl::StatusOr<LoraParams> PrepareLoraExpand(const TensorView& y, const LoraSegments& segments,
@@ -688,6 +692,7 @@ class CudaOps final : public Ops {
   void* attention_scratch_ = nullptr;
   void* lora_partials_ = nullptr;
   int lora_shrink_blocks_ = 0;  // a cap on the shrink's grid (tests); 0: LoraShrinkBlocks alone
+  int lora_shrink_warps_ = 0;   // SetLoraShrinkWarpsForTest; 0: by in_features
   int lora_expand_blocks_ = 0;
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
@@ -822,6 +827,15 @@ absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks, bool overlap_shri
     return Invalid("SetLoraTuningForTest", absl::StrCat("shrink_blocks ", shrink_blocks, " must be >= 0"));
   }
   cuda->set_lora_tuning(shrink_blocks, overlap_shrink, fork_shrink);
+  return absl::OkStatus();
+}
+
+absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraShrinkWarpsForTest"));
+  if (warps != 0 && warps != 8 && warps != 16) {
+    return Invalid("SetLoraShrinkWarpsForTest", absl::StrCat("warps ", warps, " not 0, 8 or 16"));
+  }
+  cuda->set_lora_shrink_warps(warps);
   return absl::OkStatus();
 }
 

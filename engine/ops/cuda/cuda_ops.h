@@ -58,6 +58,11 @@ absl::StatusOr<std::vector<double>> TimeOnStream(Ops* ops, int warmup, int repet
 // stream concurrently with the GEMM (`fork_shrink`, default on; off: the three ops in order).
 // Tests and benchmarks sweep them. INVALID_ARGUMENT for a negative shrink_blocks.
 absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks, bool overlap_shrink, bool fork_shrink);
+// The decode shrink's block size: 8 or 16 warps (0: the default, 16 only for inputs wider than
+// 8192). An experiment: 16-warp blocks fill an SM's registers, so with a small grid
+// (SetLoraTuningForTest's shrink_blocks) the shrink occupies that many SMs and no more.
+// INVALID_ARGUMENT for other values.
+absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
 // An experiment (off by default): GemmWithLora's side chain (shrink and expand beside the GEMM) on
 // a stream of a CUDA green context of at least `sms` SMs, so its blocks never occupy the other SMs
 // that the GEMM's CTAs need; LoRA grids are capped at 2 blocks per SM of the partition. 0 goes back

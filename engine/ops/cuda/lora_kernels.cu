@@ -403,7 +403,8 @@ int LoraShrinkBlocks(int num_sms, int num_tokens, int num_slices, int max_rank) 
 
 cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaStream_t stream) {
   if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0) return cudaSuccess;
-  if (p.in_features > kLoraShrinkWideInput) {
+  const int warps = p.shrink_warps != 0 ? p.shrink_warps : p.in_features > kLoraShrinkWideInput ? 16 : 8;
+  if (warps == 16) {
     LoraShrinkRowsKernel<16><<<p.num_blocks, 16 * kWarpSize, 0, stream>>>(p, static_cast<const bf16*>(x), y);
   } else {
     LoraShrinkRowsKernel<8><<<p.num_blocks, 8 * kWarpSize, 0, stream>>>(p, static_cast<const bf16*>(x), y);

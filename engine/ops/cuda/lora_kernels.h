@@ -50,6 +50,9 @@ struct LoraParams {
   // num_slices·max_rank] F32.
   float* partials = nullptr;
   int32_t num_blocks = 0;  // blocks per launch; they walk the step's work items
+  // Shrink only: warps a block (8 or 16; 0: 16 for in_features > kLoraShrinkWideInput, else 8). A
+  // 16-warp block takes a whole SM's registers, so a grid of G blocks occupies G SMs.
+  int32_t shrink_warps = 0;
   // Expand only: launch it as a programmatic dependent of the kernel before it (the shrink), so
   // it reads the segment arrays, slot table and B while that kernel still runs, and y and out
   // only after it has finished.
