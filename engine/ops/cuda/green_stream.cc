@@ -8,7 +8,8 @@
 namespace loraplex::ops::cuda {
 namespace {
 
-// The driver functions used, resolved once per process (CUDA 12.4 introduced them).
+// The driver functions used, resolved once per process at the ABI of the toolkit built against
+// (green contexts need a CUDA 12.4 or newer driver).
 struct GreenApi {
   CUresult (*device_get)(CUdevice*, int) = nullptr;
   CUresult (*get_dev_resource)(CUdevice, CUdevResource*, CUdevResourceType) = nullptr;
@@ -26,7 +27,7 @@ template <typename F>
 absl::Status Resolve(const char* name, F* fn) {
   cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
   const cudaError_t err =
-      cudaGetDriverEntryPointByVersion(name, reinterpret_cast<void**>(fn), 12040, cudaEnableDefault, &found);
+      cudaGetDriverEntryPointByVersion(name, reinterpret_cast<void**>(fn), CUDA_VERSION, cudaEnableDefault, &found);
   if (err != cudaSuccess || found != cudaDriverEntryPointSuccess || *fn == nullptr) {
     cudaGetLastError();
     return absl::UnimplementedError(absl::StrCat("green contexts: the driver has no ", name));
