@@ -160,10 +160,7 @@ class Ops {
   // algorithm per shape does it now (the CUDA one: per row-count bucket) instead of on first use.
   // Runs nothing on the device and changes no result; an executor that prepares checks the
   // arguments as Gemm does. Default: nothing to prepare (no checks).
-  virtual absl::Status PrepareGemm(const TensorView& x, const TensorView& w, const TensorView& y) {
-    (void)x;
-    (void)w;
-    (void)y;
+  virtual absl::Status PrepareGemm(const TensorView& /*x*/, const TensorView& /*w*/, const TensorView& /*y*/) {
     return absl::OkStatus();
   }
   // Rotates q and k of `qkv` in place (rotate-half RoPE with inv_freq) and writes k, v into the

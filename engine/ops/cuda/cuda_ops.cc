@@ -127,7 +127,6 @@ class CudaOps final : public Ops {
     ops->sample_scratch_bytes_ = SampleScratchBytes(4096);
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->sample_scratch_, ops->sample_scratch_bytes_),
                                         "CUDA executor: allocate sampling scratch"));
-    ops->lora_expand_blocks_ = ops->num_sms_ * kLoraExpandBlocksPerSm;
     LORAPLEX_ASSIGN_OR_RETURN(ops->gemm_, CublasLtGemm::Create(ops->gemm_workspace_, kGemmWorkspaceBytes));
     return ops;
   }
@@ -159,15 +158,14 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(Synchronize());
     green_side_.reset();
     side_stream_ = plain_side_stream_;
-    lora_shrink_blocks_ = 0;
-    lora_expand_blocks_ = num_sms_ * kLoraExpandBlocksPerSm;
     if (sms == 0) return num_sms_;
     LORAPLEX_ASSIGN_OR_RETURN(green_side_, GreenStream::Create(0, sms));
     side_stream_ = green_side_->stream();
-    lora_shrink_blocks_ = 2 * green_side_->sms();
-    lora_expand_blocks_ = 2 * green_side_->sms();
     return green_side_->sms();
   }
+
+  // The SMs the LoRA kernels may use: all, or the green partition's.
+  int lora_sms() const { return green_side_ != nullptr ? green_side_->sms() : num_sms_; }
 
   void set_lora_shrink_warps(int warps) { lora_shrink_warps_ = warps; }
 
@@ -608,6 +606,7 @@ class CudaOps final : public Ops {
     // No more blocks than the step can have items (a few tokens cannot use a large grid; its
     // idle blocks would only hold SMs the GEMM beside the shrink needs).
     int blocks = LoraShrinkBlocks(num_sms_, segments.num_tokens, module.num_slices, module.max_rank);
+    if (green_side_ != nullptr) blocks = std::min(blocks, 2 * lora_sms());
     if (lora_shrink_blocks_ > 0) blocks = std::min(blocks, lora_shrink_blocks_);
     LoraParams p = MakeLoraParams(segments, module, blocks);
     p.shrink_warps = lora_shrink_warps_;
@@ -629,7 +628,8 @@ class CudaOps final : public Ops {
       tiles += (module.slice_offsets[s + 1] - module.slice_offsets[s] + tw - 1) / tw;
     }
     const int64_t want = std::max<int64_t>(1, tiles) * std::max(1, segments.num_tokens);
-    return MakeLoraParams(segments, module, static_cast<int>(std::min<int64_t>(lora_expand_blocks_, want)));
+    const int64_t cap = static_cast<int64_t>(lora_sms()) * kLoraExpandBlocksPerSm;
+    return MakeLoraParams(segments, module, static_cast<int>(std::min(cap, want)));
   }
 
   absl::Status CheckLora(absl::string_view op, const LoraSegments& segments, const LoraModule& module,
@@ -693,7 +693,6 @@ class CudaOps final : public Ops {
   void* lora_partials_ = nullptr;
   int lora_shrink_blocks_ = 0;  // a cap on the shrink's grid (tests); 0: LoraShrinkBlocks alone
   int lora_shrink_warps_ = 0;   // SetLoraShrinkWarpsForTest; 0: by in_features
-  int lora_expand_blocks_ = 0;
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
