@@ -88,33 +88,36 @@ struct Result {
 
 double TokensPerSecond(const Result& r) { return r.phase == "roofline" || r.ms <= 0 ? 0.0 : r.tokens / (r.ms * 1e-3); }
 
+// LoRA kernel settings of the CUDA executor for one run (0 / -1: the executor's defaults).
+struct LoraTuning {
+  int shrink_blocks = 0;  // SetLoraTuningForTest's cap on the shrink's grid
+  int overlap = -1;       // 0/1: the expand as a programmatic dependent of the shrink
+  int side_sms = 0;       // SetLoraSideStreamSmsForTest
+  int shrink_warps = 0;   // SetLoraShrinkWarpsForTest
+};
+
 class Bench {
  public:
   // `profile` 1 or 2: the model runs on ProfilingOps over the executor (2: GemmWithLora split).
   absl::Status Setup(const std::string& model_dir, const std::string& adapter_dir, int max_batch, bool cpu,
-                     int profile, int lora_shrink_blocks, int lora_overlap, int lora_side_sms,
-                     int lora_shrink_warps) {
+                     int profile, const LoraTuning& lora) {
     if (cpu) {
       LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::CreateOps(Device::kCpu));
     } else {
 #if LORAPLEX_STEP_BENCH_CUDA
       LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::cuda::CreateCudaOps());
-      if (lora_shrink_warps > 0) {
-        LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkWarpsForTest(ops_.get(), lora_shrink_warps));
+      if (lora.shrink_warps > 0) {
+        LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkWarpsForTest(ops_.get(), lora.shrink_warps));
       }
-      if (lora_side_sms > 0) {
-        LORAPLEX_ASSIGN_OR_RETURN(const int granted, ops::cuda::SetLoraSideStreamSmsForTest(ops_.get(), lora_side_sms));
+      if (lora.side_sms > 0) {
+        LORAPLEX_ASSIGN_OR_RETURN(const int granted, ops::cuda::SetLoraSideStreamSmsForTest(ops_.get(), lora.side_sms));
         std::printf("LoRA side chain on a green context of %d SMs\n", granted);
       }
-      if (lora_shrink_blocks > 0 || lora_overlap >= 0) {
-        LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraTuningForTest(
-            ops_.get(), std::max(0, lora_shrink_blocks), lora_overlap != 0, true));
+      if (lora.shrink_blocks > 0 || lora.overlap >= 0) {
+        LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraTuningForTest(ops_.get(), lora.shrink_blocks, lora.overlap != 0, true));
       }
 #else
-      (void)lora_shrink_blocks;
-      (void)lora_overlap;
-      (void)lora_side_sms;
-      (void)lora_shrink_warps;
+      (void)lora;
       return absl::UnimplementedError("step_bench was built without CUDA: run it with --cpu 1");
 #endif
     }
@@ -430,16 +433,20 @@ absl::Status RunProfile(Bench& bench, const std::vector<int>& batches, int steps
   return absl::OkStatus();
 }
 
+// An integer flag value in [lo, hi].
+absl::Status ParseFlag(const std::string& flag, const char* text, int lo, int hi, int* value) {
+  if (!absl::SimpleAtoi(text, value) || *value < lo || *value > hi) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, " ", text, " (expected ", lo, "..", hi, ")"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
     return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-side-sms N] [--lora-shrink-warps 8|16]");
   }
   int steps = 20;
-  // LoRA kernel tuning (CUDA; -1: the executor's defaults): SetLoraTuningForTest.
-  int lora_shrink_blocks = -1;
-  int lora_overlap = -1;
-  int lora_side_sms = 0;
-  int lora_shrink_warps = 0;
+  LoraTuning lora;
   int cpu = 0;
   int graphs = 1;
   int profile = 0;
@@ -457,21 +464,16 @@ absl::Status Run(int argc, char** argv) {
         return absl::InvalidArgumentError(absl::StrCat("--profile ", argv[i + 1], " (expected 0, 1 or 2)"));
       }
     } else if (flag == "--lora-shrink-blocks") {
-      if (!absl::SimpleAtoi(argv[i + 1], &lora_shrink_blocks) || lora_shrink_blocks < 1) {
-        return absl::InvalidArgumentError(absl::StrCat("--lora-shrink-blocks ", argv[i + 1]));
-      }
+      LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, argv[i + 1], 1, 1 << 20, &lora.shrink_blocks));
     } else if (flag == "--lora-shrink-warps") {
-      if (!absl::SimpleAtoi(argv[i + 1], &lora_shrink_warps) || (lora_shrink_warps != 8 && lora_shrink_warps != 16)) {
-        return absl::InvalidArgumentError(absl::StrCat("--lora-shrink-warps ", argv[i + 1], " (expected 8 or 16)"));
+      LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, argv[i + 1], 8, 16, &lora.shrink_warps));
+      if (lora.shrink_warps != 8 && lora.shrink_warps != 16) {
+        return absl::InvalidArgumentError(absl::StrCat(flag, " ", argv[i + 1], " (expected 8 or 16)"));
       }
     } else if (flag == "--lora-side-sms") {
-      if (!absl::SimpleAtoi(argv[i + 1], &lora_side_sms) || lora_side_sms < 1) {
-        return absl::InvalidArgumentError(absl::StrCat("--lora-side-sms ", argv[i + 1]));
-      }
+      LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, argv[i + 1], 1, 1 << 20, &lora.side_sms));
     } else if (flag == "--lora-overlap") {
-      if (!absl::SimpleAtoi(argv[i + 1], &lora_overlap) || (lora_overlap != 0 && lora_overlap != 1)) {
-        return absl::InvalidArgumentError(absl::StrCat("--lora-overlap ", argv[i + 1]));
-      }
+      LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, argv[i + 1], 0, 1, &lora.overlap));
     } else if (flag == "--batches") {
       batches.clear();
       for (absl::string_view b : absl::StrSplit(argv[i + 1], ',')) {
@@ -486,7 +488,7 @@ absl::Status Run(int argc, char** argv) {
   Bench bench;
   LORAPLEX_RETURN_IF_ERROR(
       bench.Setup(argv[1], argv[2], *std::max_element(batches.begin(), batches.end()), cpu != 0, profile,
-                  lora_shrink_blocks, lora_overlap, lora_side_sms, lora_shrink_warps));
+                  lora));
   if (profile != 0) return RunProfile(bench, batches, steps, profile, argv[3]);
 
   std::vector<Result> results;
