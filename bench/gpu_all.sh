@@ -4,7 +4,7 @@
 # the per-op profile (PROFILE=1) and transformers + PEFT (HF_BENCH=1). Logs go to OUTDIR/logs and
 # are packed into OUTDIR/logs.tgz (the device tool brings back few files); a short summary is
 # printed last.
-# Usage: bench/gpu_all.sh OUTDIR   Env: LORAPLEX_GPU_BUILD, STEP_BENCH_ARGS, HF_BENCH (default 0),
+# Usage: bench/gpu_all.sh OUTDIR   Env: LORAPLEX_GPU_BUILD, STEP_BENCH_ARGS, TESTS (default 1), HF_BENCH (default 0),
 #        HF_BENCH_ARGS, PROFILE (default 1), DAEMON (default 1), STEP_BENCH_VARIANTS (';'-separated
 #        extra step_bench argument lists, each run after the main one, e.g. "--batches 1,32
 #        --lora-overlap 0").
@@ -17,7 +17,10 @@ build=${LORAPLEX_GPU_BUILD:-build-cuda}
 export LORAPLEX_GPU_BUILD=$build
 status=0
 pack() { tar czf "$out/logs.tgz" -C "$out" logs; }  # after each phase: a run cut short keeps what it did
-HF_BENCH=${HF_BENCH:-0} scripts/gpu-run.sh "$logs" --bench >"$logs/gpu-run.log" 2>&1 || status=1
+# TESTS=0: the benchmarks only (A/B runs of step_bench variants on code the suite has checked).
+bench_mode=--bench
+[ "${TESTS:-1}" = 0 ] && bench_mode=--bench-only
+HF_BENCH=${HF_BENCH:-0} scripts/gpu-run.sh "$logs" "$bench_mode" >"$logs/gpu-run.log" 2>&1 || status=1
 pack
 variant=0
 IFS=';' read -r -a variants <<<"${STEP_BENCH_VARIANTS:-}"
