@@ -1286,26 +1286,6 @@ absl::Status TimeLora() {
   return cuda::SetLoraTuningForTest(g_gpu, 0, true, true);
 }
 
-// The experimental green-context side stream (SetLoraSideStreamSmsForTest): GemmWithLora gives
-// the same results with its side chain confined to 16 SMs, eager and replayed from a graph. Where
-// the driver has no green contexts the case says so and checks nothing.
-absl::Status GreenSideStreamTests() {
-  auto granted = cuda::SetLoraSideStreamSmsForTest(g_gpu, 16);
-  if (absl::IsUnimplemented(granted.status())) {
-    std::printf("GemmWithLora green side stream: %s (not checked)\n", granted.status().ToString().c_str());
-    return absl::OkStatus();
-  }
-  LORAPLEX_RETURN_IF_ERROR(granted.status());
-  std::printf("GemmWithLora green side stream: %d SMs\n", *granted);
-  const std::vector<std::vector<int>> ranks = {{8, 8, 8}, {16, 16, 16}, {64, 64, 64}, {16, 0, 16}};
-  LORAPLEX_ASSIGN_OR_RETURN(auto world, LoraWorld::Create(4, 4096, {4096, 1024, 1024}, 64, ranks));
-  absl::Status status;
-  for (bool graph : {false, true}) {
-    status.Update(CheckGemmWithLora("GemmWithLora[green 16 SMs] qkv", *world, 32, true, graph, 4));
-  }
-  status.Update(cuda::SetLoraSideStreamSmsForTest(g_gpu, 0).status());
-  return status;
-}
 
 int Main() {
   if (!cuda::CudaDevicePresent()) {
@@ -1348,7 +1328,6 @@ int Main() {
       Run("LoRA delta fold", [&] { return CheckLoraFold(c, t); });
     }
   }
-  Run("GemmWithLora green side stream", [] { return GreenSideStreamTests(); });
   Run("Synchronize", [] { return g_gpu->Synchronize(); });
 
   std::printf("\n-- timing (median of 21 samples of 20 calls; inputs rotated past L2) --\n");

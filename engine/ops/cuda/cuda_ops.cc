@@ -14,7 +14,6 @@
 #include "engine/ops/cuda/attention.h"
 #include "engine/ops/cuda/cublaslt_gemm.h"
 #include "engine/ops/cuda/elementwise.h"
-#include "engine/ops/cuda/green_stream.h"
 #include "engine/ops/cuda/lora_delta.h"
 #include "engine/ops/cuda/lora_kernels.h"
 #include "engine/ops/cuda/lora_prefill.h"
@@ -105,9 +104,8 @@ class CudaOps final : public Ops {
         cudaDeviceGetAttribute(&ops->num_sms_, cudaDevAttrMultiProcessorCount, 0), "CUDA executor: query SMs"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&ops->stream_, cudaStreamNonBlocking),
                                         "CUDA executor: create stream"));
-    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&ops->plain_side_stream_, cudaStreamNonBlocking),
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&ops->side_stream_, cudaStreamNonBlocking),
                                         "CUDA executor: create side stream"));
-    ops->side_stream_ = ops->plain_side_stream_;
     for (cudaEvent_t* e : {&ops->fork_event_, &ops->join_event_}) {
       LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(e, cudaEventDisableTiming),
                                           "CUDA executor: create event"));
@@ -133,8 +131,7 @@ class CudaOps final : public Ops {
 
   ~CudaOps() override {
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
-    green_side_.reset();
-    if (plain_side_stream_ != nullptr) cudaStreamDestroy(plain_side_stream_);
+    if (side_stream_ != nullptr) cudaStreamDestroy(side_stream_);
     if (fork_event_ != nullptr) cudaEventDestroy(fork_event_);
     if (join_event_ != nullptr) cudaEventDestroy(join_event_);
     gemm_.reset();
@@ -152,21 +149,6 @@ class CudaOps final : public Ops {
   void set_lora_tensor_core_min_tokens(int tokens) { lora_tc_min_tokens_ = tokens; }
   void set_lora_delta_limit(size_t bytes) { lora_delta_limit_ = std::min(bytes, kLoraDeltaBytes); }
   void set_lora_fold(bool fold) { lora_fold_ = fold; }
-  // GemmWithLora's side chain on a green context of at least `sms` SMs (0: the plain side stream
-  // on all SMs), its grids capped at 2 blocks per SM of the partition. Returns the SMs granted.
-  absl::StatusOr<int> set_lora_side_sms(int sms) {
-    LORAPLEX_RETURN_IF_ERROR(Synchronize());
-    green_side_.reset();
-    side_stream_ = plain_side_stream_;
-    if (sms == 0) return num_sms_;
-    LORAPLEX_ASSIGN_OR_RETURN(green_side_, GreenStream::Create(0, sms));
-    side_stream_ = green_side_->stream();
-    return green_side_->sms();
-  }
-
-  // The SMs the LoRA kernels may use: all, or the green partition's.
-  int lora_sms() const { return green_side_ != nullptr ? green_side_->sms() : num_sms_; }
-
   void set_lora_shrink_warps(int warps) { lora_shrink_warps_ = warps; }
 
   void set_lora_tuning(int shrink_blocks, bool overlap, bool fork) {
@@ -606,7 +588,6 @@ class CudaOps final : public Ops {
     // No more blocks than the step can have items (a few tokens cannot use a large grid; its
     // idle blocks would only hold SMs the GEMM beside the shrink needs).
     int blocks = LoraShrinkBlocks(num_sms_, segments.num_tokens, module.num_slices, module.max_rank);
-    if (green_side_ != nullptr) blocks = std::min(blocks, 2 * lora_sms());
     if (lora_shrink_blocks_ > 0) blocks = std::min(blocks, lora_shrink_blocks_);
     LoraParams p = MakeLoraParams(segments, module, blocks);
     p.shrink_warps = lora_shrink_warps_;
@@ -628,7 +609,7 @@ class CudaOps final : public Ops {
       tiles += (module.slice_offsets[s + 1] - module.slice_offsets[s] + tw - 1) / tw;
     }
     const int64_t want = std::max<int64_t>(1, tiles) * std::max(1, segments.num_tokens);
-    const int64_t cap = static_cast<int64_t>(lora_sms()) * kLoraExpandBlocksPerSm;
+    const int64_t cap = static_cast<int64_t>(num_sms_) * kLoraExpandBlocksPerSm;
     return MakeLoraParams(segments, module, static_cast<int>(std::min(cap, want)));
   }
 
@@ -701,9 +682,7 @@ class CudaOps final : public Ops {
   void* lora_delta_ = nullptr;                  // [rows, out width] F32, kLoraDeltaBytes
   uint8_t* lora_delta_mask_ = nullptr;          // [rows, slices], kLoraDeltaMaskBytes
   size_t lora_delta_limit_ = kLoraDeltaBytes;   // tests lower it to force the in-place expand
-  cudaStream_t side_stream_ = nullptr;  // GemmWithLora's side chain: plain_side_stream_ or green_side_'s
-  cudaStream_t plain_side_stream_ = nullptr;
-  std::unique_ptr<GreenStream> green_side_;  // SetLoraSideStreamSmsForTest
+  cudaStream_t side_stream_ = nullptr;  // GemmWithLora's side chain
   cudaEvent_t fork_event_ = nullptr;
   cudaEvent_t join_event_ = nullptr;
   // GemmWithLora's delta, not yet added to its output `out` (see FlushLoraDelta).
@@ -838,11 +817,6 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<int> SetLoraSideStreamSmsForTest(Ops* ops, int sms) {
-  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraSideStreamSmsForTest"));
-  if (sms < 0) return Invalid("SetLoraSideStreamSmsForTest", absl::StrCat("sms ", sms, " must be >= 0"));
-  return cuda->set_lora_side_sms(sms);
-}
 
 absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "GemmAlgorithmsForTest"));

@@ -63,12 +63,6 @@ absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks, bool overlap_shri
 // (SetLoraTuningForTest's shrink_blocks) the shrink occupies that many SMs and no more.
 // INVALID_ARGUMENT for other values.
 absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
-// An experiment (off by default): GemmWithLora's side chain (shrink and expand beside the GEMM) on
-// a stream of a CUDA green context of at least `sms` SMs, so its blocks never occupy the other SMs
-// that the GEMM's CTAs need; LoRA grids are capped at 2 blocks per SM of the partition. 0 goes back
-// to the plain side stream. Returns the SMs granted; UNIMPLEMENTED where the driver has no green
-// contexts. Synchronizes the executor; call it outside captures.
-absl::StatusOr<int> SetLoraSideStreamSmsForTest(Ops* ops, int sms);
 // How many GEMM algorithms the executor has chosen so far (one per cuBLASLt shape bucket): a
 // step whose shapes were prepared (Ops::PrepareGemm) adds none.
 absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops);
