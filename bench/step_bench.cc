@@ -16,14 +16,12 @@
 //
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
-//                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--skinny 0|1|2]
+//                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16]
 //   --graphs 0: every step eager (no graph rows).
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
 //     a cap on the decode shrink's grid (blocks), whether the expand starts beside the shrink
 //     (programmatic dependent launch), and (an experiment) the shrink's block size in warps
 //     (16: one block fills an SM).
-//   --skinny 1: GemmWithLora of steps of <= 64 tokens as one fused launch (skinny_gemm.h);
-//     2: the plain GEMMs of such steps on the same kernel too.
 //   --cpu 1: the CPU executor and no roofline (a smoke test on a toy checkpoint without a GPU).
 //     A build without CUDA has only this mode.
 //   --profile 1: instead of the rows above, a per-op breakdown of eager decode steps (base and
@@ -95,7 +93,6 @@ struct LoraTuning {
   int shrink_blocks = 0;  // SetLoraTuningForTest's cap on the shrink's grid
   int overlap = -1;       // 0/1: the expand as a programmatic dependent of the shrink
   int shrink_warps = 0;   // SetLoraShrinkWarpsForTest
-  int skinny = 0;         // SetSkinnyGemmForTest's mode
 };
 
 class Bench {
@@ -111,7 +108,6 @@ class Bench {
       if (lora.shrink_warps > 0) {
         LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkWarpsForTest(ops_.get(), lora.shrink_warps));
       }
-      if (lora.skinny > 0) LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmForTest(ops_.get(), lora.skinny, 0));
       if (lora.shrink_blocks > 0 || lora.overlap >= 0) {
         LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraTuningForTest(ops_.get(), lora.shrink_blocks, lora.overlap != 0, true));
       }
@@ -442,7 +438,7 @@ absl::Status ParseFlag(const std::string& flag, const char* text, int lo, int hi
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--skinny 0|1|2]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16]");
   }
   int steps = 20;
   LoraTuning lora;
@@ -469,8 +465,6 @@ absl::Status Run(int argc, char** argv) {
       if (lora.shrink_warps != 8 && lora.shrink_warps != 16) {
         return absl::InvalidArgumentError(absl::StrCat(flag, " ", argv[i + 1], " (expected 8 or 16)"));
       }
-    } else if (flag == "--skinny") {
-      LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, argv[i + 1], 0, 2, &lora.skinny));
     } else if (flag == "--lora-overlap") {
       LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, argv[i + 1], 0, 1, &lora.overlap));
     } else if (flag == "--batches") {

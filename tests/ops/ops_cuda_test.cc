@@ -22,7 +22,6 @@
 #include "engine/core/dtype.h"
 #include "engine/core/status.h"
 #include "engine/ops/cuda/cuda_ops.h"
-#include "engine/ops/cuda/skinny_gemm.h"
 #include "engine/ops/ops.h"
 
 namespace loraplex::ops {
@@ -1071,44 +1070,6 @@ absl::Status LoraTests() {
   return cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 256);
 }
 
-// The fused decode GEMM (skinny_gemm.h): the plain GEMM on every tile configuration against the
-// fp64 reference, then GemmWithLora with the shrink and expand fused in (mixed ranks up to 64,
-// odd ranks, rank-0 slices, base tokens, segment counts changing under graph replay) and the
-// delta folded into each consumer.
-absl::Status SkinnyTests() {
-  const std::vector<std::pair<int64_t, int64_t>> llama = {{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336}};
-  for (auto [n, k] : llama) {
-    std::vector<float> w = RandomVec(n * k, -1, 1);
-    LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_w, UploadBf16(w));
-    for (int c = 0; c < cuda::SkinnyNumConfigs(); ++c) {
-      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 2, c));
-      for (int64_t m : {1, 5, 32, 64}) {
-        if (c > 0 && m != 5 && m != 64) continue;
-        std::printf("skinny config %d: ", c);
-        LORAPLEX_RETURN_IF_ERROR(TestGemm(m, n, k, false, 0.0f, c == 0 && m == 5 ? 2 : 0, w, d_w));
-      }
-    }
-  }
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 2, 0));
-  const std::vector<std::vector<int>> ranks = {{8, 8, 8}, {16, 16, 16}, {64, 64, 64}, {16, 0, 16}, {0, 0, 0}, {64, 8, 0}};
-  LORAPLEX_ASSIGN_OR_RETURN(auto world, LoraWorld::Create(6, 4096, {4096, 1024, 1024}, 64, ranks));
-  for (int T : {1, 5, 32, 64}) {
-    for (bool graph : {false, true}) {
-      LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora(absl::StrCat("GemmWithLora[skinny] qkv T=", T), *world, T, true, graph, 4));
-    }
-  }
-  LORAPLEX_ASSIGN_OR_RETURN(auto down, LoraWorld::Create(3, 14336, {4096}, 64, {{16}, {64}, {8}}));
-  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[skinny] down", *down, 40, true, true, 3));
-  LORAPLEX_ASSIGN_OR_RETURN(auto odd, LoraWorld::Create(4, 4096, {14336, 14336}, 64, {{13, 13}, {40, 7}, {1, 64}, {24, 0}}));
-  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[skinny] gate_up odd ranks", *odd, 48, true, true, 4));
-  for (int t : {1, 5, 32}) {
-    for (auto c : {FoldConsumer::kAddRmsNorm, FoldConsumer::kSiluMul, FoldConsumer::kRope}) {
-      LORAPLEX_RETURN_IF_ERROR(CheckLoraFold(c, t));
-    }
-  }
-  return cuda::SetSkinnyGemmForTest(g_gpu, 0, 0);
-}
-
 // --- timing ----------------------------------------------------------------------------------------
 
 double Median(std::vector<double> v) {
@@ -1116,7 +1077,7 @@ double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-absl::Status TimeGemm(int64_t m, int64_t n, int64_t k, const char* label = "") {
+absl::Status TimeGemm(int64_t m, int64_t n, int64_t k) {
   // Enough weight copies that each call streams from HBM, not the ~50 MB L2.
   const size_t w_bytes = static_cast<size_t>(n) * k * 2;
   const int copies = static_cast<int>(std::max<size_t>(2, (256u << 20) / w_bytes + 1));
@@ -1134,7 +1095,7 @@ absl::Status TimeGemm(int64_t m, int64_t n, int64_t k, const char* label = "") {
   }));
   const double us = Median(samples);
   const double bytes = static_cast<double>(n) * k * 2 + m * k * 2 + m * n * 2;
-  std::printf("TIME Gemm%s M=%-3lld N=%-6lld K=%-6lld %9.2f us  %7.1f GB/s  %7.1f TFLOP/s\n", label, static_cast<long long>(m),
+  std::printf("TIME Gemm M=%-3lld N=%-6lld K=%-6lld %9.2f us  %7.1f GB/s  %7.1f TFLOP/s\n", static_cast<long long>(m),
               static_cast<long long>(n), static_cast<long long>(k), us, bytes / us * 1e-3, 2.0 * m * n * k / us * 1e-6);
   return absl::OkStatus();
 }
@@ -1344,34 +1305,6 @@ int Main() {
     return g_failures == 0 ? 0 : 1;
   }
 
-  if (std::getenv("LORAPLEX_SKINNY_ONLY") != nullptr) {  // the fused decode GEMM's tests and timings alone
-    Run("Skinny GEMM", [] { return SkinnyTests(); });
-    std::printf("\n-- timing: cuBLASLt vs the skinny GEMM's configurations --\n");
-    for (auto [n, k] : std::vector<std::pair<int64_t, int64_t>>{{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336}}) {
-      for (int64_t m : {1, 8, 32, 64}) {
-        Run("TIME Gemm", [&] { return TimeGemm(m, n, k, " cublasLt  "); });
-        for (int c = 0; c < cuda::SkinnyNumConfigs(); ++c) {
-          const cuda::SkinnyConfig sc = cuda::SkinnyConfigAt(c);
-          const std::string label = absl::StrCat(" skinny", sc.row_groups, sc.k_splits, sc.unroll, " ");
-          Run("TIME Gemm", [&]() -> absl::Status {
-            LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 2, c));
-            const absl::Status st = TimeGemm(m, n, k, label.c_str());
-            LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 0, 0));
-            return st;
-          });
-        }
-      }
-    }
-    std::printf("\n-- TIME LoRA with the fused GEMM (mode 1; 'gemm' is cuBLASLt) --\n");
-    Run("TIME LoRA skinny", []() -> absl::Status {
-      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 1, 0));
-      const absl::Status st = TimeLora();
-      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 0, 0));
-      return st;
-    });
-    std::printf("\n%s: %d failure(s)\n", g_failures == 0 ? "ALL PASS" : "FAILED", g_failures);
-    return g_failures == 0 ? 0 : 1;
-  }
   Run("Embed", [] { return TestEmbed(5000, 4096, 37); });
   Run("Embed", [] { return TestEmbed(1000, 68, 5); });  // rows not whole 16-byte vectors
   Run("GatherRows", [] { return TestGatherRows(DType::kBF16, 50, 4096, 20); });
@@ -1395,7 +1328,6 @@ int Main() {
       Run("LoRA delta fold", [&] { return CheckLoraFold(c, t); });
     }
   }
-  Run("Skinny GEMM", [] { return SkinnyTests(); });
   Run("Synchronize", [] { return g_gpu->Synchronize(); });
 
   std::printf("\n-- timing (median of 21 samples of 20 calls; inputs rotated past L2) --\n");

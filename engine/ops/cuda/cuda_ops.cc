@@ -16,7 +16,6 @@
 #include "engine/ops/cuda/elementwise.h"
 #include "engine/ops/cuda/lora_delta.h"
 #include "engine/ops/cuda/lora_kernels.h"
-#include "engine/ops/cuda/skinny_gemm.h"
 #include "engine/ops/cuda/lora_prefill.h"
 #include "engine/ops/cuda/norm.h"
 #include "engine/ops/cuda/rope.h"
@@ -151,10 +150,6 @@ class CudaOps final : public Ops {
   void set_lora_delta_limit(size_t bytes) { lora_delta_limit_ = std::min(bytes, kLoraDeltaBytes); }
   void set_lora_fold(bool fold) { lora_fold_ = fold; }
   void set_lora_shrink_warps(int warps) { lora_shrink_warps_ = warps; }
-  void set_skinny(int mode, const SkinnyConfig& config) {
-    skinny_mode_ = mode;
-    skinny_config_ = config;
-  }
 
   void set_lora_tuning(int shrink_blocks, bool overlap, bool fork) {
     lora_shrink_blocks_ = shrink_blocks;
@@ -272,13 +267,6 @@ class CudaOps final : public Ops {
     constexpr absl::string_view kOp = "Gemm";
     LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     LORAPLEX_RETURN_IF_ERROR(CheckGemm(kOp, x, w, y));
-    if (skinny_mode_ == 2 && beta == 0.0f && y.dtype == DType::kBF16 &&
-        SkinnyGemmSupports(skinny_config_, x.shape[0], w.shape[0], x.shape[1]) && Aligned16(x.data) &&
-        Aligned16(w.data) && Aligned16(y.data)) {
-      const SkinnyGemmArgs a{x.data, w.data, y.data, static_cast<int32_t>(x.shape[0]), static_cast<int32_t>(w.shape[0]),
-                             static_cast<int32_t>(x.shape[1])};
-      return CudaStatus(LaunchSkinnyGemm(skinny_config_, a, nullptr, stream_), kOp);
-    }
     return Annotate(gemm_->Run(x.data, w.data, y.data, y.dtype == DType::kF32, x.shape[0], w.shape[0],
                                x.shape[1], beta, stream_),
                     "Gemm");
@@ -480,25 +468,6 @@ class CudaOps final : public Ops {
     LORAPLEX_ASSIGN_OR_RETURN(LoraParams expand, PrepareLoraExpand(lora_y, *segments, *module, y));
     if (segments->max_segments == 0) return Gemm(x, w, 0.0f, y);  // no segment can exist
     const bool delta = !UseTensorCores(shrink) && LoraDeltaFits(*module, y);
-    if (delta && skinny_mode_ >= 1 && y.dtype == DType::kBF16 && module->max_rank <= 16 * skinny_config_.row_groups &&
-        SkinnyGemmSupports(skinny_config_, x.shape[0], w.shape[0], x.shape[1]) && Aligned16(x.data) &&
-        Aligned16(w.data) && Aligned16(y.data)) {
-      // One launch: the GEMM with the shrink and expand as extra tiles (skinny_gemm.h).
-      SkinnyLora lora;
-      lora.p = shrink;
-      lora.p.delta = static_cast<float*>(lora_delta_);
-      lora.p.delta_mask = lora_delta_mask_;
-      lora.p.delta_rows = static_cast<int32_t>(y.shape[0]);
-      lora.shrink_y = lora_y.As<float>();
-      lora.chunks = SkinnyLoraChunks(skinny_config_, lora.p, x.shape[1]);
-      const SkinnyGemmArgs a{x.data, w.data, y.data, static_cast<int32_t>(x.shape[0]), static_cast<int32_t>(w.shape[0]),
-                             static_cast<int32_t>(x.shape[1])};
-      LORAPLEX_RETURN_IF_ERROR(CudaStatus(LaunchSkinnyGemm(skinny_config_, a, &lora, stream_), "GemmWithLora: fused GEMM"));
-      pending_.view = LoraDeltaOf(lora.p);
-      pending_.out = y.data;
-      pending_.active = true;
-      return lora_fold_ ? absl::OkStatus() : FlushLoraDelta();
-    }
     if (delta) {
       const int32_t rows = static_cast<int32_t>(y.shape[0]);
       for (LoraParams* p : {&shrink, &expand}) {
@@ -705,8 +674,6 @@ class CudaOps final : public Ops {
   void* lora_partials_ = nullptr;
   int lora_shrink_blocks_ = 0;  // a cap on the shrink's grid (tests); 0: LoraShrinkBlocks alone
   int lora_shrink_warps_ = 0;   // SetLoraShrinkWarpsForTest; 0: by in_features
-  int skinny_mode_ = 0;         // SetSkinnyGemmForTest: 0 off, 1 GemmWithLora, 2 also Gemm
-  SkinnyConfig skinny_config_ = SkinnyDefaultConfig();
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
@@ -850,14 +817,6 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps) {
   return absl::OkStatus();
 }
 
-absl::Status SetSkinnyGemmForTest(Ops* ops, int mode, int config) {
-  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetSkinnyGemmForTest"));
-  if (mode < 0 || mode > 2 || config < 0 || config >= SkinnyNumConfigs()) {
-    return Invalid("SetSkinnyGemmForTest", absl::StrCat("mode ", mode, " / config ", config, " out of range"));
-  }
-  cuda->set_skinny(mode, SkinnyConfigAt(config));
-  return absl::OkStatus();
-}
 
 absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "GemmAlgorithmsForTest"));

@@ -63,10 +63,6 @@ absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks, bool overlap_shri
 // (SetLoraTuningForTest's shrink_blocks) the shrink occupies that many SMs and no more.
 // INVALID_ARGUMENT for other values.
 absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
-// The fused decode GEMM (skinny_gemm.h) for steps of up to 64 tokens: mode 0 off, 1 for
-// GemmWithLora (the GEMM, shrink and expand in one launch), 2 for plain Gemm too; `config` indexes
-// SkinnyConfigAt. INVALID_ARGUMENT out of range.
-absl::Status SetSkinnyGemmForTest(Ops* ops, int mode, int config = 0);
 // How many GEMM algorithms the executor has chosen so far (one per cuBLASLt shape bucket): a
 // step whose shapes were prepared (Ops::PrepareGemm) adds none.
 absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops);
