@@ -604,10 +604,7 @@ class CudaOps final : public Ops {
     // every tile of every slice at the narrowest width): each block is launched early beside the
     // shrink (PDL) and takes an SM's registers from the GEMM running beside them.
     const int tw = LoraExpandTileWidth(module.max_rank);  // the narrowest tiles a step can have
-    int64_t tiles = 0;
-    for (int s = 0; s < module.num_slices; ++s) {
-      tiles += (module.slice_offsets[s + 1] - module.slice_offsets[s] + tw - 1) / tw;
-    }
+    const int64_t tiles = LoraExpandTiles(module.slice_offsets, module.num_slices, tw);
     const int64_t want = std::max<int64_t>(1, tiles) * std::max(1, segments.num_tokens);
     const int64_t cap = static_cast<int64_t>(num_sms_) * kLoraExpandBlocksPerSm;
     return MakeLoraParams(segments, module, static_cast<int>(std::min(cap, want)));

@@ -94,7 +94,7 @@ cudaError_t LaunchGatherRows(const void* src, int64_t src_rows, int64_t row_byte
   return cudaGetLastError();
 }
 
-cudaError_t LaunchSiluMul(const void* gate_up, int64_t num_tokens, int64_t inter, void* out,
+cudaError_t LaunchSiluMul(void* gate_up, int64_t num_tokens, int64_t inter, void* out,
                           const LoraDeltaView& delta, cudaStream_t stream) {
   const bool vec = inter % 8 == 0 && IsAligned16(gate_up) && IsAligned16(out);
   const int64_t work = num_tokens * (vec ? inter / 8 : inter);  // thread steps
@@ -103,11 +103,11 @@ cudaError_t LaunchSiluMul(const void* gate_up, int64_t num_tokens, int64_t inter
   const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
   if (vec) {
     (void)LaunchDependent(SiluMulVecKernel, dim3(grid), dim3(256), 0, stream,
-                          static_cast<uint4*>(const_cast<void*>(gate_up)), num_tokens, inter / 8,
+                          static_cast<uint4*>(gate_up), num_tokens, inter / 8,
                           static_cast<uint4*>(out), delta);
   } else {
     // The scalar kernel does not fold a LoRA delta: add it first.
-    const cudaError_t added = LaunchLoraDeltaAdd(delta, const_cast<void*>(gate_up), stream);
+    const cudaError_t added = LaunchLoraDeltaAdd(delta, gate_up, stream);
     if (added != cudaSuccess) return added;
     (void)LaunchDependent(SiluMulKernel, dim3(grid), dim3(256), 0, stream, static_cast<const bf16*>(gate_up), num_tokens, inter,
                                             static_cast<bf16*>(out));

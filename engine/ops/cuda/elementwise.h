@@ -20,7 +20,7 @@ cudaError_t LaunchGatherRows(const void* src, int64_t src_rows, int64_t row_byte
 // out = silu(gate_up[:, :inter]) * gate_up[:, inter:], fp32 math, one bf16 rounding.
 // gate_up [num_tokens, 2·inter] bf16; out [num_tokens, inter] bf16. `delta` (may be empty): a
 // pending LoRA delta of gate_up ([num_tokens, 2·inter]), added first and written back to it.
-cudaError_t LaunchSiluMul(const void* gate_up, int64_t num_tokens, int64_t inter, void* out,
+cudaError_t LaunchSiluMul(void* gate_up, int64_t num_tokens, int64_t inter, void* out,
                           const LoraDeltaView& delta, cudaStream_t stream);
 
 }  // namespace loraplex::ops::cuda

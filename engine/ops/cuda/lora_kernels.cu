@@ -317,19 +317,11 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
   // item of a rank-64 adapter moves as many bytes of B as one of a rank-16 adapter instead of 4x
   // (and takes as long). When full-width items already fill the grid they stay (fewer, longer
   // items: at batch 128 narrow ones made the step slower).
-  int total_tiles = 0;
-#pragma unroll
-  for (int s = 0; s < kLoraMaxSlices; ++s) {
-    if (s < S) total_tiles += (p.slice_offsets[s + 1] - p.slice_offsets[s] + kLoraExpandTile - 1) / kLoraExpandTile;
-  }
   int tw = kLoraExpandTile;
+  int total_tiles = LoraExpandTiles(p.slice_offsets, S, tw);
   if (static_cast<int64_t>(nseg) * total_tiles * token_splits < gridDim.x) {
     tw = LoraExpandTileWidth(live_rank);
-    total_tiles = 0;
-#pragma unroll
-    for (int s = 0; s < kLoraMaxSlices; ++s) {
-      if (s < S) total_tiles += (p.slice_offsets[s + 1] - p.slice_offsets[s] + tw - 1) / tw;
-    }
+    total_tiles = LoraExpandTiles(p.slice_offsets, S, tw);
   }
   const int64_t items = static_cast<int64_t>(nseg) * total_tiles * token_splits;
 

@@ -30,6 +30,18 @@ __host__ __device__ constexpr int LoraExpandTileWidth(int rank_bound) {
   return rank_bound <= 16 ? kLoraExpandTile : rank_bound >= kLoraExpandTile * 16 ? 1 : kLoraExpandTile * 16 / rank_bound;
 }
 
+// Expand tiles of width `tw` over the first num_slices slices of `offsets` (slice s is columns
+// offsets[s]..offsets[s + 1]); N > num_slices. A fixed trip count, so device code indexes the
+// parameter array with constants only.
+template <int N>
+__host__ __device__ inline int LoraExpandTiles(const int32_t (&offsets)[N], int num_slices, int tw) {
+  int tiles = 0;
+  for (int s = 0; s + 1 < N; ++s) {
+    if (s < num_slices) tiles += (offsets[s + 1] - offsets[s] + tw - 1) / tw;
+  }
+  return tiles;
+}
+
 struct LoraParams {
   const LoraSliceWeightsDev* table = nullptr;  // [num_slots][num_slices]
   int32_t num_slots = 0;

@@ -118,10 +118,10 @@ __global__ void RmsNormScalarKernel(const bf16* x, bf16* residual, const bf16* _
 }
 
 template <bool kAdd>
-cudaError_t Launch(const void* x, void* residual, const void* weight, int64_t rows, int64_t hidden,
+cudaError_t Launch(void* x, void* residual, const void* weight, int64_t rows, int64_t hidden,
                    float eps, void* out, const LoraDeltaView& delta, cudaStream_t stream) {
   if (rows == 0 || hidden == 0) return cudaSuccess;
-  bf16* xp = static_cast<bf16*>(const_cast<void*>(x));
+  bf16* xp = static_cast<bf16*>(x);
   bf16* rp = static_cast<bf16*>(residual);
   const bf16* wp = static_cast<const bf16*>(weight);
   bf16* op = static_cast<bf16*>(out);
@@ -169,10 +169,12 @@ cudaError_t Launch(const void* x, void* residual, const void* weight, int64_t ro
 
 cudaError_t LaunchRmsNorm(const void* x, const void* weight, int64_t rows, int64_t hidden,
                           float eps, void* out, cudaStream_t stream) {
-  return Launch<false>(x, nullptr, weight, rows, hidden, eps, out, LoraDeltaView{}, stream);
+  // No delta to fold: the kernels only read x (they share a signature with AddRmsNorm's, which
+  // writes the folded delta back to x).
+  return Launch<false>(const_cast<void*>(x), nullptr, weight, rows, hidden, eps, out, LoraDeltaView{}, stream);
 }
 
-cudaError_t LaunchAddRmsNorm(const void* x, void* residual, const void* weight, int64_t rows,
+cudaError_t LaunchAddRmsNorm(void* x, void* residual, const void* weight, int64_t rows,
                              int64_t hidden, float eps, void* out, const LoraDeltaView& delta,
                              cudaStream_t stream) {
   return Launch<true>(x, residual, weight, rows, hidden, eps, out, delta, stream);

@@ -17,8 +17,9 @@ cudaError_t LaunchRmsNorm(const void* x, const void* weight, int64_t rows, int64
 
 // residual = bf16(residual + x); out = rmsnorm(residual) * weight, the norm taken over the rounded
 // residual that the next layer will read. x, residual, out [rows, hidden] bf16. `delta` (may be
-// empty): a pending LoRA delta of x ([rows, hidden]), added to x first and written back to it.
-cudaError_t LaunchAddRmsNorm(const void* x, void* residual, const void* weight, int64_t rows,
+// empty): a pending LoRA delta of x ([rows, hidden]), added to x first and written back to it
+// (so x is written only when delta is not empty).
+cudaError_t LaunchAddRmsNorm(void* x, void* residual, const void* weight, int64_t rows,
                              int64_t hidden, float eps, void* out, const LoraDeltaView& delta,
                              cudaStream_t stream);
 
