@@ -9,9 +9,8 @@
 // block covers the item's whole K range: its warps take interleaved 256-element steps, each lane
 // loads the rows' and tokens' vectors (two steps in flight) and accumulates 16 sums, which the
 // block reduces in a fixed order (a multi-value warp butterfly, then shared memory) straight into
-// y: no split-K scratch, no counters, no cross-block hand-off. Items are counted per (segment,
-// slice) from that slot's own rank and dealt round-robin, so a rank-8 adapter costs a quarter of a
-// rank-32 one's items and every block gets an even share of the step's real rows. The grid is capped at 3/4 of the SMs: the shrink runs beside the GEMM and
+// y: no split-K scratch, no counters, no cross-block hand-off. Rows past a slot's rank cost only
+// the metadata reads. The grid is capped at 3/4 of the SMs: the shrink runs beside the GEMM and
 // each of its blocks holds an SM's registers that a GEMM CTA would need (a larger grid made whole
 // steps slower, a smaller one the shrink too long; bench/runs/2026-11-29-rows).
 // Expand: item = (segment, output tile of one slice, token split); a tile is 1024 columns, or
@@ -139,42 +138,10 @@ __device__ __forceinline__ float WarpSum16(float (&v)[kRowItemValues], int lane)
   return v[0] + __shfl_xor_sync(0xffffffffu, v[0], 1);
 }
 
-// Items of the shrink are enumerated per (segment, slice) pair, kShrinkPairWindow pairs at a time:
-// a pair has ceil(rank / 4) row groups of its own slot's rank (not the step's bound) times its token
-// groups, so a rank-8 segment adds 2 items where a rank-64 one adds 16, and consecutive items (dealt
-// round-robin to the blocks) spread every pair's rows over different blocks. With items sized for
-// the step's bound instead, the blocks that drew a rank-64 segment's rows walked several full-K
-// items while others skipped empty ones: mixed-rank steps cost more than the bytes they read.
-constexpr int kShrinkPairWindow = 1024;
-
-// Inclusive prefix sum of counts[0..n) in place (n <= kShrinkPairWindow), by warp 0: each lane sums
-// a run of consecutive entries, the lanes' totals are scanned with shuffles, then each lane writes
-// its run's prefix. The caller synchronizes before and after.
-__device__ __forceinline__ void WarpPrefixSum(int* counts, int n) {
-  if (threadIdx.x >= kWarpSize) return;
-  const int lane = threadIdx.x;
-  const int per = (n + kWarpSize - 1) / kWarpSize;
-  const int lo = min(n, lane * per), hi = min(n, lo + per);
-  int sum = 0;
-  for (int i = lo; i < hi; ++i) sum += counts[i];
-  int incl = sum;
-#pragma unroll
-  for (int o = 1; o < kWarpSize; o <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += v;
-  }
-  int run = incl - sum;
-  for (int i = lo; i < hi; ++i) {
-    run += counts[i];
-    counts[i] = run;
-  }
-}
-
 template <int kItemWarps>
 __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
     LoraShrinkRowsKernel(LoraParams p, const bf16* __restrict__ x, float* __restrict__ y) {
   __shared__ float red[kItemWarps][kRowItemValues];
-  __shared__ int pair_end[kShrinkPairWindow];  // items of the window's pairs, inclusive prefix
   AllowDependentLaunch();  // the expand may take SMs this launch leaves idle; it waits for y itself
   const int S = p.num_slices;
   // GemmWithLora's expand marks the (row, slice) pairs it writes into the delta buffer: start
@@ -190,114 +157,82 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   const int live_rank = LiveMaxRank(p);
   if (nseg == 0 || live_rank == 0) return;
   // Token groups per segment from the mean segment length (a longer segment's group takes more
-  // passes): identical in every thread. A pair uses only as many groups as its tokens fill.
+  // passes): identical in every thread.
   const int groups = max(1, (p.num_tokens / nseg + kRowItemTokens - 1) / kRowItemTokens);
+  const int row_groups = (live_rank + kRowItemRows - 1) / kRowItemRows;
+  const int64_t items = static_cast<int64_t>(nseg) * S * groups * row_groups;
   const int K = p.in_features;
   const int steps_total = (K + kStep - 1) / kStep;
   const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
-  const int pairs = nseg * S;
 
-  int base = 0;  // items of the windows before this one
-  for (int w0 = 0; w0 < pairs; w0 += kShrinkPairWindow) {
-    const int np = min(kShrinkPairWindow, pairs - w0);
-    __syncthreads();  // the previous window's pair_end is no longer read
-    for (int i = threadIdx.x; i < np; i += blockDim.x) {
-      int begin, end;
-      LoraSliceWeightsDev w;
-      const int pair = w0 + i;
-      int count = 0;
-      if (ResolveSegment(p, pair / S, pair % S, live_rank, &begin, &end, &w)) {
-        const int token_groups = min(groups, (end - begin + kRowItemTokens - 1) / kRowItemTokens);
-        count = (w.rank + kRowItemRows - 1) / kRowItemRows * token_groups;
-      }
-      pair_end[i] = count;
-    }
-    __syncthreads();
-    WarpPrefixSum(pair_end, np);
-    __syncthreads();
-    const int total = pair_end[np - 1];
-    // This block takes the window's items i with (base + i) % gridDim.x == blockIdx.x.
-    const int grid = static_cast<int>(gridDim.x);
-    const int first = (static_cast<int>(blockIdx.x) + grid - base % grid) % grid;
-    base += total;
-    for (int item = first; item < total; item += gridDim.x) {
-      // The pair holding the item: the first pair_end above it (identical in every thread).
-      int lo = 0, hi = np - 1;
-      while (lo < hi) {
-        const int mid = (lo + hi) / 2;
-        if (pair_end[mid] > item) {
-          hi = mid;
-        } else {
-          lo = mid + 1;
-        }
-      }
-      const int pair = w0 + lo;
-      const int local = item - (lo > 0 ? pair_end[lo - 1] : 0);
-      const int seg = pair / S;
-      const int slice = pair % S;
-      int begin, end;
-      LoraSliceWeightsDev w;
-      if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;  // cannot happen: counted
-      const int row_groups = (w.rank + kRowItemRows - 1) / kRowItemRows;
-      const int rg = local % row_groups;
-      const int g = local / row_groups;
-      const int r0 = rg * kRowItemRows;
-      const int rows = min(kRowItemRows, w.rank - r0);
-      const bf16* a = static_cast<const bf16*>(w.a) + static_cast<int64_t>(r0) * K;
-      const bool a_vec = IsAligned16(w.a);  // K is a multiple of 8: every row stays aligned
-      const int64_t col = static_cast<int64_t>(slice) * p.max_rank + r0;
-      for (int t0 = begin + g * kRowItemTokens; t0 < end; t0 += groups * kRowItemTokens) {
-        const int nt = min(kRowItemTokens, end - t0);
-        int xrow[kRowItemTokens];
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    int64_t rest = item;
+    const int rg = static_cast<int>(rest % row_groups);
+    rest /= row_groups;
+    const int g = static_cast<int>(rest % groups);
+    rest /= groups;
+    const int slice = static_cast<int>(rest % S);
+    const int seg = static_cast<int>(rest / S);
+    int begin, end;
+    LoraSliceWeightsDev w;
+    if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;
+    const int r0 = rg * kRowItemRows;
+    if (r0 >= w.rank) continue;
+    const int rows = min(kRowItemRows, w.rank - r0);
+    const bf16* a = static_cast<const bf16*>(w.a) + static_cast<int64_t>(r0) * K;
+    const bool a_vec = IsAligned16(w.a);  // K is a multiple of 8: every row stays aligned
+    const int64_t col = static_cast<int64_t>(slice) * p.max_rank + r0;
+    for (int t0 = begin + g * kRowItemTokens; t0 < end; t0 += groups * kRowItemTokens) {
+      const int nt = min(kRowItemTokens, end - t0);
+      int xrow[kRowItemTokens];
 #pragma unroll
-        for (int t = 0; t < kRowItemTokens; ++t) xrow[t] = p.token_rows[t < nt ? t0 + t : t0];  // extras: unused
-        float acc[kRowItemValues] = {};
-        // Two steps per round, all of their loads issued before the math.
-        for (int s0 = warp; s0 < steps_total; s0 += 2 * kItemWarps) {
-          uint4 av[2][kRowItemRows], xv[2][kRowItemTokens];
+      for (int t = 0; t < kRowItemTokens; ++t) xrow[t] = p.token_rows[t < nt ? t0 + t : t0];  // extras: unused
+      float acc[kRowItemValues] = {};
+      // Two steps per round, all of their loads issued before the math.
+      for (int s0 = warp; s0 < steps_total; s0 += 2 * kItemWarps) {
+        uint4 av[2][kRowItemRows], xv[2][kRowItemTokens];
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int64_t k = static_cast<int64_t>(s0 + h * kItemWarps) * kStep + lane * 8;
-            const bool in = s0 + h * kItemWarps < steps_total && k < K;
+        for (int h = 0; h < 2; ++h) {
+          const int64_t k = static_cast<int64_t>(s0 + h * kItemWarps) * kStep + lane * 8;
+          const bool in = s0 + h * kItemWarps < steps_total && k < K;
 #pragma unroll
-            for (int r = 0; r < kRowItemRows; ++r) {
-              av[h][r] = in && r < rows ? Load8(a + static_cast<int64_t>(r) * K + k, a_vec) : make_uint4(0, 0, 0, 0);
-            }
-#pragma unroll
-            for (int t = 0; t < kRowItemTokens; ++t) {
-              xv[h][t] = in ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(xrow[t]) * K + k))
-                            : make_uint4(0, 0, 0, 0);
-            }
+          for (int r = 0; r < kRowItemRows; ++r) {
+            av[h][r] = in && r < rows ? Load8(a + static_cast<int64_t>(r) * K + k, a_vec) : make_uint4(0, 0, 0, 0);
           }
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-#pragma unroll
-            for (int r = 0; r < kRowItemRows; ++r) {
-#pragma unroll
-              for (int t = 0; t < kRowItemTokens; ++t) acc[r * kRowItemTokens + t] += Dot8(av[h][r], xv[h][t]);
-            }
+          for (int t = 0; t < kRowItemTokens; ++t) {
+            xv[h][t] = in ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(xrow[t]) * K + k))
+                          : make_uint4(0, 0, 0, 0);
           }
         }
-        const float sum = WarpSum16(acc, lane);
-        if ((lane & 1) == 0) red[warp][(lane >> 1) & (kRowItemValues - 1)] = sum;
-        __syncthreads();
-        if (threadIdx.x < kRowItemValues) {
-          const int r = threadIdx.x / kRowItemTokens;
-          const int t = threadIdx.x % kRowItemTokens;
-          if (r < rows && t < nt) {
-            float total_sum = 0.0f;
 #pragma unroll
-            for (int wi = 0; wi < kItemWarps; ++wi) total_sum += red[wi][threadIdx.x];
-            int row = xrow[0];  // xrow[t] with constant indices (no local memory)
+        for (int h = 0; h < 2; ++h) {
 #pragma unroll
-            for (int tt = 1; tt < kRowItemTokens; ++tt) row = tt == t ? xrow[tt] : row;
-            y[static_cast<int64_t>(row) * y_row + col + r] = total_sum;
+          for (int r = 0; r < kRowItemRows; ++r) {
+#pragma unroll
+            for (int t = 0; t < kRowItemTokens; ++t) acc[r * kRowItemTokens + t] += Dot8(av[h][r], xv[h][t]);
           }
         }
-        __syncthreads();  // red is rewritten by the next pass
       }
+      const float sum = WarpSum16(acc, lane);
+      if ((lane & 1) == 0) red[warp][(lane >> 1) & (kRowItemValues - 1)] = sum;
+      __syncthreads();
+      if (threadIdx.x < kRowItemValues) {
+        const int r = threadIdx.x / kRowItemTokens;
+        const int t = threadIdx.x % kRowItemTokens;
+        if (r < rows && t < nt) {
+          float total = 0.0f;
+#pragma unroll
+          for (int wi = 0; wi < kItemWarps; ++wi) total += red[wi][threadIdx.x];
+          int row = xrow[0];  // xrow[t] with constant indices (no local memory)
+#pragma unroll
+          for (int tt = 1; tt < kRowItemTokens; ++tt) row = tt == t ? xrow[tt] : row;
+          y[static_cast<int64_t>(row) * y_row + col + r] = total;
+        }
+      }
+      __syncthreads();  // red is rewritten by the next pass
     }
   }
 }
