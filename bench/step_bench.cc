@@ -16,12 +16,13 @@
 //
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
-//                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16]
+//                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
 //   --graphs 0: every step eager (no graph rows).
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
 //     a cap on the decode shrink's grid (blocks), whether the expand starts beside the shrink
 //     (programmatic dependent launch), and (an experiment) the shrink's block size in warps
-//     (16: one block fills an SM).
+//     (16: one block fills an SM), and (an experiment) GemmWithLora's GEMM chosen by cuBLASLt
+//     for N SMs (the SM count target), so the side chain's blocks keep the rest.
 //   --cpu 1: the CPU executor and no roofline (a smoke test on a toy checkpoint without a GPU).
 //     A build without CUDA has only this mode.
 //   --profile 1: instead of the rows above, a per-op breakdown of eager decode steps (base and
@@ -93,6 +94,7 @@ struct LoraTuning {
   int shrink_blocks = 0;  // SetLoraTuningForTest's cap on the shrink's grid
   int overlap = -1;       // 0/1: the expand as a programmatic dependent of the shrink
   int shrink_warps = 0;   // SetLoraShrinkWarpsForTest
+  int gemm_sms = 0;       // SetLoraGemmSmsForTest
 };
 
 class Bench {
@@ -108,6 +110,7 @@ class Bench {
       if (lora.shrink_warps > 0) {
         LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkWarpsForTest(ops_.get(), lora.shrink_warps));
       }
+      if (lora.gemm_sms > 0) LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmSmsForTest(ops_.get(), lora.gemm_sms));
       if (lora.shrink_blocks > 0 || lora.overlap >= 0) {
         LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraTuningForTest(ops_.get(), lora.shrink_blocks, lora.overlap != 0, true));
       }
@@ -438,7 +441,7 @@ absl::Status ParseFlag(const std::string& flag, const char* text, int lo, int hi
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]");
   }
   int steps = 20;
   LoraTuning lora;
@@ -465,6 +468,8 @@ absl::Status Run(int argc, char** argv) {
       if (lora.shrink_warps != 8 && lora.shrink_warps != 16) {
         return absl::InvalidArgumentError(absl::StrCat(flag, " ", argv[i + 1], " (expected 8 or 16)"));
       }
+    } else if (flag == "--lora-gemm-sms") {
+      LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, argv[i + 1], 1, 1 << 20, &lora.gemm_sms));
     } else if (flag == "--lora-overlap") {
       LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, argv[i + 1], 0, 1, &lora.overlap));
     } else if (flag == "--batches") {

@@ -1031,6 +1031,12 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora down", *down, 40, true, true, 2));
   // Odd ranks (general expand path, 128 = max) and long segments split over tokens.
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora odd ranks", *odd, 160, true, true, 4));
+  // The experiment of a GEMM chosen for fewer SMs (SetLoraGemmSmsForTest).
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmSmsForTest(g_gpu, 88));
+  for (bool graph : {false, true}) {
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[GEMM for 88 SMs] qkv", *world, T, true, graph, 3));
+  }
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmSmsForTest(g_gpu, 0));
 
   // The tensor-core kernels (steps of >= 256 tokens by default, so T3 above already ran them),
   // forced for every step size: many 1-token segments, mixed and odd ranks (12, 24, 40: B rows

@@ -25,8 +25,8 @@ int64_t MBucket(int64_t m) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<CublasLtGemm>> CublasLtGemm::Create(void* workspace,
-                                                                    size_t workspace_bytes) {
+absl::StatusOr<std::unique_ptr<CublasLtGemm>> CublasLtGemm::Create(void* workspace, size_t workspace_bytes,
+                                                                    int sm_count_target) {
   std::unique_ptr<CublasLtGemm> g(new CublasLtGemm());
   g->workspace_ = workspace;
   g->workspace_bytes_ = workspace_bytes;
@@ -39,6 +39,11 @@ absl::StatusOr<std::unique_ptr<CublasLtGemm>> CublasLtGemm::Create(void* workspa
       g->desc_, CUBLASLT_MATMUL_DESC_TRANSA, &trans_w, sizeof trans_w), "set TRANSA"));
   LORAPLEX_RETURN_IF_ERROR(LtError(cublasLtMatmulDescSetAttribute(
       g->desc_, CUBLASLT_MATMUL_DESC_TRANSB, &trans_x, sizeof trans_x), "set TRANSB"));
+  if (sm_count_target > 0) {
+    const int32_t sms = sm_count_target;
+    LORAPLEX_RETURN_IF_ERROR(LtError(cublasLtMatmulDescSetAttribute(
+        g->desc_, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &sms, sizeof sms), "set SM count target"));
+  }
   LORAPLEX_RETURN_IF_ERROR(LtError(cublasLtMatmulPreferenceCreate(&g->preference_), "create preference"));
   const uint64_t ws = workspace_bytes;
   LORAPLEX_RETURN_IF_ERROR(LtError(cublasLtMatmulPreferenceSetAttribute(

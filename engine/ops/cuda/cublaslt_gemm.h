@@ -20,7 +20,10 @@ namespace loraplex::ops::cuda {
 class CublasLtGemm {
  public:
   // `workspace` (device, `workspace_bytes`) must outlive this object and any graph it is used in.
-  static absl::StatusOr<std::unique_ptr<CublasLtGemm>> Create(void* workspace, size_t workspace_bytes);
+  // sm_count_target > 0: algorithms are chosen for that many SMs (cuBLASLt's hint for a GEMM that
+  // shares the GPU with a concurrent stream); 0: all of the device's.
+  static absl::StatusOr<std::unique_ptr<CublasLtGemm>> Create(void* workspace, size_t workspace_bytes,
+                                                              int sm_count_target = 0);
   ~CublasLtGemm();
   CublasLtGemm(const CublasLtGemm&) = delete;
   CublasLtGemm& operator=(const CublasLtGemm&) = delete;

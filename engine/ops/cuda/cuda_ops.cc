@@ -135,6 +135,7 @@ class CudaOps final : public Ops {
     if (fork_event_ != nullptr) cudaEventDestroy(fork_event_);
     if (join_event_ != nullptr) cudaEventDestroy(join_event_);
     gemm_.reset();
+    gemm_beside_lora_.reset();
     if (lora_partials_ != nullptr) cudaFree(lora_partials_);
     if (sample_scratch_ != nullptr) cudaFree(sample_scratch_);
     if (lora_delta_ != nullptr) cudaFree(lora_delta_);
@@ -270,6 +271,25 @@ class CudaOps final : public Ops {
     return Annotate(gemm_->Run(x.data, w.data, y.data, y.dtype == DType::kF32, x.shape[0], w.shape[0],
                                x.shape[1], beta, stream_),
                     "Gemm");
+  }
+
+  // GemmWithLora's GEMM: Gemm, or (SetLoraGemmSmsForTest) cuBLASLt's choice for fewer SMs, so its
+  // CTAs need not wait for the SMs the side chain's blocks hold.
+  absl::Status GemmBesideLora(const TensorView& x, const TensorView& w, const TensorView& y) {
+    if (gemm_beside_lora_ == nullptr) return Gemm(x, w, 0.0f, y);
+    LORAPLEX_RETURN_IF_ERROR(CheckGemm("Gemm", x, w, y));
+    return Annotate(gemm_beside_lora_->Run(x.data, w.data, y.data, y.dtype == DType::kF32, x.shape[0], w.shape[0],
+                                           x.shape[1], 0.0f, stream_),
+                    "Gemm");
+  }
+
+  absl::Status set_lora_gemm_sms(int sms) {
+    LORAPLEX_RETURN_IF_ERROR(Synchronize());
+    gemm_beside_lora_.reset();
+    if (sms > 0) {
+      LORAPLEX_ASSIGN_OR_RETURN(gemm_beside_lora_, CublasLtGemm::Create(gemm_workspace_, kGemmWorkspaceBytes, sms));
+    }
+    return absl::OkStatus();
   }
 
   absl::Status PrepareGemm(const TensorView& x, const TensorView& w, const TensorView& y) override {
@@ -487,8 +507,8 @@ class CudaOps final : public Ops {
       side = CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, side_stream_), "GemmWithLora: expand");
     }
     const absl::Status recorded = CudaStatus(cudaEventRecord(join_event_, side_stream_), "GemmWithLora: join");
-    // The pending delta was flushed on entry, so this Gemm enqueues only the GEMM.
-    const absl::Status gemm = side.ok() ? Gemm(x, w, 0.0f, y) : absl::OkStatus();
+    // The pending delta was flushed on entry, so this enqueues only the GEMM.
+    const absl::Status gemm = side.ok() ? GemmBesideLora(x, w, y) : absl::OkStatus();
     // Always join, so later work on the stream (and a capture's end) sees the side stream's.
     LORAPLEX_RETURN_IF_ERROR(recorded);
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmWithLora: join"));
@@ -691,6 +711,7 @@ class CudaOps final : public Ops {
   PendingLoraDelta pending_;
   bool lora_fold_ = true;  // tests turn folding off to compare both ways
   std::unique_ptr<CublasLtGemm> gemm_;
+  std::unique_ptr<CublasLtGemm> gemm_beside_lora_;  // SetLoraGemmSmsForTest; null: gemm_
   cudaError_t deferred_error_ = cudaSuccess;
   AttentionSplitMode split_mode_ = AttentionSplitMode::kAuto;
 };
@@ -814,6 +835,12 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps) {
   return absl::OkStatus();
 }
 
+
+absl::Status SetLoraGemmSmsForTest(Ops* ops, int sms) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraGemmSmsForTest"));
+  if (sms < 0) return Invalid("SetLoraGemmSmsForTest", absl::StrCat("sms ", sms, " must be >= 0"));
+  return cuda->set_lora_gemm_sms(sms);
+}
 
 absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "GemmAlgorithmsForTest"));

@@ -63,6 +63,10 @@ absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks, bool overlap_shri
 // (SetLoraTuningForTest's shrink_blocks) the shrink occupies that many SMs and no more.
 // INVALID_ARGUMENT for other values.
 absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
+// An experiment (off by default): GemmWithLora's GEMM uses the algorithms cuBLASLt chooses for
+// `sms` SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), leaving the rest to the LoRA side chain beside
+// it; 0 goes back to the executor's GEMM. Synchronizes; call it outside captures.
+absl::Status SetLoraGemmSmsForTest(Ops* ops, int sms);
 // How many GEMM algorithms the executor has chosen so far (one per cuBLASLt shape bucket): a
 // step whose shapes were prepared (Ops::PrepareGemm) adds none.
 absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops);
