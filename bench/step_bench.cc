@@ -7,7 +7,8 @@
 // LoadPeftAdapter + SlotPool, exactly as the server does, then times LlamaModel::ForwardSample
 // as the engine calls it (host clock around the whole call: it ends with the greedy picks on the
 // host). Decode scenarios per batch: base, one r16 adapter, 4 r16 adapters (batch >= 8, batch/4
-// requests each), one distinct r16 adapter per request (up to 32), 8 adapters of ranks 8..64;
+// requests each), one distinct r16 adapter per request (as many as ADAPTER_DIR has), the mixed
+// adapters (ranks 8..64);
 // their GB/s column is the adapters' bytes over the time LoRA adds to the base step (equal
 // across rows when LoRA costs in proportion to the ranks). Rows marked "paired" repeat the
 // one-adapter and one-per-request scenarios with each step right after a base step, and give the
@@ -26,7 +27,7 @@
 //   --cpu 1: the CPU executor and no roofline (a smoke test on a toy checkpoint without a GPU).
 //     A build without CUDA has only this mode.
 //   --profile 1: instead of the rows above, a per-op breakdown of eager decode steps (base and
-//     32 distinct r16 per batch): the model runs on ProfilingOps (bench/profiling_ops.h), which
+//     one distinct r16 per request): the model runs on ProfilingOps (bench/profiling_ops.h), which
 //     synchronises around every op, and a table per scenario gives each op key's calls, ms and
 //     share of the step. --profile 2: the same with GemmWithLora split into its Gemm, LoraShrink
 //     and LoraExpand (no shrink/GEMM overlap). JSON: {"profile": [...]}.
@@ -35,6 +36,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <numeric>
 #include <set>
@@ -67,8 +69,16 @@ using Clock = std::chrono::steady_clock;
 constexpr int kContext = 512;        // tokens already in each sequence's cache in decode
 constexpr int kBlockSize = 16;
 constexpr int kPrefillTokens = 2048;
-constexpr int kNumR16 = 32;
-constexpr int kNumMixed = 8;
+// Adapters the benchmark reads from ADAPTER_DIR: r16_0, r16_1, ... (as many as the largest batch
+// has requests, when there are that many; at least 4) and every mix_0, mix_1, ...
+constexpr int kMinR16 = 4;
+
+// How many of dir/prefix0, dir/prefix1, ... exist, counting up from 0.
+int CountNumbered(const std::string& dir, const std::string& prefix) {
+  int n = 0;
+  while (std::filesystem::is_directory(absl::StrCat(dir, "/", prefix, n))) ++n;
+  return n;
+}
 
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -134,16 +144,22 @@ class Bench {
     lora::LoraLimits limits;
     limits.max_rank = 64;
     limits.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+    num_r16_ = std::min(CountNumbered(adapter_dir, "r16_"), std::max(max_batch, kMinR16));
+    num_mixed_ = CountNumbered(adapter_dir, "mix_");
+    if (num_r16_ < kMinR16 || num_mixed_ < 1) {
+      return absl::NotFoundError(absl::StrCat(adapter_dir, " needs adapters r16_0..r16_", kMinR16 - 1,
+                                              " and mix_0 at least (bench/make_bench_checkpoint.py)"));
+    }
     auto t0 = Clock::now();
-    for (int i = 0; i < kNumR16 + kNumMixed; ++i) {
-      const std::string name = i < kNumR16 ? absl::StrCat("r16_", i) : absl::StrCat("mix_", i - kNumR16);
+    for (int i = 0; i < num_r16_ + num_mixed_; ++i) {
+      const std::string name = i < num_r16_ ? absl::StrCat("r16_", i) : absl::StrCat("mix_", i - num_r16_);
       LORAPLEX_ASSIGN_OR_RETURN(auto adapter, lora::LoadPeftAdapter(name, adapter_dir + "/" + name, spec_, limits,
                                                                     ops_->compute_dtype()));
       adapters_.push_back(std::move(adapter));
     }
     std::printf("loaded %zu adapters in %.1f s\n", adapters_.size(),
                 std::chrono::duration<double>(Clock::now() - t0).count());
-    LORAPLEX_ASSIGN_OR_RETURN(slots_, lora::SlotPool::Create(ops_.get(), spec_, kNumR16 + kNumMixed, 64));
+    LORAPLEX_ASSIGN_OR_RETURN(slots_, lora::SlotPool::Create(ops_.get(), spec_, num_r16_ + num_mixed_, 64));
     t0 = Clock::now();
     LORAPLEX_ASSIGN_OR_RETURN(model_, model::LlamaModel::Load(model_dir, spec_, model_ops, slots_.get(), cap_));
     std::printf("loaded the model in %.1f s\n", std::chrono::duration<double>(Clock::now() - t0).count());
@@ -298,6 +314,8 @@ class Bench {
   }
 
   int num_adapters() const { return static_cast<int>(adapters_.size()); }
+  int num_r16() const { return num_r16_; }      // adapters_[0, num_r16): rank 16
+  int num_mixed() const { return num_mixed_; }  // then these, ranks 8..64
   // Bytes of the distinct adapters a step of `token_adapter` reads (A and B of every module).
   double AdapterBytes(const std::vector<int>& token_adapter) const {
     std::set<int> seen(token_adapter.begin(), token_adapter.end());
@@ -374,6 +392,8 @@ class Bench {
   model::ModelSpec spec_;
   model::ModelCapacity cap_;
   std::vector<std::shared_ptr<const lora::LoadedAdapter>> adapters_;
+  int num_r16_ = 0;
+  int num_mixed_ = 0;
   std::unique_ptr<lora::SlotPool> slots_;
   std::unique_ptr<model::LlamaModel> model_;
   std::vector<int32_t> adapter_slots_;
@@ -413,13 +433,13 @@ nlohmann::json PrintProfile(const std::string& scenario, int batch, const Bench:
           {"ops", ops}};
 }
 
-// --profile: per batch, the base step and 32 distinct r16 (fewer at smaller batches), eager.
+// --profile: per batch, the base step and one distinct r16 per request, eager.
 absl::Status RunProfile(Bench& bench, const std::vector<int>& batches, int steps, int profile, const char* out_path) {
   nlohmann::json profiles = nlohmann::json::array();
   for (int b : batches) {
     std::vector<int> distinct(b);
-    for (int i = 0; i < b; ++i) distinct[i] = i % kNumR16;
-    const int n_distinct = std::min(b, kNumR16);
+    for (int i = 0; i < b; ++i) distinct[i] = i % bench.num_r16();
+    const int n_distinct = std::min(b, bench.num_r16());
     LORAPLEX_ASSIGN_OR_RETURN(const Bench::Profile base, bench.ProfileDecode(b, std::vector<int>(b, -1), steps));
     profiles.push_back(PrintProfile("base", b, base));
     LORAPLEX_ASSIGN_OR_RETURN(const Bench::Profile lora, bench.ProfileDecode(b, distinct, steps));
@@ -521,10 +541,10 @@ absl::Status Run(int argc, char** argv) {
     std::vector<int> one(b, 0), four(b), distinct(b), mixed(b);
     for (int i = 0; i < b; ++i) {
       four[i] = i * 4 / b;  // 4 adapters, b/4 consecutive requests each
-      distinct[i] = i % kNumR16;
-      mixed[i] = kNumR16 + i % kNumMixed;
+      distinct[i] = i % bench.num_r16();
+      mixed[i] = bench.num_r16() + i % bench.num_mixed();
     }
-    const int n_distinct = std::min(b, kNumR16), n_mixed = std::min(b, kNumMixed);
+    const int n_distinct = std::min(b, bench.num_r16()), n_mixed = std::min(b, bench.num_mixed());
     struct S { std::string name; std::vector<int>* adapters; int count; };
     std::vector<S> scenarios = {S{"one adapter r16", &one, 1}};
     if (b >= 8) scenarios.push_back(S{"4 adapters r16", &four, 4});

@@ -8,7 +8,8 @@
 # PEFT on the same checkpoint (OUTDIR/hf_peft.json). --bench-only skips the test binaries.
 # Exit status: 0 when every binary passed (or skipped) and the benchmark ran, 1 otherwise.
 # Usage: scripts/gpu-run.sh OUTDIR [--bench | --bench-only]
-# Env: LORAPLEX_GPU_BUILD (build folder, default build-cuda); STEP_BENCH_ARGS, HF_BENCH_ARGS.
+# Env: LORAPLEX_GPU_BUILD (build folder, default build-cuda); STEP_BENCH_ARGS, HF_BENCH_ARGS;
+#      BENCH_R16 (rank-16 adapters to write, default 128: one per request at batch 128).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/gpu-run.sh OUTDIR [--bench | --bench-only]}
@@ -61,7 +62,8 @@ if [ "$mode" = --bench ] || [ "$mode" = --bench-only ]; then
   bench_dir=${BENCH_DIR:-/tmp/loraplex-bench}
   echo "== benchmark (checkpoint in $bench_dir)"
   if [ ! -f "$bench_dir/model/config.json" ]; then
-    PYTHONUNBUFFERED=1 python3 bench/make_bench_checkpoint.py "$bench_dir" 2>&1 | tee "$out/make_checkpoint.log" ||
+    # As many rank-16 adapters as the largest batch has requests (step_bench: one per request).
+    PYTHONUNBUFFERED=1 python3 bench/make_bench_checkpoint.py "$bench_dir" --r16 "${BENCH_R16:-128}" 2>&1 | tee "$out/make_checkpoint.log" ||
       { echo "gpu-run: checkpoint generation failed"; exit 1; }
   fi
   # shellcheck disable=SC2086  # word splitting of the extra arguments is intended
