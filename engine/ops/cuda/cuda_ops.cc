@@ -835,7 +835,6 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps) {
   return absl::OkStatus();
 }
 
-
 absl::Status SetLoraGemmSmsForTest(Ops* ops, int sms) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraGemmSmsForTest"));
   if (sms < 0) return Invalid("SetLoraGemmSmsForTest", absl::StrCat("sms ", sms, " must be >= 0"));
