@@ -6,8 +6,10 @@
 # printed last.
 # Usage: bench/gpu_all.sh OUTDIR   Env: LORAPLEX_GPU_BUILD, STEP_BENCH_ARGS, TESTS (default 1), HF_BENCH (default 0),
 #        HF_BENCH_ARGS, PROFILE (default 1), DAEMON (default 1), STEP_BENCH_VARIANTS (';'-separated
-#        extra step_bench argument lists, each run after the main one, e.g. "--batches 1,32
-#        --lora-overlap 0").
+#        extra step_bench argument lists, each run after the main one in its own process, e.g.
+#        "--batches 1,32 --lora-overlap 0"). LoRA tuning A/Bs are cheaper inside the main run:
+#        STEP_BENCH_TUNINGS="--lora-gemm-sms 88;--lora-overlap 0" (scripts/gpu-run.sh) loads the
+#        model once (step_bench --variants).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bench/gpu_all.sh OUTDIR}

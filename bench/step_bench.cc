@@ -18,12 +18,17 @@
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
+//                   [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
 //     a cap on the decode shrink's grid (blocks), whether the expand starts beside the shrink
 //     (programmatic dependent launch), and (an experiment) the shrink's block size in warps
 //     (16: one block fills an SM), and (an experiment) GemmWithLora's GEMM chosen by cuBLASLt
 //     for N SMs (the SM count target), so the side chain's blocks keep the rest.
+//   --variants: after the rows above, the decode rows (base and the LoRA scenarios) again for each
+//     ';'-separated list of --lora-* flags ("default": the executor's defaults), tagged [v1], ...;
+//     each variant drops the model's graphs, which the next steps record with its settings. One
+//     process, one model load, for A/B runs on the GPU host.
 //   --cpu 1: the CPU executor and no roofline (a smoke test on a toy checkpoint without a GPU).
 //     A build without CUDA has only this mode.
 //   --profile 1: instead of the rows above, a per-op breakdown of eager decode steps (base and
@@ -44,6 +49,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -107,6 +113,19 @@ struct LoraTuning {
   int gemm_sms = 0;       // SetLoraGemmSmsForTest
 };
 
+// Sets every LoRA knob of the CUDA executor to `t` (unset fields back to the defaults).
+absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
+#if LORAPLEX_STEP_BENCH_CUDA
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkWarpsForTest(ops, t.shrink_warps));
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmSmsForTest(ops, t.gemm_sms));
+  return ops::cuda::SetLoraTuningForTest(ops, t.shrink_blocks, t.overlap != 0, true);
+#else
+  (void)ops;
+  (void)t;
+  return absl::UnimplementedError("step_bench was built without CUDA: LoRA tuning needs the CUDA executor");
+#endif
+}
+
 class Bench {
  public:
   // `profile` 1 or 2: the model runs on ProfilingOps over the executor (2: GemmWithLora split).
@@ -117,13 +136,7 @@ class Bench {
     } else {
 #if LORAPLEX_STEP_BENCH_CUDA
       LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::cuda::CreateCudaOps());
-      if (lora.shrink_warps > 0) {
-        LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkWarpsForTest(ops_.get(), lora.shrink_warps));
-      }
-      if (lora.gemm_sms > 0) LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmSmsForTest(ops_.get(), lora.gemm_sms));
-      if (lora.shrink_blocks > 0 || lora.overlap >= 0) {
-        LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraTuningForTest(ops_.get(), lora.shrink_blocks, lora.overlap != 0, true));
-      }
+      LORAPLEX_RETURN_IF_ERROR(ApplyLoraTuning(ops_.get(), lora));
 #else
       (void)lora;
       return absl::UnimplementedError("step_bench was built without CUDA: run it with --cpu 1");
@@ -166,6 +179,14 @@ class Bench {
     std::vector<const lora::LoadedAdapter*> all;
     for (const auto& a : adapters_) all.push_back(a.get());
     LORAPLEX_ASSIGN_OR_RETURN(adapter_slots_, slots_->EnsureResident(all, std::vector<bool>(all.size(), true)));
+    return absl::OkStatus();
+  }
+
+  // Switches the executor's LoRA knobs and drops the model's graphs, so the next steps record
+  // graphs with the new settings (--variants).
+  absl::Status Retune(const LoraTuning& t) {
+    LORAPLEX_RETURN_IF_ERROR(ApplyLoraTuning(ops_.get(), t));
+    model_->DropGraphs();
     return absl::OkStatus();
   }
 
@@ -451,6 +472,30 @@ absl::Status RunProfile(Bench& bench, const std::vector<int>& batches, int steps
   return absl::OkStatus();
 }
 
+// A decode scenario of one batch: each request's adapter (an index into the bench's adapters).
+struct DecodeScenario {
+  std::string name;
+  std::vector<int> adapters;
+  int count = 0;  // distinct adapters
+};
+
+// One r16 adapter for every request; 4 (batch >= 8, batch/4 consecutive requests each); one per
+// request; the mixed-rank adapters in turn. The one-per-request scenario is always second to last.
+std::vector<DecodeScenario> DecodeScenarios(const Bench& bench, int b) {
+  std::vector<int> four(b), distinct(b), mixed(b);
+  for (int i = 0; i < b; ++i) {
+    four[i] = i * 4 / b;
+    distinct[i] = i % bench.num_r16();
+    mixed[i] = bench.num_r16() + i % bench.num_mixed();
+  }
+  const int n_distinct = std::min(b, bench.num_r16()), n_mixed = std::min(b, bench.num_mixed());
+  std::vector<DecodeScenario> out = {{"one adapter r16", std::vector<int>(b, 0), 1}};
+  if (b >= 8) out.push_back({"4 adapters r16", four, 4});
+  out.push_back({absl::StrCat(n_distinct, " distinct r16"), distinct, n_distinct});
+  out.push_back({absl::StrCat(n_mixed, " mixed ranks"), mixed, n_mixed});
+  return out;
+}
+
 // An integer flag value in [lo, hi].
 absl::Status ParseFlag(const std::string& flag, const char* text, int lo, int hi, int* value) {
   if (!absl::SimpleAtoi(text, value) || *value < lo || *value > hi) {
@@ -459,12 +504,43 @@ absl::Status ParseFlag(const std::string& flag, const char* text, int lo, int hi
   return absl::OkStatus();
 }
 
+// One --lora-* flag into `t`: INVALID_ARGUMENT for an unknown flag or a value out of range.
+absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTuning* t) {
+  if (flag == "--lora-shrink-blocks") return ParseFlag(flag, value, 1, 1 << 20, &t->shrink_blocks);
+  if (flag == "--lora-overlap") return ParseFlag(flag, value, 0, 1, &t->overlap);
+  if (flag == "--lora-gemm-sms") return ParseFlag(flag, value, 1, 1 << 20, &t->gemm_sms);
+  if (flag == "--lora-shrink-warps") {
+    LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, value, 8, 16, &t->shrink_warps));
+    if (t->shrink_warps != 8 && t->shrink_warps != 16) {
+      return absl::InvalidArgumentError(absl::StrCat(flag, " ", value, " (expected 8 or 16)"));
+    }
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown flag ", flag));
+}
+
+// One --variants entry: --lora-* flags and values separated by spaces, or "default".
+absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
+  if (absl::StripAsciiWhitespace(spec) == "default") return LoraTuning{};
+  const std::vector<std::string> words = absl::StrSplit(spec, ' ', absl::SkipWhitespace());
+  if (words.size() % 2 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--variants entry '", spec, "': expected flag/value pairs"));
+  }
+  LoraTuning t;
+  for (size_t i = 0; i < words.size(); i += 2) {
+    const absl::Status st = ParseLoraFlag(words[i], words[i + 1].c_str(), &t);
+    if (!st.ok()) return absl::InvalidArgumentError(absl::StrCat("--variants entry '", spec, "': ", st.message()));
+  }
+  return t;
+}
+
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;
+  std::vector<std::pair<std::string, LoraTuning>> variants;  // --variants
   int cpu = 0;
   int graphs = 1;
   int profile = 0;
@@ -481,17 +557,13 @@ absl::Status Run(int argc, char** argv) {
       if (!absl::SimpleAtoi(argv[i + 1], &profile) || profile < 0 || profile > 2) {
         return absl::InvalidArgumentError(absl::StrCat("--profile ", argv[i + 1], " (expected 0, 1 or 2)"));
       }
-    } else if (flag == "--lora-shrink-blocks") {
-      LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, argv[i + 1], 1, 1 << 20, &lora.shrink_blocks));
-    } else if (flag == "--lora-shrink-warps") {
-      LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, argv[i + 1], 8, 16, &lora.shrink_warps));
-      if (lora.shrink_warps != 8 && lora.shrink_warps != 16) {
-        return absl::InvalidArgumentError(absl::StrCat(flag, " ", argv[i + 1], " (expected 8 or 16)"));
+    } else if (flag.rfind("--lora-", 0) == 0) {
+      LORAPLEX_RETURN_IF_ERROR(ParseLoraFlag(flag, argv[i + 1], &lora));
+    } else if (flag == "--variants") {
+      for (absl::string_view spec : absl::StrSplit(argv[i + 1], ';', absl::SkipWhitespace())) {
+        LORAPLEX_ASSIGN_OR_RETURN(LoraTuning t, ParseVariant(spec));
+        variants.push_back({std::string(absl::StripAsciiWhitespace(spec)), t});
       }
-    } else if (flag == "--lora-gemm-sms") {
-      LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, argv[i + 1], 1, 1 << 20, &lora.gemm_sms));
-    } else if (flag == "--lora-overlap") {
-      LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, argv[i + 1], 0, 1, &lora.overlap));
     } else if (flag == "--batches") {
       batches.clear();
       for (absl::string_view b : absl::StrSplit(argv[i + 1], ',')) {
@@ -502,6 +574,9 @@ absl::Status Run(int argc, char** argv) {
     } else {
       return absl::InvalidArgumentError(absl::StrCat("unknown flag ", flag));
     }
+  }
+  if (!variants.empty() && (cpu != 0 || profile != 0)) {
+    return absl::InvalidArgumentError("--variants needs the CUDA executor and no --profile");
   }
   Bench bench;
   LORAPLEX_RETURN_IF_ERROR(
@@ -538,32 +613,23 @@ absl::Status Run(int argc, char** argv) {
   for (int b : batches) {
     LORAPLEX_ASSIGN_OR_RETURN(const double base, bench.DecodeStep(b, std::vector<int>(b, -1), steps, use_graphs));
     add({"decode", "base" + mode, b, b, 0, base, 1.0, 0, use_graphs});
-    std::vector<int> one(b, 0), four(b), distinct(b), mixed(b);
-    for (int i = 0; i < b; ++i) {
-      four[i] = i * 4 / b;  // 4 adapters, b/4 consecutive requests each
-      distinct[i] = i % bench.num_r16();
-      mixed[i] = bench.num_r16() + i % bench.num_mixed();
-    }
-    const int n_distinct = std::min(b, bench.num_r16()), n_mixed = std::min(b, bench.num_mixed());
-    struct S { std::string name; std::vector<int>* adapters; int count; };
-    std::vector<S> scenarios = {S{"one adapter r16", &one, 1}};
-    if (b >= 8) scenarios.push_back(S{"4 adapters r16", &four, 4});
-    scenarios.push_back(S{absl::StrCat(n_distinct, " distinct r16"), &distinct, n_distinct});
-    scenarios.push_back(S{absl::StrCat(n_mixed, " mixed ranks"), &mixed, n_mixed});
-    for (const S& s : scenarios) {
-      LORAPLEX_ASSIGN_OR_RETURN(const double ms, bench.DecodeStep(b, *s.adapters, steps, use_graphs));
+    const std::vector<DecodeScenario> scenarios = DecodeScenarios(bench, b);
+    for (const DecodeScenario& s : scenarios) {
+      LORAPLEX_ASSIGN_OR_RETURN(const double ms, bench.DecodeStep(b, s.adapters, steps, use_graphs));
       // GB/s here: the adapters' bytes over the time LoRA adds to the base step; equal across
       // rows when the cost is proportional to what the adapters hold (their ranks).
       const double added_ms = ms - base;
       add({"decode", s.name + mode, b, b, s.count, ms, ms / base,
-           added_ms > 0 ? bench.AdapterBytes(*s.adapters) / added_ms * 1e-6 : 0.0, use_graphs});
+           added_ms > 0 ? bench.AdapterBytes(s.adapters) / added_ms * 1e-6 : 0.0, use_graphs});
     }
     // One adapter and one per request again, each step paired with a base step (x base: the
     // median per-pair ratio), for targets within the rows' run-to-run drift.
-    std::vector<S> paired = {scenarios.front()};
+    std::vector<DecodeScenario> paired = {scenarios.front()};
     if (b > 1) paired.push_back(scenarios[scenarios.size() - 2]);  // at batch 1 the same as the first
-    for (const S& s : paired) {
-      LORAPLEX_ASSIGN_OR_RETURN(const Bench::Paired p, bench.PairedDecode(b, *s.adapters, steps, use_graphs));
+    const std::vector<int>& distinct = scenarios[scenarios.size() - 2].adapters;
+    const int n_distinct = scenarios[scenarios.size() - 2].count;
+    for (const DecodeScenario& s : paired) {
+      LORAPLEX_ASSIGN_OR_RETURN(const Bench::Paired p, bench.PairedDecode(b, s.adapters, steps, use_graphs));
       add({"decode", s.name + mode + ", paired", b, b, s.count, p.ms, p.ratio, 0, use_graphs});
     }
     if (use_graphs) {
@@ -579,6 +645,26 @@ absl::Status Run(int argc, char** argv) {
   add({"prefill", "base", 1, kPrefillTokens, 0, prefill_base, 1.0, 0});
   LORAPLEX_ASSIGN_OR_RETURN(const double prefill_lora, bench.PrefillStep(kPrefillTokens, 0, std::max(3, steps / 4)));
   add({"prefill", "one adapter r16", 1, kPrefillTokens, 1, prefill_lora, prefill_lora / prefill_base, 0});
+
+  // --variants: the decode rows again (base, one, four, one per request, mixed) under other LoRA
+  // settings, in this process, so an A/B pays for one model load; x base over the variant's own
+  // base step.
+  for (size_t v = 0; v < variants.size(); ++v) {
+    const std::string tag = absl::StrCat(" [v", v + 1, "]");
+    std::printf("variant v%zu: %s\n", v + 1, variants[v].first.c_str());
+    std::fflush(stdout);
+    LORAPLEX_RETURN_IF_ERROR(bench.Retune(variants[v].second));
+    for (int b : batches) {
+      LORAPLEX_ASSIGN_OR_RETURN(const double base, bench.DecodeStep(b, std::vector<int>(b, -1), steps, use_graphs));
+      add({"decode", "base" + mode + tag, b, b, 0, base, 1.0, 0, use_graphs});
+      for (const DecodeScenario& s : DecodeScenarios(bench, b)) {
+        LORAPLEX_ASSIGN_OR_RETURN(const double ms, bench.DecodeStep(b, s.adapters, steps, use_graphs));
+        const double added_ms = ms - base;
+        add({"decode", s.name + mode + tag, b, b, s.count, ms, ms / base,
+             added_ms > 0 ? bench.AdapterBytes(s.adapters) / added_ms * 1e-6 : 0.0, use_graphs});
+      }
+    }
+  }
 
   nlohmann::json out = nlohmann::json::array();
   for (const Result& r : results) {

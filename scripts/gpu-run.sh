@@ -9,7 +9,9 @@
 # Exit status: 0 when every binary passed (or skipped) and the benchmark ran, 1 otherwise.
 # Usage: scripts/gpu-run.sh OUTDIR [--bench | --bench-only]
 # Env: LORAPLEX_GPU_BUILD (build folder, default build-cuda); STEP_BENCH_ARGS, HF_BENCH_ARGS;
-#      BENCH_R16 (rank-16 adapters to write, default 128: one per request at batch 128).
+#      BENCH_R16 (rank-16 adapters to write, default 128: one per request at batch 128);
+#      STEP_BENCH_TUNINGS (step_bench --variants: ';'-separated lists of --lora-* flags, run after
+#      the main rows in the same process).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/gpu-run.sh OUTDIR [--bench | --bench-only]}
@@ -68,7 +70,8 @@ if [ "$mode" = --bench ] || [ "$mode" = --bench-only ]; then
   fi
   # shellcheck disable=SC2086  # word splitting of the extra arguments is intended
   timeout "$per_binary_timeout" "$bin/tools/step_bench" "$bench_dir/model" "$bench_dir/adapters" \
-    "$out/step_bench.json" ${STEP_BENCH_ARGS:-} 2>&1 | tee "$out/step_bench.log"
+    "$out/step_bench.json" ${STEP_BENCH_ARGS:-} ${STEP_BENCH_TUNINGS:+--variants "$STEP_BENCH_TUNINGS"} 2>&1 |
+    tee "$out/step_bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   if [ "${HF_BENCH:-1}" = 1 ]; then
     # shellcheck disable=SC2086

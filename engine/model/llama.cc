@@ -785,6 +785,7 @@ absl::StatusOr<int> LlamaModel::WarmUp() {
   return static_cast<int>(m.graphs.size() - before);
 }
 
+void LlamaModel::DropGraphs() { impl_->graphs.clear(); }
 void LlamaModel::set_graphs(bool enabled) { impl_->cap.graphs = enabled; }
 int64_t LlamaModel::graph_steps() const { return impl_->graph_steps; }
 int LlamaModel::num_graphs() const { return static_cast<int>(impl_->graphs.size()); }

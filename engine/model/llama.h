@@ -76,6 +76,10 @@ class LlamaModel {
   // record none. Call before serving.
   absl::StatusOr<int> WarmUp();
 
+  // Drops every recorded decode graph: the next decode step of each bucket records a new one. For
+  // executor settings that change what a capture records (benchmark variants).
+  void DropGraphs();
+
   // Turns decode graphs on or off from the next step (ModelCapacity::graphs at load); graphs
   // already captured are kept for when they are turned back on.
   void set_graphs(bool enabled);

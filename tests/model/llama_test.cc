@@ -830,6 +830,21 @@ TEST_CASE("WarmUp records every bucket's graphs once; later steps replay them an
   auto again = model.WarmUp();
   REQUIRE(again.ok());
   CHECK(*again == 0);
+
+  // Dropped graphs are recorded again on their bucket's next step, which still matches. (Only
+  // sequences A and C: the second warm-up rewrote KV slot 0, which B has read since.)
+  const int64_t replays = model.graph_steps();
+  model.DropGraphs();
+  CHECK(model.num_graphs() == 0);
+  const std::vector<Chunk> decode = {{0, 1}, {2, 1}};
+  const StepInput in = MakeStep(seqs, decode);
+  auto logits = model.Forward(in);
+  INFO(logits.status().message());
+  REQUIRE(logits.ok());
+  CheckStep(*logits, in, decode, f.dense, f.spec.vocab_size);
+  CHECK(model.num_graphs() == 1);
+  CHECK(f.ops.captures() == 11);
+  CHECK(model.graph_steps() == replays + 1);
 }
 
 }  // namespace
