@@ -185,6 +185,7 @@ class Bench {
   // Switches the executor's LoRA knobs and drops the model's graphs, so the next steps record
   // graphs with the new settings (--variants).
   absl::Status Retune(const LoraTuning& t) {
+    LORAPLEX_RETURN_IF_ERROR(ops_->Synchronize());  // no replay in flight when its graph is dropped
     LORAPLEX_RETURN_IF_ERROR(ApplyLoraTuning(ops_.get(), t));
     model_->DropGraphs();
     return absl::OkStatus();
