@@ -1037,6 +1037,12 @@ absl::Status LoraTests() {
     LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[GEMM for 88 SMs] qkv", *world, T, true, graph, 3));
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmSmsForTest(g_gpu, 0));
+  // And with the GEMM enqueued before the side chain (SetLoraGemmFirstForTest).
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmFirstForTest(g_gpu, true));
+  for (bool graph : {false, true}) {
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[GEMM first] qkv", *world, T, true, graph, 3));
+  }
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmFirstForTest(g_gpu, false));
 
   // The tensor-core kernels (steps of >= 256 tokens by default, so T3 above already ran them),
   // forced for every step size: many 1-token segments, mixed and odd ranks (12, 24, 40: B rows

@@ -283,6 +283,8 @@ class CudaOps final : public Ops {
                     "Gemm");
   }
 
+  void set_lora_gemm_first(bool first) { lora_gemm_first_ = first; }
+
   absl::Status set_lora_gemm_sms(int sms) {
     LORAPLEX_RETURN_IF_ERROR(Synchronize());
     gemm_beside_lora_.reset();
@@ -502,13 +504,18 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(side_stream_, fork_event_, 0), "GemmWithLora: fork"));
     // The side chain is enqueued first: the GEMM enqueued first made steps slower (its CTAs take
     // every SM they can; the LoRA blocks then wait or delay its tail). bench/runs/2026-11-29-rows.
-    absl::Status side = LaunchShrink(shrink, x.data, lora_y.As<float>(), side_stream_, "GemmWithLora: shrink");
+    // (SetLoraGemmFirstForTest reverses the order, for A/B runs with a GEMM for fewer SMs.)
+    absl::Status gemm_first = absl::OkStatus();
+    if (lora_gemm_first_) gemm_first = GemmBesideLora(x, w, y);
+    absl::Status side = gemm_first.ok() ? LaunchShrink(shrink, x.data, lora_y.As<float>(), side_stream_,
+                                                       "GemmWithLora: shrink")
+                                        : gemm_first;
     if (side.ok() && delta) {
       side = CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, side_stream_), "GemmWithLora: expand");
     }
     const absl::Status recorded = CudaStatus(cudaEventRecord(join_event_, side_stream_), "GemmWithLora: join");
     // The pending delta was flushed on entry, so this enqueues only the GEMM.
-    const absl::Status gemm = side.ok() ? GemmBesideLora(x, w, y) : absl::OkStatus();
+    const absl::Status gemm = !side.ok() || lora_gemm_first_ ? absl::OkStatus() : GemmBesideLora(x, w, y);
     // Always join, so later work on the stream (and a capture's end) sees the side stream's.
     LORAPLEX_RETURN_IF_ERROR(recorded);
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmWithLora: join"));
@@ -712,6 +719,7 @@ class CudaOps final : public Ops {
   bool lora_fold_ = true;  // tests turn folding off to compare both ways
   std::unique_ptr<CublasLtGemm> gemm_;
   std::unique_ptr<CublasLtGemm> gemm_beside_lora_;  // SetLoraGemmSmsForTest; null: gemm_
+  bool lora_gemm_first_ = false;                    // SetLoraGemmFirstForTest
   cudaError_t deferred_error_ = cudaSuccess;
   AttentionSplitMode split_mode_ = AttentionSplitMode::kAuto;
 };
@@ -839,6 +847,12 @@ absl::Status SetLoraGemmSmsForTest(Ops* ops, int sms) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraGemmSmsForTest"));
   if (sms < 0) return Invalid("SetLoraGemmSmsForTest", absl::StrCat("sms ", sms, " must be >= 0"));
   return cuda->set_lora_gemm_sms(sms);
+}
+
+absl::Status SetLoraGemmFirstForTest(Ops* ops, bool gemm_first) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraGemmFirstForTest"));
+  cuda->set_lora_gemm_first(gemm_first);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops) {

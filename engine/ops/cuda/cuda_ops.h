@@ -67,6 +67,10 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
 // `sms` SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), leaving the rest to the LoRA side chain beside
 // it; 0 goes back to the executor's GEMM. Synchronizes; call it outside captures.
 absl::Status SetLoraGemmSmsForTest(Ops* ops, int sms);
+// An experiment (off by default): GemmWithLora enqueues its GEMM before the side chain instead of
+// after it (the side chain still does not wait for the GEMM). Takes effect for later calls and
+// captures.
+absl::Status SetLoraGemmFirstForTest(Ops* ops, bool gemm_first);
 // How many GEMM algorithms the executor has chosen so far (one per cuBLASLt shape bucket): a
 // step whose shapes were prepared (Ops::PrepareGemm) adds none.
 absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops);
