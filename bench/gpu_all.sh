@@ -5,7 +5,8 @@
 # are packed into OUTDIR/logs.tgz (the device tool brings back few files); a short summary is
 # printed last.
 # Usage: bench/gpu_all.sh OUTDIR   Env: LORAPLEX_GPU_BUILD, STEP_BENCH_ARGS, TESTS (default 1), HF_BENCH (default 0),
-#        HF_BENCH_ARGS, PROFILE (default 1), DAEMON (default 1), STEP_BENCH_VARIANTS (';'-separated
+#        HF_BENCH_ARGS, PROFILE (default 1), DAEMON (default 1: the demo model), DAEMON_BENCH (default
+#        1: bench/gpu_daemon_bench.sh on the benchmark checkpoint), STEP_BENCH_VARIANTS (';'-separated
 #        extra step_bench argument lists, each run after the main one in its own process, e.g.
 #        "--batches 1,32 --lora-overlap 0"). LoRA tuning A/Bs are cheaper inside the main run:
 #        STEP_BENCH_TUNINGS="--lora-gemm-sms 88;--lora-overlap 0" (scripts/gpu-run.sh) loads the
@@ -35,6 +36,12 @@ for args in "${variants[@]}"; do
     "$logs/step_bench_variant$variant.json" $args >>"$logs/step_bench_variant$variant.log" 2>&1 || status=1
   pack
 done
+# The daemon on the benchmark checkpoint (8B shape, 32 adapters) over gRPC, next to the step rows.
+if [ "${DAEMON_BENCH:-1}" = 1 ] && [ -f "${BENCH_DIR:-/tmp/loraplex-bench}/model/tokenizer.json" ]; then
+  bench/gpu_daemon_bench.sh "${BENCH_DIR:-/tmp/loraplex-bench}" "$logs/daemon_bench" >"$logs/daemon_bench.log" 2>&1 ||
+    status=1
+  pack
+fi
 if [ "${DAEMON:-1}" = 1 ]; then
   bench/gpu_daemon_run.sh "$logs/daemon" >"$logs/daemon.log" 2>&1 || status=1
   pack
@@ -55,6 +62,7 @@ for f in "$logs"/step_bench_variant*.log; do
   [ -f "$f" ] && { echo "== step bench variant: $(head -n 1 "$f")"; grep -E '^decode ' "$f" | grep -v eager; }
 done
 [ -f "$logs/hf_peft.log" ] && { echo "== hf+peft"; grep '^hf+peft' "$logs/hf_peft.log"; }
+[ -f "$logs/daemon_bench.log" ] && { echo "== daemon on the benchmark checkpoint"; grep '^daemon ' "$logs/daemon_bench.log"; }
 [ -f "$logs/daemon.log" ] && { echo "== daemon"; tail -n 3 "$logs/daemon/demo.txt" 2>/dev/null; cut -c1-200 "$logs/daemon/loadgen.jsonl" 2>/dev/null; }
 [ -f "$logs/profile.log" ] && { echo "== profile"; grep -E '^== profile|^(Gemm|GemmWithLora|Attention|AddRmsNorm|RmsNorm|RopeAndCacheKv|SiluMul|Sample|Embed|GatherRows|sum of ops|host between|profiled step)' "$logs/profile.log" | cut -c1-80; }
 exit $status

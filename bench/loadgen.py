@@ -29,13 +29,15 @@ def main():
     p.add_argument("--prompt", default="copy: stressed =>")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--stubs")
+    p.add_argument("--wait-ready", type=float, default=30,
+                   help="seconds to wait for the server to accept connections (it listens once loaded)")
     args = p.parse_args()
     sys.path.insert(0, find_stubs(args.stubs))
     import grpc
     from loraplex.v1 import generation_pb2, generation_pb2_grpc
 
     channel = grpc.insecure_channel(args.server)
-    grpc.channel_ready_future(channel).result(timeout=30)
+    grpc.channel_ready_future(channel).result(timeout=args.wait_ready)
     stub = generation_pb2_grpc.GenerationStub(channel)
     adapters = args.adapters.split(",")
     lock = threading.Lock()

@@ -4,7 +4,10 @@
 For the step benchmark (bench/step_bench.cc) and the transformers + PEFT baseline
 (bench/hf_peft_baseline.py); runs on the GPU host, where torch draws the weights on the GPU.
 
-  OUT/model/      config.json, model-0000N-of-0000M.safetensors (~4 GB bf16 shards) + index
+  OUT/model/      config.json, model-0000N-of-0000M.safetensors (~4 GB bf16 shards) + index,
+                  tokenizer.json (byte-level BPE over the 256 bytes, no merges: one token a byte,
+                  ids 0..255, <|begin_of_text|> 256 and <|end_of_text|> 257), so the daemon can
+                  serve the checkpoint (bench/gpu_daemon_bench.sh)
   OUT/adapters/   r16_0..r16_{R-1} (rank 16) and mix_0..mix_{M-1} (ranks 8, 16, 32, 64 in turn),
                   every adapter targeting all seven projections, lora_alpha = 2 * r
 
@@ -146,6 +149,51 @@ def write_adapter(out, base_dir, layers, rank, gen):
     return sum(2 * t.numel() for t in tensors.values())
 
 
+def bytes_to_unicode():
+    """GPT-2's byte-level alphabet: each byte's printable stand-in character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def write_tokenizer(model_dir):
+    """A Llama-3-style tokenizer.json whose vocabulary is the 256 bytes (random weights make any
+    vocabulary meaningless; the daemon only needs a valid one)."""
+    alphabet = bytes_to_unicode()
+    special = [("<|begin_of_text|>", 256), ("<|end_of_text|>", 257)]
+    split = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+             "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+    tok = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for c, i in special],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": {"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+            {"type": "TemplateProcessing",
+             "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+             "pair": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                      {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}],
+             "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [256],
+                                                      "tokens": ["<|begin_of_text|>"]}}}]},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {alphabet[b]: b for b in range(256)}, "merges": []},
+    }
+    with open(os.path.join(model_dir, "tokenizer.json"), "w") as f:
+        json.dump(tok, f)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
@@ -165,6 +213,7 @@ def main():
     t0 = time.time()
     model_dir = os.path.join(args.out, "model")
     total = write_model(model_dir, args.layers, gen)
+    write_tokenizer(model_dir)
     print(f"model: {total / 1e9:.1f} GB in {time.time() - t0:.1f} s -> {model_dir}", flush=True)
     t1 = time.time()
     adapter_bytes = 0
