@@ -26,19 +26,26 @@ read -r -a tool_targets <<<"$tools"
 # The Python gRPC stubs travel in gpu-bin/python for bench/gpu_daemon_run.sh's clients.
 ninja -C "$build" -j "${JOBS:-1}" "${targets[@]}" "${tool_targets[@]}" loraplex_proto_python
 
+# The build's one executable named $1, outside staged copies (gpu-bin and any other gpu-* folder):
+# a stray copy elsewhere must not be staged in place of what ninja just built.
+locate_exe() {
+  local found
+  mapfile -t found < <(find "$build" \( -name 'gpu-*' -o -name CMakeFiles \) -prune -o -type f -name "$1" -perm -u+x -print)
+  [ ${#found[@]} -eq 1 ] || { echo "build-gpu: ${#found[@]} executables named $1 under $build: ${found[*]}" >&2; return 1; }
+  echo "${found[0]}"
+}
+
 rm -rf "$build/gpu-bin"
 mkdir -p "$build/gpu-bin"
 exes=()
 for t in "${targets[@]}"; do
-  exe=$(find "$build" -path "$build/gpu-bin" -prune -o -type f -name "$t" -perm -u+x -print | head -n 1)
-  [ -n "$exe" ] || { echo "build-gpu: no executable for target $t" >&2; exit 1; }
+  exe=$(locate_exe "$t") || exit 1
   cp "$exe" "$build/gpu-bin/"
   exes+=("$exe")
 done
 mkdir -p "$build/gpu-bin/tools"
 for t in "${tool_targets[@]}"; do
-  exe=$(find "$build" -path "$build/gpu-bin" -prune -o -type f -name "$t" -perm -u+x -print | head -n 1)
-  [ -n "$exe" ] || { echo "build-gpu: no executable for tool $t" >&2; exit 1; }
+  exe=$(locate_exe "$t") || exit 1
   cp "$exe" "$build/gpu-bin/tools/"
   exes+=("$exe")
 done
