@@ -57,7 +57,14 @@ echo "== failing checks"; grep -h ' FAIL$' "$logs"/*.log | head -n 20
 echo "== sampling"; grep -h '^TIME Sample' "$logs/sampling_cuda_test.log" 2>/dev/null
 echo "== LoRA kernels (graph; all in logs/ops_cuda_test.log)"
 grep -h '^TIME LoRA' "$logs/ops_cuda_test.log" 2>/dev/null | grep -E 'qkv|prefill' | grep -v blk | cut -c11-200
-echo "== step bench"; grep -E '^(roofline|decode|prefill) ' "$logs/step_bench.log"
+echo "== step bench"; grep -E '^(roofline|decode|prefill) ' "$logs/step_bench.log" | grep -v '\[v[0-9]*\]'
+# --variants rows (STEP_BENCH_TUNINGS), compact: x base per scenario and batch.
+if grep -q '^variant v' "$logs/step_bench.log" 2>/dev/null; then
+  echo "== step bench variants (x base)"; grep '^variant v' "$logs/step_bench.log"
+  grep -E '^decode .*\[v[0-9]+\]' "$logs/step_bench.log" | grep -v ' base' |
+    awk '{ n = NF; key = $(n - 6) " b" $(n - 5); if (key != last) { printf "%s%s:", (NR > 1 ? "\n" : ""), key; last = key }
+           printf "  %s %s %s", $2, $3, $(n - 1) } END { print "" }'
+fi
 for f in "$logs"/step_bench_variant*.log; do
   [ -f "$f" ] && { echo "== step bench variant: $(head -n 1 "$f")"; grep -E '^decode ' "$f" | grep -v eager; }
 done
