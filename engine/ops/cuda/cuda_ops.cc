@@ -265,22 +265,23 @@ class CudaOps final : public Ops {
   }
 
   absl::Status Gemm(const TensorView& x, const TensorView& w, float beta, const TensorView& y) override {
-    constexpr absl::string_view kOp = "Gemm";
     LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
-    LORAPLEX_RETURN_IF_ERROR(CheckGemm(kOp, x, w, y));
-    return Annotate(gemm_->Run(x.data, w.data, y.data, y.dtype == DType::kF32, x.shape[0], w.shape[0],
-                               x.shape[1], beta, stream_),
+    return RunGemm(*gemm_, x, w, beta, y);
+  }
+
+  // Gemm's checks and launch on `gemm` (no delta flush).
+  absl::Status RunGemm(CublasLtGemm& gemm, const TensorView& x, const TensorView& w, float beta,
+                       const TensorView& y) {
+    LORAPLEX_RETURN_IF_ERROR(CheckGemm("Gemm", x, w, y));
+    return Annotate(gemm.Run(x.data, w.data, y.data, y.dtype == DType::kF32, x.shape[0], w.shape[0], x.shape[1],
+                             beta, stream_),
                     "Gemm");
   }
 
-  // GemmWithLora's GEMM: Gemm, or (SetLoraGemmSmsForTest) cuBLASLt's choice for fewer SMs, so its
-  // CTAs need not wait for the SMs the side chain's blocks hold.
+  // GemmWithLora's GEMM (its delta already flushed): the executor's, or (SetLoraGemmSmsForTest)
+  // cuBLASLt's choice for fewer SMs, so its CTAs need not wait for the SMs the side chain holds.
   absl::Status GemmBesideLora(const TensorView& x, const TensorView& w, const TensorView& y) {
-    if (gemm_beside_lora_ == nullptr) return Gemm(x, w, 0.0f, y);
-    LORAPLEX_RETURN_IF_ERROR(CheckGemm("Gemm", x, w, y));
-    return Annotate(gemm_beside_lora_->Run(x.data, w.data, y.data, y.dtype == DType::kF32, x.shape[0], w.shape[0],
-                                           x.shape[1], 0.0f, stream_),
-                    "Gemm");
+    return RunGemm(gemm_beside_lora_ != nullptr ? *gemm_beside_lora_ : *gemm_, x, w, 0.0f, y);
   }
 
   void set_lora_gemm_first(bool first) { lora_gemm_first_ = first; }
@@ -505,17 +506,15 @@ class CudaOps final : public Ops {
     // The side chain is enqueued first: the GEMM enqueued first made steps slower (its CTAs take
     // every SM they can; the LoRA blocks then wait or delay its tail). bench/runs/2026-11-29-rows.
     // (SetLoraGemmFirstForTest reverses the order, for A/B runs with a GEMM for fewer SMs.)
-    absl::Status gemm_first = absl::OkStatus();
-    if (lora_gemm_first_) gemm_first = GemmBesideLora(x, w, y);
-    absl::Status side = gemm_first.ok() ? LaunchShrink(shrink, x.data, lora_y.As<float>(), side_stream_,
-                                                       "GemmWithLora: shrink")
-                                        : gemm_first;
-    if (side.ok() && delta) {
+    absl::Status gemm = lora_gemm_first_ ? GemmBesideLora(x, w, y) : absl::OkStatus();
+    absl::Status side = gemm.ok() ? LaunchShrink(shrink, x.data, lora_y.As<float>(), side_stream_,
+                                                 "GemmWithLora: shrink")
+                                  : absl::OkStatus();
+    if (gemm.ok() && side.ok() && delta) {
       side = CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, side_stream_), "GemmWithLora: expand");
     }
     const absl::Status recorded = CudaStatus(cudaEventRecord(join_event_, side_stream_), "GemmWithLora: join");
-    // The pending delta was flushed on entry, so this enqueues only the GEMM.
-    const absl::Status gemm = !side.ok() || lora_gemm_first_ ? absl::OkStatus() : GemmBesideLora(x, w, y);
+    if (gemm.ok() && side.ok() && !lora_gemm_first_) gemm = GemmBesideLora(x, w, y);
     // Always join, so later work on the stream (and a capture's end) sees the side stream's.
     LORAPLEX_RETURN_IF_ERROR(recorded);
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmWithLora: join"));
