@@ -458,24 +458,6 @@ nlohmann::json PrintProfile(const std::string& scenario, int batch, const Bench:
           {"ops", ops}};
 }
 
-// --profile: per batch, the base step and one distinct r16 per request, eager.
-absl::Status RunProfile(Bench& bench, const std::vector<int>& batches, int steps, int profile, const char* out_path) {
-  nlohmann::json profiles = nlohmann::json::array();
-  for (int b : batches) {
-    std::vector<int> distinct(b);
-    for (int i = 0; i < b; ++i) distinct[i] = i % bench.num_r16();
-    const int n_distinct = std::min(b, bench.num_r16());
-    LORAPLEX_ASSIGN_OR_RETURN(const Bench::Profile base, bench.ProfileDecode(b, std::vector<int>(b, -1), steps));
-    profiles.push_back(PrintProfile("base", b, base));
-    LORAPLEX_ASSIGN_OR_RETURN(const Bench::Profile lora, bench.ProfileDecode(b, distinct, steps));
-    profiles.push_back(PrintProfile(absl::StrCat(n_distinct, " distinct r16", profile == 2 ? " (split)" : ""), b, lora));
-  }
-  std::ofstream f(out_path);
-  f << nlohmann::json{{"profile", profiles}}.dump(2) << "\n";
-  if (!f) return absl::InternalError(absl::StrCat("cannot write ", out_path));
-  return absl::OkStatus();
-}
-
 // A decode scenario of one batch: each request's adapter (an index into the bench's adapters).
 struct DecodeScenario {
   std::string name;
@@ -498,6 +480,28 @@ std::vector<DecodeScenario> DecodeScenarios(const Bench& bench, int b) {
   out.push_back({absl::StrCat(n_distinct, " distinct r16"), distinct, n_distinct});
   out.push_back({absl::StrCat(n_mixed, " mixed ranks"), mixed, n_mixed});
   return out;
+}
+
+// DecodeScenarios' one-adapter-per-request scenario.
+const DecodeScenario& OnePerRequest(const std::vector<DecodeScenario>& scenarios) {
+  return scenarios[scenarios.size() - 2];
+}
+
+// --profile: per batch, the base step and one distinct r16 per request, eager.
+absl::Status RunProfile(Bench& bench, const std::vector<int>& batches, int steps, int profile, const char* out_path) {
+  nlohmann::json profiles = nlohmann::json::array();
+  for (int b : batches) {
+    const std::vector<DecodeScenario> scenarios = DecodeScenarios(bench, b);
+    const DecodeScenario& distinct = OnePerRequest(scenarios);
+    LORAPLEX_ASSIGN_OR_RETURN(const Bench::Profile base, bench.ProfileDecode(b, std::vector<int>(b, -1), steps));
+    profiles.push_back(PrintProfile("base", b, base));
+    LORAPLEX_ASSIGN_OR_RETURN(const Bench::Profile lora, bench.ProfileDecode(b, distinct.adapters, steps));
+    profiles.push_back(PrintProfile(distinct.name + (profile == 2 ? " (split)" : ""), b, lora));
+  }
+  std::ofstream f(out_path);
+  f << nlohmann::json{{"profile", profiles}}.dump(2) << "\n";
+  if (!f) return absl::InternalError(absl::StrCat("cannot write ", out_path));
+  return absl::OkStatus();
 }
 
 // An integer flag value in [lo, hi].
@@ -615,24 +619,36 @@ absl::Status Run(int argc, char** argv) {
   // The CPU ops record no graphs: their decode rows are eager whatever is asked.
   const bool use_graphs = graphs != 0 && cpu == 0;
   const std::string mode = use_graphs ? "" : ", eager";
-  for (int b : batches) {
+  // The base step and every decode scenario of batch b, rows named with `suffix`; returns the
+  // base step's ms and the scenarios.
+  struct DecodeRows {
+    double base_ms;
+    std::vector<DecodeScenario> scenarios;
+  };
+  auto decode_rows = [&](int b, const std::string& suffix) -> absl::StatusOr<DecodeRows> {
     LORAPLEX_ASSIGN_OR_RETURN(const double base, bench.DecodeStep(b, std::vector<int>(b, -1), steps, use_graphs));
-    add({"decode", "base" + mode, b, b, 0, base, 1.0, 0, use_graphs});
-    const std::vector<DecodeScenario> scenarios = DecodeScenarios(bench, b);
+    add({"decode", "base" + suffix, b, b, 0, base, 1.0, 0, use_graphs});
+    std::vector<DecodeScenario> scenarios = DecodeScenarios(bench, b);
     for (const DecodeScenario& s : scenarios) {
       LORAPLEX_ASSIGN_OR_RETURN(const double ms, bench.DecodeStep(b, s.adapters, steps, use_graphs));
       // GB/s here: the adapters' bytes over the time LoRA adds to the base step; equal across
       // rows when the cost is proportional to what the adapters hold (their ranks).
       const double added_ms = ms - base;
-      add({"decode", s.name + mode, b, b, s.count, ms, ms / base,
+      add({"decode", s.name + suffix, b, b, s.count, ms, ms / base,
            added_ms > 0 ? bench.AdapterBytes(s.adapters) / added_ms * 1e-6 : 0.0, use_graphs});
     }
+    return DecodeRows{base, std::move(scenarios)};
+  };
+  for (int b : batches) {
+    LORAPLEX_ASSIGN_OR_RETURN(const DecodeRows rows, decode_rows(b, mode));
+    const double base = rows.base_ms;
+    const std::vector<DecodeScenario>& scenarios = rows.scenarios;
     // One adapter and one per request again, each step paired with a base step (x base: the
     // median per-pair ratio), for targets within the rows' run-to-run drift.
     std::vector<DecodeScenario> paired = {scenarios.front()};
-    if (b > 1) paired.push_back(scenarios[scenarios.size() - 2]);  // at batch 1 the same as the first
-    const std::vector<int>& distinct = scenarios[scenarios.size() - 2].adapters;
-    const int n_distinct = scenarios[scenarios.size() - 2].count;
+    if (b > 1) paired.push_back(OnePerRequest(scenarios));  // at batch 1 the same as the first
+    const std::vector<int>& distinct = OnePerRequest(scenarios).adapters;
+    const int n_distinct = OnePerRequest(scenarios).count;
     for (const DecodeScenario& s : paired) {
       LORAPLEX_ASSIGN_OR_RETURN(const Bench::Paired p, bench.PairedDecode(b, s.adapters, steps, use_graphs));
       add({"decode", s.name + mode + ", paired", b, b, s.count, p.ms, p.ratio, 0, use_graphs});
@@ -659,16 +675,7 @@ absl::Status Run(int argc, char** argv) {
     std::printf("variant v%zu: %s\n", v + 1, variants[v].first.c_str());
     std::fflush(stdout);
     LORAPLEX_RETURN_IF_ERROR(bench.Retune(variants[v].second));
-    for (int b : batches) {
-      LORAPLEX_ASSIGN_OR_RETURN(const double base, bench.DecodeStep(b, std::vector<int>(b, -1), steps, use_graphs));
-      add({"decode", "base" + mode + tag, b, b, 0, base, 1.0, 0, use_graphs});
-      for (const DecodeScenario& s : DecodeScenarios(bench, b)) {
-        LORAPLEX_ASSIGN_OR_RETURN(const double ms, bench.DecodeStep(b, s.adapters, steps, use_graphs));
-        const double added_ms = ms - base;
-        add({"decode", s.name + mode + tag, b, b, s.count, ms, ms / base,
-             added_ms > 0 ? bench.AdapterBytes(s.adapters) / added_ms * 1e-6 : 0.0, use_graphs});
-      }
-    }
+    for (int b : batches) LORAPLEX_RETURN_IF_ERROR(decode_rows(b, mode + tag).status());
   }
 
   nlohmann::json out = nlohmann::json::array();
