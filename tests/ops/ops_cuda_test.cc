@@ -1298,6 +1298,70 @@ absl::Status TimeLora() {
   return cuda::SetLoraTuningForTest(g_gpu, 0, true, true);
 }
 
+// The bandwidth probe beside each decode GEMM (GemmBesideProbeForTest): blocks of one warp at
+// most 32 registers and no shared memory, the only shape that fits on an SM beside one of
+// cuBLASLt's decode CTAs. Does such work delay the GEMM, and how fast does it read there? The
+// probe reads as many bytes as the module's LoRA weights for 4 adapters or 32 distinct r16 ones.
+absl::Status TimeBesideCase(WeightPool& pool, const char* name, int in, int width, int T, double probe_mb,
+                            int blocks) {
+  const double gemm_bytes = 2.0 * width * in;
+  const int gemm_copies = static_cast<int>(std::clamp(200e6 / gemm_bytes, 2.0, 8.0));
+  const int64_t bytes = static_cast<int64_t>(probe_mb * 1e6) / 4096 * 4096;
+  const int src_copies = static_cast<int>(std::clamp(200e6 / static_cast<double>(bytes), 2.0, 20.0));
+  std::vector<TensorView> gemm_w;
+  for (int i = 0; i < gemm_copies; ++i) {
+    gemm_w.push_back({pool.Take(static_cast<size_t>(gemm_bytes)), DType::kBF16, {width, in}, Device::kCuda});
+  }
+  std::vector<const void*> src;
+  for (int i = 0; i < src_copies; ++i) src.push_back(pool.Take(static_cast<size_t>(bytes)));
+  auto* sink = static_cast<uint32_t*>(pool.Take(4096 * sizeof(uint32_t)));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, UploadBf16(RandomVec(static_cast<size_t>(T) * in, -1, 1)));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, UploadBf16(RandomVec(static_cast<size_t>(T) * width, -1, 1)));
+  const TensorView gx = Gpu(d_x, DType::kBF16, {T, in}), gout = Gpu(d_out, DType::kBF16, {T, width});
+  struct Mode { bool gemm; bool probe; bool probe_first; };
+  constexpr int kGraphCalls = 20;
+  double us[4] = {};
+  int mi = 0;
+  for (const Mode& m : {Mode{true, false, false}, Mode{false, true, false}, Mode{true, true, true},
+                        Mode{true, true, false}}) {
+    auto body = [&](int call) -> absl::Status {
+      return cuda::GemmBesideProbeForTest(g_gpu, gx, gemm_w[call % gemm_copies], gout, src[call % src_copies],
+                                          m.probe ? bytes : 0, blocks, sink, m.gemm, m.probe_first);
+    };
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->Synchronize());
+    LORAPLEX_ASSIGN_OR_RETURN(auto g, cuda::CaptureCudaGraph(g_gpu, [&]() -> absl::Status {
+      for (int call = 0; call < kGraphCalls; ++call) LORAPLEX_RETURN_IF_ERROR(body(call));
+      return absl::OkStatus();
+    }));
+    LORAPLEX_ASSIGN_OR_RETURN(auto samples, cuda::TimeOnStream(g_gpu, 3, 11, 1, [&](int) { return g->Launch(); }));
+    us[mi++] = Median(samples) / kGraphCalls;
+  }
+  std::printf("TIME beside %-8s T=%-3d probe %6.2f MB x %3d blocks: gemm %6.2f us, probe alone %6.2f us %5.0f GB/s, "
+              "beside: probe first %6.2f us (+%5.2f), gemm first %6.2f us (+%5.2f)\n",
+              name, T, bytes * 1e-6, blocks, us[0], us[1], bytes / us[1] * 1e-3, us[2], us[2] - us[0], us[3],
+              us[3] - us[0]);
+  return absl::OkStatus();
+}
+
+absl::Status TimeBeside() {
+  LORAPLEX_ASSIGN_OR_RETURN(WeightPool pool, WeightPool::Create(size_t{2} << 30));
+  struct Shape { const char* name; int in; int width; double lora4_mb; };
+  // A + B of 4 r16 adapters: qkv 3·16·4096 + 6144·16, o 16·4096 + 4096·16, gate_up 2·16·4096 +
+  // 28672·16, down 16·14336 + 4096·16 bf16 each.
+  const Shape shapes[] = {{"qkv", 4096, 6144, 2.36}, {"o", 4096, 4096, 1.05}, {"gate_up", 4096, 28672, 4.72},
+                          {"down", 14336, 4096, 2.36}};
+  for (const Shape& sh : shapes) {
+    for (int T : {1, 32}) {
+      for (double mb : {sh.lora4_mb, 8 * sh.lora4_mb}) {
+        for (int blocks : {120, 132, 264}) {
+          LORAPLEX_RETURN_IF_ERROR(TimeBesideCase(pool, sh.name, sh.in, sh.width, T, mb, blocks));
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 
 int Main() {
   if (!cuda::CudaDevicePresent()) {
@@ -1312,6 +1376,10 @@ int Main() {
   }
   g_gpu = gpu->get();
   g_cpu = cpu->get();
+  if (std::getenv("LORAPLEX_TIME_BESIDE_ONLY") != nullptr) {  // the probe beside the GEMMs alone
+    Run("TIME beside", [] { return TimeBeside(); });
+    return g_failures == 0 ? 0 : 1;
+  }
   if (std::getenv("LORAPLEX_TIME_LORA_ONLY") != nullptr) {  // profiling run: the timing cases alone
     Run("TIME LoRA", [] { return TimeLora(); });
     return g_failures == 0 ? 0 : 1;
@@ -1346,6 +1414,7 @@ int Main() {
   for (int64_t n : {4096, 14336})
     for (int64_t m : {1, 32}) Run("TIME Gemm", [&] { return TimeGemm(m, n, 4096); });
   Run("TIME LoRA", [] { return TimeLora(); });
+  Run("TIME beside", [] { return TimeBeside(); });
 
   std::printf("\n%s: %d failure(s)\n", g_failures == 0 ? "ALL PASS" : "FAILED", g_failures);
   return g_failures == 0 ? 0 : 1;

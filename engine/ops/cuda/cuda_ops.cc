@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
 #include "engine/ops/cuda/attention.h"
+#include "engine/ops/cuda/beside_probe.h"
 #include "engine/ops/cuda/cublaslt_gemm.h"
 #include "engine/ops/cuda/elementwise.h"
 #include "engine/ops/cuda/lora_delta.h"
@@ -284,7 +285,26 @@ class CudaOps final : public Ops {
     return RunGemm(gemm_beside_lora_ != nullptr ? *gemm_beside_lora_ : *gemm_, x, w, 0.0f, y);
   }
 
-  void set_lora_gemm_first(bool first) { lora_gemm_first_ = first; }
+  void set_lora_gemm_first(int min_slices) { lora_gemm_first_min_slices_ = min_slices; }
+
+  // GemmBesideProbeForTest: Gemm(x, w, y) with the probe on the side stream beside it (forked and
+  // joined like GemmWithLora's side chain); without the GEMM, the probe alone on the stream.
+  absl::Status GemmBesideProbe(const TensorView& x, const TensorView& w, const TensorView& y, const void* src,
+                               int64_t bytes, int blocks, uint32_t* sink, bool gemm, bool probe_first) {
+    if (!gemm) return CudaStatus(LaunchBesideProbe(src, bytes, blocks, sink, stream_), "GemmBesideProbe: probe");
+    if (bytes <= 0) return Gemm(x, w, 0.0f, y);
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(fork_event_, stream_), "GemmBesideProbe: fork"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(side_stream_, fork_event_, 0), "GemmBesideProbe: fork"));
+    absl::Status gemm_status = probe_first ? absl::OkStatus() : Gemm(x, w, 0.0f, y);
+    const absl::Status probe =
+        CudaStatus(LaunchBesideProbe(src, bytes, blocks, sink, side_stream_), "GemmBesideProbe: probe");
+    const absl::Status recorded = CudaStatus(cudaEventRecord(join_event_, side_stream_), "GemmBesideProbe: join");
+    if (probe_first && gemm_status.ok()) gemm_status = Gemm(x, w, 0.0f, y);
+    LORAPLEX_RETURN_IF_ERROR(recorded);
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmBesideProbe: join"));
+    LORAPLEX_RETURN_IF_ERROR(probe);
+    return gemm_status;
+  }
 
   absl::Status set_lora_gemm_sms(int sms) {
     LORAPLEX_RETURN_IF_ERROR(Synchronize());
@@ -506,7 +526,8 @@ class CudaOps final : public Ops {
     // The side chain is enqueued first: the GEMM enqueued first made steps slower (its CTAs take
     // every SM they can; the LoRA blocks then wait or delay its tail). bench/runs/2026-11-29-rows.
     // (SetLoraGemmFirstForTest reverses the order, for A/B runs with a GEMM for fewer SMs.)
-    absl::Status gemm = lora_gemm_first_ ? GemmBesideLora(x, w, y) : absl::OkStatus();
+    const bool gemm_first = lora_gemm_first_min_slices_ > 0 && module->num_slices >= lora_gemm_first_min_slices_;
+    absl::Status gemm = gemm_first ? GemmBesideLora(x, w, y) : absl::OkStatus();
     absl::Status side = gemm.ok() ? LaunchShrink(shrink, x.data, lora_y.As<float>(), side_stream_,
                                                  "GemmWithLora: shrink")
                                   : absl::OkStatus();
@@ -514,7 +535,7 @@ class CudaOps final : public Ops {
       side = CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, side_stream_), "GemmWithLora: expand");
     }
     const absl::Status recorded = CudaStatus(cudaEventRecord(join_event_, side_stream_), "GemmWithLora: join");
-    if (gemm.ok() && side.ok() && !lora_gemm_first_) gemm = GemmBesideLora(x, w, y);
+    if (gemm.ok() && side.ok() && !gemm_first) gemm = GemmBesideLora(x, w, y);
     // Always join, so later work on the stream (and a capture's end) sees the side stream's.
     LORAPLEX_RETURN_IF_ERROR(recorded);
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmWithLora: join"));
@@ -718,7 +739,7 @@ class CudaOps final : public Ops {
   bool lora_fold_ = true;  // tests turn folding off to compare both ways
   std::unique_ptr<CublasLtGemm> gemm_;
   std::unique_ptr<CublasLtGemm> gemm_beside_lora_;  // SetLoraGemmSmsForTest; null: gemm_
-  bool lora_gemm_first_ = false;                    // SetLoraGemmFirstForTest
+  int lora_gemm_first_min_slices_ = 0;              // SetLoraGemmFirstForTest
   cudaError_t deferred_error_ = cudaSuccess;
   AttentionSplitMode split_mode_ = AttentionSplitMode::kAuto;
 };
@@ -848,9 +869,20 @@ absl::Status SetLoraGemmSmsForTest(Ops* ops, int sms) {
   return cuda->set_lora_gemm_sms(sms);
 }
 
-absl::Status SetLoraGemmFirstForTest(Ops* ops, bool gemm_first) {
+absl::Status GemmBesideProbeForTest(Ops* ops, const TensorView& x, const TensorView& w, const TensorView& y,
+                                    const void* src, int64_t bytes, int blocks, uint32_t* sink, bool gemm,
+                                    bool probe_first) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "GemmBesideProbeForTest"));
+  if (bytes < 0 || bytes % 16 != 0 || blocks < 0 || (bytes > 0 && (src == nullptr || sink == nullptr))) {
+    return Invalid("GemmBesideProbeForTest", absl::StrCat("bytes ", bytes, " (a multiple of 16), blocks ", blocks));
+  }
+  return cuda->GemmBesideProbe(x, w, y, src, bytes, blocks, sink, gemm, probe_first);
+}
+
+absl::Status SetLoraGemmFirstForTest(Ops* ops, int min_slices) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraGemmFirstForTest"));
-  cuda->set_lora_gemm_first(gemm_first);
+  if (min_slices < 0) return Invalid("SetLoraGemmFirstForTest", absl::StrCat("min_slices ", min_slices, " must be >= 0"));
+  cuda->set_lora_gemm_first(min_slices);
   return absl::OkStatus();
 }
 

@@ -68,9 +68,19 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
 // it; 0 goes back to the executor's GEMM. Synchronizes; call it outside captures.
 absl::Status SetLoraGemmSmsForTest(Ops* ops, int sms);
 // An experiment (off by default): GemmWithLora enqueues its GEMM before the side chain instead of
-// after it (the side chain still does not wait for the GEMM). Takes effect for later calls and
-// captures.
-absl::Status SetLoraGemmFirstForTest(Ops* ops, bool gemm_first);
+// after it (the side chain still does not wait for the GEMM) for modules of at least `min_slices`
+// slices: 0 for none, 1 for all, 3 for qkv alone (its GEMM leaves 36 of 132 SMs free). Takes
+// effect for later calls and captures. INVALID_ARGUMENT below 0.
+absl::Status SetLoraGemmFirstForTest(Ops* ops, int min_slices);
+// A measurement (ops_cuda_test "TIME beside"): Gemm(x, w, 0, y) with a bandwidth probe on
+// GemmWithLora's side stream beside it, forked and joined the same way. The probe reads `bytes`
+// (a multiple of 16) from `src` with `blocks` blocks of one warp at most 32 registers a thread and
+// no shared memory (what fits on an SM beside a decode GEMM CTA); `sink` holds `blocks` words.
+// probe_first: the probe is enqueued before the GEMM. gemm false: the probe alone on the stream;
+// bytes 0: the GEMM alone.
+absl::Status GemmBesideProbeForTest(Ops* ops, const TensorView& x, const TensorView& w, const TensorView& y,
+                                    const void* src, int64_t bytes, int blocks, uint32_t* sink, bool gemm,
+                                    bool probe_first);
 // How many GEMM algorithms the executor has chosen so far (one per cuBLASLt shape bucket): a
 // step whose shapes were prepared (Ops::PrepareGemm) adds none.
 absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops);
