@@ -18,6 +18,15 @@
 namespace loraplex::model {
 namespace {
 
+// Decode graphs are recorded per LoRA mode: no adapters, few adapter segments (at most
+// kFewLoraSegments, the bound the graph tells the ops), or any number.
+constexpr int kLoraNone = 0, kLoraFew = 1, kLoraMany = 2;
+constexpr int32_t kFewLoraSegments = 4;
+int LoraModeOf(const lora::LoraBatch& lb) {
+  if (lb.seg_slots.empty()) return kLoraNone;
+  return lb.num_segments() <= kFewLoraSegments ? kLoraFew : kLoraMany;
+}
+
 using layers::ColumnParallelLinearWithLora;
 using layers::MergedColumnParallelLinearWithLora;
 using layers::ParallelConfig;
@@ -99,8 +108,9 @@ struct LlamaModel::Impl {
   ops::DeviceMemory sampled;                     // [max_seqs] ops::SampledToken
   ops::DeviceMemory lora_scratch;                // [max_tokens * max(num_slices * max_rank)] F32
 
-  // Decode graphs by (bucket, with LoRA) (bucket: tokens = sequences = logit rows of the step).
-  std::map<std::pair<int32_t, bool>, std::unique_ptr<ops::Graph>> graphs;
+  // Decode graphs by (bucket, LoRA mode) (bucket: tokens = sequences = logit rows of the step;
+  // mode: LoraMode).
+  std::map<std::pair<int32_t, int>, std::unique_ptr<ops::Graph>> graphs;
   bool graphs_unsupported = false;  // the ops answered UNIMPLEMENTED to Capture
   int64_t graph_steps = 0;
 
@@ -111,6 +121,7 @@ struct LlamaModel::Impl {
     int32_t max_seqs = 0;         // sequence rows the attention may address
     int32_t max_context_len = 0;  // sizes the attention's context split
     bool lora = false;            // pass the segment arrays (their live count is read on the device)
+    int32_t lora_segments_bound = 0;  // ops::LoraSegments::segments_bound
   };
 
   absl::Status ValidateStep(const StepInput& in) const;
@@ -565,6 +576,7 @@ absl::Status LlamaModel::Impl::Enqueue(const StepShape& shape) {
     segments.max_rank = static_cast<const int32_t*>(num_segments.data()) + 1;
     segments.max_segments = static_cast<int32_t>(t);  // every segment holds at least one token
     segments.num_tokens = static_cast<int32_t>(t);
+    segments.segments_bound = shape.lora_segments_bound;
     seg_ptr = &segments;
   }
 
@@ -658,9 +670,12 @@ absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
     // Copies land in the buffers the graph reads before it runs (same stream, in order).
     LORAPLEX_RETURN_IF_ERROR(m.UploadPaddedDecode(in, bucket));
     // Steps with adapters and steps without replay separate graphs: the base model's step then
-    // carries no LoRA launches at all.
+    // carries no LoRA launches at all. Steps with few adapter segments replay graphs of their
+    // own too, recorded with that bound (the CUDA executor runs their LoRA side chains in kernels
+    // that share SMs with the GEMMs).
     const bool lora = !in.lora.seg_slots.empty();
-    const std::pair<int32_t, bool> key{bucket, lora};
+    const int mode = LoraModeOf(in.lora);
+    const std::pair<int32_t, int> key{bucket, mode};
     auto it = m.graphs.find(key);
     if (it == m.graphs.end()) {
       Impl::StepShape shape;
@@ -670,6 +685,7 @@ absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
       // A capacity bound, not this step's: the graph must serve any later context length.
       shape.max_context_len = m.cap.max_blocks_per_seq * m.cap.kv_block_size;
       shape.lora = lora;
+      shape.lora_segments_bound = mode == kLoraFew ? kFewLoraSegments : 0;
       absl::StatusOr<std::unique_ptr<ops::Graph>> graph =
           m.ops->Capture([&] { return m.Enqueue(shape); });
       if (graph.ok()) {
@@ -696,6 +712,7 @@ absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
     shape.max_seqs = static_cast<int32_t>(in.context_lens.size());
     shape.max_context_len = *std::max_element(in.context_lens.begin(), in.context_lens.end());
     shape.lora = !in.lora.seg_slots.empty();
+    shape.lora_segments_bound = shape.lora ? in.lora.num_segments() : 0;
     LORAPLEX_RETURN_IF_ERROR(m.Enqueue(shape));
   }
   return absl::OkStatus();
@@ -774,10 +791,14 @@ absl::StatusOr<int> LlamaModel::WarmUp() {
     }
     in.block_tables.assign(static_cast<size_t>(b) * m.cap.max_blocks_per_seq, 0);
     in.sampling.resize(static_cast<size_t>(b));
-    for (const bool lora : {false, true}) {
-      if (lora && !m.has_lora) break;
-      // Slot 0's table: rank 0 (nothing read) unless an adapter is already resident there.
-      in.lora = lora ? lora::BuildLoraBatch(std::vector<int32_t>(static_cast<size_t>(b), 0)) : lora::LoraBatch{};
+    for (const int mode : {kLoraNone, kLoraFew, kLoraMany}) {
+      if (mode != kLoraNone && !m.has_lora) break;
+      if (mode == kLoraMany && b <= kFewLoraSegments) break;  // no step of this bucket has that many
+      // Slot 0's table: rank 0 (nothing read) unless an adapter is already resident there. One
+      // segment, or (many) one a token.
+      in.lora = mode == kLoraNone ? lora::LoraBatch{}
+                                  : lora::BuildLoraBatch(std::vector<int32_t>(static_cast<size_t>(b), 0),
+                                                         mode == kLoraMany ? 1 : 0);
       LORAPLEX_RETURN_IF_ERROR(Annotate(ForwardSample(in).status(), absl::StrCat("LlamaModel::WarmUp: bucket ", b)));
       if (m.graphs_unsupported) return 0;
     }

@@ -103,6 +103,10 @@ struct LoraSegments {
   // above it are treated as that rank, so it must be a true bound). The CUDA kernels size their
   // work by it instead of module.max_rank; null: module.max_rank.
   const int32_t* max_rank = nullptr;
+  // > 0: no step run with these arrays (eagerly, or any replay of a graph recorded with them) has
+  // more live segments than this; 0: up to max_segments. The CUDA executor runs the LoRA side
+  // chain of a step with few segments in kernels that share SMs with the GEMM.
+  int32_t segments_bound = 0;
 };
 
 // One logits row's sampling request. Device array element (the model uploads one per sampled row).

@@ -662,8 +662,11 @@ class RecordingCpuOps final : public ops::Ops {
   }
   absl::Status LoraShrink(const TensorView& x, const ops::LoraSegments& segments, const ops::LoraModule& module,
                           const TensorView& y) override {
+    if (recording_ != nullptr) captured_bounds_.insert(segments.segments_bound);
     return Run([=, this] { return cpu_->LoraShrink(x, segments, module, y); });
   }
+  // LoraSegments::segments_bound of every LoraShrink recorded into a graph.
+  const std::set<int32_t>& captured_bounds() const { return captured_bounds_; }
   absl::Status LoraExpand(const TensorView& y, const ops::LoraSegments& segments, const ops::LoraModule& module,
                           const TensorView& out) override {
     return Run([=, this] { return cpu_->LoraExpand(y, segments, module, out); });
@@ -697,6 +700,7 @@ class RecordingCpuOps final : public ops::Ops {
   std::vector<std::function<absl::Status()>>* recording_ = nullptr;
   int captures_ = 0;
   std::vector<Prepared> prepared_;
+  std::set<int32_t> captured_bounds_;
 };
 
 // A tiny model on graph-recording CPU ops with adapter x resident in a 2-slot pool, and three
@@ -782,13 +786,16 @@ TEST_CASE("WarmUp records every bucket's graphs once; later steps replay them an
   LlamaModel& model = *f.model;
   std::vector<Sequence>& seqs = f.seqs;
 
-  // Buckets 1, 2, 4, 8 and 16 (the capacity's 16 sequences), each without and with adapters.
+  // Buckets 1, 2, 4, 8 and 16 (the capacity's 16 sequences), each without adapters and with few
+  // (<= 4) adapter segments, and 8 and 16 also with more segments than that.
   auto warmed = model.WarmUp();
   INFO(warmed.status().message());
   REQUIRE(warmed.ok());
-  CHECK(*warmed == 10);
-  CHECK(f.ops.captures() == 10);
-  CHECK(model.graph_steps() == 10);  // each capture ran once as a replay
+  CHECK(*warmed == 12);
+  CHECK(f.ops.captures() == 12);
+  CHECK(model.graph_steps() == 12);  // each capture ran once as a replay
+  // The few-segment graphs tell the ops their bound; the others say nothing (0: max_segments).
+  CHECK(f.ops.captured_bounds() == std::set<int32_t>{0, 4});
 
   // Every GEMM a step can run was prepared at its largest row count: each layer's qkv, o, gate_up
   // and down at max_tokens rows on distinct weights, then the logits at max_seqs rows.
@@ -823,9 +830,9 @@ TEST_CASE("WarmUp records every bucket's graphs once; later steps replay them an
     REQUIRE(logits.ok());
     CheckStep(*logits, in, chunks, f.dense, f.spec.vocab_size);
   }
-  CHECK(model.graph_steps() == 10 + 4);
-  CHECK(model.num_graphs() == 10);
-  CHECK(f.ops.captures() == 10);
+  CHECK(model.graph_steps() == 12 + 4);
+  CHECK(model.num_graphs() == 12);
+  CHECK(f.ops.captures() == 12);
   // A second warm-up captures nothing new.
   auto again = model.WarmUp();
   REQUIRE(again.ok());
@@ -843,7 +850,7 @@ TEST_CASE("WarmUp records every bucket's graphs once; later steps replay them an
   REQUIRE(logits.ok());
   CheckStep(*logits, in, decode, f.dense, f.spec.vocab_size);
   CHECK(model.num_graphs() == 1);
-  CHECK(f.ops.captures() == 11);
+  CHECK(f.ops.captures() == 13);
   CHECK(model.graph_steps() == replays + 1);
 }
 

@@ -37,7 +37,8 @@ struct Seq {
 };
 
 // A step that feeds `count[i]` new tokens of seqs[i] and asks for the last token's logits.
-StepInput MakeStep(std::vector<Seq>& seqs, const std::vector<int32_t>& count) {
+// max_segment_tokens (BuildLoraBatch): 1 gives every adapter token a segment of its own.
+StepInput MakeStep(std::vector<Seq>& seqs, const std::vector<int32_t>& count, int32_t max_segment_tokens = 16) {
   StepInput in;
   std::vector<int32_t> token_slots;
   in.block_tables.assign(seqs.size() * kCapacity.max_blocks_per_seq, 0);
@@ -57,7 +58,7 @@ StepInput MakeStep(std::vector<Seq>& seqs, const std::vector<int32_t>& count) {
               in.block_tables.begin() + s * kCapacity.max_blocks_per_seq);
     in.logit_rows.push_back(static_cast<int32_t>(in.token_ids.size()) - 1);
   }
-  in.lora = lora::BuildLoraBatch(token_slots, 16);
+  in.lora = lora::BuildLoraBatch(token_slots, max_segment_tokens);
   return in;
 }
 
@@ -368,7 +369,8 @@ TEST_CASE("Decode steps replayed from CUDA graphs equal eager steps and the CPU 
   int decode_steps = 0;
   // One step of sequences `which` (count[i] new tokens each) on all three executors; base_only
   // runs every token on the base model.
-  auto step = [&](const std::vector<int>& which, const std::vector<int32_t>& count, bool base_only = false) {
+  auto step = [&](const std::vector<int>& which, const std::vector<int32_t>& count, bool base_only = false,
+                  int32_t max_segment_tokens = 16) {
     std::vector<float> logits[3];
     int segments = 0;
     for (int e = 0; e < 3; ++e) {
@@ -377,7 +379,7 @@ TEST_CASE("Decode steps replayed from CUDA graphs equal eager steps and the CPU 
         picked.push_back(state[e][w]);
         if (base_only) picked.back().slot = -1;
       }
-      StepInput in = MakeStep(picked, count);
+      StepInput in = MakeStep(picked, count, max_segment_tokens);
       segments = in.lora.num_segments();
       for (size_t i = 0; i < which.size(); ++i) state[e][which[i]].computed = picked[i].computed;
       auto out = all[e]->model->Forward(in);
@@ -418,9 +420,13 @@ TEST_CASE("Decode steps replayed from CUDA graphs equal eager steps and the CPU 
   step({0, 1, 2, 3, 4, 5, 6, 7}, {1, 1, 1, 1, 1, 1, 1, 1});     // bucket 8, reused slot
   step({6, 2}, {2, 1});                                         // mixed: eager
   step({6, 2}, {1, 1});                                         // bucket 2, with adapters now
+  // A segment per adapter token: more than the few-segment graphs take (model: 4), so bucket 8's
+  // graph for any number of segments.
+  step({0, 1, 2, 3, 4, 5, 6, 7}, {1, 1, 1, 1, 1, 1, 1, 1}, false, 1);
 
-  // Captured once each: with adapters buckets 1, 2, 4, 8; without adapters buckets 2 and 8.
-  CHECK(graphs.model->num_graphs() == 6);
+  // Captured once each: with few adapter segments buckets 1, 2, 4, 8, with more bucket 8; without
+  // adapters buckets 2 and 8.
+  CHECK(graphs.model->num_graphs() == 7);
   CHECK(eager.model->graph_steps() == 0);
   CHECK(cpu.model->graph_steps() == 0);  // the CPU ops record no graphs
 }

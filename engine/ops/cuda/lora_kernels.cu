@@ -373,6 +373,220 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
   if (blockIdx.x == 0) WaitForPrecedingKernel();
 }
 
+// ---- Sliver kernels: the LoRA side chain shaped to share SMs with the GEMM -------------------
+// Every decode GEMM cuBLASLt picks for the Llama shapes runs CTAs of 384 threads x 168 registers,
+// one per SM, which leaves one warp of 32 registers free on each SM (bench/ncu_gemm_launch.sh).
+// These kernels run in blocks of exactly that size and no shared memory, enqueued after the GEMM,
+// so their blocks sit beside its CTAs instead of holding SMs the CTAs wait for (a probe of that
+// shape beside the GEMM: ops_cuda_test "TIME beside"). One warp moves few bytes at a time, so they
+// serve steps with few adapters (LoraSegments::segments_bound), where the chain is short.
+//
+// Shrink: item = (segment, slice, group of 16 rows of A, chunk of K). Lane l takes row l % 16 and
+// every other 8-element vector of the chunk (l / 16 picks which); it dots them with up to 4 of the
+// segment's tokens at a time. With more than one chunk, the sums go to partials and the item that
+// completes a (segment, slice, rows) unit last (a counter) adds them in chunk order into y, so the
+// result does not depend on timing. Expand: item = (segment, slice, 32 columns); lane = column.
+// 4 tokens' y (16 ranks at a time) sit in 2 registers a lane and reach every lane by shuffles.
+constexpr int kSliverRows = 16;
+constexpr int kSliverTokens = 4;         // tokens a shrink pass carries
+constexpr int kSliverMinChunkVecs = 32;  // a K chunk is at least 256 elements
+constexpr int kSliverExpandTokens = 4;   // tokens an expand pass carries (y in 2 registers a lane)
+
+// How the shrink splits K for this step (identical in both kernels: the expand needs nothing of
+// it, but the shrink's items and partials depend on it).
+struct SliverSplit {
+  int row_groups;  // of kSliverRows rows
+  int chunks;      // K chunks
+  int chunk_vecs;  // 8-element vectors a chunk (even)
+};
+__device__ __forceinline__ SliverSplit SliverSplitOf(const LoraParams& p, int nseg, int live_rank, int grid) {
+  SliverSplit s;
+  s.row_groups = (live_rank + kSliverRows - 1) / kSliverRows;
+  const int kvecs = p.in_features / 8;
+  const int units = max(1, nseg * p.num_slices * s.row_groups);
+  const int want = min(max(1, kvecs / kSliverMinChunkVecs), max(1, (grid + units - 1) / units));
+  s.chunk_vecs = ((kvecs + want - 1) / want + 1) & ~1;
+  s.chunks = (kvecs + s.chunk_vecs - 1) / s.chunk_vecs;
+  return s;
+}
+
+__global__ void __maxnreg__(32) LoraShrinkSliverKernel(LoraParams p, const bf16* __restrict__ x, float* __restrict__ y) {
+  const int S = p.num_slices;
+  if (p.delta_mask != nullptr) {  // the expand after it marks what it writes (as LoraShrinkRowsKernel)
+    const int64_t n = static_cast<int64_t>(p.delta_rows) * S;
+    for (int64_t e = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x; e < n;
+         e += static_cast<int64_t>(gridDim.x) * kWarpSize) {
+      p.delta_mask[e] = 0;
+    }
+  }
+  const int nseg = min(max(*p.num_segments, 0), p.max_segments);
+  const int live_rank = LiveMaxRank(p);
+  if (nseg == 0 || live_rank == 0) return;
+  const SliverSplit sp = SliverSplitOf(p, nseg, live_rank, gridDim.x);
+  const int K = p.in_features;
+  const int kvecs = K / 8;
+  const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
+  const int lane = threadIdx.x;
+  const int j = lane % kSliverRows;
+  const int half = lane / kSliverRows;
+  const int64_t items = static_cast<int64_t>(nseg) * S * sp.row_groups * sp.chunks;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int kc = static_cast<int>(item % sp.chunks);
+    const int64_t unit = item / sp.chunks;
+    const int rg = static_cast<int>(unit % sp.row_groups);
+    const int slice = static_cast<int>((unit / sp.row_groups) % S);
+    const int seg = static_cast<int>(unit / sp.row_groups / S);
+    int begin, end;
+    LoraSliceWeightsDev w;
+    if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;  // the whole unit skips
+    const int r0 = rg * kSliverRows;
+    if (r0 >= w.rank) continue;
+    const int row = r0 + j;
+    const bool active = row < w.rank;
+    const bf16* a = static_cast<const bf16*>(w.a) + static_cast<int64_t>(active ? row : 0) * K;
+    const bool a_vec = IsAligned16(w.a);
+    const int v0 = kc * sp.chunk_vecs;
+    const int v1 = min(kvecs, v0 + sp.chunk_vecs);
+    const int64_t col = static_cast<int64_t>(slice) * p.max_rank + row;
+    const uint4* xv4 = reinterpret_cast<const uint4*>(x);  // rows are whole vectors (K % 8 == 0)
+    for (int t0 = begin; t0 < end; t0 += kSliverTokens) {
+      const int nt = min(kSliverTokens, end - t0);
+      int xvec[kSliverTokens];  // first vector of each token's row of x (fits 32 bits: rows x K < 2^31)
+#pragma unroll
+      for (int t = 0; t < kSliverTokens; ++t) xvec[t] = p.token_rows[t0 + min(t, nt - 1)] * kvecs;
+      float acc[kSliverTokens] = {};
+      for (int v = v0 + half; v < v1; v += 2) {
+        const uint4 av = active ? Load8(a + static_cast<int64_t>(v) * 8, a_vec) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int t = 0; t < kSliverTokens; ++t) acc[t] += Dot8(av, __ldg(xv4 + xvec[t] + v));
+      }
+#pragma unroll
+      for (int t = 0; t < kSliverTokens; ++t) {
+        acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], kSliverRows);
+        const int64_t xr = xvec[t] / kvecs;
+        if (half == 0 && active && t < nt && xr < p.delta_rows) {  // partials hold delta_rows rows a chunk
+          float* dst = sp.chunks == 1 ? y : p.partials + static_cast<int64_t>(kc) * p.delta_rows * y_row;
+          dst[xr * y_row + col] = acc[t];
+        }
+      }
+    }
+    if (sp.chunks == 1) continue;
+    // The last chunk of the unit to finish adds the partials in chunk order.
+    __threadfence();
+    __syncwarp();
+    int last = 0;
+    if (lane == 0) last = atomicAdd(p.counters + unit, 1) == sp.chunks - 1;
+    last = __shfl_sync(0xffffffffu, last, 0);
+    if (!last) continue;
+    __threadfence();
+    if (lane == 0) p.counters[unit] = 0;  // every chunk has arrived: ready for the next launch
+    const int rows = min(kSliverRows, w.rank - r0);
+    const int pairs = (end - begin) * rows;
+    for (int e = lane; e < pairs; e += kWarpSize) {
+      const int64_t xr = p.token_rows[begin + e / rows];
+      if (xr >= p.delta_rows) continue;  // the expand skips such rows too
+      const int64_t at = xr * y_row + static_cast<int64_t>(slice) * p.max_rank + r0 + e % rows;
+      float sum = 0.0f;
+      for (int c = 0; c < sp.chunks; ++c) sum += __ldcg(p.partials + static_cast<int64_t>(c) * p.delta_rows * y_row + at);
+      y[at] = sum;
+    }
+  }
+}
+
+// 16 bf16 of B's row for column n from rank rc (zero past the rank), as 8 bf16 pairs.
+__device__ __forceinline__ void LoadSliverB(const bf16* b, int rank, int64_t n, int rc, bool vec, uint32_t (&v)[8]) {
+  const bf16* row = b + n * rank + rc;
+  if (vec) {  // rank % 8 == 0 and B 16-byte aligned
+    const uint4 lo = __ldg(reinterpret_cast<const uint4*>(row));
+    const uint4 hi = rc + 8 < rank ? __ldg(reinterpret_cast<const uint4*>(row) + 1) : make_uint4(0, 0, 0, 0);
+    v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w;
+    v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
+    return;
+  }
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(row);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t lo = rc + 2 * i < rank ? s[2 * i] : 0;
+    const uint32_t hi = rc + 2 * i + 1 < rank ? s[2 * i + 1] : 0;
+    v[i] = lo | (hi << 16);
+  }
+}
+
+__global__ void __maxnreg__(32) LoraExpandSliverKernel(LoraParams p, const float* __restrict__ y) {
+  const int S = p.num_slices;
+  const int nseg = min(max(*p.num_segments, 0), p.max_segments);
+  const int live_rank = LiveMaxRank(p);
+  if (nseg == 0 || live_rank == 0) return;
+  const int groups = LoraExpandTiles(p.slice_offsets, S, kWarpSize);
+  const int64_t items = static_cast<int64_t>(nseg) * groups;
+  const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
+  const int64_t out_row = p.slice_offsets[S];
+  const int lane = threadIdx.x;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int group = static_cast<int>(item % groups);
+    const int seg = static_cast<int>(item / groups);
+    int slice = 0, slice_first = 0, acc_groups = 0;  // constant indices only (no local memory)
+#pragma unroll
+    for (int s = 0; s < kLoraMaxSlices; ++s) {
+      if (s < S) {
+        if (group >= acc_groups) {
+          slice = s;
+          slice_first = acc_groups;
+        }
+        acc_groups += (p.slice_offsets[s + 1] - p.slice_offsets[s] + kWarpSize - 1) / kWarpSize;
+      }
+    }
+    int begin, end;
+    LoraSliceWeightsDev w;
+    if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;
+    const int width = p.slice_offsets[slice + 1] - p.slice_offsets[slice];
+    const int64_t n = static_cast<int64_t>(group - slice_first) * kWarpSize + lane;
+    const bool valid = n < width;
+    const bf16* b = static_cast<const bf16*>(w.b);
+    const bool b_vec = IsAligned16(w.b) && w.rank % 8 == 0;
+    const int64_t y_col = static_cast<int64_t>(slice) * p.max_rank;
+    for (int t0 = begin; t0 < end; t0 += kSliverExpandTokens) {
+      float s[kSliverExpandTokens] = {};
+      for (int rc = 0; rc < w.rank; rc += kSliverRows) {
+        uint32_t bv[8];
+        if (valid) {
+          LoadSliverB(b, w.rank, n, rc, b_vec, bv);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) bv[i] = 0;
+        }
+        // Lane l holds y of token t0 + 2i + l / 16 at rank rc + l % 16 (zero past the rank or the
+        // segment): token t's rank jj is lane (t % 2)·16 + jj, register t / 2.
+        float yv[kSliverExpandTokens / 2];
+        const int jj = rc + lane % kSliverRows;
+#pragma unroll
+        for (int i = 0; i < kSliverExpandTokens / 2; ++i) {
+          const int t = t0 + 2 * i + lane / kSliverRows;
+          yv[i] = t < end && jj < w.rank ? __ldcg(y + p.token_rows[t] * y_row + y_col + jj) : 0.0f;
+        }
+#pragma unroll
+        for (int t = 0; t < kSliverExpandTokens; ++t) {
+#pragma unroll
+          for (int q = 0; q < 8; ++q) {
+            const float b_lo = __uint_as_float(bv[q] << 16);
+            const float b_hi = __uint_as_float(bv[q] & 0xffff0000u);
+            s[t] = fmaf(__shfl_sync(0xffffffffu, yv[t / 2], (t % 2) * kSliverRows + 2 * q), b_lo, s[t]);
+            s[t] = fmaf(__shfl_sync(0xffffffffu, yv[t / 2], (t % 2) * kSliverRows + 2 * q + 1), b_hi, s[t]);
+          }
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < kSliverExpandTokens; ++t) {
+        if (t0 + t >= end) break;
+        const int64_t row = p.token_rows[t0 + t];
+        if (row >= p.delta_rows) continue;
+        if (valid) p.delta[row * out_row + p.slice_offsets[slice] + n] = __fmul_rn(w.scale, s[t]);
+        if (lane == 0) p.delta_mask[row * S + slice] = 1;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 LoraDeltaView LoraDeltaOf(const LoraParams& p) {
@@ -402,6 +616,39 @@ cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaS
     LoraShrinkRowsKernel<8><<<p.num_blocks, 8 * kWarpSize, 0, stream>>>(p, static_cast<const bf16*>(x), y);
   }
   return cudaGetLastError();
+}
+
+cudaError_t LaunchLoraSliver(const LoraParams& p, const void* x, float* y, cudaStream_t stream) {
+  if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0 || p.delta == nullptr ||
+      p.delta_mask == nullptr || p.counters == nullptr || p.partials == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  // Shared memory at its largest share of the SM, as the GEMM's: a block that lands on an idle SM
+  // first must not leave it configured with less than a GEMM CTA needs.
+  static const cudaError_t attr = [] {
+    cudaError_t e = cudaFuncSetAttribute(LoraShrinkSliverKernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         cudaSharedmemCarveoutMaxShared);
+    if (e == cudaSuccess) {
+      e = cudaFuncSetAttribute(LoraExpandSliverKernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               cudaSharedmemCarveoutMaxShared);
+    }
+    return e;
+  }();
+  if (attr != cudaSuccess) return attr;
+  LoraShrinkSliverKernel<<<p.num_blocks, kWarpSize, 0, stream>>>(p, static_cast<const bf16*>(x), y);
+  const cudaError_t shrink = cudaGetLastError();
+  if (shrink != cudaSuccess) return shrink;
+  LoraExpandSliverKernel<<<p.num_blocks, kWarpSize, 0, stream>>>(p, y);
+  return cudaGetLastError();
+}
+
+int64_t LoraSliverPartialBytes(int num_tokens, int num_slices, int max_rank, int in_features, int blocks) {
+  const int64_t chunks = std::max(1, std::min(in_features / 8 / kSliverMinChunkVecs, std::max(1, blocks)));
+  return chunks * num_tokens * num_slices * max_rank * static_cast<int64_t>(sizeof(float));
+}
+
+int64_t LoraSliverCounters(int max_segments, int num_slices, int max_rank) {
+  return static_cast<int64_t>(max_segments) * num_slices * ((max_rank + kSliverRows - 1) / kSliverRows);
 }
 
 cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cudaStream_t stream) {
