@@ -18,7 +18,7 @@
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
-//                   [--lora-gemm-first 0|1|3] [--lora-sliver-segs N] [--lora-sliver-width W] [--lora-sliver-blocks B] [--variants "FLAGS;FLAGS;..."]
+//                   [--lora-gemm-first 0|1|3] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
 //     a cap on the decode shrink's grid (blocks), whether the expand starts beside the shrink
@@ -26,9 +26,7 @@
 //     (16: one block fills an SM), and (an experiment) GemmWithLora's GEMM chosen by cuBLASLt
 //     for N SMs (the SM count target), so the side chain's blocks keep the rest, and (an
 //     experiment) that GEMM enqueued before the side chain (1: every module; 3: modules of 3 or
-//     more slices, i.e. qkv, whose GEMM leaves SMs free), and (an experiment) the sliver side chain
-//     for steps of at most N segments (the model records graphs for <= 4 apart) on modules at
-//     most W wide (default 8192: all but gate_up), on B one-warp blocks (default 2 per SM).
+//     more slices, i.e. qkv, whose GEMM leaves SMs free).
 //   --variants: after the rows above, the decode rows (base and the LoRA scenarios) again for each
 //     ';'-separated list of --lora-* flags ("default": the executor's defaults), tagged [v1], ...;
 //     each variant drops the model's graphs, which the next steps record with its settings. One
@@ -116,9 +114,6 @@ struct LoraTuning {
   int shrink_warps = 0;   // SetLoraShrinkWarpsForTest
   int gemm_sms = 0;       // SetLoraGemmSmsForTest
   int gemm_first = 0;     // SetLoraGemmFirstForTest
-  int sliver_segs = 0;    // SetLoraSliverForTest: max segments (0: off)
-  int sliver_width = 8192;
-  int sliver_blocks = 0;
 };
 
 // Sets every LoRA knob of the CUDA executor to `t` (unset fields back to the defaults).
@@ -127,7 +122,6 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkWarpsForTest(ops, t.shrink_warps));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmSmsForTest(ops, t.gemm_sms));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmFirstForTest(ops, t.gemm_first));
-  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraSliverForTest(ops, t.sliver_segs, t.sliver_width, t.sliver_blocks));
   return ops::cuda::SetLoraTuningForTest(ops, t.shrink_blocks, t.overlap != 0, true);
 #else
   (void)ops;
@@ -525,9 +519,6 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-overlap") return ParseFlag(flag, value, 0, 1, &t->overlap);
   if (flag == "--lora-gemm-sms") return ParseFlag(flag, value, 1, 1 << 20, &t->gemm_sms);
   if (flag == "--lora-gemm-first") return ParseFlag(flag, value, 0, 4, &t->gemm_first);
-  if (flag == "--lora-sliver-segs") return ParseFlag(flag, value, 0, 1 << 20, &t->sliver_segs);
-  if (flag == "--lora-sliver-width") return ParseFlag(flag, value, 0, 1 << 30, &t->sliver_width);
-  if (flag == "--lora-sliver-blocks") return ParseFlag(flag, value, 1, 1 << 20, &t->sliver_blocks);
   if (flag == "--lora-shrink-warps") {
     LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, value, 8, 16, &t->shrink_warps));
     if (t->shrink_warps != 8 && t->shrink_warps != 16) {
@@ -555,7 +546,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-sliver-segs N] [--lora-sliver-width W] [--lora-sliver-blocks B] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;

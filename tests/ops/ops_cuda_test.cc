@@ -1043,21 +1043,6 @@ absl::Status LoraTests() {
     LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[GEMM first] qkv", *world, T, true, graph, 3));
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmFirstForTest(g_gpu, false));
-  // The sliver side chain (SetLoraSliverForTest), forced for every call: qkv, down (K = 14336 in
-  // many chunks), odd ranks (B rows not whole vectors; rank 128 in 8 row groups), graph replays
-  // with other segments (the chunk counters must be back at zero), and a grid of 7 blocks (blocks
-  // walk many items).
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraSliverForTest(g_gpu, INT32_MAX, INT32_MAX, 0));
-  for (bool graph : {false, true}) {
-    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[sliver] qkv", *world, T, true, graph, 4));
-  }
-  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[sliver] down", *down, 40, true, true, 3));
-  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[sliver] odd ranks", *odd, 160, true, true, 4));
-  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[sliver] one token", *world, 1, true, true, 3));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraSliverForTest(g_gpu, INT32_MAX, INT32_MAX, 7));
-  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[sliver, 7 blocks] qkv", *world, T, true, true, 3));
-  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[sliver, 7 blocks] odd ranks", *odd, 160, true, false, 2));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraSliverForTest(g_gpu, 0, 8192, 0));
 
   // The tensor-core kernels (steps of >= 256 tokens by default, so T3 above already ran them),
   // forced for every step size: many 1-token segments, mixed and odd ranks (12, 24, 40: B rows
@@ -1230,20 +1215,18 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
   const TensorView gx = Gpu(d_x, DType::kBF16, {T, c.in}), gy = Gpu(d_y, DType::kF32, {T, S * max_rank}),
                    gout = Gpu(d_out, DType::kBF16, {T, width});
   const LoraSegments ds = dsegs.View();
-  struct Variant { const char* name; bool gemm, shrink, expand, fused, in_place, sliver = false; };
+  struct Variant { const char* name; bool gemm, shrink, expand, fused, in_place; };
   // Each variant timed twice: launched one call at a time from the host (eager, as the model runs
   // today), and as a CUDA graph of 20 calls replayed (device time, launch gaps mostly gone).
   constexpr int kGraphCalls = 20;
-  double eager[8] = {}, graph[8] = {};
+  double eager[7] = {}, graph[7] = {};
   int vi = 0;
   for (const Variant& v :
        {Variant{"gemm", true, false, false, false, false}, Variant{"shrink", false, true, false, false, false},
         Variant{"expand", false, false, true, false, false}, Variant{"lora", false, true, true, false, false},
         Variant{"gemm+lora", true, true, true, false, false}, Variant{"fused", false, false, false, true, false},
-        Variant{"fused in-place", false, false, false, true, true},
-        Variant{"fused sliver", false, false, false, true, false, true}}) {
+        Variant{"fused in-place", false, false, false, true, true}}) {
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, v.in_place ? 0 : SIZE_MAX));
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraSliverForTest(g_gpu, v.sliver ? INT32_MAX : 0, INT32_MAX, 0));
     auto body = [&](int call) -> absl::Status {
       if (v.fused) return g_gpu->GemmWithLora(gx, gemm_w[call % gemm_copies], gout, &ds, &modules[call % sets], gy);
       if (v.gemm) LORAPLEX_RETURN_IF_ERROR(g_gpu->Gemm(gx, gemm_w[call % gemm_copies], 0.0f, gout));
@@ -1265,18 +1248,15 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
     ++vi;
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, SIZE_MAX));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraSliverForTest(g_gpu, 0, 8192, 0));
   const double ab = a_bytes + b_bytes;
   const bool l2_resident = std::min(sets, kGraphCalls) * ab < 100e6;  // < 2x the 50 MB L2
   std::printf("TIME LoRA %-34s T=%-4d segs=%-3d graph: shrink %6.2f us %5.0f GB/s, expand %6.2f us %5.0f GB/s, "
               "lora %6.2f us %5.0f GB/s (%5.2f MB%s), gemm %6.2f us, +lora %.3fx, GemmWithLora %.3fx (+%.2f us), "
-              "in-place %.3fx (+%.2f us), sliver %.3fx (+%.2f us) | eager: lora %6.2f us, +lora %.3fx, GemmWithLora %.3fx, "
-              "in-place %.3fx, sliver %.3fx\n",
+              "in-place %.3fx (+%.2f us) | eager: lora %6.2f us, +lora %.3fx, GemmWithLora %.3fx, in-place %.3fx\n",
               c.name.c_str(), T, segs.count(), graph[1], a_bytes / graph[1] * 1e-3, graph[2], b_bytes / graph[2] * 1e-3,
               graph[3], ab / graph[3] * 1e-3, ab * 1e-6, l2_resident ? ", L2" : "", graph[0], graph[4] / graph[0],
-              graph[5] / graph[0], graph[5] - graph[0], graph[6] / graph[0], graph[6] - graph[0], graph[7] / graph[0],
-              graph[7] - graph[0], eager[3], eager[4] / eager[0], eager[5] / eager[0], eager[6] / eager[0],
-              eager[7] / eager[0]);
+              graph[5] / graph[0], graph[5] - graph[0], graph[6] / graph[0], graph[6] - graph[0], eager[3],
+              eager[4] / eager[0], eager[5] / eager[0], eager[6] / eager[0]);
   return absl::OkStatus();
 }
 
@@ -1428,21 +1408,12 @@ int Main() {
       Run("LoRA delta fold", [&] { return CheckLoraFold(c, t); });
     }
   }
-  // The sliver side chain's delta folds the same way (forced for every call).
-  Run("LoRA sliver on", [] { return cuda::SetLoraSliverForTest(g_gpu, INT32_MAX, INT32_MAX, 0); });
-  for (int t : {1, 32}) {
-    for (auto c : {FoldConsumer::kAddRmsNorm, FoldConsumer::kSiluMul, FoldConsumer::kRope}) {
-      Run("LoRA[sliver] delta fold", [&] { return CheckLoraFold(c, t); });
-    }
-  }
-  Run("LoRA sliver off", [] { return cuda::SetLoraSliverForTest(g_gpu, 0, 8192, 0); });
   Run("Synchronize", [] { return g_gpu->Synchronize(); });
 
   std::printf("\n-- timing (median of 21 samples of 20 calls; inputs rotated past L2) --\n");
   for (int64_t n : {4096, 14336})
     for (int64_t m : {1, 32}) Run("TIME Gemm", [&] { return TimeGemm(m, n, 4096); });
   Run("TIME LoRA", [] { return TimeLora(); });
-  Run("TIME beside", [] { return TimeBeside(); });
 
   std::printf("\n%s: %d failure(s)\n", g_failures == 0 ? "ALL PASS" : "FAILED", g_failures);
   return g_failures == 0 ? 0 : 1;

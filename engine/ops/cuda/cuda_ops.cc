@@ -50,8 +50,6 @@ constexpr size_t kLoraPartialBytes = 64u << 20;
 // decode or small prefill step fits (gate_up: 585 tokens); larger steps use the in-place expand.
 constexpr size_t kLoraDeltaBytes = 64u << 20;
 constexpr size_t kLoraDeltaMaskBytes = 1u << 20;
-// The sliver side chain's per-unit counters (LoraSliverCounters: segments x slices x 16-row groups).
-constexpr size_t kLoraSliverCounters = 256u << 10;
 // Persistent expand blocks per SM, all resident at once (124 registers a thread).
 constexpr int kLoraExpandBlocksPerSm = 2;
 constexpr int kLoraTensorCoreBlocksPerSm = 4;  // 128 threads, ~37 KB of shared memory each
@@ -123,12 +121,7 @@ class CudaOps final : public Ops {
                                         "CUDA executor: allocate LoRA delta"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(reinterpret_cast<void**>(&ops->lora_delta_mask_), kLoraDeltaMaskBytes),
                                         "CUDA executor: allocate LoRA delta marks"));
-    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(reinterpret_cast<void**>(&ops->lora_sliver_counters_),
-                                                   kLoraSliverCounters * sizeof(int32_t)),
-                                        "CUDA executor: allocate LoRA sliver counters"));
-    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMemset(ops->lora_sliver_counters_, 0, kLoraSliverCounters * sizeof(int32_t)),
-                                        "CUDA executor: zero LoRA sliver counters"));
-    ops->lora_sliver_blocks_ = 2 * ops->num_sms_;
+
     // Enough for the sampler's first pass split over blocks on up to 4096 rows; past that it
     // reads each row in one block.
     ops->sample_scratch_bytes_ = SampleScratchBytes(4096);
@@ -149,7 +142,6 @@ class CudaOps final : public Ops {
     if (sample_scratch_ != nullptr) cudaFree(sample_scratch_);
     if (lora_delta_ != nullptr) cudaFree(lora_delta_);
     if (lora_delta_mask_ != nullptr) cudaFree(lora_delta_mask_);
-    if (lora_sliver_counters_ != nullptr) cudaFree(lora_sliver_counters_);
     if (attention_scratch_ != nullptr) cudaFree(attention_scratch_);
     if (gemm_workspace_ != nullptr) cudaFree(gemm_workspace_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
@@ -295,11 +287,6 @@ class CudaOps final : public Ops {
   }
 
   void set_lora_gemm_first(int min_slices) { lora_gemm_first_min_slices_ = min_slices; }
-  void set_lora_sliver(int max_segments, int max_width, int blocks) {
-    lora_sliver_max_segments_ = max_segments;
-    lora_sliver_max_width_ = max_width;
-    lora_sliver_blocks_ = blocks > 0 ? blocks : 2 * num_sms_;
-  }
 
   // GemmBesideProbeForTest: Gemm(x, w, y) with the probe on the side stream beside it (forked and
   // joined like GemmWithLora's side chain); without the GEMM, the probe alone on the stream.
@@ -537,26 +524,6 @@ class CudaOps final : public Ops {
     }
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(fork_event_, stream_), "GemmWithLora: fork"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(side_stream_, fork_event_, 0), "GemmWithLora: fork"));
-    if (delta && UseSliver(*segments, *module, y)) {
-      // The GEMM first: its CTAs take their SMs, and the sliver blocks enqueued after it fill the
-      // one warp of registers each CTA leaves (and the SMs it leaves idle).
-      shrink.num_blocks = lora_sliver_blocks_;
-      shrink.delta = expand.delta;
-      shrink.counters = lora_sliver_counters_;
-      absl::Status gemm = GemmBesideLora(x, w, y);
-      absl::Status side = gemm.ok() ? CudaStatus(LaunchLoraSliver(shrink, x.data, lora_y.As<float>(), side_stream_),
-                                                 "GemmWithLora: sliver chain")
-                                    : absl::OkStatus();
-      const absl::Status recorded = CudaStatus(cudaEventRecord(join_event_, side_stream_), "GemmWithLora: join");
-      LORAPLEX_RETURN_IF_ERROR(recorded);
-      LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmWithLora: join"));
-      LORAPLEX_RETURN_IF_ERROR(side);
-      LORAPLEX_RETURN_IF_ERROR(gemm);
-      pending_.view = LoraDeltaOf(expand);
-      pending_.out = y.data;
-      pending_.active = true;
-      return lora_fold_ ? absl::OkStatus() : FlushLoraDelta();
-    }
     // The side chain is enqueued first: the GEMM enqueued first made steps slower (its CTAs take
     // every SM they can; the LoRA blocks then wait or delay its tail). bench/runs/2026-11-29-rows.
     // (SetLoraGemmFirstForTest reverses the order, for A/B runs with a GEMM for fewer SMs.)
@@ -582,20 +549,6 @@ class CudaOps final : public Ops {
       return lora_fold_ ? absl::OkStatus() : FlushLoraDelta();
     }
     return LaunchExpand(expand, lora_y.As<float>(), y.data, stream_, "GemmWithLora: expand");
-  }
-
-  // Whether GemmWithLora's delta-mode call runs the sliver side chain (LaunchLoraSliver): few
-  // segments in every step the call serves, an output narrow enough (a wide one has too many
-  // bytes of B for one warp an SM), and its scratch fits.
-  bool UseSliver(const LoraSegments& segments, const LoraModule& module, const TensorView& y) const {
-    const int32_t bound = segments.segments_bound > 0 ? segments.segments_bound : segments.max_segments;
-    if (lora_sliver_max_segments_ <= 0 || bound > lora_sliver_max_segments_) return false;
-    if (module.slice_offsets[module.num_slices] > lora_sliver_max_width_) return false;
-    const int64_t rows = y.shape[0];
-    return LoraSliverPartialBytes(static_cast<int>(rows), module.num_slices, module.max_rank, module.in_features,
-                                  lora_sliver_blocks_) <= static_cast<int64_t>(kLoraPartialBytes) &&
-           LoraSliverCounters(segments.max_segments, module.num_slices, module.max_rank) <=
-               static_cast<int64_t>(kLoraSliverCounters);
   }
 
   // Whether GemmWithLora's delta path can take this call: the delta and its marks fit their
@@ -788,10 +741,6 @@ class CudaOps final : public Ops {
   std::unique_ptr<CublasLtGemm> gemm_;
   std::unique_ptr<CublasLtGemm> gemm_beside_lora_;  // SetLoraGemmSmsForTest; null: gemm_
   int lora_gemm_first_min_slices_ = 0;              // SetLoraGemmFirstForTest
-  int32_t* lora_sliver_counters_ = nullptr;         // kLoraSliverCounters ints, zero between launches
-  int lora_sliver_max_segments_ = 0;                // SetLoraSliverForTest
-  int lora_sliver_max_width_ = 8192;
-  int lora_sliver_blocks_ = 0;
   cudaError_t deferred_error_ = cudaSuccess;
   AttentionSplitMode split_mode_ = AttentionSplitMode::kAuto;
 };
@@ -929,16 +878,6 @@ absl::Status GemmBesideProbeForTest(Ops* ops, const TensorView& x, const TensorV
     return Invalid("GemmBesideProbeForTest", absl::StrCat("bytes ", bytes, " (a multiple of 16), blocks ", blocks));
   }
   return cuda->GemmBesideProbe(x, w, y, src, bytes, blocks, sink, gemm, probe_first);
-}
-
-absl::Status SetLoraSliverForTest(Ops* ops, int max_segments, int max_width, int blocks) {
-  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraSliverForTest"));
-  if (max_segments < 0 || max_width < 0 || blocks < 0) {
-    return Invalid("SetLoraSliverForTest", absl::StrCat("max_segments ", max_segments, ", max_width ", max_width,
-                                                        ", blocks ", blocks, ": none may be negative"));
-  }
-  cuda->set_lora_sliver(max_segments, max_width, blocks);
-  return absl::OkStatus();
 }
 
 absl::Status SetLoraGemmFirstForTest(Ops* ops, int min_slices) {

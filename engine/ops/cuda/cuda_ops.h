@@ -81,12 +81,6 @@ absl::Status SetLoraGemmFirstForTest(Ops* ops, int min_slices);
 absl::Status GemmBesideProbeForTest(Ops* ops, const TensorView& x, const TensorView& w, const TensorView& y,
                                     const void* src, int64_t bytes, int blocks, uint32_t* sink, bool gemm,
                                     bool probe_first);
-// An experiment (off by default): GemmWithLora calls whose steps have at most `max_segments`
-// live segments (LoraSegments::segments_bound, else max_segments) and an output at most
-// `max_width` wide run the sliver side chain (lora_kernels.h LaunchLoraSliver: one-warp blocks
-// that share SMs with the GEMM, enqueued after it) on `blocks` blocks (0: 2 per SM).
-// max_segments 0 turns it off. INVALID_ARGUMENT for negative values.
-absl::Status SetLoraSliverForTest(Ops* ops, int max_segments, int max_width, int blocks);
 // How many GEMM algorithms the executor has chosen so far (one per cuBLASLt shape bucket): a
 // step whose shapes were prepared (Ops::PrepareGemm) adds none.
 absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops);

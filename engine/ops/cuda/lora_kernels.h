@@ -76,8 +76,6 @@ struct LoraParams {
   float* delta = nullptr;
   uint8_t* delta_mask = nullptr;
   int32_t delta_rows = 0;
-  // Sliver chain only (LaunchLoraSliver): zeroed counters, LoraSliverCounters entries.
-  int32_t* counters = nullptr;
 };
 
 // Inputs wider than this run the shrink with 16 warps a block (else 8).
@@ -98,16 +96,6 @@ cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaS
 // does not); the launch still completes only after that kernel has.
 // In delta mode `out` is not touched (see LoraParams::delta).
 cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cudaStream_t stream);
-
-// The side chain of GemmWithLora for steps with few adapters: a shrink and an expand (into the
-// delta, as LaunchLoraExpand in delta mode) in blocks of one warp of at most 32 registers and no
-// shared memory, which fit on an SM beside a decode GEMM CTA. Enqueue it after the GEMM (on the
-// side stream) so its blocks fill the room the CTAs leave. Needs delta mode, `partials` of
-// LoraSliverPartialBytes (split-K sums) and `counters` of LoraSliverCounters zeroed ints (they
-// are left zeroed). Same contract for y as LaunchLoraShrink. num_blocks: the grid of both.
-cudaError_t LaunchLoraSliver(const LoraParams& p, const void* x, float* y, cudaStream_t stream);
-int64_t LoraSliverPartialBytes(int num_tokens, int num_slices, int max_rank, int in_features, int blocks);
-int64_t LoraSliverCounters(int max_segments, int num_slices, int max_rank);
 
 // The delta-mode expand's output as a view a consumer kernel can fold in (lora_delta.h).
 LoraDeltaView LoraDeltaOf(const LoraParams& p);
