@@ -18,7 +18,7 @@
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
-//                   [--lora-gemm-first 0|1|3] [--variants "FLAGS;FLAGS;..."]
+//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
 //     a cap on the decode shrink's grid (blocks), whether the expand starts beside the shrink
@@ -26,7 +26,9 @@
 //     (16: one block fills an SM), and (an experiment) GemmWithLora's GEMM chosen by cuBLASLt
 //     for N SMs (the SM count target), so the side chain's blocks keep the rest, and (an
 //     experiment) that GEMM enqueued before the side chain (1: every module; 3: modules of 3 or
-//     more slices, i.e. qkv, whose GEMM leaves SMs free).
+//     more slices, i.e. qkv, whose GEMM leaves SMs free), and (an experiment) the LoRA chain in
+//     line before the GEMM for steps of more than N segments (the model records separate graphs
+//     for steps of <= 4; -1: never).
 //   --variants: after the rows above, the decode rows (base and the LoRA scenarios) again for each
 //     ';'-separated list of --lora-* flags ("default": the executor's defaults), tagged [v1], ...;
 //     each variant drops the model's graphs, which the next steps record with its settings. One
@@ -114,6 +116,7 @@ struct LoraTuning {
   int shrink_warps = 0;   // SetLoraShrinkWarpsForTest
   int gemm_sms = 0;       // SetLoraGemmSmsForTest
   int gemm_first = 0;     // SetLoraGemmFirstForTest
+  int in_line = -1;       // SetLoraInlineForTest: min segments (-1: never)
 };
 
 // Sets every LoRA knob of the CUDA executor to `t` (unset fields back to the defaults).
@@ -122,6 +125,7 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkWarpsForTest(ops, t.shrink_warps));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmSmsForTest(ops, t.gemm_sms));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmFirstForTest(ops, t.gemm_first));
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraInlineForTest(ops, t.in_line));
   return ops::cuda::SetLoraTuningForTest(ops, t.shrink_blocks, t.overlap != 0, true);
 #else
   (void)ops;
@@ -519,6 +523,7 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-overlap") return ParseFlag(flag, value, 0, 1, &t->overlap);
   if (flag == "--lora-gemm-sms") return ParseFlag(flag, value, 1, 1 << 20, &t->gemm_sms);
   if (flag == "--lora-gemm-first") return ParseFlag(flag, value, 0, 4, &t->gemm_first);
+  if (flag == "--lora-inline") return ParseFlag(flag, value, -1, 1 << 20, &t->in_line);
   if (flag == "--lora-shrink-warps") {
     LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, value, 8, 16, &t->shrink_warps));
     if (t->shrink_warps != 8 && t->shrink_warps != 16) {
@@ -546,7 +551,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;

@@ -1043,6 +1043,17 @@ absl::Status LoraTests() {
     LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[GEMM first] qkv", *world, T, true, graph, 3));
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmFirstForTest(g_gpu, false));
+  // The chain in line before the GEMM (SetLoraInlineForTest), forced for every call: qkv, down
+  // (K = 14336), odd ranks (general expand, rank 128), one token; eager and graph replays with
+  // other segments.
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, 0));
+  for (bool graph : {false, true}) {
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line] qkv", *world, T, true, graph, 4));
+  }
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line] down", *down, 40, true, true, 3));
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line] odd ranks", *odd, 160, true, true, 4));
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line] one token", *world, 1, true, false, 2));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, -1));
 
   // The tensor-core kernels (steps of >= 256 tokens by default, so T3 above already ran them),
   // forced for every step size: many 1-token segments, mixed and odd ranks (12, 24, 40: B rows
@@ -1215,18 +1226,20 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
   const TensorView gx = Gpu(d_x, DType::kBF16, {T, c.in}), gy = Gpu(d_y, DType::kF32, {T, S * max_rank}),
                    gout = Gpu(d_out, DType::kBF16, {T, width});
   const LoraSegments ds = dsegs.View();
-  struct Variant { const char* name; bool gemm, shrink, expand, fused, in_place; };
+  struct Variant { const char* name; bool gemm, shrink, expand, fused, in_place, in_line = false; };
   // Each variant timed twice: launched one call at a time from the host (eager, as the model runs
   // today), and as a CUDA graph of 20 calls replayed (device time, launch gaps mostly gone).
   constexpr int kGraphCalls = 20;
-  double eager[7] = {}, graph[7] = {};
+  double eager[8] = {}, graph[8] = {};
   int vi = 0;
   for (const Variant& v :
        {Variant{"gemm", true, false, false, false, false}, Variant{"shrink", false, true, false, false, false},
         Variant{"expand", false, false, true, false, false}, Variant{"lora", false, true, true, false, false},
         Variant{"gemm+lora", true, true, true, false, false}, Variant{"fused", false, false, false, true, false},
-        Variant{"fused in-place", false, false, false, true, true}}) {
+        Variant{"fused in-place", false, false, false, true, true},
+        Variant{"fused in line", false, false, false, true, false, true}}) {
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, v.in_place ? 0 : SIZE_MAX));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, v.in_line ? 0 : -1));
     auto body = [&](int call) -> absl::Status {
       if (v.fused) return g_gpu->GemmWithLora(gx, gemm_w[call % gemm_copies], gout, &ds, &modules[call % sets], gy);
       if (v.gemm) LORAPLEX_RETURN_IF_ERROR(g_gpu->Gemm(gx, gemm_w[call % gemm_copies], 0.0f, gout));
@@ -1248,15 +1261,18 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
     ++vi;
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, SIZE_MAX));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, -1));
   const double ab = a_bytes + b_bytes;
   const bool l2_resident = std::min(sets, kGraphCalls) * ab < 100e6;  // < 2x the 50 MB L2
   std::printf("TIME LoRA %-34s T=%-4d segs=%-3d graph: shrink %6.2f us %5.0f GB/s, expand %6.2f us %5.0f GB/s, "
               "lora %6.2f us %5.0f GB/s (%5.2f MB%s), gemm %6.2f us, +lora %.3fx, GemmWithLora %.3fx (+%.2f us), "
-              "in-place %.3fx (+%.2f us) | eager: lora %6.2f us, +lora %.3fx, GemmWithLora %.3fx, in-place %.3fx\n",
+              "in-place %.3fx (+%.2f us), in line %.3fx (+%.2f us) | eager: lora %6.2f us, +lora %.3fx, "
+              "GemmWithLora %.3fx, in-place %.3fx, in line %.3fx\n",
               c.name.c_str(), T, segs.count(), graph[1], a_bytes / graph[1] * 1e-3, graph[2], b_bytes / graph[2] * 1e-3,
               graph[3], ab / graph[3] * 1e-3, ab * 1e-6, l2_resident ? ", L2" : "", graph[0], graph[4] / graph[0],
-              graph[5] / graph[0], graph[5] - graph[0], graph[6] / graph[0], graph[6] - graph[0], eager[3],
-              eager[4] / eager[0], eager[5] / eager[0], eager[6] / eager[0]);
+              graph[5] / graph[0], graph[5] - graph[0], graph[6] / graph[0], graph[6] - graph[0], graph[7] / graph[0],
+              graph[7] - graph[0], eager[3], eager[4] / eager[0], eager[5] / eager[0], eager[6] / eager[0],
+              eager[7] / eager[0]);
   return absl::OkStatus();
 }
 
@@ -1408,6 +1424,14 @@ int Main() {
       Run("LoRA delta fold", [&] { return CheckLoraFold(c, t); });
     }
   }
+  // The in-line chain's delta folds the same way (forced for every call).
+  Run("LoRA in line on", [] { return cuda::SetLoraInlineForTest(g_gpu, 0); });
+  for (int t : {1, 32}) {
+    for (auto c : {FoldConsumer::kAddRmsNorm, FoldConsumer::kSiluMul, FoldConsumer::kRope}) {
+      Run("LoRA[in line] delta fold", [&] { return CheckLoraFold(c, t); });
+    }
+  }
+  Run("LoRA in line off", [] { return cuda::SetLoraInlineForTest(g_gpu, -1); });
   Run("Synchronize", [] { return g_gpu->Synchronize(); });
 
   std::printf("\n-- timing (median of 21 samples of 20 calls; inputs rotated past L2) --\n");

@@ -287,6 +287,7 @@ class CudaOps final : public Ops {
   }
 
   void set_lora_gemm_first(int min_slices) { lora_gemm_first_min_slices_ = min_slices; }
+  void set_lora_inline(int min_segments) { lora_inline_min_segments_ = min_segments; }
 
   // GemmBesideProbeForTest: Gemm(x, w, y) with the probe on the side stream beside it (forked and
   // joined like GemmWithLora's side chain); without the GEMM, the probe alone on the stream.
@@ -522,6 +523,23 @@ class CudaOps final : public Ops {
     } else {
       expand.overlap_shrink = false;  // the kernel before it is the GEMM; the shrink joins by event
     }
+    if (delta && lora_inline_min_segments_ >= 0 && SegmentsBound(*segments) > lora_inline_min_segments_) {
+      // In line, before the GEMM: the shrink (a programmatic dependent of the kernel before it,
+      // whose tail it overlaps with its metadata reads and L2 prefetch of A) on a grid of up to
+      // 2 blocks an SM, the expand beside it as usual, then the GEMM alone on the SMs.
+      shrink.num_blocks = LoraShrinkBlocks(num_sms_, segments->num_tokens, module->num_slices, module->max_rank,
+                                           /*beside_gemm=*/false);
+      if (lora_shrink_blocks_ > 0) shrink.num_blocks = std::min(shrink.num_blocks, lora_shrink_blocks_);
+      shrink.prefetch_a = true;
+      LORAPLEX_RETURN_IF_ERROR(LaunchShrink(shrink, x.data, lora_y.As<float>(), stream_, "GemmWithLora: shrink"));
+      LORAPLEX_RETURN_IF_ERROR(
+          CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, stream_), "GemmWithLora: expand"));
+      LORAPLEX_RETURN_IF_ERROR(GemmBesideLora(x, w, y));
+      pending_.view = LoraDeltaOf(expand);
+      pending_.out = y.data;
+      pending_.active = true;
+      return lora_fold_ ? absl::OkStatus() : FlushLoraDelta();
+    }
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(fork_event_, stream_), "GemmWithLora: fork"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(side_stream_, fork_event_, 0), "GemmWithLora: fork"));
     // The side chain is enqueued first: the GEMM enqueued first made steps slower (its CTAs take
@@ -549,6 +567,11 @@ class CudaOps final : public Ops {
       return lora_fold_ ? absl::OkStatus() : FlushLoraDelta();
     }
     return LaunchExpand(expand, lora_y.As<float>(), y.data, stream_, "GemmWithLora: expand");
+  }
+
+  // The most live segments any step of this call has (LoraSegments::segments_bound).
+  static int32_t SegmentsBound(const LoraSegments& segments) {
+    return segments.segments_bound > 0 ? std::min(segments.segments_bound, segments.max_segments) : segments.max_segments;
   }
 
   // Whether GemmWithLora's delta path can take this call: the delta and its marks fit their
@@ -741,6 +764,7 @@ class CudaOps final : public Ops {
   std::unique_ptr<CublasLtGemm> gemm_;
   std::unique_ptr<CublasLtGemm> gemm_beside_lora_;  // SetLoraGemmSmsForTest; null: gemm_
   int lora_gemm_first_min_slices_ = 0;              // SetLoraGemmFirstForTest
+  int lora_inline_min_segments_ = -1;               // SetLoraInlineForTest; < 0: never
   cudaError_t deferred_error_ = cudaSuccess;
   AttentionSplitMode split_mode_ = AttentionSplitMode::kAuto;
 };
@@ -878,6 +902,12 @@ absl::Status GemmBesideProbeForTest(Ops* ops, const TensorView& x, const TensorV
     return Invalid("GemmBesideProbeForTest", absl::StrCat("bytes ", bytes, " (a multiple of 16), blocks ", blocks));
   }
   return cuda->GemmBesideProbe(x, w, y, src, bytes, blocks, sink, gemm, probe_first);
+}
+
+absl::Status SetLoraInlineForTest(Ops* ops, int min_segments) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraInlineForTest"));
+  cuda->set_lora_inline(min_segments < 0 ? -1 : min_segments);
+  return absl::OkStatus();
 }
 
 absl::Status SetLoraGemmFirstForTest(Ops* ops, int min_slices) {

@@ -81,6 +81,13 @@ absl::Status SetLoraGemmFirstForTest(Ops* ops, int min_slices);
 absl::Status GemmBesideProbeForTest(Ops* ops, const TensorView& x, const TensorView& w, const TensorView& y,
                                     const void* src, int64_t bytes, int blocks, uint32_t* sink, bool gemm,
                                     bool probe_first);
+// An experiment (off by default): GemmWithLora calls whose steps may have more than
+// `min_segments` live segments (LoraSegments::segments_bound, else max_segments) run the LoRA
+// chain in line before the GEMM instead of beside it: the shrink, launched as a programmatic
+// dependent of the kernel before it, resolves its items and prefetches A into the L2 while that
+// kernel finishes, on up to 2 blocks an SM; the expand follows it as usual; then the GEMM. The
+// delta is left for the next op as in the side-chain path. Negative: never.
+absl::Status SetLoraInlineForTest(Ops* ops, int min_segments);
 // How many GEMM algorithms the executor has chosen so far (one per cuBLASLt shape bucket): a
 // step whose shapes were prepared (Ops::PrepareGemm) adds none.
 absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops);

@@ -84,6 +84,12 @@ __device__ __forceinline__ void PdlEnter() {
   WaitForPrecedingKernel();
 }
 
+// Asks the L2 to fetch `bytes` (a multiple of 16) from `p` (16-byte aligned global memory) with
+// one instruction (sm_90 bulk prefetch): no registers or shared memory, and nothing waits for it.
+__device__ __forceinline__ void PrefetchL2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
+
 // 16-byte asynchronous copy global -> shared (cp.async, sm_80+), and its completion waits.
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));

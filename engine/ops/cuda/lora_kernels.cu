@@ -144,6 +144,37 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   __shared__ float red[kItemWarps][kRowItemValues];
   AllowDependentLaunch();  // the expand may take SMs this launch leaves idle; it waits for y itself
   const int S = p.num_slices;
+  // The segment arrays, slot table and A are not written by the kernels of a step, so they may be
+  // read before the kernel before this one has completed (prefetch_a).
+  const int nseg = min(max(*p.num_segments, 0), p.max_segments);
+  const int live_rank = LiveMaxRank(p);
+  // Token groups per segment from the mean segment length (a longer segment's group takes more
+  // passes): identical in every thread.
+  const int groups = nseg == 0 ? 1 : max(1, (p.num_tokens / nseg + kRowItemTokens - 1) / kRowItemTokens);
+  const int row_groups = (live_rank + kRowItemRows - 1) / kRowItemRows;
+  const int64_t items = static_cast<int64_t>(nseg) * S * groups * row_groups;
+  const int K = p.in_features;
+  if (p.prefetch_a) {
+    // A thread an item of this block (the first token group's item: the others read the same rows).
+    for (int64_t item = blockIdx.x + static_cast<int64_t>(threadIdx.x) * gridDim.x; item < items;
+         item += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+      const int rg = static_cast<int>(item % row_groups);
+      const int64_t rest = item / row_groups;
+      if (rest % groups != 0) continue;
+      const int slice = static_cast<int>((rest / groups) % S);
+      const int seg = static_cast<int>(rest / groups / S);
+      int begin, end;
+      LoraSliceWeightsDev w;
+      if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w) || rg * kRowItemRows >= w.rank ||
+          !IsAligned16(w.a)) {
+        continue;
+      }
+      const int rows = min(kRowItemRows, w.rank - rg * kRowItemRows);
+      PrefetchL2(static_cast<const bf16*>(w.a) + static_cast<int64_t>(rg) * kRowItemRows * K,
+                 static_cast<uint32_t>(rows) * K * 2);
+    }
+  }
+  WaitForPrecedingKernel();  // x, and marks the kernel before may read (nothing when launched plainly)
   // GemmWithLora's expand marks the (row, slice) pairs it writes into the delta buffer: start
   // from none (the expand reads the marks only after this kernel has completed).
   if (p.delta_mask != nullptr) {
@@ -153,15 +184,7 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
       p.delta_mask[e] = 0;
     }
   }
-  const int nseg = min(max(*p.num_segments, 0), p.max_segments);
-  const int live_rank = LiveMaxRank(p);
   if (nseg == 0 || live_rank == 0) return;
-  // Token groups per segment from the mean segment length (a longer segment's group takes more
-  // passes): identical in every thread.
-  const int groups = max(1, (p.num_tokens / nseg + kRowItemTokens - 1) / kRowItemTokens);
-  const int row_groups = (live_rank + kRowItemRows - 1) / kRowItemRows;
-  const int64_t items = static_cast<int64_t>(nseg) * S * groups * row_groups;
-  const int K = p.in_features;
   const int steps_total = (K + kStep - 1) / kStep;
   const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
   const int lane = threadIdx.x % kWarpSize;
@@ -386,8 +409,8 @@ LoraDeltaView LoraDeltaOf(const LoraParams& p) {
   return d;
 }
 
-int LoraShrinkBlocks(int num_sms, int num_tokens, int num_slices, int max_rank) {
-  const int64_t cap = std::max(1, num_sms * 3 / 4);
+int LoraShrinkBlocks(int num_sms, int num_tokens, int num_slices, int max_rank, bool beside_gemm) {
+  const int64_t cap = std::max(1, beside_gemm ? num_sms * 3 / 4 : num_sms * 2);
   const int64_t most = static_cast<int64_t>(std::max(1, num_tokens)) * std::max(1, num_slices) *
                        ((std::max(1, max_rank) + kRowItemRows - 1) / kRowItemRows);
   return static_cast<int>(std::max<int64_t>(1, std::min(cap, most)));
@@ -396,12 +419,13 @@ int LoraShrinkBlocks(int num_sms, int num_tokens, int num_slices, int max_rank) 
 cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaStream_t stream) {
   if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0) return cudaSuccess;
   const int warps = p.shrink_warps != 0 ? p.shrink_warps : p.in_features > kLoraShrinkWideInput ? 16 : 8;
+  const bf16* xb = static_cast<const bf16*>(x);
   if (warps == 16) {
-    LoraShrinkRowsKernel<16><<<p.num_blocks, 16 * kWarpSize, 0, stream>>>(p, static_cast<const bf16*>(x), y);
-  } else {
-    LoraShrinkRowsKernel<8><<<p.num_blocks, 8 * kWarpSize, 0, stream>>>(p, static_cast<const bf16*>(x), y);
+    return LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<16>, dim3(p.num_blocks), dim3(16 * kWarpSize), 0,
+                                stream, p, xb, y);
   }
-  return cudaGetLastError();
+  return LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<8>, dim3(p.num_blocks), dim3(8 * kWarpSize), 0, stream,
+                              p, xb, y);
 }
 
 cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cudaStream_t stream) {

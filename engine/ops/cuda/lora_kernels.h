@@ -65,6 +65,10 @@ struct LoraParams {
   // Shrink only: warps a block (8 or 16; 0: 16 for in_features > kLoraShrinkWideInput, else 8). A
   // 16-warp block takes a whole SM's registers, so a grid of G blocks occupies G SMs.
   int32_t shrink_warps = 0;
+  // Shrink only (GemmWithLora's in-line chain): launch it as a programmatic dependent of the kernel
+  // before it; while that kernel finishes, each block resolves its items and asks the L2 for
+  // their rows of A. It reads x and writes y and the delta marks only after that kernel completed.
+  bool prefetch_a = false;
   // Expand only: launch it as a programmatic dependent of the kernel before it (the shrink), so
   // it reads the segment arrays, slot table and B while that kernel still runs, and y and out
   // only after it has finished.
@@ -82,8 +86,8 @@ struct LoraParams {
 inline constexpr int kLoraShrinkWideInput = 8192;
 
 // Grid of the shrink for a step of `num_tokens` tokens: the most items it can have at max_rank,
-// capped at 3/4 of the SMs.
-int LoraShrinkBlocks(int num_sms, int num_tokens, int num_slices, int max_rank);
+// capped at 3/4 of the SMs when it runs beside the GEMM, else at 2 blocks an SM (all resident).
+int LoraShrinkBlocks(int num_sms, int num_tokens, int num_slices, int max_rank, bool beside_gemm = true);
 
 // y[row, s·max_rank + j] = Σ_k x[row, k]·A_s[j, k] for j < rank of the segment's slot (fp32 sums
 // in a fixed order, so results are deterministic). Other columns untouched.
