@@ -18,7 +18,8 @@
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
-//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--variants "FLAGS;FLAGS;..."]
+//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-few-gemm-sms N]
+//                   [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
 //     a cap on the decode shrink's grid (blocks), whether the expand starts beside the shrink
@@ -27,8 +28,10 @@
 //     for N SMs (the SM count target), so the side chain's blocks keep the rest, and (an
 //     experiment) that GEMM enqueued before the side chain (1: every module; 3: modules of 3 or
 //     more slices, i.e. qkv, whose GEMM leaves SMs free), and (an experiment) the LoRA chain in
-//     line before the GEMM for steps of more than N segments (the model records separate graphs
-//     for steps of <= 4; -1: never).
+//     line before the GEMM for steps of more than N segments (default 64; 1000000: never), and
+//     the few-adapter tuning (steps of <= 4 segments, the model's few-adapter graphs, and at least
+//     --lora-few-min-tokens tokens: GemmWithLora's GEMM chosen for --lora-few-gemm-sms SMs, 0: off,
+//     beside a shrink on --lora-few-shrink-blocks blocks).
 //   --variants: after the rows above, the decode rows (base and the LoRA scenarios) again for each
 //     ';'-separated list of --lora-* flags ("default": the executor's defaults), tagged [v1], ...;
 //     each variant drops the model's graphs, which the next steps record with its settings. One
@@ -116,7 +119,10 @@ struct LoraTuning {
   int shrink_warps = 0;   // SetLoraShrinkWarpsForTest
   int gemm_sms = 0;       // SetLoraGemmSmsForTest
   int gemm_first = 0;     // SetLoraGemmFirstForTest
-  int in_line = -1;       // SetLoraInlineForTest: min segments (-1: never)
+  int in_line = -1;       // SetLoraInlineForTest: min segments (-1: the default; 1000000: never)
+  int few_gemm_sms = -1;  // SetLoraFewTuningForTest (-1: the defaults; gemm SMs 0: off)
+  int few_shrink_blocks = -1;
+  int few_min_tokens = -1;
 };
 
 // Sets every LoRA knob of the CUDA executor to `t` (unset fields back to the defaults).
@@ -126,6 +132,7 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmSmsForTest(ops, t.gemm_sms));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmFirstForTest(ops, t.gemm_first));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraInlineForTest(ops, t.in_line));
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraFewTuningForTest(ops, t.few_gemm_sms, t.few_shrink_blocks, t.few_min_tokens));
   return ops::cuda::SetLoraTuningForTest(ops, t.shrink_blocks, t.overlap != 0, true);
 #else
   (void)ops;
@@ -524,6 +531,9 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-gemm-sms") return ParseFlag(flag, value, 1, 1 << 20, &t->gemm_sms);
   if (flag == "--lora-gemm-first") return ParseFlag(flag, value, 0, 4, &t->gemm_first);
   if (flag == "--lora-inline") return ParseFlag(flag, value, -1, 1 << 20, &t->in_line);
+  if (flag == "--lora-few-gemm-sms") return ParseFlag(flag, value, 0, 1 << 20, &t->few_gemm_sms);
+  if (flag == "--lora-few-shrink-blocks") return ParseFlag(flag, value, 1, 1 << 20, &t->few_shrink_blocks);
+  if (flag == "--lora-few-min-tokens") return ParseFlag(flag, value, 0, 1 << 20, &t->few_min_tokens);
   if (flag == "--lora-shrink-warps") {
     LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, value, 8, 16, &t->shrink_warps));
     if (t->shrink_warps != 8 && t->shrink_warps != 16) {
@@ -551,7 +561,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;

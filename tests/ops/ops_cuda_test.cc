@@ -746,8 +746,9 @@ std::vector<int> RandomTokenSlots(int tokens, int num_slots, double base_fractio
 // from a graph) against the CPU's Gemm + LoraShrink + LoraExpand; elements no adapter changes must
 // keep the bits of a plain GEMM. `steps` segment tables are used in turn on the same buffers (one
 // capture, several replays); the third has only base-model tokens (no segment at all).
+// segments_bound: LoraSegments::segments_bound of the call (a hint: the steps may have more).
 absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens, bool fork, bool graph, int steps,
-                               bool in_place = false) {
+                               bool in_place = false, int32_t segments_bound = 0) {
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, fork));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, in_place ? 0 : SIZE_MAX));
   const int T = tokens, W = w.width(), yw = w.num_slices * w.max_rank;
@@ -761,7 +762,8 @@ absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_plain, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
   const LoraModule dm = w.Module(true), hm = w.Module(false);
-  const LoraSegments ds = dsegs.View();
+  LoraSegments ds = dsegs.View();
+  ds.segments_bound = segments_bound;
   const TensorView gx = Gpu(d_x, DType::kBF16, {T, w.in}), gy = Gpu(d_y, DType::kF32, {T, yw}),
                    gout = Gpu(d_out, DType::kBF16, {T, W}), gw = Gpu(d_w, DType::kBF16, {W, w.in});
   std::unique_ptr<cuda::CudaGraph> captured;
@@ -1053,7 +1055,13 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line] down", *down, 40, true, true, 3));
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line] odd ranks", *odd, 160, true, true, 4));
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line] one token", *world, 1, true, false, 2));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, -1));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
+  // The few-adapter tuning (a GEMM chosen for fewer SMs, a smaller shrink grid) for calls that
+  // say they have at most 4 segments and 32 tokens or more (more segments still come right).
+  for (bool graph : {false, true}) {
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters] qkv", *world, T, true, graph, 4, false, 4));
+  }
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters] down", *down, 40, true, true, 3, false, 2));
 
   // The tensor-core kernels (steps of >= 256 tokens by default, so T3 above already ran them),
   // forced for every step size: many 1-token segments, mixed and odd ranks (12, 24, 40: B rows
@@ -1239,7 +1247,7 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
         Variant{"fused in-place", false, false, false, true, true},
         Variant{"fused in line", false, false, false, true, false, true}}) {
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, v.in_place ? 0 : SIZE_MAX));
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, v.in_line ? 0 : -1));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, v.in_line ? 0 : INT32_MAX));
     auto body = [&](int call) -> absl::Status {
       if (v.fused) return g_gpu->GemmWithLora(gx, gemm_w[call % gemm_copies], gout, &ds, &modules[call % sets], gy);
       if (v.gemm) LORAPLEX_RETURN_IF_ERROR(g_gpu->Gemm(gx, gemm_w[call % gemm_copies], 0.0f, gout));
@@ -1261,7 +1269,7 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
     ++vi;
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, SIZE_MAX));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, -1));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
   const double ab = a_bytes + b_bytes;
   const bool l2_resident = std::min(sets, kGraphCalls) * ab < 100e6;  // < 2x the 50 MB L2
   std::printf("TIME LoRA %-34s T=%-4d segs=%-3d graph: shrink %6.2f us %5.0f GB/s, expand %6.2f us %5.0f GB/s, "
@@ -1392,6 +1400,12 @@ int Main() {
   }
   g_gpu = gpu->get();
   g_cpu = cpu->get();
+  // The side chain for every GemmWithLora unless a case asks for the in-line one (by default
+  // calls that may have more than 64 segments run in line).
+  if (absl::Status st = cuda::SetLoraInlineForTest(g_gpu, INT32_MAX); !st.ok()) {
+    std::printf("setup failed: %s\n", st.ToString().c_str());
+    return 1;
+  }
   if (std::getenv("LORAPLEX_TIME_BESIDE_ONLY") != nullptr) {  // the probe beside the GEMMs alone
     Run("TIME beside", [] { return TimeBeside(); });
     return g_failures == 0 ? 0 : 1;
@@ -1431,7 +1445,7 @@ int Main() {
       Run("LoRA[in line] delta fold", [&] { return CheckLoraFold(c, t); });
     }
   }
-  Run("LoRA in line off", [] { return cuda::SetLoraInlineForTest(g_gpu, -1); });
+  Run("LoRA in line off", [] { return cuda::SetLoraInlineForTest(g_gpu, INT32_MAX); });
   Run("Synchronize", [] { return g_gpu->Synchronize(); });
 
   std::printf("\n-- timing (median of 21 samples of 20 calls; inputs rotated past L2) --\n");

@@ -81,13 +81,19 @@ absl::Status SetLoraGemmFirstForTest(Ops* ops, int min_slices);
 absl::Status GemmBesideProbeForTest(Ops* ops, const TensorView& x, const TensorView& w, const TensorView& y,
                                     const void* src, int64_t bytes, int blocks, uint32_t* sink, bool gemm,
                                     bool probe_first);
-// An experiment (off by default): GemmWithLora calls whose steps may have more than
-// `min_segments` live segments (LoraSegments::segments_bound, else max_segments) run the LoRA
-// chain in line before the GEMM instead of beside it: the shrink, launched as a programmatic
-// dependent of the kernel before it, resolves its items and prefetches A into the L2 while that
-// kernel finishes, on up to 2 blocks an SM; the expand follows it as usual; then the GEMM. The
-// delta is left for the next op as in the side-chain path. Negative: never.
+// GemmWithLora calls whose steps may have more than `min_segments` live segments
+// (LoraSegments::segments_bound, else max_segments) run the LoRA chain in line before the GEMM
+// instead of beside it: the shrink, launched as a programmatic dependent of the kernel before it,
+// resolves its items and prefetches A into the L2 while that kernel finishes, on up to 2 blocks
+// an SM; the expand follows it as usual; then the GEMM. The delta is left for the next op as in
+// the side-chain path. Negative: the default (64); INT32_MAX: never; 0: always.
 absl::Status SetLoraInlineForTest(Ops* ops, int min_segments);
+// GemmWithLora calls of steps with at most 4 live segments (LoraSegments::segments_bound: the
+// model's few-adapter graphs) and at least `min_tokens` tokens run the GEMM as cuBLASLt chooses it
+// for `gemm_sms` SMs, with the shrink beside it on at most `shrink_blocks` blocks. Any negative
+// value restores that field's default (2/3 of the SMs, 44 blocks, 32 tokens); gemm_sms 0 turns the
+// tuning off. Synchronizes; call it outside captures.
+absl::Status SetLoraFewTuningForTest(Ops* ops, int gemm_sms, int shrink_blocks, int min_tokens);
 // How many GEMM algorithms the executor has chosen so far (one per cuBLASLt shape bucket): a
 // step whose shapes were prepared (Ops::PrepareGemm) adds none.
 absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops);
