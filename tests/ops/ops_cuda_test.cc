@@ -797,12 +797,25 @@ absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens
     LORAPLEX_ASSIGN_OR_RETURN(auto plain, DownloadBf16(d_plain.data(), ref.size()));
     std::vector<uint8_t> y_mask, out_mask;
     LoraMasks(w, segs, T, &y_mask, &out_mask);
-    for (size_t i = 0; i < ref.size(); ++i) {
-      if (out_mask[i] == 0) ref[i] = plain[i];
+    const std::string label = absl::StrCat(name, fork ? " fork" : " in order", fork && in_place ? " in-place" : "",
+                                           graph ? " graph" : "", " segs=", segs.count());
+    if (segments_bound == 0) {
+      for (size_t i = 0; i < ref.size(); ++i) {
+        if (out_mask[i] == 0) ref[i] = plain[i];
+      }
+      Compare(label, got, ref, kTolBf16, out_mask);
+    } else {
+      // The few-adapter tuning runs the GEMM with cuBLASLt's algorithm for fewer SMs: elements no
+      // adapter changes match the plain GEMM within BF16 rounding, not bit for bit.
+      Compare(label, got, ref, kTolBf16);
+      std::vector<float> got_base, plain_base;
+      for (size_t i = 0; i < ref.size(); ++i) {
+        if (out_mask[i] != 0) continue;
+        got_base.push_back(got[i]);
+        plain_base.push_back(plain[i]);
+      }
+      Compare(label + " base elements", got_base, plain_base, kTolBf16);
     }
-    Compare(absl::StrCat(name, fork ? " fork" : " in order", fork && in_place ? " in-place" : "",
-                         graph ? " graph" : "", " segs=", segs.count()),
-            got, ref, kTolBf16, out_mask);
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, SIZE_MAX));
   return cuda::SetLoraTuningForTest(g_gpu, 0, true, true);
