@@ -224,13 +224,10 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
           for (int r = 0; r < kRowItemRows; ++r) {
             av[h][r] = in && r < rows ? Load8(a + static_cast<int64_t>(r) * K + k, a_vec) : make_uint4(0, 0, 0, 0);
           }
-          // Only the group's real tokens: with one token a segment (decode, an adapter a request)
-          // the copies would triple the loads and math of an issue-bound kernel
-          // (bench/runs/2026-11-29-sixth/ncu-32-distinct). nt is the same in the whole block.
 #pragma unroll
           for (int t = 0; t < kRowItemTokens; ++t) {
-            xv[h][t] = in && t < nt ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(xrow[t]) * K + k))
-                                    : make_uint4(0, 0, 0, 0);
+            xv[h][t] = in ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(xrow[t]) * K + k))
+                          : make_uint4(0, 0, 0, 0);
           }
         }
 #pragma unroll
@@ -238,9 +235,7 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
 #pragma unroll
           for (int r = 0; r < kRowItemRows; ++r) {
 #pragma unroll
-            for (int t = 0; t < kRowItemTokens; ++t) {
-              if (t < nt) acc[r * kRowItemTokens + t] += Dot8(av[h][r], xv[h][t]);
-            }
+            for (int t = 0; t < kRowItemTokens; ++t) acc[r * kRowItemTokens + t] += Dot8(av[h][r], xv[h][t]);
           }
         }
       }
