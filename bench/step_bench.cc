@@ -18,8 +18,8 @@
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
-//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-few-gemm-sms N]
-//                   [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--variants "FLAGS;FLAGS;..."]
+//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2]
+//                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
 //     a cap on the decode shrink's grid (blocks), whether the expand starts beside the shrink
@@ -31,7 +31,8 @@
 //     line before the GEMM for steps of more than N segments (default 64; 1000000: never), and
 //     the few-adapter tuning (steps of <= 4 segments, the model's few-adapter graphs, and at least
 //     --lora-few-min-tokens tokens: GemmWithLora's GEMM chosen for --lora-few-gemm-sms SMs, 0: off,
-//     beside a shrink on --lora-few-shrink-blocks blocks).
+//     beside a shrink on --lora-few-shrink-blocks blocks), and (an experiment) the shrink's item
+//     shape (1: 16 rows x one token when segments average under 2 tokens; 2: always).
 //   --variants: after the rows above, the decode rows (base and the LoRA scenarios) again for each
 //     ';'-separated list of --lora-* flags ("default": the executor's defaults), tagged [v1], ...;
 //     each variant drops the model's graphs, which the next steps record with its settings. One
@@ -117,6 +118,7 @@ struct LoraTuning {
   int shrink_blocks = 0;  // SetLoraTuningForTest's cap on the shrink's grid
   int overlap = -1;       // 0/1: the expand as a programmatic dependent of the shrink
   int shrink_warps = 0;   // SetLoraShrinkWarpsForTest
+  int shrink_shape = 0;   // SetLoraShrinkShapeForTest
   int gemm_sms = 0;       // SetLoraGemmSmsForTest
   int gemm_first = 0;     // SetLoraGemmFirstForTest
   int in_line = -1;       // SetLoraInlineForTest: min segments (-1: the default; 1000000: never)
@@ -129,6 +131,7 @@ struct LoraTuning {
 absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
 #if LORAPLEX_STEP_BENCH_CUDA
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkWarpsForTest(ops, t.shrink_warps));
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkShapeForTest(ops, t.shrink_shape));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmSmsForTest(ops, t.gemm_sms));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmFirstForTest(ops, t.gemm_first));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraInlineForTest(ops, t.in_line));
@@ -531,6 +534,7 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-gemm-sms") return ParseFlag(flag, value, 1, 1 << 20, &t->gemm_sms);
   if (flag == "--lora-gemm-first") return ParseFlag(flag, value, 0, 4, &t->gemm_first);
   if (flag == "--lora-inline") return ParseFlag(flag, value, -1, 1 << 20, &t->in_line);
+  if (flag == "--lora-shrink-shape") return ParseFlag(flag, value, 0, 2, &t->shrink_shape);
   if (flag == "--lora-few-gemm-sms") return ParseFlag(flag, value, 0, 1 << 20, &t->few_gemm_sms);
   if (flag == "--lora-few-shrink-blocks") return ParseFlag(flag, value, 1, 1 << 20, &t->few_shrink_blocks);
   if (flag == "--lora-few-min-tokens") return ParseFlag(flag, value, 0, 1 << 20, &t->few_min_tokens);
@@ -561,7 +565,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;

@@ -741,6 +741,31 @@ std::vector<int> RandomTokenSlots(int tokens, int num_slots, double base_fractio
   return v;
 }
 
+// The shrink's two item shapes (SetLoraShrinkShapeForTest 0 and 2) give y the same bits: same K
+// steps in the same order a warp, same reduction tree.
+absl::Status CheckShrinkShapesAgree(const std::string& name, LoraStep& st, const std::vector<int>& token_slots,
+                                    int max_len) {
+  LoraWorld& w = *st.world;
+  const int T = st.tokens, yw = w.num_slices * w.max_rank;
+  const Segs segs = BuildSegs(token_slots, max_len);
+  LORAPLEX_RETURN_IF_ERROR(st.dsegs->Write(segs, StepRankBound(w, segs)));
+  LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_x.data(), RandomVec(static_cast<size_t>(T) * w.in, -1, 1)));
+  const LoraModule dm = w.Module(true);
+  const LoraSegments ds = st.dsegs->View();
+  const TensorView gx = Gpu(st.d_x, DType::kBF16, {T, w.in}), gy = Gpu(st.d_y, DType::kF32, {T, yw});
+  std::vector<float> got[2];
+  for (int i = 0; i < 2; ++i) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, i == 0 ? 0 : 2));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(st.d_y.data(), 0xFF, static_cast<size_t>(T) * yw * 4));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, dm, gy));
+    LORAPLEX_ASSIGN_OR_RETURN(got[i], DownloadF32(st.d_y.data(), static_cast<size_t>(T) * yw));
+  }
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, 0));
+  // Every element, written or poisoned, bit for bit (an empty mask compares nothing by norm).
+  Compare(absl::StrCat(name, " segs=", segs.count()), got[1], got[0], 0.0, std::vector<uint8_t>(got[0].size(), 0));
+  return absl::OkStatus();
+}
+
 // GemmWithLora (the whole wrapped projection; the shrink forked onto a side stream or not, the
 // expand beside the GEMM into the delta buffer or in place after it, called directly or replayed
 // from a graph) against the CPU's Gemm + LoraShrink + LoraExpand; elements no adapter changes must
@@ -1007,6 +1032,22 @@ absl::Status LoraTests() {
                                            RandomTokenSlots(T2, 3, 0.1), 1000, nullptr));
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkWarpsForTest(g_gpu, 0));
+  // The one-token item shape (SetLoraShrinkShapeForTest): forced (2) and by the mean segment
+  // length (1), on one-token segments, long ones (tokens one at a time) and ranks up to 128 (8
+  // groups of 16 rows), with a 5-block grid (blocks walk many items); both shapes give y the same
+  // bits, on both input widths.
+  for (int shape : {2, 1}) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, shape));
+    const std::string n = absl::StrCat("LoRA odd ranks shrink shape ", shape);
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " one-token segments", st3, RandomTokenSlots(T3, 4, 0.05), 1, nullptr));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " long segments", st3, RandomTokenSlots(T3, 4, 0.05), 1000, nullptr));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA down prefill shrink shape ", shape), st2,
+                                           RandomTokenSlots(T2, 3, 0.1), 1, nullptr));
+  }
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, 0));
+  LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 1));
+  LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 3));
+  LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, down", st2, RandomTokenSlots(T2, 3, 0.1), 1));
   // Expand launched as a plain kernel, after the shrink finished.
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, false, true));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks no overlap", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));

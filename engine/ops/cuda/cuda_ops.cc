@@ -301,6 +301,7 @@ class CudaOps final : public Ops {
   }
 
   void set_lora_gemm_first(int min_slices) { lora_gemm_first_min_slices_ = min_slices; }
+  void set_lora_shrink_shape(int shape) { lora_shrink_shape_ = shape; }
   void set_lora_inline(int min_segments) {
     lora_inline_min_segments_ = min_segments < 0 ? kLoraInlineMinSegments : min_segments;
   }
@@ -701,6 +702,7 @@ class CudaOps final : public Ops {
     if (lora_shrink_blocks_ > 0) blocks = std::min(blocks, lora_shrink_blocks_);
     LoraParams p = MakeLoraParams(segments, module, blocks);
     p.shrink_warps = lora_shrink_warps_;
+    p.shrink_shape = lora_shrink_shape_;
     return p;
   }
 
@@ -781,6 +783,7 @@ class CudaOps final : public Ops {
   void* lora_partials_ = nullptr;
   int lora_shrink_blocks_ = 0;  // a cap on the shrink's grid (tests); 0: LoraShrinkBlocks alone
   int lora_shrink_warps_ = 0;   // SetLoraShrinkWarpsForTest; 0: by in_features
+  int lora_shrink_shape_ = 0;   // SetLoraShrinkShapeForTest (LoraParams::shrink_shape)
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
@@ -945,6 +948,13 @@ absl::Status GemmBesideProbeForTest(Ops* ops, const TensorView& x, const TensorV
     return Invalid("GemmBesideProbeForTest", absl::StrCat("bytes ", bytes, " (a multiple of 16), blocks ", blocks));
   }
   return cuda->GemmBesideProbe(x, w, y, src, bytes, blocks, sink, gemm, probe_first);
+}
+
+absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraShrinkShapeForTest"));
+  if (shape < 0 || shape > 2) return Invalid("SetLoraShrinkShapeForTest", absl::StrCat("shape ", shape, " not 0, 1 or 2"));
+  cuda->set_lora_shrink_shape(shape);
+  return absl::OkStatus();
 }
 
 absl::Status SetLoraInlineForTest(Ops* ops, int min_segments) {

@@ -138,6 +138,67 @@ __device__ __forceinline__ float WarpSum16(float (&v)[kRowItemValues], int lane)
   return v[0] + __shfl_xor_sync(0xffffffffu, v[0], 1);
 }
 
+// The shrink's one-token item shape (LoraParams::shrink_shape): item = (segment, slice, 16 rows of
+// A), its tokens one at a time, each lane carrying the 16 rows' sums for that token. A segment of
+// one token (decode with an adapter a request) then loads and multiplies only what it needs,
+// where the 4-row x 4-token items load and multiply 3 copies of it. Each warp walks the same K
+// steps in the same order and the reduction is the same tree, so y gets the same bits as from the
+// general items.
+template <int kItemWarps>
+__device__ __forceinline__ void ShrinkOneTokenItems(const LoraParams& p, const bf16* __restrict__ x,
+                                                    float* __restrict__ y, int nseg, int live_rank,
+                                                    float (&red)[kItemWarps][kRowItemValues]) {
+  constexpr int kRows = kRowItemValues;
+  const int S = p.num_slices;
+  const int K = p.in_features;
+  const int row_groups = (live_rank + kRows - 1) / kRows;
+  const int64_t items = static_cast<int64_t>(nseg) * S * row_groups;
+  const int steps_total = (K + kStep - 1) / kStep;
+  const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int rg = static_cast<int>(item % row_groups);
+    const int slice = static_cast<int>((item / row_groups) % S);
+    const int seg = static_cast<int>(item / row_groups / S);
+    int begin, end;
+    LoraSliceWeightsDev w;
+    if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;
+    const int r0 = rg * kRows;
+    if (r0 >= w.rank) continue;
+    const int rows = min(kRows, w.rank - r0);
+    const bf16* a = static_cast<const bf16*>(w.a) + static_cast<int64_t>(r0) * K;
+    const bool a_vec = IsAligned16(w.a);
+    const int64_t col = static_cast<int64_t>(slice) * p.max_rank + r0;
+    for (int t = begin; t < end; ++t) {
+      const int64_t xr = p.token_rows[t];
+      float acc[kRows] = {};
+      for (int s0 = warp; s0 < steps_total; s0 += kItemWarps) {  // the rows' 16 vectors and x's in flight
+        const int64_t k = static_cast<int64_t>(s0) * kStep + lane * 8;
+        const bool in = k < K;
+        const uint4 xv = in ? __ldg(reinterpret_cast<const uint4*>(x + xr * K + k)) : make_uint4(0, 0, 0, 0);
+        uint4 av[kRows];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          av[r] = in && r < rows ? Load8(a + static_cast<int64_t>(r) * K + k, a_vec) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) acc[r] += Dot8(av[r], xv);
+      }
+      const float sum = WarpSum16(acc, lane);
+      if ((lane & 1) == 0) red[warp][(lane >> 1) & (kRowItemValues - 1)] = sum;
+      __syncthreads();
+      if (threadIdx.x < rows) {
+        float total = 0.0f;
+#pragma unroll
+        for (int wi = 0; wi < kItemWarps; ++wi) total += red[wi][threadIdx.x];
+        y[xr * y_row + col + threadIdx.x] = total;
+      }
+      __syncthreads();  // red is rewritten by the next token
+    }
+  }
+}
+
 template <int kItemWarps>
 __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
     LoraShrinkRowsKernel(LoraParams p, const bf16* __restrict__ x, float* __restrict__ y) {
@@ -185,6 +246,10 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
     }
   }
   if (nseg == 0 || live_rank == 0) return;
+  if (p.shrink_shape == 2 || (p.shrink_shape == 1 && p.num_tokens < 2 * nseg)) {  // same in every block
+    ShrinkOneTokenItems<kItemWarps>(p, x, y, nseg, live_rank, red);
+    return;
+  }
   const int steps_total = (K + kStep - 1) / kStep;
   const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
   const int lane = threadIdx.x % kWarpSize;
