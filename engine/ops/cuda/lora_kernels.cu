@@ -199,7 +199,9 @@ __device__ __forceinline__ void ShrinkOneTokenItems(const LoraParams& p, const b
   }
 }
 
-template <int kItemWarps>
+// kOneToken: the build that can also take the one-token item shape (LoraParams::shrink_shape != 0);
+// the default build carries only the general items.
+template <int kItemWarps, bool kOneToken>
 __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
     LoraShrinkRowsKernel(LoraParams p, const bf16* __restrict__ x, float* __restrict__ y) {
   __shared__ float red[kItemWarps][kRowItemValues];
@@ -246,9 +248,11 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
     }
   }
   if (nseg == 0 || live_rank == 0) return;
-  if (p.shrink_shape == 2 || (p.shrink_shape == 1 && p.num_tokens < 2 * nseg)) {  // same in every block
-    ShrinkOneTokenItems<kItemWarps>(p, x, y, nseg, live_rank, red);
-    return;
+  if constexpr (kOneToken) {
+    if (p.shrink_shape == 2 || (p.shrink_shape == 1 && p.num_tokens < 2 * nseg)) {  // same in every block
+      ShrinkOneTokenItems<kItemWarps>(p, x, y, nseg, live_rank, red);
+      return;
+    }
   }
   const int steps_total = (K + kStep - 1) / kStep;
   const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
@@ -485,12 +489,17 @@ cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaS
   if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0) return cudaSuccess;
   const int warps = p.shrink_warps != 0 ? p.shrink_warps : p.in_features > kLoraShrinkWideInput ? 16 : 8;
   const bf16* xb = static_cast<const bf16*>(x);
-  if (warps == 16) {
-    return LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<16>, dim3(p.num_blocks), dim3(16 * kWarpSize), 0,
-                                stream, p, xb, y);
+  const dim3 grid(p.num_blocks);
+  if (p.shrink_shape != 0) {
+    return warps == 16 ? LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<16, true>, grid, dim3(16 * kWarpSize),
+                                              0, stream, p, xb, y)
+                       : LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<8, true>, grid, dim3(8 * kWarpSize), 0,
+                                              stream, p, xb, y);
   }
-  return LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<8>, dim3(p.num_blocks), dim3(8 * kWarpSize), 0, stream,
-                              p, xb, y);
+  return warps == 16 ? LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<16, false>, grid, dim3(16 * kWarpSize), 0,
+                                            stream, p, xb, y)
+                     : LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<8, false>, grid, dim3(8 * kWarpSize), 0,
+                                            stream, p, xb, y);
 }
 
 cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cudaStream_t stream) {
