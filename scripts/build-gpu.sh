@@ -3,8 +3,9 @@
 # stages what the GPU host needs: the GPU test binaries in build-cuda/gpu-bin, the benchmark
 # tools (step_bench, the daemon loraplexd) in build-cuda/gpu-bin/tools, the Python stubs in
 # build-cuda/gpu-bin/python, and the non-system shared libraries they link
-# (gRPC, abseil, ...) in build-cuda/gpu-libs, via ../shared/gpu/bundle-libs.sh. Carry
-# build-cuda/gpu-bin and build-cuda/gpu-libs to the GPU host and run scripts/gpu-run.sh there.
+# (gRPC, abseil, ...) in build-cuda/gpu-libs, via ../shared/gpu/bundle-libs.sh, and both packed
+# in build-cuda/gpu-bundle.tgz. Carry the archive (or the two folders, while they fit the device
+# tool's 64 MiB) to the GPU host, unpack it there and run scripts/gpu-run.sh.
 # Usage: scripts/build-gpu.sh [target...]   (default: every test labelled gpu)
 # Env: LORAPLEX_GPU_BUILD (build folder, default build-cuda); LORAPLEX_GPU_TOOLS (default
 # "step_bench loraplexd"; empty: none); JOBS (ninja jobs, default 1).
@@ -55,3 +56,8 @@ find "$build/gpu-bin" -type f -perm -u+x -exec strip --strip-debug {} +
 rm -rf "$build/gpu-libs"
 "$bundle" "$build/gpu-libs" "${exes[@]}"
 echo "staged ${#exes[@]} binaries in $build/gpu-bin ($(du -sh "$build/gpu-bin" | cut -f1))"
+# Both folders in one gzip archive (a third of their size): the device tool carries at most 64 MiB
+# with the tracked files, which the two folders alone now nearly fill. Carry $build/gpu-bundle.tgz
+# and start the command with `tar xzf $build/gpu-bundle.tgz -C $build`.
+tar czf "$build/gpu-bundle.tgz" -C "$build" gpu-bin gpu-libs
+echo "packed both into $build/gpu-bundle.tgz ($(du -sh "$build/gpu-bundle.tgz" | cut -f1))"
