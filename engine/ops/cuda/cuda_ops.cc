@@ -570,10 +570,7 @@ class CudaOps final : public Ops {
       LORAPLEX_RETURN_IF_ERROR(
           CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, stream_), "GemmWithLora: expand"));
       LORAPLEX_RETURN_IF_ERROR(GemmBesideLora(x, w, y));
-      pending_.view = LoraDeltaOf(expand);
-      pending_.out = y.data;
-      pending_.active = true;
-      return lora_fold_ ? absl::OkStatus() : FlushLoraDelta();
+      return LeaveLoraDelta(expand, y);
     }
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(fork_event_, stream_), "GemmWithLora: fork"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(side_stream_, fork_event_, 0), "GemmWithLora: fork"));
@@ -600,13 +597,17 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmWithLora: join"));
     LORAPLEX_RETURN_IF_ERROR(side);
     LORAPLEX_RETURN_IF_ERROR(gemm);
-    if (delta) {
-      pending_.view = LoraDeltaOf(expand);
-      pending_.out = y.data;
-      pending_.active = true;
-      return lora_fold_ ? absl::OkStatus() : FlushLoraDelta();
-    }
+    if (delta) return LeaveLoraDelta(expand, y);
     return LaunchExpand(expand, lora_y.As<float>(), y.data, stream_, "GemmWithLora: expand");
+  }
+
+  // GemmWithLora's delta (written by `expand`) left pending for the op that reads `y` next, or
+  // added right away when folding is off.
+  absl::Status LeaveLoraDelta(const LoraParams& expand, const TensorView& y) {
+    pending_.view = LoraDeltaOf(expand);
+    pending_.out = y.data;
+    pending_.active = true;
+    return lora_fold_ ? absl::OkStatus() : FlushLoraDelta();
   }
 
   // The most live segments any step of this call has (LoraSegments::segments_bound).
