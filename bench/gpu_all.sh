@@ -18,6 +18,8 @@ logs=$out/logs
 mkdir -p "$logs"
 build=${LORAPLEX_GPU_BUILD:-build-cuda}
 export LORAPLEX_GPU_BUILD=$build
+# Carried as one archive (scripts/build-gpu.sh): unpack it when the folders are not here yet.
+if [ ! -d "$build/gpu-bin" ] && [ -f "$build/gpu-bundle.tgz" ]; then tar xzf "$build/gpu-bundle.tgz" -C "$build" || exit 2; fi
 status=0
 pack() { tar czf "$out/logs.tgz" -C "$out" logs; }  # after each phase: a run cut short keeps what it did
 # TESTS=0: the benchmarks only (A/B runs of step_bench variants on code the suite has checked).

@@ -24,7 +24,9 @@ export LD_LIBRARY_PATH="$PWD/$build/gpu-libs:/usr/local/cuda/lib64${LD_LIBRARY_P
 export LORAPLEX_SOURCE_DIR="$PWD"
 per_binary_timeout=${GPU_RUN_TIMEOUT:-500}
 
-[ -d "$bin" ] && [ -n "$(ls -A "$bin")" ] || { echo "gpu-run: no binaries in $bin (run scripts/build-gpu.sh, carry build-cuda/gpu-bin and build-cuda/gpu-libs)" >&2; exit 2; }
+# Carried as one archive (scripts/build-gpu.sh): unpack it when the folders are not here yet.
+if [ ! -d "$bin" ] && [ -f "$build/gpu-bundle.tgz" ]; then tar xzf "$build/gpu-bundle.tgz" -C "$build" || exit 2; fi
+[ -d "$bin" ] && [ -n "$(ls -A "$bin")" ] || { echo "gpu-run: no binaries in $bin (run scripts/build-gpu.sh, carry $build/gpu-bundle.tgz)" >&2; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >"$out/gpu.txt" 2>&1 || true
 status=0
 rows=()
