@@ -330,6 +330,15 @@ TEST_CASE("Decode steps replayed from CUDA graphs equal eager steps and the CPU 
   Executor eager = MakeExecutor(Device::kCuda, dir, *spec, 4, eager_cap);
   Executor graphs = MakeExecutor(Device::kCuda, dir, *spec, 4, kCapacity);
   Executor* all[3] = {&cpu, &eager, &graphs};
+  // Each way a GPU step can run its LoRA work, through the whole test: the executor's choice by
+  // segment count (here: beside the GEMM), the chain in line before every GEMM (its default above
+  // 64 segments), and the few-adapter GEMM for fewer SMs from one token on (its default from 32).
+  const int lora_path = GENERATE(0, 1, 2);
+  INFO("LoRA path " << lora_path);
+  for (Executor* e : {&eager, &graphs}) {
+    if (lora_path == 1) REQUIRE(ops::cuda::SetLoraInlineForTest(e->ops.get(), 0).ok());
+    if (lora_path == 2) REQUIRE(ops::cuda::SetLoraFewTuningForTest(e->ops.get(), -1, -1, 1).ok());
+  }
   std::vector<std::shared_ptr<const lora::LoadedAdapter>> adapters[3];
   for (int e = 0; e < 3; ++e) {
     for (int i = 0; i < kAdapters; ++i) {
