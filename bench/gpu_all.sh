@@ -18,13 +18,12 @@ logs=$out/logs
 mkdir -p "$logs"
 build=${LORAPLEX_GPU_BUILD:-build-cuda}
 export LORAPLEX_GPU_BUILD=$build
-# Carried as one archive (scripts/build-gpu.sh): unpack it when the folders are not here yet.
-if [ ! -d "$build/gpu-bin" ] && [ -f "$build/gpu-bundle.tgz" ]; then tar xzf "$build/gpu-bundle.tgz" -C "$build" || exit 2; fi
 status=0
 pack() { tar czf "$out/logs.tgz" -C "$out" logs; }  # after each phase: a run cut short keeps what it did
 # TESTS=0: the benchmarks only (A/B runs of step_bench variants on code the suite has checked).
 bench_mode=--bench
 [ "${TESTS:-1}" = 0 ] && bench_mode=--bench-only
+# gpu-run.sh first: it also unpacks a carried gpu-bundle.tgz, which the rest of this script uses.
 HF_BENCH=${HF_BENCH:-0} scripts/gpu-run.sh "$logs" "$bench_mode" >"$logs/gpu-run.log" 2>&1 || status=1
 pack
 variant=0

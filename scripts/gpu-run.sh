@@ -24,8 +24,12 @@ export LD_LIBRARY_PATH="$PWD/$build/gpu-libs:/usr/local/cuda/lib64${LD_LIBRARY_P
 export LORAPLEX_SOURCE_DIR="$PWD"
 per_binary_timeout=${GPU_RUN_TIMEOUT:-500}
 
-# Carried as one archive (scripts/build-gpu.sh): unpack it when the folders are not here yet.
-if [ ! -d "$bin" ] && [ -f "$build/gpu-bundle.tgz" ]; then tar xzf "$build/gpu-bundle.tgz" -C "$build" || exit 2; fi
+# Carried as one archive (scripts/build-gpu.sh, which rewrites it with every build): unpack it
+# over whatever a warm machine kept from an earlier call.
+if [ -f "$build/gpu-bundle.tgz" ]; then
+  rm -rf "$bin" "$build/gpu-libs"
+  tar xzf "$build/gpu-bundle.tgz" -C "$build" || exit 2
+fi
 [ -d "$bin" ] && [ -n "$(ls -A "$bin")" ] || { echo "gpu-run: no binaries in $bin (run scripts/build-gpu.sh, carry $build/gpu-bundle.tgz)" >&2; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >"$out/gpu.txt" 2>&1 || true
 status=0
