@@ -3,7 +3,9 @@
 # for a few of ops_cuda_test's timing cases, one eager launch each, text into OUTDIR/ncu/.
 # Usage: bench/ncu_lora.sh OUTDIR   Env: LORAPLEX_GPU_BUILD (default build-cuda),
 #        NCU_CASES ('|'-separated case names, default below), NCU_SET (default full),
-#        NCU_KERNELS (kernel name regexes, default "LoraShrink LoraExpandKernel"), NCU_GEMM (default 1).
+#        NCU_KERNELS (kernel name regexes, default "LoraShrink LoraExpandKernel"; empty: none), NCU_GEMM
+#        (default 1). The launch shape of every decode GEMM alone (grid, registers, shared memory):
+#        NCU_KERNELS= NCU_CASES="qkv 4 adapters x 8 tokens r16|o 4 adapters x 8 tokens r16|..." .
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bench/ncu_lora.sh OUTDIR}/ncu
@@ -16,7 +18,7 @@ IFS='|' read -r -a cases <<<"${NCU_CASES:-qkv 4 adapters x 8 tokens r16|down 4 a
 for c in "${cases[@]}"; do
   tag=$(echo "$c" | tr -c 'a-zA-Z0-9\n' '_')
   # Launch 5 of each kernel: eager launches of the variant that runs that kernel alone (past warm-up).
-  for k in ${NCU_KERNELS:-LoraShrink LoraExpandKernel}; do
+  for k in ${NCU_KERNELS-LoraShrink LoraExpandKernel}; do
     LORAPLEX_TIME_LORA_ONLY="$c" timeout 120 "$ncu" --clock-control none --set "${NCU_SET:-full}" \
       -k "regex:$k" --launch-skip 5 --launch-count 1 "$build/gpu-bin/ops_cuda_test" >"$out/$tag.$k.txt" 2>&1
   done
