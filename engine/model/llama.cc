@@ -19,12 +19,11 @@ namespace loraplex::model {
 namespace {
 
 // Decode graphs are recorded per LoRA mode: no adapters, few adapter segments (at most
-// kFewLoraSegments, the bound the graph tells the ops), or any number.
+// ops::kFewLoraSegments, the bound the graph tells the ops), or any number.
 constexpr int kLoraNone = 0, kLoraFew = 1, kLoraMany = 2;
-constexpr int32_t kFewLoraSegments = 4;
 int LoraModeOf(const lora::LoraBatch& lb) {
   if (lb.seg_slots.empty()) return kLoraNone;
-  return lb.num_segments() <= kFewLoraSegments ? kLoraFew : kLoraMany;
+  return lb.num_segments() <= ops::kFewLoraSegments ? kLoraFew : kLoraMany;
 }
 
 using layers::ColumnParallelLinearWithLora;
@@ -109,7 +108,7 @@ struct LlamaModel::Impl {
   ops::DeviceMemory lora_scratch;                // [max_tokens * max(num_slices * max_rank)] F32
 
   // Decode graphs by (bucket, LoRA mode) (bucket: tokens = sequences = logit rows of the step;
-  // mode: LoraMode).
+  // mode: LoraModeOf).
   std::map<std::pair<int32_t, int>, std::unique_ptr<ops::Graph>> graphs;
   bool graphs_unsupported = false;  // the ops answered UNIMPLEMENTED to Capture
   int64_t graph_steps = 0;
@@ -671,8 +670,7 @@ absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
     LORAPLEX_RETURN_IF_ERROR(m.UploadPaddedDecode(in, bucket));
     // Steps with adapters and steps without replay separate graphs: the base model's step then
     // carries no LoRA launches at all. Steps with few adapter segments replay graphs of their
-    // own too, recorded with that bound (the CUDA executor runs their LoRA side chains in kernels
-    // that share SMs with the GEMMs).
+    // own too, recorded with that bound (the CUDA executor tunes their LoRA work differently).
     const bool lora = !in.lora.seg_slots.empty();
     const int mode = LoraModeOf(in.lora);
     const std::pair<int32_t, int> key{bucket, mode};
@@ -685,7 +683,7 @@ absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
       // A capacity bound, not this step's: the graph must serve any later context length.
       shape.max_context_len = m.cap.max_blocks_per_seq * m.cap.kv_block_size;
       shape.lora = lora;
-      shape.lora_segments_bound = mode == kLoraFew ? kFewLoraSegments : 0;
+      shape.lora_segments_bound = mode == kLoraFew ? ops::kFewLoraSegments : 0;
       absl::StatusOr<std::unique_ptr<ops::Graph>> graph =
           m.ops->Capture([&] { return m.Enqueue(shape); });
       if (graph.ok()) {
@@ -793,7 +791,7 @@ absl::StatusOr<int> LlamaModel::WarmUp() {
     in.sampling.resize(static_cast<size_t>(b));
     for (const int mode : {kLoraNone, kLoraFew, kLoraMany}) {
       if (mode != kLoraNone && !m.has_lora) break;
-      if (mode == kLoraMany && b <= kFewLoraSegments) break;  // no step of this bucket has that many
+      if (mode == kLoraMany && b <= ops::kFewLoraSegments) break;  // no step of this bucket has that many
       // Slot 0's table: rank 0 (nothing read) unless an adapter is already resident there. One
       // segment, or (many) one a token.
       in.lora = mode == kLoraNone ? lora::LoraBatch{}

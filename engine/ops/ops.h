@@ -104,10 +104,14 @@ struct LoraSegments {
   // work by it instead of module.max_rank; null: module.max_rank.
   const int32_t* max_rank = nullptr;
   // > 0: no step run with these arrays (eagerly, or any replay of a graph recorded with them) has
-  // more live segments than this; 0: up to max_segments. The CUDA executor runs the LoRA side
-  // chain of a step with few segments in kernels that share SMs with the GEMM.
+  // more live segments than this; 0: up to max_segments. Executors may run the LoRA work of steps
+  // with few segments (kFewLoraSegments) or many differently (the CUDA one does).
   int32_t segments_bound = 0;
 };
+
+// Steps with at most this many adapter segments are few-adapter steps: the model records their
+// decode graphs apart, with this segments_bound, and executors may tune their LoRA work for them.
+inline constexpr int32_t kFewLoraSegments = 4;
 
 // One logits row's sampling request. Device array element (the model uploads one per sampled row).
 struct SamplingRow {

@@ -62,12 +62,11 @@ constexpr int kLoraTensorCoreMinTokens = 256;
 // batch 128 with 128 distinct adapters 1.61x the base step instead of 1.75x; at 8-64 segments
 // the side chain is as fast or faster (bench/runs/2026-11-29-sixth/inline).
 constexpr int kLoraInlineMinSegments = 64;
-// Steps of at most this many segments (the model's few-adapter graphs) and at least
+// Steps of at most kFewLoraSegments segments (ops.h; the model's few-adapter graphs) and at least
 // kLoraFewMinTokens tokens run GemmWithLora's GEMM as cuBLASLt chooses it for 2/3 of the SMs, with
 // the shrink beside it on at most kLoraFewShrinkBlocks blocks, so the side chain's blocks keep SMs
 // the GEMM does not wait for: batch 32 with 4 adapters 1.08x the base step instead of 1.10-1.12x.
 // Fewer tokens lose with it (batch 8: 1.15x vs 1.10x), and so do many segments.
-constexpr int kLoraFewMaxSegments = 4;
 constexpr int kLoraFewMinTokens = 32;
 constexpr int kLoraFewShrinkBlocks = 44;
 
@@ -576,7 +575,7 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(side_stream_, fork_event_, 0), "GemmWithLora: fork"));
     // Few adapters and enough tokens: the GEMM chosen for fewer SMs beside a smaller shrink grid.
     const bool few = lora_few_gemm_ != nullptr && segments->segments_bound > 0 &&
-                     segments->segments_bound <= kLoraFewMaxSegments && segments->num_tokens >= lora_few_min_tokens_;
+                     segments->segments_bound <= kFewLoraSegments && segments->num_tokens >= lora_few_min_tokens_;
     if (few) shrink.num_blocks = std::min(shrink.num_blocks, lora_few_shrink_blocks_);
     // The side chain is enqueued first: the GEMM enqueued first made steps slower (its CTAs take
     // every SM they can; the LoRA blocks then wait or delay its tail). bench/runs/2026-11-29-rows.
@@ -808,7 +807,7 @@ class CudaOps final : public Ops {
   std::unique_ptr<CublasLtGemm> gemm_beside_lora_;  // SetLoraGemmSmsForTest; null: gemm_
   int lora_gemm_first_min_slices_ = 0;              // SetLoraGemmFirstForTest
   int lora_inline_min_segments_ = kLoraInlineMinSegments;  // SetLoraInlineForTest
-  // The few-adapter tuning (kLoraFewMaxSegments; SetLoraFewTuningForTest): null GEMM: off.
+  // The few-adapter tuning (kFewLoraSegments; SetLoraFewTuningForTest): null GEMM: off.
   std::unique_ptr<CublasLtGemm> lora_few_gemm_;
   int lora_few_shrink_blocks_ = kLoraFewShrinkBlocks;
   int lora_few_min_tokens_ = kLoraFewMinTokens;

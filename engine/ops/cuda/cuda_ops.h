@@ -93,7 +93,7 @@ absl::Status GemmBesideProbeForTest(Ops* ops, const TensorView& x, const TensorV
 // an SM; the expand follows it as usual; then the GEMM. The delta is left for the next op as in
 // the side-chain path. Negative: the default (64); INT32_MAX: never; 0: always.
 absl::Status SetLoraInlineForTest(Ops* ops, int min_segments);
-// GemmWithLora calls of steps with at most 4 live segments (LoraSegments::segments_bound: the
+// GemmWithLora calls of steps with at most kFewLoraSegments (4) live segments (segments_bound: the
 // model's few-adapter graphs) and at least `min_tokens` tokens run the GEMM as cuBLASLt chooses it
 // for `gemm_sms` SMs, with the shrink beside it on at most `shrink_blocks` blocks. Any negative
 // value restores that field's default (2/3 of the SMs, 44 blocks, 32 tokens); gemm_sms 0 turns the
