@@ -306,12 +306,7 @@ class CudaOps final : public Ops {
   }
   // Negative: that field's default; gemm_sms 0: no few-adapter tuning.
   absl::Status set_lora_few(int gemm_sms, int shrink_blocks, int min_tokens) {
-    LORAPLEX_RETURN_IF_ERROR(Synchronize());
-    lora_few_gemm_.reset();
-    if (gemm_sms < 0) gemm_sms = std::max(1, num_sms_ * 2 / 3);
-    if (gemm_sms > 0) {
-      LORAPLEX_ASSIGN_OR_RETURN(lora_few_gemm_, CublasLtGemm::Create(gemm_workspace_, kGemmWorkspaceBytes, gemm_sms));
-    }
+    LORAPLEX_ASSIGN_OR_RETURN(lora_few_gemm_, GemmForSms(gemm_sms < 0 ? std::max(1, num_sms_ * 2 / 3) : gemm_sms));
     lora_few_shrink_blocks_ = shrink_blocks < 0 ? kLoraFewShrinkBlocks : std::max(1, shrink_blocks);
     lora_few_min_tokens_ = min_tokens < 0 ? kLoraFewMinTokens : min_tokens;
     return absl::OkStatus();
@@ -337,12 +332,16 @@ class CudaOps final : public Ops {
   }
 
   absl::Status set_lora_gemm_sms(int sms) {
-    LORAPLEX_RETURN_IF_ERROR(Synchronize());
-    gemm_beside_lora_.reset();
-    if (sms > 0) {
-      LORAPLEX_ASSIGN_OR_RETURN(gemm_beside_lora_, CublasLtGemm::Create(gemm_workspace_, kGemmWorkspaceBytes, sms));
-    }
+    LORAPLEX_ASSIGN_OR_RETURN(gemm_beside_lora_, GemmForSms(sms));
     return absl::OkStatus();
+  }
+
+  // A GEMM whose algorithms cuBLASLt chooses for `sms` SMs (null for 0). Synchronizes first: the
+  // stream must be done with the GEMM the caller replaces.
+  absl::StatusOr<std::unique_ptr<CublasLtGemm>> GemmForSms(int sms) {
+    LORAPLEX_RETURN_IF_ERROR(Synchronize());
+    if (sms <= 0) return std::unique_ptr<CublasLtGemm>();
+    return CublasLtGemm::Create(gemm_workspace_, kGemmWorkspaceBytes, sms);
   }
 
   absl::Status PrepareGemm(const TensorView& x, const TensorView& w, const TensorView& y) override {
@@ -561,9 +560,7 @@ class CudaOps final : public Ops {
       // In line, before the GEMM: the shrink (a programmatic dependent of the kernel before it,
       // whose tail it overlaps with its metadata reads and L2 prefetch of A) on a grid of up to
       // 2 blocks an SM, the expand beside it as usual, then the GEMM alone on the SMs.
-      shrink.num_blocks = LoraShrinkBlocks(num_sms_, segments->num_tokens, module->num_slices, module->max_rank,
-                                           /*beside_gemm=*/false);
-      if (lora_shrink_blocks_ > 0) shrink.num_blocks = std::min(shrink.num_blocks, lora_shrink_blocks_);
+      shrink.num_blocks = ShrinkBlocks(*segments, *module, /*beside_gemm=*/false);
       shrink.prefetch_a = true;
       LORAPLEX_RETURN_IF_ERROR(LaunchShrink(shrink, x.data, lora_y.As<float>(), stream_, "GemmWithLora: shrink"));
       LORAPLEX_RETURN_IF_ERROR(
@@ -698,12 +695,16 @@ class CudaOps final : public Ops {
     }
     // No more blocks than the step can have items (a few tokens cannot use a large grid; its
     // idle blocks would only hold SMs the GEMM beside the shrink needs).
-    int blocks = LoraShrinkBlocks(num_sms_, segments.num_tokens, module.num_slices, module.max_rank);
-    if (lora_shrink_blocks_ > 0) blocks = std::min(blocks, lora_shrink_blocks_);
-    LoraParams p = MakeLoraParams(segments, module, blocks);
+    LoraParams p = MakeLoraParams(segments, module, ShrinkBlocks(segments, module, /*beside_gemm=*/true));
     p.shrink_warps = lora_shrink_warps_;
     p.shrink_shape = lora_shrink_shape_;
     return p;
+  }
+
+  // The decode shrink's grid (LoraShrinkBlocks), under the test cap when one is set.
+  int ShrinkBlocks(const LoraSegments& segments, const LoraModule& module, bool beside_gemm) const {
+    const int blocks = LoraShrinkBlocks(num_sms_, segments.num_tokens, module.num_slices, module.max_rank, beside_gemm);
+    return lora_shrink_blocks_ > 0 ? std::min(blocks, lora_shrink_blocks_) : blocks;
   }
 
   absl::StatusOr<LoraParams> PrepareLoraExpand(const TensorView& y, const LoraSegments& segments,
