@@ -741,8 +741,8 @@ std::vector<int> RandomTokenSlots(int tokens, int num_slots, double base_fractio
   return v;
 }
 
-// The shrink's two item shapes (SetLoraShrinkShapeForTest 0 and 2) give y the same bits: same K
-// steps in the same order a warp, same reduction tree.
+// The shrink's item shapes (SetLoraShrinkShapeForTest 0, and 2 with each row count) give y the
+// same bits: same K steps in the same order a warp, same reduction tree.
 absl::Status CheckShrinkShapesAgree(const std::string& name, LoraStep& st, const std::vector<int>& token_slots,
                                     int max_len) {
   LoraWorld& w = *st.world;
@@ -753,16 +753,21 @@ absl::Status CheckShrinkShapesAgree(const std::string& name, LoraStep& st, const
   const LoraModule dm = w.Module(true);
   const LoraSegments ds = st.dsegs->View();
   const TensorView gx = Gpu(st.d_x, DType::kBF16, {T, w.in}), gy = Gpu(st.d_y, DType::kF32, {T, yw});
-  std::vector<float> got[2];
-  for (int i = 0; i < 2; ++i) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, i == 0 ? 0 : 2));
+  std::vector<float> general;
+  for (int rows : {-1, 0, 4, 8, 16}) {  // -1: the general items
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, rows < 0 ? 0 : 2, std::max(rows, 0)));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(st.d_y.data(), 0xFF, static_cast<size_t>(T) * yw * 4));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, dm, gy));
-    LORAPLEX_ASSIGN_OR_RETURN(got[i], DownloadF32(st.d_y.data(), static_cast<size_t>(T) * yw));
+    LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadF32(st.d_y.data(), static_cast<size_t>(T) * yw));
+    if (rows < 0) {
+      general = std::move(got);
+      continue;
+    }
+    // Every element, written or poisoned, bit for bit (an empty mask compares nothing by norm).
+    Compare(absl::StrCat(name, " rows=", rows, " segs=", segs.count()), got, general, 0.0,
+            std::vector<uint8_t>(general.size(), 0));
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, 0));
-  // Every element, written or poisoned, bit for bit (an empty mask compares nothing by norm).
-  Compare(absl::StrCat(name, " segs=", segs.count()), got[1], got[0], 0.0, std::vector<uint8_t>(got[0].size(), 0));
   return absl::OkStatus();
 }
 
@@ -991,7 +996,7 @@ absl::Status LoraTests() {
   // Single-slice module with a large input (down_proj-like, in 14336) and prefill-sized segments.
   LORAPLEX_ASSIGN_OR_RETURN(auto down, LoraWorld::Create(3, 14336, {4096}, 64, {{16}, {64}, {8}}));
   const int T2 = 96;
-  LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs2, DevSegs::Create(8, T2));
+  LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs2, DevSegs::Create(T2, T2));  // one-token segments below
   LoraStep st2{down.get(), &dsegs2, T2, {}, {}, {}};
   LORAPLEX_ASSIGN_OR_RETURN(st2.d_x, g_gpu->Allocate(static_cast<size_t>(T2) * down->in * 2));
   LORAPLEX_ASSIGN_OR_RETURN(st2.d_y, g_gpu->Allocate(static_cast<size_t>(T2) * down->max_rank * 4));
@@ -1032,16 +1037,16 @@ absl::Status LoraTests() {
                                            RandomTokenSlots(T2, 3, 0.1), 1000, nullptr));
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkWarpsForTest(g_gpu, 0));
-  // The one-token item shape (SetLoraShrinkShapeForTest): forced (2) and by the mean segment
-  // length (1), on one-token segments, long ones (tokens one at a time) and ranks up to 128 (8
-  // groups of 16 rows), with a 5-block grid (blocks walk many items); both shapes give y the same
-  // bits, on both input widths.
-  for (int shape : {2, 1}) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, shape));
-    const std::string n = absl::StrCat("LoRA odd ranks shrink shape ", shape);
+  // The one-token item shape (SetLoraShrinkShapeForTest): forced (2) with each row count and by
+  // the mean segment length (1), on one-token segments, long ones (tokens one at a time) and ranks
+  // up to 128 (8 groups of 16 rows), with a 5-block grid (blocks walk many items); every shape
+  // gives y the same bits, on both input widths.
+  for (auto [shape, rows] : std::vector<std::pair<int, int>>{{2, 0}, {2, 4}, {2, 8}, {2, 16}, {1, 0}}) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, shape, rows));
+    const std::string n = absl::StrCat("LoRA odd ranks shrink shape ", shape, " rows ", rows);
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " one-token segments", st3, RandomTokenSlots(T3, 4, 0.05), 1, nullptr));
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " long segments", st3, RandomTokenSlots(T3, 4, 0.05), 1000, nullptr));
-    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA down prefill shrink shape ", shape), st2,
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA down prefill shrink shape ", shape, " rows ", rows), st2,
                                            RandomTokenSlots(T2, 3, 0.1), 1, nullptr));
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, 0));
@@ -1338,7 +1343,33 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
   return absl::OkStatus();
 }
 
+// Every LoRA knob a test may change back to the executor's default (the in-line chain stays off,
+// as Main sets it), so timing after a failed check still times the defaults.
+absl::Status ResetLoraKnobs() {
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkWarpsForTest(g_gpu, 0));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, 0));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmSmsForTest(g_gpu, 0));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmFirstForTest(g_gpu, 0));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraFewTuningForTest(g_gpu, -1, -1, -1));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, SIZE_MAX));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraFoldForTest(g_gpu, true));
+  return cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 256);
+}
+
 absl::Status TimeLora() {
+  LORAPLEX_RETURN_IF_ERROR(ResetLoraKnobs());
+  // LORAPLEX_TIME_SHRINK_SHAPE=SHAPE,ROWS: time the shrink's item shape SetLoraShrinkShapeForTest
+  // gives (an experiment's per-op numbers).
+  if (const char* shape = std::getenv("LORAPLEX_TIME_SHRINK_SHAPE"); shape != nullptr) {
+    int s = 0, r = 0;
+    if (std::sscanf(shape, "%d,%d", &s, &r) != 2) {
+      return absl::InvalidArgumentError(absl::StrCat("LORAPLEX_TIME_SHRINK_SHAPE '", shape, "' is not SHAPE,ROWS"));
+    }
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, s, r));
+    std::printf("shrink shape %d rows %d\n", s, r);
+  }
   LORAPLEX_ASSIGN_OR_RETURN(WeightPool pool, WeightPool::Create(size_t{2} << 30));
   struct Shape3 { const char* name; int in; std::vector<int> widths; };
   const Shape3 shapes[] = {{"qkv", 4096, {4096, 1024, 1024}}, {"o", 4096, {4096}},

@@ -300,7 +300,10 @@ class CudaOps final : public Ops {
   }
 
   void set_lora_gemm_first(int min_slices) { lora_gemm_first_min_slices_ = min_slices; }
-  void set_lora_shrink_shape(int shape) { lora_shrink_shape_ = shape; }
+  void set_lora_shrink_shape(int shape, int rows) {
+    lora_shrink_shape_ = shape;
+    lora_shrink_rows_ = rows;
+  }
   void set_lora_inline(int min_segments) {
     lora_inline_min_segments_ = min_segments < 0 ? kLoraInlineMinSegments : min_segments;
   }
@@ -698,6 +701,7 @@ class CudaOps final : public Ops {
     LoraParams p = MakeLoraParams(segments, module, ShrinkBlocks(segments, module, /*beside_gemm=*/true));
     p.shrink_warps = lora_shrink_warps_;
     p.shrink_shape = lora_shrink_shape_;
+    p.shrink_rows = lora_shrink_rows_;
     return p;
   }
 
@@ -785,6 +789,7 @@ class CudaOps final : public Ops {
   int lora_shrink_blocks_ = 0;  // a cap on the shrink's grid (tests); 0: LoraShrinkBlocks alone
   int lora_shrink_warps_ = 0;   // SetLoraShrinkWarpsForTest; 0: by in_features
   int lora_shrink_shape_ = 0;   // SetLoraShrinkShapeForTest (LoraParams::shrink_shape)
+  int lora_shrink_rows_ = 0;    // SetLoraShrinkShapeForTest (LoraParams::shrink_rows)
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
@@ -951,10 +956,13 @@ absl::Status GemmBesideProbeForTest(Ops* ops, const TensorView& x, const TensorV
   return cuda->GemmBesideProbe(x, w, y, src, bytes, blocks, sink, gemm, probe_first);
 }
 
-absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape) {
+absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraShrinkShapeForTest"));
   if (shape < 0 || shape > 2) return Invalid("SetLoraShrinkShapeForTest", absl::StrCat("shape ", shape, " not 0, 1 or 2"));
-  cuda->set_lora_shrink_shape(shape);
+  if (rows != 0 && rows != 4 && rows != 8 && rows != 16) {
+    return Invalid("SetLoraShrinkShapeForTest", absl::StrCat("rows ", rows, " not 0, 4, 8 or 16"));
+  }
+  cuda->set_lora_shrink_shape(shape, rows);
   return absl::OkStatus();
 }
 

@@ -63,11 +63,12 @@ absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks, bool overlap_shri
 // (SetLoraTuningForTest's shrink_blocks) the shrink occupies that many SMs and no more.
 // INVALID_ARGUMENT for other values.
 absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
-// An experiment (off by default; not yet measured on a GPU): the decode shrink's item shape.
-// 0: 4 rows of A x up to 4 of a segment's tokens; 2: 16 rows x one token at a time (a segment of
-// one token then does a quarter of the loads and math); 1: the latter when a step's mean segment
-// length is below 2 tokens. y gets the same bits either way. INVALID_ARGUMENT outside 0..2.
-absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape);
+// An experiment (off by default): the decode shrink's item shape. 0: 4 rows of A x up to 4 of a
+// segment's tokens; 2: `rows` rows x one token at a time (a segment of one token then does a
+// quarter of the loads and math); 1: the latter when a step's mean segment length is below 2
+// tokens. rows 4, 8 or 16; 0: the most that still give every block of the grid an item. y gets
+// the same bits either way. INVALID_ARGUMENT for other values.
+absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0);
 // An experiment (off by default): GemmWithLora's GEMM uses the algorithms cuBLASLt chooses for
 // `sms` SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), leaving the rest to the LoRA side chain beside
 // it; 0 goes back to the executor's GEMM. Synchronizes; call it outside captures.

@@ -138,17 +138,20 @@ __device__ __forceinline__ float WarpSum16(float (&v)[kRowItemValues], int lane)
   return v[0] + __shfl_xor_sync(0xffffffffu, v[0], 1);
 }
 
-// The shrink's one-token item shape (LoraParams::shrink_shape): item = (segment, slice, 16 rows of
-// A), its tokens one at a time, each lane carrying the 16 rows' sums for that token. A segment of
+// The shrink's one-token item shape (LoraParams::shrink_shape): item = (segment, slice, kRows rows
+// of A), its tokens one at a time, each lane carrying the rows' sums for that token. A segment of
 // one token (decode with an adapter a request) then loads and multiplies only what it needs,
-// where the 4-row x 4-token items load and multiply 3 copies of it. Each warp walks the same K
-// steps in the same order and the reduction is the same tree, so y gets the same bits as from the
-// general items.
-template <int kItemWarps>
+// where the 4-row x 4-token items load and multiply 3 copies of it. A warp keeps 16 rows of one
+// K step in flight, 8 rows of one or 4 rows of 2. Fewer rows an item make more items, for steps
+// with few segments. Each warp walks the same K steps in the same order and
+// the reduction is the same 16-value tree (unused values are zero), so y gets the same bits as
+// from the general items, whatever kRows.
+template <int kItemWarps, int kRows>
 __device__ __forceinline__ void ShrinkOneTokenItems(const LoraParams& p, const bf16* __restrict__ x,
                                                     float* __restrict__ y, int nseg, int live_rank,
                                                     float (&red)[kItemWarps][kRowItemValues]) {
-  constexpr int kRows = kRowItemValues;
+  static_assert(kRows == 4 || kRows == 8 || kRows == 16);
+  constexpr int kInFlight = kRows == 4 ? 2 : 1;  // K steps a round (more spilled at the 128-register cap)
   const int S = p.num_slices;
   const int K = p.in_features;
   const int row_groups = (live_rank + kRows - 1) / kRows;
@@ -172,18 +175,25 @@ __device__ __forceinline__ void ShrinkOneTokenItems(const LoraParams& p, const b
     const int64_t col = static_cast<int64_t>(slice) * p.max_rank + r0;
     for (int t = begin; t < end; ++t) {
       const int64_t xr = p.token_rows[t];
-      float acc[kRows] = {};
-      for (int s0 = warp; s0 < steps_total; s0 += kItemWarps) {  // the rows' 16 vectors and x's in flight
-        const int64_t k = static_cast<int64_t>(s0) * kStep + lane * 8;
-        const bool in = k < K;
-        const uint4 xv = in ? __ldg(reinterpret_cast<const uint4*>(x + xr * K + k)) : make_uint4(0, 0, 0, 0);
-        uint4 av[kRows];
+      float acc[kRowItemValues] = {};
+      for (int s0 = warp; s0 < steps_total; s0 += kInFlight * kItemWarps) {
+        uint4 av[kInFlight][kRows], xv[kInFlight];
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          av[r] = in && r < rows ? Load8(a + static_cast<int64_t>(r) * K + k, a_vec) : make_uint4(0, 0, 0, 0);
+        for (int h = 0; h < kInFlight; ++h) {
+          const int64_t k = static_cast<int64_t>(s0 + h * kItemWarps) * kStep + lane * 8;
+          const bool in = s0 + h * kItemWarps < steps_total && k < K;
+          xv[h] = in ? __ldg(reinterpret_cast<const uint4*>(x + xr * K + k)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) {
+            av[h][r] = in && r < rows ? Load8(a + static_cast<int64_t>(r) * K + k, a_vec) : make_uint4(0, 0, 0, 0);
+          }
         }
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) acc[r] += Dot8(av[r], xv);
+        for (int h = 0; h < kInFlight; ++h) {
+          if (s0 + h * kItemWarps >= steps_total) break;  // zeros past the end: no bits to add
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) acc[r] += Dot8(av[h][r], xv[h]);
+        }
       }
       const float sum = WarpSum16(acc, lane);
       if ((lane & 1) == 0) red[warp][(lane >> 1) & (kRowItemValues - 1)] = sum;
@@ -197,6 +207,16 @@ __device__ __forceinline__ void ShrinkOneTokenItems(const LoraParams& p, const b
       __syncthreads();  // red is rewritten by the next token
     }
   }
+}
+
+// Rows an item of the one-token shape: LoraParams::shrink_rows, or the most rows that still give
+// every block of the grid an item (4 when even those are fewer). Identical in every thread.
+__device__ __forceinline__ int OneTokenRows(const LoraParams& p, int nseg, int live_rank) {
+  if (p.shrink_rows != 0) return p.shrink_rows;
+  const int64_t per_rows = static_cast<int64_t>(nseg) * p.num_slices;
+  if (per_rows * ((live_rank + 15) / 16) >= gridDim.x) return 16;
+  if (per_rows * ((live_rank + 7) / 8) >= gridDim.x) return 8;
+  return 4;
 }
 
 // kOneToken: the build that can also take the one-token item shape (LoraParams::shrink_shape != 0);
@@ -250,7 +270,11 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   if (nseg == 0 || live_rank == 0) return;
   if constexpr (kOneToken) {
     if (p.shrink_shape == 2 || (p.shrink_shape == 1 && p.num_tokens < 2 * nseg)) {  // same in every block
-      ShrinkOneTokenItems<kItemWarps>(p, x, y, nseg, live_rank, red);
+      switch (OneTokenRows(p, nseg, live_rank)) {
+        case 16: ShrinkOneTokenItems<kItemWarps, 16>(p, x, y, nseg, live_rank, red); break;
+        case 8: ShrinkOneTokenItems<kItemWarps, 8>(p, x, y, nseg, live_rank, red); break;
+        default: ShrinkOneTokenItems<kItemWarps, 4>(p, x, y, nseg, live_rank, red); break;
+      }
       return;
     }
   }

@@ -65,10 +65,13 @@ struct LoraParams {
   // Shrink only: warps a block (8 or 16; 0: 16 for in_features > kLoraShrinkWideInput, else 8). A
   // 16-warp block takes a whole SM's registers, so a grid of G blocks occupies G SMs.
   int32_t shrink_warps = 0;
-  // Shrink only: its item shape. 0: 4 rows of A x up to 4 of a segment's tokens; 2: 16 rows x one
+  // Shrink only: its item shape. 0: 4 rows of A x up to 4 of a segment's tokens; 2: 4-16 rows x one
   // token at a time (ShrinkOneTokenItems: less work when segments hold one token); 1: the latter
   // when the step's mean segment length is below 2 tokens. The same y bits either way.
   int32_t shrink_shape = 0;
+  // Shrink only: rows of A an item of the one-token shape (4, 8 or 16); 0: the most that still
+  // give every block an item.
+  int32_t shrink_rows = 0;
   // Shrink only (GemmWithLora's in-line chain): launch it as a programmatic dependent of the kernel
   // before it; while that kernel finishes, each block resolves its items and asks the L2 for
   // their rows of A. It reads x and writes y and the delta marks only after that kernel completed.
