@@ -118,7 +118,7 @@ struct LoraTuning {
   int shrink_blocks = 0;  // SetLoraTuningForTest's cap on the shrink's grid
   int overlap = -1;       // 0/1: the expand as a programmatic dependent of the shrink
   int shrink_warps = 0;   // SetLoraShrinkWarpsForTest
-  int shrink_shape = 0;   // SetLoraShrinkShapeForTest
+  int shrink_shape = -1;  // SetLoraShrinkShapeForTest (-1: the default)
   int shrink_rows = 0;
   int gemm_sms = 0;       // SetLoraGemmSmsForTest
   int gemm_first = 0;     // SetLoraGemmFirstForTest
@@ -535,7 +535,7 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-gemm-sms") return ParseFlag(flag, value, 1, 1 << 20, &t->gemm_sms);
   if (flag == "--lora-gemm-first") return ParseFlag(flag, value, 0, 4, &t->gemm_first);
   if (flag == "--lora-inline") return ParseFlag(flag, value, -1, 1 << 20, &t->in_line);
-  if (flag == "--lora-shrink-shape") return ParseFlag(flag, value, 0, 2, &t->shrink_shape);
+  if (flag == "--lora-shrink-shape") return ParseFlag(flag, value, -1, 2, &t->shrink_shape);
   if (flag == "--lora-shrink-rows") return ParseFlag(flag, value, 0, 16, &t->shrink_rows);
   if (flag == "--lora-few-gemm-sms") return ParseFlag(flag, value, 0, 1 << 20, &t->few_gemm_sms);
   if (flag == "--lora-few-shrink-blocks") return ParseFlag(flag, value, 1, 1 << 20, &t->few_shrink_blocks);

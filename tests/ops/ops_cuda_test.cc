@@ -767,7 +767,7 @@ absl::Status CheckShrinkShapesAgree(const std::string& name, LoraStep& st, const
     Compare(absl::StrCat(name, " rows=", rows, " segs=", segs.count()), got, general, 0.0,
             std::vector<uint8_t>(general.size(), 0));
   }
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, 0));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
   return absl::OkStatus();
 }
 
@@ -1049,7 +1049,7 @@ absl::Status LoraTests() {
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA down prefill shrink shape ", shape, " rows ", rows), st2,
                                            RandomTokenSlots(T2, 3, 0.1), 1, nullptr));
   }
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, 0));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 1));
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 3));
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, down", st2, RandomTokenSlots(T2, 3, 0.1), 1));
@@ -1348,7 +1348,7 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
 absl::Status ResetLoraKnobs() {
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkWarpsForTest(g_gpu, 0));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, 0));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmSmsForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmFirstForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
@@ -1374,9 +1374,10 @@ absl::Status TimeLora() {
   struct Shape3 { const char* name; int in; std::vector<int> widths; };
   const Shape3 shapes[] = {{"qkv", 4096, {4096, 1024, 1024}}, {"o", 4096, {4096}},
                            {"gate_up", 4096, {14336, 14336}}, {"down", 14336, {4096}}};
-  std::vector<int> distinct32(32), four_by_8(32), mixed_ranks(32);
+  std::vector<int> distinct32(32), four_by_8(32), eight_by_4(32), mixed_ranks(32);
   std::iota(distinct32.begin(), distinct32.end(), 0);
   for (int t = 0; t < 32; ++t) four_by_8[t] = t / 8;
+  for (int t = 0; t < 32; ++t) eight_by_4[t] = t / 4;
   for (int s = 0; s < 32; ++s) mixed_ranks[s] = 8 << (s % 4);  // 8, 16, 32, 64
   for (const Shape3& sh : shapes) {
     const std::string n = sh.name;
@@ -1384,6 +1385,9 @@ absl::Status TimeLora() {
              LoraTimingCase{n + " 32 distinct r16", sh.in, sh.widths, distinct32, std::vector<int>(32, 16)},
              LoraTimingCase{n + " 32 distinct r{8,16,32,64}", sh.in, sh.widths, distinct32, mixed_ranks},
              LoraTimingCase{n + " 4 adapters x 8 tokens r16", sh.in, sh.widths, four_by_8, std::vector<int>(4, 16)},
+             // step_bench's "8 mixed ranks" at batch 32
+             LoraTimingCase{n + " 8 adapters x 4 tokens r{8,16,32,64}", sh.in, sh.widths, eight_by_4,
+                            {8, 16, 32, 64, 8, 16, 32, 64}},
              LoraTimingCase{n + " 1 adapter x 1 token r16", sh.in, sh.widths, {0}, {16}},
              LoraTimingCase{n + " 1 adapter x 1 token r64", sh.in, sh.widths, {0}, {64}}}) {
       LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, c));

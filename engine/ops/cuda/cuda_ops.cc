@@ -62,6 +62,10 @@ constexpr int kLoraTensorCoreMinTokens = 256;
 // batch 128 with 128 distinct adapters 1.61x the base step instead of 1.75x; at 8-64 segments
 // the side chain is as fast or faster (bench/runs/2026-11-29-sixth/inline).
 constexpr int kLoraInlineMinSegments = 64;
+// The decode shrink's item shape (LoraParams::shrink_shape): one-token items when a step's
+// segments hold one token (32-128 distinct adapters at one token each: bench/RESULTS.md, seventh
+// session).
+constexpr int kLoraShrinkShape = 1;
 // Steps of at most kFewLoraSegments segments (ops.h; the model's few-adapter graphs) and at least
 // kLoraFewMinTokens tokens run GemmWithLora's GEMM as cuBLASLt chooses it for 2/3 of the SMs, with
 // the shrink beside it on at most kLoraFewShrinkBlocks blocks, so the side chain's blocks keep SMs
@@ -301,7 +305,7 @@ class CudaOps final : public Ops {
 
   void set_lora_gemm_first(int min_slices) { lora_gemm_first_min_slices_ = min_slices; }
   void set_lora_shrink_shape(int shape, int rows) {
-    lora_shrink_shape_ = shape;
+    lora_shrink_shape_ = shape < 0 ? kLoraShrinkShape : shape;
     lora_shrink_rows_ = rows;
   }
   void set_lora_inline(int min_segments) {
@@ -788,7 +792,7 @@ class CudaOps final : public Ops {
   void* lora_partials_ = nullptr;
   int lora_shrink_blocks_ = 0;  // a cap on the shrink's grid (tests); 0: LoraShrinkBlocks alone
   int lora_shrink_warps_ = 0;   // SetLoraShrinkWarpsForTest; 0: by in_features
-  int lora_shrink_shape_ = 0;   // SetLoraShrinkShapeForTest (LoraParams::shrink_shape)
+  int lora_shrink_shape_ = kLoraShrinkShape;  // SetLoraShrinkShapeForTest (LoraParams::shrink_shape)
   int lora_shrink_rows_ = 0;    // SetLoraShrinkShapeForTest (LoraParams::shrink_rows)
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
@@ -958,7 +962,9 @@ absl::Status GemmBesideProbeForTest(Ops* ops, const TensorView& x, const TensorV
 
 absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraShrinkShapeForTest"));
-  if (shape < 0 || shape > 2) return Invalid("SetLoraShrinkShapeForTest", absl::StrCat("shape ", shape, " not 0, 1 or 2"));
+  if (shape < -1 || shape > 2) {
+    return Invalid("SetLoraShrinkShapeForTest", absl::StrCat("shape ", shape, " not -1, 0, 1 or 2"));
+  }
   if (rows != 0 && rows != 4 && rows != 8 && rows != 16) {
     return Invalid("SetLoraShrinkShapeForTest", absl::StrCat("rows ", rows, " not 0, 4, 8 or 16"));
   }

@@ -63,11 +63,11 @@ absl::Status SetLoraTuningForTest(Ops* ops, int shrink_blocks, bool overlap_shri
 // (SetLoraTuningForTest's shrink_blocks) the shrink occupies that many SMs and no more.
 // INVALID_ARGUMENT for other values.
 absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
-// An experiment (off by default): the decode shrink's item shape. 0: 4 rows of A x up to 4 of a
-// segment's tokens; 2: `rows` rows x one token at a time (a segment of one token then does a
-// quarter of the loads and math); 1: the latter when a step's mean segment length is below 2
-// tokens. rows 4, 8 or 16; 0: the most that still give every block of the grid an item. y gets
-// the same bits either way. INVALID_ARGUMENT for other values.
+// The decode shrink's item shape. 0: 4 rows of A x up to 4 of a segment's tokens; 2: `rows` rows x
+// one token at a time (a segment of one token then does a quarter of the loads and math); 1 (the
+// default; -1 restores it): the latter when a step's mean segment length is below 2 tokens and
+// its segments are enough to fill a quarter of the grid. rows 4, 8 or 16; 0: the fewest that make
+// no more items than blocks. y gets the same bits either way. INVALID_ARGUMENT for other values.
 absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0);
 // An experiment (off by default): GemmWithLora's GEMM uses the algorithms cuBLASLt chooses for
 // `sms` SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), leaving the rest to the LoRA side chain beside

@@ -209,14 +209,25 @@ __device__ __forceinline__ void ShrinkOneTokenItems(const LoraParams& p, const b
   }
 }
 
-// Rows an item of the one-token shape: LoraParams::shrink_rows, or the most rows that still give
-// every block of the grid an item (4 when even those are fewer). Identical in every thread.
+// Rows an item of the one-token shape: LoraParams::shrink_rows, or the fewest that make no more
+// items than the grid has blocks (16 when even those are more): every block then streams one
+// item's rows whole. Measured per module with 32 one-token segments (bench/runs/2026-11-29-seventh):
+// qkv and gate_up were fastest with 16 rows, o and down with 8. Identical in every thread.
 __device__ __forceinline__ int OneTokenRows(const LoraParams& p, int nseg, int live_rank) {
   if (p.shrink_rows != 0) return p.shrink_rows;
   const int64_t per_rows = static_cast<int64_t>(nseg) * p.num_slices;
-  if (per_rows * ((live_rank + 15) / 16) >= gridDim.x) return 16;
-  if (per_rows * ((live_rank + 7) / 8) >= gridDim.x) return 8;
-  return 4;
+  if (per_rows * ((live_rank + 3) / 4) <= gridDim.x) return 4;
+  if (per_rows * ((live_rank + 7) / 8) <= gridDim.x) return 8;
+  return 16;
+}
+
+// Whether a step takes the one-token items (LoraParams::shrink_shape): forced, or segments of
+// fewer than 2 tokens on average that are enough for 16-row items to fill a quarter of the grid
+// (fewer made batch-8 steps slower than the general items). Identical in every thread.
+__device__ __forceinline__ bool OneTokenShape(const LoraParams& p, int nseg, int live_rank) {
+  if (p.shrink_shape == 2) return true;
+  return p.shrink_shape == 1 && p.num_tokens < 2 * nseg &&
+         4 * static_cast<int64_t>(nseg) * p.num_slices * ((live_rank + 15) / 16) >= gridDim.x;
 }
 
 // kOneToken: the build that can also take the one-token item shape (LoraParams::shrink_shape != 0);
@@ -269,7 +280,7 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   }
   if (nseg == 0 || live_rank == 0) return;
   if constexpr (kOneToken) {
-    if (p.shrink_shape == 2 || (p.shrink_shape == 1 && p.num_tokens < 2 * nseg)) {  // same in every block
+    if (OneTokenShape(p, nseg, live_rank)) {  // same in every block
       switch (OneTokenRows(p, nseg, live_rank)) {
         case 16: ShrinkOneTokenItems<kItemWarps, 16>(p, x, y, nseg, live_rank, red); break;
         case 8: ShrinkOneTokenItems<kItemWarps, 8>(p, x, y, nseg, live_rank, red); break;

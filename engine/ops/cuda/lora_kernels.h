@@ -67,7 +67,8 @@ struct LoraParams {
   int32_t shrink_warps = 0;
   // Shrink only: its item shape. 0: 4 rows of A x up to 4 of a segment's tokens; 2: 4-16 rows x one
   // token at a time (ShrinkOneTokenItems: less work when segments hold one token); 1: the latter
-  // when the step's mean segment length is below 2 tokens. The same y bits either way.
+  // when the step's mean segment length is below 2 tokens and 16-row items would fill a quarter of
+  // the grid (OneTokenShape). The same y bits either way.
   int32_t shrink_shape = 0;
   // Shrink only: rows of A an item of the one-token shape (4, 8 or 16); 0: the most that still
   // give every block an item.
