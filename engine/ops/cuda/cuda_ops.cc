@@ -704,7 +704,11 @@ class CudaOps final : public Ops {
     // idle blocks would only hold SMs the GEMM beside the shrink needs).
     LoraParams p = MakeLoraParams(segments, module, ShrinkBlocks(segments, module, /*beside_gemm=*/true));
     p.shrink_warps = lora_shrink_warps_;
-    p.shrink_shape = lora_shrink_shape_;
+    // The one-token items need 16-row items to fill a quarter of the grid (OneTokenShape), which
+    // steps of a few segments hardly do; they take the build without that shape, whose general
+    // items ran 0.5-1% faster whole steps (bench/runs/2026-11-29-seventh).
+    const bool few = SegmentsBound(segments) <= kFewLoraSegments;
+    p.shrink_shape = lora_shrink_shape_ == 1 && few ? 0 : lora_shrink_shape_;
     p.shrink_rows = lora_shrink_rows_;
     return p;
   }
