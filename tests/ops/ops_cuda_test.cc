@@ -1053,12 +1053,6 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 1));
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 3));
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, down", st2, RandomTokenSlots(T2, 3, 0.1), 1));
-  // L2 prefetches of A and B at each block's start (blocks walk many items): hints, same results.
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraPrefetchForTest(g_gpu, 3));
-  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks prefetch, short segments", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
-  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks prefetch, one-token segments", st3, RandomTokenSlots(T3, 4, 0.05), 1, nullptr));
-  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA down prefill prefetch", st2, RandomTokenSlots(T2, 3, 0.1), 1000, nullptr));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraPrefetchForTest(g_gpu, 0));
   // Expand launched as a plain kernel, after the shrink finished.
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, false, true));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks no overlap", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
@@ -1355,7 +1349,6 @@ absl::Status ResetLoraKnobs() {
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkWarpsForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraPrefetchForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmSmsForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmFirstForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
@@ -1376,11 +1369,6 @@ absl::Status TimeLora() {
     }
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, s, r));
     std::printf("shrink shape %d rows %d\n", s, r);
-  }
-  // LORAPLEX_TIME_PREFETCH=MASK: SetLoraPrefetchForTest's L2 prefetches.
-  if (const char* mask = std::getenv("LORAPLEX_TIME_PREFETCH"); mask != nullptr) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraPrefetchForTest(g_gpu, std::atoi(mask)));
-    std::printf("prefetch %d\n", std::atoi(mask));
   }
   LORAPLEX_ASSIGN_OR_RETURN(WeightPool pool, WeightPool::Create(size_t{2} << 30));
   struct Shape3 { const char* name; int in; std::vector<int> widths; };

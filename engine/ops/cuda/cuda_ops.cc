@@ -304,7 +304,6 @@ class CudaOps final : public Ops {
   }
 
   void set_lora_gemm_first(int min_slices) { lora_gemm_first_min_slices_ = min_slices; }
-  void set_lora_prefetch(int mask) { lora_prefetch_ = mask; }
   void set_lora_shrink_shape(int shape, int rows) {
     lora_shrink_shape_ = shape < 0 ? kLoraShrinkShape : shape;
     lora_shrink_rows_ = rows;
@@ -711,7 +710,6 @@ class CudaOps final : public Ops {
     const bool few = SegmentsBound(segments) <= kFewLoraSegments;
     p.shrink_shape = lora_shrink_shape_ == 1 && few ? 0 : lora_shrink_shape_;
     p.shrink_rows = lora_shrink_rows_;
-    p.prefetch_a_plain = (lora_prefetch_ & 1) != 0;
     return p;
   }
 
@@ -734,9 +732,7 @@ class CudaOps final : public Ops {
     const int64_t tiles = LoraExpandTiles(module.slice_offsets, module.num_slices, tw);
     const int64_t want = std::max<int64_t>(1, tiles) * std::max(1, segments.num_tokens);
     const int64_t cap = static_cast<int64_t>(num_sms_) * kLoraExpandBlocksPerSm;
-    LoraParams p = MakeLoraParams(segments, module, static_cast<int>(std::min(cap, want)));
-    p.prefetch_b = (lora_prefetch_ & 2) != 0;
-    return p;
+    return MakeLoraParams(segments, module, static_cast<int>(std::min(cap, want)));
   }
 
   absl::Status CheckLora(absl::string_view op, const LoraSegments& segments, const LoraModule& module,
@@ -802,7 +798,6 @@ class CudaOps final : public Ops {
   int lora_shrink_warps_ = 0;   // SetLoraShrinkWarpsForTest; 0: by in_features
   int lora_shrink_shape_ = kLoraShrinkShape;  // SetLoraShrinkShapeForTest (LoraParams::shrink_shape)
   int lora_shrink_rows_ = 0;    // SetLoraShrinkShapeForTest (LoraParams::shrink_rows)
-  int lora_prefetch_ = 0;       // SetLoraPrefetchForTest
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
@@ -978,13 +973,6 @@ absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows) {
     return Invalid("SetLoraShrinkShapeForTest", absl::StrCat("rows ", rows, " not 0, 4, 8 or 16"));
   }
   cuda->set_lora_shrink_shape(shape, rows);
-  return absl::OkStatus();
-}
-
-absl::Status SetLoraPrefetchForTest(Ops* ops, int mask) {
-  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraPrefetchForTest"));
-  if (mask < 0 || mask > 3) return Invalid("SetLoraPrefetchForTest", absl::StrCat("mask ", mask, " not 0..3"));
-  cuda->set_lora_prefetch(mask);
   return absl::OkStatus();
 }
 

@@ -69,10 +69,6 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
 // its segments are enough to fill a quarter of the grid. rows 4, 8 or 16; 0: the fewest that make
 // no more items than blocks. y gets the same bits either way. INVALID_ARGUMENT for other values.
 absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0);
-// An experiment (off by default): L2 prefetches at the start of each LoRA block, of the A rows of
-// the shrink's items (mask bit 1; the in-line chain always does) and of the B tiles of the
-// expand's items (bit 2). INVALID_ARGUMENT outside 0..3.
-absl::Status SetLoraPrefetchForTest(Ops* ops, int mask);
 // An experiment (off by default): GemmWithLora's GEMM uses the algorithms cuBLASLt chooses for
 // `sms` SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), leaving the rest to the LoRA side chain beside
 // it; 0 goes back to the executor's GEMM. Synchronizes; call it outside captures.

@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   const int row_groups = (live_rank + kRowItemRows - 1) / kRowItemRows;
   const int64_t items = static_cast<int64_t>(nseg) * S * groups * row_groups;
   const int K = p.in_features;
-  if (p.prefetch_a || p.prefetch_a_plain) {
+  if (p.prefetch_a) {
     // A thread an item of this block (the first token group's item: the others read the same rows).
     for (int64_t item = blockIdx.x + static_cast<int64_t>(threadIdx.x) * gridDim.x; item < items;
          item += static_cast<int64_t>(blockDim.x) * gridDim.x) {
@@ -429,34 +429,6 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
   }
 }
 
-// An expand work item's place: segment, slice, first column of its tile and token split.
-struct ExpandItemAt {
-  int seg, slice, n0, ts;
-};
-
-__device__ __forceinline__ ExpandItemAt ExpandItemOf(const LoraParams& p, int64_t item, int total_tiles,
-                                                     int token_splits, int tw) {
-  ExpandItemAt at;
-  at.ts = static_cast<int>(item % token_splits);
-  const int64_t rest = item / token_splits;
-  const int tile = static_cast<int>(rest % total_tiles);
-  at.seg = static_cast<int>(rest / total_tiles);
-  int slice = 0, slice_first_tile = 0, acc = 0;  // constant indices only (no local memory)
-#pragma unroll
-  for (int s = 0; s < kLoraMaxSlices; ++s) {
-    if (s < p.num_slices) {
-      if (tile >= acc) {
-        slice = s;
-        slice_first_tile = acc;
-      }
-      acc += (p.slice_offsets[s + 1] - p.slice_offsets[s] + tw - 1) / tw;
-    }
-  }
-  at.slice = slice;
-  at.n0 = (tile - slice_first_tile) * tw;
-  return at;
-}
-
 __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     LoraExpandKernel(LoraParams p, const float* __restrict__ y, bf16* __restrict__ out) {
   __shared__ __align__(16) float y_s[kLoraMaxRank];
@@ -479,34 +451,31 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     total_tiles = LoraExpandTiles(p.slice_offsets, S, tw);
   }
   const int64_t items = static_cast<int64_t>(nseg) * total_tiles * token_splits;
-  if (p.prefetch_b) {
-    // A thread an item of this block (the first token split's: the others read the same B).
-    for (int64_t item = blockIdx.x + static_cast<int64_t>(threadIdx.x) * gridDim.x; item < items;
-         item += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-      const ExpandItemAt at = ExpandItemOf(p, item, total_tiles, token_splits, tw);
-      int begin, end;
-      LoraSliceWeightsDev w;
-      if (at.ts != 0 || !ResolveSegment(p, at.seg, at.slice, live_rank, &begin, &end, &w) || !IsAligned16(w.b)) {
-        continue;
-      }
-      const int width = p.slice_offsets[at.slice + 1] - p.slice_offsets[at.slice];
-      const int cols = min(tw, width - at.n0);
-      if (cols > 0) {
-        PrefetchL2(static_cast<const bf16*>(w.b) + static_cast<int64_t>(at.n0) * w.rank,
-                   static_cast<uint32_t>(cols) * w.rank * 2);
-      }
-    }
-  }
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const ExpandItemAt at = ExpandItemOf(p, item, total_tiles, token_splits, tw);
-    const int seg = at.seg, slice = at.slice, n0 = at.n0;
+    int64_t rest = item;
+    const int ts = static_cast<int>(rest % token_splits);
+    rest /= token_splits;
+    const int tile = static_cast<int>(rest % total_tiles);
+    const int seg = static_cast<int>(rest / total_tiles);
+    int slice = 0, slice_first_tile = 0, acc = 0;  // constant indices only (no local memory)
+#pragma unroll
+    for (int s = 0; s < kLoraMaxSlices; ++s) {
+      if (s < S) {
+        if (tile >= acc) {
+          slice = s;
+          slice_first_tile = acc;
+        }
+        acc += (p.slice_offsets[s + 1] - p.slice_offsets[s] + tw - 1) / tw;
+      }
+    }
     int begin, end;
     LoraSliceWeightsDev w;
     if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;
-    const int first = begin + at.ts;
+    const int first = begin + ts;
     if (first >= end) continue;
     const int width = p.slice_offsets[slice + 1] - p.slice_offsets[slice];
+    const int n0 = (tile - slice_first_tile) * tw;
     const int64_t y_col = static_cast<int64_t>(slice) * p.max_rank;
     const int64_t out_col = p.slice_offsets[slice];
     const int nv = IsAligned16(w.b) && w.rank % 8 == 0 ? w.rank / 8 : 0;

@@ -77,12 +77,6 @@ struct LoraParams {
   // before it; while that kernel finishes, each block resolves its items and asks the L2 for
   // their rows of A. It reads x and writes y and the delta marks only after that kernel completed.
   bool prefetch_a = false;
-  // Shrink only: the same L2 prefetch of A at the start of each block, launched plainly (the side
-  // chain: later items of a block then read A from the L2).
-  bool prefetch_a_plain = false;
-  // Expand only: each block first asks the L2 for the B tiles of all its items, so items after its
-  // first (and a rank-64 tile's later column passes) read B from the L2.
-  bool prefetch_b = false;
   // Expand only: launch it as a programmatic dependent of the kernel before it (the shrink), so
   // it reads the segment arrays, slot table and B while that kernel still runs, and y and out
   // only after it has finished.
