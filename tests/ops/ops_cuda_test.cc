@@ -771,36 +771,6 @@ absl::Status CheckShrinkShapesAgree(const std::string& name, LoraStep& st, const
   return absl::OkStatus();
 }
 
-// The expand's staged items (SetLoraExpandStagedForTest 1 and 2) give out the same bits as the
-// per-token ones (0): same sums in the same order. In place and in delta mode is the same code.
-absl::Status CheckExpandStagedAgree(const std::string& name, LoraStep& st, const std::vector<int>& token_slots,
-                                    int max_len) {
-  LoraWorld& w = *st.world;
-  const int T = st.tokens, yw = w.num_slices * w.max_rank, W = w.width();
-  const Segs segs = BuildSegs(token_slots, max_len);
-  LORAPLEX_RETURN_IF_ERROR(st.dsegs->Write(segs, StepRankBound(w, segs)));
-  const std::vector<float> y = RandomVec(static_cast<size_t>(T) * yw, -1, 1);
-  LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(st.d_y.data(), y.data(), y.size() * 4));
-  const std::vector<float> base = RandomVec(static_cast<size_t>(T) * W, -1, 1);
-  const LoraModule dm = w.Module(true);
-  const LoraSegments ds = st.dsegs->View();
-  const TensorView gy = Gpu(st.d_y, DType::kF32, {T, yw}), gout = Gpu(st.d_out, DType::kBF16, {T, W});
-  std::vector<float> per_token;
-  for (int mode : {0, 1, 2}) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandStagedForTest(g_gpu, mode));
-    LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_out.data(), base));
-    LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraExpand(gy, ds, dm, gout));
-    LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(st.d_out.data(), static_cast<size_t>(T) * W));
-    if (mode == 0) {
-      per_token = std::move(got);
-      continue;
-    }
-    Compare(absl::StrCat(name, " staged ", mode, " segs=", segs.count()), got, per_token, 0.0,
-            std::vector<uint8_t>(per_token.size(), 0));
-  }
-  return cuda::SetLoraExpandStagedForTest(g_gpu, -1);
-}
-
 // GemmWithLora (the whole wrapped projection; the shrink forked onto a side stream or not, the
 // expand beside the GEMM into the delta buffer or in place after it, called directly or replayed
 // from a graph) against the CPU's Gemm + LoraShrink + LoraExpand; elements no adapter changes must
@@ -1083,17 +1053,6 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 1));
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 3));
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, down", st2, RandomTokenSlots(T2, 3, 0.1), 1));
-  // Staged expand items against per-token ones, bit for bit: ranks 8/16/64 (every register-held
-  // path), segments of 1-3 tokens (staged) and longer (not), blocks walking many items.
-  LORAPLEX_RETURN_IF_ERROR(CheckExpandStagedAgree("LoRA expand staged agrees, qkv", st, RandomTokenSlots(T, 6, 0.2), 3));
-  LORAPLEX_RETURN_IF_ERROR(CheckExpandStagedAgree("LoRA expand staged agrees, qkv", st, RandomTokenSlots(T, 6, 0.2), 1000));
-  LORAPLEX_RETURN_IF_ERROR(CheckExpandStagedAgree("LoRA expand staged agrees, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 2));
-  LORAPLEX_RETURN_IF_ERROR(CheckExpandStagedAgree("LoRA expand staged agrees, down", st2, RandomTokenSlots(T2, 3, 0.1), 4));
-  // Every register-held rank staged, against the CPU.
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandStagedForTest(g_gpu, 2));
-  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA qkv mixed ranks expand staged 2", st, RandomTokenSlots(T, 6, 0.2), 3, nullptr));
-  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks expand staged 2", st3, RandomTokenSlots(T3, 4, 0.05), 4, nullptr));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandStagedForTest(g_gpu, -1));
   // Expand launched as a plain kernel, after the shrink finished.
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, false, true));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks no overlap", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
@@ -1390,7 +1349,6 @@ absl::Status ResetLoraKnobs() {
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkWarpsForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandStagedForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmSmsForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmFirstForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));

@@ -304,7 +304,6 @@ class CudaOps final : public Ops {
   }
 
   void set_lora_gemm_first(int min_slices) { lora_gemm_first_min_slices_ = min_slices; }
-  void set_lora_expand_staged(int mode) { lora_expand_staged_ = mode; }
   void set_lora_shrink_shape(int shape, int rows) {
     lora_shrink_shape_ = shape < 0 ? kLoraShrinkShape : shape;
     lora_shrink_rows_ = rows;
@@ -787,7 +786,6 @@ class CudaOps final : public Ops {
     p.partials = static_cast<float*>(lora_partials_);
     p.num_blocks = num_blocks;
     p.overlap_shrink = lora_overlap_;
-    p.expand_staged = lora_expand_staged_;
     return p;
   }
 
@@ -800,7 +798,6 @@ class CudaOps final : public Ops {
   int lora_shrink_warps_ = 0;   // SetLoraShrinkWarpsForTest; 0: by in_features
   int lora_shrink_shape_ = kLoraShrinkShape;  // SetLoraShrinkShapeForTest (LoraParams::shrink_shape)
   int lora_shrink_rows_ = 0;    // SetLoraShrinkShapeForTest (LoraParams::shrink_rows)
-  int lora_expand_staged_ = 1;  // SetLoraExpandStagedForTest (LoraParams::expand_staged)
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
@@ -976,13 +973,6 @@ absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows) {
     return Invalid("SetLoraShrinkShapeForTest", absl::StrCat("rows ", rows, " not 0, 4, 8 or 16"));
   }
   cuda->set_lora_shrink_shape(shape, rows);
-  return absl::OkStatus();
-}
-
-absl::Status SetLoraExpandStagedForTest(Ops* ops, int mode) {
-  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraExpandStagedForTest"));
-  if (mode < -1 || mode > 2) return Invalid("SetLoraExpandStagedForTest", absl::StrCat("mode ", mode, " not -1..2"));
-  cuda->set_lora_expand_staged(mode < 0 ? 1 : mode);
   return absl::OkStatus();
 }
 

@@ -69,9 +69,6 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
 // its segments are enough to fill a quarter of the grid. rows 4, 8 or 16; 0: the fewest that make
 // no more items than blocks. y gets the same bits either way. INVALID_ARGUMENT for other values.
 absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0);
-// The decode expand's staged items (LoraParams::expand_staged): 1 (the default; -1 restores it)
-// for ranks of 32 and more, 2 for every register-held rank, 0 never. INVALID_ARGUMENT otherwise.
-absl::Status SetLoraExpandStagedForTest(Ops* ops, int mode);
 // An experiment (off by default): GemmWithLora's GEMM uses the algorithms cuBLASLt chooses for
 // `sms` SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), leaving the rest to the LoRA side chain beside
 // it; 0 goes back to the executor's GEMM. Synchronizes; call it outside captures.

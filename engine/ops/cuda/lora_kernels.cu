@@ -429,88 +429,9 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
   }
 }
 
-// ExpandItem for an item of at most kStagedTokens tokens and register-held B (NV > 0): y of all
-// its tokens is staged in shared memory once (one barrier, not two a token and column pass), and
-// the B of the tile's later column passes is asked of the L2 at the start (ranks 32 and 64 take 2
-// and 4 passes over a 1024-column tile; each waited on HBM before). Holding the next pass's B in
-// registers instead spilled at the 128-register cap. Same sums in the same order as ExpandItem:
-// the same bits.
-constexpr int kStagedTokens = 4;
-
-template <int NV>
-__device__ __forceinline__ void ExpandItemStaged(const LoraParams& p, const LoraSliceWeightsDev& w, int slice,
-                                                 int width, int n0, int tw, int first, int n_tok, int step,
-                                                 int64_t y_col, int64_t out_col, const float* __restrict__ y,
-                                                 bf16* __restrict__ out, float* y_s, int64_t* rows_s) {
-  static_assert(NV > 0);
-  constexpr int kCpt = 8 / NV < kExpandColumnsPerThread ? 8 / NV : kExpandColumnsPerThread;
-  const int r = w.rank;
-  const int64_t y_row = static_cast<int64_t>(p.num_slices) * p.max_rank;
-  const int64_t out_row = p.slice_offsets[p.num_slices];
-  const bf16* b = static_cast<const bf16*>(w.b);
-  auto load = [&](int c0, uint4 (&bv)[kCpt][NV], bool (&valid)[kCpt]) {
-#pragma unroll
-    for (int c = 0; c < kCpt; ++c) {
-      const int in_tile = threadIdx.x + (c0 + c) * kThreads;
-      const int n = n0 + in_tile;
-      valid[c] = c0 + c < kExpandColumnsPerThread && in_tile < tw && n < width;
-#pragma unroll
-      for (int v = 0; v < NV; ++v) {
-        bv[c][v] = valid[c] ? __ldg(reinterpret_cast<const uint4*>(b + static_cast<int64_t>(n) * r) + v)
-                            : make_uint4(0, 0, 0, 0);
-      }
-    }
-  };
-  uint4 bv[kCpt][NV];
-  bool valid[kCpt];
-  load(0, bv, valid);
-  if (threadIdx.x == 0 && IsAligned16(b)) {  // the later passes' columns: contiguous rows of B
-    const int later = min(tw, width - n0) - kCpt * kThreads;
-    if (later > 0) {
-      PrefetchL2(b + static_cast<int64_t>(n0 + kCpt * kThreads) * r, static_cast<uint32_t>(later) * r * 2);
-    }
-  }
-  WaitForPrecedingKernel();  // y (and out, the delta marks) are the preceding kernels' outputs
-  __syncthreads();           // the previous item's y_s and rows_s are no longer read
-  if (threadIdx.x < n_tok) {
-    const int64_t row = p.token_rows[first + threadIdx.x * step];
-    const bool skip = p.delta != nullptr && row >= p.delta_rows;  // outside the buffer
-    rows_s[threadIdx.x] = skip ? -1 : row;
-    if (!skip && p.delta_mask != nullptr) p.delta_mask[row * p.num_slices + slice] = 1;
-  }
-  for (int i = threadIdx.x; i < n_tok * r; i += kThreads) {
-    const int t = i / r, j = i % r;
-    const int64_t row = p.token_rows[first + t * step];
-    if (p.delta == nullptr || row < p.delta_rows) y_s[t * kLoraMaxRank + j] = y[row * y_row + y_col + j];
-  }
-  __syncthreads();
-  for (int c0 = 0; c0 < kExpandColumnsPerThread && c0 * kThreads < tw; c0 += kCpt) {
-    if (c0 > 0) load(c0, bv, valid);
-    for (int t = 0; t < n_tok; ++t) {
-      const int64_t row = rows_s[t];
-      if (row < 0) continue;
-#pragma unroll
-      for (int c = 0; c < kCpt; ++c) {
-        if (!valid[c]) continue;
-        const int n = n0 + threadIdx.x + (c0 + c) * kThreads;
-        float s = 0.0f;
-#pragma unroll
-        for (int v = 0; v < NV; ++v) s += Dot8(bv[c][v], y_s + t * kLoraMaxRank + 8 * v);
-        const int64_t at = row * out_row + out_col + n;
-        if (p.delta != nullptr) {
-          p.delta[at] = __fmul_rn(w.scale, s);
-        } else {
-          out[at] = ToBf16(ToFloat(out[at]) + __fmul_rn(w.scale, s));
-        }
-      }
-    }
-  }
-}
-
 __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     LoraExpandKernel(LoraParams p, const float* __restrict__ y, bf16* __restrict__ out) {
-  __shared__ __align__(16) float y_s[kStagedTokens * kLoraMaxRank];
-  __shared__ int64_t rows_s[kStagedTokens];
+  __shared__ __align__(16) float y_s[kLoraMaxRank];
   const int S = p.num_slices;
   int nseg, token_splits;
   LiveSegments(p, kMaxTokenSplits, &nseg, &token_splits);
@@ -558,24 +479,6 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     const int64_t y_col = static_cast<int64_t>(slice) * p.max_rank;
     const int64_t out_col = p.slice_offsets[slice];
     const int nv = IsAligned16(w.b) && w.rank % 8 == 0 ? w.rank / 8 : 0;
-    const int n_tok = (end - first + token_splits - 1) / token_splits;
-    if (n_tok <= kStagedTokens && (p.expand_staged == 2 ? nv > 0 : p.expand_staged == 1 && nv >= 4)) {
-      switch (nv) {  // the same in every thread of the block
-        case 1: ExpandItemStaged<1>(p, w, slice, width, n0, tw, first, n_tok, token_splits, y_col, out_col, y, out, y_s,
-                                    rows_s);
-          continue;
-        case 2: ExpandItemStaged<2>(p, w, slice, width, n0, tw, first, n_tok, token_splits, y_col, out_col, y, out, y_s,
-                                    rows_s);
-          continue;
-        case 4: ExpandItemStaged<4>(p, w, slice, width, n0, tw, first, n_tok, token_splits, y_col, out_col, y, out, y_s,
-                                    rows_s);
-          continue;
-        case 8: ExpandItemStaged<8>(p, w, slice, width, n0, tw, first, n_tok, token_splits, y_col, out_col, y, out, y_s,
-                                    rows_s);
-          continue;
-        default: break;
-      }
-    }
     switch (nv) {  // the ranks adapters use get register-held B rows; others the general path
       case 1: ExpandItem<1>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
         break;

@@ -81,10 +81,6 @@ struct LoraParams {
   // it reads the segment arrays, slot table and B while that kernel still runs, and y and out
   // only after it has finished.
   bool overlap_shrink = true;
-  // Expand only: items of at most 4 tokens stage their tokens' y once and load the next column
-  // pass's B while applying the current one (ExpandItemStaged). 1: for ranks of 32 and more
-  // (several passes over a tile); 2: every register-held rank; 0: never. The same bits either way.
-  int32_t expand_staged = 1;
   // Delta mode (GemmWithLora): the expand writes scale·y·Bᵀ into `delta` [delta_rows,
   // slice_offsets[num_slices]] F32 instead of adding it to out, and sets delta_mask[row, slice]
   // ([delta_rows, num_slices] bytes) for every (row, slice) it wrote; the shrink of the same module
