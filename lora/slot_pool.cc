@@ -5,6 +5,8 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "engine/core/status.h"
 #include "spdlog/spdlog.h"
 
@@ -56,6 +58,7 @@ struct SlotPool::Impl {
   std::vector<int32_t> table_ranks;
   int64_t tick = 0;
   int64_t uploads = 0;
+  int64_t upload_bytes = 0;  // weight bytes written by the current Upload
 
   static size_t ModuleIndex(int64_t layer, model::Proj p) {
     return static_cast<size_t>(layer) * model::kNumProj + static_cast<size_t>(p);
@@ -75,6 +78,7 @@ struct SlotPool::Impl {
   }
 
   absl::Status CopyWeights(std::byte* dst, const HostTensor& t) {
+    upload_bytes += static_cast<int64_t>(t.shape().NumElements()) * static_cast<int64_t>(elem);
     if (t.dtype() == dtype) return ops->CopyToDevice(dst, t.data(), t.NumBytes());
     const size_t count = static_cast<size_t>(t.shape().NumElements());
     std::vector<float> f(count);
@@ -87,6 +91,7 @@ struct SlotPool::Impl {
   // Writes `slot`'s weights and rewrites its entry in every table (rank 0 where `a` has no
   // module), so nothing of the slot's previous adapter stays reachable.
   absl::Status Upload(int32_t slot, const LoadedAdapter& a) {
+    upload_bytes = 0;
     auto* base = static_cast<std::byte*>(memory[slot].data());
     for (int64_t l = 0; l < spec.num_layers; ++l) {
       for (int w = 0; w < kNumWrappedLayers; ++w) {
@@ -238,9 +243,12 @@ absl::StatusOr<std::vector<int32_t>> SlotPool::EnsureResident(const std::vector<
       p.slots[slot] = Impl::Slot{};
       // While the upload runs (or after it failed) the entries mix both adapters' ranks.
       p.table_ranks[slot] = std::max(p.table_ranks[slot], a.max_module_rank);
+      const absl::Time start = absl::Now();
       LORAPLEX_RETURN_IF_ERROR(p.Upload(slot, a));
       p.table_ranks[slot] = a.max_module_rank;
-      spdlog::debug("adapter '{}' uploaded to slot {}", a.name, slot);
+      // The engine thread waits this long before the step runs (cold adapters' first-token time).
+      spdlog::info("adapter '{}' copied into slot {}: {:.1f} MB in {:.2f} ms", a.name, slot,
+                   static_cast<double>(p.upload_bytes) / 1e6, absl::ToDoubleMilliseconds(absl::Now() - start));
       p.slots[slot].uid = a.uid;
       p.slots[slot].name = a.name;
     }
