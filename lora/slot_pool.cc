@@ -58,7 +58,6 @@ struct SlotPool::Impl {
   std::vector<int32_t> table_ranks;
   int64_t tick = 0;
   int64_t uploads = 0;
-  int64_t upload_bytes = 0;  // weight bytes written by the current Upload
 
   static size_t ModuleIndex(int64_t layer, model::Proj p) {
     return static_cast<size_t>(layer) * model::kNumProj + static_cast<size_t>(p);
@@ -78,7 +77,6 @@ struct SlotPool::Impl {
   }
 
   absl::Status CopyWeights(std::byte* dst, const HostTensor& t) {
-    upload_bytes += static_cast<int64_t>(t.shape().NumElements()) * static_cast<int64_t>(elem);
     if (t.dtype() == dtype) return ops->CopyToDevice(dst, t.data(), t.NumBytes());
     const size_t count = static_cast<size_t>(t.shape().NumElements());
     std::vector<float> f(count);
@@ -89,9 +87,10 @@ struct SlotPool::Impl {
   }
 
   // Writes `slot`'s weights and rewrites its entry in every table (rank 0 where `a` has no
-  // module), so nothing of the slot's previous adapter stays reachable.
-  absl::Status Upload(int32_t slot, const LoadedAdapter& a) {
-    upload_bytes = 0;
+  // module), so nothing of the slot's previous adapter stays reachable. Returns the weight bytes
+  // written.
+  absl::StatusOr<int64_t> Upload(int32_t slot, const LoadedAdapter& a) {
+    int64_t bytes = 0;
     auto* base = static_cast<std::byte*>(memory[slot].data());
     for (int64_t l = 0; l < spec.num_layers; ++l) {
       for (int w = 0; w < kNumWrappedLayers; ++w) {
@@ -103,6 +102,7 @@ struct SlotPool::Impl {
           std::byte* region = base + region_offset[idx];
           LORAPLEX_RETURN_IF_ERROR(CopyWeights(region, m.a));
           LORAPLEX_RETURN_IF_ERROR(CopyWeights(region + b_offset[idx], m.b));
+          bytes += (m.a.shape().NumElements() + m.b.shape().NumElements()) * static_cast<int64_t>(elem);
           entries[s] = {region, region + b_offset[idx], m.rank, m.scale};
         }
         const size_t at = table_start[static_cast<size_t>(l) * kNumWrappedLayers + w] +
@@ -113,7 +113,7 @@ struct SlotPool::Impl {
       }
     }
     ++uploads;
-    return absl::OkStatus();
+    return bytes;
   }
 };
 
@@ -244,11 +244,11 @@ absl::StatusOr<std::vector<int32_t>> SlotPool::EnsureResident(const std::vector<
       // While the upload runs (or after it failed) the entries mix both adapters' ranks.
       p.table_ranks[slot] = std::max(p.table_ranks[slot], a.max_module_rank);
       const absl::Time start = absl::Now();
-      LORAPLEX_RETURN_IF_ERROR(p.Upload(slot, a));
+      LORAPLEX_ASSIGN_OR_RETURN(const int64_t bytes, p.Upload(slot, a));
       p.table_ranks[slot] = a.max_module_rank;
       // The engine thread waits this long before the step runs (cold adapters' first-token time).
       spdlog::info("adapter '{}' copied into slot {}: {:.1f} MB in {:.2f} ms", a.name, slot,
-                   static_cast<double>(p.upload_bytes) / 1e6, absl::ToDoubleMilliseconds(absl::Now() - start));
+                   static_cast<double>(bytes) / 1e6, absl::ToDoubleMilliseconds(absl::Now() - start));
       p.slots[slot].uid = a.uid;
       p.slots[slot].name = a.name;
     }
