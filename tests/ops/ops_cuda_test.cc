@@ -771,6 +771,37 @@ absl::Status CheckShrinkShapesAgree(const std::string& name, LoraStep& st, const
   return absl::OkStatus();
 }
 
+// The expand's pipelines (SetLoraExpandForTest 0: item by item; 2 and 3: streamed, with the
+// step's grid and with `small_grid` blocks that walk many items) give out the same bits: the same
+// sums in the same order for every column.
+absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const std::vector<int>& token_slots,
+                                    int max_len, int small_grid) {
+  LoraWorld& w = *st.world;
+  const int T = st.tokens, yw = w.num_slices * w.max_rank, W = w.width();
+  const Segs segs = BuildSegs(token_slots, max_len);
+  LORAPLEX_RETURN_IF_ERROR(st.dsegs->Write(segs, StepRankBound(w, segs)));
+  const std::vector<float> y_in = RandomVec(static_cast<size_t>(T) * yw, -1, 1, false);
+  const std::vector<float> base = RandomVec(static_cast<size_t>(T) * W, -1, 1);
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(st.d_y.data(), y_in.data(), y_in.size() * 4));
+  const LoraModule dm = w.Module(true);
+  const LoraSegments ds = st.dsegs->View();
+  const TensorView gy = Gpu(st.d_y, DType::kF32, {T, yw}), gout = Gpu(st.d_out, DType::kBF16, {T, W});
+  std::vector<float> item_by_item;
+  for (auto [stages, blocks] : std::vector<std::pair<int, int>>{{0, 0}, {2, 0}, {3, 0}, {2, small_grid}, {3, small_grid}}) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks));
+    LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_out.data(), base));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraExpand(gy, ds, dm, gout));
+    LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(st.d_out.data(), static_cast<size_t>(T) * W));
+    if (stages == 0) {
+      item_by_item = std::move(got);
+      continue;
+    }
+    Compare(absl::StrCat(name, " stages=", stages, " blocks=", blocks, " segs=", segs.count()), got, item_by_item, 0.0,
+            std::vector<uint8_t>(item_by_item.size(), 0));
+  }
+  return cuda::SetLoraExpandForTest(g_gpu, -1);
+}
+
 // GemmWithLora (the whole wrapped projection; the shrink forked onto a side stream or not, the
 // expand beside the GEMM into the delta buffer or in place after it, called directly or replayed
 // from a graph) against the CPU's Gemm + LoraShrink + LoraExpand; elements no adapter changes must
@@ -1053,9 +1084,33 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 1));
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 3));
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, down", st2, RandomTokenSlots(T2, 3, 0.1), 1));
-  // Expand launched as a plain kernel, after the shrink finished.
+  // The streamed expand (SetLoraExpandForTest): 2 and 3 stages, the step's grid and 5 blocks (each
+  // walks hundreds of items, so its ring of resolved items refills many times), on one-token, short
+  // and long segments (tokens past a stage's 4 loaded as it goes), odd ranks (12, 24, 40 and 128:
+  // element-wise tiles) and K = 14336; against the CPU and bit for bit against the item-by-item
+  // expand.
+  for (auto [stages, blocks] : std::vector<std::pair<int, int>>{{2, 0}, {3, 0}, {3, 5}, {2, 7}}) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks));
+    const std::string n = absl::StrCat("LoRA odd ranks expand stages ", stages, " blocks ", blocks);
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " one-token segments", st3, RandomTokenSlots(T3, 4, 0.05), 1, nullptr));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " short segments", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " long segments", st3, RandomTokenSlots(T3, 4, 0.05), 1000, nullptr));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA down expand stages ", stages, " blocks ", blocks), st2,
+                                           RandomTokenSlots(T2, 3, 0.1), 2, nullptr));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA qkv expand stages ", stages, " blocks ", blocks), st,
+                                           RandomTokenSlots(T, 6, 0.2), 1, nullptr));
+  }
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, -1));
+  LORAPLEX_RETURN_IF_ERROR(CheckExpandStagesAgree("LoRA expand stages agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 1, 5));
+  LORAPLEX_RETURN_IF_ERROR(CheckExpandStagesAgree("LoRA expand stages agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 1000, 3));
+  LORAPLEX_RETURN_IF_ERROR(CheckExpandStagesAgree("LoRA expand stages agree, qkv", st, RandomTokenSlots(T, 6, 0.2), 2, 5));
+  LORAPLEX_RETURN_IF_ERROR(CheckExpandStagesAgree("LoRA expand stages agree, down", st2, RandomTokenSlots(T2, 3, 0.1), 1, 5));
+  // Expand launched as a plain kernel, after the shrink finished (both pipelines).
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, false, true));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks no overlap", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, 3));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks no overlap stages 3", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 256));
 
@@ -1121,6 +1176,20 @@ absl::Status LoraTests() {
     LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters] qkv", *world, T, true, graph, 4, false, 4));
   }
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters] down", *down, 40, true, true, 3, false, 2));
+  // The streamed expand into the delta buffer (beside the GEMM and in line), eager and replayed.
+  for (int stages : {2, 3}) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages));
+    const std::string n = absl::StrCat("GemmWithLora[expand stages ", stages, "]");
+    for (bool graph : {false, true}) {
+      LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora(n + " qkv", *world, T, true, graph, 4));
+    }
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora(n + " down", *down, 40, true, true, 3));
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora(n + " odd ranks", *odd, 160, true, true, 4));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, 0));
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora(n + "[in line] qkv", *world, T, true, true, 4));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
+  }
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, -1));
 
   // The tensor-core kernels (steps of >= 256 tokens by default, so T3 above already ran them),
   // forced for every step size: many 1-token segments, mixed and odd ranks (12, 24, 40: B rows
@@ -1349,6 +1418,7 @@ absl::Status ResetLoraKnobs() {
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkWarpsForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmSmsForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmFirstForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
@@ -1369,6 +1439,11 @@ absl::Status TimeLora() {
     }
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, s, r));
     std::printf("shrink shape %d rows %d\n", s, r);
+  }
+  // LORAPLEX_TIME_EXPAND_STAGES=N: time the expand's pipeline SetLoraExpandForTest gives.
+  if (const char* stages = std::getenv("LORAPLEX_TIME_EXPAND_STAGES"); stages != nullptr) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, std::atoi(stages)));
+    std::printf("expand stages %d\n", std::atoi(stages));
   }
   LORAPLEX_ASSIGN_OR_RETURN(WeightPool pool, WeightPool::Create(size_t{2} << 30));
   struct Shape3 { const char* name; int in; std::vector<int> widths; };

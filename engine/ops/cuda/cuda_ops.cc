@@ -66,6 +66,8 @@ constexpr int kLoraInlineMinSegments = 64;
 // segments hold one token (32-128 distinct adapters at one token each: bench/RESULTS.md, seventh
 // session).
 constexpr int kLoraShrinkShape = 1;
+// The decode expand's pipeline (LoraParams::expand_stages): 0 item by item, 2 or 3 streamed.
+constexpr int kLoraExpandStages = 0;
 // Steps of at most kFewLoraSegments segments (ops.h; the model's few-adapter graphs) and at least
 // kLoraFewMinTokens tokens run GemmWithLora's GEMM as cuBLASLt chooses it for 2/3 of the SMs, with
 // the shrink beside it on at most kLoraFewShrinkBlocks blocks, so the side chain's blocks keep SMs
@@ -307,6 +309,10 @@ class CudaOps final : public Ops {
   void set_lora_shrink_shape(int shape, int rows) {
     lora_shrink_shape_ = shape < 0 ? kLoraShrinkShape : shape;
     lora_shrink_rows_ = rows;
+  }
+  void set_lora_expand(int stages, int blocks) {
+    lora_expand_stages_ = stages < 0 ? kLoraExpandStages : stages;
+    lora_expand_blocks_ = blocks;
   }
   void set_lora_inline(int min_segments) {
     lora_inline_min_segments_ = min_segments < 0 ? kLoraInlineMinSegments : min_segments;
@@ -731,8 +737,11 @@ class CudaOps final : public Ops {
     const int tw = LoraExpandTileWidth(module.max_rank);  // the narrowest tiles a step can have
     const int64_t tiles = LoraExpandTiles(module.slice_offsets, module.num_slices, tw);
     const int64_t want = std::max<int64_t>(1, tiles) * std::max(1, segments.num_tokens);
-    const int64_t cap = static_cast<int64_t>(num_sms_) * kLoraExpandBlocksPerSm;
-    return MakeLoraParams(segments, module, static_cast<int>(std::min(cap, want)));
+    int64_t cap = static_cast<int64_t>(num_sms_) * kLoraExpandBlocksPerSm;
+    if (lora_expand_blocks_ > 0) cap = std::min<int64_t>(cap, lora_expand_blocks_);
+    LoraParams p = MakeLoraParams(segments, module, static_cast<int>(std::min(cap, want)));
+    p.expand_stages = lora_expand_stages_;
+    return p;
   }
 
   absl::Status CheckLora(absl::string_view op, const LoraSegments& segments, const LoraModule& module,
@@ -798,6 +807,8 @@ class CudaOps final : public Ops {
   int lora_shrink_warps_ = 0;   // SetLoraShrinkWarpsForTest; 0: by in_features
   int lora_shrink_shape_ = kLoraShrinkShape;  // SetLoraShrinkShapeForTest (LoraParams::shrink_shape)
   int lora_shrink_rows_ = 0;    // SetLoraShrinkShapeForTest (LoraParams::shrink_rows)
+  int lora_expand_stages_ = kLoraExpandStages;  // SetLoraExpandForTest (LoraParams::expand_stages)
+  int lora_expand_blocks_ = 0;  // SetLoraExpandForTest: a cap on the expand's grid (0: none)
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
@@ -973,6 +984,16 @@ absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows) {
     return Invalid("SetLoraShrinkShapeForTest", absl::StrCat("rows ", rows, " not 0, 4, 8 or 16"));
   }
   cuda->set_lora_shrink_shape(shape, rows);
+  return absl::OkStatus();
+}
+
+absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraExpandForTest"));
+  if (stages < -1 || stages == 1 || stages > 3) {
+    return Invalid("SetLoraExpandForTest", absl::StrCat("stages ", stages, " not -1, 0, 2 or 3"));
+  }
+  if (blocks < 0) return Invalid("SetLoraExpandForTest", absl::StrCat("blocks ", blocks, " < 0"));
+  cuda->set_lora_expand(stages, blocks);
   return absl::OkStatus();
 }
 

@@ -69,6 +69,12 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
 // its segments are enough to fill a quarter of the grid. rows 4, 8 or 16; 0: the fewest that make
 // no more items than blocks. y gets the same bits either way. INVALID_ARGUMENT for other values.
 absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0);
+// The decode expand's pipeline: 0 takes a block's items one after another; 2 or 3 streams them,
+// keeping that many items' B tiles and y in shared memory and copying the next while it
+// multiplies the current (LoraParams::expand_stages); -1 restores the default. blocks > 0 caps
+// the expand's grid (tests: blocks then walk many items); 0 sizes it to the step. The same bits
+// either way. INVALID_ARGUMENT for other values.
+absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0);
 // An experiment (off by default): GemmWithLora's GEMM uses the algorithms cuBLASLt chooses for
 // `sms` SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), leaving the rest to the LoRA side chain beside
 // it; 0 goes back to the executor's GEMM. Synchronizes; call it outside captures.

@@ -502,6 +502,268 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
   if (blockIdx.x == 0) WaitForPrecedingKernel();
 }
 
+// The streamed expand (LoraParams::expand_stages): the same items as LoraExpandKernel's at the
+// narrow tile width (an item's B is at most kStreamStageB bytes), but a block keeps kStages of
+// them in flight: while it multiplies item i, the copies of items i+1 .. i+kStages-1 (their B
+// tile, contiguous in memory, and their tokens' y) run as cp.async into shared memory. A block
+// that walks several items (gate_up with 32 adapters, mixed ranks) then keeps HBM busy instead of
+// waiting for each item's B and y in turn. Items are resolved (segment, slot, tokens) a warp's
+// worth at a time into a ring in shared memory, with the items that have nothing to do left out.
+// Every column sums its B row in the same order as ExpandItem (the same Dot8 partials for ranks
+// 8, 16, 32 and 64, element by element for others), so out and the delta get the same bits.
+constexpr int kStreamTokens = 4;                         // tokens whose y a stage holds
+constexpr int kStreamStageB = 32768;                     // bytes of B a stage holds
+constexpr int kStreamStageY = kStreamTokens * kLoraMaxRank;  // floats of y a stage holds
+constexpr int kStreamRing = 64;                          // resolved items a block keeps
+static_assert(kLoraExpandTile * 16 * 2 <= kStreamStageB, "a tile of rank <= 16 fits a stage");
+static_assert(kStreamRing >= 2 * kWarpSize, "a resolve round must not overwrite items in flight");
+
+struct StreamItem {
+  const bf16* b;  // the tile's first B row (B + n0·rank)
+  float scale;
+  int32_t rank, slice, first, end, n0, cols;
+  int32_t rows[kStreamTokens];  // rows of the first kStreamTokens tokens (first, first + step, ...); -1 past end
+};
+
+// A B row's 16-byte vector v is stored at v ^ StreamSwizzle(n, NV) within its row in shared
+// memory, so the 8 lanes of a quarter warp reading vector v of 8 consecutive columns hit 8
+// different bank groups (rows of 32-256 bytes would otherwise share them). n is the column in the
+// slice, so the order of the sums never depends on the tiling.
+__device__ __forceinline__ int StreamSwizzle(int n, int nv) {
+  return nv >= 8 ? (n & 7) : ((n * nv) >> 3) & (nv - 1);
+}
+
+// Whether an item's tile was copied as 16-byte vectors into its swizzled place (else element by
+// element, in order) and is read as Dot8 vectors. The same answer at copy and at use.
+__device__ __forceinline__ bool StreamVectorTile(const StreamItem& it) {
+  const int nv = it.rank / 8;
+  return it.rank % 8 == 0 && (nv == 1 || nv == 2 || nv == 4 || nv == 8) && IsAligned16(it.b);
+}
+
+// Resolves the block's next kWarpSize raw items (item = blockIdx.x + k·gridDim.x for k from
+// *raw) and appends those with work to the ring. Every warp runs it (the same loads, the same
+// answer: every thread keeps *tail and *raw in registers); warp 0 writes the ring.
+__device__ __forceinline__ void StreamResolve(const LoraParams& p, int tw, int total_tiles, int token_splits,
+                                              int live_rank, int64_t items, StreamItem* ring, int* tail,
+                                              int64_t* raw) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t item = blockIdx.x + (*raw + lane) * static_cast<int64_t>(gridDim.x);
+  StreamItem it;
+  bool valid = false;
+  if (item < items) {
+    int64_t rest = item;
+    const int ts = static_cast<int>(rest % token_splits);
+    rest /= token_splits;
+    const int tile = static_cast<int>(rest % total_tiles);
+    const int seg = static_cast<int>(rest / total_tiles);
+    int slice = 0, slice_first_tile = 0, acc = 0;
+#pragma unroll
+    for (int s = 0; s < kLoraMaxSlices; ++s) {
+      if (s < p.num_slices) {
+        if (tile >= acc) {
+          slice = s;
+          slice_first_tile = acc;
+        }
+        acc += (p.slice_offsets[s + 1] - p.slice_offsets[s] + tw - 1) / tw;
+      }
+    }
+    int begin, end;
+    LoraSliceWeightsDev w;
+    if (ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w) && begin + ts < end) {
+      valid = true;
+      it.n0 = (tile - slice_first_tile) * tw;
+      it.cols = min(tw, p.slice_offsets[slice + 1] - p.slice_offsets[slice] - it.n0);
+      it.b = static_cast<const bf16*>(w.b) + static_cast<int64_t>(it.n0) * w.rank;
+      it.scale = w.scale;
+      it.rank = w.rank;
+      it.slice = slice;
+      it.first = begin + ts;
+      it.end = end;
+#pragma unroll
+      for (int t = 0; t < kStreamTokens; ++t) {
+        const int idx = it.first + t * token_splits;
+        it.rows[t] = idx < end ? p.token_rows[idx] : -1;
+      }
+    }
+  }
+  const unsigned ballot = __ballot_sync(0xffffffffu, valid);
+  if (valid && threadIdx.x < kWarpSize) {
+    ring[(*tail + __popc(ballot & ((1u << lane) - 1u))) % kStreamRing] = it;
+  }
+  *tail += __popc(ballot);
+  *raw += kWarpSize;
+}
+
+// Whether a token row takes part (delta mode writes only rows inside the buffer).
+__device__ __forceinline__ bool StreamRowLive(const LoraParams& p, int row) {
+  return row >= 0 && (p.delta == nullptr || row < p.delta_rows);
+}
+
+// Starts the copy of an item's B tile into `b_s` (cp.async; element by element and synchronous
+// when the tile is not 16-byte aligned).
+__device__ __forceinline__ void StreamCopyB(const StreamItem& it, unsigned char* b_s) {
+  const int64_t elems = static_cast<int64_t>(it.cols) * it.rank;
+  if (StreamVectorTile(it)) {
+    const int nv = it.rank / 8;
+    const int shift = __ffs(nv) - 1;
+    const int chunks = static_cast<int>(elems / 8);
+    for (int c = threadIdx.x; c < chunks; c += kThreads) {
+      const int n = c >> shift, v = c & (nv - 1);
+      CpAsync16(b_s + 16 * ((n << shift) + (v ^ StreamSwizzle(it.n0 + n, nv))), it.b + 8 * static_cast<int64_t>(c));
+    }
+  } else {
+    bf16* dst = reinterpret_cast<bf16*>(b_s);
+    for (int64_t e = threadIdx.x; e < elems; e += kThreads) dst[e] = it.b[e];
+  }
+}
+
+// Starts the copy of the item's first kStreamTokens tokens' y into `y_s` (rows of kLoraMaxRank).
+__device__ __forceinline__ void StreamCopyY(const LoraParams& p, const StreamItem& it, const float* __restrict__ y,
+                                            float* y_s) {
+  const int64_t y_row = static_cast<int64_t>(p.num_slices) * p.max_rank;
+  const int64_t y_col = static_cast<int64_t>(it.slice) * p.max_rank;
+  for (int e = threadIdx.x; e < kStreamTokens * it.rank; e += kThreads) {
+    const int t = e / it.rank, j = e - t * it.rank;
+    const int row = it.rows[t];
+    if (StreamRowLive(p, row)) CpAsync4(y_s + t * kLoraMaxRank + j, y + row * y_row + y_col + j);
+  }
+}
+
+// Multiplies one item whose B tile and first tokens' y are in shared memory; tokens past the
+// first kStreamTokens are loaded into y_s here (all threads take part: the calls contain
+// __syncthreads, and the same count of them in every thread).
+__device__ __forceinline__ void StreamMultiply(const LoraParams& p, const StreamItem& it, int step,
+                                              const unsigned char* b_s, float* y_s, const float* __restrict__ y,
+                                              bf16* __restrict__ out) {
+  const int64_t out_row = p.slice_offsets[p.num_slices];
+  const int64_t out_col = p.slice_offsets[it.slice];
+  const int ntok = (it.end - it.first + step - 1) / step;
+  const bool vec = StreamVectorTile(it);
+  const int nv = it.rank / 8;
+  for (int c0 = 0; c0 < ntok; c0 += kStreamTokens) {
+    int rows[kStreamTokens];
+#pragma unroll
+    for (int t = 0; t < kStreamTokens; ++t) rows[t] = it.rows[t];
+    if (c0 > 0) {  // later tokens of a long item: y loaded here (rare in decode)
+      const int64_t y_row = static_cast<int64_t>(p.num_slices) * p.max_rank;
+      const int64_t y_col = static_cast<int64_t>(it.slice) * p.max_rank;
+#pragma unroll
+      for (int t = 0; t < kStreamTokens; ++t) {
+        const int idx = it.first + (c0 + t) * step;
+        rows[t] = idx < it.end ? p.token_rows[idx] : -1;
+      }
+      __syncthreads();  // the previous tokens' y is no longer read
+      for (int e = threadIdx.x; e < kStreamTokens * it.rank; e += kThreads) {
+        const int t = e / it.rank, j = e - t * it.rank;
+        int row = rows[0];  // rows[t] with constant indices (no local memory)
+#pragma unroll
+        for (int tt = 1; tt < kStreamTokens; ++tt) row = tt == t ? rows[tt] : row;
+        if (StreamRowLive(p, row)) y_s[t * kLoraMaxRank + j] = y[row * y_row + y_col + j];
+      }
+      __syncthreads();
+    }
+    if (p.delta_mask != nullptr && threadIdx.x == 0) {
+#pragma unroll
+      for (int t = 0; t < kStreamTokens; ++t) {
+        if (StreamRowLive(p, rows[t])) p.delta_mask[static_cast<int64_t>(rows[t]) * p.num_slices + it.slice] = 1;
+      }
+    }
+    for (int nl = threadIdx.x; nl < it.cols; nl += kThreads) {
+      float acc[kStreamTokens] = {};
+      if (vec) {
+        const int swz = StreamSwizzle(it.n0 + nl, nv);
+        const uint4* row_s = reinterpret_cast<const uint4*>(b_s) + nl * nv;
+        for (int v = 0; v < nv; ++v) {
+          const uint4 bv = row_s[v ^ swz];
+#pragma unroll
+          for (int t = 0; t < kStreamTokens; ++t) acc[t] += Dot8(bv, y_s + t * kLoraMaxRank + 8 * v);
+        }
+      } else {
+        const bf16* row_s = reinterpret_cast<const bf16*>(b_s) + static_cast<int64_t>(nl) * it.rank;
+        for (int j = 0; j < it.rank; ++j) {
+          const float bj = ToFloat(row_s[j]);
+#pragma unroll
+          for (int t = 0; t < kStreamTokens; ++t) acc[t] += bj * y_s[t * kLoraMaxRank + j];
+        }
+      }
+      const int n = it.n0 + nl;
+#pragma unroll
+      for (int t = 0; t < kStreamTokens; ++t) {
+        if (!StreamRowLive(p, rows[t])) continue;
+        const int64_t at = static_cast<int64_t>(rows[t]) * out_row + out_col + n;
+        // As ExpandItem: the product rounded on its own in both modes.
+        if (p.delta != nullptr) {
+          p.delta[at] = __fmul_rn(it.scale, acc[t]);
+        } else {
+          out[at] = ToBf16(ToFloat(out[at]) + __fmul_rn(it.scale, acc[t]));
+        }
+      }
+    }
+  }
+}
+
+template <int kStages>
+__host__ __device__ constexpr int StreamSmemBytes() {
+  return kStages * (kStreamStageB + kStreamStageY * static_cast<int>(sizeof(float)));
+}
+
+template <int kStages>
+__global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
+    LoraExpandStreamKernel(LoraParams p, const float* __restrict__ y, bf16* __restrict__ out) {
+  static_assert(kStages >= 2);
+  extern __shared__ __align__(16) unsigned char stream_smem[];
+  __shared__ StreamItem ring[kStreamRing];
+  unsigned char* b_stage = stream_smem;
+  float* y_stage = reinterpret_cast<float*>(stream_smem + kStages * kStreamStageB);
+  int nseg, token_splits;
+  LiveSegments(p, kMaxTokenSplits, &nseg, &token_splits);
+  const int live_rank = LiveMaxRank(p);
+  const int tw = LoraExpandTileWidth(live_rank);
+  const int total_tiles = LoraExpandTiles(p.slice_offsets, p.num_slices, tw);
+  const int64_t items = static_cast<int64_t>(nseg) * total_tiles * token_splits;
+  const int64_t raw_count = items > blockIdx.x ? (items - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  int tail = 0;  // items resolved into the ring (identical in every thread)
+  int64_t raw = 0;
+  while (tail < kStages && raw < raw_count) {
+    StreamResolve(p, tw, total_tiles, token_splits, live_rank, items, ring, &tail, &raw);
+  }
+  if (tail == 0) {  // nothing to do; see LoraExpandKernel's end
+    if (blockIdx.x == 0) WaitForPrecedingKernel();
+    return;
+  }
+  __syncthreads();  // the ring
+  // B while the shrink still runs (PDL); y only after it has finished.
+#pragma unroll
+  for (int s = 0; s + 1 < kStages; ++s) {
+    if (s < tail) StreamCopyB(ring[s], b_stage + s * kStreamStageB);
+  }
+  WaitForPrecedingKernel();
+#pragma unroll
+  for (int s = 0; s + 1 < kStages; ++s) {
+    if (s < tail) StreamCopyY(p, ring[s], y, y_stage + s * kStreamStageY);
+    CpAsyncCommit();
+  }
+  for (int i = 0; i < tail; ++i) {
+    CpAsyncWait<kStages - 2>();  // this thread's copies of item i have landed
+    __syncthreads();             // everyone's; and item i-1's stage is no longer read
+    const int next = i + kStages - 1;
+    if (next < tail) {
+      const int st = next % kStages;
+      StreamCopyB(ring[next % kStreamRing], b_stage + st * kStreamStageB);
+      StreamCopyY(p, ring[next % kStreamRing], y, y_stage + st * kStreamStageY);
+    }
+    CpAsyncCommit();  // possibly empty: one group an iteration keeps the wait's count right
+    const int st = i % kStages;
+    StreamMultiply(p, ring[i % kStreamRing], token_splits, b_stage + st * kStreamStageB, y_stage + st * kStreamStageY,
+                   y, out);
+    // Keep the item the next iteration starts copying resolved (the ring holds items i..tail-1,
+    // fewer than kStages + kWarpSize, so a round does not overwrite any in flight).
+    while (tail <= i + kStages && raw < raw_count) {
+      StreamResolve(p, tw, total_tiles, token_splits, live_rank, items, ring, &tail, &raw);
+    }
+  }
+}
+
 }  // namespace
 
 LoraDeltaView LoraDeltaOf(const LoraParams& p) {
@@ -539,11 +801,32 @@ cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaS
                                             stream, p, xb, y);
 }
 
+namespace {
+template <int kStages>
+cudaError_t LaunchLoraExpandStream(const LoraParams& p, const float* y, void* out, cudaStream_t stream) {
+  constexpr int kSmem = StreamSmemBytes<kStages>();
+  // More than the default 48 KB of dynamic shared memory, once per build of the kernel.
+  static const cudaError_t attribute = [] {
+    const cudaError_t err =
+        cudaFuncSetAttribute(LoraExpandStreamKernel<kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+    return cudaFuncSetAttribute(LoraExpandStreamKernel<kStages>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                static_cast<int>(cudaSharedmemCarveoutMaxShared));
+  }();
+  if (attribute != cudaSuccess) return attribute;
+  return LaunchMaybeDependent(p.overlap_shrink, LoraExpandStreamKernel<kStages>, dim3(p.num_blocks), dim3(kThreads),
+                              kSmem, stream, p, y, static_cast<bf16*>(out));
+}
+}  // namespace
+
 cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cudaStream_t stream) {
   if (p.max_segments == 0 || p.num_slices == 0 || p.num_blocks <= 0 || p.slice_offsets[p.num_slices] == 0) {
     return cudaSuccess;
   }
   // As a programmatic dependent of the shrink: the expand loads B while the shrink still runs.
+  if (p.expand_stages == 2 || p.expand_stages == 3) {
+    return p.expand_stages == 2 ? LaunchLoraExpandStream<2>(p, y, out, stream) : LaunchLoraExpandStream<3>(p, y, out, stream);
+  }
   return LaunchMaybeDependent(p.overlap_shrink, LoraExpandKernel, dim3(p.num_blocks), dim3(kThreads), 0, stream, p, y,
                               static_cast<bf16*>(out));
 }

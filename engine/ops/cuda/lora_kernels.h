@@ -81,6 +81,11 @@ struct LoraParams {
   // it reads the segment arrays, slot table and B while that kernel still runs, and y and out
   // only after it has finished.
   bool overlap_shrink = true;
+  // Expand only: 0 runs each block's items one after another, holding an item's B in registers
+  // while it waits for y; 2 or 3 streams them (LoraExpandStreamKernel): each block keeps this many
+  // items' tiles of B and their y in shared memory, copying the next ones (cp.async) while it
+  // multiplies the current one. The same out or delta bits either way.
+  int32_t expand_stages = 0;
   // Delta mode (GemmWithLora): the expand writes scale·y·Bᵀ into `delta` [delta_rows,
   // slice_offsets[num_slices]] F32 instead of adding it to out, and sets delta_mask[row, slice]
   // ([delta_rows, num_slices] bytes) for every (row, slice) it wrote; the shrink of the same module
