@@ -787,16 +787,21 @@ absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const
   const LoraSegments ds = st.dsegs->View();
   const TensorView gy = Gpu(st.d_y, DType::kF32, {T, yw}), gout = Gpu(st.d_out, DType::kBF16, {T, W});
   std::vector<float> item_by_item;
-  for (auto [stages, blocks] : std::vector<std::pair<int, int>>{{0, 0}, {2, 0}, {3, 0}, {2, small_grid}, {3, small_grid}}) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks));
+  struct Setting { int stages, blocks, stream_min; bool narrow; };
+  for (const Setting& c : std::vector<Setting>{{0, 0, -1, false}, {0, 0, -1, true}, {2, 0, 0, false}, {3, 0, 0, false},
+                                               {2, small_grid, 0, false}, {3, small_grid, 0, false}, {3, 0, 2, false}}) {
+    const int stages = c.stages, blocks = c.blocks;
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks, c.stream_min, c.narrow));
     LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_out.data(), base));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraExpand(gy, ds, dm, gout));
     LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(st.d_out.data(), static_cast<size_t>(T) * W));
-    if (stages == 0) {
+    if (item_by_item.empty()) {
       item_by_item = std::move(got);
       continue;
     }
-    Compare(absl::StrCat(name, " stages=", stages, " blocks=", blocks, " segs=", segs.count()), got, item_by_item, 0.0,
+    Compare(absl::StrCat(name, " stages=", stages, " blocks=", blocks, " stream_min=", c.stream_min,
+                         c.narrow ? " narrow" : "", " segs=", segs.count()),
+            got, item_by_item, 0.0,
             std::vector<uint8_t>(item_by_item.size(), 0));
   }
   return cuda::SetLoraExpandForTest(g_gpu, -1);
@@ -1090,7 +1095,7 @@ absl::Status LoraTests() {
   // element-wise tiles) and K = 14336; against the CPU and bit for bit against the item-by-item
   // expand.
   for (auto [stages, blocks] : std::vector<std::pair<int, int>>{{2, 0}, {3, 0}, {3, 5}, {2, 7}}) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks, /*stream_min=*/0));
     const std::string n = absl::StrCat("LoRA odd ranks expand stages ", stages, " blocks ", blocks);
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " one-token segments", st3, RandomTokenSlots(T3, 4, 0.05), 1, nullptr));
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " short segments", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
@@ -1108,7 +1113,7 @@ absl::Status LoraTests() {
   // Expand launched as a plain kernel, after the shrink finished (both pipelines).
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, false, true));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks no overlap", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, 3));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, 3, 0, 0));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks no overlap stages 3", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
@@ -1178,7 +1183,7 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters] down", *down, 40, true, true, 3, false, 2));
   // The streamed expand into the delta buffer (beside the GEMM and in line), eager and replayed.
   for (int stages : {2, 3}) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, 0, /*stream_min=*/0));
     const std::string n = absl::StrCat("GemmWithLora[expand stages ", stages, "]");
     for (bool graph : {false, true}) {
       LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora(n + " qkv", *world, T, true, graph, 4));
@@ -1440,10 +1445,14 @@ absl::Status TimeLora() {
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, s, r));
     std::printf("shrink shape %d rows %d\n", s, r);
   }
-  // LORAPLEX_TIME_EXPAND_STAGES=N: time the expand's pipeline SetLoraExpandForTest gives.
-  if (const char* stages = std::getenv("LORAPLEX_TIME_EXPAND_STAGES"); stages != nullptr) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, std::atoi(stages)));
-    std::printf("expand stages %d\n", std::atoi(stages));
+  // LORAPLEX_TIME_EXPAND=STAGES,STREAM_MIN,NARROW: time the expand SetLoraExpandForTest gives.
+  if (const char* expand = std::getenv("LORAPLEX_TIME_EXPAND"); expand != nullptr) {
+    int stages = 0, stream_min = 0, narrow = 0;
+    if (std::sscanf(expand, "%d,%d,%d", &stages, &stream_min, &narrow) != 3) {
+      return absl::InvalidArgumentError(absl::StrCat("LORAPLEX_TIME_EXPAND '", expand, "' is not STAGES,STREAM_MIN,NARROW"));
+    }
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, 0, stream_min, narrow != 0));
+    std::printf("expand stages %d stream_min %d narrow %d\n", stages, stream_min, narrow);
   }
   LORAPLEX_ASSIGN_OR_RETURN(WeightPool pool, WeightPool::Create(size_t{2} << 30));
   struct Shape3 { const char* name; int in; std::vector<int> widths; };

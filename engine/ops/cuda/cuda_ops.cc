@@ -68,6 +68,8 @@ constexpr int kLoraInlineMinSegments = 64;
 constexpr int kLoraShrinkShape = 1;
 // The decode expand's pipeline (LoraParams::expand_stages): 0 item by item, 2 or 3 streamed.
 constexpr int kLoraExpandStages = 0;
+// The streamed expand streams steps with at least this many items a block (LoraParams::expand_stream_min).
+constexpr int kLoraExpandStreamMin = 2;
 // Steps of at most kFewLoraSegments segments (ops.h; the model's few-adapter graphs) and at least
 // kLoraFewMinTokens tokens run GemmWithLora's GEMM as cuBLASLt chooses it for 2/3 of the SMs, with
 // the shrink beside it on at most kLoraFewShrinkBlocks blocks, so the side chain's blocks keep SMs
@@ -310,9 +312,11 @@ class CudaOps final : public Ops {
     lora_shrink_shape_ = shape < 0 ? kLoraShrinkShape : shape;
     lora_shrink_rows_ = rows;
   }
-  void set_lora_expand(int stages, int blocks) {
+  void set_lora_expand(int stages, int blocks, int stream_min, bool narrow) {
     lora_expand_stages_ = stages < 0 ? kLoraExpandStages : stages;
     lora_expand_blocks_ = blocks;
+    lora_expand_stream_min_ = stream_min < 0 ? kLoraExpandStreamMin : stream_min;
+    lora_expand_narrow_ = narrow;
   }
   void set_lora_inline(int min_segments) {
     lora_inline_min_segments_ = min_segments < 0 ? kLoraInlineMinSegments : min_segments;
@@ -741,6 +745,8 @@ class CudaOps final : public Ops {
     if (lora_expand_blocks_ > 0) cap = std::min<int64_t>(cap, lora_expand_blocks_);
     LoraParams p = MakeLoraParams(segments, module, static_cast<int>(std::min(cap, want)));
     p.expand_stages = lora_expand_stages_;
+    p.expand_stream_min = lora_expand_stream_min_;
+    p.expand_narrow = lora_expand_narrow_;
     return p;
   }
 
@@ -809,6 +815,8 @@ class CudaOps final : public Ops {
   int lora_shrink_rows_ = 0;    // SetLoraShrinkShapeForTest (LoraParams::shrink_rows)
   int lora_expand_stages_ = kLoraExpandStages;  // SetLoraExpandForTest (LoraParams::expand_stages)
   int lora_expand_blocks_ = 0;  // SetLoraExpandForTest: a cap on the expand's grid (0: none)
+  int lora_expand_stream_min_ = kLoraExpandStreamMin;  // SetLoraExpandForTest (LoraParams::expand_stream_min)
+  bool lora_expand_narrow_ = false;                    // SetLoraExpandForTest (LoraParams::expand_narrow)
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
@@ -987,13 +995,13 @@ absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows) {
   return absl::OkStatus();
 }
 
-absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks) {
+absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks, int stream_min, bool narrow) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraExpandForTest"));
   if (stages < -1 || stages == 1 || stages > 3) {
     return Invalid("SetLoraExpandForTest", absl::StrCat("stages ", stages, " not -1, 0, 2 or 3"));
   }
   if (blocks < 0) return Invalid("SetLoraExpandForTest", absl::StrCat("blocks ", blocks, " < 0"));
-  cuda->set_lora_expand(stages, blocks);
+  cuda->set_lora_expand(stages, blocks, stream_min, narrow);
   return absl::OkStatus();
 }
 

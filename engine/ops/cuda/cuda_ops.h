@@ -72,9 +72,12 @@ absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0);
 // The decode expand's pipeline: 0 takes a block's items one after another; 2 or 3 streams them,
 // keeping that many items' B tiles and y in shared memory and copying the next while it
 // multiplies the current (LoraParams::expand_stages); -1 restores the default. blocks > 0 caps
-// the expand's grid (tests: blocks then walk many items); 0 sizes it to the step. The same bits
-// either way. INVALID_ARGUMENT for other values.
-absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0);
+// the expand's grid (tests: blocks then walk many items); 0 sizes it to the step. stream_min: the
+// streamed expand streams steps with at least that many items a block, others run item by item
+// (0: always streams; -1: the default). narrow: the item-by-item expand always takes tiles as
+// narrow as the step's rank bound makes them. The same bits in every case. INVALID_ARGUMENT for
+// other values.
+absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0, int stream_min = -1, bool narrow = false);
 // An experiment (off by default): GemmWithLora's GEMM uses the algorithms cuBLASLt chooses for
 // `sms` SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), leaving the rest to the LoRA side chain beside
 // it; 0 goes back to the executor's GEMM. Synchronizes; call it outside captures.

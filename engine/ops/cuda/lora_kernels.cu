@@ -431,9 +431,10 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
   }
 }
 
-__global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
-    LoraExpandKernel(LoraParams p, const float* __restrict__ y, bf16* __restrict__ out) {
-  __shared__ __align__(16) float y_s[kLoraMaxRank];
+// The item-by-item expand: a block takes its items one after another (LoraExpandKernel, and
+// LoraExpandStreamKernel's steps with few items a block). y_s: kLoraMaxRank floats of shared memory.
+__device__ __forceinline__ void ExpandItemByItem(const LoraParams& p, const float* __restrict__ y,
+                                                 bf16* __restrict__ out, float* y_s) {
   const int S = p.num_slices;
   int nseg, token_splits;
   LiveSegments(p, kMaxTokenSplits, &nseg, &token_splits);
@@ -448,7 +449,7 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
   // items: at batch 128 narrow ones made the step slower).
   int tw = kLoraExpandTile;
   int total_tiles = LoraExpandTiles(p.slice_offsets, S, tw);
-  if (static_cast<int64_t>(nseg) * total_tiles * token_splits < gridDim.x) {
+  if (p.expand_narrow || static_cast<int64_t>(nseg) * total_tiles * token_splits < gridDim.x) {
     tw = LoraExpandTileWidth(live_rank);
     total_tiles = LoraExpandTiles(p.slice_offsets, S, tw);
   }
@@ -500,6 +501,12 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
   // Blocks without work exit at once: launched early beside the shrink, a block that waited
   // would hold an SM's registers (half of them) that the GEMM running beside it needs.
   if (blockIdx.x == 0) WaitForPrecedingKernel();
+}
+
+__global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
+    LoraExpandKernel(LoraParams p, const float* __restrict__ y, bf16* __restrict__ out) {
+  __shared__ __align__(16) float y_s[kLoraMaxRank];
+  ExpandItemByItem(p, y, out, y_s);
 }
 
 // The streamed expand (LoraParams::expand_stages): the same items as LoraExpandKernel's at the
@@ -629,6 +636,45 @@ __device__ __forceinline__ void StreamCopyY(const LoraParams& p, const StreamIte
   }
 }
 
+// The item's columns for its first NT tokens of `rows` (their y in y_s): each thread's columns
+// sum their B row against every token's y and write scale·sum.
+template <int NT>
+__device__ __forceinline__ void StreamColumns(const LoraParams& p, const StreamItem& it, bool vec, int nv,
+                                              int64_t out_row, int64_t out_col, const int (&rows)[kStreamTokens],
+                                              const unsigned char* b_s, const float* y_s, bf16* __restrict__ out) {
+  for (int nl = threadIdx.x; nl < it.cols; nl += kThreads) {
+    float acc[NT] = {};
+    if (vec) {
+      const int swz = StreamSwizzle(it.n0 + nl, nv);
+      const uint4* row_s = reinterpret_cast<const uint4*>(b_s) + nl * nv;
+      for (int v = 0; v < nv; ++v) {
+        const uint4 bv = row_s[v ^ swz];
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[t] += Dot8(bv, y_s + t * kLoraMaxRank + 8 * v);
+      }
+    } else {
+      const bf16* row_s = reinterpret_cast<const bf16*>(b_s) + static_cast<int64_t>(nl) * it.rank;
+      for (int j = 0; j < it.rank; ++j) {
+        const float bj = ToFloat(row_s[j]);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[t] += bj * y_s[t * kLoraMaxRank + j];
+      }
+    }
+    const int n = it.n0 + nl;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      if (!StreamRowLive(p, rows[t])) continue;
+      const int64_t at = static_cast<int64_t>(rows[t]) * out_row + out_col + n;
+      // As ExpandItem: the product rounded on its own in both modes.
+      if (p.delta != nullptr) {
+        p.delta[at] = __fmul_rn(it.scale, acc[t]);
+      } else {
+        out[at] = ToBf16(ToFloat(out[at]) + __fmul_rn(it.scale, acc[t]));
+      }
+    }
+  }
+}
+
 // Multiplies one item whose B tile and first tokens' y are in shared memory; tokens past the
 // first kStreamTokens are loaded into y_s here (all threads take part: the calls contain
 // __syncthreads, and the same count of them in every thread).
@@ -668,36 +714,11 @@ __device__ __forceinline__ void StreamMultiply(const LoraParams& p, const Stream
         if (StreamRowLive(p, rows[t])) p.delta_mask[static_cast<int64_t>(rows[t]) * p.num_slices + it.slice] = 1;
       }
     }
-    for (int nl = threadIdx.x; nl < it.cols; nl += kThreads) {
-      float acc[kStreamTokens] = {};
-      if (vec) {
-        const int swz = StreamSwizzle(it.n0 + nl, nv);
-        const uint4* row_s = reinterpret_cast<const uint4*>(b_s) + nl * nv;
-        for (int v = 0; v < nv; ++v) {
-          const uint4 bv = row_s[v ^ swz];
-#pragma unroll
-          for (int t = 0; t < kStreamTokens; ++t) acc[t] += Dot8(bv, y_s + t * kLoraMaxRank + 8 * v);
-        }
-      } else {
-        const bf16* row_s = reinterpret_cast<const bf16*>(b_s) + static_cast<int64_t>(nl) * it.rank;
-        for (int j = 0; j < it.rank; ++j) {
-          const float bj = ToFloat(row_s[j]);
-#pragma unroll
-          for (int t = 0; t < kStreamTokens; ++t) acc[t] += bj * y_s[t * kLoraMaxRank + j];
-        }
-      }
-      const int n = it.n0 + nl;
-#pragma unroll
-      for (int t = 0; t < kStreamTokens; ++t) {
-        if (!StreamRowLive(p, rows[t])) continue;
-        const int64_t at = static_cast<int64_t>(rows[t]) * out_row + out_col + n;
-        // As ExpandItem: the product rounded on its own in both modes.
-        if (p.delta != nullptr) {
-          p.delta[at] = __fmul_rn(it.scale, acc[t]);
-        } else {
-          out[at] = ToBf16(ToFloat(out[at]) + __fmul_rn(it.scale, acc[t]));
-        }
-      }
+    switch (min(kStreamTokens, ntok - c0)) {
+      case 1: StreamColumns<1>(p, it, vec, nv, out_row, out_col, rows, b_s, y_s, out); break;
+      case 2: StreamColumns<2>(p, it, vec, nv, out_row, out_col, rows, b_s, y_s, out); break;
+      case 3: StreamColumns<3>(p, it, vec, nv, out_row, out_col, rows, b_s, y_s, out); break;
+      default: StreamColumns<4>(p, it, vec, nv, out_row, out_col, rows, b_s, y_s, out); break;
     }
   }
 }
@@ -721,6 +742,10 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
   const int tw = LoraExpandTileWidth(live_rank);
   const int total_tiles = LoraExpandTiles(p.slice_offsets, p.num_slices, tw);
   const int64_t items = static_cast<int64_t>(nseg) * total_tiles * token_splits;
+  if (items < static_cast<int64_t>(p.expand_stream_min) * gridDim.x) {  // too few items a block to pipeline
+    ExpandItemByItem(p, y, out, reinterpret_cast<float*>(stream_smem));
+    return;
+  }
   const int64_t raw_count = items > blockIdx.x ? (items - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
   int tail = 0;  // items resolved into the ring (identical in every thread)
   int64_t raw = 0;
@@ -806,13 +831,8 @@ template <int kStages>
 cudaError_t LaunchLoraExpandStream(const LoraParams& p, const float* y, void* out, cudaStream_t stream) {
   constexpr int kSmem = StreamSmemBytes<kStages>();
   // More than the default 48 KB of dynamic shared memory, once per build of the kernel.
-  static const cudaError_t attribute = [] {
-    const cudaError_t err =
-        cudaFuncSetAttribute(LoraExpandStreamKernel<kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-    return cudaFuncSetAttribute(LoraExpandStreamKernel<kStages>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                static_cast<int>(cudaSharedmemCarveoutMaxShared));
-  }();
+  static const cudaError_t attribute =
+      cudaFuncSetAttribute(LoraExpandStreamKernel<kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (attribute != cudaSuccess) return attribute;
   return LaunchMaybeDependent(p.overlap_shrink, LoraExpandStreamKernel<kStages>, dim3(p.num_blocks), dim3(kThreads),
                               kSmem, stream, p, y, static_cast<bf16*>(out));

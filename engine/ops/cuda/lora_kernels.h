@@ -86,6 +86,13 @@ struct LoraParams {
   // items' tiles of B and their y in shared memory, copying the next ones (cp.async) while it
   // multiplies the current one. The same out or delta bits either way.
   int32_t expand_stages = 0;
+  // Streamed expand only: it streams when the step has at least this many items a block (0:
+  // always); fewer run item by item (a lone item waits for its copies either way, and the
+  // pipeline's set-up then only adds latency).
+  int32_t expand_stream_min = 0;
+  // Item-by-item expand only: tiles always as narrow as the step's rank bound makes them
+  // (LoraExpandTileWidth; else full width when full-width items fill the grid).
+  bool expand_narrow = false;
   // Delta mode (GemmWithLora): the expand writes scale·y·Bᵀ into `delta` [delta_rows,
   // slice_offsets[num_slices]] F32 instead of adding it to out, and sets delta_mask[row, slice]
   // ([delta_rows, num_slices] bytes) for every (row, slice) it wrote; the shrink of the same module
