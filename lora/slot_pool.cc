@@ -272,6 +272,7 @@ const ops::LoraModule& SlotPool::module(int64_t layer, WrappedLayer which) const
 }
 
 int32_t SlotPool::num_slots() const { return impl_->num_slots; }
+int32_t SlotPool::max_rank() const { return impl_->max_rank; }
 
 int32_t SlotPool::slot_rank(int32_t slot) const {
   if (slot < 0 || slot >= impl_->num_slots) return 0;

@@ -40,6 +40,7 @@ class SlotPool {
   // The slot table for one wrapped layer of one decoder layer; stable address for the pool's life.
   const ops::LoraModule& module(int64_t layer, WrappedLayer which) const;
   int32_t num_slots() const;
+  int32_t max_rank() const;  // the rank every slot is sized for
   // A bound on the rank any table entry of `slot` holds (0 for a slot never written): the adapter
   // there's largest module rank. For LoraSegments::max_rank.
   int32_t slot_rank(int32_t slot) const;

@@ -19,12 +19,18 @@ namespace loraplex::model {
 namespace {
 
 // Decode graphs are recorded per LoRA mode: no adapters, few adapter segments (at most
-// ops::kFewLoraSegments, the bound the graph tells the ops), or any number.
-constexpr int kLoraNone = 0, kLoraFew = 1, kLoraMany = 2;
-int LoraModeOf(const lora::LoraBatch& lb) {
+// ops::kFewLoraSegments, the bound the graph tells the ops), or any number; each of the last two
+// for steps whose adapters' ranks are all at most ops::kNarrowLoraRank and for the others
+// (LoraSegments::wide_ranks; a pool sized for narrow ranks only never has the latter).
+constexpr int kLoraNone = 0, kLoraFew = 1, kLoraMany = 2, kLoraFewWide = 3, kLoraManyWide = 4;
+int LoraModeOf(const lora::LoraBatch& lb, int32_t max_rank) {
   if (lb.seg_slots.empty()) return kLoraNone;
-  return lb.num_segments() <= ops::kFewLoraSegments ? kLoraFew : kLoraMany;
+  const bool few = lb.num_segments() <= ops::kFewLoraSegments;
+  if (max_rank > ops::kNarrowLoraRank) return few ? kLoraFewWide : kLoraManyWide;
+  return few ? kLoraFew : kLoraMany;
 }
+bool IsFewMode(int mode) { return mode == kLoraFew || mode == kLoraFewWide; }
+bool IsWideMode(int mode) { return mode == kLoraFewWide || mode == kLoraManyWide; }
 
 using layers::ColumnParallelLinearWithLora;
 using layers::MergedColumnParallelLinearWithLora;
@@ -121,6 +127,7 @@ struct LlamaModel::Impl {
     int32_t max_context_len = 0;  // sizes the attention's context split
     bool lora = false;            // pass the segment arrays (their live count is read on the device)
     int32_t lora_segments_bound = 0;  // ops::LoraSegments::segments_bound
+    bool lora_wide = false;           // ops::LoraSegments::wide_ranks
   };
 
   absl::Status ValidateStep(const StepInput& in) const;
@@ -138,6 +145,11 @@ struct LlamaModel::Impl {
   absl::Status UploadStep(const StepInput& in);
   absl::Status UploadPaddedDecode(const StepInput& in, int32_t bucket);
   void UploadLora(const lora::LoraBatch& lb);
+  // The largest rank any slot of the step holds; INT32_MAX without a slot pool.
+  int32_t StepMaxRank(const lora::LoraBatch& lb) const;
+  // WarmUp: the LoRA mode whose graph its step records (-1: the step's own). Every mode's graph
+  // is correct for any step; the mode only tunes it.
+  int warmup_mode = -1;
   // Enqueues embedding, every layer, the final norm and the logits GEMM into `logits`; reads
   // every per-step array from the step buffers, so a recording replays with their new contents.
   absl::Status Enqueue(const StepShape& shape);
@@ -516,12 +528,16 @@ int32_t LlamaModel::Impl::BucketOf(int32_t tokens) const {
   return std::min({bucket, cap.max_seqs, cap.max_tokens});
 }
 
+int32_t LlamaModel::Impl::StepMaxRank(const lora::LoraBatch& lb) const {
+  if (slot_pool == nullptr) return std::numeric_limits<int32_t>::max();
+  int32_t max_rank = 0;
+  for (int32_t slot : lb.seg_slots) max_rank = std::max(max_rank, slot_pool->slot_rank(slot));
+  return max_rank;
+}
+
 void LlamaModel::Impl::UploadLora(const lora::LoraBatch& lb) {
   // The largest rank any slot of the step holds bounds the kernels' work (ops::LoraSegments).
-  int32_t max_rank = slot_pool == nullptr ? std::numeric_limits<int32_t>::max() : 0;
-  if (slot_pool != nullptr) {
-    for (int32_t slot : lb.seg_slots) max_rank = std::max(max_rank, slot_pool->slot_rank(slot));
-  }
+  const int32_t max_rank = StepMaxRank(lb);
   const std::vector<int32_t> count = {lb.seg_slots.empty() ? 0 : lb.num_segments(), max_rank};
   if (!lb.seg_slots.empty()) {
     Upload(token_rows, lb.token_rows);
@@ -576,6 +592,7 @@ absl::Status LlamaModel::Impl::Enqueue(const StepShape& shape) {
     segments.max_segments = static_cast<int32_t>(t);  // every segment holds at least one token
     segments.num_tokens = static_cast<int32_t>(t);
     segments.segments_bound = shape.lora_segments_bound;
+    segments.wide_ranks = shape.lora_wide;
     seg_ptr = &segments;
   }
 
@@ -672,7 +689,7 @@ absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
     // carries no LoRA launches at all. Steps with few adapter segments replay graphs of their
     // own too, recorded with that bound (the CUDA executor tunes their LoRA work differently).
     const bool lora = !in.lora.seg_slots.empty();
-    const int mode = LoraModeOf(in.lora);
+    const int mode = m.warmup_mode >= 0 ? m.warmup_mode : LoraModeOf(in.lora, m.StepMaxRank(in.lora));
     const std::pair<int32_t, int> key{bucket, mode};
     auto it = m.graphs.find(key);
     if (it == m.graphs.end()) {
@@ -683,7 +700,8 @@ absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
       // A capacity bound, not this step's: the graph must serve any later context length.
       shape.max_context_len = m.cap.max_blocks_per_seq * m.cap.kv_block_size;
       shape.lora = lora;
-      shape.lora_segments_bound = mode == kLoraFew ? ops::kFewLoraSegments : 0;
+      shape.lora_segments_bound = IsFewMode(mode) ? ops::kFewLoraSegments : 0;
+      shape.lora_wide = IsWideMode(mode);
       absl::StatusOr<std::unique_ptr<ops::Graph>> graph =
           m.ops->Capture([&] { return m.Enqueue(shape); });
       if (graph.ok()) {
@@ -711,6 +729,7 @@ absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
     shape.max_context_len = *std::max_element(in.context_lens.begin(), in.context_lens.end());
     shape.lora = !in.lora.seg_slots.empty();
     shape.lora_segments_bound = shape.lora ? in.lora.num_segments() : 0;
+    shape.lora_wide = shape.lora && m.slot_pool != nullptr && m.StepMaxRank(in.lora) > ops::kNarrowLoraRank;
     LORAPLEX_RETURN_IF_ERROR(m.Enqueue(shape));
   }
   return absl::OkStatus();
@@ -789,15 +808,20 @@ absl::StatusOr<int> LlamaModel::WarmUp() {
     }
     in.block_tables.assign(static_cast<size_t>(b) * m.cap.max_blocks_per_seq, 0);
     in.sampling.resize(static_cast<size_t>(b));
-    for (const int mode : {kLoraNone, kLoraFew, kLoraMany}) {
+    for (const int mode : {kLoraNone, kLoraFew, kLoraMany, kLoraFewWide, kLoraManyWide}) {
       if (mode != kLoraNone && !m.has_lora) break;
-      if (mode == kLoraMany && b <= ops::kFewLoraSegments) break;  // no step of this bucket has that many
+      // No step of this bucket has that many segments; no slot holds a wide rank.
+      if ((mode == kLoraMany || mode == kLoraManyWide) && b <= ops::kFewLoraSegments) continue;
+      if (IsWideMode(mode) && (m.slot_pool == nullptr || m.slot_pool->max_rank() <= ops::kNarrowLoraRank)) break;
+      m.warmup_mode = mode;  // whatever rank slot 0 holds
       // Slot 0's table: rank 0 (nothing read) unless an adapter is already resident there. One
       // segment, or (many) one a token.
       in.lora = mode == kLoraNone ? lora::LoraBatch{}
                                   : lora::BuildLoraBatch(std::vector<int32_t>(static_cast<size_t>(b), 0),
-                                                         mode == kLoraMany ? 1 : 0);
-      LORAPLEX_RETURN_IF_ERROR(Annotate(ForwardSample(in).status(), absl::StrCat("LlamaModel::WarmUp: bucket ", b)));
+                                                         IsFewMode(mode) ? 0 : 1);
+      const absl::Status warmed = ForwardSample(in).status();
+      m.warmup_mode = -1;
+      LORAPLEX_RETURN_IF_ERROR(Annotate(warmed, absl::StrCat("LlamaModel::WarmUp: bucket ", b)));
       if (m.graphs_unsupported) return 0;
     }
   }

@@ -107,11 +107,18 @@ struct LoraSegments {
   // more live segments than this; 0: up to max_segments. Executors may run the LoRA work of steps
   // with few segments (kFewLoraSegments) or many differently (the CUDA one does).
   int32_t segments_bound = 0;
+  // true: steps run with these arrays may have segments whose slots hold ranks above
+  // kNarrowLoraRank (the model records their decode graphs apart); false: none has, or unknown.
+  // Executors may run the LoRA work of the two classes differently (the CUDA expand streams
+  // the wide ones).
+  bool wide_ranks = false;
 };
 
 // Steps with at most this many adapter segments are few-adapter steps: the model records their
 // decode graphs apart, with this segments_bound, and executors may tune their LoRA work for them.
 inline constexpr int32_t kFewLoraSegments = 4;
+// Steps whose segments' ranks are all at most this are narrow-rank steps (LoraSegments::wide_ranks).
+inline constexpr int32_t kNarrowLoraRank = 16;
 
 // One logits row's sampling request. Device array element (the model uploads one per sampled row).
 struct SamplingRow {

@@ -663,10 +663,13 @@ class RecordingCpuOps final : public ops::Ops {
   absl::Status LoraShrink(const TensorView& x, const ops::LoraSegments& segments, const ops::LoraModule& module,
                           const TensorView& y) override {
     if (recording_ != nullptr) captured_bounds_.insert(segments.segments_bound);
+    if (recording_ != nullptr) captured_wide_.insert(segments.wide_ranks);
     return Run([=, this] { return cpu_->LoraShrink(x, segments, module, y); });
   }
   // LoraSegments::segments_bound of every LoraShrink recorded into a graph.
   const std::set<int32_t>& captured_bounds() const { return captured_bounds_; }
+  // LoraSegments::wide_ranks of every LoraShrink recorded into a graph.
+  const std::set<bool>& captured_wide() const { return captured_wide_; }
   absl::Status LoraExpand(const TensorView& y, const ops::LoraSegments& segments, const ops::LoraModule& module,
                           const TensorView& out) override {
     return Run([=, this] { return cpu_->LoraExpand(y, segments, module, out); });
@@ -701,19 +704,22 @@ class RecordingCpuOps final : public ops::Ops {
   int captures_ = 0;
   std::vector<Prepared> prepared_;
   std::set<int32_t> captured_bounds_;
+  std::set<bool> captured_wide_;
 };
 
 // A tiny model on graph-recording CPU ops with adapter x resident in a 2-slot pool, and three
 // sequences: A and C on x, B on the base model (B's second block is block 0), with their dense
 // reference logits. Members are set up in declaration order.
 struct GraphFixture {
-  explicit GraphFixture(const std::string& name) : dir(testing::MakeTempDir(name)) {
+  // pool_max_rank: the slot pool's; adapter_rank: adapter x's.
+  explicit GraphFixture(const std::string& name, int32_t pool_max_rank = 8, int adapter_rank = 4)
+      : dir(testing::MakeTempDir(name)) {
     REQUIRE(testing::WriteTinyModel(dir, testing::TinyModelOptions{}).ok());
     auto parsed = LoadModelSpec(dir);
     REQUIRE(parsed.ok());
     spec = *parsed;
     testing::TinyAdapterOptions xo;
-    xo.r = 4;
+    xo.r = adapter_rank;
     xo.alpha = 8;
     const std::string xdir = dir + "/x";
     REQUIRE(testing::WriteTinyAdapter(xdir, spec, xo).ok());
@@ -722,7 +728,7 @@ struct GraphFixture {
     auto x = lora::LoadPeftAdapter("x", xdir, spec, limits, DType::kF32);
     REQUIRE(x.ok());
     adapter = *std::move(x);
-    auto created = lora::SlotPool::Create(&ops, spec, /*num_slots=*/2, /*max_rank=*/8);
+    auto created = lora::SlotPool::Create(&ops, spec, /*num_slots=*/2, pool_max_rank);
     REQUIRE(created.ok());
     pool = *std::move(created);
     auto slots = pool->EnsureResident({adapter.get()}, {false});
@@ -730,7 +736,7 @@ struct GraphFixture {
     auto loaded = LlamaModel::Load(dir, spec, &ops, pool.get(), kCapacity);
     REQUIRE(loaded.ok());
     model = *std::move(loaded);
-    const DenseAdapter dx = ReadDenseAdapter(xdir, spec, 8.0 / 4);
+    const DenseAdapter dx = ReadDenseAdapter(xdir, spec, 8.0 / adapter_rank);
     seqs.resize(3);
     seqs[0] = {RandomTokens(10, spec.vocab_size, 7), {1, 3, 5}, 0, (*slots)[0]};
     seqs[1] = {RandomTokens(10, spec.vocab_size, 8), {8, 0, 12}, 0, -1};
@@ -796,6 +802,7 @@ TEST_CASE("WarmUp records every bucket's graphs once; later steps replay them an
   CHECK(model.graph_steps() == 12);  // each capture ran once as a replay
   // The few-segment graphs tell the ops their bound; the others say nothing (0: max_segments).
   CHECK(f.ops.captured_bounds() == std::set<int32_t>{0, 4});
+  CHECK(f.ops.captured_wide() == std::set<bool>{false});  // a pool of rank 8: no wide-rank graphs
 
   // Every GEMM a step can run was prepared at its largest row count: each layer's qkv, o, gate_up
   // and down at max_tokens rows on distinct weights, then the logits at max_seqs rows.
@@ -852,6 +859,33 @@ TEST_CASE("WarmUp records every bucket's graphs once; later steps replay them an
   CHECK(model.num_graphs() == 1);
   CHECK(f.ops.captures() == 13);
   CHECK(model.graph_steps() == replays + 1);
+}
+
+TEST_CASE("A pool sized for ranks above 16 gets wide-rank graphs too; steps of a wide adapter replay them") {
+  GraphFixture f("llama-wide", /*pool_max_rank=*/32, /*adapter_rank=*/24);
+  LlamaModel& model = *f.model;
+  // Buckets 1..16 without adapters (5), few segments narrow and wide (5 + 5), many segments narrow
+  // and wide (buckets 8 and 16: 2 + 2).
+  auto warmed = model.WarmUp();
+  INFO(warmed.status().message());
+  REQUIRE(warmed.ok());
+  CHECK(*warmed == 19);
+  CHECK(f.ops.captured_wide() == std::set<bool>{false, true});
+  CHECK(f.ops.captured_bounds() == std::set<int32_t>{0, 4});
+  // Adapter x (rank 24) makes every adapter step wide: they replay the wide graphs recorded above
+  // (nothing new is captured) and match the dense forward.
+  const std::vector<std::vector<Chunk>> steps = {
+      {{0, 4}, {1, 4}, {2, 4}}, {{1, 1}}, {{0, 1}, {1, 1}, {2, 1}}, {{2, 1}, {0, 1}}, {{0, 1}}};
+  for (const auto& chunks : steps) {
+    const StepInput in = MakeStep(f.seqs, chunks);
+    auto logits = model.Forward(in);
+    INFO(logits.status().message());
+    REQUIRE(logits.ok());
+    CheckStep(*logits, in, chunks, f.dense, f.spec.vocab_size);
+  }
+  CHECK(model.num_graphs() == 19);
+  CHECK(f.ops.captures() == 19);
+  CHECK(model.graph_steps() == 19 + 4);
 }
 
 }  // namespace

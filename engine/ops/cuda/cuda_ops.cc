@@ -66,10 +66,16 @@ constexpr int kLoraInlineMinSegments = 64;
 // segments hold one token (32-128 distinct adapters at one token each: bench/RESULTS.md, seventh
 // session).
 constexpr int kLoraShrinkShape = 1;
-// The decode expand's pipeline (LoraParams::expand_stages): 0 item by item, 2 or 3 streamed.
+// The decode expand's pipeline (LoraParams::expand_stages) for steps whose ranks are all at most
+// kNarrowLoraRank: 0, item by item; for the others (LoraSegments::wide_ranks): 2, streamed. Measured
+// on the whole step (bench/RESULTS.md, eighth session): streaming took batch 32 with 8 adapters of
+// ranks 8..64 from 1.337x to 1.236x the base step (b8 1.215x -> 1.193x, b64 1.451x -> 1.359x, b128
+// 1.615x -> 1.574x) but batch 32 with 32 distinct r16 adapters from 1.226x to 1.256x and batch 1
+// with one from 1.063x to 1.085x.
 constexpr int kLoraExpandStages = 0;
+constexpr int kLoraWideExpandStages = 2;
 // The streamed expand streams steps with at least this many items a block (LoraParams::expand_stream_min).
-constexpr int kLoraExpandStreamMin = 2;
+constexpr int kLoraExpandStreamMin = 0;
 // Steps of at most kFewLoraSegments segments (ops.h; the model's few-adapter graphs) and at least
 // kLoraFewMinTokens tokens run GemmWithLora's GEMM as cuBLASLt chooses it for 2/3 of the SMs, with
 // the shrink beside it on at most kLoraFewShrinkBlocks blocks, so the side chain's blocks keep SMs
@@ -313,7 +319,7 @@ class CudaOps final : public Ops {
     lora_shrink_rows_ = rows;
   }
   void set_lora_expand(int stages, int blocks, int stream_min, bool narrow) {
-    lora_expand_stages_ = stages < 0 ? kLoraExpandStages : stages;
+    lora_expand_stages_ = stages;
     lora_expand_blocks_ = blocks;
     lora_expand_stream_min_ = stream_min < 0 ? kLoraExpandStreamMin : stream_min;
     lora_expand_narrow_ = narrow;
@@ -744,7 +750,9 @@ class CudaOps final : public Ops {
     int64_t cap = static_cast<int64_t>(num_sms_) * kLoraExpandBlocksPerSm;
     if (lora_expand_blocks_ > 0) cap = std::min<int64_t>(cap, lora_expand_blocks_);
     LoraParams p = MakeLoraParams(segments, module, static_cast<int>(std::min(cap, want)));
-    p.expand_stages = lora_expand_stages_;
+    p.expand_stages = lora_expand_stages_ >= 0 ? lora_expand_stages_
+                      : segments.wide_ranks      ? kLoraWideExpandStages
+                                                 : kLoraExpandStages;
     p.expand_stream_min = lora_expand_stream_min_;
     p.expand_narrow = lora_expand_narrow_;
     return p;
@@ -813,7 +821,7 @@ class CudaOps final : public Ops {
   int lora_shrink_warps_ = 0;   // SetLoraShrinkWarpsForTest; 0: by in_features
   int lora_shrink_shape_ = kLoraShrinkShape;  // SetLoraShrinkShapeForTest (LoraParams::shrink_shape)
   int lora_shrink_rows_ = 0;    // SetLoraShrinkShapeForTest (LoraParams::shrink_rows)
-  int lora_expand_stages_ = kLoraExpandStages;  // SetLoraExpandForTest (LoraParams::expand_stages)
+  int lora_expand_stages_ = -1;  // SetLoraExpandForTest (LoraParams::expand_stages); -1: by rank class
   int lora_expand_blocks_ = 0;  // SetLoraExpandForTest: a cap on the expand's grid (0: none)
   int lora_expand_stream_min_ = kLoraExpandStreamMin;  // SetLoraExpandForTest (LoraParams::expand_stream_min)
   bool lora_expand_narrow_ = false;                    // SetLoraExpandForTest (LoraParams::expand_narrow)

@@ -71,7 +71,8 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
 absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0);
 // The decode expand's pipeline: 0 takes a block's items one after another; 2 or 3 streams them,
 // keeping that many items' B tiles and y in shared memory and copying the next while it
-// multiplies the current (LoraParams::expand_stages); -1 restores the default. blocks > 0 caps
+// multiplies the current (LoraParams::expand_stages); -1 restores the default (item by item for
+// narrow-rank steps, 2 stages for LoraSegments::wide_ranks). blocks > 0 caps
 // the expand's grid (tests: blocks then walk many items); 0 sizes it to the step. stream_min: the
 // streamed expand streams steps with at least that many items a block, others run item by item
 // (0: always streams; -1: the default). narrow: the item-by-item expand always takes tiles as
