@@ -433,9 +433,10 @@ TEST_CASE("Decode steps replayed from CUDA graphs equal eager steps and the CPU 
   // graph for any number of segments.
   step({0, 1, 2, 3, 4, 5, 6, 7}, {1, 1, 1, 1, 1, 1, 1, 1}, false, 1);
 
-  // Captured once each: with few adapter segments buckets 1, 2, 4, 8, with more bucket 8; without
-  // adapters buckets 2 and 8.
-  CHECK(graphs.model->num_graphs() == 7);
+  // Captured once each: without adapters buckets 2 and 8; with few adapter segments of ranks up to
+  // 16 bucket 4 (a4, b16); with few segments and a rank above 16 (c64 or e32: ops::kNarrowLoraRank)
+  // buckets 1, 2, 4 and 8; with more segments (c64 among them) bucket 8.
+  CHECK(graphs.model->num_graphs() == 8);
   CHECK(eager.model->graph_steps() == 0);
   CHECK(cpu.model->graph_steps() == 0);  // the CPU ops record no graphs
 }
