@@ -69,8 +69,8 @@ constexpr int kLoraShrinkShape = 1;
 // The decode expand's pipeline (LoraParams::expand_stages) for steps whose ranks are all at most
 // kNarrowLoraRank: 0, item by item; for the others (LoraSegments::wide_ranks): 2, streamed. Measured
 // on the whole step (bench/RESULTS.md, eighth session): streaming took batch 32 with 8 adapters of
-// ranks 8..64 from 1.337x to 1.236x the base step (b8 1.215x -> 1.193x, b64 1.451x -> 1.359x, b128
-// 1.615x -> 1.574x) but batch 32 with 32 distinct r16 adapters from 1.226x to 1.256x and batch 1
+// ranks 8..64 from 1.337x to 1.236x the base step (b8 1.217x -> 1.193x, b64 1.452x -> 1.359x, b128
+// 1.624x -> 1.574x) but batch 32 with 32 distinct r16 adapters from 1.225x to 1.256x and batch 1
 // with one from 1.063x to 1.085x.
 constexpr int kLoraExpandStages = 0;
 constexpr int kLoraWideExpandStages = 2;

@@ -22,6 +22,9 @@
 // y for 8 tokens at once measured slower, bench/runs/2026-11-29-rows); it adds scale·delta into the output in place, or (GemmWithLora) writes it into an F32 delta buffer
 // and marks the (row, slice) pairs it wrote, so it can run beside the GEMM; the kernel that reads
 // the GEMM output next folds the delta in (lora_delta.h).
+// Steps with ranks above 16 (LoraSegments::wide_ranks) run the streamed expand instead
+// (LoraExpandStreamKernel): the same items at tiles of at most 32 KB of B, 2-3 of them in flight a
+// block through shared memory (cp.async), the same bits.
 // Work is proportional to each slot's real rank; rank-0 slices and empty segments cost nothing.
 #include "engine/ops/cuda/lora_kernels.h"
 
