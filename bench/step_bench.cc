@@ -18,7 +18,7 @@
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
-//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-compact -1|0|1] [--lora-expand-stages 0|2|3] [--lora-expand-stream-min N] [--lora-expand-narrow 0|1]
+//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-stream-min N] [--lora-expand-narrow 0|1]
 //                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
@@ -121,7 +121,6 @@ struct LoraTuning {
   int shrink_shape = -1;  // SetLoraShrinkShapeForTest (-1: the default)
   int shrink_rows = 0;
   int expand_stages = -1;  // SetLoraExpandForTest (-1: the default)
-  int shrink_compact = -1;  // SetLoraShrinkCompactForTest (-1: the default)
   int expand_stream_min = -1;
   int expand_narrow = 0;
   int gemm_sms = 0;       // SetLoraGemmSmsForTest
@@ -137,7 +136,6 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
 #if LORAPLEX_STEP_BENCH_CUDA
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkWarpsForTest(ops, t.shrink_warps));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkShapeForTest(ops, t.shrink_shape, t.shrink_rows));
-  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkCompactForTest(ops, t.shrink_compact));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraExpandForTest(ops, t.expand_stages, 0, t.expand_stream_min,
                                                                    t.expand_narrow != 0));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmSmsForTest(ops, t.gemm_sms));
@@ -544,7 +542,6 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-inline") return ParseFlag(flag, value, -1, 1 << 20, &t->in_line);
   if (flag == "--lora-shrink-shape") return ParseFlag(flag, value, -1, 2, &t->shrink_shape);
   if (flag == "--lora-shrink-rows") return ParseFlag(flag, value, 0, 16, &t->shrink_rows);
-  if (flag == "--lora-shrink-compact") return ParseFlag(flag, value, -1, 1, &t->shrink_compact);
   if (flag == "--lora-expand-stream-min") return ParseFlag(flag, value, -1, 1 << 20, &t->expand_stream_min);
   if (flag == "--lora-expand-narrow") return ParseFlag(flag, value, 0, 1, &t->expand_narrow);
   if (flag == "--lora-expand-stages") {
@@ -582,7 +579,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-compact -1|0|1] [--lora-expand-stages 0|2|3] [--lora-expand-stream-min N] [--lora-expand-narrow 0|1] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-stream-min N] [--lora-expand-narrow 0|1] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;

@@ -771,39 +771,6 @@ absl::Status CheckShrinkShapesAgree(const std::string& name, LoraStep& st, const
   return absl::OkStatus();
 }
 
-// The shrink's general items numbered over all (segment, slice, row group)s and over those with
-// work only (SetLoraShrinkCompactForTest 0 and 1, the latter also on a small grid) give y the same
-// bits.
-absl::Status CheckShrinkCompactAgree(const std::string& name, LoraStep& st, const std::vector<int>& token_slots,
-                                     int max_len) {
-  LoraWorld& w = *st.world;
-  const int T = st.tokens, yw = w.num_slices * w.max_rank;
-  const Segs segs = BuildSegs(token_slots, max_len);
-  LORAPLEX_RETURN_IF_ERROR(st.dsegs->Write(segs, StepRankBound(w, segs)));
-  LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_x.data(), RandomVec(static_cast<size_t>(T) * w.in, -1, 1)));
-  const LoraModule dm = w.Module(true);
-  const LoraSegments ds = st.dsegs->View();
-  const TensorView gx = Gpu(st.d_x, DType::kBF16, {T, w.in}), gy = Gpu(st.d_y, DType::kF32, {T, yw});
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, 0));  // general items only
-  std::vector<float> all_items;
-  for (auto [compact, blocks] : std::vector<std::pair<int, int>>{{0, 0}, {1, 0}, {1, 5}}) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkCompactForTest(g_gpu, compact));
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, blocks, true, true));
-    LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(st.d_y.data(), 0xFF, static_cast<size_t>(T) * yw * 4));
-    LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, dm, gy));
-    LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadF32(st.d_y.data(), static_cast<size_t>(T) * yw));
-    if (compact == 0) {
-      all_items = std::move(got);
-      continue;
-    }
-    Compare(absl::StrCat(name, " compact blocks=", blocks, " segs=", segs.count()), got, all_items, 0.0,
-            std::vector<uint8_t>(all_items.size(), 0));
-  }
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
-  return cuda::SetLoraShrinkCompactForTest(g_gpu, -1);
-}
-
 // The expand's pipelines (SetLoraExpandForTest 0: item by item; 2 and 3: streamed, with the
 // step's grid and with `small_grid` blocks that walk many items) give out the same bits: the same
 // sums in the same order for every column.
@@ -1122,27 +1089,6 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 1));
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 3));
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, down", st2, RandomTokenSlots(T2, 3, 0.1), 1));
-  // The shrink's compacted general items (SetLoraShrinkCompactForTest), on mixed and odd ranks,
-  // one-token, short and long segments, K = 14336, the step's grid and a 5-block one: against the
-  // CPU and bit for bit against the full numbering.
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkCompactForTest(g_gpu, 1));
-  for (int blocks : {0, 5}) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, blocks, true, true));
-    const std::string n = absl::StrCat("LoRA odd ranks compact shrink blocks ", blocks);
-    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " one-token segments", st3, RandomTokenSlots(T3, 4, 0.05), 1, nullptr));
-    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " short segments", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
-    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " long segments", st3, RandomTokenSlots(T3, 4, 0.05), 1000, nullptr));
-    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA down compact shrink blocks ", blocks), st2,
-                                           RandomTokenSlots(T2, 3, 0.1), 2, nullptr));
-    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA qkv compact shrink blocks ", blocks), st,
-                                           RandomTokenSlots(T, 6, 0.2), 4, nullptr));
-  }
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkCompactForTest(g_gpu, -1));
-  LORAPLEX_RETURN_IF_ERROR(CheckShrinkCompactAgree("LoRA shrink compact agrees, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 3));
-  LORAPLEX_RETURN_IF_ERROR(CheckShrinkCompactAgree("LoRA shrink compact agrees, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 1000));
-  LORAPLEX_RETURN_IF_ERROR(CheckShrinkCompactAgree("LoRA shrink compact agrees, qkv", st, RandomTokenSlots(T, 6, 0.2), 4));
-  LORAPLEX_RETURN_IF_ERROR(CheckShrinkCompactAgree("LoRA shrink compact agrees, down", st2, RandomTokenSlots(T2, 3, 0.1), 4));
   // The streamed expand (SetLoraExpandForTest): 2 and 3 stages, the step's grid and 5 blocks (each
   // walks hundreds of items, so its ring of resolved items refills many times), on one-token, short
   // and long segments (tokens past a stage's 4 loaded as it goes), odd ranks (12, 24, 40 and 128:
@@ -1235,16 +1181,6 @@ absl::Status LoraTests() {
     LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters] qkv", *world, T, true, graph, 4, false, 4));
   }
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters] down", *down, 40, true, true, 3, false, 2));
-  // The compacted shrink beside the GEMM and in line, eager and replayed.
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkCompactForTest(g_gpu, 1));
-  for (bool graph : {false, true}) {
-    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[compact shrink] qkv", *world, T, true, graph, 4));
-  }
-  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[compact shrink] odd ranks", *odd, 160, true, true, 4));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, 0));
-  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[compact shrink, in line] qkv", *world, T, true, true, 4));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkCompactForTest(g_gpu, -1));
   // The streamed expand into the delta buffer (beside the GEMM and in line), eager and replayed.
   for (int stages : {2, 3}) {
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, 0, /*stream_min=*/0));
@@ -1488,7 +1424,6 @@ absl::Status ResetLoraKnobs() {
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkWarpsForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, -1));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkCompactForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmSmsForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmFirstForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
@@ -1509,11 +1444,6 @@ absl::Status TimeLora() {
     }
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, s, r));
     std::printf("shrink shape %d rows %d\n", s, r);
-  }
-  // LORAPLEX_TIME_SHRINK_COMPACT=MODE: time the shrink SetLoraShrinkCompactForTest gives.
-  if (const char* compact = std::getenv("LORAPLEX_TIME_SHRINK_COMPACT"); compact != nullptr) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkCompactForTest(g_gpu, std::atoi(compact)));
-    std::printf("shrink compact %d\n", std::atoi(compact));
   }
   // LORAPLEX_TIME_EXPAND=STAGES,STREAM_MIN,NARROW: time the expand SetLoraExpandForTest gives.
   if (const char* expand = std::getenv("LORAPLEX_TIME_EXPAND"); expand != nullptr) {

@@ -318,7 +318,6 @@ class CudaOps final : public Ops {
     lora_shrink_shape_ = shape < 0 ? kLoraShrinkShape : shape;
     lora_shrink_rows_ = rows;
   }
-  void set_lora_shrink_compact(int mode) { lora_shrink_compact_ = mode; }
   void set_lora_expand(int stages, int blocks, int stream_min, bool narrow) {
     lora_expand_stages_ = stages;
     lora_expand_blocks_ = blocks;
@@ -727,7 +726,6 @@ class CudaOps final : public Ops {
     const bool few = SegmentsBound(segments) <= kFewLoraSegments;
     p.shrink_shape = lora_shrink_shape_ == 1 && few ? 0 : lora_shrink_shape_;
     p.shrink_rows = lora_shrink_rows_;
-    p.shrink_compact = lora_shrink_compact_ < 0 ? segments.wide_ranks : lora_shrink_compact_ != 0;
     return p;
   }
 
@@ -823,7 +821,6 @@ class CudaOps final : public Ops {
   int lora_shrink_warps_ = 0;   // SetLoraShrinkWarpsForTest; 0: by in_features
   int lora_shrink_shape_ = kLoraShrinkShape;  // SetLoraShrinkShapeForTest (LoraParams::shrink_shape)
   int lora_shrink_rows_ = 0;    // SetLoraShrinkShapeForTest (LoraParams::shrink_rows)
-  int lora_shrink_compact_ = -1;  // SetLoraShrinkCompactForTest; -1: for wide-rank steps
   int lora_expand_stages_ = -1;  // SetLoraExpandForTest (LoraParams::expand_stages); -1: by rank class
   int lora_expand_blocks_ = 0;  // SetLoraExpandForTest: a cap on the expand's grid (0: none)
   int lora_expand_stream_min_ = kLoraExpandStreamMin;  // SetLoraExpandForTest (LoraParams::expand_stream_min)
@@ -1003,13 +1000,6 @@ absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows) {
     return Invalid("SetLoraShrinkShapeForTest", absl::StrCat("rows ", rows, " not 0, 4, 8 or 16"));
   }
   cuda->set_lora_shrink_shape(shape, rows);
-  return absl::OkStatus();
-}
-
-absl::Status SetLoraShrinkCompactForTest(Ops* ops, int mode) {
-  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraShrinkCompactForTest"));
-  if (mode < -1 || mode > 1) return Invalid("SetLoraShrinkCompactForTest", absl::StrCat("mode ", mode, " not -1, 0 or 1"));
-  cuda->set_lora_shrink_compact(mode);
   return absl::OkStatus();
 }
 

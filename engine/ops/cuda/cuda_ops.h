@@ -69,10 +69,6 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
 // its segments are enough to fill a quarter of the grid. rows 4, 8 or 16; 0: the fewest that make
 // no more items than blocks. y gets the same bits either way. INVALID_ARGUMENT for other values.
 absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0);
-// The decode shrink's general items numbered over those with work only (LoraParams::
-// shrink_compact): 1 always, 0 never, -1 (the default) for LoraSegments::wide_ranks steps. The
-// same y bits. INVALID_ARGUMENT for other values.
-absl::Status SetLoraShrinkCompactForTest(Ops* ops, int mode);
 // The decode expand's pipeline: 0 takes a block's items one after another; 2 or 3 streams them,
 // keeping that many items' B tiles and y in shared memory and copying the next while it
 // multiplies the current (LoraParams::expand_stages); -1 restores the default (item by item for

@@ -235,68 +235,12 @@ __device__ __forceinline__ bool OneTokenShape(const LoraParams& p, int nseg, int
          4 * static_cast<int64_t>(nseg) * p.num_slices * ((live_rank + 15) / 16) >= gridDim.x;
 }
 
-// Compacted general items (LoraParams::shrink_compact): pair q = (segment q / S, slice q % S) has
-// groups·ceil(rank / 4) items with work (none for a missing slot, rank 0 or an empty segment).
-constexpr int kCompactMaxPairs = 1024;  // steps with more (segment, slice) pairs number every item
-
-__device__ __forceinline__ int CompactPairItems(const LoraParams& p, int q, int groups, int live_rank) {
-  const int seg = q / p.num_slices, slice = q - seg * p.num_slices;
-  int begin, end;
-  LoraSliceWeightsDev w;
-  if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) return 0;
-  return groups * ((w.rank + kRowItemRows - 1) / kRowItemRows);
-}
-
-// Writes pair_end[q] = the items of pairs 0..q (inclusive prefix sums over the n = nseg·S pairs)
-// and returns the total; every thread gets it. Contains __syncthreads (call it from every thread).
-template <int kItemWarps>
-__device__ __forceinline__ int CompactPairs(const LoraParams& p, int n, int groups, int live_rank, int* pair_end,
-                                            int* warp_sums) {
-  constexpr int kThreadsHere = kItemWarps * kWarpSize;
-  constexpr int kMaxPer = (kCompactMaxPairs + kThreadsHere - 1) / kThreadsHere;
-  const int per = (n + kThreadsHere - 1) / kThreadsHere;
-  const int first = threadIdx.x * per;
-  int c[kMaxPer];
-  int local = 0;
-#pragma unroll
-  for (int i = 0; i < kMaxPer; ++i) {
-    c[i] = i < per && first + i < n ? CompactPairItems(p, first + i, groups, live_rank) : 0;
-    local += c[i];
-  }
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  int incl = local;
-#pragma unroll
-  for (int o = 1; o < kWarpSize; o <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += v;
-  }
-  if (lane == kWarpSize - 1) warp_sums[warp] = incl;
-  __syncthreads();
-  int run = incl - local, total = 0;
-#pragma unroll
-  for (int wi = 0; wi < kItemWarps; ++wi) {
-    if (wi < warp) run += warp_sums[wi];
-    total += warp_sums[wi];
-  }
-#pragma unroll
-  for (int i = 0; i < kMaxPer; ++i) {
-    if (i < per && first + i < n) {
-      run += c[i];
-      pair_end[first + i] = run;
-    }
-  }
-  __syncthreads();
-  return total;
-}
-
 // kOneToken: the build that can also take the one-token item shape (LoraParams::shrink_shape != 0);
 // the default build carries only the general items.
 template <int kItemWarps, bool kOneToken>
 __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
     LoraShrinkRowsKernel(LoraParams p, const bf16* __restrict__ x, float* __restrict__ y) {
   __shared__ float red[kItemWarps][kRowItemValues];
-  __shared__ int pair_end[kCompactMaxPairs];
-  __shared__ int warp_sums[kItemWarps];
   AllowDependentLaunch();  // the expand may take SMs this launch leaves idle; it waits for y itself
   const int S = p.num_slices;
   // The segment arrays, slot table and A are not written by the kernels of a step, so they may be
@@ -329,12 +273,6 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
                  static_cast<uint32_t>(rows) * K * 2);
     }
   }
-  // Compacted items: numbered from the segment arrays and slot table (not written by the kernels
-  // of a step), before the wait. Same in every thread.
-  bool one_token = false;
-  if constexpr (kOneToken) one_token = nseg > 0 && live_rank > 0 && OneTokenShape(p, nseg, live_rank);
-  const bool compact = p.shrink_compact && !one_token && nseg > 0 && live_rank > 0 && nseg * S <= kCompactMaxPairs;
-  const int64_t compact_items = compact ? CompactPairs<kItemWarps>(p, nseg * S, groups, live_rank, pair_end, warp_sums) : 0;
   WaitForPrecedingKernel();  // x, and marks the kernel before may read (nothing when launched plainly)
   // GemmWithLora's expand marks the (row, slice) pairs it writes into the delta buffer: start
   // from none (the expand reads the marks only after this kernel has completed).
@@ -347,7 +285,7 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   }
   if (nseg == 0 || live_rank == 0) return;
   if constexpr (kOneToken) {
-    if (one_token) {  // same in every block
+    if (OneTokenShape(p, nseg, live_rank)) {  // same in every block
       switch (OneTokenRows(p, nseg, live_rank)) {
         case 16: ShrinkOneTokenItems<kItemWarps, 16>(p, x, y, nseg, live_rank, red); break;
         case 8: ShrinkOneTokenItems<kItemWarps, 8>(p, x, y, nseg, live_rank, red); break;
@@ -361,40 +299,17 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
 
-  for (int64_t item = blockIdx.x; item < (compact ? compact_items : items); item += gridDim.x) {
-    int rg, g, slice, seg;
-    int64_t local = 0;  // compact: the item within its pair
-    if (compact) {      // the pair whose items hold this one: the first with pair_end > item
-      int lo = 0, hi = nseg * S - 1;
-      while (lo < hi) {
-        const int mid = (lo + hi) / 2;
-        if (pair_end[mid] > item) {
-          hi = mid;
-        } else {
-          lo = mid + 1;
-        }
-      }
-      seg = lo / S;
-      slice = lo - seg * S;
-      local = item - (lo > 0 ? pair_end[lo - 1] : 0);
-      rg = g = 0;
-    } else {
-      int64_t rest = item;
-      rg = static_cast<int>(rest % row_groups);
-      rest /= row_groups;
-      g = static_cast<int>(rest % groups);
-      rest /= groups;
-      slice = static_cast<int>(rest % S);
-      seg = static_cast<int>(rest / S);
-    }
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    int64_t rest = item;
+    const int rg = static_cast<int>(rest % row_groups);
+    rest /= row_groups;
+    const int g = static_cast<int>(rest % groups);
+    rest /= groups;
+    const int slice = static_cast<int>(rest % S);
+    const int seg = static_cast<int>(rest / S);
     int begin, end;
     LoraSliceWeightsDev w;
     if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;
-    if (compact) {  // rg fastest, as in the full numbering
-      const int rgs = (w.rank + kRowItemRows - 1) / kRowItemRows;
-      rg = static_cast<int>(local % rgs);
-      g = static_cast<int>(local / rgs);
-    }
     const int r0 = rg * kRowItemRows;
     if (r0 >= w.rank) continue;
     const int rows = min(kRowItemRows, w.rank - r0);

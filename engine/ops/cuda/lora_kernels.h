@@ -73,11 +73,6 @@ struct LoraParams {
   // Shrink only: rows of A an item of the one-token shape (4, 8 or 16); 0: the most that still
   // give every block an item.
   int32_t shrink_rows = 0;
-  // Shrink only, general items: number only the items with work (rows below their slot's rank,
-  // segments with tokens) and deal those out to the blocks, instead of every (segment, slice, row
-  // group) of the step's rank bound, where a step of mixed ranks leaves some blocks three items
-  // and others none. The same y bits.
-  bool shrink_compact = false;
   // Shrink only (GemmWithLora's in-line chain): launch it as a programmatic dependent of the kernel
   // before it; while that kernel finishes, each block resolves its items and asks the L2 for
   // their rows of A. It reads x and writes y and the delta marks only after that kernel completed.
