@@ -745,6 +745,15 @@ struct GraphFixture {
     dense = {ref.Logits(seqs[0].tokens, &dx), ref.Logits(seqs[1].tokens, nullptr), ref.Logits(seqs[2].tokens, &dx)};
   }
 
+  // One forward of `chunks` of `seqs`, checked against the dense forward.
+  void Run(const std::vector<Chunk>& chunks) {
+    const StepInput in = MakeStep(seqs, chunks);
+    auto logits = model->Forward(in);
+    INFO(logits.status().message());
+    REQUIRE(logits.ok());
+    CheckStep(*logits, in, chunks, dense, spec.vocab_size);
+  }
+
   std::string dir;
   ModelSpec spec;
   RecordingCpuOps ops;
@@ -758,7 +767,6 @@ struct GraphFixture {
 TEST_CASE("Decode steps replayed from a recorded graph are padded to their bucket and match the dense forward") {
   GraphFixture f("llama-graph");
   LlamaModel& model = *f.model;
-  std::vector<Sequence>& seqs = f.seqs;
 
   struct Step {
     std::vector<Chunk> chunks;
@@ -776,11 +784,7 @@ TEST_CASE("Decode steps replayed from a recorded graph are padded to their bucke
       {{{0, 1}, {2, 1}}, 6, 3},                  // bucket 2 again
   };
   for (const Step& step : steps) {
-    const StepInput in = MakeStep(seqs, step.chunks);
-    auto logits = model.Forward(in);
-    INFO(logits.status().message());
-    REQUIRE(logits.ok());
-    CheckStep(*logits, in, step.chunks, f.dense, f.spec.vocab_size);
+    f.Run(step.chunks);
     CHECK(model.graph_steps() == step.graph_steps);
     CHECK(model.num_graphs() == step.graphs);
   }
@@ -790,7 +794,6 @@ TEST_CASE("Decode steps replayed from a recorded graph are padded to their bucke
 TEST_CASE("WarmUp records every bucket's graphs once; later steps replay them and match the dense forward") {
   GraphFixture f("llama-warmup");
   LlamaModel& model = *f.model;
-  std::vector<Sequence>& seqs = f.seqs;
 
   // Buckets 1, 2, 4, 8 and 16 (the capacity's 16 sequences), each without adapters and with few
   // (<= 4) adapter segments, and 8 and 16 also with more segments than that.
@@ -830,13 +833,7 @@ TEST_CASE("WarmUp records every bucket's graphs once; later steps replay them an
   // before reading it, so every step still matches the dense forward, and nothing is recaptured.
   const std::vector<std::vector<Chunk>> steps = {
       {{0, 4}, {1, 4}, {2, 4}}, {{1, 1}}, {{0, 1}, {1, 1}, {2, 1}}, {{2, 1}, {0, 1}}, {{0, 2}, {1, 1}}, {{1, 1}}};
-  for (const auto& chunks : steps) {
-    const StepInput in = MakeStep(seqs, chunks);
-    auto logits = model.Forward(in);
-    INFO(logits.status().message());
-    REQUIRE(logits.ok());
-    CheckStep(*logits, in, chunks, f.dense, f.spec.vocab_size);
-  }
+  for (const auto& chunks : steps) f.Run(chunks);
   CHECK(model.graph_steps() == 12 + 4);
   CHECK(model.num_graphs() == 12);
   CHECK(f.ops.captures() == 12);
@@ -850,12 +847,7 @@ TEST_CASE("WarmUp records every bucket's graphs once; later steps replay them an
   const int64_t replays = model.graph_steps();
   model.DropGraphs();
   CHECK(model.num_graphs() == 0);
-  const std::vector<Chunk> decode = {{0, 1}, {2, 1}};
-  const StepInput in = MakeStep(seqs, decode);
-  auto logits = model.Forward(in);
-  INFO(logits.status().message());
-  REQUIRE(logits.ok());
-  CheckStep(*logits, in, decode, f.dense, f.spec.vocab_size);
+  f.Run({{0, 1}, {2, 1}});
   CHECK(model.num_graphs() == 1);
   CHECK(f.ops.captures() == 13);
   CHECK(model.graph_steps() == replays + 1);
@@ -876,13 +868,7 @@ TEST_CASE("A pool sized for ranks above 16 gets wide-rank graphs too; steps of a
   // (nothing new is captured) and match the dense forward.
   const std::vector<std::vector<Chunk>> steps = {
       {{0, 4}, {1, 4}, {2, 4}}, {{1, 1}}, {{0, 1}, {1, 1}, {2, 1}}, {{2, 1}, {0, 1}}, {{0, 1}}};
-  for (const auto& chunks : steps) {
-    const StepInput in = MakeStep(f.seqs, chunks);
-    auto logits = model.Forward(in);
-    INFO(logits.status().message());
-    REQUIRE(logits.ok());
-    CheckStep(*logits, in, chunks, f.dense, f.spec.vocab_size);
-  }
+  for (const auto& chunks : steps) f.Run(chunks);
   CHECK(model.num_graphs() == 19);
   CHECK(f.ops.captures() == 19);
   CHECK(model.graph_steps() == 19 + 4);
