@@ -101,6 +101,7 @@ struct LlamaModel::Impl {
   StepBuffer context_lens, logit_rows;                 // [max_seqs] I32
   StepBuffer block_tables;                             // [max_seqs * max_blocks_per_seq] I32
   StepBuffer token_rows, seg_starts, seg_slots;  // [max_tokens(+1)] I32
+  StepBuffer row_slots;  // [max_tokens] I32: each row's slot, -1 for none (ops::LoraSegments::row_slots)
   StepBuffer num_segments;  // [2] I32: the segment count, then the step's rank bound
   StepBuffer sampling_rows;                            // [max_seqs] ops::SamplingRow
   // Activations (compute dtype unless noted), sized at capacity.
@@ -142,9 +143,11 @@ struct LlamaModel::Impl {
   int32_t DecodeBucket(const StepInput& in) const;
   // The batch-size bucket `tokens` decode tokens are padded to.
   int32_t BucketOf(int32_t tokens) const;
-  absl::Status UploadStep(const StepInput& in);
-  absl::Status UploadPaddedDecode(const StepInput& in, int32_t bucket);
-  void UploadLora(const lora::LoraBatch& lb);
+  // `max_rank`: StepMaxRank(in.lora), computed once a step.
+  absl::Status UploadStep(const StepInput& in, int32_t max_rank);
+  absl::Status UploadPaddedDecode(const StepInput& in, int32_t bucket, int32_t max_rank);
+  // The segment arrays, the count and rank bound, and the slot of each of `rows` rows.
+  void UploadLora(const lora::LoraBatch& lb, int32_t max_rank, int32_t rows);
   // The largest rank any slot of the step holds; INT32_MAX without a slot pool.
   int32_t StepMaxRank(const lora::LoraBatch& lb) const;
   // WarmUp: the LoRA mode whose graph its step records (-1: the step's own). Every mode's graph
@@ -374,6 +377,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
         {&impl->seg_slots, max_t * sizeof(int32_t)},
         {&impl->seg_starts, (max_t + 1) * sizeof(int32_t)},
         {&impl->token_rows, max_t * sizeof(int32_t)},
+        {&impl->row_slots, max_t * sizeof(int32_t)},
         {&impl->block_tables, max_s * capacity.max_blocks_per_seq * sizeof(int32_t)},
     };
     size_t total = 0;
@@ -535,19 +539,25 @@ int32_t LlamaModel::Impl::StepMaxRank(const lora::LoraBatch& lb) const {
   return max_rank;
 }
 
-void LlamaModel::Impl::UploadLora(const lora::LoraBatch& lb) {
+void LlamaModel::Impl::UploadLora(const lora::LoraBatch& lb, int32_t max_rank, int32_t rows) {
   // The largest rank any slot of the step holds bounds the kernels' work (ops::LoraSegments).
-  const int32_t max_rank = StepMaxRank(lb);
   const std::vector<int32_t> count = {lb.seg_slots.empty() ? 0 : lb.num_segments(), max_rank};
   if (!lb.seg_slots.empty()) {
     Upload(token_rows, lb.token_rows);
     Upload(seg_starts, lb.seg_starts);
     Upload(seg_slots, lb.seg_slots);
+    // Validated: segments cover token_rows in order, every row < rows.
+    auto* slot_of = reinterpret_cast<int32_t*>(row_slots.host);
+    std::fill(slot_of, slot_of + rows, -1);
+    for (int32_t g = 0; g < lb.num_segments(); ++g) {
+      for (int32_t i = lb.seg_starts[g]; i < lb.seg_starts[g + 1]; ++i) slot_of[lb.token_rows[i]] = lb.seg_slots[g];
+    }
+    MarkStaged(row_slots, static_cast<size_t>(rows) * sizeof(int32_t));
   }
   Upload(num_segments, count);
 }
 
-absl::Status LlamaModel::Impl::UploadStep(const StepInput& in) {
+absl::Status LlamaModel::Impl::UploadStep(const StepInput& in, int32_t max_rank) {
   for (auto [dst, src] : {std::pair{&ids, &in.token_ids},
                           {&positions, &in.positions},
                           {&slot_mapping, &in.slot_mapping},
@@ -557,11 +567,11 @@ absl::Status LlamaModel::Impl::UploadStep(const StepInput& in) {
                           {&logit_rows, &in.logit_rows}}) {
     Upload(*dst, *src);
   }
-  if (!in.lora.seg_slots.empty()) UploadLora(in.lora);
+  if (!in.lora.seg_slots.empty()) UploadLora(in.lora, max_rank, static_cast<int32_t>(in.token_ids.size()));
   return FlushUploads();
 }
 
-absl::Status LlamaModel::Impl::UploadPaddedDecode(const StepInput& in, int32_t bucket) {
+absl::Status LlamaModel::Impl::UploadPaddedDecode(const StepInput& in, int32_t bucket, int32_t max_rank) {
   // Padding tokens: id 0, position 0, no sequence (attention gives zeros, RoPE skips them), no
   // cache slot; no LoRA segment covers them. Padding logit rows read row 0 and are dropped.
   UploadPadded(ids, in.token_ids, 0, bucket);
@@ -572,7 +582,7 @@ absl::Status LlamaModel::Impl::UploadPaddedDecode(const StepInput& in, int32_t b
   Upload(context_lens, in.context_lens);
   Upload(block_tables, in.block_tables);
   // A step without adapters replays the bucket's graph recorded without LoRA kernels.
-  if (!in.lora.seg_slots.empty()) UploadLora(in.lora);
+  if (!in.lora.seg_slots.empty()) UploadLora(in.lora, max_rank, bucket);
   return FlushUploads();
 }
 
@@ -593,6 +603,7 @@ absl::Status LlamaModel::Impl::Enqueue(const StepShape& shape) {
     segments.num_tokens = static_cast<int32_t>(t);
     segments.segments_bound = shape.lora_segments_bound;
     segments.wide_ranks = shape.lora_wide;
+    segments.row_slots = static_cast<const int32_t*>(row_slots.data());
     seg_ptr = &segments;
   }
 
@@ -681,15 +692,16 @@ absl::Status LlamaModel::Impl::CheckSampling(const StepInput& in) const {
 absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
   Impl& m = *this;
   const int32_t bucket = m.DecodeBucket(in);
+  const int32_t max_rank = m.StepMaxRank(in.lora);
   bool replayed = false;
   if (bucket > 0) {
     // Copies land in the buffers the graph reads before it runs (same stream, in order).
-    LORAPLEX_RETURN_IF_ERROR(m.UploadPaddedDecode(in, bucket));
+    LORAPLEX_RETURN_IF_ERROR(m.UploadPaddedDecode(in, bucket, max_rank));
     // Steps with adapters and steps without replay separate graphs: the base model's step then
     // carries no LoRA launches at all. Steps with few adapter segments replay graphs of their
     // own too, recorded with that bound (the CUDA executor tunes their LoRA work differently).
     const bool lora = !in.lora.seg_slots.empty();
-    const int mode = m.warmup_mode >= 0 ? m.warmup_mode : LoraModeOf(in.lora, m.StepMaxRank(in.lora));
+    const int mode = m.warmup_mode >= 0 ? m.warmup_mode : LoraModeOf(in.lora, max_rank);
     const std::pair<int32_t, int> key{bucket, mode};
     auto it = m.graphs.find(key);
     if (it == m.graphs.end()) {
@@ -721,7 +733,7 @@ absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
   }
   if (!replayed) {
     // The padded upload (if any) is overwritten here: an eager step reads only its own rows.
-    LORAPLEX_RETURN_IF_ERROR(m.UploadStep(in));
+    LORAPLEX_RETURN_IF_ERROR(m.UploadStep(in, max_rank));
     Impl::StepShape shape;
     shape.tokens = static_cast<int64_t>(in.token_ids.size());
     shape.logit_rows = static_cast<int64_t>(in.logit_rows.size());
@@ -729,7 +741,7 @@ absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
     shape.max_context_len = *std::max_element(in.context_lens.begin(), in.context_lens.end());
     shape.lora = !in.lora.seg_slots.empty();
     shape.lora_segments_bound = shape.lora ? in.lora.num_segments() : 0;
-    shape.lora_wide = shape.lora && m.slot_pool != nullptr && m.StepMaxRank(in.lora) > ops::kNarrowLoraRank;
+    shape.lora_wide = shape.lora && m.slot_pool != nullptr && max_rank > ops::kNarrowLoraRank;
     LORAPLEX_RETURN_IF_ERROR(m.Enqueue(shape));
   }
   return absl::OkStatus();

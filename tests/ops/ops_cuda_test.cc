@@ -603,7 +603,7 @@ Segs BuildSegs(const std::vector<int>& token_slots, int max_len) {
 
 // Fixed-capacity device segment buffers, rewritten each step like the engine's.
 struct DevSegs {
-  DeviceMemory rows, starts, slots, count, rank_bound;
+  DeviceMemory rows, starts, slots, count, rank_bound, row_slots;
   int max_segments, num_tokens;
   static absl::StatusOr<DevSegs> Create(int max_segments, int num_tokens) {
     DevSegs d;
@@ -614,6 +614,7 @@ struct DevSegs {
     LORAPLEX_ASSIGN_OR_RETURN(d.slots, Poisoned(max_segments * 4));
     LORAPLEX_ASSIGN_OR_RETURN(d.count, Poisoned(4));
     LORAPLEX_ASSIGN_OR_RETURN(d.rank_bound, Poisoned(4));
+    LORAPLEX_ASSIGN_OR_RETURN(d.row_slots, Poisoned(num_tokens * 4));
     return d;
   }
   // Writes only the live entries: stale ones from a previous step stay behind the count.
@@ -625,13 +626,20 @@ struct DevSegs {
     LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(rows.data(), s.token_rows.data(), s.token_rows.size() * 4));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(starts.data(), s.seg_starts.data(), s.seg_starts.size() * 4));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(slots.data(), s.seg_slots.data(), s.seg_slots.size() * 4));
+    std::vector<int32_t> slot_of(num_tokens, -1);  // LoraSegments::row_slots
+    for (int g = 0; g < n; ++g) {
+      for (int i = s.seg_starts[g]; i < s.seg_starts[g + 1]; ++i) slot_of[s.token_rows[i]] = s.seg_slots[g];
+    }
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(row_slots.data(), slot_of.data(), slot_of.size() * 4));
     return g_gpu->CopyToDevice(count.data(), &n, 4);
   }
   // with_bound false: no LoraSegments::max_rank (the kernels use the module's max rank).
   LoraSegments View(bool with_bound = true) const {
-    return {static_cast<const int32_t*>(rows.data()), static_cast<const int32_t*>(starts.data()),
-            static_cast<const int32_t*>(slots.data()), static_cast<const int32_t*>(count.data()), max_segments,
-            num_tokens, with_bound ? static_cast<const int32_t*>(rank_bound.data()) : nullptr};
+    LoraSegments v{static_cast<const int32_t*>(rows.data()), static_cast<const int32_t*>(starts.data()),
+                   static_cast<const int32_t*>(slots.data()), static_cast<const int32_t*>(count.data()), max_segments,
+                   num_tokens, with_bound ? static_cast<const int32_t*>(rank_bound.data()) : nullptr};
+    v.row_slots = static_cast<const int32_t*>(row_slots.data());
+    return v;
   }
 };
 
@@ -891,8 +899,9 @@ absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens
 // SiluMul, RopeAndCacheKv) against the same two ops with the delta added by its own kernel right
 // after the GEMM: every output of the consumer, and the GEMM output it leaves in memory, bit for
 // bit; eagerly and replayed from a graph. Some tokens have no adapter; for RoPE one row is padding
-// (left as is, but its delta still lands) and one is not cached.
-enum class FoldConsumer { kAddRmsNorm, kSiluMul, kRope };
+// (left as is, but its delta still lands) and one is not cached. kNone: no consumer, the delta (or
+// a pending row expand) lands when the result is read back, or at the capture's end.
+enum class FoldConsumer { kAddRmsNorm, kSiluMul, kRope, kNone };
 
 absl::Status CheckLoraFold(FoldConsumer consumer, int tokens) {
   const int T = tokens, in = 1024, hq = 8, hkv = 2, d = 128, bs = 16, num_blocks = 8;
@@ -902,11 +911,13 @@ absl::Status CheckLoraFold(FoldConsumer consumer, int tokens) {
     case FoldConsumer::kAddRmsNorm: widths = {2048}; name = "AddRmsNorm"; break;
     case FoldConsumer::kSiluMul: widths = {1536, 1536}; name = "SiluMul"; break;
     case FoldConsumer::kRope: widths = {hq * d, hkv * d, hkv * d}; name = "RopeAndCacheKv"; break;
+    case FoldConsumer::kNone: widths = {2048}; name = "nothing"; break;
   }
   const int S = static_cast<int>(widths.size());
-  std::vector<std::vector<int>> ranks = {{16, 16, 16}, {64, 0, 64}, {8, 8, 8}};
+  // Rank 24 (and 12) take the expand's one-element-at-a-time sums; the others its LoraDot8 partials.
+  std::vector<std::vector<int>> ranks = {{16, 16, 16}, {64, 0, 64}, {8, 8, 8}, {24, 12, 40}};
   for (auto& r : ranks) r.resize(S);
-  LORAPLEX_ASSIGN_OR_RETURN(auto w, LoraWorld::Create(3, in, widths, 64, ranks));
+  LORAPLEX_ASSIGN_OR_RETURN(auto w, LoraWorld::Create(4, in, widths, 64, ranks));
   const int W = w->width(), yw = S * w->max_rank;
   std::vector<float> wt = RandomVec(static_cast<size_t>(W) * in, -0.03f, 0.03f);
   std::vector<float> x = RandomVec(static_cast<size_t>(T) * in, -1, 1);
@@ -963,6 +974,8 @@ absl::Status CheckLoraFold(FoldConsumer consumer, int tokens) {
       case FoldConsumer::kRope:
         return g_gpu->RopeAndCacheKv(gout, Gpu(d_freq, DType::kF32, {d / 2}), hq, hkv, d, meta,
                                      {Gpu(d_k, DType::kBF16, cs), Gpu(d_v, DType::kBF16, cs)});
+      case FoldConsumer::kNone:
+        break;
     }
     return absl::OkStatus();
   };
@@ -1618,6 +1631,19 @@ int Main() {
       Run("LoRA[in line] delta fold", [&] { return CheckLoraFold(c, t); });
     }
   }
+  // o's and down's expand left to AddRmsNorm (SetLoraNormExpandForTest 2: every step), beside the
+  // GEMM and in line; with no consumer it runs as the in-place expand when the result is read.
+  Run("LoRA norm expand on", [] { return cuda::SetLoraNormExpandForTest(g_gpu, 2); });
+  for (int inline_min : {INT32_MAX, 0}) {
+    Run("LoRA in line", [&] { return cuda::SetLoraInlineForTest(g_gpu, inline_min); });
+    for (int t : {1, 5, 32}) {
+      for (auto c : {FoldConsumer::kAddRmsNorm, FoldConsumer::kNone}) {
+        Run(inline_min == 0 ? "LoRA[norm expand, in line] delta fold" : "LoRA[norm expand] delta fold",
+            [&] { return CheckLoraFold(c, t); });
+      }
+    }
+  }
+  Run("LoRA norm expand default", [] { return cuda::SetLoraNormExpandForTest(g_gpu, -1); });
   Run("LoRA in line off", [] { return cuda::SetLoraInlineForTest(g_gpu, INT32_MAX); });
   Run("Synchronize", [] { return g_gpu->Synchronize(); });
 

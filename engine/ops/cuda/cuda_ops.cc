@@ -81,6 +81,10 @@ constexpr int kLoraExpandStreamMin = 0;
 // the shrink beside it on at most kLoraFewShrinkBlocks blocks, so the side chain's blocks keep SMs
 // the GEMM does not wait for: batch 32 with 4 adapters 1.08x the base step instead of 1.10-1.12x.
 // Fewer tokens lose with it (batch 8: 1.15x vs 1.10x), and so do many segments.
+// GemmWithLora calls of one slice (o, down) whose delta path applies leave their expand to the
+// AddRmsNorm that reads the GEMM output (LoraRowExpandView): 0 never, 1 for steps that may have
+// more than kFewLoraSegments segments, 2 always (SetLoraNormExpandForTest).
+constexpr int kLoraNormExpand = 0;
 constexpr int kLoraFewMinTokens = 32;
 constexpr int kLoraFewShrinkBlocks = 44;
 
@@ -179,6 +183,7 @@ class CudaOps final : public Ops {
   void set_lora_tensor_core_min_tokens(int tokens) { lora_tc_min_tokens_ = tokens; }
   void set_lora_delta_limit(size_t bytes) { lora_delta_limit_ = std::min(bytes, kLoraDeltaBytes); }
   void set_lora_fold(bool fold) { lora_fold_ = fold; }
+  void set_lora_norm_expand(int mode) { lora_norm_expand_ = mode; }
   void set_lora_shrink_warps(int warps) { lora_shrink_warps_ = warps; }
 
   void set_lora_tuning(int shrink_blocks, bool overlap, bool fork) {
@@ -287,9 +292,15 @@ class CudaOps final : public Ops {
       return Invalid(kOp, absl::StrCat("residual ", residual.shape.ToString(), " and out ", out.shape.ToString(),
                                        " must have x's shape ", x.shape.ToString()));
     }
-    LORAPLEX_ASSIGN_OR_RETURN(const LoraDeltaView delta, TakeLoraDelta(x));
+    LoraRowExpandView expand;
+    if (PendingFor(x) && !pending_.row_expand.empty() &&
+        AddRmsNormTakesRowExpand(x.data, residual.data, weight.data, x.shape[1], out.data, pending_.row_expand)) {
+      pending_.active = false;
+      expand = pending_.row_expand;
+    }
+    LORAPLEX_ASSIGN_OR_RETURN(const LoraDeltaView delta, TakeLoraDelta(x));  // none when expand is set
     return CudaStatus(LaunchAddRmsNorm(x.data, residual.data, weight.data, x.shape[0], x.shape[1], eps,
-                                       out.data, delta, stream_),
+                                       out.data, delta, expand, stream_),
                       kOp);
   }
 
@@ -569,7 +580,11 @@ class CudaOps final : public Ops {
     LORAPLEX_ASSIGN_OR_RETURN(LoraParams expand, PrepareLoraExpand(lora_y, *segments, *module, y));
     if (segments->max_segments == 0) return Gemm(x, w, 0.0f, y);  // no segment can exist
     const bool delta = !UseTensorCores(shrink) && LoraDeltaFits(*module, y);
-    if (delta) {
+    // The expand left to the AddRmsNorm that reads y (o, down): the side chain is the shrink alone.
+    const bool row_expand = delta && lora_fold_ && RowExpandFits(*segments, *module);
+    if (row_expand) {
+      expand.overlap_shrink = false;  // if it must run after all (FlushLoraDelta), in place after the GEMM
+    } else if (delta) {
       const int32_t rows = static_cast<int32_t>(y.shape[0]);
       for (LoraParams* p : {&shrink, &expand}) {
         p->delta_mask = lora_delta_mask_;
@@ -586,10 +601,12 @@ class CudaOps final : public Ops {
       shrink.num_blocks = ShrinkBlocks(*segments, *module, /*beside_gemm=*/false);
       shrink.prefetch_a = true;
       LORAPLEX_RETURN_IF_ERROR(LaunchShrink(shrink, x.data, lora_y.As<float>(), stream_, "GemmWithLora: shrink"));
-      LORAPLEX_RETURN_IF_ERROR(
-          CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, stream_), "GemmWithLora: expand"));
+      if (!row_expand) {
+        LORAPLEX_RETURN_IF_ERROR(
+            CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, stream_), "GemmWithLora: expand"));
+      }
       LORAPLEX_RETURN_IF_ERROR(GemmBesideLora(x, w, y));
-      return LeaveLoraDelta(expand, y);
+      return row_expand ? LeaveLoraRowExpand(expand, *segments, lora_y, y) : LeaveLoraDelta(expand, y);
     }
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(fork_event_, stream_), "GemmWithLora: fork"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(side_stream_, fork_event_, 0), "GemmWithLora: fork"));
@@ -606,7 +623,7 @@ class CudaOps final : public Ops {
     absl::Status side = gemm.ok() ? LaunchShrink(shrink, x.data, lora_y.As<float>(), side_stream_,
                                                  "GemmWithLora: shrink")
                                   : absl::OkStatus();
-    if (gemm.ok() && side.ok() && delta) {
+    if (gemm.ok() && side.ok() && delta && !row_expand) {
       side = CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, side_stream_), "GemmWithLora: expand");
     }
     const absl::Status recorded = CudaStatus(cudaEventRecord(join_event_, side_stream_), "GemmWithLora: join");
@@ -616,8 +633,39 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmWithLora: join"));
     LORAPLEX_RETURN_IF_ERROR(side);
     LORAPLEX_RETURN_IF_ERROR(gemm);
+    if (row_expand) return LeaveLoraRowExpand(expand, *segments, lora_y, y);
     if (delta) return LeaveLoraDelta(expand, y);
     return LaunchExpand(expand, lora_y.As<float>(), y.data, stream_, "GemmWithLora: expand");
+  }
+
+  // Whether GemmWithLora may leave this call's expand to the AddRmsNorm that reads its output
+  // (kLoraNormExpand): one slice, the rows' slots given, and the step's tuning asks for it.
+  bool RowExpandFits(const LoraSegments& segments, const LoraModule& module) const {
+    if (lora_norm_expand_ == 0 || module.num_slices != 1 || segments.row_slots == nullptr) return false;
+    return lora_norm_expand_ == 2 || segments.segments_bound == 0 || segments.segments_bound > kFewLoraSegments;
+  }
+
+  // GemmWithLora's expand (in-place params of `expand`, reading y) left for AddRmsNorm; any other
+  // op, or a norm that cannot take it, runs it as the in-place expand first.
+  absl::Status LeaveLoraRowExpand(const LoraParams& expand, const LoraSegments& segments, const TensorView& lora_y,
+                                  const TensorView& y) {
+    LoraRowExpandView v;
+    v.table = expand.table;
+    v.row_slots = segments.row_slots;
+    v.rank_bound = expand.live_max_rank;
+    v.y = lora_y.As<float>();
+    v.y_stride = lora_y.shape[1];
+    v.num_slots = expand.num_slots;
+    v.rows = static_cast<int32_t>(y.shape[0]);
+    v.max_rank = expand.max_rank;
+    pending_ = PendingLoraDelta{};
+    pending_.active = true;
+    pending_.out = y.data;
+    pending_.row_expand = v;
+    pending_.expand = expand;
+    pending_.view.rows = v.rows;
+    pending_.view.width = static_cast<int32_t>(y.shape[1]);
+    return lora_fold_ ? absl::OkStatus() : FlushLoraDelta();
   }
 
   // GemmWithLora's delta (written by `expand`) left pending for the op that reads `y` next, or
@@ -659,13 +707,18 @@ class CudaOps final : public Ops {
   // when `t` is exactly the GEMM output the delta belongs to (same memory and shape). Otherwise
   // the delta is flushed and the view is empty.
   absl::StatusOr<LoraDeltaView> TakeLoraDelta(const TensorView& t) {
-    if (pending_.active && t.data == pending_.out && t.dtype == DType::kBF16 && t.shape.rank == 2 &&
-        t.shape[0] == pending_.view.rows && t.shape[1] == pending_.view.width) {
+    if (PendingFor(t) && pending_.row_expand.empty()) {
       pending_.active = false;
       return pending_.view;
     }
     LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     return LoraDeltaView{};
+  }
+
+  // Whether the pending delta or row expand belongs to exactly `t` (same memory and shape).
+  bool PendingFor(const TensorView& t) const {
+    return pending_.active && t.data == pending_.out && t.dtype == DType::kBF16 && t.shape.rank == 2 &&
+           t.shape[0] == pending_.view.rows && t.shape[1] == pending_.view.width;
   }
 
  private:
@@ -675,6 +728,9 @@ class CudaOps final : public Ops {
   cudaError_t AddPendingLoraDelta() {
     if (!pending_.active) return cudaSuccess;
     pending_.active = false;
+    if (!pending_.row_expand.empty()) {
+      return LaunchLoraExpand(pending_.expand, pending_.row_expand.y, pending_.out, stream_);
+    }
     return LaunchLoraDeltaAdd(pending_.view, pending_.out, stream_);
   }
 
@@ -825,6 +881,7 @@ class CudaOps final : public Ops {
   int lora_expand_blocks_ = 0;  // SetLoraExpandForTest: a cap on the expand's grid (0: none)
   int lora_expand_stream_min_ = kLoraExpandStreamMin;  // SetLoraExpandForTest (LoraParams::expand_stream_min)
   bool lora_expand_narrow_ = false;                    // SetLoraExpandForTest (LoraParams::expand_narrow)
+  int lora_norm_expand_ = kLoraNormExpand;  // SetLoraNormExpandForTest
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
@@ -840,7 +897,11 @@ class CudaOps final : public Ops {
   struct PendingLoraDelta {
     bool active = false;
     void* out = nullptr;
-    LoraDeltaView view;
+    LoraDeltaView view;  // for a row expand: only rows and width (which `out` it belongs to)
+    // Not empty: instead of a delta, the expand itself is pending (LeaveLoraRowExpand), with the
+    // in-place params that run it when AddRmsNorm does not.
+    LoraRowExpandView row_expand;
+    LoraParams expand;
   };
   PendingLoraDelta pending_;
   bool lora_fold_ = true;  // tests turn folding off to compare both ways
@@ -1046,6 +1107,14 @@ absl::Status SetLoraFoldForTest(Ops* ops, bool fold) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraFoldForTest"));
   LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());
   cuda->set_lora_fold(fold);
+  return absl::OkStatus();
+}
+
+absl::Status SetLoraNormExpandForTest(Ops* ops, int mode) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraNormExpandForTest"));
+  if (mode < -1 || mode > 2) return Invalid("SetLoraNormExpandForTest", absl::StrCat("mode ", mode, " not -1, 0, 1 or 2"));
+  LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());
+  cuda->set_lora_norm_expand(mode < 0 ? kLoraNormExpand : mode);
   return absl::OkStatus();
 }
 

@@ -122,6 +122,12 @@ absl::Status SetLoraDeltaLimitForTest(Ops* ops, size_t bytes);
 // and TimeOnStream add it first with a separate kernel. `fold` false: always that kernel, right
 // after the GEMM (tests compare both ways bit for bit). Default true.
 absl::Status SetLoraFoldForTest(Ops* ops, bool fold);
+// GemmWithLora calls of one slice (o, down) on the delta path, given LoraSegments::row_slots,
+// leave the expand itself to the AddRmsNorm that reads the GEMM output, which computes each row's
+// scale·y·Bᵀ as it loads the row (the same bits; any other consumer runs the in-place expand
+// first): mode 0 never, 1 for steps that may have more than kFewLoraSegments segments, 2 always;
+// -1 the default. Folding off (SetLoraFoldForTest) turns it off too.
+absl::Status SetLoraNormExpandForTest(Ops* ops, int mode);
 // LoRA ops of steps with at least `min_tokens` tokens run the tensor-core kernels (default 256);
 // tests force either kind at any size. INVALID_ARGUMENT for min_tokens < 1.
 absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens);

@@ -31,6 +31,7 @@
 #include <algorithm>
 
 #include "engine/ops/cuda/kernel_utils.cuh"
+#include "engine/ops/cuda/lora_delta.cuh"
 
 namespace loraplex::ops::cuda {
 namespace {
@@ -60,22 +61,6 @@ __device__ __forceinline__ float Dot8(const uint4& a, const uint4& b) {
     const float2 fb = __bfloat1622float2(hb[i]);
     s = fmaf(fa.x, fb.x, s);
     s = fmaf(fa.y, fb.y, s);
-  }
-  return s;
-}
-
-// Σ_i b[i]·y[i] over 8 bf16 of b and 8 floats of y (16-byte aligned shared memory).
-__device__ __forceinline__ float Dot8(const uint4& b, const float* y) {
-  const __nv_bfloat162* hb = reinterpret_cast<const __nv_bfloat162*>(&b);
-  const float4 y0 = *reinterpret_cast<const float4*>(y);
-  const float4 y1 = *reinterpret_cast<const float4*>(y + 4);
-  const float yv[8] = {y0.x, y0.y, y0.z, y0.w, y1.x, y1.y, y1.z, y1.w};
-  float s = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 fb = __bfloat1622float2(hb[i]);
-    s = fmaf(fb.x, yv[2 * i], s);
-    s = fmaf(fb.y, yv[2 * i + 1], s);
   }
   return s;
 }
@@ -416,7 +401,7 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
         float s = 0.0f;
         if constexpr (NV > 0) {
 #pragma unroll
-          for (int v = 0; v < NV; ++v) s += Dot8(bv[c][v], y_s + 8 * v);
+          for (int v = 0; v < NV; ++v) s += LoraDot8(bv[c][v], y_s + 8 * v);
         } else {
           const bf16* b_row = b + static_cast<int64_t>(n) * r;
           for (int j = 0; j < r; ++j) s += ToFloat(b_row[j]) * y_s[j];
@@ -653,7 +638,7 @@ __device__ __forceinline__ void StreamColumns(const LoraParams& p, const StreamI
       for (int v = 0; v < nv; ++v) {
         const uint4 bv = row_s[v ^ swz];
 #pragma unroll
-        for (int t = 0; t < NT; ++t) acc[t] += Dot8(bv, y_s + t * kLoraMaxRank + 8 * v);
+        for (int t = 0; t < NT; ++t) acc[t] += LoraDot8(bv, y_s + t * kLoraMaxRank + 8 * v);
       }
     } else {
       const bf16* row_s = reinterpret_cast<const bf16*>(b_s) + static_cast<int64_t>(nl) * it.rank;

@@ -13,15 +13,8 @@
 
 namespace loraplex::ops::cuda {
 
-// Device layout of ops::LoraSliceWeights (cuda_ops.cc static_asserts that they match).
-struct LoraSliceWeightsDev {
-  const void* a;  // [rank, in_features] bf16
-  const void* b;  // [slice_width, rank] bf16
-  int32_t rank;
-  float scale;
-};
-
 inline constexpr int kLoraMaxRank = 128;     // y columns a block stages per token in shared memory
+static_assert(kLoraMaxRank == kLoraRowExpandMaxRank);
 inline constexpr int kLoraMaxSlices = kLoraDeltaMaxSlices;
 // Output columns of an expand work item when the step's ranks are <= 16; a bound of r > 16 gives
 // kLoraExpandTile·16/r (so an item moves about the same bytes of B whatever the rank).
