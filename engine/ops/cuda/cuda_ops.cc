@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <string>
+#include <utility>
 #include "absl/strings/string_view.h"
 
 #include "absl/strings/str_cat.h"
@@ -295,8 +296,7 @@ class CudaOps final : public Ops {
     LoraRowExpandView expand;
     if (PendingFor(x) && !pending_.row_expand.empty() &&
         AddRmsNormTakesRowExpand(x.data, residual.data, weight.data, x.shape[1], out.data, pending_.row_expand)) {
-      pending_.active = false;
-      expand = pending_.row_expand;
+      expand = std::exchange(pending_, PendingLoraDelta{}).row_expand;
     }
     LORAPLEX_ASSIGN_OR_RETURN(const LoraDeltaView delta, TakeLoraDelta(x));  // none when expand is set
     return CudaStatus(LaunchAddRmsNorm(x.data, residual.data, weight.data, x.shape[0], x.shape[1], eps,
@@ -671,6 +671,7 @@ class CudaOps final : public Ops {
   // GemmWithLora's delta (written by `expand`) left pending for the op that reads `y` next, or
   // added right away when folding is off.
   absl::Status LeaveLoraDelta(const LoraParams& expand, const TensorView& y) {
+    pending_ = PendingLoraDelta{};
     pending_.view = LoraDeltaOf(expand);
     pending_.out = y.data;
     pending_.active = true;
@@ -707,10 +708,7 @@ class CudaOps final : public Ops {
   // when `t` is exactly the GEMM output the delta belongs to (same memory and shape). Otherwise
   // the delta is flushed and the view is empty.
   absl::StatusOr<LoraDeltaView> TakeLoraDelta(const TensorView& t) {
-    if (PendingFor(t) && pending_.row_expand.empty()) {
-      pending_.active = false;
-      return pending_.view;
-    }
+    if (PendingFor(t) && pending_.row_expand.empty()) return std::exchange(pending_, PendingLoraDelta{}).view;
     LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     return LoraDeltaView{};
   }
@@ -727,11 +725,9 @@ class CudaOps final : public Ops {
   // FlushLoraDelta's launch (nothing when no delta is pending).
   cudaError_t AddPendingLoraDelta() {
     if (!pending_.active) return cudaSuccess;
-    pending_.active = false;
-    if (!pending_.row_expand.empty()) {
-      return LaunchLoraExpand(pending_.expand, pending_.row_expand.y, pending_.out, stream_);
-    }
-    return LaunchLoraDeltaAdd(pending_.view, pending_.out, stream_);
+    const PendingLoraDelta p = std::exchange(pending_, PendingLoraDelta{});  // whole: no stale part stays
+    if (!p.row_expand.empty()) return LaunchLoraExpand(p.expand, p.row_expand.y, p.out, stream_);
+    return LaunchLoraDeltaAdd(p.view, p.out, stream_);
   }
 
   absl::Status CheckQkvAndCache(absl::string_view op, const TensorView& qkv, int num_q_heads, int num_kv_heads,
