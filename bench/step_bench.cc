@@ -18,7 +18,7 @@
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
-//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-norm-expand 0|1|2] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-stream-min N] [--lora-expand-narrow 0|1]
+//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N]
 //                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
@@ -121,12 +121,10 @@ struct LoraTuning {
   int shrink_shape = -1;  // SetLoraShrinkShapeForTest (-1: the default)
   int shrink_rows = 0;
   int expand_stages = -1;  // SetLoraExpandForTest (-1: the default)
-  int expand_stream_min = -1;
-  int expand_narrow = 0;
+  int expand_blocks = 0;   // SetLoraExpandForTest's cap on the expand's grid (0: none)
   int gemm_sms = 0;       // SetLoraGemmSmsForTest
   int gemm_first = 0;     // SetLoraGemmFirstForTest
   int in_line = -1;       // SetLoraInlineForTest: min segments (-1: the default; 1000000: never)
-  int norm_expand = -1;   // SetLoraNormExpandForTest (-1: the default)
   int few_gemm_sms = -1;  // SetLoraFewTuningForTest (-1: the defaults; gemm SMs 0: off)
   int few_shrink_blocks = -1;
   int few_min_tokens = -1;
@@ -137,12 +135,10 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
 #if LORAPLEX_STEP_BENCH_CUDA
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkWarpsForTest(ops, t.shrink_warps));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkShapeForTest(ops, t.shrink_shape, t.shrink_rows));
-  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraExpandForTest(ops, t.expand_stages, 0, t.expand_stream_min,
-                                                                   t.expand_narrow != 0));
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraExpandForTest(ops, t.expand_stages, t.expand_blocks));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmSmsForTest(ops, t.gemm_sms));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmFirstForTest(ops, t.gemm_first));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraInlineForTest(ops, t.in_line));
-  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraNormExpandForTest(ops, t.norm_expand));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraFewTuningForTest(ops, t.few_gemm_sms, t.few_shrink_blocks, t.few_min_tokens));
   return ops::cuda::SetLoraTuningForTest(ops, t.shrink_blocks, t.overlap != 0, true);
 #else
@@ -542,11 +538,9 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-gemm-sms") return ParseFlag(flag, value, 1, 1 << 20, &t->gemm_sms);
   if (flag == "--lora-gemm-first") return ParseFlag(flag, value, 0, 4, &t->gemm_first);
   if (flag == "--lora-inline") return ParseFlag(flag, value, -1, 1 << 20, &t->in_line);
-  if (flag == "--lora-norm-expand") return ParseFlag(flag, value, -1, 2, &t->norm_expand);
   if (flag == "--lora-shrink-shape") return ParseFlag(flag, value, -1, 2, &t->shrink_shape);
   if (flag == "--lora-shrink-rows") return ParseFlag(flag, value, 0, 16, &t->shrink_rows);
-  if (flag == "--lora-expand-stream-min") return ParseFlag(flag, value, -1, 1 << 20, &t->expand_stream_min);
-  if (flag == "--lora-expand-narrow") return ParseFlag(flag, value, 0, 1, &t->expand_narrow);
+  if (flag == "--lora-expand-blocks") return ParseFlag(flag, value, 0, 1 << 20, &t->expand_blocks);
   if (flag == "--lora-expand-stages") {
     LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, value, -1, 3, &t->expand_stages));
     if (t->expand_stages == 1) return absl::InvalidArgumentError("--lora-expand-stages 1 (expected -1, 0, 2 or 3)");
@@ -582,7 +576,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-norm-expand 0|1|2] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-stream-min N] [--lora-expand-narrow 0|1] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;

@@ -101,7 +101,6 @@ struct LlamaModel::Impl {
   StepBuffer context_lens, logit_rows;                 // [max_seqs] I32
   StepBuffer block_tables;                             // [max_seqs * max_blocks_per_seq] I32
   StepBuffer token_rows, seg_starts, seg_slots;  // [max_tokens(+1)] I32
-  StepBuffer row_slots;  // [max_tokens] I32: each row's slot, -1 for none (ops::LoraSegments::row_slots)
   StepBuffer num_segments;  // [2] I32: the segment count, then the step's rank bound
   StepBuffer sampling_rows;                            // [max_seqs] ops::SamplingRow
   // Activations (compute dtype unless noted), sized at capacity.
@@ -146,8 +145,8 @@ struct LlamaModel::Impl {
   // `max_rank`: StepMaxRank(in.lora), computed once a step.
   absl::Status UploadStep(const StepInput& in, int32_t max_rank);
   absl::Status UploadPaddedDecode(const StepInput& in, int32_t bucket, int32_t max_rank);
-  // The segment arrays, the count and rank bound, and the slot of each of `rows` rows.
-  void UploadLora(const lora::LoraBatch& lb, int32_t max_rank, int32_t rows);
+  // The segment arrays, their count and the step's rank bound `max_rank`.
+  void UploadLora(const lora::LoraBatch& lb, int32_t max_rank);
   // The largest rank any slot of the step holds; INT32_MAX without a slot pool.
   int32_t StepMaxRank(const lora::LoraBatch& lb) const;
   // WarmUp: the LoRA mode whose graph its step records (-1: the step's own). Every mode's graph
@@ -377,7 +376,6 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
         {&impl->seg_slots, max_t * sizeof(int32_t)},
         {&impl->seg_starts, (max_t + 1) * sizeof(int32_t)},
         {&impl->token_rows, max_t * sizeof(int32_t)},
-        {&impl->row_slots, max_t * sizeof(int32_t)},
         {&impl->block_tables, max_s * capacity.max_blocks_per_seq * sizeof(int32_t)},
     };
     size_t total = 0;
@@ -539,20 +537,13 @@ int32_t LlamaModel::Impl::StepMaxRank(const lora::LoraBatch& lb) const {
   return max_rank;
 }
 
-void LlamaModel::Impl::UploadLora(const lora::LoraBatch& lb, int32_t max_rank, int32_t rows) {
+void LlamaModel::Impl::UploadLora(const lora::LoraBatch& lb, int32_t max_rank) {
   // The largest rank any slot of the step holds bounds the kernels' work (ops::LoraSegments).
   const std::vector<int32_t> count = {lb.seg_slots.empty() ? 0 : lb.num_segments(), max_rank};
   if (!lb.seg_slots.empty()) {
     Upload(token_rows, lb.token_rows);
     Upload(seg_starts, lb.seg_starts);
     Upload(seg_slots, lb.seg_slots);
-    // Validated: segments cover token_rows in order, every row < rows.
-    auto* slot_of = reinterpret_cast<int32_t*>(row_slots.host);
-    std::fill(slot_of, slot_of + rows, -1);
-    for (int32_t g = 0; g < lb.num_segments(); ++g) {
-      for (int32_t i = lb.seg_starts[g]; i < lb.seg_starts[g + 1]; ++i) slot_of[lb.token_rows[i]] = lb.seg_slots[g];
-    }
-    MarkStaged(row_slots, static_cast<size_t>(rows) * sizeof(int32_t));
   }
   Upload(num_segments, count);
 }
@@ -567,7 +558,7 @@ absl::Status LlamaModel::Impl::UploadStep(const StepInput& in, int32_t max_rank)
                           {&logit_rows, &in.logit_rows}}) {
     Upload(*dst, *src);
   }
-  if (!in.lora.seg_slots.empty()) UploadLora(in.lora, max_rank, static_cast<int32_t>(in.token_ids.size()));
+  if (!in.lora.seg_slots.empty()) UploadLora(in.lora, max_rank);
   return FlushUploads();
 }
 
@@ -582,7 +573,7 @@ absl::Status LlamaModel::Impl::UploadPaddedDecode(const StepInput& in, int32_t b
   Upload(context_lens, in.context_lens);
   Upload(block_tables, in.block_tables);
   // A step without adapters replays the bucket's graph recorded without LoRA kernels.
-  if (!in.lora.seg_slots.empty()) UploadLora(in.lora, max_rank, bucket);
+  if (!in.lora.seg_slots.empty()) UploadLora(in.lora, max_rank);
   return FlushUploads();
 }
 
@@ -603,7 +594,6 @@ absl::Status LlamaModel::Impl::Enqueue(const StepShape& shape) {
     segments.num_tokens = static_cast<int32_t>(t);
     segments.segments_bound = shape.lora_segments_bound;
     segments.wide_ranks = shape.lora_wide;
-    segments.row_slots = static_cast<const int32_t*>(row_slots.data());
     seg_ptr = &segments;
   }
 

@@ -112,11 +112,6 @@ struct LoraSegments {
   // Executors may run the LoRA work of the two classes differently (the CUDA expand streams
   // the wide ones).
   bool wide_ranks = false;
-  // [num_tokens] optional: each row's slot, -1 for rows in no segment (the inverse of the
-  // arrays above). An executor may use it to apply a row's adapter in a kernel that walks rows
-  // (the CUDA AddRmsNorm applies o's and down's B there); null: not given. Must agree with the
-  // segments of every step run with these arrays.
-  const int32_t* row_slots = nullptr;
 };
 
 // Steps with at most this many adapter segments are few-adapter steps: the model records their

@@ -603,7 +603,7 @@ Segs BuildSegs(const std::vector<int>& token_slots, int max_len) {
 
 // Fixed-capacity device segment buffers, rewritten each step like the engine's.
 struct DevSegs {
-  DeviceMemory rows, starts, slots, count, rank_bound, row_slots;
+  DeviceMemory rows, starts, slots, count, rank_bound;
   int max_segments, num_tokens;
   static absl::StatusOr<DevSegs> Create(int max_segments, int num_tokens) {
     DevSegs d;
@@ -614,7 +614,6 @@ struct DevSegs {
     LORAPLEX_ASSIGN_OR_RETURN(d.slots, Poisoned(max_segments * 4));
     LORAPLEX_ASSIGN_OR_RETURN(d.count, Poisoned(4));
     LORAPLEX_ASSIGN_OR_RETURN(d.rank_bound, Poisoned(4));
-    LORAPLEX_ASSIGN_OR_RETURN(d.row_slots, Poisoned(num_tokens * 4));
     return d;
   }
   // Writes only the live entries: stale ones from a previous step stay behind the count.
@@ -626,20 +625,13 @@ struct DevSegs {
     LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(rows.data(), s.token_rows.data(), s.token_rows.size() * 4));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(starts.data(), s.seg_starts.data(), s.seg_starts.size() * 4));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(slots.data(), s.seg_slots.data(), s.seg_slots.size() * 4));
-    std::vector<int32_t> slot_of(num_tokens, -1);  // LoraSegments::row_slots
-    for (int g = 0; g < n; ++g) {
-      for (int i = s.seg_starts[g]; i < s.seg_starts[g + 1]; ++i) slot_of[s.token_rows[i]] = s.seg_slots[g];
-    }
-    LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(row_slots.data(), slot_of.data(), slot_of.size() * 4));
     return g_gpu->CopyToDevice(count.data(), &n, 4);
   }
   // with_bound false: no LoraSegments::max_rank (the kernels use the module's max rank).
   LoraSegments View(bool with_bound = true) const {
-    LoraSegments v{static_cast<const int32_t*>(rows.data()), static_cast<const int32_t*>(starts.data()),
-                   static_cast<const int32_t*>(slots.data()), static_cast<const int32_t*>(count.data()), max_segments,
-                   num_tokens, with_bound ? static_cast<const int32_t*>(rank_bound.data()) : nullptr};
-    v.row_slots = static_cast<const int32_t*>(row_slots.data());
-    return v;
+    return {static_cast<const int32_t*>(rows.data()), static_cast<const int32_t*>(starts.data()),
+            static_cast<const int32_t*>(slots.data()), static_cast<const int32_t*>(count.data()), max_segments,
+            num_tokens, with_bound ? static_cast<const int32_t*>(rank_bound.data()) : nullptr};
   }
 };
 
@@ -795,11 +787,10 @@ absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const
   const LoraSegments ds = st.dsegs->View();
   const TensorView gy = Gpu(st.d_y, DType::kF32, {T, yw}), gout = Gpu(st.d_out, DType::kBF16, {T, W});
   std::vector<float> item_by_item;
-  struct Setting { int stages, blocks, stream_min; bool narrow; };
-  for (const Setting& c : std::vector<Setting>{{0, 0, -1, false}, {0, 0, -1, true}, {2, 0, 0, false}, {3, 0, 0, false},
-                                               {2, small_grid, 0, false}, {3, small_grid, 0, false}, {3, 0, 2, false}}) {
+  struct Setting { int stages, blocks; };
+  for (const Setting& c : std::vector<Setting>{{0, 0}, {2, 0}, {3, 0}, {2, small_grid}, {3, small_grid}, {0, small_grid}}) {
     const int stages = c.stages, blocks = c.blocks;
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks, c.stream_min, c.narrow));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks));
     LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_out.data(), base));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraExpand(gy, ds, dm, gout));
     LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(st.d_out.data(), static_cast<size_t>(T) * W));
@@ -807,8 +798,7 @@ absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const
       item_by_item = std::move(got);
       continue;
     }
-    Compare(absl::StrCat(name, " stages=", stages, " blocks=", blocks, " stream_min=", c.stream_min,
-                         c.narrow ? " narrow" : "", " segs=", segs.count()),
+    Compare(absl::StrCat(name, " stages=", stages, " blocks=", blocks, " segs=", segs.count()),
             got, item_by_item, 0.0,
             std::vector<uint8_t>(item_by_item.size(), 0));
   }
@@ -1108,7 +1098,7 @@ absl::Status LoraTests() {
   // element-wise tiles) and K = 14336; against the CPU and bit for bit against the item-by-item
   // expand.
   for (auto [stages, blocks] : std::vector<std::pair<int, int>>{{2, 0}, {3, 0}, {3, 5}, {2, 7}}) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks, /*stream_min=*/0));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks));
     const std::string n = absl::StrCat("LoRA odd ranks expand stages ", stages, " blocks ", blocks);
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " one-token segments", st3, RandomTokenSlots(T3, 4, 0.05), 1, nullptr));
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " short segments", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
@@ -1126,7 +1116,7 @@ absl::Status LoraTests() {
   // Expand launched as a plain kernel, after the shrink finished (both pipelines).
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, false, true));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks no overlap", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, 3, 0, 0));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, 3));
   LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA odd ranks no overlap stages 3", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
@@ -1196,7 +1186,7 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters] down", *down, 40, true, true, 3, false, 2));
   // The streamed expand into the delta buffer (beside the GEMM and in line), eager and replayed.
   for (int stages : {2, 3}) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, 0, /*stream_min=*/0));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages));
     const std::string n = absl::StrCat("GemmWithLora[expand stages ", stages, "]");
     for (bool graph : {false, true}) {
       LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora(n + " qkv", *world, T, true, graph, 4));
@@ -1458,14 +1448,14 @@ absl::Status TimeLora() {
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, s, r));
     std::printf("shrink shape %d rows %d\n", s, r);
   }
-  // LORAPLEX_TIME_EXPAND=STAGES,STREAM_MIN,NARROW: time the expand SetLoraExpandForTest gives.
+  // LORAPLEX_TIME_EXPAND=STAGES: time the expand SetLoraExpandForTest gives.
   if (const char* expand = std::getenv("LORAPLEX_TIME_EXPAND"); expand != nullptr) {
-    int stages = 0, stream_min = 0, narrow = 0;
-    if (std::sscanf(expand, "%d,%d,%d", &stages, &stream_min, &narrow) != 3) {
-      return absl::InvalidArgumentError(absl::StrCat("LORAPLEX_TIME_EXPAND '", expand, "' is not STAGES,STREAM_MIN,NARROW"));
+    int stages = 0;
+    if (std::sscanf(expand, "%d", &stages) != 1) {
+      return absl::InvalidArgumentError(absl::StrCat("LORAPLEX_TIME_EXPAND '", expand, "' is not STAGES"));
     }
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, 0, stream_min, narrow != 0));
-    std::printf("expand stages %d stream_min %d narrow %d\n", stages, stream_min, narrow);
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages));
+    std::printf("expand stages %d\n", stages);
   }
   LORAPLEX_ASSIGN_OR_RETURN(WeightPool pool, WeightPool::Create(size_t{2} << 30));
   struct Shape3 { const char* name; int in; std::vector<int> widths; };
@@ -1620,7 +1610,7 @@ int Main() {
   AttentionTests();
   Run("LoRA", [] { return LoraTests(); });
   for (int t : {1, 5, 32}) {
-    for (auto c : {FoldConsumer::kAddRmsNorm, FoldConsumer::kSiluMul, FoldConsumer::kRope}) {
+    for (auto c : {FoldConsumer::kAddRmsNorm, FoldConsumer::kSiluMul, FoldConsumer::kRope, FoldConsumer::kNone}) {
       Run("LoRA delta fold", [&] { return CheckLoraFold(c, t); });
     }
   }
@@ -1631,19 +1621,6 @@ int Main() {
       Run("LoRA[in line] delta fold", [&] { return CheckLoraFold(c, t); });
     }
   }
-  // o's and down's expand left to AddRmsNorm (SetLoraNormExpandForTest 2: every step), beside the
-  // GEMM and in line; with no consumer it runs as the in-place expand when the result is read.
-  Run("LoRA norm expand on", [] { return cuda::SetLoraNormExpandForTest(g_gpu, 2); });
-  for (int inline_min : {INT32_MAX, 0}) {
-    Run("LoRA in line", [&] { return cuda::SetLoraInlineForTest(g_gpu, inline_min); });
-    for (int t : {1, 5, 32}) {
-      for (auto c : {FoldConsumer::kAddRmsNorm, FoldConsumer::kNone}) {
-        Run(inline_min == 0 ? "LoRA[norm expand, in line] delta fold" : "LoRA[norm expand] delta fold",
-            [&] { return CheckLoraFold(c, t); });
-      }
-    }
-  }
-  Run("LoRA norm expand default", [] { return cuda::SetLoraNormExpandForTest(g_gpu, -1); });
   Run("LoRA in line off", [] { return cuda::SetLoraInlineForTest(g_gpu, INT32_MAX); });
   Run("Synchronize", [] { return g_gpu->Synchronize(); });
 

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <string>
-#include <utility>
 #include "absl/strings/string_view.h"
 
 #include "absl/strings/str_cat.h"
@@ -75,18 +74,18 @@ constexpr int kLoraShrinkShape = 1;
 // with one from 1.063x to 1.085x.
 constexpr int kLoraExpandStages = 0;
 constexpr int kLoraWideExpandStages = 2;
-// The streamed expand streams steps with at least this many items a block (LoraParams::expand_stream_min).
-constexpr int kLoraExpandStreamMin = 0;
 // Steps of at most kFewLoraSegments segments (ops.h; the model's few-adapter graphs) and at least
 // kLoraFewMinTokens tokens run GemmWithLora's GEMM as cuBLASLt chooses it for 2/3 of the SMs, with
 // the shrink beside it on at most kLoraFewShrinkBlocks blocks, so the side chain's blocks keep SMs
 // the GEMM does not wait for: batch 32 with 4 adapters 1.08x the base step instead of 1.10-1.12x.
 // Fewer tokens lose with it (batch 8: 1.15x vs 1.10x), and so do many segments.
-// GemmWithLora calls of one slice (o, down) whose delta path applies leave their expand to the
-// AddRmsNorm that reads the GEMM output (LoraRowExpandView): 0 never, 1 for steps that may have
-// more than kFewLoraSegments segments, 2 always (SetLoraNormExpandForTest).
-constexpr int kLoraNormExpand = 0;
 constexpr int kLoraFewMinTokens = 32;
+// Steps of more than kFewLoraSegments segments, ranks all <= kNarrowLoraRank and at least
+// kLoraFewMinTokens tokens run the shrink beside the GEMM on at most half the SMs instead of 3/4:
+// batch 32 with 32 distinct r16 adapters 1.212-1.224x the base step instead of 1.232-1.244x (two
+// runs, same process; 55, 77 and 88 blocks in between; bench/runs/2026-11-29-ninth). Wider ranks
+// lose with it (8 adapters of ranks 8..64: 1.262x -> 1.280x at batch 32).
+constexpr int kLoraManyNarrowShrinkSmShare = 2;  // 1/2 of the SMs
 constexpr int kLoraFewShrinkBlocks = 44;
 
 absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
@@ -152,7 +151,6 @@ class CudaOps final : public Ops {
                                         "CUDA executor: allocate LoRA delta"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(reinterpret_cast<void**>(&ops->lora_delta_mask_), kLoraDeltaMaskBytes),
                                         "CUDA executor: allocate LoRA delta marks"));
-
     // Enough for the sampler's first pass split over blocks on up to 4096 rows; past that it
     // reads each row in one block.
     ops->sample_scratch_bytes_ = SampleScratchBytes(4096);
@@ -184,7 +182,6 @@ class CudaOps final : public Ops {
   void set_lora_tensor_core_min_tokens(int tokens) { lora_tc_min_tokens_ = tokens; }
   void set_lora_delta_limit(size_t bytes) { lora_delta_limit_ = std::min(bytes, kLoraDeltaBytes); }
   void set_lora_fold(bool fold) { lora_fold_ = fold; }
-  void set_lora_norm_expand(int mode) { lora_norm_expand_ = mode; }
   void set_lora_shrink_warps(int warps) { lora_shrink_warps_ = warps; }
 
   void set_lora_tuning(int shrink_blocks, bool overlap, bool fork) {
@@ -293,14 +290,9 @@ class CudaOps final : public Ops {
       return Invalid(kOp, absl::StrCat("residual ", residual.shape.ToString(), " and out ", out.shape.ToString(),
                                        " must have x's shape ", x.shape.ToString()));
     }
-    LoraRowExpandView expand;
-    if (PendingFor(x) && !pending_.row_expand.empty() &&
-        AddRmsNormTakesRowExpand(x.data, residual.data, weight.data, x.shape[1], out.data, pending_.row_expand)) {
-      expand = std::exchange(pending_, PendingLoraDelta{}).row_expand;
-    }
-    LORAPLEX_ASSIGN_OR_RETURN(const LoraDeltaView delta, TakeLoraDelta(x));  // none when expand is set
+    LORAPLEX_ASSIGN_OR_RETURN(const LoraDeltaView delta, TakeLoraDelta(x));
     return CudaStatus(LaunchAddRmsNorm(x.data, residual.data, weight.data, x.shape[0], x.shape[1], eps,
-                                       out.data, delta, expand, stream_),
+                                       out.data, delta, stream_),
                       kOp);
   }
 
@@ -329,11 +321,9 @@ class CudaOps final : public Ops {
     lora_shrink_shape_ = shape < 0 ? kLoraShrinkShape : shape;
     lora_shrink_rows_ = rows;
   }
-  void set_lora_expand(int stages, int blocks, int stream_min, bool narrow) {
+  void set_lora_expand(int stages, int blocks) {
     lora_expand_stages_ = stages;
     lora_expand_blocks_ = blocks;
-    lora_expand_stream_min_ = stream_min < 0 ? kLoraExpandStreamMin : stream_min;
-    lora_expand_narrow_ = narrow;
   }
   void set_lora_inline(int min_segments) {
     lora_inline_min_segments_ = min_segments < 0 ? kLoraInlineMinSegments : min_segments;
@@ -580,11 +570,7 @@ class CudaOps final : public Ops {
     LORAPLEX_ASSIGN_OR_RETURN(LoraParams expand, PrepareLoraExpand(lora_y, *segments, *module, y));
     if (segments->max_segments == 0) return Gemm(x, w, 0.0f, y);  // no segment can exist
     const bool delta = !UseTensorCores(shrink) && LoraDeltaFits(*module, y);
-    // The expand left to the AddRmsNorm that reads y (o, down): the side chain is the shrink alone.
-    const bool row_expand = delta && lora_fold_ && RowExpandFits(*segments, *module);
-    if (row_expand) {
-      expand.overlap_shrink = false;  // if it must run after all (FlushLoraDelta), in place after the GEMM
-    } else if (delta) {
+    if (delta) {
       const int32_t rows = static_cast<int32_t>(y.shape[0]);
       for (LoraParams* p : {&shrink, &expand}) {
         p->delta_mask = lora_delta_mask_;
@@ -601,12 +587,10 @@ class CudaOps final : public Ops {
       shrink.num_blocks = ShrinkBlocks(*segments, *module, /*beside_gemm=*/false);
       shrink.prefetch_a = true;
       LORAPLEX_RETURN_IF_ERROR(LaunchShrink(shrink, x.data, lora_y.As<float>(), stream_, "GemmWithLora: shrink"));
-      if (!row_expand) {
-        LORAPLEX_RETURN_IF_ERROR(
-            CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, stream_), "GemmWithLora: expand"));
-      }
+      LORAPLEX_RETURN_IF_ERROR(
+          CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, stream_), "GemmWithLora: expand"));
       LORAPLEX_RETURN_IF_ERROR(GemmBesideLora(x, w, y));
-      return row_expand ? LeaveLoraRowExpand(expand, *segments, lora_y, y) : LeaveLoraDelta(expand, y);
+      return LeaveLoraDelta(expand, y);
     }
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(fork_event_, stream_), "GemmWithLora: fork"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(side_stream_, fork_event_, 0), "GemmWithLora: fork"));
@@ -623,7 +607,7 @@ class CudaOps final : public Ops {
     absl::Status side = gemm.ok() ? LaunchShrink(shrink, x.data, lora_y.As<float>(), side_stream_,
                                                  "GemmWithLora: shrink")
                                   : absl::OkStatus();
-    if (gemm.ok() && side.ok() && delta && !row_expand) {
+    if (gemm.ok() && side.ok() && delta) {
       side = CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, side_stream_), "GemmWithLora: expand");
     }
     const absl::Status recorded = CudaStatus(cudaEventRecord(join_event_, side_stream_), "GemmWithLora: join");
@@ -633,45 +617,13 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmWithLora: join"));
     LORAPLEX_RETURN_IF_ERROR(side);
     LORAPLEX_RETURN_IF_ERROR(gemm);
-    if (row_expand) return LeaveLoraRowExpand(expand, *segments, lora_y, y);
     if (delta) return LeaveLoraDelta(expand, y);
     return LaunchExpand(expand, lora_y.As<float>(), y.data, stream_, "GemmWithLora: expand");
-  }
-
-  // Whether GemmWithLora may leave this call's expand to the AddRmsNorm that reads its output
-  // (kLoraNormExpand): one slice, the rows' slots given, and the step's tuning asks for it.
-  bool RowExpandFits(const LoraSegments& segments, const LoraModule& module) const {
-    if (lora_norm_expand_ == 0 || module.num_slices != 1 || segments.row_slots == nullptr) return false;
-    return lora_norm_expand_ == 2 || segments.segments_bound == 0 || segments.segments_bound > kFewLoraSegments;
-  }
-
-  // GemmWithLora's expand (in-place params of `expand`, reading y) left for AddRmsNorm; any other
-  // op, or a norm that cannot take it, runs it as the in-place expand first.
-  absl::Status LeaveLoraRowExpand(const LoraParams& expand, const LoraSegments& segments, const TensorView& lora_y,
-                                  const TensorView& y) {
-    LoraRowExpandView v;
-    v.table = expand.table;
-    v.row_slots = segments.row_slots;
-    v.rank_bound = expand.live_max_rank;
-    v.y = lora_y.As<float>();
-    v.y_stride = lora_y.shape[1];
-    v.num_slots = expand.num_slots;
-    v.rows = static_cast<int32_t>(y.shape[0]);
-    v.max_rank = expand.max_rank;
-    pending_ = PendingLoraDelta{};
-    pending_.active = true;
-    pending_.out = y.data;
-    pending_.row_expand = v;
-    pending_.expand = expand;
-    pending_.view.rows = v.rows;
-    pending_.view.width = static_cast<int32_t>(y.shape[1]);
-    return lora_fold_ ? absl::OkStatus() : FlushLoraDelta();
   }
 
   // GemmWithLora's delta (written by `expand`) left pending for the op that reads `y` next, or
   // added right away when folding is off.
   absl::Status LeaveLoraDelta(const LoraParams& expand, const TensorView& y) {
-    pending_ = PendingLoraDelta{};
     pending_.view = LoraDeltaOf(expand);
     pending_.out = y.data;
     pending_.active = true;
@@ -708,15 +660,13 @@ class CudaOps final : public Ops {
   // when `t` is exactly the GEMM output the delta belongs to (same memory and shape). Otherwise
   // the delta is flushed and the view is empty.
   absl::StatusOr<LoraDeltaView> TakeLoraDelta(const TensorView& t) {
-    if (PendingFor(t) && pending_.row_expand.empty()) return std::exchange(pending_, PendingLoraDelta{}).view;
+    if (pending_.active && t.data == pending_.out && t.dtype == DType::kBF16 && t.shape.rank == 2 &&
+        t.shape[0] == pending_.view.rows && t.shape[1] == pending_.view.width) {
+      pending_.active = false;
+      return pending_.view;
+    }
     LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     return LoraDeltaView{};
-  }
-
-  // Whether the pending delta or row expand belongs to exactly `t` (same memory and shape).
-  bool PendingFor(const TensorView& t) const {
-    return pending_.active && t.data == pending_.out && t.dtype == DType::kBF16 && t.shape.rank == 2 &&
-           t.shape[0] == pending_.view.rows && t.shape[1] == pending_.view.width;
   }
 
  private:
@@ -725,9 +675,8 @@ class CudaOps final : public Ops {
   // FlushLoraDelta's launch (nothing when no delta is pending).
   cudaError_t AddPendingLoraDelta() {
     if (!pending_.active) return cudaSuccess;
-    const PendingLoraDelta p = std::exchange(pending_, PendingLoraDelta{});  // whole: no stale part stays
-    if (!p.row_expand.empty()) return LaunchLoraExpand(p.expand, p.row_expand.y, p.out, stream_);
-    return LaunchLoraDeltaAdd(p.view, p.out, stream_);
+    pending_.active = false;
+    return LaunchLoraDeltaAdd(pending_.view, pending_.out, stream_);
   }
 
   absl::Status CheckQkvAndCache(absl::string_view op, const TensorView& qkv, int num_q_heads, int num_kv_heads,
@@ -781,10 +730,16 @@ class CudaOps final : public Ops {
     return p;
   }
 
-  // The decode shrink's grid (LoraShrinkBlocks), under the test cap when one is set.
+  // The decode shrink's grid (LoraShrinkBlocks), under the test cap when one is set, else under
+  // kLoraManyNarrowShrinkSmShare's for the steps it names.
   int ShrinkBlocks(const LoraSegments& segments, const LoraModule& module, bool beside_gemm) const {
     const int blocks = LoraShrinkBlocks(num_sms_, segments.num_tokens, module.num_slices, module.max_rank, beside_gemm);
-    return lora_shrink_blocks_ > 0 ? std::min(blocks, lora_shrink_blocks_) : blocks;
+    if (lora_shrink_blocks_ > 0) return std::min(blocks, lora_shrink_blocks_);  // the test cap replaces the rule below
+    if (beside_gemm && !segments.wide_ranks && SegmentsBound(segments) > kFewLoraSegments &&
+        segments.num_tokens >= kLoraFewMinTokens) {
+      return std::min(blocks, std::max(1, num_sms_ / kLoraManyNarrowShrinkSmShare));
+    }
+    return blocks;
   }
 
   absl::StatusOr<LoraParams> PrepareLoraExpand(const TensorView& y, const LoraSegments& segments,
@@ -805,8 +760,6 @@ class CudaOps final : public Ops {
     p.expand_stages = lora_expand_stages_ >= 0 ? lora_expand_stages_
                       : segments.wide_ranks      ? kLoraWideExpandStages
                                                  : kLoraExpandStages;
-    p.expand_stream_min = lora_expand_stream_min_;
-    p.expand_narrow = lora_expand_narrow_;
     return p;
   }
 
@@ -875,9 +828,6 @@ class CudaOps final : public Ops {
   int lora_shrink_rows_ = 0;    // SetLoraShrinkShapeForTest (LoraParams::shrink_rows)
   int lora_expand_stages_ = -1;  // SetLoraExpandForTest (LoraParams::expand_stages); -1: by rank class
   int lora_expand_blocks_ = 0;  // SetLoraExpandForTest: a cap on the expand's grid (0: none)
-  int lora_expand_stream_min_ = kLoraExpandStreamMin;  // SetLoraExpandForTest (LoraParams::expand_stream_min)
-  bool lora_expand_narrow_ = false;                    // SetLoraExpandForTest (LoraParams::expand_narrow)
-  int lora_norm_expand_ = kLoraNormExpand;  // SetLoraNormExpandForTest
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
@@ -893,11 +843,7 @@ class CudaOps final : public Ops {
   struct PendingLoraDelta {
     bool active = false;
     void* out = nullptr;
-    LoraDeltaView view;  // for a row expand: only rows and width (which `out` it belongs to)
-    // Not empty: instead of a delta, the expand itself is pending (LeaveLoraRowExpand), with the
-    // in-place params that run it when AddRmsNorm does not.
-    LoraRowExpandView row_expand;
-    LoraParams expand;
+    LoraDeltaView view;
   };
   PendingLoraDelta pending_;
   bool lora_fold_ = true;  // tests turn folding off to compare both ways
@@ -1060,13 +1006,13 @@ absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows) {
   return absl::OkStatus();
 }
 
-absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks, int stream_min, bool narrow) {
+absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraExpandForTest"));
   if (stages < -1 || stages == 1 || stages > 3) {
     return Invalid("SetLoraExpandForTest", absl::StrCat("stages ", stages, " not -1, 0, 2 or 3"));
   }
   if (blocks < 0) return Invalid("SetLoraExpandForTest", absl::StrCat("blocks ", blocks, " < 0"));
-  cuda->set_lora_expand(stages, blocks, stream_min, narrow);
+  cuda->set_lora_expand(stages, blocks);
   return absl::OkStatus();
 }
 
@@ -1103,14 +1049,6 @@ absl::Status SetLoraFoldForTest(Ops* ops, bool fold) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraFoldForTest"));
   LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());
   cuda->set_lora_fold(fold);
-  return absl::OkStatus();
-}
-
-absl::Status SetLoraNormExpandForTest(Ops* ops, int mode) {
-  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraNormExpandForTest"));
-  if (mode < -1 || mode > 2) return Invalid("SetLoraNormExpandForTest", absl::StrCat("mode ", mode, " not -1, 0, 1 or 2"));
-  LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());
-  cuda->set_lora_norm_expand(mode < 0 ? kLoraNormExpand : mode);
   return absl::OkStatus();
 }
 

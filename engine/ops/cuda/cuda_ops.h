@@ -72,13 +72,10 @@ absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0);
 // The decode expand's pipeline: 0 takes a block's items one after another; 2 or 3 streams them,
 // keeping that many items' B tiles and y in shared memory and copying the next while it
 // multiplies the current (LoraParams::expand_stages); -1 restores the default (item by item for
-// narrow-rank steps, 2 stages for LoraSegments::wide_ranks). blocks > 0 caps
-// the expand's grid (tests: blocks then walk many items); 0 sizes it to the step. stream_min: the
-// streamed expand streams steps with at least that many items a block, others run item by item
-// (0: always streams; -1: the default). narrow: the item-by-item expand always takes tiles as
-// narrow as the step's rank bound makes them. The same bits in every case. INVALID_ARGUMENT for
-// other values.
-absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0, int stream_min = -1, bool narrow = false);
+// narrow-rank steps, 2 stages for LoraSegments::wide_ranks). blocks > 0 caps the expand's grid
+// (tests: blocks then walk many items; step_bench --lora-expand-blocks); 0 sizes it to the step.
+// The same bits in every case. INVALID_ARGUMENT for other values.
+absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0);
 // An experiment (off by default): GemmWithLora's GEMM uses the algorithms cuBLASLt chooses for
 // `sms` SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), leaving the rest to the LoRA side chain beside
 // it; 0 goes back to the executor's GEMM. Synchronizes; call it outside captures.
@@ -122,12 +119,6 @@ absl::Status SetLoraDeltaLimitForTest(Ops* ops, size_t bytes);
 // and TimeOnStream add it first with a separate kernel. `fold` false: always that kernel, right
 // after the GEMM (tests compare both ways bit for bit). Default true.
 absl::Status SetLoraFoldForTest(Ops* ops, bool fold);
-// GemmWithLora calls of one slice (o, down) on the delta path, given LoraSegments::row_slots,
-// leave the expand itself to the AddRmsNorm that reads the GEMM output, which computes each row's
-// scale·y·Bᵀ as it loads the row (the same bits; any other consumer runs the in-place expand
-// first): mode 0 never, 1 for steps that may have more than kFewLoraSegments segments, 2 always;
-// -1 the default. Folding off (SetLoraFoldForTest) turns it off too.
-absl::Status SetLoraNormExpandForTest(Ops* ops, int mode);
 // LoRA ops of steps with at least `min_tokens` tokens run the tensor-core kernels (default 256);
 // tests force either kind at any size. INVALID_ARGUMENT for min_tokens < 1.
 absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens);

@@ -13,15 +13,6 @@
 namespace loraplex::ops::cuda {
 
 inline constexpr int kLoraDeltaMaxSlices = 4;
-inline constexpr int kLoraRowExpandMaxRank = 128;  // lora_kernels.h's kLoraMaxRank
-
-// Device layout of ops::LoraSliceWeights (cuda_ops.cc static_asserts that they match).
-struct LoraSliceWeightsDev {
-  const void* a;  // [rank, in_features] bf16
-  const void* b;  // [slice_width, rank] bf16
-  int32_t rank;
-  float scale;
-};
 
 struct LoraDeltaView {
   const float* delta = nullptr;   // [rows, width] F32; null: no delta to add
@@ -32,24 +23,6 @@ struct LoraDeltaView {
   int32_t slice_offsets[kLoraDeltaMaxSlices + 1] = {};  // multiples of 8
 
   __host__ __device__ bool empty() const { return delta == nullptr; }
-};
-
-// A one-slice expand (o's or down's) left for the AddRmsNorm that reads its GEMM output: instead of
-// a delta, the norm gets the shrink's y and each row's slot, and computes the row's
-// scale·y·Bᵀ itself while it loads the row (cuda_ops.cc: SetLoraNormExpandForTest). Every element
-// gets the bits the expand kernel would give: the same sums in the same order, the product
-// rounded on its own, then bf16(float(out) + product).
-struct LoraRowExpandView {
-  const LoraSliceWeightsDev* table = nullptr;  // [num_slots] (one slice); null: nothing to apply
-  const int32_t* row_slots = nullptr;          // [rows] slot of each row, -1 for none
-  const int32_t* rank_bound = nullptr;         // [1] or null: LoraParams::live_max_rank
-  const float* y = nullptr;                    // [rows, y_stride] F32; the row's rank columns first
-  int64_t y_stride = 0;
-  int32_t num_slots = 0;
-  int32_t rows = 0;
-  int32_t max_rank = 0;  // <= kLoraRowExpandMaxRank
-
-  __host__ __device__ bool empty() const { return table == nullptr; }
 };
 
 // out[row, c] = bf16(float(out[row, c]) + delta[row, c]) wherever the mask is set; other elements

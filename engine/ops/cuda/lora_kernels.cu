@@ -31,7 +31,6 @@
 #include <algorithm>
 
 #include "engine/ops/cuda/kernel_utils.cuh"
-#include "engine/ops/cuda/lora_delta.cuh"
 
 namespace loraplex::ops::cuda {
 namespace {
@@ -61,6 +60,22 @@ __device__ __forceinline__ float Dot8(const uint4& a, const uint4& b) {
     const float2 fb = __bfloat1622float2(hb[i]);
     s = fmaf(fa.x, fb.x, s);
     s = fmaf(fa.y, fb.y, s);
+  }
+  return s;
+}
+
+// Σ_i b[i]·y[i] over 8 bf16 of b and 8 floats of y (16-byte aligned shared memory).
+__device__ __forceinline__ float Dot8(const uint4& b, const float* y) {
+  const __nv_bfloat162* hb = reinterpret_cast<const __nv_bfloat162*>(&b);
+  const float4 y0 = *reinterpret_cast<const float4*>(y);
+  const float4 y1 = *reinterpret_cast<const float4*>(y + 4);
+  const float yv[8] = {y0.x, y0.y, y0.z, y0.w, y1.x, y1.y, y1.z, y1.w};
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 fb = __bfloat1622float2(hb[i]);
+    s = fmaf(fb.x, yv[2 * i], s);
+    s = fmaf(fb.y, yv[2 * i + 1], s);
   }
   return s;
 }
@@ -401,7 +416,7 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
         float s = 0.0f;
         if constexpr (NV > 0) {
 #pragma unroll
-          for (int v = 0; v < NV; ++v) s += LoraDot8(bv[c][v], y_s + 8 * v);
+          for (int v = 0; v < NV; ++v) s += Dot8(bv[c][v], y_s + 8 * v);
         } else {
           const bf16* b_row = b + static_cast<int64_t>(n) * r;
           for (int j = 0; j < r; ++j) s += ToFloat(b_row[j]) * y_s[j];
@@ -419,8 +434,27 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
   }
 }
 
-// The item-by-item expand: a block takes its items one after another (LoraExpandKernel, and
-// LoraExpandStreamKernel's steps with few items a block). y_s: kLoraMaxRank floats of shared memory.
+// The slice of expand tile `tile` (tiles of width `tw` numbered slice after slice, as
+// LoraExpandTiles counts them) and the number of that slice's first tile. Constant indices only (a
+// dynamically indexed parameter array would go through local memory).
+__device__ __forceinline__ void TileSlice(const LoraParams& p, int tw, int tile, int* slice, int* first_tile) {
+  int acc = 0;
+  *slice = 0;
+  *first_tile = 0;
+#pragma unroll
+  for (int s = 0; s < kLoraMaxSlices; ++s) {
+    if (s < p.num_slices) {
+      if (tile >= acc) {
+        *slice = s;
+        *first_tile = acc;
+      }
+      acc += (p.slice_offsets[s + 1] - p.slice_offsets[s] + tw - 1) / tw;
+    }
+  }
+}
+
+// The item-by-item expand (LoraExpandKernel): a block takes its items one after another. y_s:
+// kLoraMaxRank floats of shared memory.
 __device__ __forceinline__ void ExpandItemByItem(const LoraParams& p, const float* __restrict__ y,
                                                  bf16* __restrict__ out, float* y_s) {
   const int S = p.num_slices;
@@ -437,7 +471,7 @@ __device__ __forceinline__ void ExpandItemByItem(const LoraParams& p, const floa
   // items: at batch 128 narrow ones made the step slower).
   int tw = kLoraExpandTile;
   int total_tiles = LoraExpandTiles(p.slice_offsets, S, tw);
-  if (p.expand_narrow || static_cast<int64_t>(nseg) * total_tiles * token_splits < gridDim.x) {
+  if (static_cast<int64_t>(nseg) * total_tiles * token_splits < gridDim.x) {
     tw = LoraExpandTileWidth(live_rank);
     total_tiles = LoraExpandTiles(p.slice_offsets, S, tw);
   }
@@ -449,17 +483,8 @@ __device__ __forceinline__ void ExpandItemByItem(const LoraParams& p, const floa
     rest /= token_splits;
     const int tile = static_cast<int>(rest % total_tiles);
     const int seg = static_cast<int>(rest / total_tiles);
-    int slice = 0, slice_first_tile = 0, acc = 0;  // constant indices only (no local memory)
-#pragma unroll
-    for (int s = 0; s < kLoraMaxSlices; ++s) {
-      if (s < S) {
-        if (tile >= acc) {
-          slice = s;
-          slice_first_tile = acc;
-        }
-        acc += (p.slice_offsets[s + 1] - p.slice_offsets[s] + tw - 1) / tw;
-      }
-    }
+    int slice, slice_first_tile;
+    TileSlice(p, tw, tile, &slice, &slice_first_tile);
     int begin, end;
     LoraSliceWeightsDev w;
     if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;
@@ -551,17 +576,8 @@ __device__ __forceinline__ void StreamResolve(const LoraParams& p, int tw, int t
     rest /= token_splits;
     const int tile = static_cast<int>(rest % total_tiles);
     const int seg = static_cast<int>(rest / total_tiles);
-    int slice = 0, slice_first_tile = 0, acc = 0;
-#pragma unroll
-    for (int s = 0; s < kLoraMaxSlices; ++s) {
-      if (s < p.num_slices) {
-        if (tile >= acc) {
-          slice = s;
-          slice_first_tile = acc;
-        }
-        acc += (p.slice_offsets[s + 1] - p.slice_offsets[s] + tw - 1) / tw;
-      }
-    }
+    int slice, slice_first_tile;
+    TileSlice(p, tw, tile, &slice, &slice_first_tile);
     int begin, end;
     LoraSliceWeightsDev w;
     if (ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w) && begin + ts < end) {
@@ -638,7 +654,7 @@ __device__ __forceinline__ void StreamColumns(const LoraParams& p, const StreamI
       for (int v = 0; v < nv; ++v) {
         const uint4 bv = row_s[v ^ swz];
 #pragma unroll
-        for (int t = 0; t < NT; ++t) acc[t] += LoraDot8(bv, y_s + t * kLoraMaxRank + 8 * v);
+        for (int t = 0; t < NT; ++t) acc[t] += Dot8(bv, y_s + t * kLoraMaxRank + 8 * v);
       }
     } else {
       const bf16* row_s = reinterpret_cast<const bf16*>(b_s) + static_cast<int64_t>(nl) * it.rank;
@@ -730,10 +746,6 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
   const int tw = LoraExpandTileWidth(live_rank);
   const int total_tiles = LoraExpandTiles(p.slice_offsets, p.num_slices, tw);
   const int64_t items = static_cast<int64_t>(nseg) * total_tiles * token_splits;
-  if (items < static_cast<int64_t>(p.expand_stream_min) * gridDim.x) {  // too few items a block to pipeline
-    ExpandItemByItem(p, y, out, reinterpret_cast<float*>(stream_smem));
-    return;
-  }
   const int64_t raw_count = items > blockIdx.x ? (items - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
   int tail = 0;  // items resolved into the ring (identical in every thread)
   int64_t raw = 0;

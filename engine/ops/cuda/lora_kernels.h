@@ -13,8 +13,15 @@
 
 namespace loraplex::ops::cuda {
 
+// Device layout of ops::LoraSliceWeights (cuda_ops.cc static_asserts that they match).
+struct LoraSliceWeightsDev {
+  const void* a;  // [rank, in_features] bf16
+  const void* b;  // [slice_width, rank] bf16
+  int32_t rank;
+  float scale;
+};
+
 inline constexpr int kLoraMaxRank = 128;     // y columns a block stages per token in shared memory
-static_assert(kLoraMaxRank == kLoraRowExpandMaxRank);
 inline constexpr int kLoraMaxSlices = kLoraDeltaMaxSlices;
 // Output columns of an expand work item when the step's ranks are <= 16; a bound of r > 16 gives
 // kLoraExpandTile·16/r (so an item moves about the same bytes of B whatever the rank).
@@ -79,13 +86,6 @@ struct LoraParams {
   // items' tiles of B and their y in shared memory, copying the next ones (cp.async) while it
   // multiplies the current one. The same out or delta bits either way.
   int32_t expand_stages = 0;
-  // Streamed expand only: it streams when the step has at least this many items a block (0:
-  // always); fewer run item by item (a lone item waits for its copies either way, and the
-  // pipeline's set-up then only adds latency).
-  int32_t expand_stream_min = 0;
-  // Item-by-item expand only: tiles always as narrow as the step's rank bound makes them
-  // (LoraExpandTileWidth; else full width when full-width items fill the grid).
-  bool expand_narrow = false;
   // Delta mode (GemmWithLora): the expand writes scale·y·Bᵀ into `delta` [delta_rows,
   // slice_offsets[num_slices]] F32 instead of adding it to out, and sets delta_mask[row, slice]
   // ([delta_rows, num_slices] bytes) for every (row, slice) it wrote; the shrink of the same module

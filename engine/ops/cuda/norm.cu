@@ -24,32 +24,14 @@ int RoundUpToWarp(int64_t n) {
 // t, t + blockDim.x, ... (kVecsPerThread of them at most), reads them all before writing any, and
 // writes only those, so out, x and residual may alias one another.
 // kAdd: residual += x first, and normalise the rounded residual. A pending LoRA delta of x (the
-// GEMM output) is added to x as it is loaded and written back to x (lora_delta.h); so is a row
-// expand's product, which the kernel computes from the row's y and B.
+// GEMM output) is added to x as it is loaded and written back to x (lora_delta.h).
 template <bool kAdd, int kVecsPerThread>
 __global__ void __launch_bounds__(kMaxThreads)
     RmsNormVecKernel(bf16* x, bf16* residual, const bf16* __restrict__ weight, int64_t hidden,
-                     float eps, bf16* out, LoraDeltaView delta, LoraRowExpandView expand) {
+                     float eps, bf16* out, LoraDeltaView delta) {
+  PdlEnter();  // before any global memory access (see kernel_utils.cuh)
   __shared__ float scratch[32];
-  __shared__ __align__(16) float y_s[kLoraRowExpandMaxRank];
   const int64_t row = blockIdx.x;
-  // A row expand's slot and weights come from arrays written before the step, so they are read
-  // (and the row's B asked of the L2) while the kernel before this one finishes.
-  LoraSliceWeightsDev lw;
-  const bool lora_row = kAdd && ResolveLoraRow(expand, row, &lw);
-  if (lora_row) {
-    const int64_t span = hidden * lw.rank * static_cast<int64_t>(sizeof(bf16));  // the row's B, contiguous
-    const int64_t chunk = (span / blockDim.x + 15) / 16 * 16;
-    const int64_t begin = chunk * threadIdx.x;
-    if (IsAligned16(lw.b) && begin < span) {
-      PrefetchL2(static_cast<const char*>(lw.b) + begin, static_cast<uint32_t>(min(chunk, span - begin)));
-    }
-  }
-  PdlEnter();  // before any other global memory access (see kernel_utils.cuh)
-  if (lora_row) {
-    for (int j = threadIdx.x; j < lw.rank; j += blockDim.x) y_s[j] = expand.y[row * expand.y_stride + j];
-    __syncthreads();
-  }
   const int num_vecs = static_cast<int>(hidden / kVec);
   uint4* xr = reinterpret_cast<uint4*>(x + row * hidden);
   uint4* rr = kAdd ? reinterpret_cast<uint4*>(residual + row * hidden) : nullptr;
@@ -70,12 +52,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     wv[j] = w[i];  // loaded now so its latency hides behind the reduction
     if constexpr (kAdd) {
       float d[kVec];
-      if (lora_row) {
-        LoraRowDelta8(lw, static_cast<int64_t>(i) * kVec, y_s, d);
-        fixed[j] = true;
-      } else {
-        fixed[j] = LoadLoraDelta8(delta, row, static_cast<int64_t>(i) * kVec, d);
-      }
+      fixed[j] = LoadLoraDelta8(delta, row, static_cast<int64_t>(i) * kVec, d);
       if (fixed[j]) {
         AddLoraDelta8(v[j], d);
         x_fixed[j] = Pack8(v[j]);
@@ -140,17 +117,9 @@ __global__ void RmsNormScalarKernel(const bf16* x, bf16* residual, const bf16* _
   }
 }
 
-// Whether the vector kernel takes these rows (the scalar one folds neither a delta nor an expand).
-bool VectorPath(const void* x, const void* residual, const void* weight, int64_t hidden, const void* out) {
-  return hidden % kVec == 0 && IsAligned16(x) && IsAligned16(weight) && IsAligned16(out) &&
-         (residual == nullptr || IsAligned16(residual)) &&
-         hidden / kVec <= static_cast<int64_t>(kMaxThreads) * kMaxVecsPerThread;
-}
-
 template <bool kAdd>
 cudaError_t Launch(void* x, void* residual, const void* weight, int64_t rows, int64_t hidden,
-                   float eps, void* out, const LoraDeltaView& delta, const LoraRowExpandView& expand,
-                   cudaStream_t stream) {
+                   float eps, void* out, const LoraDeltaView& delta, cudaStream_t stream) {
   if (rows == 0 || hidden == 0) return cudaSuccess;
   bf16* xp = static_cast<bf16*>(x);
   bf16* rp = static_cast<bf16*>(residual);
@@ -158,8 +127,9 @@ cudaError_t Launch(void* x, void* residual, const void* weight, int64_t rows, in
   bf16* op = static_cast<bf16*>(out);
   const dim3 grid(static_cast<unsigned>(rows));
   const int64_t num_vecs = hidden / kVec;
-  const bool vec = VectorPath(x, kAdd ? residual : nullptr, weight, hidden, out);
-  if (!expand.empty() && (!vec || expand.max_rank > kLoraRowExpandMaxRank)) return cudaErrorInvalidValue;
+  const bool vec = hidden % kVec == 0 && IsAligned16(x) && IsAligned16(weight) && IsAligned16(out) &&
+                   (!kAdd || IsAligned16(residual)) &&
+                   num_vecs <= static_cast<int64_t>(kMaxThreads) * kMaxVecsPerThread;
   if (!vec) {
     // The scalar kernel does not fold a LoRA delta: add it first.
     const cudaError_t added = LaunchLoraDeltaAdd(delta, xp, stream);
@@ -177,19 +147,19 @@ cudaError_t Launch(void* x, void* residual, const void* weight, int64_t rows, in
   switch (per_thread) {
     case 1:
       (void)LaunchDependent(RmsNormVecKernel<kAdd, 1>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op,
-                            delta, expand);
+                            delta);
       break;
     case 2:
       (void)LaunchDependent(RmsNormVecKernel<kAdd, 2>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op,
-                            delta, expand);
+                            delta);
       break;
     case 4:
       (void)LaunchDependent(RmsNormVecKernel<kAdd, 4>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op,
-                            delta, expand);
+                            delta);
       break;
     default:
       (void)LaunchDependent(RmsNormVecKernel<kAdd, kMaxVecsPerThread>, dim3(grid), dim3(threads), 0, stream, xp, rp, wp, hidden, eps, op,
-                            delta, expand);
+                            delta);
       break;
   }
   return cudaGetLastError();
@@ -201,19 +171,13 @@ cudaError_t LaunchRmsNorm(const void* x, const void* weight, int64_t rows, int64
                           float eps, void* out, cudaStream_t stream) {
   // No delta to fold: the kernels only read x (they share a signature with AddRmsNorm's, which
   // writes the folded delta back to x).
-  return Launch<false>(const_cast<void*>(x), nullptr, weight, rows, hidden, eps, out, LoraDeltaView{},
-                       LoraRowExpandView{}, stream);
+  return Launch<false>(const_cast<void*>(x), nullptr, weight, rows, hidden, eps, out, LoraDeltaView{}, stream);
 }
 
 cudaError_t LaunchAddRmsNorm(void* x, void* residual, const void* weight, int64_t rows,
                              int64_t hidden, float eps, void* out, const LoraDeltaView& delta,
-                             const LoraRowExpandView& expand, cudaStream_t stream) {
-  return Launch<true>(x, residual, weight, rows, hidden, eps, out, delta, expand, stream);
-}
-
-bool AddRmsNormTakesRowExpand(const void* x, const void* residual, const void* weight, int64_t hidden,
-                              const void* out, const LoraRowExpandView& expand) {
-  return VectorPath(x, residual, weight, hidden, out) && expand.max_rank <= kLoraRowExpandMaxRank;
+                             cudaStream_t stream) {
+  return Launch<true>(x, residual, weight, rows, hidden, eps, out, delta, stream);
 }
 
 }  // namespace loraplex::ops::cuda

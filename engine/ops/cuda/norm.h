@@ -18,16 +18,9 @@ cudaError_t LaunchRmsNorm(const void* x, const void* weight, int64_t rows, int64
 // residual = bf16(residual + x); out = rmsnorm(residual) * weight, the norm taken over the rounded
 // residual that the next layer will read. x, residual, out [rows, hidden] bf16. `delta` (may be
 // empty): a pending LoRA delta of x ([rows, hidden]), added to x first and written back to it
-// (so x is written only when delta is not empty). `expand` (may be empty; at most one of the two
-// is not): a pending row expand of x (lora_delta.h), applied the same way; cudaErrorInvalidValue
-// when AddRmsNormTakesRowExpand is false.
+// (so x is written only when delta is not empty).
 cudaError_t LaunchAddRmsNorm(void* x, void* residual, const void* weight, int64_t rows,
                              int64_t hidden, float eps, void* out, const LoraDeltaView& delta,
-                             const LoraRowExpandView& expand, cudaStream_t stream);
-
-// Whether LaunchAddRmsNorm can apply `expand` to these buffers (its vector kernel runs: hidden a
-// multiple of 8, pointers 16-byte aligned, rows not too wide).
-bool AddRmsNormTakesRowExpand(const void* x, const void* residual, const void* weight, int64_t hidden,
-                              const void* out, const LoraRowExpandView& expand);
+                             cudaStream_t stream);
 
 }  // namespace loraplex::ops::cuda
