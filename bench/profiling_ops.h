@@ -56,6 +56,8 @@ class ProfilingOps : public ops::Ops {
   absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) override;
   absl::Status Memset(void* dst, int value, size_t bytes) override;
   absl::Status Synchronize() override { return inner_->Synchronize(); }
+  absl::StatusOr<void*> AllocateHostStaging(size_t bytes) override { return inner_->AllocateHostStaging(bytes); }
+  void FreeHostStaging(void* ptr) override { inner_->FreeHostStaging(ptr); }
 
   absl::Status Embed(const TensorView& ids, const TensorView& table, const TensorView& out) override;
   absl::Status RmsNorm(const TensorView& x, const TensorView& weight, float eps, const TensorView& out) override;

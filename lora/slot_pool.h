@@ -47,6 +47,9 @@ class SlotPool {
   int32_t used_slots() const;
   std::vector<std::string> resident_names() const;
   int64_t uploads() const;  // adapters copied into slots so far (for tests and metrics)
+  // An upload stages its bytes in the Ops' host staging memory with one thread per this many
+  // bytes (default 4 MiB; at most 8 threads, and no more than the machine has). Tests lower it.
+  void set_staging_bytes_per_thread(size_t bytes);
 
  private:
   SlotPool() = default;

@@ -2,7 +2,9 @@
 // reaches the GPU only through the Ops it returns.
 #include "engine/ops/ops.h"
 
+#include <algorithm>
 #include <cmath>
+#include <new>
 
 #include "absl/strings/str_cat.h"
 
@@ -28,6 +30,16 @@ DeviceMemory& DeviceMemory::operator=(DeviceMemory&& o) noexcept {
 
 DeviceMemory::~DeviceMemory() {
   if (ptr_ != nullptr && ops_ != nullptr) ops_->Free(ptr_);
+}
+
+absl::StatusOr<void*> Ops::AllocateHostStaging(size_t bytes) {
+  void* p = ::operator new(std::max<size_t>(bytes, 1), std::align_val_t{64}, std::nothrow);
+  if (p == nullptr) return absl::ResourceExhaustedError(absl::StrCat("host staging: ", bytes, " bytes not available"));
+  return p;
+}
+
+void Ops::FreeHostStaging(void* ptr) {
+  if (ptr != nullptr) ::operator delete(ptr, std::align_val_t{64});
 }
 
 bool IsValidSamplingRow(const SamplingRow& row) {

@@ -157,6 +157,12 @@ class Ops {
   virtual absl::Status Memset(void* dst, int value, size_t bytes) = 0;
   // Waits until all queued work is done; reports asynchronous device errors.
   virtual absl::Status Synchronize() = 0;
+  // Host memory to stage large copies to the device from: page-locked on the CUDA executor, so a
+  // CopyToDevice from it runs at the bus's speed and returns before the copy has ended (do not
+  // rewrite it before a Synchronize that follows the copy); plain memory here. 64-byte aligned.
+  // Free it with FreeHostStaging on the same Ops.
+  virtual absl::StatusOr<void*> AllocateHostStaging(size_t bytes);
+  virtual void FreeHostStaging(void* ptr);
 
   // --- forward primitives ---------------------------------------------------------------
   // out[t] = table[ids[t]]. ids [T] I32; table [V, H]; out [T, H].

@@ -128,6 +128,27 @@ TEST_CASE("SlotPool weights read back from a slot equal the adapter's") {
   CHECK(f.pool->uploads() == 1);  // already resident: not copied again
 }
 
+TEST_CASE("SlotPool stages an upload over several threads and copies the same bytes") {
+  // One staging thread per KiB: as many threads as the machine allows (at least 2 where it has
+  // 2 cores), each staging its share of the pieces, conversions included.
+  Fixture f(3);
+  f.pool->set_staging_bytes_per_thread(1024);
+  testing::TinyAdapterOptions o;
+  o.rank_pattern = {{"down_proj", 8}, {"q_proj", 12}};
+  auto a = Adapter("a", o);
+  auto b = test::MustLoad("bf", test::WriteAdapter({}), DType::kBF16);
+  auto c = Adapter("c");
+  const std::vector<int32_t> slots = f.Ensure({a.get(), c.get()});
+  CheckSlotHolds(f, slots[0], *a);
+  CheckSlotHolds(f, slots[1], *c);
+  const int32_t slot_b = f.Ensure({b.get()})[0];
+  const ops::LoraSliceWeights e = f.Entries(1, WrappedLayer::kGateUp, slot_b)[1];
+  const HostTensor& up = b->module(1, Proj::kUp).b;
+  const std::vector<float> got = f.Read(e.b, up.shape().NumElements());
+  for (size_t i = 0; i < got.size(); ++i) CHECK(got[i] == Bf16ToFloat(up.As<uint16_t>()[i]));
+  CHECK(f.pool->uploads() == 3);
+}
+
 TEST_CASE("SlotPool converts BF16 host weights to the device compute dtype") {
   Fixture f(1);
   auto a = test::MustLoad("bf", test::WriteAdapter({}), DType::kBF16);

@@ -221,6 +221,19 @@ class CudaOps final : public Ops {
     return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "CopyToDevice");
   }
 
+  absl::StatusOr<void*> AllocateHostStaging(size_t bytes) override {
+    void* p = nullptr;
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaHostAlloc(&p, std::max<size_t>(bytes, 1), cudaHostAllocDefault),
+                                        absl::StrCat("AllocateHostStaging (", bytes, " bytes)")));
+    return p;
+  }
+  void FreeHostStaging(void* ptr) override {
+    if (ptr == nullptr) return;
+    // Waits for copies from it. Free cannot report; the next Synchronize does.
+    const cudaError_t err = cudaFreeHost(ptr);
+    if (err != cudaSuccess && deferred_error_ == cudaSuccess) deferred_error_ = err;
+  }
+
   absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
     LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     if (bytes == 0) return absl::OkStatus();
