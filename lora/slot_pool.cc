@@ -25,6 +25,9 @@ size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 // bus's speed, where one from ordinary memory goes through the driver's own staging on the
 // calling thread (an 8B rank-16 adapter, 84 MB in 576 copies: 12-16 ms; bench/RESULTS.md).
 constexpr unsigned kMaxStagingThreads = 8;
+// Staging memory allocated with the pool (up to one slot's bytes): page-locking it took ~50 ms for
+// 84 MB on the GPU host, which the first cold adapter waited for when it was allocated on first use.
+constexpr size_t kInitialStagingBytes = 128u << 20;
 constexpr size_t kStagingBytesPerThread = 4u << 20;  // fewer threads for smaller adapters (SlotPool::set_staging_bytes_per_thread)
 
 // The projections each wrapped layer stacks, in slice order.
@@ -269,6 +272,9 @@ absl::StatusOr<std::unique_ptr<SlotPool>> SlotPool::Create(ops::Ops* ops, const 
   }
   impl->slots.resize(static_cast<size_t>(num_slots));
   impl->table_ranks.assign(static_cast<size_t>(num_slots), 0);
+  const size_t staging = std::min(slot_bytes, kInitialStagingBytes);
+  LORAPLEX_ASSIGN_OR_RETURN(impl->staging, ops->AllocateHostStaging(staging));
+  impl->staging_bytes = staging;
   std::unique_ptr<SlotPool> pool(new SlotPool());
   pool->impl_ = std::move(impl);
   return pool;
