@@ -80,13 +80,13 @@ constexpr int kLoraWideExpandStages = 2;
 // the GEMM does not wait for: batch 32 with 4 adapters 1.08x the base step instead of 1.10-1.12x.
 // Fewer tokens lose with it (batch 8: 1.15x vs 1.10x), and so do many segments.
 constexpr int kLoraFewMinTokens = 32;
+constexpr int kLoraFewShrinkBlocks = 44;
 // Steps of more than kFewLoraSegments segments, ranks all <= kNarrowLoraRank and at least
 // kLoraFewMinTokens tokens run the shrink beside the GEMM on at most half the SMs instead of 3/4:
-// batch 32 with 32 distinct r16 adapters 1.212-1.224x the base step instead of 1.232-1.244x (two
-// runs, same process; 55, 77 and 88 blocks in between; bench/runs/2026-11-29-ninth). Wider ranks
+// batch 32 with 32 distinct r16 adapters 1.212-1.224x the base step instead of 1.232-1.244x (three
+// same-process pairs; 55, 77 and 88 blocks in between; bench/runs/2026-11-29-ninth). Wider ranks
 // lose with it (8 adapters of ranks 8..64: 1.262x -> 1.280x at batch 32).
 constexpr int kLoraManyNarrowShrinkSmShare = 2;  // 1/2 of the SMs
-constexpr int kLoraFewShrinkBlocks = 44;
 
 absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
   if (err == cudaSuccess) return absl::OkStatus();
