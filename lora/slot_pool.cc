@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstring>
+#include <system_error>
 #include <thread>
 
 #include "absl/container/flat_hash_set.h"
@@ -144,7 +145,13 @@ struct SlotPool::Impl {
       }
     };
     std::vector<std::thread> pool;
-    for (unsigned i = 1; i < threads; ++i) pool.emplace_back(work, i);
+    for (unsigned i = 1; i < threads; ++i) {
+      try {
+        pool.emplace_back(work, i);
+      } catch (const std::system_error&) {
+        work(i);  // no thread to be had: this share on the calling thread
+      }
+    }
     work(0);
     for (std::thread& t : pool) t.join();
     for (absl::Status& st : results) LORAPLEX_RETURN_IF_ERROR(st);
