@@ -29,6 +29,9 @@ constexpr unsigned kMaxStagingThreads = 8;
 // Staging memory allocated with the pool (up to one slot's bytes): page-locking it took ~50 ms for
 // 84 MB on the GPU host, which the first cold adapter waited for when it was allocated on first use.
 constexpr size_t kInitialStagingBytes = 128u << 20;
+// Larger uploads grow it up to this, then go through it in chunks (a 70B rank-64 adapter is
+// ~2.6 GB). Where page-locked memory cannot be had, uploads copy straight from the host tensors.
+constexpr size_t kMaxStagingBytes = 256u << 20;
 constexpr size_t kStagingBytesPerThread = 4u << 20;  // fewer threads for smaller adapters (SlotPool::set_staging_bytes_per_thread)
 
 // The projections each wrapped layer stacks, in slice order.
@@ -74,6 +77,7 @@ struct SlotPool::Impl {
   void* staging = nullptr;  // Ops::AllocateHostStaging, grown to the largest upload
   size_t staging_bytes = 0;
   size_t staging_bytes_per_thread = kStagingBytesPerThread;
+  size_t max_staging_bytes = kMaxStagingBytes;  // 0: no staging (set_staging_for_test)
 
   ~Impl() {
     if (staging != nullptr) ops->FreeHostStaging(staging);
@@ -106,9 +110,9 @@ struct SlotPool::Impl {
     return absl::OkStatus();
   }
 
-  // Writes piece `p` into the staging memory at `base`.
-  absl::Status Stage(const Piece& p, std::byte* base) const {
-    std::byte* to = base + p.offset;
+  // Writes piece `p` into the staging memory, whose first byte is the piece offset `base_offset`.
+  absl::Status Stage(const Piece& p, size_t base_offset) const {
+    std::byte* to = static_cast<std::byte*>(staging) + (p.offset - base_offset);
     if (p.tensor == nullptr) {
       std::memcpy(to, p.raw, p.bytes);
       return absl::OkStatus();
@@ -124,9 +128,10 @@ struct SlotPool::Impl {
     return ConvertFromFloat(f.data(), count, dtype, to);
   }
 
-  // Stages every piece, split over threads by bytes when there are many.
-  absl::Status StageAll(const std::vector<Piece>& pieces, size_t total) const {
-    auto* base = static_cast<std::byte*>(staging);
+  // Stages pieces [first, last), which span `total` bytes from the offset of `first`, split over
+  // threads by bytes when there are many.
+  absl::Status StageAll(const Piece* first, const Piece* last, size_t total) const {
+    const size_t base_offset = first->offset;
     const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
     const unsigned threads = static_cast<unsigned>(
         std::clamp<size_t>(total / std::max<size_t>(staging_bytes_per_thread, 1), 1, std::min(kMaxStagingThreads, hw)));
@@ -134,10 +139,10 @@ struct SlotPool::Impl {
     // Thread i stages the pieces that start in its 1/threads of the bytes (pieces are in offset
     // order and at most a few MB, so the shares stay even).
     auto work = [&](unsigned i) {
-      const size_t from = total * i / threads, to = total * (i + 1) / threads;
-      for (const Piece& p : pieces) {
-        if (p.offset < from || p.offset >= to) continue;
-        absl::Status st = Stage(p, base);
+      const size_t from = base_offset + total * i / threads, to = base_offset + total * (i + 1) / threads;
+      for (const Piece* p = first; p != last; ++p) {
+        if (p->offset < from || p->offset >= to) continue;
+        absl::Status st = Stage(*p, base_offset);
         if (!st.ok()) {
           results[i] = std::move(st);
           return;
@@ -158,9 +163,41 @@ struct SlotPool::Impl {
     return absl::OkStatus();
   }
 
+  // Staging memory for an upload of `total` bytes whose largest piece is `largest`: at least that
+  // piece, and the whole upload when it fits under max_staging_bytes. False: copy without it.
+  bool EnsureStaging(size_t total, size_t largest) {
+    if (max_staging_bytes == 0) return false;
+    const size_t want = std::max(std::min(total, max_staging_bytes), largest);
+    if (staging_bytes >= want) return true;
+    absl::StatusOr<void*> grown = ops->AllocateHostStaging(want);
+    if (!grown.ok()) {
+      spdlog::warn("adapter uploads: no {} bytes of staging memory ({}); {}", want, grown.status().ToString(),
+                   staging_bytes >= largest ? "copying in smaller chunks" : "copying from ordinary memory");
+      return staging_bytes >= largest;
+    }
+    if (staging != nullptr) ops->FreeHostStaging(staging);
+    staging = *grown;
+    staging_bytes = want;
+    return true;
+  }
+
+  // Copies piece `p` straight from host memory (no staging memory to be had).
+  absl::Status CopyDirect(const Piece& p) {
+    if (p.tensor == nullptr) return ops->CopyToDevice(p.dst, p.raw, p.bytes);
+    const HostTensor& t = *p.tensor;
+    if (t.dtype() == dtype) return ops->CopyToDevice(p.dst, t.data(), p.bytes);
+    const size_t count = static_cast<size_t>(t.shape().NumElements());
+    std::vector<float> f(count);
+    LORAPLEX_RETURN_IF_ERROR(ConvertToFloat(t.dtype(), t.data(), count, f.data()));
+    std::vector<std::byte> converted(p.bytes);
+    LORAPLEX_RETURN_IF_ERROR(ConvertFromFloat(f.data(), count, dtype, converted.data()));
+    return ops->CopyToDevice(p.dst, converted.data(), converted.size());
+  }
+
   // Writes `slot`'s weights and rewrites its entry in every table (rank 0 where `a` has no
   // module), so nothing of the slot's previous adapter stays reachable. Returns the weight bytes
-  // written. Everything goes through the staging memory; the copies have ended when it returns.
+  // written. The bytes go through the staging memory, in chunks when they do not fit it whole;
+  // the copies have ended when it returns.
   absl::StatusOr<int64_t> Upload(int32_t slot, const LoadedAdapter& a) {
     int64_t bytes = 0;
     auto* base = static_cast<std::byte*>(memory[slot].data());
@@ -199,18 +236,28 @@ struct SlotPool::Impl {
              static_cast<ops::LoraSliceWeights*>(tables.data()) + at});
       }
     }
-    if (total > staging_bytes) {
-      if (staging != nullptr) ops->FreeHostStaging(staging);
-      staging = nullptr;
-      staging_bytes = 0;
-      LORAPLEX_ASSIGN_OR_RETURN(staging, ops->AllocateHostStaging(total));
-      staging_bytes = total;
+    size_t largest = 0;
+    for (const Piece& p : pieces) largest = std::max(largest, p.bytes);
+    if (!EnsureStaging(total, largest)) {
+      for (const Piece& p : pieces) LORAPLEX_RETURN_IF_ERROR(CopyDirect(p));
+    } else {
+      const size_t chunk = std::min(staging_bytes, std::max(max_staging_bytes, largest));
+      for (size_t begin = 0; begin < pieces.size();) {
+        size_t end = begin;
+        const size_t base_offset = pieces[begin].offset;
+        while (end < pieces.size() && pieces[end].offset + pieces[end].bytes - base_offset <= chunk) ++end;
+        const size_t span = pieces[end - 1].offset + pieces[end - 1].bytes - base_offset;
+        LORAPLEX_RETURN_IF_ERROR(StageAll(pieces.data() + begin, pieces.data() + end, span));
+        for (size_t i = begin; i < end; ++i) {
+          const Piece& p = pieces[i];
+          LORAPLEX_RETURN_IF_ERROR(
+              ops->CopyToDevice(p.dst, static_cast<std::byte*>(staging) + (p.offset - base_offset), p.bytes));
+        }
+        begin = end;
+        // The copies read the staging memory, which the next chunk (or upload) rewrites.
+        LORAPLEX_RETURN_IF_ERROR(ops->Synchronize());
+      }
     }
-    LORAPLEX_RETURN_IF_ERROR(StageAll(pieces, total));
-    for (const Piece& p : pieces) {
-      LORAPLEX_RETURN_IF_ERROR(ops->CopyToDevice(p.dst, static_cast<std::byte*>(staging) + p.offset, p.bytes));
-    }
-    // The copies read the staging memory, which the next upload rewrites.
     LORAPLEX_RETURN_IF_ERROR(ops->Synchronize());
     ++uploads;
     return bytes;
@@ -279,9 +326,13 @@ absl::StatusOr<std::unique_ptr<SlotPool>> SlotPool::Create(ops::Ops* ops, const 
   }
   impl->slots.resize(static_cast<size_t>(num_slots));
   impl->table_ranks.assign(static_cast<size_t>(num_slots), 0);
-  const size_t staging = std::min(slot_bytes, kInitialStagingBytes);
-  LORAPLEX_ASSIGN_OR_RETURN(impl->staging, ops->AllocateHostStaging(staging));
-  impl->staging_bytes = staging;
+  // Not fatal: without it uploads copy in chunks or straight from the host tensors.
+  if (absl::StatusOr<void*> staging = ops->AllocateHostStaging(std::min(slot_bytes, kInitialStagingBytes)); staging.ok()) {
+    impl->staging = *staging;
+    impl->staging_bytes = std::min(slot_bytes, kInitialStagingBytes);
+  } else {
+    spdlog::warn("adapter uploads: no staging memory at start ({})", staging.status().ToString());
+  }
   std::unique_ptr<SlotPool> pool(new SlotPool());
   pool->impl_ = std::move(impl);
   return pool;
@@ -398,6 +449,9 @@ std::vector<std::string> SlotPool::resident_names() const {
 
 int64_t SlotPool::uploads() const { return impl_->uploads; }
 
-void SlotPool::set_staging_bytes_per_thread(size_t bytes) { impl_->staging_bytes_per_thread = bytes; }
+void SlotPool::set_staging_for_test(size_t bytes_per_thread, size_t max_bytes) {
+  impl_->staging_bytes_per_thread = bytes_per_thread;
+  impl_->max_staging_bytes = max_bytes;
+}
 
 }  // namespace loraplex::lora

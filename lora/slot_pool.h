@@ -47,9 +47,11 @@ class SlotPool {
   int32_t used_slots() const;
   std::vector<std::string> resident_names() const;
   int64_t uploads() const;  // adapters copied into slots so far (for tests and metrics)
-  // An upload stages its bytes in the Ops' host staging memory with one thread per this many
-  // bytes (default 4 MiB; at most 8 threads, and no more than the machine has). Tests lower it.
-  void set_staging_bytes_per_thread(size_t bytes);
+  // An upload stages its bytes in the Ops' host staging memory with one thread per
+  // `bytes_per_thread` (default 4 MiB; at most 8 threads, and no more than the machine has), in
+  // chunks of at most `max_bytes` (default 256 MiB; 0: no staging, copies straight from the host
+  // tensors). Tests lower both.
+  void set_staging_for_test(size_t bytes_per_thread, size_t max_bytes);
 
  private:
   SlotPool() = default;

@@ -132,7 +132,7 @@ TEST_CASE("SlotPool stages an upload over several threads and copies the same by
   // One staging thread per KiB: as many threads as the machine allows (at least 2 where it has
   // 2 cores), each staging its share of the pieces, conversions included.
   Fixture f(3);
-  f.pool->set_staging_bytes_per_thread(1024);
+  f.pool->set_staging_for_test(1024, 256u << 20);
   testing::TinyAdapterOptions o;
   o.rank_pattern = {{"down_proj", 8}, {"q_proj", 12}};
   auto a = Adapter("a", o);
@@ -147,6 +147,25 @@ TEST_CASE("SlotPool stages an upload over several threads and copies the same by
   const std::vector<float> got = f.Read(e.b, up.shape().NumElements());
   for (size_t i = 0; i < got.size(); ++i) CHECK(got[i] == Bf16ToFloat(up.As<uint16_t>()[i]));
   CHECK(f.pool->uploads() == 3);
+}
+
+TEST_CASE("SlotPool uploads in staging chunks, or without staging, copy the same bytes") {
+  for (size_t max_bytes : {size_t{4096}, size_t{1}, size_t{0}}) {
+    // 4 KiB: many chunks; 1 byte: a chunk a piece (staging holds the largest piece); 0: none.
+    INFO("max staging bytes " << max_bytes);
+    Fixture f(2);
+    f.pool->set_staging_for_test(1024, max_bytes);
+    testing::TinyAdapterOptions o;
+    o.rank_pattern = {{"down_proj", 8}};
+    auto a = Adapter("a", o);
+    auto b = test::MustLoad("bf", test::WriteAdapter({}), DType::kBF16);
+    const std::vector<int32_t> slots = f.Ensure({a.get(), b.get()});
+    CheckSlotHolds(f, slots[0], *a);
+    const ops::LoraSliceWeights e = f.Entries(0, WrappedLayer::kDown, slots[1])[0];
+    const HostTensor& down = b->module(0, Proj::kDown).b;
+    const std::vector<float> got = f.Read(e.b, down.shape().NumElements());
+    for (size_t i = 0; i < got.size(); ++i) CHECK(got[i] == Bf16ToFloat(down.As<uint16_t>()[i]));
+  }
 }
 
 TEST_CASE("SlotPool converts BF16 host weights to the device compute dtype") {
