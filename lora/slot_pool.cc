@@ -30,9 +30,10 @@ constexpr unsigned kMaxStagingThreads = 8;
 // 84 MB on the GPU host, which the first cold adapter waited for when it was allocated on first use.
 constexpr size_t kInitialStagingBytes = 128u << 20;
 // Larger uploads grow it up to this, then go through it in chunks (a 70B rank-64 adapter is
-// ~2.6 GB). Where page-locked memory cannot be had, uploads copy straight from the host tensors.
+// ~2.6 GB). Where page-locked memory cannot be had, uploads copy in smaller chunks or straight
+// from the host tensors.
 constexpr size_t kMaxStagingBytes = 256u << 20;
-constexpr size_t kStagingBytesPerThread = 4u << 20;  // fewer threads for smaller adapters (SlotPool::set_staging_bytes_per_thread)
+constexpr size_t kStagingBytesPerThread = 4u << 20;  // fewer threads for smaller adapters (SlotPool::set_staging_for_test)
 
 // The projections each wrapped layer stacks, in slice order.
 struct WrappedSlices {
