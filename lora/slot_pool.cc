@@ -111,22 +111,24 @@ struct SlotPool::Impl {
     return absl::OkStatus();
   }
 
-  // Writes piece `p` into the staging memory, whose first byte is the piece offset `base_offset`.
-  absl::Status Stage(const Piece& p, size_t base_offset) const {
-    std::byte* to = static_cast<std::byte*>(staging) + (p.offset - base_offset);
-    if (p.tensor == nullptr) {
-      std::memcpy(to, p.raw, p.bytes);
-      return absl::OkStatus();
-    }
-    const HostTensor& t = *p.tensor;
+  // Writes `t`'s elements in the pool's dtype to `to` (count · elem bytes).
+  absl::Status WriteInPoolDtype(const HostTensor& t, void* to) const {
     if (t.dtype() == dtype) {
-      std::memcpy(to, t.data(), p.bytes);
+      std::memcpy(to, t.data(), t.NumBytes());
       return absl::OkStatus();
     }
     const size_t count = static_cast<size_t>(t.shape().NumElements());
     std::vector<float> f(count);
     LORAPLEX_RETURN_IF_ERROR(ConvertToFloat(t.dtype(), t.data(), count, f.data()));
     return ConvertFromFloat(f.data(), count, dtype, to);
+  }
+
+  // Writes piece `p` into the staging memory, whose first byte is the piece offset `base_offset`.
+  absl::Status Stage(const Piece& p, size_t base_offset) const {
+    std::byte* to = static_cast<std::byte*>(staging) + (p.offset - base_offset);
+    if (p.tensor != nullptr) return WriteInPoolDtype(*p.tensor, to);
+    std::memcpy(to, p.raw, p.bytes);
+    return absl::OkStatus();
   }
 
   // Stages pieces [first, last), which span `total` bytes from the offset of `first`, split over
@@ -185,13 +187,9 @@ struct SlotPool::Impl {
   // Copies piece `p` straight from host memory (no staging memory to be had).
   absl::Status CopyDirect(const Piece& p) {
     if (p.tensor == nullptr) return ops->CopyToDevice(p.dst, p.raw, p.bytes);
-    const HostTensor& t = *p.tensor;
-    if (t.dtype() == dtype) return ops->CopyToDevice(p.dst, t.data(), p.bytes);
-    const size_t count = static_cast<size_t>(t.shape().NumElements());
-    std::vector<float> f(count);
-    LORAPLEX_RETURN_IF_ERROR(ConvertToFloat(t.dtype(), t.data(), count, f.data()));
+    if (p.tensor->dtype() == dtype) return ops->CopyToDevice(p.dst, p.tensor->data(), p.bytes);
     std::vector<std::byte> converted(p.bytes);
-    LORAPLEX_RETURN_IF_ERROR(ConvertFromFloat(f.data(), count, dtype, converted.data()));
+    LORAPLEX_RETURN_IF_ERROR(WriteInPoolDtype(*p.tensor, converted.data()));
     return ops->CopyToDevice(p.dst, converted.data(), converted.size());
   }
 
@@ -211,9 +209,10 @@ struct SlotPool::Impl {
     };
     // The table entries, staged after the weights they point to (same stream: copied after them).
     std::vector<ops::LoraSliceWeights> entries(static_cast<size_t>(spec.num_layers) * kNumWrappedLayers * 3);
+    auto entries_of = [&](int64_t l, int w) { return &entries[(static_cast<size_t>(l) * kNumWrappedLayers + w) * 3]; };
     for (int64_t l = 0; l < spec.num_layers; ++l) {
       for (int w = 0; w < kNumWrappedLayers; ++w) {
-        ops::LoraSliceWeights* e = &entries[(static_cast<size_t>(l) * kNumWrappedLayers + w) * 3];
+        ops::LoraSliceWeights* e = entries_of(l, w);
         for (int s = 0; s < kSlices[w].count; ++s) {
           const size_t idx = ModuleIndex(l, kSlices[w].projs[s]);
           const AdapterModule& m = a.modules[idx];
@@ -232,8 +231,7 @@ struct SlotPool::Impl {
       for (int w = 0; w < kNumWrappedLayers; ++w) {
         const size_t at = table_start[static_cast<size_t>(l) * kNumWrappedLayers + w] +
                           static_cast<size_t>(slot) * kSlices[w].count;
-        add({nullptr, &entries[(static_cast<size_t>(l) * kNumWrappedLayers + w) * 3],
-             sizeof(ops::LoraSliceWeights) * kSlices[w].count, 0,
+        add({nullptr, entries_of(l, w), sizeof(ops::LoraSliceWeights) * kSlices[w].count, 0,
              static_cast<ops::LoraSliceWeights*>(tables.data()) + at});
       }
     }
@@ -255,10 +253,11 @@ struct SlotPool::Impl {
               ops->CopyToDevice(p.dst, static_cast<std::byte*>(staging) + (p.offset - base_offset), p.bytes));
         }
         begin = end;
-        // The copies read the staging memory, which the next chunk (or upload) rewrites.
-        LORAPLEX_RETURN_IF_ERROR(ops->Synchronize());
+        // The copies read the staging memory, which the next chunk rewrites.
+        if (begin < pieces.size()) LORAPLEX_RETURN_IF_ERROR(ops->Synchronize());
       }
     }
+    // The upload has landed (and the staging memory is free for the next) when this returns.
     LORAPLEX_RETURN_IF_ERROR(ops->Synchronize());
     ++uploads;
     return bytes;
