@@ -772,8 +772,8 @@ absl::Status CheckShrinkShapesAgree(const std::string& name, LoraStep& st, const
 }
 
 // The expand's pipelines (SetLoraExpandForTest 0: item by item; 2 and 3: streamed, with the
-// step's grid and with `small_grid` blocks that walk many items) give out the same bits: the same
-// sums in the same order for every column.
+// step's grid and with `small_grid` blocks that walk many items; segments' tokens split over more
+// or fewer items) give out the same bits: the same sums in the same order for every column.
 absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const std::vector<int>& token_slots,
                                     int max_len, int small_grid) {
   LoraWorld& w = *st.world;
@@ -787,10 +787,11 @@ absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const
   const LoraSegments ds = st.dsegs->View();
   const TensorView gy = Gpu(st.d_y, DType::kF32, {T, yw}), gout = Gpu(st.d_out, DType::kBF16, {T, W});
   std::vector<float> item_by_item;
-  struct Setting { int stages, blocks; };
-  for (const Setting& c : std::vector<Setting>{{0, 0}, {2, 0}, {3, 0}, {2, small_grid}, {3, small_grid}, {0, small_grid}}) {
+  struct Setting { int stages, blocks, tokens; };
+  for (const Setting& c : std::vector<Setting>{{0, 0, 0}, {2, 0, 0}, {3, 0, 0}, {2, small_grid, 0}, {3, small_grid, 0},
+                                               {0, small_grid, 0}, {0, 0, 1}, {0, 0, 8}, {2, 0, 4}, {3, 0, 64}}) {
     const int stages = c.stages, blocks = c.blocks;
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks, c.tokens));
     LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_out.data(), base));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraExpand(gy, ds, dm, gout));
     LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(st.d_out.data(), static_cast<size_t>(T) * W));
@@ -798,7 +799,7 @@ absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const
       item_by_item = std::move(got);
       continue;
     }
-    Compare(absl::StrCat(name, " stages=", stages, " blocks=", blocks, " segs=", segs.count()),
+    Compare(absl::StrCat(name, " stages=", stages, " blocks=", blocks, " tokens=", c.tokens, " segs=", segs.count()),
             got, item_by_item, 0.0,
             std::vector<uint8_t>(item_by_item.size(), 0));
   }
@@ -1112,6 +1113,7 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(CheckExpandStagesAgree("LoRA expand stages agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 1, 5));
   LORAPLEX_RETURN_IF_ERROR(CheckExpandStagesAgree("LoRA expand stages agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 1000, 3));
   LORAPLEX_RETURN_IF_ERROR(CheckExpandStagesAgree("LoRA expand stages agree, qkv", st, RandomTokenSlots(T, 6, 0.2), 2, 5));
+  LORAPLEX_RETURN_IF_ERROR(CheckExpandStagesAgree("LoRA expand stages agree, qkv segments of 8", st, RandomTokenSlots(T, 6, 0.2), 8, 5));
   LORAPLEX_RETURN_IF_ERROR(CheckExpandStagesAgree("LoRA expand stages agree, down", st2, RandomTokenSlots(T2, 3, 0.1), 1, 5));
   // Expand launched as a plain kernel, after the shrink finished (both pipelines).
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, false, true));

@@ -334,9 +334,10 @@ class CudaOps final : public Ops {
     lora_shrink_shape_ = shape < 0 ? kLoraShrinkShape : shape;
     lora_shrink_rows_ = rows;
   }
-  void set_lora_expand(int stages, int blocks) {
+  void set_lora_expand(int stages, int blocks, int tokens) {
     lora_expand_stages_ = stages;
     lora_expand_blocks_ = blocks;
+    lora_expand_tokens_ = tokens;
   }
   void set_lora_inline(int min_segments) {
     lora_inline_min_segments_ = min_segments < 0 ? kLoraInlineMinSegments : min_segments;
@@ -773,6 +774,7 @@ class CudaOps final : public Ops {
     p.expand_stages = lora_expand_stages_ >= 0 ? lora_expand_stages_
                       : segments.wide_ranks      ? kLoraWideExpandStages
                                                  : kLoraExpandStages;
+    p.expand_tokens = lora_expand_tokens_;
     return p;
   }
 
@@ -841,6 +843,7 @@ class CudaOps final : public Ops {
   int lora_shrink_rows_ = 0;    // SetLoraShrinkShapeForTest (LoraParams::shrink_rows)
   int lora_expand_stages_ = -1;  // SetLoraExpandForTest (LoraParams::expand_stages); -1: by rank class
   int lora_expand_blocks_ = 0;  // SetLoraExpandForTest: a cap on the expand's grid (0: none)
+  int lora_expand_tokens_ = 0;  // SetLoraExpandForTest (LoraParams::expand_tokens; 0: the default)
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
@@ -1019,13 +1022,14 @@ absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows) {
   return absl::OkStatus();
 }
 
-absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks) {
+absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks, int tokens) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraExpandForTest"));
   if (stages < -1 || stages == 1 || stages > 3) {
     return Invalid("SetLoraExpandForTest", absl::StrCat("stages ", stages, " not -1, 0, 2 or 3"));
   }
   if (blocks < 0) return Invalid("SetLoraExpandForTest", absl::StrCat("blocks ", blocks, " < 0"));
-  cuda->set_lora_expand(stages, blocks);
+  if (tokens < 0) return Invalid("SetLoraExpandForTest", absl::StrCat("tokens ", tokens, " < 0"));
+  cuda->set_lora_expand(stages, blocks, tokens);
   return absl::OkStatus();
 }
 

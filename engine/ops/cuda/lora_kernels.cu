@@ -37,7 +37,6 @@ namespace {
 
 constexpr int kThreads = 256;              // expand block
 constexpr int kStep = kWarpSize * 8;       // K elements a warp covers with one 16-byte vector a lane
-constexpr int kTokensPerItem = 2;          // tokens an expand item handles one after another
 constexpr int kMaxTokenSplits = 64;
 constexpr int kExpandColumnsPerThread = kLoraExpandTile / kThreads;
 constexpr int kExpandBlocksPerSm = 2;  // register cap 128: the expand holds B vectors in registers
@@ -103,16 +102,17 @@ __device__ __forceinline__ bool ResolveSegment(const LoraParams& p, int seg, int
   return *begin < *end;
 }
 
-// Live segments and how many ways each segment's tokens are split (about kTokensPerItem tokens an
-// item, from the mean segment length over all rows, which needs no second dependent load; 1 in
-// decode). Identical in every thread of the launch.
+// Live segments and how many ways each segment's tokens are split (about LoraParams::expand_tokens
+// tokens an item, from the mean segment length over all rows, which needs no second dependent
+// load; 1 in decode with a segment a request). Identical in every thread of the launch.
 __device__ __forceinline__ void LiveSegments(const LoraParams& p, int max_token_splits, int* nseg,
                                              int* token_splits) {
   *nseg = min(max(*p.num_segments, 0), p.max_segments);
   *token_splits = 1;
   if (*nseg == 0) return;
   const int mean = p.num_tokens / *nseg;
-  *token_splits = max(1, min(mean / kTokensPerItem, max_token_splits));
+  const int per_item = p.expand_tokens > 0 ? p.expand_tokens : kLoraExpandTokens;
+  *token_splits = max(1, min(mean / per_item, max_token_splits));
 }
 
 // The shrink (see the top of the file). kItemWarps: 8, or 16 for inputs wider than
@@ -453,6 +453,30 @@ __device__ __forceinline__ void TileSlice(const LoraParams& p, int tw, int tile,
   }
 }
 
+// What an expand item (segment, tile, token split; numbered with the token split fastest, then
+// the tile, as LoraExpandTiles counts tiles) has to do: the slot's weights for the tile's slice,
+// the slice, the tile's first column in the slice and the item's first token index (its tokens are
+// first, first + token_splits, ... < end). False when it has nothing to do. The same answer in
+// every thread.
+struct ExpandWork {
+  LoraSliceWeightsDev w;
+  int slice, n0, first, end;
+};
+
+__device__ __forceinline__ bool DecodeExpandItem(const LoraParams& p, int64_t item, int tw, int total_tiles,
+                                                 int token_splits, int live_rank, ExpandWork* work) {
+  const int ts = static_cast<int>(item % token_splits);
+  const int64_t rest = item / token_splits;
+  const int tile = static_cast<int>(rest % total_tiles);
+  const int seg = static_cast<int>(rest / total_tiles);
+  int slice_first_tile, begin;
+  TileSlice(p, tw, tile, &work->slice, &slice_first_tile);
+  if (!ResolveSegment(p, seg, work->slice, live_rank, &begin, &work->end, &work->w)) return false;
+  work->first = begin + ts;
+  work->n0 = (tile - slice_first_tile) * tw;
+  return work->first < work->end;
+}
+
 // The item-by-item expand (LoraExpandKernel): a block takes its items one after another. y_s:
 // kLoraMaxRank floats of shared memory.
 __device__ __forceinline__ void ExpandItemByItem(const LoraParams& p, const float* __restrict__ y,
@@ -478,20 +502,11 @@ __device__ __forceinline__ void ExpandItemByItem(const LoraParams& p, const floa
   const int64_t items = static_cast<int64_t>(nseg) * total_tiles * token_splits;
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    int64_t rest = item;
-    const int ts = static_cast<int>(rest % token_splits);
-    rest /= token_splits;
-    const int tile = static_cast<int>(rest % total_tiles);
-    const int seg = static_cast<int>(rest / total_tiles);
-    int slice, slice_first_tile;
-    TileSlice(p, tw, tile, &slice, &slice_first_tile);
-    int begin, end;
-    LoraSliceWeightsDev w;
-    if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;
-    const int first = begin + ts;
-    if (first >= end) continue;
+    ExpandWork work;
+    if (!DecodeExpandItem(p, item, tw, total_tiles, token_splits, live_rank, &work)) continue;
+    const LoraSliceWeightsDev& w = work.w;
+    const int slice = work.slice, n0 = work.n0, first = work.first, end = work.end;
     const int width = p.slice_offsets[slice + 1] - p.slice_offsets[slice];
-    const int n0 = (tile - slice_first_tile) * tw;
     const int64_t y_col = static_cast<int64_t>(slice) * p.max_rank;
     const int64_t out_col = p.slice_offsets[slice];
     const int nv = IsAligned16(w.b) && w.rank % 8 == 0 ? w.rank / 8 : 0;
@@ -570,31 +585,21 @@ __device__ __forceinline__ void StreamResolve(const LoraParams& p, int tw, int t
   const int64_t item = blockIdx.x + (*raw + lane) * static_cast<int64_t>(gridDim.x);
   StreamItem it;
   bool valid = false;
-  if (item < items) {
-    int64_t rest = item;
-    const int ts = static_cast<int>(rest % token_splits);
-    rest /= token_splits;
-    const int tile = static_cast<int>(rest % total_tiles);
-    const int seg = static_cast<int>(rest / total_tiles);
-    int slice, slice_first_tile;
-    TileSlice(p, tw, tile, &slice, &slice_first_tile);
-    int begin, end;
-    LoraSliceWeightsDev w;
-    if (ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w) && begin + ts < end) {
-      valid = true;
-      it.n0 = (tile - slice_first_tile) * tw;
-      it.cols = min(tw, p.slice_offsets[slice + 1] - p.slice_offsets[slice] - it.n0);
-      it.b = static_cast<const bf16*>(w.b) + static_cast<int64_t>(it.n0) * w.rank;
-      it.scale = w.scale;
-      it.rank = w.rank;
-      it.slice = slice;
-      it.first = begin + ts;
-      it.end = end;
+  ExpandWork work;
+  if (item < items && DecodeExpandItem(p, item, tw, total_tiles, token_splits, live_rank, &work)) {
+    valid = true;
+    it.n0 = work.n0;
+    it.cols = min(tw, p.slice_offsets[work.slice + 1] - p.slice_offsets[work.slice] - it.n0);
+    it.b = static_cast<const bf16*>(work.w.b) + static_cast<int64_t>(it.n0) * work.w.rank;
+    it.scale = work.w.scale;
+    it.rank = work.w.rank;
+    it.slice = work.slice;
+    it.first = work.first;
+    it.end = work.end;
 #pragma unroll
-      for (int t = 0; t < kStreamTokens; ++t) {
-        const int idx = it.first + t * token_splits;
-        it.rows[t] = idx < end ? p.token_rows[idx] : -1;
-      }
+    for (int t = 0; t < kStreamTokens; ++t) {
+      const int idx = it.first + t * token_splits;
+      it.rows[t] = idx < it.end ? p.token_rows[idx] : -1;
     }
   }
   const unsigned ballot = __ballot_sync(0xffffffffu, valid);

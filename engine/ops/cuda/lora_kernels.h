@@ -26,6 +26,8 @@ inline constexpr int kLoraMaxSlices = kLoraDeltaMaxSlices;
 // Output columns of an expand work item when the step's ranks are <= 16; a bound of r > 16 gives
 // kLoraExpandTile·16/r (so an item moves about the same bytes of B whatever the rank).
 inline constexpr int kLoraExpandTile = 1024;
+// Tokens of a segment an expand item takes by default (LoraParams::expand_tokens).
+inline constexpr int kLoraExpandTokens = 2;
 __host__ __device__ constexpr int LoraExpandTileWidth(int rank_bound) {
   return rank_bound <= 16 ? kLoraExpandTile : rank_bound >= kLoraExpandTile * 16 ? 1 : kLoraExpandTile * 16 / rank_bound;
 }
@@ -86,6 +88,10 @@ struct LoraParams {
   // items' tiles of B and their y in shared memory, copying the next ones (cp.async) while it
   // multiplies the current one. The same out or delta bits either way.
   int32_t expand_stages = 0;
+  // Expand only: about how many of a segment's tokens an item takes (the segment's tokens are
+  // split over mean segment length / expand_tokens items, at most 64); 0: kLoraExpandTokens. Each
+  // split reads the item's tile of B again; the same bits whatever the split.
+  int32_t expand_tokens = 0;
   // Delta mode (GemmWithLora): the expand writes scale·y·Bᵀ into `delta` [delta_rows,
   // slice_offsets[num_slices]] F32 instead of adding it to out, and sets delta_mask[row, slice]
   // ([delta_rows, num_slices] bytes) for every (row, slice) it wrote; the shrink of the same module
