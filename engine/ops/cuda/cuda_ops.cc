@@ -74,6 +74,13 @@ constexpr int kLoraShrinkShape = 1;
 // with one from 1.063x to 1.085x.
 constexpr int kLoraExpandStages = 0;
 constexpr int kLoraWideExpandStages = 2;
+// Tokens of a segment an item of the streamed expand takes (LoraParams::expand_tokens): 4, what a
+// stage holds, so segments of 4-8 tokens read each tile of B once or twice instead of 2-4 times
+// (the item-by-item expand keeps the default, 2). Same process, tenth session
+// (bench/runs/2026-11-29-tenth/1-expand-tokens): batch 32 with 8 adapters of ranks 8..64 1.247x ->
+// 1.228x, batch 64 1.367x -> 1.320x; for the item-by-item expand, 4 or more tokens an item made
+// batch 32 with one or 4 adapters slower (1.083x -> 1.096-1.413x).
+constexpr int kLoraWideExpandTokens = 4;
 // Steps of at most kFewLoraSegments segments (ops.h; the model's few-adapter graphs) and at least
 // kLoraFewMinTokens tokens run GemmWithLora's GEMM as cuBLASLt chooses it for 2/3 of the SMs, with
 // the shrink beside it on at most kLoraFewShrinkBlocks blocks, so the side chain's blocks keep SMs
@@ -774,7 +781,7 @@ class CudaOps final : public Ops {
     p.expand_stages = lora_expand_stages_ >= 0 ? lora_expand_stages_
                       : segments.wide_ranks      ? kLoraWideExpandStages
                                                  : kLoraExpandStages;
-    p.expand_tokens = lora_expand_tokens_;
+    p.expand_tokens = lora_expand_tokens_ > 0 ? lora_expand_tokens_ : p.expand_stages >= 2 ? kLoraWideExpandTokens : 0;
     return p;
   }
 
