@@ -787,13 +787,11 @@ absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const
   const LoraSegments ds = st.dsegs->View();
   const TensorView gy = Gpu(st.d_y, DType::kF32, {T, yw}), gout = Gpu(st.d_out, DType::kBF16, {T, W});
   std::vector<float> item_by_item;
-  struct Setting { int stages, blocks, tokens, per_sm; };
-  for (const Setting& c : std::vector<Setting>{{0, 0, 0, 0}, {2, 0, 0, 0}, {3, 0, 0, 0}, {2, small_grid, 0, 0},
-                                               {3, small_grid, 0, 0}, {0, small_grid, 0, 0}, {0, 0, 1, 0}, {0, 0, 8, 0},
-                                               {2, 0, 4, 0}, {3, 0, 64, 0}, {0, 0, 0, 3}, {0, 0, 0, 4},
-                                               {0, small_grid, 0, 4}}) {
+  struct Setting { int stages, blocks, tokens; };
+  for (const Setting& c : std::vector<Setting>{{0, 0, 0}, {2, 0, 0}, {3, 0, 0}, {2, small_grid, 0}, {3, small_grid, 0},
+                                               {0, small_grid, 0}, {0, 0, 1}, {0, 0, 8}, {2, 0, 4}, {3, 0, 64}}) {
     const int stages = c.stages, blocks = c.blocks;
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks, c.tokens, c.per_sm));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks, c.tokens));
     LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_out.data(), base));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraExpand(gy, ds, dm, gout));
     LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(st.d_out.data(), static_cast<size_t>(T) * W));
@@ -801,8 +799,7 @@ absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const
       item_by_item = std::move(got);
       continue;
     }
-    Compare(absl::StrCat(name, " stages=", stages, " blocks=", blocks, " tokens=", c.tokens, " per_sm=", c.per_sm,
-                         " segs=", segs.count()),
+    Compare(absl::StrCat(name, " stages=", stages, " blocks=", blocks, " tokens=", c.tokens, " segs=", segs.count()),
             got, item_by_item, 0.0,
             std::vector<uint8_t>(item_by_item.size(), 0));
   }

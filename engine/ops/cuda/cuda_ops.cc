@@ -341,11 +341,10 @@ class CudaOps final : public Ops {
     lora_shrink_shape_ = shape < 0 ? kLoraShrinkShape : shape;
     lora_shrink_rows_ = rows;
   }
-  void set_lora_expand(int stages, int blocks, int tokens, int blocks_per_sm) {
+  void set_lora_expand(int stages, int blocks, int tokens) {
     lora_expand_stages_ = stages;
     lora_expand_blocks_ = blocks;
     lora_expand_tokens_ = tokens;
-    lora_expand_blocks_per_sm_ = blocks_per_sm;
   }
   void set_lora_inline(int min_segments) {
     lora_inline_min_segments_ = min_segments < 0 ? kLoraInlineMinSegments : min_segments;
@@ -776,14 +775,12 @@ class CudaOps final : public Ops {
     const int tw = LoraExpandTileWidth(module.max_rank);  // the narrowest tiles a step can have
     const int64_t tiles = LoraExpandTiles(module.slice_offsets, module.num_slices, tw);
     const int64_t want = std::max<int64_t>(1, tiles) * std::max(1, segments.num_tokens);
-    int64_t cap = static_cast<int64_t>(num_sms_) *
-                  (lora_expand_blocks_per_sm_ > 0 ? lora_expand_blocks_per_sm_ : kLoraExpandBlocksPerSm);
+    int64_t cap = static_cast<int64_t>(num_sms_) * kLoraExpandBlocksPerSm;
     if (lora_expand_blocks_ > 0) cap = std::min<int64_t>(cap, lora_expand_blocks_);
     LoraParams p = MakeLoraParams(segments, module, static_cast<int>(std::min(cap, want)));
     p.expand_stages = lora_expand_stages_ >= 0 ? lora_expand_stages_
                       : segments.wide_ranks      ? kLoraWideExpandStages
                                                  : kLoraExpandStages;
-    p.expand_blocks_per_sm = lora_expand_blocks_per_sm_;
     p.expand_tokens = lora_expand_tokens_ > 0 ? lora_expand_tokens_ : p.expand_stages >= 2 ? kLoraWideExpandTokens : 0;
     return p;
   }
@@ -854,7 +851,6 @@ class CudaOps final : public Ops {
   int lora_expand_stages_ = -1;  // SetLoraExpandForTest (LoraParams::expand_stages); -1: by rank class
   int lora_expand_blocks_ = 0;  // SetLoraExpandForTest: a cap on the expand's grid (0: none)
   int lora_expand_tokens_ = 0;  // SetLoraExpandForTest (LoraParams::expand_tokens; 0: the default)
-  int lora_expand_blocks_per_sm_ = 0;  // SetLoraExpandForTest (LoraParams::expand_blocks_per_sm; 0: the default)
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
@@ -1033,17 +1029,14 @@ absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows) {
   return absl::OkStatus();
 }
 
-absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks, int tokens, int blocks_per_sm) {
+absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks, int tokens) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraExpandForTest"));
   if (stages < -1 || stages == 1 || stages > 3) {
     return Invalid("SetLoraExpandForTest", absl::StrCat("stages ", stages, " not -1, 0, 2 or 3"));
   }
   if (blocks < 0) return Invalid("SetLoraExpandForTest", absl::StrCat("blocks ", blocks, " < 0"));
   if (tokens < 0) return Invalid("SetLoraExpandForTest", absl::StrCat("tokens ", tokens, " < 0"));
-  if (blocks_per_sm != 0 && (blocks_per_sm < 2 || blocks_per_sm > 4)) {
-    return Invalid("SetLoraExpandForTest", absl::StrCat("blocks_per_sm ", blocks_per_sm, " not 0, 2, 3 or 4"));
-  }
-  cuda->set_lora_expand(stages, blocks, tokens, blocks_per_sm);
+  cuda->set_lora_expand(stages, blocks, tokens);
   return absl::OkStatus();
 }
 

@@ -75,11 +75,9 @@ absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0);
 // narrow-rank steps, 2 stages for LoraSegments::wide_ranks). blocks > 0 caps the expand's grid
 // (tests: blocks then walk many items; step_bench --lora-expand-blocks); 0 sizes it to the step.
 // tokens > 0: about that many of a segment's tokens an item (LoraParams::expand_tokens; step_bench
-// --lora-expand-tokens); 0 the default. blocks_per_sm 3 or 4: the item-by-item expand on tiles of
-// 512 columns with that many blocks an SM (LoraParams::expand_blocks_per_sm; step_bench
-// --lora-expand-per-sm); 0 or 2 the default. The same bits in every case. INVALID_ARGUMENT for other
+// --lora-expand-tokens); 0 the default. The same bits in every case. INVALID_ARGUMENT for other
 // values.
-absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0, int tokens = 0, int blocks_per_sm = 0);
+absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0, int tokens = 0);
 // An experiment (off by default): GemmWithLora's GEMM uses the algorithms cuBLASLt chooses for
 // `sms` SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), leaving the rest to the LoRA side chain beside
 // it; 0 goes back to the executor's GEMM. Synchronizes; call it outside captures.

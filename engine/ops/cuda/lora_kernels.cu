@@ -40,9 +40,6 @@ constexpr int kStep = kWarpSize * 8;       // K elements a warp covers with one 
 constexpr int kMaxTokenSplits = 64;
 constexpr int kExpandColumnsPerThread = kLoraExpandTile / kThreads;
 constexpr int kExpandBlocksPerSm = 2;  // register cap 128: the expand holds B vectors in registers
-// LoraParams::expand_blocks_per_sm 3 or 4: the item-by-item expand at half the columns a thread
-// (tiles of 512) and more blocks an SM (register caps 80 and 64).
-constexpr int kExpandNarrowColumnsPerThread = 2;
 
 __device__ __forceinline__ uint4 Load8(const bf16* p, bool aligned) {
   if (aligned) return __ldg(reinterpret_cast<const uint4*>(p));
@@ -372,25 +369,25 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   }
 }
 
-// One expand work item: columns n0 + threadIdx.x + c·kThreads (c < kCols) of
+// One expand work item: columns n0 + threadIdx.x + c·kThreads (c < kExpandColumnsPerThread) of
 // one slice for the tokens first, first + step, ... < end. NV > 0: rank = 8·NV and B 16-byte
 // aligned, so a column's B row is NV vectors held in registers across tokens, CPT columns at a
 // time (8 vectors a thread in flight). NV = 0: any rank, B rows streamed through L1 per token.
 // Writes out[row, out_col + n] += scale·s in place, or in delta mode delta[row, out_col + n] =
 // scale·s and delta_mask[row, slice] = 1.
-// The tile is `tw` columns wide (kThreads·kCols or narrower for a higher rank bound).
-template <int NV, int kCols>
+// The tile is `tw` columns wide (kLoraExpandTile or narrower for a higher rank bound).
+template <int NV>
 __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceWeightsDev& w, int slice, int width,
                                            int n0, int tw, int first, int end, int step, int64_t y_col,
                                            int64_t out_col, const float* __restrict__ y, bf16* __restrict__ out,
                                            float* y_s) {
-  constexpr int kCpt = NV == 0 ? 1 : (8 / NV < kCols ? 8 / NV : kCols);
+  constexpr int kCpt = NV == 0 ? 1 : (8 / NV < kExpandColumnsPerThread ? 8 / NV : kExpandColumnsPerThread);
   constexpr int kHeld = NV == 0 ? 1 : NV;
   const int r = w.rank;
   const int64_t y_row = static_cast<int64_t>(p.num_slices) * p.max_rank;
   const int64_t out_row = p.slice_offsets[p.num_slices];
   const bf16* b = static_cast<const bf16*>(w.b);
-  for (int c0 = 0; c0 < kCols && c0 * kThreads < tw; c0 += kCpt) {
+  for (int c0 = 0; c0 < kExpandColumnsPerThread && c0 * kThreads < tw; c0 += kCpt) {
     uint4 bv[kCpt][kHeld];
     bool valid[kCpt];
 #pragma unroll
@@ -480,9 +477,8 @@ __device__ __forceinline__ bool DecodeExpandItem(const LoraParams& p, int64_t it
   return work->first < work->end;
 }
 
-// The item-by-item expand (LoraExpandKernel): a block takes its items one after another, tiles of
-// kThreads·kCols columns. y_s: kLoraMaxRank floats of shared memory.
-template <int kCols>
+// The item-by-item expand (LoraExpandKernel): a block takes its items one after another. y_s:
+// kLoraMaxRank floats of shared memory.
 __device__ __forceinline__ void ExpandItemByItem(const LoraParams& p, const float* __restrict__ y,
                                                  bf16* __restrict__ out, float* y_s) {
   const int S = p.num_slices;
@@ -497,10 +493,10 @@ __device__ __forceinline__ void ExpandItemByItem(const LoraParams& p, const floa
   // item of a rank-64 adapter moves as many bytes of B as one of a rank-16 adapter instead of 4x
   // (and takes as long). When full-width items already fill the grid they stay (fewer, longer
   // items: at batch 128 narrow ones made the step slower).
-  int tw = kThreads * kCols;
+  int tw = kLoraExpandTile;
   int total_tiles = LoraExpandTiles(p.slice_offsets, S, tw);
   if (static_cast<int64_t>(nseg) * total_tiles * token_splits < gridDim.x) {
-    tw = min(kThreads * kCols, LoraExpandTileWidth(live_rank));
+    tw = LoraExpandTileWidth(live_rank);
     total_tiles = LoraExpandTiles(p.slice_offsets, S, tw);
   }
   const int64_t items = static_cast<int64_t>(nseg) * total_tiles * token_splits;
@@ -515,15 +511,15 @@ __device__ __forceinline__ void ExpandItemByItem(const LoraParams& p, const floa
     const int64_t out_col = p.slice_offsets[slice];
     const int nv = IsAligned16(w.b) && w.rank % 8 == 0 ? w.rank / 8 : 0;
     switch (nv) {  // the ranks adapters use get register-held B rows; others the general path
-      case 1: ExpandItem<1, kCols>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
+      case 1: ExpandItem<1>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
         break;
-      case 2: ExpandItem<2, kCols>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
+      case 2: ExpandItem<2>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
         break;
-      case 4: ExpandItem<4, kCols>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
+      case 4: ExpandItem<4>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
         break;
-      case 8: ExpandItem<8, kCols>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
+      case 8: ExpandItem<8>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
         break;
-      default: ExpandItem<0, kCols>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
+      default: ExpandItem<0>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
         break;
     }
   }
@@ -535,11 +531,10 @@ __device__ __forceinline__ void ExpandItemByItem(const LoraParams& p, const floa
   if (blockIdx.x == 0) WaitForPrecedingKernel();
 }
 
-template <int kCols, int kMinBlocks>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     LoraExpandKernel(LoraParams p, const float* __restrict__ y, bf16* __restrict__ out) {
   __shared__ __align__(16) float y_s[kLoraMaxRank];
-  ExpandItemByItem<kCols>(p, y, out, y_s);
+  ExpandItemByItem(p, y, out, y_s);
 }
 
 // The streamed expand (LoraParams::expand_stages): the same items as LoraExpandKernel's at the
@@ -857,15 +852,8 @@ cudaError_t LaunchLoraExpand(const LoraParams& p, const float* y, void* out, cud
   if (p.expand_stages == 2 || p.expand_stages == 3) {
     return p.expand_stages == 2 ? LaunchLoraExpandStream<2>(p, y, out, stream) : LaunchLoraExpandStream<3>(p, y, out, stream);
   }
-  if (p.expand_blocks_per_sm == 3 || p.expand_blocks_per_sm == 4) {
-    return p.expand_blocks_per_sm == 3
-               ? LaunchMaybeDependent(p.overlap_shrink, LoraExpandKernel<kExpandNarrowColumnsPerThread, 3>,
-                                      dim3(p.num_blocks), dim3(kThreads), 0, stream, p, y, static_cast<bf16*>(out))
-               : LaunchMaybeDependent(p.overlap_shrink, LoraExpandKernel<kExpandNarrowColumnsPerThread, 4>,
-                                      dim3(p.num_blocks), dim3(kThreads), 0, stream, p, y, static_cast<bf16*>(out));
-  }
-  return LaunchMaybeDependent(p.overlap_shrink, LoraExpandKernel<kExpandColumnsPerThread, kExpandBlocksPerSm>,
-                              dim3(p.num_blocks), dim3(kThreads), 0, stream, p, y, static_cast<bf16*>(out));
+  return LaunchMaybeDependent(p.overlap_shrink, LoraExpandKernel, dim3(p.num_blocks), dim3(kThreads), 0, stream, p, y,
+                              static_cast<bf16*>(out));
 }
 
 }  // namespace loraplex::ops::cuda

@@ -92,9 +92,6 @@ struct LoraParams {
   // split over mean segment length / expand_tokens items, at most 64); 0: kLoraExpandTokens. Each
   // split reads the item's tile of B again; the same bits whatever the split.
   int32_t expand_tokens = 0;
-  // Expand only, item by item (expand_stages 0): 3 or 4 runs that many blocks an SM on tiles of 512
-  // columns (2 a thread) instead of 2 on tiles of 1024; other values the latter. The same bits.
-  int32_t expand_blocks_per_sm = 0;
   // Delta mode (GemmWithLora): the expand writes scale·y·Bᵀ into `delta` [delta_rows,
   // slice_offsets[num_slices]] F32 instead of adding it to out, and sets delta_mask[row, slice]
   // ([delta_rows, num_slices] bytes) for every (row, slice) it wrote; the shrink of the same module
