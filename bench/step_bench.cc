@@ -18,7 +18,7 @@
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
-//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N]
+//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N]
 //                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
@@ -123,6 +123,8 @@ struct LoraTuning {
   int expand_stages = -1;  // SetLoraExpandForTest (-1: the default)
   int expand_blocks = 0;   // SetLoraExpandForTest's cap on the expand's grid (0: none)
   int expand_tokens = 0;   // SetLoraExpandForTest's tokens an item (0: the default)
+  int tc_min_tokens = 0;       // SetLoraTensorCoreMinTokensForTest (0: the default)
+  int tc_few_min_tokens = 0;   // SetLoraTensorCoreMinTokensForTest's few-segment steps (0: off)
   int gemm_sms = 0;       // SetLoraGemmSmsForTest
   int gemm_first = 0;     // SetLoraGemmFirstForTest
   int in_line = -1;       // SetLoraInlineForTest: min segments (-1: the default; 1000000: never)
@@ -137,6 +139,7 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkWarpsForTest(ops, t.shrink_warps));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkShapeForTest(ops, t.shrink_shape, t.shrink_rows));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraExpandForTest(ops, t.expand_stages, t.expand_blocks, t.expand_tokens));
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraTensorCoreMinTokensForTest(ops, t.tc_min_tokens, t.tc_few_min_tokens));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmSmsForTest(ops, t.gemm_sms));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmFirstForTest(ops, t.gemm_first));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraInlineForTest(ops, t.in_line));
@@ -543,6 +546,8 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-shrink-rows") return ParseFlag(flag, value, 0, 16, &t->shrink_rows);
   if (flag == "--lora-expand-blocks") return ParseFlag(flag, value, 0, 1 << 20, &t->expand_blocks);
   if (flag == "--lora-expand-tokens") return ParseFlag(flag, value, 0, 64, &t->expand_tokens);
+  if (flag == "--lora-tc-min-tokens") return ParseFlag(flag, value, 0, 1 << 20, &t->tc_min_tokens);
+  if (flag == "--lora-tc-few-min-tokens") return ParseFlag(flag, value, 0, 1 << 20, &t->tc_few_min_tokens);
   if (flag == "--lora-expand-stages") {
     LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, value, -1, 3, &t->expand_stages));
     if (t->expand_stages == 1) return absl::InvalidArgumentError("--lora-expand-stages 1 (expected -1, 0, 2 or 3)");
@@ -578,7 +583,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;

@@ -1186,6 +1186,15 @@ absl::Status LoraTests() {
     LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters] qkv", *world, T, true, graph, 4, false, 4));
   }
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters] down", *down, 40, true, true, 3, false, 2));
+  // The tensor-core kernels for few-segment calls (SetLoraTensorCoreMinTokensForTest's
+  // few_min_tokens): calls that say at most 4 segments take them, others the decode kernels.
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 0, 16));
+  for (bool graph : {false, true}) {
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters, tc] qkv", *world, T, true, graph, 4, false, 4));
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[many adapters, tc few] qkv", *world, T, true, graph, 4));
+  }
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters, tc] down", *down, 40, true, true, 3, false, 2));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 0));
   // The streamed expand into the delta buffer (beside the GEMM and in line), eager and replayed.
   for (int stages : {2, 3}) {
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages));

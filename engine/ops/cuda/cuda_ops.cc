@@ -186,7 +186,10 @@ class CudaOps final : public Ops {
 
   cudaStream_t stream() const { return stream_; }
   void set_split_mode(AttentionSplitMode mode) { split_mode_ = mode; }
-  void set_lora_tensor_core_min_tokens(int tokens) { lora_tc_min_tokens_ = tokens; }
+  void set_lora_tensor_core_min_tokens(int tokens, int few_tokens) {
+    lora_tc_min_tokens_ = tokens > 0 ? tokens : kLoraTensorCoreMinTokens;
+    lora_tc_few_min_tokens_ = few_tokens;
+  }
   void set_lora_delta_limit(size_t bytes) { lora_delta_limit_ = std::min(bytes, kLoraDeltaBytes); }
   void set_lora_fold(bool fold) { lora_fold_ = fold; }
   void set_lora_shrink_warps(int warps) { lora_shrink_warps_ = warps; }
@@ -553,7 +556,13 @@ class CudaOps final : public Ops {
     return LaunchExpand(p, y.As<float>(), out.data, stream_, "LoraExpand");
   }
 
-  bool UseTensorCores(const LoraParams& p) const { return p.num_tokens >= lora_tc_min_tokens_; }
+  // The tensor-core kernels: for steps of lora_tc_min_tokens_ tokens or more, and (an experiment,
+  // off by default) for steps of at most kFewLoraSegments segments from lora_tc_few_min_tokens_.
+  bool UseTensorCores(const LoraParams& p) const {
+    if (p.num_tokens >= lora_tc_min_tokens_) return true;
+    return lora_tc_few_min_tokens_ > 0 && p.num_tokens >= lora_tc_few_min_tokens_ && p.segments_bound > 0 &&
+           p.segments_bound <= kFewLoraSegments;
+  }
 
   absl::Status LaunchShrink(const LoraParams& p, const void* x, float* y, cudaStream_t stream, absl::string_view op) {
     if (UseTensorCores(p)) {
@@ -832,6 +841,7 @@ class CudaOps final : public Ops {
     p.num_segments = segments.num_segments;
     p.live_max_rank = segments.max_rank;
     p.max_segments = segments.max_segments;
+    p.segments_bound = SegmentsBound(segments);
     p.num_tokens = segments.num_tokens;
     p.partials = static_cast<float*>(lora_partials_);
     p.num_blocks = num_blocks;
@@ -856,6 +866,7 @@ class CudaOps final : public Ops {
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
   size_t sample_scratch_bytes_ = 0;
   int lora_tc_min_tokens_ = kLoraTensorCoreMinTokens;
+  int lora_tc_few_min_tokens_ = 0;  // SetLoraTensorCoreMinTokensForTest (0: off)
   void* lora_delta_ = nullptr;                  // [rows, out width] F32, kLoraDeltaBytes
   uint8_t* lora_delta_mask_ = nullptr;          // [rows, slices], kLoraDeltaMaskBytes
   size_t lora_delta_limit_ = kLoraDeltaBytes;   // tests lower it to force the in-place expand
@@ -1076,12 +1087,13 @@ absl::Status SetLoraFoldForTest(Ops* ops, bool fold) {
   return absl::OkStatus();
 }
 
-absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens) {
+absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few_min_tokens) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraTensorCoreMinTokensForTest"));
-  if (min_tokens < 1) {
-    return Invalid("SetLoraTensorCoreMinTokensForTest", absl::StrCat("min_tokens ", min_tokens, " < 1"));
+  if (min_tokens < 0 || few_min_tokens < 0) {
+    return Invalid("SetLoraTensorCoreMinTokensForTest",
+                   absl::StrCat("min_tokens ", min_tokens, " and few_min_tokens ", few_min_tokens, " must be >= 0"));
   }
-  cuda->set_lora_tensor_core_min_tokens(min_tokens);
+  cuda->set_lora_tensor_core_min_tokens(min_tokens, few_min_tokens);
   return absl::OkStatus();
 }
 

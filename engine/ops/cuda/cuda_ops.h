@@ -121,9 +121,11 @@ absl::Status SetLoraDeltaLimitForTest(Ops* ops, size_t bytes);
 // and TimeOnStream add it first with a separate kernel. `fold` false: always that kernel, right
 // after the GEMM (tests compare both ways bit for bit). Default true.
 absl::Status SetLoraFoldForTest(Ops* ops, bool fold);
-// LoRA ops of steps with at least `min_tokens` tokens run the tensor-core kernels (default 256);
-// tests force either kind at any size. INVALID_ARGUMENT for min_tokens < 1.
-absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens);
+// LoRA ops of steps with at least `min_tokens` tokens run the tensor-core kernels (0: the default,
+// 256); tests force either kind at any size. few_min_tokens > 0 (an experiment, off by default;
+// step_bench --lora-tc-few-min-tokens): steps of at most kFewLoraSegments segments run them from
+// that many tokens. INVALID_ARGUMENT for negative values.
+absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few_min_tokens = 0);
 
 enum class AttentionSplitMode { kAuto, kAlways, kNever };
 absl::Status SetAttentionSplitModeForTest(Ops* ops, AttentionSplitMode mode);

@@ -59,6 +59,7 @@ struct LoraParams {
   // row items and the expand sizes its tiles for it rather than for max_rank.
   const int32_t* live_max_rank = nullptr;
   int32_t max_segments = 0;
+  int32_t segments_bound = 0;  // host only: LoraSegments::segments_bound, or max_segments without one
   int32_t num_tokens = 0;
   // Split-K scratch of the tensor-core shrink (lora_prefill.h): partial sums [splits, num_tokens,
   // num_slices·max_rank] F32.
