@@ -124,7 +124,7 @@ struct LoraTuning {
   int expand_blocks = 0;   // SetLoraExpandForTest's cap on the expand's grid (0: none)
   int expand_tokens = 0;   // SetLoraExpandForTest's tokens an item (0: the default)
   int tc_min_tokens = 0;       // SetLoraTensorCoreMinTokensForTest (0: the default)
-  int tc_few_min_tokens = 0;   // SetLoraTensorCoreMinTokensForTest's few-segment steps (0: off)
+  int tc_few_min_tokens = -1;  // SetLoraTensorCoreMinTokensForTest's few-segment steps (-1: the default; 0: never)
   int gemm_sms = 0;       // SetLoraGemmSmsForTest
   int gemm_first = 0;     // SetLoraGemmFirstForTest
   int in_line = -1;       // SetLoraInlineForTest: min segments (-1: the default; 1000000: never)
@@ -547,7 +547,7 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-expand-blocks") return ParseFlag(flag, value, 0, 1 << 20, &t->expand_blocks);
   if (flag == "--lora-expand-tokens") return ParseFlag(flag, value, 0, 64, &t->expand_tokens);
   if (flag == "--lora-tc-min-tokens") return ParseFlag(flag, value, 0, 1 << 20, &t->tc_min_tokens);
-  if (flag == "--lora-tc-few-min-tokens") return ParseFlag(flag, value, 0, 1 << 20, &t->tc_few_min_tokens);
+  if (flag == "--lora-tc-few-min-tokens") return ParseFlag(flag, value, -1, 1 << 20, &t->tc_few_min_tokens);
   if (flag == "--lora-expand-stages") {
     LORAPLEX_RETURN_IF_ERROR(ParseFlag(flag, value, -1, 3, &t->expand_stages));
     if (t->expand_stages == 1) return absl::InvalidArgumentError("--lora-expand-stages 1 (expected -1, 0, 2 or 3)");

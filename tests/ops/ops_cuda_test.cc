@@ -1187,7 +1187,8 @@ absl::Status LoraTests() {
   }
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters] down", *down, 40, true, true, 3, false, 2));
   // The tensor-core kernels for few-segment calls (SetLoraTensorCoreMinTokensForTest's
-  // few_min_tokens): calls that say at most 4 segments take them, others the decode kernels.
+  // few_min_tokens; by default from 128 tokens, here from 16): calls that say at most 4 segments
+  // take them, others the decode kernels.
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 0, 16));
   for (bool graph : {false, true}) {
     LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters, tc] qkv", *world, T, true, graph, 4, false, 4));

@@ -57,6 +57,11 @@ constexpr int kLoraTensorCoreBlocksPerSm = 4;  // 128 threads, ~37 KB of shared 
 // each adapter's weights once per 64 tokens of a segment; smaller ones (decode) the
 // bandwidth-bound kernels of lora_kernels.cu.
 constexpr int kLoraTensorCoreMinTokens = 256;
+// Steps of at most kFewLoraSegments segments take the tensor-core kernels from this many tokens:
+// batch 128 with 4 adapters 1.306x -> 1.247x the base step, one adapter unchanged (1.293x vs
+// 1.291x); from 64 tokens batch 64 got much slower (one adapter 1.126x -> 1.444x). Same process,
+// bench/runs/2026-11-29-tenth/4-final.
+constexpr int kLoraTensorCoreFewMinTokens = 128;
 // GemmWithLora calls whose steps may have more live segments than this run the LoRA chain in
 // line before the GEMM (prefetching A while the kernel before finishes) instead of beside it: at
 // batch 128 with 128 distinct adapters 1.61x the base step instead of 1.75x; at 8-64 segments
@@ -188,7 +193,7 @@ class CudaOps final : public Ops {
   void set_split_mode(AttentionSplitMode mode) { split_mode_ = mode; }
   void set_lora_tensor_core_min_tokens(int tokens, int few_tokens) {
     lora_tc_min_tokens_ = tokens > 0 ? tokens : kLoraTensorCoreMinTokens;
-    lora_tc_few_min_tokens_ = few_tokens;
+    lora_tc_few_min_tokens_ = few_tokens >= 0 ? few_tokens : kLoraTensorCoreFewMinTokens;
   }
   void set_lora_delta_limit(size_t bytes) { lora_delta_limit_ = std::min(bytes, kLoraDeltaBytes); }
   void set_lora_fold(bool fold) { lora_fold_ = fold; }
@@ -556,8 +561,8 @@ class CudaOps final : public Ops {
     return LaunchExpand(p, y.As<float>(), out.data, stream_, "LoraExpand");
   }
 
-  // The tensor-core kernels: for steps of lora_tc_min_tokens_ tokens or more, and (an experiment,
-  // off by default) for steps of at most kFewLoraSegments segments from lora_tc_few_min_tokens_.
+  // The tensor-core kernels: for steps of lora_tc_min_tokens_ tokens or more, and for steps of at
+  // most kFewLoraSegments segments from lora_tc_few_min_tokens_ (0: never).
   bool UseTensorCores(const LoraParams& p) const {
     if (p.num_tokens >= lora_tc_min_tokens_) return true;
     return lora_tc_few_min_tokens_ > 0 && p.num_tokens >= lora_tc_few_min_tokens_ && p.segments_bound > 0 &&
@@ -866,7 +871,7 @@ class CudaOps final : public Ops {
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
   size_t sample_scratch_bytes_ = 0;
   int lora_tc_min_tokens_ = kLoraTensorCoreMinTokens;
-  int lora_tc_few_min_tokens_ = 0;  // SetLoraTensorCoreMinTokensForTest (0: off)
+  int lora_tc_few_min_tokens_ = kLoraTensorCoreFewMinTokens;  // SetLoraTensorCoreMinTokensForTest (0: off)
   void* lora_delta_ = nullptr;                  // [rows, out width] F32, kLoraDeltaBytes
   uint8_t* lora_delta_mask_ = nullptr;          // [rows, slices], kLoraDeltaMaskBytes
   size_t lora_delta_limit_ = kLoraDeltaBytes;   // tests lower it to force the in-place expand
@@ -1089,9 +1094,9 @@ absl::Status SetLoraFoldForTest(Ops* ops, bool fold) {
 
 absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few_min_tokens) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraTensorCoreMinTokensForTest"));
-  if (min_tokens < 0 || few_min_tokens < 0) {
+  if (min_tokens < 0 || few_min_tokens < -1) {
     return Invalid("SetLoraTensorCoreMinTokensForTest",
-                   absl::StrCat("min_tokens ", min_tokens, " and few_min_tokens ", few_min_tokens, " must be >= 0"));
+                   absl::StrCat("min_tokens ", min_tokens, " (>= 0) or few_min_tokens ", few_min_tokens, " (>= -1) out of range"));
   }
   cuda->set_lora_tensor_core_min_tokens(min_tokens, few_min_tokens);
   return absl::OkStatus();

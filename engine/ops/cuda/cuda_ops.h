@@ -122,10 +122,10 @@ absl::Status SetLoraDeltaLimitForTest(Ops* ops, size_t bytes);
 // after the GEMM (tests compare both ways bit for bit). Default true.
 absl::Status SetLoraFoldForTest(Ops* ops, bool fold);
 // LoRA ops of steps with at least `min_tokens` tokens run the tensor-core kernels (0: the default,
-// 256); tests force either kind at any size. few_min_tokens > 0 (an experiment, off by default;
-// step_bench --lora-tc-few-min-tokens): steps of at most kFewLoraSegments segments run them from
-// that many tokens. INVALID_ARGUMENT for negative values.
-absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few_min_tokens = 0);
+// 256); tests force either kind at any size. Steps of at most kFewLoraSegments segments
+// (LoraSegments::segments_bound) run them from `few_min_tokens` tokens (-1: the default, 128; 0:
+// never; step_bench --lora-tc-few-min-tokens). INVALID_ARGUMENT for other negative values.
+absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few_min_tokens = -1);
 
 enum class AttentionSplitMode { kAuto, kAlways, kNever };
 absl::Status SetAttentionSplitModeForTest(Ops* ops, AttentionSplitMode mode);
