@@ -1,6 +1,7 @@
 // Launcher of the GPU sampler: for each logits row it picks the token (greedy, or temperature
 // with top-k / top-p and a per-row seed), its log-probability and the top-n log-probabilities,
-// with Ops::Sample's semantics (one block a row, after a first pass split over 16 blocks a row).
+// with Ops::Sample's semantics (a cluster of 8 blocks a row, after a first pass split over 16 blocks
+// a row).
 // Thread-safe (stateless); work runs on `stream`.
 #pragma once
 
