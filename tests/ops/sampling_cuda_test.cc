@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -76,7 +77,7 @@ absl::StatusOr<std::vector<SampledToken>> SampleOnGpu(const std::vector<float>& 
 }
 
 // Every case on `rows_per_case` rows (fresh logits, seeds and steps), all in one launch.
-absl::Status TestAgainstReference(int64_t vocab, int rows_per_case) {
+absl::Status TestAgainstReference(int64_t vocab, int rows_per_case, int blocks) {
   const std::vector<Case> cases = {
       {0.0f, 0, 1.0f, 0},  {0.0f, 0, 1.0f, 20},  {1.0f, 0, 1.0f, 0},   {0.7f, 0, 0.9f, 5},
       {1.0f, 50, 1.0f, 0}, {1.3f, 40, 0.8f, 3},  {2.0f, 1, 1.0f, 2},   {1.0f, 0, 1e-6f, 0},
@@ -119,7 +120,7 @@ absl::Status TestAgainstReference(int64_t vocab, int rows_per_case) {
     // The same draw u picks the same token unless u·total lands within rounding (2^-40 fixed point
     // vs double) of a boundary between two tokens: never at these row counts; greedy must match always.
     const bool pass = token_mismatch == 0 && top_mismatch == 0 && worst_lp <= kLogprobTol;
-    Report(absl::StrCat("Sample V=", vocab, " T=", c.temperature, " top_k=", c.top_k, " top_p=", c.top_p,
+    Report(absl::StrCat("Sample V=", vocab, " blocks=", blocks, " T=", c.temperature, " top_k=", c.top_k, " top_p=", c.top_p,
                         " top_n=", c.top_n),
            pass,
            absl::StrCat("rows=", rows_per_case, " token_mismatch=", token_mismatch, " top_mismatch=", top_mismatch,
@@ -139,6 +140,15 @@ absl::Status TestBatchInvariance(int64_t vocab) {
   s.top_p = 0.9f;
   s.top_n = 4;
   LORAPLEX_ASSIGN_OR_RETURN(const std::vector<SampledToken> alone, SampleOnGpu(row, vocab, {s}));
+  // The same row on 1, 2, 4 and 8 blocks (alone it takes 8): the same bits.
+  for (int blocks : {1, 2, 4}) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetSampleBlocksForTest(g_gpu, blocks));
+    LORAPLEX_ASSIGN_OR_RETURN(const std::vector<SampledToken> got, SampleOnGpu(row, vocab, {s}));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetSampleBlocksForTest(g_gpu, 0));
+    Report(absl::StrCat("Sample on ", blocks, " blocks a row = on 8, V=", vocab),
+           std::memcmp(&alone[0], &got[0], sizeof(SampledToken)) == 0,
+           absl::StrCat("8 blocks token=", alone[0].token, " ", blocks, " blocks token=", got[0].token));
+  }
   std::vector<float> batch;
   std::vector<SamplingRow> rows;
   for (int i = 0; i < 9; ++i) {
@@ -202,9 +212,15 @@ int Main() {
     return 1;
   }
   g_gpu = gpu->get();
-  for (auto [vocab, rows] : std::vector<std::pair<int64_t, int>>{{7, 64}, {1000, 64}, {32000, 16}, {128256, 8}}) {
-    Run(absl::StrCat("Sample V=", vocab), TestAgainstReference(vocab, rows));
+  // Every row's passes dealt over 1, 2, 4 or 8 blocks (a cluster): the same picks as the reference
+  // each time (0: as many as the launch's rows leave SMs for, 1 at these row counts).
+  for (int blocks : {0, 2, 4, 8}) {
+    Run("SetSampleBlocksForTest", cuda::SetSampleBlocksForTest(g_gpu, blocks));
+    for (auto [vocab, rows] : std::vector<std::pair<int64_t, int>>{{7, 64}, {1000, 64}, {32000, 16}, {128256, 8}}) {
+      Run(absl::StrCat("Sample V=", vocab, " blocks=", blocks), TestAgainstReference(vocab, rows, blocks));
+    }
   }
+  Run("SetSampleBlocksForTest", cuda::SetSampleBlocksForTest(g_gpu, 0));
   Run("Sample batch invariance", TestBatchInvariance(128256));
   for (int rows : {1, 32, 128}) {
     Run("TIME Sample", TimeSample(128256, rows, {0.0f, 0, 1.0f, 0}));

@@ -191,6 +191,7 @@ class CudaOps final : public Ops {
 
   cudaStream_t stream() const { return stream_; }
   void set_split_mode(AttentionSplitMode mode) { split_mode_ = mode; }
+  void set_sample_blocks_per_row(int blocks) { sample_blocks_per_row_ = blocks; }
   void set_lora_tensor_core_min_tokens(int tokens, int few_tokens) {
     lora_tc_min_tokens_ = tokens > 0 ? tokens : kLoraTensorCoreMinTokens;
     lora_tc_few_min_tokens_ = few_tokens >= 0 ? few_tokens : kLoraTensorCoreFewMinTokens;
@@ -543,7 +544,7 @@ class CudaOps final : public Ops {
     return CudaStatus(LaunchSample(logits.As<float>(), logits.shape[0], logits.shape[1],
                                    reinterpret_cast<const SamplingRowDev*>(rows),
                                    reinterpret_cast<SampledTokenDev*>(out), sample_scratch_,
-                                   sample_scratch_bytes_, stream_),
+                                   sample_scratch_bytes_, num_sms_, sample_blocks_per_row_, stream_),
                       kOp);
   }
 
@@ -871,6 +872,7 @@ class CudaOps final : public Ops {
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
   size_t sample_scratch_bytes_ = 0;
   int lora_tc_min_tokens_ = kLoraTensorCoreMinTokens;
+  int sample_blocks_per_row_ = 0;  // SetSampleBlocksForTest (0: by the launch's rows)
   int lora_tc_few_min_tokens_ = kLoraTensorCoreFewMinTokens;  // SetLoraTensorCoreMinTokensForTest (0: off)
   void* lora_delta_ = nullptr;                  // [rows, out width] F32, kLoraDeltaBytes
   uint8_t* lora_delta_mask_ = nullptr;          // [rows, slices], kLoraDeltaMaskBytes
@@ -1099,6 +1101,15 @@ absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few
                    absl::StrCat("min_tokens ", min_tokens, " (>= 0) or few_min_tokens ", few_min_tokens, " (>= -1) out of range"));
   }
   cuda->set_lora_tensor_core_min_tokens(min_tokens, few_min_tokens);
+  return absl::OkStatus();
+}
+
+absl::Status SetSampleBlocksForTest(Ops* ops, int blocks_per_row) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetSampleBlocksForTest"));
+  if (blocks_per_row != 0 && blocks_per_row != 1 && blocks_per_row != 2 && blocks_per_row != 4 && blocks_per_row != 8) {
+    return Invalid("SetSampleBlocksForTest", absl::StrCat("blocks_per_row ", blocks_per_row, " not 0, 1, 2, 4 or 8"));
+  }
+  cuda->set_sample_blocks_per_row(blocks_per_row);
   return absl::OkStatus();
 }
 

@@ -127,6 +127,11 @@ absl::Status SetLoraFoldForTest(Ops* ops, bool fold);
 // never; step_bench --lora-tc-few-min-tokens). INVALID_ARGUMENT for other negative values.
 absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few_min_tokens = -1);
 
+// Sample's blocks a logits row: 1, 2, 4 or 8 forces that many; 0 (the default) takes as many as
+// keep the launch within one wave of the SMs. The same results either way. INVALID_ARGUMENT for
+// other values.
+absl::Status SetSampleBlocksForTest(Ops* ops, int blocks_per_row);
+
 enum class AttentionSplitMode { kAuto, kAlways, kNever };
 absl::Status SetAttentionSplitModeForTest(Ops* ops, AttentionSplitMode mode);
 

@@ -1,7 +1,7 @@
 // Launcher of the GPU sampler: for each logits row it picks the token (greedy, or temperature
 // with top-k / top-p and a per-row seed), its log-probability and the top-n log-probabilities,
-// with Ops::Sample's semantics (a cluster of 8 blocks a row, after a first pass split over 16 blocks
-// a row).
+// with Ops::Sample's semantics (a cluster of 1-8 blocks a row, after a first pass split over 16
+// blocks a row).
 // Thread-safe (stateless); work runs on `stream`.
 #pragma once
 
@@ -36,7 +36,10 @@ size_t SampleScratchBytes(int64_t num_rows);
 // For r < num_rows: out[r] from logits [num_rows, vocab] F32 and rows[r]. vocab in [1, 2^31).
 // `scratch` (device, may be null): used when it holds SampleScratchBytes(num_rows); launches that
 // share it must be stream-ordered.
+// `num_sms`: the GPU's SMs; each row takes up to 8 blocks (one SM each) while the launch fits them.
+// blocks_per_row 1, 2, 4 or 8 forces that many (tests); 0 chooses. The same results either way.
 cudaError_t LaunchSample(const float* logits, int64_t num_rows, int64_t vocab, const SamplingRowDev* rows,
-                         SampledTokenDev* out, void* scratch, size_t scratch_bytes, cudaStream_t stream);
+                         SampledTokenDev* out, void* scratch, size_t scratch_bytes, int num_sms,
+                         int blocks_per_row, cudaStream_t stream);
 
 }  // namespace loraplex::ops::cuda
