@@ -165,7 +165,8 @@ absl::Status TestBatchInvariance(int64_t vocab) {
   return absl::OkStatus();
 }
 
-absl::Status TimeSample(int64_t vocab, int rows, const Case& c) {
+// blocks: SetSampleBlocksForTest's blocks a row for the timed launches (0: the executor's choice).
+absl::Status TimeSample(int64_t vocab, int rows, const Case& c, int blocks) {
   std::vector<float> logits;
   std::vector<SamplingRow> srows;
   for (int i = 0; i < rows; ++i) {
@@ -185,12 +186,16 @@ absl::Status TimeSample(int64_t vocab, int rows, const Case& c) {
   LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(d_logits.data(), logits.data(), logits.size() * 4));
   LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(d_rows.data(), srows.data(), srows.size() * sizeof(SamplingRow)));
   const TensorView view = d_logits.View(DType::kF32, {rows, vocab});
-  LORAPLEX_ASSIGN_OR_RETURN(auto us, cuda::TimeOnStream(g_gpu, 3, 11, 5, [&](int) {
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetSampleBlocksForTest(g_gpu, blocks));
+  auto us = cuda::TimeOnStream(g_gpu, 3, 11, 5, [&](int) {
     return g_gpu->Sample(view, static_cast<const SamplingRow*>(d_rows.data()), static_cast<SampledToken*>(d_out.data()));
-  }));
-  std::sort(us.begin(), us.end());
-  std::printf("TIME Sample V=%lld rows=%-4d T=%.1f top_k=%d top_p=%.2f top_n=%d  %8.2f us\n",
-              static_cast<long long>(vocab), rows, c.temperature, c.top_k, c.top_p, c.top_n, us[us.size() / 2]);
+  });
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetSampleBlocksForTest(g_gpu, 0));
+  if (!us.ok()) return us.status();
+  std::sort(us->begin(), us->end());
+  std::printf("TIME Sample V=%lld rows=%-4d T=%.1f top_k=%d top_p=%.2f top_n=%d blocks=%s  %8.2f us\n",
+              static_cast<long long>(vocab), rows, c.temperature, c.top_k, c.top_p, c.top_n,
+              blocks == 0 ? "auto" : absl::StrCat(blocks).c_str(), (*us)[us->size() / 2]);
   return absl::OkStatus();
 }
 
@@ -222,10 +227,14 @@ int Main() {
   }
   Run("SetSampleBlocksForTest", cuda::SetSampleBlocksForTest(g_gpu, 0));
   Run("Sample batch invariance", TestBatchInvariance(128256));
-  for (int rows : {1, 32, 128}) {
-    Run("TIME Sample", TimeSample(128256, rows, {0.0f, 0, 1.0f, 0}));
-    Run("TIME Sample", TimeSample(128256, rows, {0.7f, 0, 0.9f, 0}));
-    Run("TIME Sample", TimeSample(128256, rows, {1.0f, 50, 0.95f, 5}));
+  // The executor's choice of blocks a row, then forced counts beside it (same process).
+  for (int rows : {1, 8, 32, 64, 128}) {
+    for (int blocks : {0, 1, 2, 4, 8}) {
+      if (blocks != 0 && rows * blocks > 512) continue;  // many waves: not worth the time
+      Run("TIME Sample", TimeSample(128256, rows, {0.0f, 0, 1.0f, 0}, blocks));
+      Run("TIME Sample", TimeSample(128256, rows, {0.7f, 0, 0.9f, 0}, blocks));
+      Run("TIME Sample", TimeSample(128256, rows, {1.0f, 50, 0.95f, 5}, blocks));
+    }
   }
   Run("Synchronize", g_gpu->Synchronize());
   std::printf("%s: %d failure(s)\n", g_failures == 0 ? "PASS" : "FAIL", g_failures);

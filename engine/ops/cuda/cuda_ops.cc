@@ -163,6 +163,12 @@ class CudaOps final : public Ops {
                                         "CUDA executor: allocate LoRA delta"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(reinterpret_cast<void**>(&ops->lora_delta_mask_), kLoraDeltaMaskBytes),
                                         "CUDA executor: allocate LoRA delta marks"));
+    // How many rows the sampler runs at once with 1-8 blocks a row; should the query fail, every
+    // row takes one block (the same results, only slower for few rows).
+    if (QuerySampleWave(&ops->sample_wave_) != cudaSuccess) {
+      ops->sample_wave_ = SampleWave{};
+      (void)cudaGetLastError();
+    }
     // Enough for the sampler's first pass split over blocks on up to 4096 rows; past that it
     // reads each row in one block.
     ops->sample_scratch_bytes_ = SampleScratchBytes(4096);
@@ -544,7 +550,7 @@ class CudaOps final : public Ops {
     return CudaStatus(LaunchSample(logits.As<float>(), logits.shape[0], logits.shape[1],
                                    reinterpret_cast<const SamplingRowDev*>(rows),
                                    reinterpret_cast<SampledTokenDev*>(out), sample_scratch_,
-                                   sample_scratch_bytes_, num_sms_, sample_blocks_per_row_, stream_),
+                                   sample_scratch_bytes_, sample_wave_, sample_blocks_per_row_, stream_),
                       kOp);
   }
 
@@ -873,6 +879,7 @@ class CudaOps final : public Ops {
   size_t sample_scratch_bytes_ = 0;
   int lora_tc_min_tokens_ = kLoraTensorCoreMinTokens;
   int sample_blocks_per_row_ = 0;  // SetSampleBlocksForTest (0: by the launch's rows)
+  SampleWave sample_wave_;          // QuerySampleWave at Create
   int lora_tc_few_min_tokens_ = kLoraTensorCoreFewMinTokens;  // SetLoraTensorCoreMinTokensForTest (0: off)
   void* lora_delta_ = nullptr;                  // [rows, out width] F32, kLoraDeltaBytes
   uint8_t* lora_delta_mask_ = nullptr;          // [rows, slices], kLoraDeltaMaskBytes

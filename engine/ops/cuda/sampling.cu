@@ -600,15 +600,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// SampleKernel<C> over `num_rows` rows, in clusters of C blocks, as a programmatic dependent.
+// The launch configuration of SampleKernel<C> over `num_rows` rows: clusters of C blocks, a
+// programmatic dependent. `attribute` backs config.attrs.
 template <int C>
-cudaError_t LaunchSampleKernel(int64_t num_rows, cudaStream_t stream, const float* logits, int vocab,
-                               const SamplingRowDev* rows, SampledTokenDev* out, const float4* partials) {
+cudaLaunchConfig_t SampleConfig(int64_t num_rows, cudaStream_t stream, cudaLaunchAttribute (&attribute)[2]) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(num_rows * C));
   config.blockDim = dim3(kThreads);
   config.stream = stream;
-  cudaLaunchAttribute attribute[2];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   attribute[1].id = cudaLaunchAttributeClusterDimension;
@@ -617,17 +616,50 @@ cudaError_t LaunchSampleKernel(int64_t num_rows, cudaStream_t stream, const floa
   attribute[1].val.clusterDim.z = 1;
   config.attrs = attribute;
   config.numAttrs = C == 1 ? 1 : 2;
+  return config;
+}
+
+template <int C>
+cudaError_t LaunchSampleKernel(int64_t num_rows, cudaStream_t stream, const float* logits, int vocab,
+                               const SamplingRowDev* rows, SampledTokenDev* out, const float4* partials) {
+  cudaLaunchAttribute attribute[2];
+  const cudaLaunchConfig_t config = SampleConfig<C>(num_rows, stream, attribute);
   return cudaLaunchKernelEx(&config, SampleKernel<C>, logits, vocab, rows, out, partials);
 }
 
+// Clusters of C blocks of SampleKernel<C> the GPU holds at once (C = 1: blocks).
+template <int C>
+cudaError_t SampleClustersAtOnce(int* n) {
+  if constexpr (C == 1) {
+    int device = 0, sms = 0, per_sm = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, SampleKernel<1>, kThreads, 0);
+    *n = sms * per_sm;
+    return e;
+  } else {
+    cudaLaunchAttribute attribute[2];
+    const cudaLaunchConfig_t config = SampleConfig<C>(64, nullptr, attribute);
+    return cudaOccupancyMaxActiveClusters(n, SampleKernel<C>, &config);
+  }
+}
+
 }  // namespace
+
+cudaError_t QuerySampleWave(SampleWave* wave) {
+  cudaError_t e = SampleClustersAtOnce<1>(&wave->rows[0]);
+  if (e == cudaSuccess) e = SampleClustersAtOnce<2>(&wave->rows[1]);
+  if (e == cudaSuccess) e = SampleClustersAtOnce<4>(&wave->rows[2]);
+  if (e == cudaSuccess) e = SampleClustersAtOnce<8>(&wave->rows[3]);
+  return e;
+}
 
 size_t SampleScratchBytes(int64_t num_rows) {
   return static_cast<size_t>(num_rows) * kStatsBlocks * sizeof(float4);
 }
 
 cudaError_t LaunchSample(const float* logits, int64_t num_rows, int64_t vocab, const SamplingRowDev* rows,
-                         SampledTokenDev* out, void* scratch, size_t scratch_bytes, int num_sms,
+                         SampledTokenDev* out, void* scratch, size_t scratch_bytes, const SampleWave& wave,
                          int blocks_per_row, cudaStream_t stream) {
   if (num_rows <= 0) return cudaSuccess;
   if (vocab < 1 || vocab >= 0x7fffffff || num_rows > 0x7fffffff / kMaxCluster) return cudaErrorInvalidValue;
@@ -639,9 +671,13 @@ cudaError_t LaunchSample(const float* logits, int64_t num_rows, int64_t vocab, c
                           0, stream, logits, static_cast<int>(vocab), partials);
   }
   // Each block takes an SM (1024 threads at 64 registers): as many blocks a row as keep the launch
-  // within one wave of the SMs. One row: ~59 us for a top-p draw over 128K logits with 8 blocks,
-  // ~166 us with one; 128 rows with 8 blocks each (8 waves) took 507 us against 238 us with one.
-  const int64_t fit = blocks_per_row > 0 ? blocks_per_row : num_sms > 0 ? num_sms / num_rows : 1;
+  // within one wave. One row: ~58 us for a top-p draw over 128K logits with 8 blocks, ~166 us with
+  // one; 128 rows with 8 blocks each (8 waves) took 507 us against 238 us with one, and 32 rows
+  // with 4 each (more clusters than the GPCs hold at once) 151 us against 180 us with one.
+  int fit = blocks_per_row;
+  if (fit <= 0) {
+    fit = num_rows <= wave.rows[3] ? 8 : num_rows <= wave.rows[2] ? 4 : num_rows <= wave.rows[1] ? 2 : 1;
+  }
   const int v = static_cast<int>(vocab);
   const float4* pp = partials;
   const cudaError_t launched = fit >= 8   ? LaunchSampleKernel<8>(num_rows, stream, logits, v, rows, out, pp)

@@ -36,10 +36,17 @@ size_t SampleScratchBytes(int64_t num_rows);
 // For r < num_rows: out[r] from logits [num_rows, vocab] F32 and rows[r]. vocab in [1, 2^31).
 // `scratch` (device, may be null): used when it holds SampleScratchBytes(num_rows); launches that
 // share it must be stream-ordered.
-// `num_sms`: the GPU's SMs; each row takes up to 8 blocks (one SM each) while the launch fits them.
-// blocks_per_row 1, 2, 4 or 8 forces that many (tests); 0 chooses. The same results either way.
+// How many rows the GPU runs at once with 1, 2, 4 and 8 blocks a row (a block takes an SM; a
+// row's blocks are one cluster, so they must share a GPC). From the occupancy API, once.
+struct SampleWave {
+  int rows[4] = {0, 0, 0, 0};
+};
+cudaError_t QuerySampleWave(SampleWave* wave);
+
+// Each row takes the most blocks (up to 8) with which the launch's rows still run at once (`wave`);
+// blocks_per_row 1, 2, 4 or 8 forces that many (tests), 0 chooses. The same results either way.
 cudaError_t LaunchSample(const float* logits, int64_t num_rows, int64_t vocab, const SamplingRowDev* rows,
-                         SampledTokenDev* out, void* scratch, size_t scratch_bytes, int num_sms,
+                         SampledTokenDev* out, void* scratch, size_t scratch_bytes, const SampleWave& wave,
                          int blocks_per_row, cudaStream_t stream);
 
 }  // namespace loraplex::ops::cuda
