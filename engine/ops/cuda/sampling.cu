@@ -1,8 +1,10 @@
-// The GPU sampler. A cluster of kCluster blocks of 1024 threads per logits row (a row is up to
-// ~1 MB of F32, read from L2 after the first pass): every pass over the row is dealt over the
-// cluster's threads, and its sums, scans and histograms are merged through distributed shared
-// memory (integers, so the merge order cannot change them). One block a row took ~160 us for a
-// top-p draw over 128K logits, the passes being bound by one SM's instruction rate.
+// The GPU sampler. A cluster of C = 1, 2, 4 or 8 blocks of 1024 threads per logits row (a row is up
+// to ~1 MB of F32, read from L2 after the first pass): every pass over the row is dealt over the
+// cluster's threads, and its sums, scans, histograms and candidates are merged through distributed
+// shared memory (integers, so the merge order cannot change them, and every C gives the same
+// bits). C is the most blocks with which all the launch's rows run at once (QuerySampleWave). One
+// block a row took ~170 us for a top-p draw over 128K logits, its passes bound by one SM; 8 take
+// ~58 us (bench/RESULTS.md, tenth session).
 //
 // Candidates are ranked by a 64-bit key: the logit's order-preserving bits above the complement
 // of its id, so larger key = higher logit, lower id on a tie, and no two keys are equal. top-k,
@@ -12,9 +14,9 @@
 // pass, then the one bin that crosses the target sorted exactly in shared memory), or, when that
 // bin is too full to sort there (nearly flat rows), by radix selection (8-bit digits from the top,
 // one histogram pass each, stopping as soon as the bin that crosses the target is wanted whole).
-// The draw walks the kept candidates in id order: each thread owns a contiguous range of ids, a
-// block scan of the range sums finds the thread whose range holds u · total, and that thread
-// walks its range. Every reduction has a fixed shape, so a row's result depends on its logits and
+// The draw walks the kept candidates in id order: each of the row's threads owns a contiguous
+// range of ids, a scan of the range sums over the row finds the thread whose range holds
+// u · total, and that thread walks its range. Every reduction has a fixed shape, so a row's result depends on its logits and
 // SamplingRow alone. The first pass (max, argmax, softmax sum) runs split over 16 blocks a row when
 // the caller gives scratch, so greedy rows cost little.
 #include <cooperative_groups.h>
@@ -30,8 +32,8 @@ namespace {
 namespace cg = cooperative_groups;
 
 constexpr int kThreads = 1024;
-// Blocks a row (C, a cluster): up to 8 (the portable cluster size), as many as the SMs allow for
-// the launch's rows (LaunchSample).
+// Blocks a row (C, a cluster): up to 8 (the portable cluster size), as many as keep the launch's
+// rows running at once (LaunchSample).
 constexpr int kMaxCluster = 8;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kBins = 256;
