@@ -877,9 +877,9 @@ class CudaOps final : public Ops {
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
   size_t sample_scratch_bytes_ = 0;
-  int lora_tc_min_tokens_ = kLoraTensorCoreMinTokens;
   int sample_blocks_per_row_ = 0;  // SetSampleBlocksForTest (0: by the launch's rows)
   SampleWave sample_wave_;          // QuerySampleWave at Create
+  int lora_tc_min_tokens_ = kLoraTensorCoreMinTokens;
   int lora_tc_few_min_tokens_ = kLoraTensorCoreFewMinTokens;  // SetLoraTensorCoreMinTokensForTest (0: off)
   void* lora_delta_ = nullptr;                  // [rows, out width] F32, kLoraDeltaBytes
   uint8_t* lora_delta_mask_ = nullptr;          // [rows, slices], kLoraDeltaMaskBytes
