@@ -1381,7 +1381,11 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, UploadBf16(RandomVec(static_cast<size_t>(T) * width, -1, 1)));
   const TensorView gx = Gpu(d_x, DType::kBF16, {T, c.in}), gy = Gpu(d_y, DType::kF32, {T, S * max_rank}),
                    gout = Gpu(d_out, DType::kBF16, {T, width});
-  const LoraSegments ds = dsegs.View();
+  // As the model's decode graph for this step has it: a few-adapter graph's segment bound, and
+  // whether a slot holds a rank above kNarrowLoraRank (the streamed expand).
+  LoraSegments ds = dsegs.View();
+  ds.segments_bound = segs.count() <= kFewLoraSegments ? kFewLoraSegments : 0;
+  for (int s = 0; s < slots; ++s) ds.wide_ranks = ds.wide_ranks || (used[s] && c.slot_ranks[s] > kNarrowLoraRank);
   struct Variant { const char* name; bool gemm, shrink, expand, fused, in_place, in_line = false; };
   // Each variant timed twice: launched one call at a time from the host (eager, as the model runs
   // today), and as a CUDA graph of 20 calls replayed (device time, launch gaps mostly gone).
