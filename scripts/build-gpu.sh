@@ -8,11 +8,11 @@
 # tool's 64 MiB) to the GPU host, unpack it there and run scripts/gpu-run.sh.
 # Usage: scripts/build-gpu.sh [target...]   (default: every test labelled gpu)
 # Env: LORAPLEX_GPU_BUILD (build folder, default build-cuda); LORAPLEX_GPU_TOOLS (default
-# "step_bench loraplexd"; empty: none); JOBS (ninja jobs, default 1).
+# "step_bench loraplexd skinny_gemm_probe"; empty: none); JOBS (ninja jobs, default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${LORAPLEX_GPU_BUILD:-build-cuda}
-tools=${LORAPLEX_GPU_TOOLS-step_bench loraplexd}
+tools=${LORAPLEX_GPU_TOOLS-step_bench loraplexd skinny_gemm_probe}
 bundle=${LORAPLEX_BUNDLE_LIBS:-../shared/gpu/bundle-libs.sh}
 cmake -S . -B "$build" -G Ninja -DLORAPLEX_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a >/dev/null
 
