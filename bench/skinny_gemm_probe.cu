@@ -6,7 +6,11 @@
 // For each Llama-3-8B projection (qkv, o, gate_up, down) and M = 1, 8, 32, 64 it times cuBLASLt
 // (the executor's CublasLtGemm) and this file's kernel at every split of K it allows, each as a
 // CUDA graph of 20 calls over enough weight copies to miss the L2, and checks the kernel's output
-// against cuBLASLt's. Not part of the engine.
+// against cuBLASLt's. Then, at the best split, the same GEMM with rank-16 LoRA for 1 and 4
+// adapters: a small shrink kernel (s = x·Aᵀ for each token's adapter) launched first, the GEMM as
+// its programmatic dependent (it streams W while the shrink runs and waits for s only in its
+// epilogue), which adds scale·s·Bᵀ of the token's adapter to the sums before rounding. Against a
+// reference of cuBLASLt plus a plain delta kernel. Not part of the engine.
 // Usage (GPU host): skinny_gemm_probe   Prints one line per shape; exit 1 on a wrong result.
 //
 // The kernel: a block takes 128 rows of W (output columns) over one split of K, streams 64-wide
@@ -84,18 +88,44 @@ __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+constexpr int kRank = 16;         // the probe's LoRA rank
+constexpr int kMaxAdapters = 4;   // adapters a LoRA step of the probe may mix
+constexpr int kBTileBytes = kNTile * kRank * 2;  // one adapter's B rows for a block's columns
+
+// The LoRA of a step: token m uses adapter token_adapter[m] (-1: none), whose B is b[a] ([N, kRank]
+// bf16) and whose shrink output is s[m, a·kRank + j] (F32, [M, kMaxAdapters·kRank]).
+struct ProbeLora {
+  const float* s = nullptr;
+  const int* token_adapter = nullptr;
+  const bf16* b[kMaxAdapters] = {};
+  int num_adapters = 0;
+  float scale = 0.0f;
+};
+
+template <int MT, bool kLora>
+constexpr int SmemBytes() {
+  return kStages * (kWStageBytes + 16 * MT * kRowBytes) +
+         (kLora ? kMaxAdapters * kBTileBytes + 16 * MT * kRank * 4 + 16 * MT * 4 : 0);
+}
+
 // y = x·Wᵀ over k in [blockIdx.y·k_len, +k_len) for W rows [blockIdx.x·kNTile, +kNTile); x has M
 // <= 16·MT rows. partial != null: writes partial[blockIdx.y][m][n] (F32); else y[m][n] (bf16).
+// kLora: split 0 also adds scale·s·Bᵀ (ProbeLora) before it writes, having waited for the kernel
+// before it (the shrink; launched as its programmatic dependent) only there.
 // k_len is a multiple of kKStep; rows of x and W are 16-byte aligned.
-template <int MT>
+template <int MT, bool kLora>
 __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                                              int M, int N, int K, int k_len,
-                                                             float* __restrict__ partial, bf16* __restrict__ y) {
+                                                             float* __restrict__ partial, bf16* __restrict__ y,
+                                                             ProbeLora lora) {
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr int kXRows = 16 * MT;
   constexpr int kXStageBytes = kXRows * kRowBytes;
   unsigned char* w_s = smem;
   unsigned char* x_s = smem + kStages * kWStageBytes;
+  unsigned char* b_s = x_s + kStages * kXStageBytes;                           // [adapter][128][kRank]
+  float* s_s = reinterpret_cast<float*>(b_s + kMaxAdapters * kBTileBytes);      // [kXRows][kRank]
+  int* a_s = reinterpret_cast<int*>(s_s + kXRows * kRank);                     // [kXRows]
   const int n0 = blockIdx.x * kNTile;
   const int k0 = blockIdx.y * k_len;
   const int steps = k_len / kKStep;
@@ -120,6 +150,15 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
   };
 
   float acc[MT][4][4] = {};
+  const bool add_lora = kLora && blockIdx.y == 0;
+  if (add_lora) {  // the block's rows of every adapter's B, with the first stage
+    for (int c = tid; c < lora.num_adapters * kNTile * 2; c += kThreads) {
+      const int a = c / (kNTile * 2), row = (c / 2) % kNTile, half = c % 2;
+      const bool ok = n0 + row < N;
+      CpAsync16(SmemAddr(b_s + a * kBTileBytes + row * kRank * 2 + half * 16),
+                lora.b[a] + static_cast<int64_t>(ok ? n0 + row : 0) * kRank + half * 8, ok);
+    }
+  }
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < steps) load(s, s);
     CpAsyncCommit();
@@ -155,6 +194,41 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
     }
   }
   CpAsyncWait<0>();
+  if (add_lora) {
+    asm volatile("griddepcontrol.wait;" ::: "memory");  // the shrink's s is complete and visible
+    for (int e = tid; e < kXRows * kRank; e += kThreads) {
+      const int m = e / kRank, j = e % kRank;
+      const int a = m < M ? lora.token_adapter[m] : -1;
+      s_s[e] = a >= 0 ? lora.s[static_cast<int64_t>(m) * kMaxAdapters * kRank + a * kRank + j] : 0.0f;
+      if (j == 0) a_s[m] = a;
+    }
+    __syncthreads();  // s_s, a_s and (every thread's cp.async having landed) b_s
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int nl = warp * 32 + nt * 8 + 2 * (lane & 3);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int m = mt * 16 + (lane >> 2) + 8 * half;
+          const int a = a_s[m];
+          if (a < 0) continue;
+          const __nv_bfloat162* b0 = reinterpret_cast<const __nv_bfloat162*>(b_s + a * kBTileBytes + nl * kRank * 2);
+          const __nv_bfloat162* b1 = b0 + kRank / 2;
+          float d0 = 0.0f, d1 = 0.0f;
+#pragma unroll
+          for (int j = 0; j < kRank / 2; ++j) {
+            const float2 f0 = __bfloat1622float2(b0[j]), f1 = __bfloat1622float2(b1[j]);
+            const float s0 = s_s[m * kRank + 2 * j], s1 = s_s[m * kRank + 2 * j + 1];
+            d0 = fmaf(f0.x, s0, fmaf(f0.y, s1, d0));
+            d1 = fmaf(f1.x, s0, fmaf(f1.y, s1, d1));
+          }
+          acc[mt][nt][2 * half] += lora.scale * d0;
+          acc[mt][nt][2 * half + 1] += lora.scale * d1;
+        }
+      }
+    }
+  }
   // Accumulator (mt, nt): rows mt·16 + lane/4 (+8), columns nt·8 + 2·(lane%4) (+1) of the warp's 32.
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -200,36 +274,97 @@ __global__ void FillKernel(bf16* p, int64_t n, uint32_t seed, float scale) {
   }
 }
 
-template <int MT>
-int SmemBytes() {
-  return kStages * (kWStageBytes + 16 * MT * kRowBytes);
+// s[m, a·kRank + j] = Σ_k x[m, k]·A_a[j, k] for the token's adapter a (a block a token, a warp per
+// 2 of the kRank rows). Lets its dependent (the GEMM) launch at once.
+__global__ void __launch_bounds__(256) ProbeShrinkKernel(const bf16* __restrict__ x, int K, ProbeLora lora,
+                                                         const bf16* const* __restrict__ a_ptrs, float* __restrict__ s) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const int m = blockIdx.x;
+  const int a = lora.token_adapter[m];
+  if (a < 0) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bf16* A = a_ptrs[a];
+  for (int j = warp * 2; j < warp * 2 + 2; ++j) {
+    float sum = 0.0f;
+    for (int k = lane * 8; k < K; k += 32 * 8) {
+      const uint4 xv = *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * K + k);
+      const uint4 av = *reinterpret_cast<const uint4*>(A + static_cast<int64_t>(j) * K + k);
+      const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&xv);
+      const __nv_bfloat162* ah = reinterpret_cast<const __nv_bfloat162*>(&av);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 fx = __bfloat1622float2(xh[i]), fa = __bfloat1622float2(ah[i]);
+        sum = fmaf(fx.x, fa.x, fmaf(fx.y, fa.y, sum));
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) s[static_cast<int64_t>(m) * kMaxAdapters * kRank + a * kRank + j] = sum;
+  }
 }
 
-template <int MT>
+// The reference delta: y_ref[m, n] = float(base[m, n]) + scale·Σ_j s[m, a·kRank + j]·B_a[n, j].
+__global__ void ProbeReferenceKernel(const bf16* __restrict__ base, int M, int N, ProbeLora lora, float* __restrict__ out) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= static_cast<int64_t>(M) * N) return;
+  const int m = static_cast<int>(e / N), n = static_cast<int>(e % N);
+  float v = __bfloat162float(base[e]);
+  const int a = lora.token_adapter[m];
+  if (a >= 0) {
+    float d = 0.0f;
+    for (int j = 0; j < kRank; ++j) {
+      d += lora.s[static_cast<int64_t>(m) * kMaxAdapters * kRank + a * kRank + j] *
+           __bfloat162float(lora.b[a][static_cast<int64_t>(n) * kRank + j]);
+    }
+    v += lora.scale * d;
+  }
+  out[e] = v;
+}
+
+template <int MT, bool kLora>
 void LaunchOurs(const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y,
-                cudaStream_t stream) {
+                const ProbeLora& lora, cudaStream_t stream) {
   static const bool configured = [] {
-    PROBE_CHECK(cudaFuncSetAttribute(SkinnyGemmKernel<MT>, cudaFuncAttributeMaxDynamicSharedMemorySize, SmemBytes<MT>()));
+    PROBE_CHECK(cudaFuncSetAttribute(SkinnyGemmKernel<MT, kLora>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     SmemBytes<MT, kLora>()));
     return true;
   }();
   (void)configured;
-  const dim3 grid((N + kNTile - 1) / kNTile, splits);
-  SkinnyGemmKernel<MT><<<grid, kThreads, SmemBytes<MT>(), stream>>>(x, w, M, N, K, K / splits,
-                                                                   splits > 1 ? partial : nullptr, y);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((N + kNTile - 1) / kNTile, splits);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = SmemBytes<MT, kLora>();
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = kLora ? 1 : 0;  // with LoRA: a programmatic dependent of the shrink
+  PROBE_CHECK(cudaLaunchKernelEx(&config, SkinnyGemmKernel<MT, kLora>, x, w, M, N, K, K / splits,
+                                 splits > 1 ? partial : nullptr, y, lora));
   if (splits > 1) {
     const int64_t elems = static_cast<int64_t>(M) * N;
     ReduceSplitsKernel<<<static_cast<unsigned>((elems + 255) / 256), 256, 0, stream>>>(partial, splits, elems, y);
   }
 }
 
-void Ours(const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y, cudaStream_t s) {
+template <bool kLora>
+void Ours(const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y,
+          const ProbeLora& lora, cudaStream_t s) {
   if (M <= 16) {
-    LaunchOurs<1>(x, w, M, N, K, splits, partial, y, s);
+    LaunchOurs<1, kLora>(x, w, M, N, K, splits, partial, y, lora, s);
   } else if (M <= 32) {
-    LaunchOurs<2>(x, w, M, N, K, splits, partial, y, s);
+    LaunchOurs<2, kLora>(x, w, M, N, K, splits, partial, y, lora, s);
   } else {
-    LaunchOurs<4>(x, w, M, N, K, splits, partial, y, s);
+    LaunchOurs<4, kLora>(x, w, M, N, K, splits, partial, y, lora, s);
   }
+}
+
+// The shrink, then the GEMM with the expand in its epilogue.
+void OursWithLora(const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y,
+                  const ProbeLora& lora, const bf16* const* a_ptrs, float* s_buf, cudaStream_t stream) {
+  ProbeShrinkKernel<<<M, 256, 0, stream>>>(x, K, lora, a_ptrs, s_buf);
+  Ours<true>(x, w, M, N, K, splits, partial, y, lora, stream);
 }
 
 // Median microseconds a call of `body(copy)` over a CUDA graph of 20 calls, 7 replays.
@@ -315,6 +450,23 @@ int main() {
     float* partial;
     const int max_splits = 32;
     PROBE_CHECK(cudaMalloc(&partial, static_cast<size_t>(max_splits) * kMaxM * sh.n * sizeof(float)));
+    // LoRA: kMaxAdapters adapters' A [kRank, K] and B [N, kRank], the shrink output, the reference.
+    bf16* lora_a[kMaxAdapters];
+    bf16* lora_b[kMaxAdapters];
+    for (int a = 0; a < kMaxAdapters; ++a) {
+      PROBE_CHECK(cudaMalloc(&lora_a[a], static_cast<size_t>(kRank) * sh.k * sizeof(bf16)));
+      PROBE_CHECK(cudaMalloc(&lora_b[a], static_cast<size_t>(sh.n) * kRank * sizeof(bf16)));
+      FillKernel<<<256, 256, 0, stream>>>(lora_a[a], static_cast<int64_t>(kRank) * sh.k, 101u + a, 0.05f);
+      FillKernel<<<256, 256, 0, stream>>>(lora_b[a], static_cast<int64_t>(sh.n) * kRank, 201u + a, 0.5f);
+    }
+    bf16** d_a_ptrs;
+    PROBE_CHECK(cudaMalloc(&d_a_ptrs, sizeof(lora_a)));
+    PROBE_CHECK(cudaMemcpy(d_a_ptrs, lora_a, sizeof(lora_a), cudaMemcpyHostToDevice));
+    float *s_buf, *ref_f32;
+    int* d_token_adapter;
+    PROBE_CHECK(cudaMalloc(&s_buf, static_cast<size_t>(kMaxM) * kMaxAdapters * kRank * sizeof(float)));
+    PROBE_CHECK(cudaMalloc(&ref_f32, static_cast<size_t>(kMaxM) * sh.n * sizeof(float)));
+    PROBE_CHECK(cudaMalloc(&d_token_adapter, kMaxM * sizeof(int)));
     PROBE_CHECK(cudaStreamSynchronize(stream));
     for (int M : {1, 8, 32, 64}) {
       const double bytes = 2.0 * (w_elems + static_cast<double>(M) * sh.k + static_cast<double>(M) * sh.n);
@@ -339,10 +491,11 @@ int main() {
       std::string all;
       for (int splits : {1, 2, 4, 7, 8, 14, 16, 32}) {
         if ((sh.k / kKStep) % splits != 0) continue;
-        const double us =
-            TimeGraph(stream, copies, [&](int c) { Ours(x, w[c], M, sh.n, sh.k, splits, partial, y, stream); });
+        const double us = TimeGraph(stream, copies, [&](int c) {
+          Ours<false>(x, w[c], M, sh.n, sh.k, splits, partial, y, ProbeLora{}, stream);
+        });
         PROBE_CHECK(cudaGetLastError());
-        Ours(x, w[0], M, sh.n, sh.k, splits, partial, y, stream);
+        Ours<false>(x, w[0], M, sh.n, sh.k, splits, partial, y, ProbeLora{}, stream);
         PROBE_CHECK(cudaStreamSynchronize(stream));
         const std::vector<float> got = Download(y, static_cast<size_t>(M) * sh.n);
         float diff = 0.0f;
@@ -363,12 +516,79 @@ int main() {
       std::printf("%-8s %3d | %8.2f us (%6.0f)   | splits %2d %8.2f us (%6.0f, %.2fx) |%s; %.4f %s\n", sh.name, M,
                   lt_us, bytes / lt_us * 1e-3, best_splits, best_us, bytes / best_us * 1e-3, best_us / lt_us,
                   all.c_str(), worst, ok ? "ok" : "WRONG");
+      // The same GEMM with rank-16 LoRA of 1 and of 4 adapters (tokens dealt round-robin).
+      for (int n_adapters : {1, 4}) {
+        std::vector<int> token_adapter(kMaxM, -1);
+        for (int m = 0; m < M; ++m) token_adapter[m] = m % n_adapters;
+        PROBE_CHECK(cudaMemcpy(d_token_adapter, token_adapter.data(), kMaxM * sizeof(int), cudaMemcpyHostToDevice));
+        ProbeLora lora;
+        lora.s = s_buf;
+        lora.token_adapter = d_token_adapter;
+        lora.num_adapters = n_adapters;
+        lora.scale = 0.5f;
+        for (int a = 0; a < n_adapters; ++a) lora.b[a] = lora_b[a];
+        const double lora_us = TimeGraph(stream, copies, [&](int c) {
+          OursWithLora(x, w[c], M, sh.n, sh.k, best_splits, partial, y, lora, d_a_ptrs, s_buf, stream);
+        });
+        PROBE_CHECK(cudaGetLastError());
+        OursWithLora(x, w[0], M, sh.n, sh.k, best_splits, partial, y, lora, d_a_ptrs, s_buf, stream);
+        lt_call(0);
+        const int64_t elems = static_cast<int64_t>(M) * sh.n;
+        ProbeReferenceKernel<<<static_cast<unsigned>((elems + 255) / 256), 256, 0, stream>>>(y_ref, M, sh.n, lora,
+                                                                                            ref_f32);
+        PROBE_CHECK(cudaStreamSynchronize(stream));
+        const std::vector<float> got = Download(y, static_cast<size_t>(elems));
+        std::vector<float> want(static_cast<size_t>(elems));
+        PROBE_CHECK(cudaMemcpy(want.data(), ref_f32, elems * sizeof(float), cudaMemcpyDeviceToHost));
+        float want_max = 0.0f, diff = 0.0f;
+        for (size_t i = 0; i < want.size(); ++i) {
+          want_max = std::max(want_max, std::fabs(want[i]));
+          diff = std::max(diff, std::fabs(got[i] - want[i]));
+        }
+        float rel = diff / std::max(want_max, 1e-6f);
+        // The shrink against the host: s of each token's adapter, fp32 sums of the bf16 products.
+        {
+          const std::vector<float> hx = Download(x, static_cast<size_t>(M) * sh.k);
+          std::vector<float> hs(static_cast<size_t>(kMaxM) * kMaxAdapters * kRank);
+          PROBE_CHECK(cudaMemcpy(hs.data(), s_buf, hs.size() * sizeof(float), cudaMemcpyDeviceToHost));
+          float s_err = 0.0f, s_max = 0.0f;
+          for (int a = 0; a < n_adapters; ++a) {
+            const std::vector<float> ha = Download(lora_a[a], static_cast<size_t>(kRank) * sh.k);
+            for (int m = 0; m < M; ++m) {
+              if (token_adapter[m] != a) continue;
+              for (int j = 0; j < kRank; ++j) {
+                double want_s = 0.0;
+                for (int k = 0; k < sh.k; ++k) want_s += static_cast<double>(hx[static_cast<size_t>(m) * sh.k + k]) * ha[static_cast<size_t>(j) * sh.k + k];
+                const float got_s = hs[static_cast<size_t>(m) * kMaxAdapters * kRank + a * kRank + j];
+                s_err = std::max(s_err, static_cast<float>(std::fabs(got_s - want_s)));
+                s_max = std::max(s_max, static_cast<float>(std::fabs(want_s)));
+              }
+            }
+          }
+          rel = std::max(rel, s_err / std::max(s_max, 1e-6f));
+        }
+        const bool lora_ok = rel <= 0.02f;
+        if (!lora_ok) ++failures;
+        const double lora_bytes = bytes + 2.0 * n_adapters * kRank * (sh.k + sh.n);
+        std::printf("%-8s %3d |   + LoRA r16 x %d adapters: shrink + fused GEMM %8.2f us (%6.0f GB/s), %.3fx "
+                    "cuBLASLt alone, %.3fx ours alone; %.4f %s\n",
+                    sh.name, M, n_adapters, lora_us, lora_bytes / lora_us * 1e-3, lora_us / lt_us, lora_us / best_us,
+                    rel, lora_ok ? "ok" : "WRONG");
+      }
     }
     for (bf16* p : w) PROBE_CHECK(cudaFree(p));
     PROBE_CHECK(cudaFree(x));
     PROBE_CHECK(cudaFree(y_ref));
     PROBE_CHECK(cudaFree(y));
     PROBE_CHECK(cudaFree(partial));
+    for (int a = 0; a < kMaxAdapters; ++a) {
+      PROBE_CHECK(cudaFree(lora_a[a]));
+      PROBE_CHECK(cudaFree(lora_b[a]));
+    }
+    PROBE_CHECK(cudaFree(d_a_ptrs));
+    PROBE_CHECK(cudaFree(s_buf));
+    PROBE_CHECK(cudaFree(ref_f32));
+    PROBE_CHECK(cudaFree(d_token_adapter));
   }
   PROBE_CHECK(cudaFree(workspace));
   PROBE_CHECK(cudaStreamDestroy(stream));
