@@ -8,7 +8,8 @@
 #        HF_BENCH_ARGS, PROFILE (default 1), DAEMON (default 1: the demo model), DAEMON_BENCH (default
 #        1: bench/gpu_daemon_bench.sh on the benchmark checkpoint), STEP_BENCH_VARIANTS (';'-separated
 #        extra step_bench argument lists, each run after the main one in its own process, e.g.
-#        "--batches 1,32 --lora-overlap 0"). LoRA tuning A/Bs are cheaper inside the main run:
+#        "--batches 1,32 --lora-overlap 0"), PROBE (default 0: 1 runs bench/skinny_gemm_probe).
+#        LoRA tuning A/Bs are cheaper inside the main run:
 #        STEP_BENCH_TUNINGS="--lora-gemm-sms 88;--lora-overlap 0" (scripts/gpu-run.sh) loads the
 #        model once (step_bench --variants).
 set -uo pipefail
@@ -47,6 +48,12 @@ if [ "${DAEMON:-1}" = 1 ]; then
   bench/gpu_daemon_run.sh "$logs/daemon" >"$logs/daemon.log" 2>&1 || status=1
   pack
 fi
+# PROBE=1: bench/skinny_gemm_probe (our own decode GEMM, with LoRA inside it, against cuBLASLt).
+if [ "${PROBE:-0}" = 1 ]; then
+  LD_LIBRARY_PATH="$PWD/$build/gpu-libs:/usr/local/cuda/lib64" timeout 300 "$build/gpu-bin/tools/skinny_gemm_probe" \
+    >"$logs/skinny_gemm_probe.log" 2>&1 || status=1
+  pack
+fi
 if [ "${PROFILE:-1}" = 1 ]; then
   LD_LIBRARY_PATH="$PWD/$build/gpu-libs:/usr/local/cuda/lib64" timeout 300 "$build/gpu-bin/tools/step_bench" \
     "${BENCH_DIR:-/tmp/loraplex-bench}/model" "${BENCH_DIR:-/tmp/loraplex-bench}/adapters" "$logs/profile.json" \
@@ -72,5 +79,6 @@ done
 [ -f "$logs/hf_peft.log" ] && { echo "== hf+peft"; grep '^hf+peft' "$logs/hf_peft.log"; }
 [ -f "$logs/daemon_bench.log" ] && { echo "== daemon on the benchmark checkpoint"; grep '^daemon ' "$logs/daemon_bench.log"; }
 [ -f "$logs/daemon.log" ] && { echo "== daemon"; tail -n 3 "$logs/daemon/demo.txt" 2>/dev/null; cut -c1-200 "$logs/daemon/loadgen.jsonl" 2>/dev/null; }
+[ -f "$logs/skinny_gemm_probe.log" ] && { echo "== skinny GEMM probe"; cut -c1-230 "$logs/skinny_gemm_probe.log"; }
 [ -f "$logs/profile.log" ] && { echo "== profile"; grep -E '^== profile|^(Gemm|GemmWithLora|Attention|AddRmsNorm|RmsNorm|RopeAndCacheKv|SiluMul|Sample|Embed|GatherRows|sum of ops|host between|profiled step)' "$logs/profile.log" | cut -c1-80; }
 exit $status
