@@ -31,16 +31,24 @@
 #include <vector>
 
 #include "engine/ops/cuda/cublaslt_gemm.h"
+#include "engine/ops/cuda/kernel_utils.cuh"
 
 namespace {
 
-using bf16 = __nv_bfloat16;
+using loraplex::ops::cuda::AllowDependentLaunch;
+using loraplex::ops::cuda::bf16;
+using loraplex::ops::cuda::CpAsyncCommit;
+using loraplex::ops::cuda::CpAsyncWait;
+using loraplex::ops::cuda::kWarpSize;
+using loraplex::ops::cuda::LaunchMaybeDependent;
+using loraplex::ops::cuda::WaitForPrecedingKernel;
+using loraplex::ops::cuda::WarpSum;
 
 constexpr int kNTile = 128;                 // W rows (output columns) a block
 constexpr int kKStep = 64;                  // k a pipeline stage
 constexpr int kStages = 4;
 constexpr int kWarps = 4;                   // 32 of the tile's columns each
-constexpr int kThreads = kWarps * 32;
+constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kRowBytes = kKStep * 2;       // a tile row: 8 chunks of 16 bytes
 constexpr int kWStageBytes = kNTile * kRowBytes;
 
@@ -64,14 +72,12 @@ __device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
   return static_cast<uint32_t>(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
 }
 
-// 16 bytes global -> shared, asynchronously; zeros when !valid.
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
+// 16 bytes global -> shared (a shared-space address), asynchronously; zeros when !valid
+// (kernel_utils.cuh's CpAsync16 always copies).
+__device__ __forceinline__ void CpAsync16OrZero(uint32_t dst, const void* src, bool valid) {
   const int size = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(size) : "memory");
 }
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 __device__ __forceinline__ void Ldmatrix4(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -138,14 +144,14 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
     for (int c = tid; c < kNTile * 8; c += kThreads) {
       const int row = c >> 3, chunk = c & 7;
       const bool ok = n0 + row < N;
-      CpAsync16(wb + TileOffset(row, chunk), w + static_cast<int64_t>(ok ? n0 + row : 0) * K + k + chunk * 8, ok);
+      CpAsync16OrZero(wb + TileOffset(row, chunk), w + static_cast<int64_t>(ok ? n0 + row : 0) * K + k + chunk * 8, ok);
     }
     const uint32_t xb = SmemAddr(x_s + stage * kXStageBytes);
 #pragma unroll
     for (int c = tid; c < kXRows * 8; c += kThreads) {
       const int row = c >> 3, chunk = c & 7;
       const bool ok = row < M;
-      CpAsync16(xb + TileOffset(row, chunk), x + static_cast<int64_t>(ok ? row : 0) * K + k + chunk * 8, ok);
+      CpAsync16OrZero(xb + TileOffset(row, chunk), x + static_cast<int64_t>(ok ? row : 0) * K + k + chunk * 8, ok);
     }
   };
 
@@ -155,7 +161,7 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
     for (int c = tid; c < lora.num_adapters * kNTile * 2; c += kThreads) {
       const int a = c / (kNTile * 2), row = (c / 2) % kNTile, half = c % 2;
       const bool ok = n0 + row < N;
-      CpAsync16(SmemAddr(b_s + a * kBTileBytes + row * kRank * 2 + half * 16),
+      CpAsync16OrZero(SmemAddr(b_s + a * kBTileBytes + row * kRank * 2 + half * 16),
                 lora.b[a] + static_cast<int64_t>(ok ? n0 + row : 0) * kRank + half * 8, ok);
     }
   }
@@ -195,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
   }
   CpAsyncWait<0>();
   if (add_lora) {
-    asm volatile("griddepcontrol.wait;" ::: "memory");  // the shrink's s is complete and visible
+    WaitForPrecedingKernel();  // the shrink's s is complete and visible
     for (int e = tid; e < kXRows * kRank; e += kThreads) {
       const int m = e / kRank, j = e % kRank;
       const int a = m < M ? lora.token_adapter[m] : -1;
@@ -278,15 +284,15 @@ __global__ void FillKernel(bf16* p, int64_t n, uint32_t seed, float scale) {
 // 2 of the kRank rows). Lets its dependent (the GEMM) launch at once.
 __global__ void __launch_bounds__(256) ProbeShrinkKernel(const bf16* __restrict__ x, int K, ProbeLora lora,
                                                          const bf16* const* __restrict__ a_ptrs, float* __restrict__ s) {
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  AllowDependentLaunch();
   const int m = blockIdx.x;
   const int a = lora.token_adapter[m];
   if (a < 0) return;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const bf16* A = a_ptrs[a];
   for (int j = warp * 2; j < warp * 2 + 2; ++j) {
     float sum = 0.0f;
-    for (int k = lane * 8; k < K; k += 32 * 8) {
+    for (int k = lane * 8; k < K; k += kWarpSize * 8) {
       const uint4 xv = *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * K + k);
       const uint4 av = *reinterpret_cast<const uint4*>(A + static_cast<int64_t>(j) * K + k);
       const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&xv);
@@ -297,8 +303,7 @@ __global__ void __launch_bounds__(256) ProbeShrinkKernel(const bf16* __restrict_
         sum = fmaf(fx.x, fa.x, fmaf(fx.y, fa.y, sum));
       }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    sum = WarpSum(sum);
     if (lane == 0) s[static_cast<int64_t>(m) * kMaxAdapters * kRank + a * kRank + j] = sum;
   }
 }
@@ -330,18 +335,10 @@ void LaunchOurs(const bf16* x, const bf16* w, int M, int N, int K, int splits, f
     return true;
   }();
   (void)configured;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((N + kNTile - 1) / kNTile, splits);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = SmemBytes<MT, kLora>();
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = kLora ? 1 : 0;  // with LoRA: a programmatic dependent of the shrink
-  PROBE_CHECK(cudaLaunchKernelEx(&config, SkinnyGemmKernel<MT, kLora>, x, w, M, N, K, K / splits,
-                                 splits > 1 ? partial : nullptr, y, lora));
+  // With LoRA: a programmatic dependent of the shrink.
+  PROBE_CHECK(LaunchMaybeDependent(kLora, SkinnyGemmKernel<MT, kLora>, dim3((N + kNTile - 1) / kNTile, splits),
+                                   dim3(kThreads), SmemBytes<MT, kLora>(), stream, x, w, M, N, K, K / splits,
+                                   splits > 1 ? partial : nullptr, y, lora));
   if (splits > 1) {
     const int64_t elems = static_cast<int64_t>(M) * N;
     ReduceSplitsKernel<<<static_cast<unsigned>((elems + 255) / 256), 256, 0, stream>>>(partial, splits, elems, y);

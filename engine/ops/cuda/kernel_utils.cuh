@@ -1,5 +1,5 @@
 // Device helpers shared by the loraplex CUDA kernels: bf16 <-> float, warp and block reductions.
-// Included only by .cu files of engine/ops/cuda. Stateless.
+// Included only by .cu files of engine/ops/cuda (and bench/skinny_gemm_probe.cu). Stateless.
 #pragma once
 
 #include <cuda_bf16.h>
