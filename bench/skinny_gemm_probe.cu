@@ -1,23 +1,25 @@
-// A probe for putting the LoRA work inside the decode GEMM (bench/RESULTS.md, tenth session, "What
-// would close the gaps"): can a GEMM of our own stream a decode step's weights, y[M,N] =
-// x[M,K]·W[N,K]ᵀ in bf16 with fp32 sums and M <= 64, as fast as cuBLASLt? If it can, the expand
-// can go into its epilogue and the shrink into extra output rows, with no side chain holding SMs.
+// A probe for putting the LoRA work inside the decode GEMM (bench/RESULTS.md, tenth and eleventh
+// sessions): can a GEMM of our own stream a decode step's weights, y[M,N] = x[M,K]·W[N,K]ᵀ in bf16
+// with fp32 sums and M <= 64, as fast as cuBLASLt, and what does rank-16 LoRA cost inside it?
 //
 // For each Llama-3-8B projection (qkv, o, gate_up, down) and M = 1, 8, 32, 64 it times cuBLASLt
-// (the executor's CublasLtGemm) and this file's kernel at every split of K it allows, each as a
-// CUDA graph of 20 calls over enough weight copies to miss the L2, and checks the kernel's output
-// against cuBLASLt's. Then, at the best split, the same GEMM with rank-16 LoRA for 1 and 4
-// adapters: a small shrink kernel (s = x·Aᵀ for each token's adapter) launched first, the GEMM as
-// its programmatic dependent (it streams W while the shrink runs and waits for s only in its
-// epilogue), which adds scale·s·Bᵀ of the token's adapter to the sums before rounding. Against a
-// reference of cuBLASLt plus a plain delta kernel. Not part of the engine.
-// Usage (GPU host): skinny_gemm_probe   Prints one line per shape; exit 1 on a wrong result.
+// (the executor's CublasLtGemm) and this file's kernel at 1, 2 and 3 blocks an SM (the pipeline as
+// deep as the shared memory then allows) and every split of K, each as a CUDA graph of 20 calls over
+// enough weight copies to miss the L2, and checks the output against cuBLASLt's. Then the same
+// sweep with rank-16 LoRA of 1 and of 4 adapters inside the kernel: every block also streams its
+// split of each adapter's A with W, multiplies it with x on the tensor cores (s = x·Aᵀ, a k16
+// substep a warp), and adds scale·s·Bᵀ of each token's adapter to its own sums before it writes
+// (the expand is linear in s, so the splits' parts add up). Checked against cuBLASLt plus a plain
+// delta kernel, and the reference shrink against the host. "no adapter bytes" times the same
+// kernel with the adapters' copies zero-filled: what the kernel's structure costs without the bytes.
+// Not part of the engine. Usage (GPU host): skinny_gemm_probe (PROBE_SHAPE=qkv, PROBE_M=1: only
+// those). Prints one line per case; exit 1 on a wrong result.
 //
 // The kernel: a block takes 128 rows of W (output columns) over one split of K, streams 64-wide
-// k steps of W and x through a 4-stage cp.async pipeline into XOR-swizzled shared memory, and
-// multiplies them with mma.sync m16n8k16 (bf16 in, fp32 accumulate): 4 warps of 32 columns each,
-// x padded to whole 16-row tiles. Splits write fp32 partials that a second kernel sums in split
-// order (deterministic); one split writes y directly.
+// k steps of W and x through a cp.async pipeline into XOR-swizzled shared memory, and multiplies
+// them with mma.sync m16n8k16 (bf16 in, fp32 accumulate): 4 warps of 32 columns each, x padded to
+// whole 16-row tiles. Splits write fp32 partials that a second kernel sums in split order
+// (deterministic); one split writes y directly.
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -26,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -40,13 +43,10 @@ using loraplex::ops::cuda::bf16;
 using loraplex::ops::cuda::CpAsyncCommit;
 using loraplex::ops::cuda::CpAsyncWait;
 using loraplex::ops::cuda::kWarpSize;
-using loraplex::ops::cuda::LaunchMaybeDependent;
-using loraplex::ops::cuda::WaitForPrecedingKernel;
 using loraplex::ops::cuda::WarpSum;
 
 constexpr int kNTile = 128;                 // W rows (output columns) a block
 constexpr int kKStep = 64;                  // k a pipeline stage
-constexpr int kStages = 4;
 constexpr int kWarps = 4;                   // 32 of the tile's columns each
 constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kRowBytes = kKStep * 2;       // a tile row: 8 chunks of 16 bytes
@@ -103,34 +103,61 @@ constexpr int kBTileBytes = kNTile * kRank * 2;  // one adapter's B rows for a b
 struct ProbeLora {
   const float* s = nullptr;
   const int* token_adapter = nullptr;
+  const bf16* a[kMaxAdapters] = {};  // [kRank, K] each; read by the in-GEMM shrink only
   const bf16* b[kMaxAdapters] = {};
   int num_adapters = 0;
   float scale = 0.0f;
 };
 
-template <int MT, bool kLora>
+constexpr int kAStageBytes = kRank * kRowBytes;  // one adapter's A rows for a k step
+constexpr int kSmemPerSm = 233472;                // an H100/H200 SM's shared memory; 1 KiB a block is reserved
+
+// A pipeline stage: W, x (16·MT rows) and each adapter's A for one k step.
+template <int MT, int kInShrink>
+constexpr int StageBytes() {
+  return kWStageBytes + 16 * MT * kRowBytes + kInShrink * kAStageBytes;
+}
+// After the stages: each adapter's B rows for the block's columns, s and the token's adapter.
+template <int MT, int kInShrink>
+constexpr int FixedBytes() {
+  return kInShrink > 0 ? kInShrink * kBTileBytes + 16 * MT * kRank * 4 + 16 * MT * 4 : 0;
+}
+// As many stages as let kBlocks blocks share an SM (16 at most); fewer than 2: no such kernel.
+template <int MT, int kInShrink, int kBlocks>
+constexpr int Stages() {
+  const int s = (kSmemPerSm / kBlocks - 1024 - FixedBytes<MT, kInShrink>()) / StageBytes<MT, kInShrink>();
+  return s > 16 ? 16 : s;
+}
+template <int MT, int kInShrink, int kBlocks>
 constexpr int SmemBytes() {
-  return kStages * (kWStageBytes + 16 * MT * kRowBytes) +
-         (kLora ? kMaxAdapters * kBTileBytes + 16 * MT * kRank * 4 + 16 * MT * 4 : 0);
+  return Stages<MT, kInShrink, kBlocks>() * StageBytes<MT, kInShrink>() + FixedBytes<MT, kInShrink>();
 }
 
 // y = x·Wᵀ over k in [blockIdx.y·k_len, +k_len) for W rows [blockIdx.x·kNTile, +kNTile); x has M
 // <= 16·MT rows. partial != null: writes partial[blockIdx.y][m][n] (F32); else y[m][n] (bf16).
-// kLora: split 0 also adds scale·s·Bᵀ (ProbeLora) before it writes, having waited for the kernel
-// before it (the shrink; launched as its programmatic dependent) only there.
+// kInShrink > 0: LoRA of up to kInShrink adapters (ProbeLora) inside the GEMM. Every block also streams the k steps
+// of its split of each adapter's A (kInShrink adapters at most), multiplies them with x as it does
+// W (warp w takes k16 substep w of every stage), sums the warps' parts of s for its split in
+// shared memory and adds scale·s_split·Bᵀ to its own partial: the expand is linear in s, so the
+// splits' sums add up to the whole. Each block reads all of A for its split from the L2.
 // k_len is a multiple of kKStep; rows of x and W are 16-byte aligned.
-template <int MT, bool kLora>
+// kBlocks: blocks an SM, which sets the pipeline's depth (Stages).
+template <int MT, int kInShrink, int kBlocks>
 __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                                              int M, int N, int K, int k_len,
                                                              float* __restrict__ partial, bf16* __restrict__ y,
-                                                             ProbeLora lora) {
+                                                             const __grid_constant__ ProbeLora lora) {
   extern __shared__ __align__(128) unsigned char smem[];
+  constexpr bool kLora = kInShrink > 0;
+  constexpr int kStages = Stages<MT, kInShrink, kBlocks>();
+  static_assert(kStages >= 2);
   constexpr int kXRows = 16 * MT;
   constexpr int kXStageBytes = kXRows * kRowBytes;
   unsigned char* w_s = smem;
   unsigned char* x_s = smem + kStages * kWStageBytes;
-  unsigned char* b_s = x_s + kStages * kXStageBytes;                           // [adapter][128][kRank]
-  float* s_s = reinterpret_cast<float*>(b_s + kMaxAdapters * kBTileBytes);      // [kXRows][kRank]
+  unsigned char* ash_s = x_s + kStages * kXStageBytes;                          // [stage][adapter][kRank][64]
+  unsigned char* b_s = ash_s + kStages * kInShrink * kAStageBytes;              // [adapter][128][kRank]
+  float* s_s = reinterpret_cast<float*>(b_s + kInShrink * kBTileBytes);      // [kXRows][kRank]
   int* a_s = reinterpret_cast<int*>(s_s + kXRows * kRank);                     // [kXRows]
   const int n0 = blockIdx.x * kNTile;
   const int k0 = blockIdx.y * k_len;
@@ -153,10 +180,21 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
       const bool ok = row < M;
       CpAsync16OrZero(xb + TileOffset(row, chunk), x + static_cast<int64_t>(ok ? row : 0) * K + k + chunk * 8, ok);
     }
+    if constexpr (kInShrink > 0) {
+      const uint32_t ab = SmemAddr(ash_s + stage * kInShrink * kAStageBytes);
+#pragma unroll
+      for (int c = tid; c < kInShrink * kRank * 8; c += kThreads) {
+        const int ad = c / (kRank * 8), row = (c >> 3) % kRank, chunk = c & 7;
+        const bool ok = ad < lora.num_adapters;
+        CpAsync16OrZero(ab + ad * kAStageBytes + TileOffset(row, chunk),
+                        (ok ? lora.a[ad] + static_cast<int64_t>(row) * K + k : x) + chunk * 8, ok);
+      }
+    }
   };
 
   float acc[MT][4][4] = {};
-  const bool add_lora = kLora && blockIdx.y == 0;
+  float sacc[MT][kInShrink > 0 ? 2 * kInShrink : 1][4] = {};  // s for k16 substep `warp` of each stage
+  const bool add_lora = kLora;
   if (add_lora) {  // the block's rows of every adapter's B, with the first stage
     for (int c = tid; c < lora.num_adapters * kNTile * 2; c += kThreads) {
       const int a = c / (kNTile * 2), row = (c / 2) % kNTile, half = c % 2;
@@ -197,16 +235,57 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
           Mma(acc[mt][np * 2 + 1], a[mt], b[2], b[3]);
         }
       }
+      if constexpr (kInShrink > 0) {
+        if (kk == warp) {  // s += x·Aᵀ for this substep, every adapter (two n8 tiles of rank each)
+          const uint32_t ab = SmemAddr(ash_s + st * kInShrink * kAStageBytes);
+          const int q = lane >> 3;
+#pragma unroll
+          for (int ad = 0; ad < kInShrink; ++ad) {
+            uint32_t b[4];
+            Ldmatrix4(ab + ad * kAStageBytes + TileOffset((q >> 1) * 8 + (lane & 7), kk * 2 + (q & 1)), b);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              Mma(sacc[mt][ad * 2], a[mt], b[0], b[1]);
+              Mma(sacc[mt][ad * 2 + 1], a[mt], b[2], b[3]);
+            }
+          }
+        }
+      }
     }
   }
   CpAsyncWait<0>();
   if (add_lora) {
-    WaitForPrecedingKernel();  // the shrink's s is complete and visible
-    for (int e = tid; e < kXRows * kRank; e += kThreads) {
-      const int m = e / kRank, j = e % kRank;
-      const int a = m < M ? lora.token_adapter[m] : -1;
-      s_s[e] = a >= 0 ? lora.s[static_cast<int64_t>(m) * kMaxAdapters * kRank + a * kRank + j] : 0.0f;
-      if (j == 0) a_s[m] = a;
+    if constexpr (kInShrink > 0) {
+      // The warps' parts of s -> red[warp][m][ad·kRank + j] in the (now idle) W stages, summed in
+      // warp order (deterministic); each token keeps its own adapter's kRank values.
+      constexpr int kCols = kInShrink * kRank;
+      float* red = reinterpret_cast<float*>(w_s);
+      static_assert(kWarps * kXRows * kCols * 4 <= kStages * StageBytes<MT, kInShrink>());
+      __syncthreads();  // every warp is done reading the stages
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int t = 0; t < 2 * kInShrink; ++t) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int m = mt * 16 + (lane >> 2) + 8 * half, c = t * 8 + 2 * (lane & 3);
+            red[(warp * kXRows + m) * kCols + c] = sacc[mt][t][2 * half];
+            red[(warp * kXRows + m) * kCols + c + 1] = sacc[mt][t][2 * half + 1];
+          }
+        }
+      }
+      __syncthreads();
+      for (int e = tid; e < kXRows * kRank; e += kThreads) {
+        const int m = e / kRank, j = e % kRank;
+        const int a = m < M ? lora.token_adapter[m] : -1;
+        float v = 0.0f;
+        if (a >= 0) {
+#pragma unroll
+          for (int w = 0; w < kWarps; ++w) v += red[(w * kXRows + m) * kCols + a * kRank + j];
+        }
+        s_s[e] = v;
+        if (j == 0) a_s[m] = a;
+      }
     }
     __syncthreads();  // s_s, a_s and (every thread's cp.async having landed) b_s
 #pragma unroll
@@ -326,42 +405,54 @@ __global__ void ProbeReferenceKernel(const bf16* __restrict__ base, int M, int N
   out[e] = v;
 }
 
-template <int MT, bool kLora>
-void LaunchOurs(const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y,
+// Launches the GEMM (kInShrink > 0: with that many adapters' LoRA inside it) with the x tile
+// that fits M and kBlocks blocks an SM; false where no pipeline of 2 stages fits.
+template <int MT, int kInShrink, int kBlocks>
+bool LaunchOurs(const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y,
                 const ProbeLora& lora, cudaStream_t stream) {
-  static const bool configured = [] {
-    PROBE_CHECK(cudaFuncSetAttribute(SkinnyGemmKernel<MT, kLora>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     SmemBytes<MT, kLora>()));
-    return true;
-  }();
-  (void)configured;
-  // With LoRA: a programmatic dependent of the shrink.
-  PROBE_CHECK(LaunchMaybeDependent(kLora, SkinnyGemmKernel<MT, kLora>, dim3((N + kNTile - 1) / kNTile, splits),
-                                   dim3(kThreads), SmemBytes<MT, kLora>(), stream, x, w, M, N, K, K / splits,
-                                   splits > 1 ? partial : nullptr, y, lora));
-  if (splits > 1) {
-    const int64_t elems = static_cast<int64_t>(M) * N;
-    ReduceSplitsKernel<<<static_cast<unsigned>((elems + 255) / 256), 256, 0, stream>>>(partial, splits, elems, y);
-  }
-}
-
-template <bool kLora>
-void Ours(const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y,
-          const ProbeLora& lora, cudaStream_t s) {
-  if (M <= 16) {
-    LaunchOurs<1, kLora>(x, w, M, N, K, splits, partial, y, lora, s);
-  } else if (M <= 32) {
-    LaunchOurs<2, kLora>(x, w, M, N, K, splits, partial, y, lora, s);
+  if constexpr (Stages<MT, kInShrink, kBlocks>() < 2) {
+    return false;
   } else {
-    LaunchOurs<4, kLora>(x, w, M, N, K, splits, partial, y, lora, s);
+    constexpr auto kernel = SkinnyGemmKernel<MT, kInShrink, kBlocks>;
+    constexpr int smem = SmemBytes<MT, kInShrink, kBlocks>();
+    static const bool configured = [] {
+      PROBE_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      int blocks = 0;
+      PROBE_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem));
+      cudaFuncAttributes attr;
+      PROBE_CHECK(cudaFuncGetAttributes(&attr, kernel));
+      std::printf("  [kernel MT=%d in-shrink=%d: %d stages, %d B shared, %d registers, %zu B local, %d blocks an SM]\n",
+                  MT, kInShrink, Stages<MT, kInShrink, kBlocks>(), smem, attr.numRegs, attr.localSizeBytes, blocks);
+      return true;
+    }();
+    (void)configured;
+    kernel<<<dim3((N + kNTile - 1) / kNTile, splits), kThreads, smem, stream>>>(x, w, M, N, K, K / splits,
+                                                                               splits > 1 ? partial : nullptr, y, lora);
+    if (splits > 1) {
+      const int64_t elems = static_cast<int64_t>(M) * N;
+      ReduceSplitsKernel<<<static_cast<unsigned>((elems + 255) / 256), 256, 0, stream>>>(partial, splits, elems, y);
+    }
+    return true;
   }
 }
 
-// The shrink, then the GEMM with the expand in its epilogue.
-void OursWithLora(const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y,
-                  const ProbeLora& lora, const bf16* const* a_ptrs, float* s_buf, cudaStream_t stream) {
-  ProbeShrinkKernel<<<M, 256, 0, stream>>>(x, K, lora, a_ptrs, s_buf);
-  Ours<true>(x, w, M, N, K, splits, partial, y, lora, stream);
+template <int kInShrink, int kBlocks>
+bool Ours(const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y,
+          const ProbeLora& lora, cudaStream_t s) {
+  if (M <= 16) return LaunchOurs<1, kInShrink, kBlocks>(x, w, M, N, K, splits, partial, y, lora, s);
+  if (M <= 32) return LaunchOurs<2, kInShrink, kBlocks>(x, w, M, N, K, splits, partial, y, lora, s);
+  return LaunchOurs<4, kInShrink, kBlocks>(x, w, M, N, K, splits, partial, y, lora, s);
+}
+
+// Ours with kInShrink adapters' LoRA (0: none) at `blocks` (1-3) blocks an SM.
+template <int kInShrink>
+bool OursAt(int blocks, const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y,
+            const ProbeLora& lora, cudaStream_t s) {
+  switch (blocks) {
+    case 1: return Ours<kInShrink, 1>(x, w, M, N, K, splits, partial, y, lora, s);
+    case 2: return Ours<kInShrink, 2>(x, w, M, N, K, splits, partial, y, lora, s);
+    default: return Ours<kInShrink, 3>(x, w, M, N, K, splits, partial, y, lora, s);
+  }
 }
 
 // Median microseconds a call of `body(copy)` over a CUDA graph of 20 calls, 7 replays.
@@ -431,7 +522,11 @@ int main() {
   int failures = 0;
   std::printf("%-8s %3s | %-22s | %-34s | %s\n", "shape", "M", "cuBLASLt us (GB/s)", "ours: best splits, us (GB/s, x)",
               "all splits us; max |ours - cuBLASLt| / max |y|");
+  // PROBE_SHAPE=qkv / PROBE_M=1: only that shape / batch (for a profiler).
+  const char* only_shape = std::getenv("PROBE_SHAPE");
+  const char* only_m = std::getenv("PROBE_M");
   for (const Shape& sh : shapes) {
+    if (only_shape != nullptr && std::string(only_shape) != sh.name) continue;
     const int64_t w_elems = static_cast<int64_t>(sh.n) * sh.k;
     const int copies = static_cast<int>(std::clamp<int64_t>(400'000'000 / (w_elems * 2), 2, 16));
     std::vector<bf16*> w(copies);
@@ -466,6 +561,7 @@ int main() {
     PROBE_CHECK(cudaMalloc(&d_token_adapter, kMaxM * sizeof(int)));
     PROBE_CHECK(cudaStreamSynchronize(stream));
     for (int M : {1, 8, 32, 64}) {
+      if (only_m != nullptr && std::atoi(only_m) != M) continue;
       const double bytes = 2.0 * (w_elems + static_cast<double>(M) * sh.k + static_cast<double>(M) * sh.n);
       auto lt_call = [&](int c) {
         const absl::Status s = (*lt)->Run(x, w[c], y_ref, false, M, sh.n, sh.k, 0.0f, stream);
@@ -482,38 +578,66 @@ int main() {
       const std::vector<float> ref = Download(y_ref, static_cast<size_t>(M) * sh.n);
       float ref_max = 0.0f;
       for (float v : ref) ref_max = std::max(ref_max, std::fabs(v));
-      double best_us = 1e30;
-      int best_splits = 0;
-      float worst = 0.0f;
-      std::string all;
-      for (int splits : {1, 2, 4, 7, 8, 14, 16, 32}) {
-        if ((sh.k / kKStep) % splits != 0) continue;
-        const double us = TimeGraph(stream, copies, [&](int c) {
-          Ours<false>(x, w[c], M, sh.n, sh.k, splits, partial, y, ProbeLora{}, stream);
-        });
-        PROBE_CHECK(cudaGetLastError());
-        Ours<false>(x, w[0], M, sh.n, sh.k, splits, partial, y, ProbeLora{}, stream);
-        PROBE_CHECK(cudaStreamSynchronize(stream));
-        const std::vector<float> got = Download(y, static_cast<size_t>(M) * sh.n);
-        float diff = 0.0f;
-        for (size_t i = 0; i < got.size(); ++i) diff = std::max(diff, std::fabs(got[i] - ref[i]));
-        worst = std::max(worst, diff / std::max(ref_max, 1e-6f));
-        char buf[32];
-        std::snprintf(buf, sizeof(buf), " %d:%.1f", splits, us);
-        all += buf;
-        if (us < best_us) {
-          best_us = us;
-          best_splits = splits;
+      // Every split of K at 1, 2 and 3 blocks an SM (the pipeline as deep as the shared memory
+      // allows); the fastest, and the largest error against `want` (relative to its largest value).
+      struct Sweep {
+        double us = 1e30;
+        int blocks = 0, splits = 0;
+        float err = 0.0f;
+        std::string all;
+      };
+      auto sweep = [&](int in_shrink, const ProbeLora& lora, const std::vector<float>& want) {
+        float want_max = 0.0f;
+        for (float v : want) want_max = std::max(want_max, std::fabs(v));
+        auto call = [&](int blocks, const bf16* wc, int splits, const ProbeLora& l) {
+          switch (in_shrink) {
+            case 0: return OursAt<0>(blocks, x, wc, M, sh.n, sh.k, splits, partial, y, l, stream);
+            case 1: return OursAt<1>(blocks, x, wc, M, sh.n, sh.k, splits, partial, y, l, stream);
+            default: return OursAt<4>(blocks, x, wc, M, sh.n, sh.k, splits, partial, y, l, stream);
+          }
+        };
+        Sweep r;
+        for (int blocks : {1, 2, 3}) {
+          r.all += " b" + std::to_string(blocks);
+          for (int splits : {1, 2, 4, 7, 8, 14, 16, 32}) {
+            if ((sh.k / kKStep) % splits != 0) continue;
+            if (!call(blocks, w[0], splits, lora)) break;  // no such kernel
+            PROBE_CHECK(cudaStreamSynchronize(stream));
+            const std::vector<float> got = Download(y, want.size());
+            float diff = 0.0f;
+            for (size_t i = 0; i < got.size(); ++i) diff = std::max(diff, std::fabs(got[i] - want[i]));
+            r.err = std::max(r.err, diff / std::max(want_max, 1e-6f));
+            const double us = TimeGraph(stream, copies, [&](int c) { call(blocks, w[c], splits, lora); });
+            PROBE_CHECK(cudaGetLastError());
+            char buf[32];
+            std::snprintf(buf, sizeof(buf), " %d:%.1f", splits, us);
+            r.all += buf;
+            if (us < r.us) {
+              r.us = us;
+              r.blocks = blocks;
+              r.splits = splits;
+            }
+          }
         }
-      }
+        if (in_shrink > 0) {  // the same kernel with no adapter bytes (A zero-filled, no B): its own cost
+          ProbeLora no_bytes = lora;
+          no_bytes.num_adapters = 0;
+          const double us = TimeGraph(stream, copies, [&](int c) { call(r.blocks, w[c], r.splits, no_bytes); });
+          char buf[48];
+          std::snprintf(buf, sizeof(buf), "; no adapter bytes %.1f", us);
+          r.all += buf;
+        }
+        return r;
+      };
       // Outputs are rounded to bf16 (2^-8 relative) after sums in another order: a few ulps of
       // the largest output is the most an honest kernel differs by.
-      const bool ok = worst <= 0.02f;
+      const Sweep plain = sweep(0, ProbeLora{}, ref);
+      const bool ok = plain.err <= 0.02f;
       if (!ok) ++failures;
-      std::printf("%-8s %3d | %8.2f us (%6.0f)   | splits %2d %8.2f us (%6.0f, %.2fx) |%s; %.4f %s\n", sh.name, M,
-                  lt_us, bytes / lt_us * 1e-3, best_splits, best_us, bytes / best_us * 1e-3, best_us / lt_us,
-                  all.c_str(), worst, ok ? "ok" : "WRONG");
-      // The same GEMM with rank-16 LoRA of 1 and of 4 adapters (tokens dealt round-robin).
+      std::printf("%-8s %3d | %8.2f us (%6.0f)   | b%d splits %2d %8.2f us (%6.0f, %.3fx) |%s; %.4f %s\n", sh.name, M,
+                  lt_us, bytes / lt_us * 1e-3, plain.blocks, plain.splits, plain.us, bytes / plain.us * 1e-3,
+                  plain.us / lt_us, plain.all.c_str(), plain.err, ok ? "ok" : "WRONG");
+      // The same GEMM with rank-16 LoRA of 1 and of 4 adapters (tokens dealt round-robin) inside it.
       for (int n_adapters : {1, 4}) {
         std::vector<int> token_adapter(kMaxM, -1);
         for (int m = 0; m < M; ++m) token_adapter[m] = m % n_adapters;
@@ -523,28 +647,21 @@ int main() {
         lora.token_adapter = d_token_adapter;
         lora.num_adapters = n_adapters;
         lora.scale = 0.5f;
-        for (int a = 0; a < n_adapters; ++a) lora.b[a] = lora_b[a];
-        const double lora_us = TimeGraph(stream, copies, [&](int c) {
-          OursWithLora(x, w[c], M, sh.n, sh.k, best_splits, partial, y, lora, d_a_ptrs, s_buf, stream);
-        });
-        PROBE_CHECK(cudaGetLastError());
-        OursWithLora(x, w[0], M, sh.n, sh.k, best_splits, partial, y, lora, d_a_ptrs, s_buf, stream);
+        for (int a = 0; a < n_adapters; ++a) {
+          lora.a[a] = lora_a[a];
+          lora.b[a] = lora_b[a];
+        }
+        // The reference: a plain shrink kernel (checked against the host below), cuBLASLt, a delta.
+        ProbeShrinkKernel<<<M, 256, 0, stream>>>(x, sh.k, lora, d_a_ptrs, s_buf);
         lt_call(0);
         const int64_t elems = static_cast<int64_t>(M) * sh.n;
         ProbeReferenceKernel<<<static_cast<unsigned>((elems + 255) / 256), 256, 0, stream>>>(y_ref, M, sh.n, lora,
                                                                                             ref_f32);
         PROBE_CHECK(cudaStreamSynchronize(stream));
-        const std::vector<float> got = Download(y, static_cast<size_t>(elems));
         std::vector<float> want(static_cast<size_t>(elems));
         PROBE_CHECK(cudaMemcpy(want.data(), ref_f32, elems * sizeof(float), cudaMemcpyDeviceToHost));
-        float want_max = 0.0f, diff = 0.0f;
-        for (size_t i = 0; i < want.size(); ++i) {
-          want_max = std::max(want_max, std::fabs(want[i]));
-          diff = std::max(diff, std::fabs(got[i] - want[i]));
-        }
-        float rel = diff / std::max(want_max, 1e-6f);
-        // The shrink against the host: s of each token's adapter, fp32 sums of the bf16 products.
-        {
+        float s_rel = 0.0f;
+        {  // the shrink against the host: s of each token's adapter, fp32 sums of the bf16 products
           const std::vector<float> hx = Download(x, static_cast<size_t>(M) * sh.k);
           std::vector<float> hs(static_cast<size_t>(kMaxM) * kMaxAdapters * kRank);
           PROBE_CHECK(cudaMemcpy(hs.data(), s_buf, hs.size() * sizeof(float), cudaMemcpyDeviceToHost));
@@ -555,22 +672,27 @@ int main() {
               if (token_adapter[m] != a) continue;
               for (int j = 0; j < kRank; ++j) {
                 double want_s = 0.0;
-                for (int k = 0; k < sh.k; ++k) want_s += static_cast<double>(hx[static_cast<size_t>(m) * sh.k + k]) * ha[static_cast<size_t>(j) * sh.k + k];
+                for (int k = 0; k < sh.k; ++k) {
+                  want_s += static_cast<double>(hx[static_cast<size_t>(m) * sh.k + k]) *
+                            ha[static_cast<size_t>(j) * sh.k + k];
+                }
                 const float got_s = hs[static_cast<size_t>(m) * kMaxAdapters * kRank + a * kRank + j];
                 s_err = std::max(s_err, static_cast<float>(std::fabs(got_s - want_s)));
                 s_max = std::max(s_max, static_cast<float>(std::fabs(want_s)));
               }
             }
           }
-          rel = std::max(rel, s_err / std::max(s_max, 1e-6f));
+          s_rel = s_err / std::max(s_max, 1e-6f);
         }
+        const Sweep in = sweep(n_adapters, lora, want);
+        const float rel = std::max(in.err, s_rel);
         const bool lora_ok = rel <= 0.02f;
         if (!lora_ok) ++failures;
         const double lora_bytes = bytes + 2.0 * n_adapters * kRank * (sh.k + sh.n);
-        std::printf("%-8s %3d |   + LoRA r16 x %d adapters: shrink + fused GEMM %8.2f us (%6.0f GB/s), %.3fx "
-                    "cuBLASLt alone, %.3fx ours alone; %.4f %s\n",
-                    sh.name, M, n_adapters, lora_us, lora_bytes / lora_us * 1e-3, lora_us / lt_us, lora_us / best_us,
-                    rel, lora_ok ? "ok" : "WRONG");
+        std::printf("%-8s %3d |   + LoRA r16 x %d adapters inside: b%d splits %2d %8.2f us (%6.0f GB/s), %.3fx "
+                    "cuBLASLt alone, %.3fx ours alone |%s; %.4f %s\n",
+                    sh.name, M, n_adapters, in.blocks, in.splits, in.us, lora_bytes / in.us * 1e-3, in.us / lt_us,
+                    in.us / plain.us, in.all.c_str(), rel, lora_ok ? "ok" : "WRONG");
       }
     }
     for (bf16* p : w) PROBE_CHECK(cudaFree(p));
