@@ -303,6 +303,50 @@ absl::Status TestGemm(int64_t m, int64_t n, int64_t k, bool f32_out, float beta,
   return absl::OkStatus();
 }
 
+// Gemm's own kernel for few rows (skinny_gemm.h): which shapes take it, and its results against
+// the CPU at its edges (1 and 16 rows, ragged N, x not at its buffer's start, splits of K of 1 to
+// 14), with cuBLASLt's on the same arguments for comparison.
+void SkinnyGemmTests() {
+  auto splits_of = [](int64_t m, int64_t n, int64_t k, DType y_dtype, float beta) -> absl::StatusOr<int> {
+    const TensorView x{nullptr, DType::kBF16, Shape({m, k})};
+    const TensorView w{nullptr, DType::kBF16, Shape({n, k})};
+    return cuda::SkinnyGemmSplitsForTest(g_gpu, x, w, beta, TensorView{nullptr, y_dtype, Shape({m, n})});
+  };
+  // An 8B model's qkv, o and down at 1-16 rows take it; gate_up (224 column tiles, dealt unevenly
+  // over the SMs), 17 rows, F32 or accumulated output and K not a multiple of 64 do not.
+  Run("Gemm skinny: which shapes", [&]() -> absl::Status {
+    for (auto [m, n, k, want] : std::vector<std::tuple<int64_t, int64_t, int64_t, bool>>{
+             {1, 6144, 4096, true}, {16, 4096, 4096, true}, {8, 4096, 14336, true}, {17, 4096, 4096, false},
+             {1, 28672, 4096, false}, {1, 4096, 4072, false}, {1, 256, 256, false}}) {
+      LORAPLEX_ASSIGN_OR_RETURN(const int splits, splits_of(m, n, k, DType::kBF16, 0.0f));
+      if ((splits > 0) != want) {
+        return absl::InternalError(absl::StrCat("M=", m, " N=", n, " K=", k, ": ", splits, " splits, expected ",
+                                                want ? "the skinny kernel" : "cuBLASLt"));
+      }
+    }
+    LORAPLEX_ASSIGN_OR_RETURN(const int f32, splits_of(1, 4096, 4096, DType::kF32, 0.0f));
+    LORAPLEX_ASSIGN_OR_RETURN(const int beta, splits_of(1, 4096, 4096, DType::kBF16, 1.0f));
+    if (f32 != 0 || beta != 0) return absl::InternalError("F32 or beta != 0 output took the skinny kernel");
+    return absl::OkStatus();
+  });
+  for (auto [m, n, k, off] : std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
+           {1, 6144, 4096, 0}, {16, 4096 + 72, 4096, 1}, {3, 4096, 14336, 0}, {9, 16000, 1024, 2}, {5, 2000, 8192, 0}}) {
+    std::vector<float> w = RandomVec(n * k, -1, 1);
+    auto d_w = UploadBf16(w);
+    Run(absl::StrCat("Gemm skinny M=", m, " N=", n, " K=", k), [&]() -> absl::Status {
+      LORAPLEX_RETURN_IF_ERROR(d_w.status());
+      LORAPLEX_ASSIGN_OR_RETURN(const int splits, splits_of(m, n, k, DType::kBF16, 0.0f));
+      if (splits == 0) return absl::InternalError("the shape does not take the skinny kernel");
+      std::printf("  (%d splits of K)\n", splits);
+      LORAPLEX_RETURN_IF_ERROR(TestGemm(m, n, k, false, 0.0f, off, w, *d_w));
+      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, false));
+      const absl::Status lt = TestGemm(m, n, k, false, 0.0f, off, w, *d_w);
+      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, true));
+      return lt;
+    });
+  }
+}
+
 void GemmTests() {
   const std::vector<std::pair<int64_t, int64_t>> llama = {{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336}};
   for (auto [n, k] : llama) {
@@ -321,6 +365,7 @@ void GemmTests() {
       Run("Gemm F32 M=300", [&] { return TestGemm(300, n, k, true, 0.0f, 0, w, *d_w); });
     }
   }
+  SkinnyGemmTests();
   for (auto [m, n, k, f32, beta, off] : std::vector<std::tuple<int64_t, int64_t, int64_t, bool, float, int64_t>>{
            {5, 100, 72, false, 0.0f, 1}, {33, 136, 200, true, 0.5f, 3}, {2, 8, 8, false, 1.0f, 0}}) {
     std::vector<float> w = RandomVec(n * k, -1, 1);

@@ -21,6 +21,7 @@
 #include "engine/ops/cuda/norm.h"
 #include "engine/ops/cuda/rope.h"
 #include "engine/ops/cuda/sampling.h"
+#include "engine/ops/cuda/skinny_gemm.h"
 
 namespace loraplex::ops::cuda {
 namespace {
@@ -176,6 +177,10 @@ class CudaOps final : public Ops {
                                         "CUDA executor: allocate sampling scratch"));
     LORAPLEX_ASSIGN_OR_RETURN(ops->gemm_, CublasLtGemm::Create(ops->gemm_workspace_, kGemmWorkspaceBytes));
     LORAPLEX_RETURN_IF_ERROR(ops->set_lora_few(-1, -1, -1));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(InitSkinnyGemm(), "CUDA executor: set up the skinny GEMM"));
+    ops->skinny_partial_bytes_ = SkinnyGemmMaxPartialBytes(ops->num_sms_);
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->skinny_partial_, ops->skinny_partial_bytes_),
+                                        "CUDA executor: allocate skinny GEMM partials"));
     return ops;
   }
 
@@ -187,6 +192,7 @@ class CudaOps final : public Ops {
     gemm_.reset();
     gemm_beside_lora_.reset();
     if (lora_partials_ != nullptr) cudaFree(lora_partials_);
+    if (skinny_partial_ != nullptr) cudaFree(skinny_partial_);
     if (sample_scratch_ != nullptr) cudaFree(sample_scratch_);
     if (lora_delta_ != nullptr) cudaFree(lora_delta_);
     if (lora_delta_mask_ != nullptr) cudaFree(lora_delta_mask_);
@@ -333,8 +339,31 @@ class CudaOps final : public Ops {
 
   absl::Status Gemm(const TensorView& x, const TensorView& w, float beta, const TensorView& y) override {
     LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
+    const int splits = SkinnySplits(x, w, beta, y);
+    if (splits > 0) {
+      LORAPLEX_RETURN_IF_ERROR(CheckGemm("Gemm", x, w, y));
+      return CudaStatus(LaunchSkinnyGemm(x.data, w.data, static_cast<int>(x.shape[0]), static_cast<int>(w.shape[0]),
+                                         static_cast<int>(x.shape[1]), splits, static_cast<float*>(skinny_partial_),
+                                         y.data, stream_),
+                        "Gemm (skinny)");
+    }
     return RunGemm(*gemm_, x, w, beta, y);
   }
+
+  // The splits of K Gemm's skinny kernel takes for these arguments, or 0: cuBLASLt's GEMM (more
+  // than kSkinnyGemmMaxRows rows, F32 or accumulated output, unaligned rows, a shape the kernel
+  // does not deal evenly over the SMs, or SetSkinnyGemmForTest(false)). Only plain projections
+  // take it; GemmWithLora keeps cuBLASLt beside its LoRA kernels.
+  int SkinnySplits(const TensorView& x, const TensorView& w, float beta, const TensorView& y) const {
+    if (!skinny_gemm_ || beta != 0.0f || x.dtype != DType::kBF16 || w.dtype != DType::kBF16 ||
+        y.dtype != DType::kBF16 || x.shape.rank != 2 || w.shape.rank != 2 || x.shape[1] != w.shape[1]) {
+      return 0;
+    }
+    if ((reinterpret_cast<uintptr_t>(x.data) | reinterpret_cast<uintptr_t>(w.data)) % 16 != 0) return 0;
+    const int splits = SkinnyGemmSplits(x.shape[0], w.shape[0], x.shape[1], num_sms_);
+    return SkinnyGemmPartialBytes(x.shape[0], w.shape[0], splits) <= skinny_partial_bytes_ ? splits : 0;
+  }
+  void set_skinny_gemm(bool enabled) { skinny_gemm_ = enabled; }
 
   // Gemm's checks and launch on `gemm` (no delta flush).
   absl::Status RunGemm(CublasLtGemm& gemm, const TensorView& x, const TensorView& w, float beta,
@@ -878,6 +907,9 @@ class CudaOps final : public Ops {
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
   size_t sample_scratch_bytes_ = 0;
   int sample_blocks_per_row_ = 0;  // SetSampleBlocksForTest (0: by the launch's rows)
+  bool skinny_gemm_ = true;          // SetSkinnyGemmForTest
+  void* skinny_partial_ = nullptr;   // the skinny GEMM's split partials, skinny_partial_bytes_
+  size_t skinny_partial_bytes_ = 0;
   SampleWave sample_wave_;          // QuerySampleWave at Create
   int lora_tc_min_tokens_ = kLoraTensorCoreMinTokens;
   int lora_tc_few_min_tokens_ = kLoraTensorCoreFewMinTokens;  // SetLoraTensorCoreMinTokensForTest (0: off)
@@ -1109,6 +1141,18 @@ absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few
   }
   cuda->set_lora_tensor_core_min_tokens(min_tokens, few_min_tokens);
   return absl::OkStatus();
+}
+
+absl::Status SetSkinnyGemmForTest(Ops* ops, bool enabled) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetSkinnyGemmForTest"));
+  cuda->set_skinny_gemm(enabled);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> SkinnyGemmSplitsForTest(Ops* ops, const TensorView& x, const TensorView& w, float beta,
+                                            const TensorView& y) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SkinnyGemmSplitsForTest"));
+  return cuda->SkinnySplits(x, w, beta, y);
 }
 
 absl::Status SetSampleBlocksForTest(Ops* ops, int blocks_per_row) {

@@ -127,6 +127,13 @@ absl::Status SetLoraFoldForTest(Ops* ops, bool fold);
 // never; step_bench --lora-tc-few-min-tokens). INVALID_ARGUMENT for other negative values.
 absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few_min_tokens = -1);
 
+// Gemm's own kernel for few rows (skinny_gemm.h): on by default where it applies; false sends every
+// Gemm to cuBLASLt (step_bench --skinny-gemm 0). The same results within bf16 rounding.
+absl::Status SetSkinnyGemmForTest(Ops* ops, bool enabled);
+// The splits of K that Gemm(x, w, beta, y) takes in that kernel now, or 0 for cuBLASLt.
+absl::StatusOr<int> SkinnyGemmSplitsForTest(Ops* ops, const TensorView& x, const TensorView& w, float beta,
+                                            const TensorView& y);
+
 // Sample's blocks a logits row: 1, 2, 4 or 8 forces that many; 0 (the default) takes as many as
 // keep the launch within one wave of the SMs. The same results either way. INVALID_ARGUMENT for
 // other values.

@@ -1,0 +1,217 @@
+// The skinny decode GEMM (skinny_gemm.h). A block takes kNTile rows of W (output columns) over one
+// split of K, streams 64-wide k steps of W and x through a kStages-deep cp.async pipeline into
+// XOR-swizzled shared memory, and multiplies them with mma.sync m16n8k16 (bf16 in, fp32 sums):
+// 4 warps of 32 columns each, x's rows padded to one 16-row tile with zeros. 3 blocks share an SM
+// (72 KiB of shared memory each), so 9 stages of W are in flight on every SM. Splits write fp32
+// partials that a second kernel sums in split order, so results do not depend on timing.
+// bench/skinny_gemm_probe.cu is the measured prototype (the choice of 3 blocks and 4 stages, and
+// where the kernel beats cuBLASLt: bench/RESULTS.md, eleventh session).
+#include "engine/ops/cuda/skinny_gemm.h"
+
+#include <algorithm>
+
+#include "engine/ops/cuda/kernel_utils.cuh"
+
+namespace loraplex::ops::cuda {
+namespace {
+
+constexpr int kNTile = 128;               // W rows (output columns) a block
+constexpr int kKStep = 64;                // k a pipeline stage
+constexpr int kStages = 4;
+constexpr int kWarps = 4;                 // 32 of the tile's columns each
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kBlocksPerSm = 3;
+constexpr int kMaxSplits = 32;
+constexpr int kRowBytes = kKStep * 2;     // a tile row: 8 chunks of 16 bytes
+constexpr int kWStageBytes = kNTile * kRowBytes;
+constexpr int kXStageBytes = kSkinnyGemmMaxRows * kRowBytes;
+constexpr int kSmemBytes = kStages * (kWStageBytes + kXStageBytes);
+static_assert(kSkinnyGemmMaxRows == 16, "one m16 tile of x");
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][64] bf16 tile: the chunk index is
+// XORed with the row's low bits, so the 8 rows one ldmatrix matrix reads fall in 8 bank groups.
+__device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
+  return static_cast<uint32_t>(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
+}
+
+// 16 bytes global -> shared (a shared-space address), asynchronously; zeros when !valid.
+__device__ __forceinline__ void CpAsync16OrZero(uint32_t dst, const void* src, bool valid) {
+  const int size = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(size) : "memory");
+}
+
+__device__ __forceinline__ void Ldmatrix4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// d += a·b for one m16n8k16 tile (a: 16 rows x 16 k; b: 16 k x 8 W rows).
+__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// y = x·Wᵀ over k in [blockIdx.y·k_len, +k_len) for W rows [blockIdx.x·kNTile, +kNTile).
+// partial != null: writes partial[blockIdx.y][m][n] (F32); else y[m][n] (bf16). k_len is a
+// multiple of kKStep. W is the model's (never written by a kernel of the step), so the first
+// stages of W are fetched before the wait for the kernel before; x and every write come after it.
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    SkinnyGemmKernel(const bf16* __restrict__ x, const bf16* __restrict__ w, int M, int N, int K, int k_len,
+                     float* __restrict__ partial, bf16* __restrict__ y) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* w_s = smem;
+  unsigned char* x_s = smem + kStages * kWStageBytes;
+  const int n0 = blockIdx.x * kNTile;
+  const int k0 = blockIdx.y * k_len;
+  const int steps = k_len / kKStep;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  AllowDependentLaunch();  // the split reduction (or the next op) may be scheduled now; it waits for us
+
+  auto load_w = [&](int stage, int step) {
+    const int k = k0 + step * kKStep;
+    const uint32_t wb = SmemAddr(w_s + stage * kWStageBytes);
+#pragma unroll
+    for (int c = tid; c < kNTile * 8; c += kThreads) {
+      const int row = c >> 3, chunk = c & 7;
+      const bool ok = n0 + row < N;
+      CpAsync16OrZero(wb + TileOffset(row, chunk), w + static_cast<int64_t>(ok ? n0 + row : 0) * K + k + chunk * 8, ok);
+    }
+  };
+  auto load_x = [&](int stage, int step) {
+    const int k = k0 + step * kKStep;
+    const uint32_t xb = SmemAddr(x_s + stage * kXStageBytes);
+    for (int c = tid; c < kSkinnyGemmMaxRows * 8; c += kThreads) {
+      const int row = c >> 3, chunk = c & 7;
+      const bool ok = row < M;
+      CpAsync16OrZero(xb + TileOffset(row, chunk), x + static_cast<int64_t>(ok ? row : 0) * K + k + chunk * 8, ok);
+    }
+  };
+
+  // The first kStages - 1 stages: W of all of them, then (x being the kernel before's output) x
+  // after the wait. Group s holds x of stage s, and group 0 also every prefetched W, so the
+  // main loop's count of groups in flight holds as if each stage were one group.
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) load_w(s, s);
+  }
+  WaitForPrecedingKernel();
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) load_x(s, s);
+    CpAsyncCommit();
+  }
+  float acc[4][4] = {};
+  for (int step = 0; step < steps; ++step) {
+    CpAsyncWait<kStages - 2>();  // this thread's copies of `step` have landed
+    __syncthreads();             // everyone's; and the stage about to be refilled is no longer read
+    const int next = step + kStages - 1;
+    if (next < steps) {
+      load_w(next % kStages, next);
+      load_x(next % kStages, next);
+    }
+    CpAsyncCommit();
+    const int st = step % kStages;
+    const uint32_t wb = SmemAddr(w_s + st * kWStageBytes), xb = SmemAddr(x_s + st * kXStageBytes);
+#pragma unroll
+    for (int kk = 0; kk < kKStep / 16; ++kk) {
+      // x: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
+      uint32_t a[4];
+      Ldmatrix4(xb + TileOffset((lane & 7) + 8 * ((lane >> 3) & 1), kk * 2 + (lane >> 4)), a);
+      // W: two n8 tiles at a time, matrices (tile 0, k 0-7), (tile 0, k 8-15), (tile 1, ...).
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        uint32_t b[4];
+        const int q = lane >> 3;
+        Ldmatrix4(wb + TileOffset(warp * 32 + np * 16 + (q >> 1) * 8 + (lane & 7), kk * 2 + (q & 1)), b);
+        Mma(acc[np * 2], a, b[0], b[1]);
+        Mma(acc[np * 2 + 1], a, b[2], b[3]);
+      }
+    }
+  }
+  CpAsyncWait<0>();
+  // Accumulator nt: rows lane/4 (+8), columns nt·8 + 2·(lane%4) (+1) of the warp's 32.
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    const int n = n0 + warp * 32 + nt * 8 + 2 * (lane & 3);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int m = (lane >> 2) + 8 * half;
+      if (m >= M) continue;
+      const float v0 = acc[nt][2 * half], v1 = acc[nt][2 * half + 1];
+      if (partial != nullptr) {
+        float* p = partial + (static_cast<int64_t>(blockIdx.y) * M + m) * N + n;
+        if (n < N) p[0] = v0;
+        if (n + 1 < N) p[1] = v1;
+      } else {
+        bf16* p = y + static_cast<int64_t>(m) * N + n;
+        if (n < N) p[0] = __float2bfloat16(v0);
+        if (n + 1 < N) p[1] = __float2bfloat16(v1);
+      }
+    }
+  }
+}
+
+// y[e] = Σ_split partial[split][e] in split order.
+__global__ void SkinnyReduceKernel(const float* __restrict__ partial, int splits, int64_t elems, bf16* __restrict__ y) {
+  PdlEnter();
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= elems) return;
+  float s = 0.0f;
+  for (int i = 0; i < splits; ++i) s += partial[i * elems + e];
+  y[e] = __float2bfloat16(s);
+}
+
+}  // namespace
+
+int SkinnyGemmSplits(int64_t m, int64_t n, int64_t k, int num_sms) {
+  if (m < 1 || m > kSkinnyGemmMaxRows || n < 1 || k < kKStep || k % kKStep != 0 || num_sms <= 0) return 0;
+  if (n > (int64_t{1} << 30) || k > (int64_t{1} << 30)) return 0;
+  const int64_t tiles = (n + kNTile - 1) / kNTile, steps = k / kKStep, slots = int64_t{kBlocksPerSm} * num_sms;
+  // The most splits (dividing the k steps) whose blocks all run at once.
+  int splits = 0;
+  for (int s = 1; s <= kMaxSplits && s <= steps && tiles * s <= slots; ++s) {
+    if (steps % s == 0) splits = s;
+  }
+  if (splits == 0) return 0;
+  // Every SM must get (about) as many blocks as the busiest: at 90% or less of that, cuBLASLt's
+  // tiles are dealt better (gate_up of an 8B model: 224 blocks on 132 SMs, 1.05x cuBLASLt's time).
+  const int64_t blocks = tiles * splits, busiest = (blocks + num_sms - 1) / num_sms;
+  if (blocks * 10 < busiest * num_sms * 9) return 0;
+  return splits;
+}
+
+size_t SkinnyGemmPartialBytes(int64_t m, int64_t n, int splits) {
+  return splits > 1 ? static_cast<size_t>(splits) * static_cast<size_t>(m) * static_cast<size_t>(n) * sizeof(float) : 0;
+}
+
+size_t SkinnyGemmMaxPartialBytes(int num_sms) {
+  return static_cast<size_t>(std::max(num_sms, 1)) * kBlocksPerSm * kSkinnyGemmMaxRows * kNTile * sizeof(float);
+}
+
+cudaError_t InitSkinnyGemm() {
+  return cudaFuncSetAttribute(SkinnyGemmKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+}
+
+cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, int splits, float* partial, void* y,
+                             cudaStream_t stream) {
+  if (m < 1 || m > kSkinnyGemmMaxRows || n < 1 || k % kKStep != 0 || splits < 1 || (k / kKStep) % splits != 0 ||
+      (splits > 1 && partial == nullptr) || !IsAligned16(x) || !IsAligned16(w)) {
+    return cudaErrorInvalidValue;
+  }
+  const dim3 grid(static_cast<unsigned>((n + kNTile - 1) / kNTile), static_cast<unsigned>(splits));
+  const cudaError_t err =
+      LaunchDependent(SkinnyGemmKernel, grid, dim3(kThreads), kSmemBytes, stream, static_cast<const bf16*>(x),
+                      static_cast<const bf16*>(w), m, n, k, k / splits, splits > 1 ? partial : nullptr, static_cast<bf16*>(y));
+  if (err != cudaSuccess || splits == 1) return err;
+  const int64_t elems = static_cast<int64_t>(m) * n;
+  return LaunchDependent(SkinnyReduceKernel, dim3(static_cast<unsigned>((elems + 255) / 256)), dim3(256), 0, stream,
+                         static_cast<const float*>(partial), splits, elems, static_cast<bf16*>(y));
+}
+
+}  // namespace loraplex::ops::cuda
