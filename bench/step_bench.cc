@@ -19,10 +19,10 @@
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
 //                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N]
-//                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1] [--variants "FLAGS;FLAGS;..."]
+//                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
-//   --skinny-gemm 0: every plain projection on cuBLASLt (default 1: the executor's own kernel for
-//     up to 16 rows where it applies, skinny_gemm.h).
+//   --skinny-gemm 0: every projection on cuBLASLt (default 1: plain projections of up to 16 rows on
+//     the executor's own kernel where it applies, skinny_gemm.h; 2: LoRA-wrapped ones too).
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
 //     a cap on the decode shrink's grid (blocks), whether the expand starts beside the shrink
 //     (programmatic dependent launch), and (an experiment) the shrink's block size in warps
@@ -133,7 +133,7 @@ struct LoraTuning {
   int few_gemm_sms = -1;  // SetLoraFewTuningForTest (-1: the defaults; gemm SMs 0: off)
   int few_shrink_blocks = -1;
   int few_min_tokens = -1;
-  int skinny_gemm = 1;  // SetSkinnyGemmForTest: Gemm's own kernel for up to 16 rows (0: cuBLASLt always)
+  int skinny_gemm = 1;  // SetSkinnyGemmForTest's mode (0: cuBLASLt always; 2: also beside LoRA)
 };
 
 // Sets every LoRA knob of the CUDA executor to `t` (unset fields back to the defaults).
@@ -147,7 +147,7 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmFirstForTest(ops, t.gemm_first));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraInlineForTest(ops, t.in_line));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraFewTuningForTest(ops, t.few_gemm_sms, t.few_shrink_blocks, t.few_min_tokens));
-  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmForTest(ops, t.skinny_gemm != 0));
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmForTest(ops, t.skinny_gemm));
   return ops::cuda::SetLoraTuningForTest(ops, t.shrink_blocks, t.overlap != 0, true);
 #else
   (void)ops;
@@ -558,7 +558,7 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
     if (t->expand_stages == 1) return absl::InvalidArgumentError("--lora-expand-stages 1 (expected -1, 0, 2 or 3)");
     return absl::OkStatus();
   }
-  if (flag == "--skinny-gemm") return ParseFlag(flag, value, 0, 1, &t->skinny_gemm);
+  if (flag == "--skinny-gemm") return ParseFlag(flag, value, 0, 2, &t->skinny_gemm);
   if (flag == "--lora-few-gemm-sms") return ParseFlag(flag, value, 0, 1 << 20, &t->few_gemm_sms);
   if (flag == "--lora-few-shrink-blocks") return ParseFlag(flag, value, 1, 1 << 20, &t->few_shrink_blocks);
   if (flag == "--lora-few-min-tokens") return ParseFlag(flag, value, 0, 1 << 20, &t->few_min_tokens);
@@ -589,7 +589,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;

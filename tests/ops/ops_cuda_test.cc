@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <numeric>
 #include <random>
@@ -339,12 +340,66 @@ void SkinnyGemmTests() {
       if (splits == 0) return absl::InternalError("the shape does not take the skinny kernel");
       std::printf("  (%d splits of K)\n", splits);
       LORAPLEX_RETURN_IF_ERROR(TestGemm(m, n, k, false, 0.0f, off, w, *d_w));
-      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, false));
+      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 0));
       const absl::Status lt = TestGemm(m, n, k, false, 0.0f, off, w, *d_w);
-      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, true));
+      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 1));
       return lt;
     });
   }
+  // A chain as in a decode step, GEMM -> RmsNorm -> GEMM -> RmsNorm -> GEMM at one row: each GEMM
+  // a programmatic dependent of the kernel before, the splits sharing one scratch and counters;
+  // eagerly and replayed from a graph three times. The same bits every way (sums in split order),
+  // and cuBLASLt's chain within bf16 rounding.
+  Run("Gemm skinny chain, graph", [&]() -> absl::Status {
+    constexpr int64_t kH = 4096, kD = 6144;
+    LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_up, UploadBf16(RandomVec(kD * kH, -1, 1)));
+    LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_down, UploadBf16(RandomVec(kH * kD, -1, 1)));
+    LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_sq, UploadBf16(RandomVec(kH * kH, -1, 1)));
+    LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_ones, UploadBf16(std::vector<float>(kD, 1.0f)));
+    LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, UploadBf16(RandomVec(kH, -1, 1)));
+    LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_a, Poisoned(kD * 2));
+    LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_b, Poisoned(kD * 2));
+    LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, Poisoned(kH * 2));
+    auto bf = [](const DeviceMemory& m, int64_t cols) { return Gpu(m, DType::kBF16, {1, cols}); };
+    // x (1 x 4096) -> up (N 6144, K 4096: 8 splits) -> norm -> down (N 4096, K 6144: 12 splits) ->
+    // norm -> square (4096 x 4096: 8 splits).
+    auto body = [&]() -> absl::Status {
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->Gemm(bf(d_x, kH), Gpu(d_up, DType::kBF16, {kD, kH}), 0.0f, bf(d_a, kD)));
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->RmsNorm(bf(d_a, kD), Gpu(d_ones, DType::kBF16, {kD}), 1e-5f, bf(d_b, kD)));
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->Gemm(bf(d_b, kD), Gpu(d_down, DType::kBF16, {kH, kD}), 0.0f, bf(d_a, kH)));
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->RmsNorm(bf(d_a, kH), Gpu(d_ones, DType::kBF16, {kH}), 1e-5f, bf(d_b, kH)));
+      return g_gpu->Gemm(bf(d_b, kH), Gpu(d_sq, DType::kBF16, {kH, kH}), 0.0f, bf(d_y, kH));
+    };
+    auto result = [&]() -> absl::StatusOr<std::vector<float>> {
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->Synchronize());
+      return DownloadBf16(d_y.data(), kH);
+    };
+    for (auto [n, k] : std::vector<std::pair<int64_t, int64_t>>{{kD, kH}, {kH, kD}, {kH, kH}}) {
+      const TensorView x{nullptr, DType::kBF16, Shape({1, k})}, w{nullptr, DType::kBF16, Shape({n, k})};
+      LORAPLEX_ASSIGN_OR_RETURN(const int splits,
+                                cuda::SkinnyGemmSplitsForTest(g_gpu, x, w, 0.0f, TensorView{nullptr, DType::kBF16, Shape({1, n})}));
+      if (splits < 2) return absl::InternalError(absl::StrCat("N=", n, " K=", k, ": ", splits, " splits, expected 2 or more"));
+    }
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 0));
+    LORAPLEX_RETURN_IF_ERROR(body());
+    LORAPLEX_ASSIGN_OR_RETURN(const std::vector<float> lt, result());
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 1));
+    LORAPLEX_RETURN_IF_ERROR(body());
+    LORAPLEX_ASSIGN_OR_RETURN(const std::vector<float> eager, result());
+    Compare("Gemm skinny chain vs cuBLASLt's", eager, lt, 3 * kTolBf16);
+    LORAPLEX_ASSIGN_OR_RETURN(auto graph, cuda::CaptureCudaGraph(g_gpu, body));
+    for (int replay = 0; replay < 3; ++replay) {
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_y.data(), 0xFF, kH * 2));
+      LORAPLEX_RETURN_IF_ERROR(graph->Launch());
+      LORAPLEX_ASSIGN_OR_RETURN(const std::vector<float> got, result());
+      const int64_t differ = std::inner_product(got.begin(), got.end(), eager.begin(), int64_t{0}, std::plus<>(),
+                                                [](float a, float b) { return std::memcmp(&a, &b, 4) != 0 ? 1 : 0; });
+      if (differ != 0) {
+        return absl::InternalError(absl::StrCat("graph replay ", replay, ": ", differ, " of ", kH, " outputs differ from the eager chain's bits"));
+      }
+    }
+    return absl::OkStatus();
+  });
 }
 
 void GemmTests() {
@@ -851,6 +906,9 @@ absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const
   return cuda::SetLoraExpandForTest(g_gpu, -1);
 }
 
+// SetSkinnyGemmForTest's mode while the GemmWithLora checks run.
+int g_skinny_mode = 1;
+
 // GemmWithLora (the whole wrapped projection; the shrink forked onto a side stream or not, the
 // expand beside the GEMM into the delta buffer or in place after it, called directly or replayed
 // from a graph) against the CPU's Gemm + LoraShrink + LoraExpand; elements no adapter changes must
@@ -902,8 +960,12 @@ absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens
     LORAPLEX_RETURN_IF_ERROR(g_cpu->LoraShrink(Host(x, {T, w.in}), hs, hm, Host(ref_y, {T, yw})));
     LORAPLEX_RETURN_IF_ERROR(g_cpu->LoraExpand(Host(ref_y, {T, yw}), hs, hm, Host(ref, {T, W})));
     LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(d_out.data(), ref.size()));
-    // Elements no adapter changes against a plain GEMM of the same inputs, bit for bit.
-    LORAPLEX_RETURN_IF_ERROR(g_gpu->Gemm(gx, gw, 0.0f, Gpu(d_plain, DType::kBF16, {T, W})));
+    // Elements no adapter changes against a plain GEMM of the same inputs, bit for bit: the one
+    // GemmWithLora runs (cuBLASLt's, or in skinny mode 2 the skinny kernel's where it applies).
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, g_skinny_mode == 2 ? 2 : 0));
+    const absl::Status plain_status = g_gpu->Gemm(gx, gw, 0.0f, Gpu(d_plain, DType::kBF16, {T, W}));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, g_skinny_mode));
+    LORAPLEX_RETURN_IF_ERROR(plain_status);
     LORAPLEX_ASSIGN_OR_RETURN(auto plain, DownloadBf16(d_plain.data(), ref.size()));
     std::vector<uint8_t> y_mask, out_mask;
     LoraMasks(w, segs, T, &y_mask, &out_mask);
@@ -1225,6 +1287,19 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line] odd ranks", *odd, 160, true, true, 4));
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line] one token", *world, 1, true, false, 2));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
+  // Skinny mode 2: the GEMM of calls of up to 16 rows on the skinny kernel, beside the side chain
+  // and after the chain in line; eager and graph replays.
+  g_skinny_mode = 2;
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 2));
+  for (bool graph : {false, true}) {
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[skinny] one token", *world, 1, true, graph, 3));
+  }
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[skinny] down", *down, 8, true, true, 3));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, 0));
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[skinny, in line] qkv", *world, 16, true, true, 3));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
+  g_skinny_mode = 1;
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 1));
   // The few-adapter tuning (a GEMM chosen for fewer SMs, a smaller shrink grid) for calls that
   // say they have at most 4 segments and 32 tokens or more (more segments still come right).
   for (bool graph : {false, true}) {

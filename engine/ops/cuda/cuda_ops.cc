@@ -178,9 +178,15 @@ class CudaOps final : public Ops {
     LORAPLEX_ASSIGN_OR_RETURN(ops->gemm_, CublasLtGemm::Create(ops->gemm_workspace_, kGemmWorkspaceBytes));
     LORAPLEX_RETURN_IF_ERROR(ops->set_lora_few(-1, -1, -1));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(InitSkinnyGemm(), "CUDA executor: set up the skinny GEMM"));
-    ops->skinny_partial_bytes_ = SkinnyGemmMaxPartialBytes(ops->num_sms_);
-    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->skinny_partial_, ops->skinny_partial_bytes_),
+    SkinnyGemmScratch& sk = ops->skinny_scratch_;
+    sk.partial_bytes = SkinnyGemmMaxPartialBytes(ops->num_sms_);
+    sk.num_counters = SkinnyGemmMaxTiles(ops->num_sms_);
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(reinterpret_cast<void**>(&sk.partial), sk.partial_bytes),
                                         "CUDA executor: allocate skinny GEMM partials"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(reinterpret_cast<void**>(&sk.counters), sk.num_counters * sizeof(unsigned)),
+                                        "CUDA executor: allocate skinny GEMM counters"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMemset(sk.counters, 0, sk.num_counters * sizeof(unsigned)),
+                                        "CUDA executor: clear skinny GEMM counters"));
     return ops;
   }
 
@@ -192,7 +198,8 @@ class CudaOps final : public Ops {
     gemm_.reset();
     gemm_beside_lora_.reset();
     if (lora_partials_ != nullptr) cudaFree(lora_partials_);
-    if (skinny_partial_ != nullptr) cudaFree(skinny_partial_);
+    if (skinny_scratch_.partial != nullptr) cudaFree(skinny_scratch_.partial);
+    if (skinny_scratch_.counters != nullptr) cudaFree(skinny_scratch_.counters);
     if (sample_scratch_ != nullptr) cudaFree(sample_scratch_);
     if (lora_delta_ != nullptr) cudaFree(lora_delta_);
     if (lora_delta_mask_ != nullptr) cudaFree(lora_delta_mask_);
@@ -340,30 +347,34 @@ class CudaOps final : public Ops {
   absl::Status Gemm(const TensorView& x, const TensorView& w, float beta, const TensorView& y) override {
     LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     const int splits = SkinnySplits(x, w, beta, y);
-    if (splits > 0) {
-      LORAPLEX_RETURN_IF_ERROR(CheckGemm("Gemm", x, w, y));
-      return CudaStatus(LaunchSkinnyGemm(x.data, w.data, static_cast<int>(x.shape[0]), static_cast<int>(w.shape[0]),
-                                         static_cast<int>(x.shape[1]), splits, static_cast<float*>(skinny_partial_),
-                                         y.data, stream_),
-                        "Gemm (skinny)");
-    }
+    if (splits > 0) return RunSkinnyGemm(x, w, y, splits);
     return RunGemm(*gemm_, x, w, beta, y);
+  }
+
+  absl::Status RunSkinnyGemm(const TensorView& x, const TensorView& w, const TensorView& y, int splits) {
+    LORAPLEX_RETURN_IF_ERROR(CheckGemm("Gemm", x, w, y));
+    return CudaStatus(LaunchSkinnyGemm(x.data, w.data, static_cast<int>(x.shape[0]), static_cast<int>(w.shape[0]),
+                                       static_cast<int>(x.shape[1]), splits, skinny_scratch_, y.data, stream_),
+                      "Gemm (skinny)");
   }
 
   // The splits of K Gemm's skinny kernel takes for these arguments, or 0: cuBLASLt's GEMM (more
   // than kSkinnyGemmMaxRows rows, F32 or accumulated output, unaligned rows, a shape the kernel
-  // does not deal evenly over the SMs, or SetSkinnyGemmForTest(false)). Only plain projections
-  // take it; GemmWithLora keeps cuBLASLt beside its LoRA kernels.
+  // does not deal evenly over the SMs, or SetSkinnyGemmForTest mode 0). Plain projections take it;
+  // GemmWithLora's GEMM beside its LoRA kernels only in mode 2 (an experiment).
   int SkinnySplits(const TensorView& x, const TensorView& w, float beta, const TensorView& y) const {
-    if (!skinny_gemm_ || beta != 0.0f || x.dtype != DType::kBF16 || w.dtype != DType::kBF16 ||
+    if (skinny_mode_ == 0 || beta != 0.0f || x.dtype != DType::kBF16 || w.dtype != DType::kBF16 ||
         y.dtype != DType::kBF16 || x.shape.rank != 2 || w.shape.rank != 2 || x.shape[1] != w.shape[1]) {
       return 0;
     }
-    if ((reinterpret_cast<uintptr_t>(x.data) | reinterpret_cast<uintptr_t>(w.data)) % 16 != 0) return 0;
-    const int splits = SkinnyGemmSplits(x.shape[0], w.shape[0], x.shape[1], num_sms_);
-    return SkinnyGemmPartialBytes(x.shape[0], w.shape[0], splits) <= skinny_partial_bytes_ ? splits : 0;
+    if ((reinterpret_cast<uintptr_t>(x.data) | reinterpret_cast<uintptr_t>(w.data) | reinterpret_cast<uintptr_t>(y.data)) %
+            16 != 0) {
+      return 0;
+    }
+    // Its blocks all run at once, so its partials and counters fit the scratch sized for num_sms_.
+    return SkinnyGemmSplits(x.shape[0], w.shape[0], x.shape[1], num_sms_);
   }
-  void set_skinny_gemm(bool enabled) { skinny_gemm_ = enabled; }
+  void set_skinny_mode(int mode) { skinny_mode_ = mode; }
 
   // Gemm's checks and launch on `gemm` (no delta flush).
   absl::Status RunGemm(CublasLtGemm& gemm, const TensorView& x, const TensorView& w, float beta,
@@ -377,6 +388,10 @@ class CudaOps final : public Ops {
   // GemmWithLora's GEMM (its delta already flushed): the executor's, or (SetLoraGemmSmsForTest)
   // cuBLASLt's choice for fewer SMs, so its CTAs need not wait for the SMs the side chain holds.
   absl::Status GemmBesideLora(const TensorView& x, const TensorView& w, const TensorView& y) {
+    if (skinny_mode_ == 2) {
+      const int splits = SkinnySplits(x, w, 0.0f, y);
+      if (splits > 0) return RunSkinnyGemm(x, w, y, splits);
+    }
     return RunGemm(gemm_beside_lora_ != nullptr ? *gemm_beside_lora_ : *gemm_, x, w, 0.0f, y);
   }
 
@@ -907,9 +922,8 @@ class CudaOps final : public Ops {
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
   size_t sample_scratch_bytes_ = 0;
   int sample_blocks_per_row_ = 0;  // SetSampleBlocksForTest (0: by the launch's rows)
-  bool skinny_gemm_ = true;          // SetSkinnyGemmForTest
-  void* skinny_partial_ = nullptr;   // the skinny GEMM's split partials, skinny_partial_bytes_
-  size_t skinny_partial_bytes_ = 0;
+  int skinny_mode_ = 1;              // SetSkinnyGemmForTest
+  SkinnyGemmScratch skinny_scratch_;  // the skinny GEMM's split partials and counters
   SampleWave sample_wave_;          // QuerySampleWave at Create
   int lora_tc_min_tokens_ = kLoraTensorCoreMinTokens;
   int lora_tc_few_min_tokens_ = kLoraTensorCoreFewMinTokens;  // SetLoraTensorCoreMinTokensForTest (0: off)
@@ -1143,9 +1157,10 @@ absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few
   return absl::OkStatus();
 }
 
-absl::Status SetSkinnyGemmForTest(Ops* ops, bool enabled) {
+absl::Status SetSkinnyGemmForTest(Ops* ops, int mode) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetSkinnyGemmForTest"));
-  cuda->set_skinny_gemm(enabled);
+  if (mode < 0 || mode > 2) return Invalid("SetSkinnyGemmForTest", absl::StrCat("mode ", mode, " not 0, 1 or 2"));
+  cuda->set_skinny_mode(mode);
   return absl::OkStatus();
 }
 

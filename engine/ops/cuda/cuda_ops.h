@@ -127,9 +127,10 @@ absl::Status SetLoraFoldForTest(Ops* ops, bool fold);
 // never; step_bench --lora-tc-few-min-tokens). INVALID_ARGUMENT for other negative values.
 absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few_min_tokens = -1);
 
-// Gemm's own kernel for few rows (skinny_gemm.h): on by default where it applies; false sends every
-// Gemm to cuBLASLt (step_bench --skinny-gemm 0). The same results within bf16 rounding.
-absl::Status SetSkinnyGemmForTest(Ops* ops, bool enabled);
+// Gemm's own kernel for few rows (skinny_gemm.h), where it applies: mode 1 (the default) for plain
+// projections, 2 also for GemmWithLora's GEMM (an experiment), 0 never (every GEMM on cuBLASLt).
+// step_bench --skinny-gemm. The same results within bf16 rounding. INVALID_ARGUMENT for others.
+absl::Status SetSkinnyGemmForTest(Ops* ops, int mode);
 // The splits of K that Gemm(x, w, beta, y) takes in that kernel now, or 0 for cuBLASLt.
 absl::StatusOr<int> SkinnyGemmSplitsForTest(Ops* ops, const TensorView& x, const TensorView& w, float beta,
                                             const TensorView& y);

@@ -3,7 +3,9 @@
 // XOR-swizzled shared memory, and multiplies them with mma.sync m16n8k16 (bf16 in, fp32 sums):
 // 4 warps of 32 columns each, x's rows padded to one 16-row tile with zeros. 3 blocks share an SM
 // (72 KiB of shared memory each), so 9 stages of W are in flight on every SM. Splits write fp32
-// partials that a second kernel sums in split order, so results do not depend on timing.
+// partials; the last split of a column tile to finish (a counter a tile) sums them in split order
+// and writes y, so results do not depend on timing and no second kernel sits between this GEMM and
+// the next op.
 // bench/skinny_gemm_probe.cu is the measured prototype (the choice of 3 blocks and 4 stages, and
 // where the kernel beats cuBLASLt: bench/RESULTS.md, eleventh session).
 #include "engine/ops/cuda/skinny_gemm.h"
@@ -60,12 +62,14 @@ __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint3
 }
 
 // y = x·Wᵀ over k in [blockIdx.y·k_len, +k_len) for W rows [blockIdx.x·kNTile, +kNTile).
-// partial != null: writes partial[blockIdx.y][m][n] (F32); else y[m][n] (bf16). k_len is a
-// multiple of kKStep. W is the model's (never written by a kernel of the step), so the first
-// stages of W are fetched before the wait for the kernel before; x and every write come after it.
+// One split (gridDim.y 1): writes y[m][n] (bf16). Else writes partial[blockIdx.y][m][n] (F32), and
+// the tile's last split to arrive (counters[blockIdx.x], back to 0 after) writes y as the sum of
+// the splits in split order. k_len is a multiple of kKStep. W is the model's (never written by a
+// kernel of the step), so the first stages of W are fetched before the wait for the kernel
+// before; x and every write come after it.
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     SkinnyGemmKernel(const bf16* __restrict__ x, const bf16* __restrict__ w, int M, int N, int K, int k_len,
-                     float* __restrict__ partial, bf16* __restrict__ y) {
+                     float* __restrict__ partial, unsigned* __restrict__ counters, bf16* __restrict__ y) {
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* w_s = smem;
   unsigned char* x_s = smem + kStages * kWStageBytes;
@@ -73,7 +77,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   const int k0 = blockIdx.y * k_len;
   const int steps = k_len / kKStep;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  AllowDependentLaunch();  // the split reduction (or the next op) may be scheduled now; it waits for us
+  AllowDependentLaunch();  // the next op may be scheduled now; it waits for this kernel to complete
 
   auto load_w = [&](int stage, int step) {
     const int k = k0 + step * kKStep;
@@ -136,6 +140,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   }
   CpAsyncWait<0>();
   // Accumulator nt: rows lane/4 (+8), columns nt·8 + 2·(lane%4) (+1) of the warp's 32.
+  const bool split = gridDim.y > 1;
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt) {
     const int n = n0 + warp * 32 + nt * 8 + 2 * (lane & 3);
@@ -144,7 +149,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
       const int m = (lane >> 2) + 8 * half;
       if (m >= M) continue;
       const float v0 = acc[nt][2 * half], v1 = acc[nt][2 * half + 1];
-      if (partial != nullptr) {
+      if (split) {
         float* p = partial + (static_cast<int64_t>(blockIdx.y) * M + m) * N + n;
         if (n < N) p[0] = v0;
         if (n + 1 < N) p[1] = v1;
@@ -155,16 +160,49 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
       }
     }
   }
-}
-
-// y[e] = Σ_split partial[split][e] in split order.
-__global__ void SkinnyReduceKernel(const float* __restrict__ partial, int splits, int64_t elems, bf16* __restrict__ y) {
-  PdlEnter();
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= elems) return;
-  float s = 0.0f;
-  for (int i = 0; i < splits; ++i) s += partial[i * elems + e];
-  y[e] = __float2bfloat16(s);
+  if (!split) return;
+  // The last split of this tile: its own and every other split's partials are visible (each block
+  // fences its writes before it counts itself), so it sums them, in split order.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    last = atomicAdd(&counters[blockIdx.x], 1u) == gridDim.y - 1;
+    if (last) counters[blockIdx.x] = 0;  // for the next launch, which starts after this one ends
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int cols = min(kNTile, N - n0), splits = static_cast<int>(gridDim.y);
+  const int64_t stride = static_cast<int64_t>(M) * N;  // one split's partials
+  if ((N & 3) == 0) {  // 4 columns a thread (cols and n0 are multiples of 4), every split's load in flight
+    const int quads = cols / 4;
+    for (int e = tid; e < M * quads; e += kThreads) {
+      const int m = e / quads, n = n0 + (e % quads) * 4;
+      const float* p = partial + static_cast<int64_t>(m) * N + n;
+      float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+      for (int i = 0; i < splits; ++i) {
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(p + i * stride));
+        sum.x += v.x;
+        sum.y += v.y;
+        sum.z += v.z;
+        sum.w += v.w;
+      }
+      __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(y + static_cast<int64_t>(m) * N + n);
+      out[0] = __floats2bfloat162_rn(sum.x, sum.y);
+      out[1] = __floats2bfloat162_rn(sum.z, sum.w);
+    }
+  } else {
+    for (int e = tid; e < M * cols; e += kThreads) {
+      const int m = e / cols, n = n0 + e % cols;
+      const float* p = partial + static_cast<int64_t>(m) * N + n;
+      float sum = 0.0f;
+#pragma unroll 8
+      for (int i = 0; i < splits; ++i) sum += __ldcg(p + i * stride);
+      y[static_cast<int64_t>(m) * N + n] = __float2bfloat16(sum);
+    }
+  }
 }
 
 }  // namespace
@@ -194,24 +232,26 @@ size_t SkinnyGemmMaxPartialBytes(int num_sms) {
   return static_cast<size_t>(std::max(num_sms, 1)) * kBlocksPerSm * kSkinnyGemmMaxRows * kNTile * sizeof(float);
 }
 
+int SkinnyGemmMaxTiles(int num_sms) { return std::max(num_sms, 1) * kBlocksPerSm; }
+
 cudaError_t InitSkinnyGemm() {
   return cudaFuncSetAttribute(SkinnyGemmKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
 }
 
-cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, int splits, float* partial, void* y,
-                             cudaStream_t stream) {
+cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, int splits,
+                             const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream) {
+  const int tiles = (n + kNTile - 1) / kNTile;
   if (m < 1 || m > kSkinnyGemmMaxRows || n < 1 || k % kKStep != 0 || splits < 1 || (k / kKStep) % splits != 0 ||
-      (splits > 1 && partial == nullptr) || !IsAligned16(x) || !IsAligned16(w)) {
+      !IsAligned16(x) || !IsAligned16(w) || !IsAligned16(y)) {
     return cudaErrorInvalidValue;
   }
-  const dim3 grid(static_cast<unsigned>((n + kNTile - 1) / kNTile), static_cast<unsigned>(splits));
-  const cudaError_t err =
-      LaunchDependent(SkinnyGemmKernel, grid, dim3(kThreads), kSmemBytes, stream, static_cast<const bf16*>(x),
-                      static_cast<const bf16*>(w), m, n, k, k / splits, splits > 1 ? partial : nullptr, static_cast<bf16*>(y));
-  if (err != cudaSuccess || splits == 1) return err;
-  const int64_t elems = static_cast<int64_t>(m) * n;
-  return LaunchDependent(SkinnyReduceKernel, dim3(static_cast<unsigned>((elems + 255) / 256)), dim3(256), 0, stream,
-                         static_cast<const float*>(partial), splits, elems, static_cast<bf16*>(y));
+  if (splits > 1 && (scratch.partial == nullptr || scratch.counters == nullptr || tiles > scratch.num_counters ||
+                     SkinnyGemmPartialBytes(m, n, splits) > scratch.partial_bytes)) {
+    return cudaErrorInvalidValue;
+  }
+  return LaunchDependent(SkinnyGemmKernel, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits)),
+                         dim3(kThreads), kSmemBytes, stream, static_cast<const bf16*>(x), static_cast<const bf16*>(w), m,
+                         n, k, k / splits, scratch.partial, scratch.counters, static_cast<bf16*>(y));
 }
 
 }  // namespace loraplex::ops::cuda

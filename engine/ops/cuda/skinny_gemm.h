@@ -30,14 +30,27 @@ size_t SkinnyGemmPartialBytes(int64_t m, int64_t n, int splits);
 // once, each with a 16 x 128 tile of fp32 sums).
 size_t SkinnyGemmMaxPartialBytes(int num_sms);
 
+// The most column tiles (split counters) SkinnyGemmSplits's choice can need on `num_sms` SMs.
+int SkinnyGemmMaxTiles(int num_sms);
+
+// Device scratch of split launches: the fp32 partials, and one counter a column tile, all zero
+// before the first launch (each launch leaves them zero). Launches on one stream may share it.
+struct SkinnyGemmScratch {
+  float* partial = nullptr;
+  size_t partial_bytes = 0;
+  unsigned* counters = nullptr;
+  int num_counters = 0;
+};
+
 // Sets the kernel's shared-memory limit; call once before the first launch (not while a stream
 // is being captured).
 cudaError_t InitSkinnyGemm();
 
-// y = x·Wᵀ (bf16 [m, n], written whole) with `splits` from SkinnyGemmSplits; `partial` holds
-// SkinnyGemmPartialBytes (unused for one split). x [m, k] and W [n, k] bf16 with 16-byte aligned
-// rows. Launched as a programmatic dependent of the kernel before it on `stream`.
-cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, int splits, float* partial, void* y,
-                             cudaStream_t stream);
+// y = x·Wᵀ (bf16 [m, n], written whole) with `splits` from SkinnyGemmSplits, in one kernel;
+// `scratch` (unused for one split) holds SkinnyGemmPartialBytes and a counter a column tile. x [m, k]
+// and W [n, k] bf16 with 16-byte aligned rows; y 16-byte aligned. Launched as a programmatic dependent of the kernel
+// before it on `stream`. cudaErrorInvalidValue for arguments outside these bounds.
+cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, int splits,
+                             const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream);
 
 }  // namespace loraplex::ops::cuda
