@@ -21,8 +21,10 @@
 //                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N]
 //                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
-//   --skinny-gemm 0: every projection on cuBLASLt (default 1: plain projections of up to 16 rows on
-//     the executor's own kernel where it applies, skinny_gemm.h; 2: LoRA-wrapped ones too).
+//   --skinny-gemm 0: every projection on cuBLASLt (default 2: projections of up to 16 rows, plain
+//     or LoRA-wrapped, on the executor's own kernel where it applies, skinny_gemm.h; 1: plain ones
+//     only). The roofline rows time the step's GEMMs on cuBLASLt alone and, at up to 16 rows, as the
+//     executor runs them.
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
 //     a cap on the decode shrink's grid (blocks), whether the expand starts beside the shrink
 //     (programmatic dependent launch), and (an experiment) the shrink's block size in warps
@@ -133,7 +135,7 @@ struct LoraTuning {
   int few_gemm_sms = -1;  // SetLoraFewTuningForTest (-1: the defaults; gemm SMs 0: off)
   int few_shrink_blocks = -1;
   int few_min_tokens = -1;
-  int skinny_gemm = 1;  // SetSkinnyGemmForTest's mode (0: cuBLASLt always; 2: also beside LoRA)
+  int skinny_gemm = 2;  // SetSkinnyGemmForTest's mode (0: cuBLASLt always; 1: plain projections only)
 };
 
 // Sets every LoRA knob of the CUDA executor to `t` (unset fields back to the defaults).
@@ -167,6 +169,7 @@ class Bench {
 #if LORAPLEX_STEP_BENCH_CUDA
       LORAPLEX_ASSIGN_OR_RETURN(ops_, ops::cuda::CreateCudaOps());
       LORAPLEX_RETURN_IF_ERROR(ApplyLoraTuning(ops_.get(), lora));
+      skinny_mode_ = lora.skinny_gemm;
 #else
       (void)lora;
       return absl::UnimplementedError("step_bench was built without CUDA: run it with --cpu 1");
@@ -217,6 +220,7 @@ class Bench {
   absl::Status Retune(const LoraTuning& t) {
     LORAPLEX_RETURN_IF_ERROR(ops_->Synchronize());  // no replay in flight when its graph is dropped
     LORAPLEX_RETURN_IF_ERROR(ApplyLoraTuning(ops_.get(), t));
+    skinny_mode_ = t.skinny_gemm;
     model_->DropGraphs();
     return absl::OkStatus();
   }
@@ -313,12 +317,14 @@ class Bench {
     return TimeSteps(in, steps);
   }
 
-  // The executor's GEMMs of one decode step at M = batch (cuBLASLt's, or the skinny kernel's for up
-  // to 16 rows where it applies) (every layer's qkv, o, gate_up, down and the
-  // lm_head), on weights of the model's shapes that are not the model's own, timed back to back.
-  absl::StatusOr<double> GemmOnlyStep(int batch) {
+  // The GEMMs of one decode step at M = batch (every layer's qkv, o, gate_up, down and the lm_head)
+  // with SetSkinnyGemmForTest mode `skinny_mode` (0: cuBLASLt's alone; the run's mode: as the
+  // executor runs them, on the skinny kernel for up to 16 rows where it applies), on weights of the
+  // model's shapes that are not the model's own, timed back to back.
+  absl::StatusOr<double> GemmOnlyStep(int batch, int skinny_mode) {
 #if !LORAPLEX_STEP_BENCH_CUDA
-    return absl::UnimplementedError(absl::StrCat("GemmOnlyStep(", batch, "): step_bench was built without CUDA"));
+    return absl::UnimplementedError(
+        absl::StrCat("GemmOnlyStep(", batch, ", ", skinny_mode, "): step_bench was built without CUDA"));
 #else
     const int64_t h = spec_.hidden_size, inter = spec_.intermediate_size;
     struct G { int64_t n, k; };
@@ -345,8 +351,11 @@ class Bench {
       return ops_->Gemm(gemm_x_.View(DType::kBF16, {batch, h}), gemm_weights_.View(DType::kBF16, {spec_.vocab_size, h}, at),
                         0.0f, gemm_y_.View(DType::kF32, {batch, spec_.vocab_size}));
     };
-    LORAPLEX_ASSIGN_OR_RETURN(auto us, ops::cuda::TimeOnStream(ops_.get(), 2, 7, 1, body));
-    return Median(us) * 1e-3;
+    LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmForTest(ops_.get(), skinny_mode));
+    absl::StatusOr<std::vector<double>> us = ops::cuda::TimeOnStream(ops_.get(), 2, 7, 1, body);
+    LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmForTest(ops_.get(), skinny_mode_));
+    LORAPLEX_RETURN_IF_ERROR(us.status());
+    return Median(*us) * 1e-3;
 #endif
   }
 
@@ -379,6 +388,7 @@ class Bench {
     return bytes;
   }
   const model::ModelSpec& spec() const { return spec_; }
+  int skinny_mode() const { return skinny_mode_; }
 
  private:
   // `batch` sequences of kContext cached tokens, one new token each, on token_adapter's adapters.
@@ -441,6 +451,7 @@ class Bench {
   }
 
   std::unique_ptr<ops::Ops> ops_;
+  int skinny_mode_ = 2;  // the run's SetSkinnyGemmForTest mode (LoraTuning::skinny_gemm)
   std::unique_ptr<ProfilingOps> profiling_;  // between ops_ and the model when profiling
   model::ModelSpec spec_;
   model::ModelCapacity cap_;
@@ -656,8 +667,12 @@ absl::Status Run(int argc, char** argv) {
                                 3.0 * sp.intermediate_size * sp.hidden_size) +
                sp.vocab_size * sp.hidden_size);
     for (int b : batches) {
-      LORAPLEX_ASSIGN_OR_RETURN(const double gemm_ms, bench.GemmOnlyStep(b));
-      add({"roofline", "the executor's GEMMs of one step", b, b, 0, gemm_ms, 0, weight_bytes / gemm_ms * 1e-6});
+      LORAPLEX_ASSIGN_OR_RETURN(const double gemm_ms, bench.GemmOnlyStep(b, 0));
+      add({"roofline", "cuBLASLt GEMMs of one step", b, b, 0, gemm_ms, 0, weight_bytes / gemm_ms * 1e-6});
+      if (b <= 16 && bench.skinny_mode() != 0) {  // where the executor runs its own kernel
+        LORAPLEX_ASSIGN_OR_RETURN(const double own_ms, bench.GemmOnlyStep(b, bench.skinny_mode()));
+        add({"roofline", "the executor's GEMMs of one step", b, b, 0, own_ms, 0, weight_bytes / own_ms * 1e-6});
+      }
     }
   }
   // The CPU ops record no graphs: their decode rows are eager whatever is asked.

@@ -304,6 +304,9 @@ absl::Status TestGemm(int64_t m, int64_t n, int64_t k, bool f32_out, float beta,
   return absl::OkStatus();
 }
 
+// SetSkinnyGemmForTest's mode, the executor's default (2) but while a check changes it.
+int g_skinny_mode = 2;
+
 // Gemm's own kernel for few rows (skinny_gemm.h): which shapes take it, and its results against
 // the CPU at its edges (1 and 16 rows, ragged N, x not at its buffer's start, splits of K of 1 to
 // 14), with cuBLASLt's on the same arguments for comparison.
@@ -342,7 +345,7 @@ void SkinnyGemmTests() {
       LORAPLEX_RETURN_IF_ERROR(TestGemm(m, n, k, false, 0.0f, off, w, *d_w));
       LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 0));
       const absl::Status lt = TestGemm(m, n, k, false, 0.0f, off, w, *d_w);
-      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 1));
+      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, g_skinny_mode));
       return lt;
     });
   }
@@ -383,7 +386,7 @@ void SkinnyGemmTests() {
     LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 0));
     LORAPLEX_RETURN_IF_ERROR(body());
     LORAPLEX_ASSIGN_OR_RETURN(const std::vector<float> lt, result());
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 1));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, g_skinny_mode));
     LORAPLEX_RETURN_IF_ERROR(body());
     LORAPLEX_ASSIGN_OR_RETURN(const std::vector<float> eager, result());
     Compare("Gemm skinny chain vs cuBLASLt's", eager, lt, 3 * kTolBf16);
@@ -906,9 +909,6 @@ absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const
   return cuda::SetLoraExpandForTest(g_gpu, -1);
 }
 
-// SetSkinnyGemmForTest's mode while the GemmWithLora checks run.
-int g_skinny_mode = 1;
-
 // GemmWithLora (the whole wrapped projection; the shrink forked onto a side stream or not, the
 // expand beside the GEMM into the delta buffer or in place after it, called directly or replayed
 // from a graph) against the CPU's Gemm + LoraShrink + LoraExpand; elements no adapter changes must
@@ -1287,19 +1287,20 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line] odd ranks", *odd, 160, true, true, 4));
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line] one token", *world, 1, true, false, 2));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
-  // Skinny mode 2: the GEMM of calls of up to 16 rows on the skinny kernel, beside the side chain
-  // and after the chain in line; eager and graph replays.
-  g_skinny_mode = 2;
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 2));
-  for (bool graph : {false, true}) {
-    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[skinny] one token", *world, 1, true, graph, 3));
-  }
-  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[skinny] down", *down, 8, true, true, 3));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, 0));
-  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[skinny, in line] qkv", *world, 16, true, true, 3));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
+  // Skinny mode 1: GemmWithLora's GEMM of calls of up to 16 rows on cuBLASLt (in mode 2, the
+  // default, on the skinny kernel), beside the side chain and after the chain in line; eager and
+  // graph replays.
   g_skinny_mode = 1;
   LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 1));
+  for (bool graph : {false, true}) {
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[skinny mode 1] one token", *world, 1, true, graph, 3));
+  }
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[skinny mode 1] down", *down, 8, true, true, 3));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, 0));
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[skinny mode 1, in line] qkv", *world, 16, true, true, 3));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
+  g_skinny_mode = 2;
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 2));
   // The few-adapter tuning (a GEMM chosen for fewer SMs, a smaller shrink grid) for calls that
   // say they have at most 4 segments and 32 tokens or more (more segments still come right).
   for (bool graph : {false, true}) {

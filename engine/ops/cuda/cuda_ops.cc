@@ -358,10 +358,12 @@ class CudaOps final : public Ops {
                       "Gemm (skinny)");
   }
 
-  // The splits of K Gemm's skinny kernel takes for these arguments, or 0: cuBLASLt's GEMM (more
-  // than kSkinnyGemmMaxRows rows, F32 or accumulated output, unaligned rows, a shape the kernel
-  // does not deal evenly over the SMs, or SetSkinnyGemmForTest mode 0). Plain projections take it;
-  // GemmWithLora's GEMM beside its LoRA kernels only in mode 2 (an experiment).
+  // The splits of K the skinny kernel takes for these arguments, or 0: cuBLASLt's GEMM (more than
+  // kSkinnyGemmMaxRows rows, F32 or accumulated output, unaligned rows, a shape the kernel does not
+  // deal evenly over the SMs, or SetSkinnyGemmForTest mode 0). Gemm takes it in modes 1 and 2,
+  // GemmWithLora's GEMM beside or after its LoRA kernels in mode 2 (the default: one rank-16
+  // adapter at batch 1 1.051x -> 1.019x the base step, bench/runs/2026-11-29-eleventh). The
+  // few-adapter GEMM for fewer SMs (32 tokens or more) stays cuBLASLt's.
   int SkinnySplits(const TensorView& x, const TensorView& w, float beta, const TensorView& y) const {
     if (skinny_mode_ == 0 || beta != 0.0f || x.dtype != DType::kBF16 || w.dtype != DType::kBF16 ||
         y.dtype != DType::kBF16 || x.shape.rank != 2 || w.shape.rank != 2 || x.shape[1] != w.shape[1]) {
@@ -922,7 +924,7 @@ class CudaOps final : public Ops {
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
   size_t sample_scratch_bytes_ = 0;
   int sample_blocks_per_row_ = 0;  // SetSampleBlocksForTest (0: by the launch's rows)
-  int skinny_mode_ = 1;              // SetSkinnyGemmForTest
+  int skinny_mode_ = 2;              // SetSkinnyGemmForTest
   SkinnyGemmScratch skinny_scratch_;  // the skinny GEMM's split partials and counters
   SampleWave sample_wave_;          // QuerySampleWave at Create
   int lora_tc_min_tokens_ = kLoraTensorCoreMinTokens;

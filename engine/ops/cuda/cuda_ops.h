@@ -127,8 +127,8 @@ absl::Status SetLoraFoldForTest(Ops* ops, bool fold);
 // never; step_bench --lora-tc-few-min-tokens). INVALID_ARGUMENT for other negative values.
 absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few_min_tokens = -1);
 
-// Gemm's own kernel for few rows (skinny_gemm.h), where it applies: mode 1 (the default) for plain
-// projections, 2 also for GemmWithLora's GEMM (an experiment), 0 never (every GEMM on cuBLASLt).
+// The executor's own GEMM for few rows (skinny_gemm.h), where it applies: mode 2 (the default) for
+// Gemm and GemmWithLora's GEMM, 1 for Gemm only, 0 never (every GEMM on cuBLASLt).
 // step_bench --skinny-gemm. The same results within bf16 rounding. INVALID_ARGUMENT for others.
 absl::Status SetSkinnyGemmForTest(Ops* ops, int mode);
 // The splits of K that Gemm(x, w, beta, y) takes in that kernel now, or 0 for cuBLASLt.
