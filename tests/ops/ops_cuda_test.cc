@@ -334,7 +334,8 @@ void SkinnyGemmTests() {
     return absl::OkStatus();
   });
   for (auto [m, n, k, off] : std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
-           {1, 6144, 4096, 0}, {16, 4096 + 72, 4096, 1}, {3, 4096, 14336, 0}, {9, 16000, 1024, 2}, {5, 2000, 8192, 0}}) {
+           {1, 6144, 4096, 0}, {16, 4096 + 72, 4096, 1}, {3, 4096, 14336, 0}, {9, 16000, 1024, 2},
+           {5, 2000, 8192, 0}}) {
     std::vector<float> w = RandomVec(n * k, -1, 1);
     auto d_w = UploadBf16(w);
     Run(absl::StrCat("Gemm skinny M=", m, " N=", n, " K=", k), [&]() -> absl::Status {
@@ -379,9 +380,11 @@ void SkinnyGemmTests() {
     };
     for (auto [n, k] : std::vector<std::pair<int64_t, int64_t>>{{kD, kH}, {kH, kD}, {kH, kH}}) {
       const TensorView x{nullptr, DType::kBF16, Shape({1, k})}, w{nullptr, DType::kBF16, Shape({n, k})};
-      LORAPLEX_ASSIGN_OR_RETURN(const int splits,
-                                cuda::SkinnyGemmSplitsForTest(g_gpu, x, w, 0.0f, TensorView{nullptr, DType::kBF16, Shape({1, n})}));
-      if (splits < 2) return absl::InternalError(absl::StrCat("N=", n, " K=", k, ": ", splits, " splits, expected 2 or more"));
+      const TensorView y{nullptr, DType::kBF16, Shape({1, n})};
+      LORAPLEX_ASSIGN_OR_RETURN(const int splits, cuda::SkinnyGemmSplitsForTest(g_gpu, x, w, 0.0f, y));
+      if (splits < 2) {
+        return absl::InternalError(absl::StrCat("N=", n, " K=", k, ": ", splits, " splits, expected 2 or more"));
+      }
     }
     LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 0));
     LORAPLEX_RETURN_IF_ERROR(body());
@@ -398,7 +401,8 @@ void SkinnyGemmTests() {
       const int64_t differ = std::inner_product(got.begin(), got.end(), eager.begin(), int64_t{0}, std::plus<>(),
                                                 [](float a, float b) { return std::memcmp(&a, &b, 4) != 0 ? 1 : 0; });
       if (differ != 0) {
-        return absl::InternalError(absl::StrCat("graph replay ", replay, ": ", differ, " of ", kH, " outputs differ from the eager chain's bits"));
+        return absl::InternalError(absl::StrCat("graph replay ", replay, ": ", differ, " of ", kH,
+                                                " outputs differ from the eager chain's bits"));
       }
     }
     return absl::OkStatus();

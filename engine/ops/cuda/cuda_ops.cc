@@ -183,9 +183,10 @@ class CudaOps final : public Ops {
     sk.num_counters = SkinnyGemmMaxTiles(ops->num_sms_);
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(reinterpret_cast<void**>(&sk.partial), sk.partial_bytes),
                                         "CUDA executor: allocate skinny GEMM partials"));
-    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(reinterpret_cast<void**>(&sk.counters), sk.num_counters * sizeof(unsigned)),
+    const size_t counter_bytes = static_cast<size_t>(sk.num_counters) * sizeof(unsigned);
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(reinterpret_cast<void**>(&sk.counters), counter_bytes),
                                         "CUDA executor: allocate skinny GEMM counters"));
-    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMemset(sk.counters, 0, sk.num_counters * sizeof(unsigned)),
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMemset(sk.counters, 0, counter_bytes),
                                         "CUDA executor: clear skinny GEMM counters"));
     return ops;
   }
@@ -369,10 +370,9 @@ class CudaOps final : public Ops {
         y.dtype != DType::kBF16 || x.shape.rank != 2 || w.shape.rank != 2 || x.shape[1] != w.shape[1]) {
       return 0;
     }
-    if ((reinterpret_cast<uintptr_t>(x.data) | reinterpret_cast<uintptr_t>(w.data) | reinterpret_cast<uintptr_t>(y.data)) %
-            16 != 0) {
-      return 0;
-    }
+    const uintptr_t addresses =
+        reinterpret_cast<uintptr_t>(x.data) | reinterpret_cast<uintptr_t>(w.data) | reinterpret_cast<uintptr_t>(y.data);
+    if (addresses % 16 != 0) return 0;
     // Its blocks all run at once, so its partials and counters fit the scratch sized for num_sms_.
     return SkinnyGemmSplits(x.shape[0], w.shape[0], x.shape[1], num_sms_);
   }
