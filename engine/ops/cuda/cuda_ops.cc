@@ -365,6 +365,9 @@ class CudaOps final : public Ops {
   // GemmWithLora's GEMM beside or after its LoRA kernels in mode 2 (the default: one rank-16
   // adapter at batch 1 1.051x -> 1.019x the base step, bench/runs/2026-11-29-eleventh). The
   // few-adapter GEMM for fewer SMs (32 tokens or more) stays cuBLASLt's.
+  // The kernel reads its first tiles of w before it waits for the kernel ahead of it, so w must
+  // not be that kernel's output: the model's weights, the only w a step passes, never are. It
+  // uses one scratch (skinny_scratch_), so it runs on stream_ only.
   int SkinnySplits(const TensorView& x, const TensorView& w, float beta, const TensorView& y) const {
     if (skinny_mode_ == 0 || beta != 0.0f || x.dtype != DType::kBF16 || w.dtype != DType::kBF16 ||
         y.dtype != DType::kBF16 || x.shape.rank != 2 || w.shape.rank != 2 || x.shape[1] != w.shape[1]) {
