@@ -4,8 +4,9 @@
 //
 // For each Llama-3-8B projection (qkv, o, gate_up, down) and M = 1, 8, 32, 64 it times cuBLASLt
 // (the executor's CublasLtGemm) and this file's kernel at 1, 2 and 3 blocks an SM (the pipeline as
-// deep as the shared memory then allows) and every split of K, each as a CUDA graph of 20 calls over
-// enough weight copies to miss the L2, and checks the output against cuBLASLt's. Then the same
+// deep as the shared memory then allows), with k steps of 64 and (b1k32..b3k32: smaller stages,
+// so more of them) of 32, and every split of K, each as a CUDA graph of 20 calls over enough
+// weight copies to miss the L2, and checks the output against cuBLASLt's. Then the same
 // sweep with rank-16 LoRA of 1 and of 4 adapters inside the kernel: every block also streams its
 // split of each adapter's A with W, multiplies it with x on the tensor cores (s = x·Aᵀ, a k16
 // substep a warp), and adds scale·s·Bᵀ of each token's adapter to its own sums before it writes
@@ -15,8 +16,8 @@
 // Not part of the engine. Usage (GPU host): skinny_gemm_probe (PROBE_SHAPE=qkv, PROBE_M=1: only
 // those). Prints one line per case; exit 1 on a wrong result.
 //
-// The kernel: a block takes 128 rows of W (output columns) over one split of K, streams 64-wide
-// k steps of W and x through a cp.async pipeline into XOR-swizzled shared memory, and multiplies
+// The kernel: a block takes 128 rows of W (output columns) over one split of K, streams 64- (or
+// 32-) wide k steps of W and x through a cp.async pipeline into XOR-swizzled shared memory, and multiplies
 // them with mma.sync m16n8k16 (bf16 in, fp32 accumulate): 4 warps of 32 columns each, x padded to
 // whole 16-row tiles. Splits write fp32 partials that a second kernel sums in split order
 // (deterministic); one split writes y directly.
@@ -38,7 +39,6 @@
 
 namespace {
 
-using loraplex::ops::cuda::AllowDependentLaunch;
 using loraplex::ops::cuda::bf16;
 using loraplex::ops::cuda::CpAsyncCommit;
 using loraplex::ops::cuda::CpAsyncWait;
@@ -46,11 +46,18 @@ using loraplex::ops::cuda::kWarpSize;
 using loraplex::ops::cuda::WarpSum;
 
 constexpr int kNTile = 128;                 // W rows (output columns) a block
-constexpr int kKStep = 64;                  // k a pipeline stage
+constexpr int kKStep = 64;                  // the unit of a split of K (every kernel's k step divides it)
 constexpr int kWarps = 4;                   // 32 of the tile's columns each
 constexpr int kThreads = kWarps * kWarpSize;
-constexpr int kRowBytes = kKStep * 2;       // a tile row: 8 chunks of 16 bytes
-constexpr int kWStageBytes = kNTile * kRowBytes;
+// A kernel's k step KS (64 or 32) sets its tile rows: KS·2 bytes, KS/8 chunks of 16 bytes.
+template <int KS>
+constexpr int RowBytes() {
+  return KS * 2;
+}
+template <int KS>
+constexpr int Chunks() {
+  return KS / 8;
+}
 
 #define PROBE_CHECK(call)                                                                        \
   do {                                                                                           \
@@ -65,11 +72,18 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][64] bf16 tile: the chunk index is
-// XORed with the row's low bits, so the 8 rows one ldmatrix matrix reads at one chunk fall in 8
-// different bank groups.
+// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][KS] bf16 tile, swizzled so that
+// the 8 rows one ldmatrix matrix reads at one chunk fall in 8 different 16-byte bank groups: for
+// KS 64 (8 chunks, 128-byte rows) the chunk is XORed with row % 8; for KS 32 (4 chunks, two rows a
+// 128-byte line) with (row / 2) % 4, the row's parity already picking the line's half.
+template <int KS>
 __device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
-  return static_cast<uint32_t>(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
+  static_assert(KS == 64 || KS == 32);
+  if constexpr (KS == 64) {
+    return static_cast<uint32_t>(row * RowBytes<KS>() + ((chunk ^ (row & 7)) << 4));
+  } else {
+    return static_cast<uint32_t>(row * RowBytes<KS>() + ((chunk ^ ((row >> 1) & 3)) << 4));
+  }
 }
 
 // 16 bytes global -> shared (a shared-space address), asynchronously; zeros when !valid
@@ -109,13 +123,13 @@ struct ProbeLora {
   float scale = 0.0f;
 };
 
-constexpr int kAStageBytes = kRank * kRowBytes;  // one adapter's A rows for a k step
+constexpr int kAStageBytes = kRank * RowBytes<64>();  // one adapter's A rows for a k step (KS 64 only)
 constexpr int kSmemPerSm = 233472;                // an H100/H200 SM's shared memory; 1 KiB a block is reserved
 
-// A pipeline stage: W, x (16·MT rows) and each adapter's A for one k step.
-template <int MT, int kInShrink>
+// A pipeline stage: W, x (16·MT rows) and each adapter's A for one k step of KS.
+template <int MT, int kInShrink, int KS>
 constexpr int StageBytes() {
-  return kWStageBytes + 16 * MT * kRowBytes + kInShrink * kAStageBytes;
+  return (kNTile + 16 * MT) * RowBytes<KS>() + kInShrink * kAStageBytes;
 }
 // After the stages: each adapter's B rows for the block's columns, s and the token's adapter.
 template <int MT, int kInShrink>
@@ -123,14 +137,14 @@ constexpr int FixedBytes() {
   return kInShrink > 0 ? kInShrink * kBTileBytes + 16 * MT * kRank * 4 + 16 * MT * 4 : 0;
 }
 // As many stages as let kBlocks blocks share an SM (16 at most); fewer than 2: no such kernel.
-template <int MT, int kInShrink, int kBlocks>
+template <int MT, int kInShrink, int kBlocks, int KS>
 constexpr int Stages() {
-  const int s = (kSmemPerSm / kBlocks - 1024 - FixedBytes<MT, kInShrink>()) / StageBytes<MT, kInShrink>();
+  const int s = (kSmemPerSm / kBlocks - 1024 - FixedBytes<MT, kInShrink>()) / StageBytes<MT, kInShrink, KS>();
   return s > 16 ? 16 : s;
 }
-template <int MT, int kInShrink, int kBlocks>
+template <int MT, int kInShrink, int kBlocks, int KS>
 constexpr int SmemBytes() {
-  return Stages<MT, kInShrink, kBlocks>() * StageBytes<MT, kInShrink>() + FixedBytes<MT, kInShrink>();
+  return Stages<MT, kInShrink, kBlocks, KS>() * StageBytes<MT, kInShrink, KS>() + FixedBytes<MT, kInShrink>();
 }
 
 // y = x·Wᵀ over k in [blockIdx.y·k_len, +k_len) for W rows [blockIdx.x·kNTile, +kNTile); x has M
@@ -141,17 +155,22 @@ constexpr int SmemBytes() {
 // shared memory and adds scale·s_split·Bᵀ to its own partial: the expand is linear in s, so the
 // splits' sums add up to the whole. Each block reads all of A for its split from the L2.
 // k_len is a multiple of kKStep; rows of x and W are 16-byte aligned.
-// kBlocks: blocks an SM, which sets the pipeline's depth (Stages).
-template <int MT, int kInShrink, int kBlocks>
+// kBlocks: blocks an SM, which sets the pipeline's depth (Stages); KS: k a stage (64, or 32 for
+// smaller stages and so more of them; the in-GEMM shrink needs 64: a k16 substep a warp).
+template <int MT, int kInShrink, int kBlocks, int KS = 64>
 __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                                              int M, int N, int K, int k_len,
                                                              float* __restrict__ partial, bf16* __restrict__ y,
                                                              const __grid_constant__ ProbeLora lora) {
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr bool kLora = kInShrink > 0;
-  constexpr int kStages = Stages<MT, kInShrink, kBlocks>();
+  constexpr int kStages = Stages<MT, kInShrink, kBlocks, KS>();
   static_assert(kStages >= 2);
+  static_assert(kInShrink == 0 || KS == 64, "the in-GEMM shrink gives each warp one k16 substep of 64");
   constexpr int kXRows = 16 * MT;
+  constexpr int kRowBytes = RowBytes<KS>();
+  constexpr int kChunks = Chunks<KS>();
+  constexpr int kWStageBytes = kNTile * kRowBytes;
   constexpr int kXStageBytes = kXRows * kRowBytes;
   unsigned char* w_s = smem;
   unsigned char* x_s = smem + kStages * kWStageBytes;
@@ -161,24 +180,25 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
   int* a_s = reinterpret_cast<int*>(s_s + kXRows * kRank);                     // [kXRows]
   const int n0 = blockIdx.x * kNTile;
   const int k0 = blockIdx.y * k_len;
-  const int steps = k_len / kKStep;
+  const int steps = k_len / KS;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   auto load = [&](int stage, int step) {
-    const int k = k0 + step * kKStep;
+    const int k = k0 + step * KS;
     const uint32_t wb = SmemAddr(w_s + stage * kWStageBytes);
 #pragma unroll
-    for (int c = tid; c < kNTile * 8; c += kThreads) {
-      const int row = c >> 3, chunk = c & 7;
+    for (int c = tid; c < kNTile * kChunks; c += kThreads) {
+      const int row = c / kChunks, chunk = c % kChunks;
       const bool ok = n0 + row < N;
-      CpAsync16OrZero(wb + TileOffset(row, chunk), w + static_cast<int64_t>(ok ? n0 + row : 0) * K + k + chunk * 8, ok);
+      CpAsync16OrZero(wb + TileOffset<KS>(row, chunk), w + static_cast<int64_t>(ok ? n0 + row : 0) * K + k + chunk * 8,
+                      ok);
     }
     const uint32_t xb = SmemAddr(x_s + stage * kXStageBytes);
 #pragma unroll
-    for (int c = tid; c < kXRows * 8; c += kThreads) {
-      const int row = c >> 3, chunk = c & 7;
+    for (int c = tid; c < kXRows * kChunks; c += kThreads) {
+      const int row = c / kChunks, chunk = c % kChunks;
       const bool ok = row < M;
-      CpAsync16OrZero(xb + TileOffset(row, chunk), x + static_cast<int64_t>(ok ? row : 0) * K + k + chunk * 8, ok);
+      CpAsync16OrZero(xb + TileOffset<KS>(row, chunk), x + static_cast<int64_t>(ok ? row : 0) * K + k + chunk * 8, ok);
     }
     if constexpr (kInShrink > 0) {
       const uint32_t ab = SmemAddr(ash_s + stage * kInShrink * kAStageBytes);
@@ -186,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
       for (int c = tid; c < kInShrink * kRank * 8; c += kThreads) {
         const int ad = c / (kRank * 8), row = (c >> 3) % kRank, chunk = c & 7;
         const bool ok = ad < lora.num_adapters;
-        CpAsync16OrZero(ab + ad * kAStageBytes + TileOffset(row, chunk),
+        CpAsync16OrZero(ab + ad * kAStageBytes + TileOffset<KS>(row, chunk),
                         (ok ? lora.a[ad] + static_cast<int64_t>(row) * K + k : x) + chunk * 8, ok);
       }
     }
@@ -216,19 +236,19 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
     const int st = step % kStages;
     const uint32_t wb = SmemAddr(w_s + st * kWStageBytes), xb = SmemAddr(x_s + st * kXStageBytes);
 #pragma unroll
-    for (int kk = 0; kk < kKStep / 16; ++kk) {
+    for (int kk = 0; kk < KS / 16; ++kk) {
       // x: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
       uint32_t a[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        Ldmatrix4(xb + TileOffset(mt * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), kk * 2 + (lane >> 4)), a[mt]);
+        Ldmatrix4(xb + TileOffset<KS>(mt * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), kk * 2 + (lane >> 4)), a[mt]);
       }
       // W: two n8 tiles at a time, matrices (tile 0, k 0-7), (tile 0, k 8-15), (tile 1, ...).
 #pragma unroll
       for (int np = 0; np < 2; ++np) {
         uint32_t b[4];
         const int q = lane >> 3;
-        Ldmatrix4(wb + TileOffset(warp * 32 + np * 16 + (q >> 1) * 8 + (lane & 7), kk * 2 + (q & 1)), b);
+        Ldmatrix4(wb + TileOffset<KS>(warp * 32 + np * 16 + (q >> 1) * 8 + (lane & 7), kk * 2 + (q & 1)), b);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           Mma(acc[mt][np * 2], a[mt], b[0], b[1]);
@@ -242,7 +262,7 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
 #pragma unroll
           for (int ad = 0; ad < kInShrink; ++ad) {
             uint32_t b[4];
-            Ldmatrix4(ab + ad * kAStageBytes + TileOffset((q >> 1) * 8 + (lane & 7), kk * 2 + (q & 1)), b);
+            Ldmatrix4(ab + ad * kAStageBytes + TileOffset<KS>((q >> 1) * 8 + (lane & 7), kk * 2 + (q & 1)), b);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
               Mma(sacc[mt][ad * 2], a[mt], b[0], b[1]);
@@ -260,7 +280,7 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
       // warp order (deterministic); each token keeps its own adapter's kRank values.
       constexpr int kCols = kInShrink * kRank;
       float* red = reinterpret_cast<float*>(w_s);
-      static_assert(kWarps * kXRows * kCols * 4 <= kStages * StageBytes<MT, kInShrink>());
+      static_assert(kWarps * kXRows * kCols * 4 <= kStages * StageBytes<MT, kInShrink, KS>());
       __syncthreads();  // every warp is done reading the stages
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
@@ -359,11 +379,10 @@ __global__ void FillKernel(bf16* p, int64_t n, uint32_t seed, float scale) {
   }
 }
 
-// s[m, a·kRank + j] = Σ_k x[m, k]·A_a[j, k] for the token's adapter a (a block a token, a warp per
-// 2 of the kRank rows). Lets its dependent (the GEMM) launch at once.
+// The reference shrink: s[m, a·kRank + j] = Σ_k x[m, k]·A_a[j, k] for the token's adapter a (a
+// block a token, a warp per 2 of the kRank rows).
 __global__ void __launch_bounds__(256) ProbeShrinkKernel(const bf16* __restrict__ x, int K, ProbeLora lora,
                                                          const bf16* const* __restrict__ a_ptrs, float* __restrict__ s) {
-  AllowDependentLaunch();
   const int m = blockIdx.x;
   const int a = lora.token_adapter[m];
   if (a < 0) return;
@@ -407,22 +426,24 @@ __global__ void ProbeReferenceKernel(const bf16* __restrict__ base, int M, int N
 
 // Launches the GEMM (kInShrink > 0: with that many adapters' LoRA inside it) with the x tile
 // that fits M and kBlocks blocks an SM; false where no pipeline of 2 stages fits.
-template <int MT, int kInShrink, int kBlocks>
+template <int MT, int kInShrink, int kBlocks, int KS>
 bool LaunchOurs(const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y,
                 const ProbeLora& lora, cudaStream_t stream) {
-  if constexpr (Stages<MT, kInShrink, kBlocks>() < 2) {
+  if constexpr (Stages<MT, kInShrink, kBlocks, KS>() < 2) {
     return false;
   } else {
-    constexpr auto kernel = SkinnyGemmKernel<MT, kInShrink, kBlocks>;
-    constexpr int smem = SmemBytes<MT, kInShrink, kBlocks>();
+    constexpr auto kernel = SkinnyGemmKernel<MT, kInShrink, kBlocks, KS>;
+    constexpr int smem = SmemBytes<MT, kInShrink, kBlocks, KS>();
     static const bool configured = [] {
       PROBE_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       int blocks = 0;
       PROBE_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem));
       cudaFuncAttributes attr;
       PROBE_CHECK(cudaFuncGetAttributes(&attr, kernel));
-      std::printf("  [kernel MT=%d in-shrink=%d: %d stages, %d B shared, %d registers, %zu B local, %d blocks an SM]\n",
-                  MT, kInShrink, Stages<MT, kInShrink, kBlocks>(), smem, attr.numRegs, attr.localSizeBytes, blocks);
+      std::printf("  [kernel MT=%d in-shrink=%d k step %d: %d stages, %d B shared, %d registers, %zu B local, %d blocks "
+                  "an SM]\n",
+                  MT, kInShrink, KS, Stages<MT, kInShrink, kBlocks, KS>(), smem, attr.numRegs, attr.localSizeBytes,
+                  blocks);
       return true;
     }();
     (void)configured;
@@ -436,22 +457,22 @@ bool LaunchOurs(const bf16* x, const bf16* w, int M, int N, int K, int splits, f
   }
 }
 
-template <int kInShrink, int kBlocks>
+template <int kInShrink, int kBlocks, int KS>
 bool Ours(const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y,
           const ProbeLora& lora, cudaStream_t s) {
-  if (M <= 16) return LaunchOurs<1, kInShrink, kBlocks>(x, w, M, N, K, splits, partial, y, lora, s);
-  if (M <= 32) return LaunchOurs<2, kInShrink, kBlocks>(x, w, M, N, K, splits, partial, y, lora, s);
-  return LaunchOurs<4, kInShrink, kBlocks>(x, w, M, N, K, splits, partial, y, lora, s);
+  if (M <= 16) return LaunchOurs<1, kInShrink, kBlocks, KS>(x, w, M, N, K, splits, partial, y, lora, s);
+  if (M <= 32) return LaunchOurs<2, kInShrink, kBlocks, KS>(x, w, M, N, K, splits, partial, y, lora, s);
+  return LaunchOurs<4, kInShrink, kBlocks, KS>(x, w, M, N, K, splits, partial, y, lora, s);
 }
 
-// Ours with kInShrink adapters' LoRA (0: none) at `blocks` (1-3) blocks an SM.
-template <int kInShrink>
+// Ours with kInShrink adapters' LoRA (0: none) at `blocks` (1-3) blocks an SM, k step KS.
+template <int kInShrink, int KS = 64>
 bool OursAt(int blocks, const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y,
             const ProbeLora& lora, cudaStream_t s) {
   switch (blocks) {
-    case 1: return Ours<kInShrink, 1>(x, w, M, N, K, splits, partial, y, lora, s);
-    case 2: return Ours<kInShrink, 2>(x, w, M, N, K, splits, partial, y, lora, s);
-    default: return Ours<kInShrink, 3>(x, w, M, N, K, splits, partial, y, lora, s);
+    case 1: return Ours<kInShrink, 1, KS>(x, w, M, N, K, splits, partial, y, lora, s);
+    case 2: return Ours<kInShrink, 2, KS>(x, w, M, N, K, splits, partial, y, lora, s);
+    default: return Ours<kInShrink, 3, KS>(x, w, M, N, K, splits, partial, y, lora, s);
   }
 }
 
@@ -586,10 +607,16 @@ int main() {
         float err = 0.0f;
         std::string all;
       };
+      // Configurations: `blocks` 1-3 at a k step of 64, 11-13 the same at a k step of 32 (the plain
+      // kernel only), named b1..b3 and b1k32..b3k32.
+      auto config_name = [](int blocks) {
+        return blocks > 10 ? "b" + std::to_string(blocks - 10) + "k32" : "b" + std::to_string(blocks);
+      };
       auto sweep = [&](int in_shrink, const ProbeLora& lora, const std::vector<float>& want) {
         float want_max = 0.0f;
         for (float v : want) want_max = std::max(want_max, std::fabs(v));
         auto call = [&](int blocks, const bf16* wc, int splits, const ProbeLora& l) {
+          if (blocks > 10) return OursAt<0, 32>(blocks - 10, x, wc, M, sh.n, sh.k, splits, partial, y, l, stream);
           switch (in_shrink) {
             case 0: return OursAt<0>(blocks, x, wc, M, sh.n, sh.k, splits, partial, y, l, stream);
             case 1: return OursAt<1>(blocks, x, wc, M, sh.n, sh.k, splits, partial, y, l, stream);
@@ -597,8 +624,10 @@ int main() {
           }
         };
         Sweep r;
-        for (int blocks : {1, 2, 3}) {
-          r.all += " b" + std::to_string(blocks);
+        std::vector<int> configs = {1, 2, 3};
+        if (in_shrink == 0) configs.insert(configs.end(), {11, 12, 13});
+        for (int blocks : configs) {
+          r.all += " " + config_name(blocks);
           for (int splits : {1, 2, 4, 7, 8, 14, 16, 32}) {
             if ((sh.k / kKStep) % splits != 0) continue;
             if (!call(blocks, w[0], splits, lora)) break;  // no such kernel
@@ -634,9 +663,9 @@ int main() {
       const Sweep plain = sweep(0, ProbeLora{}, ref);
       const bool ok = plain.err <= 0.02f;
       if (!ok) ++failures;
-      std::printf("%-8s %3d | %8.2f us (%6.0f)   | b%d splits %2d %8.2f us (%6.0f, %.3fx) |%s; %.4f %s\n", sh.name, M,
-                  lt_us, bytes / lt_us * 1e-3, plain.blocks, plain.splits, plain.us, bytes / plain.us * 1e-3,
-                  plain.us / lt_us, plain.all.c_str(), plain.err, ok ? "ok" : "WRONG");
+      std::printf("%-8s %3d | %8.2f us (%6.0f)   | %s splits %2d %8.2f us (%6.0f, %.3fx) |%s; %.4f %s\n", sh.name, M,
+                  lt_us, bytes / lt_us * 1e-3, config_name(plain.blocks).c_str(), plain.splits, plain.us,
+                  bytes / plain.us * 1e-3, plain.us / lt_us, plain.all.c_str(), plain.err, ok ? "ok" : "WRONG");
       // The same GEMM with rank-16 LoRA of 1 and of 4 adapters (tokens dealt round-robin) inside it.
       for (int n_adapters : {1, 4}) {
         std::vector<int> token_adapter(kMaxM, -1);
