@@ -40,9 +40,13 @@
 namespace {
 
 using loraplex::ops::cuda::bf16;
+using loraplex::ops::cuda::CpAsync16OrZero;
 using loraplex::ops::cuda::CpAsyncCommit;
 using loraplex::ops::cuda::CpAsyncWait;
 using loraplex::ops::cuda::kWarpSize;
+using loraplex::ops::cuda::Ldmatrix4;
+using loraplex::ops::cuda::MmaBf16;
+using loraplex::ops::cuda::SmemAddr;
 using loraplex::ops::cuda::WarpSum;
 
 constexpr int kNTile = 128;                 // W rows (output columns) a block
@@ -68,10 +72,6 @@ constexpr int Chunks() {
     }                                                                                            \
   } while (0)
 
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][KS] bf16 tile, swizzled so that
 // the 8 rows one ldmatrix matrix reads at one chunk fall in 8 different 16-byte bank groups: for
 // KS 64 (8 chunks, 128-byte rows) the chunk is XORed with row % 8; for KS 32 (4 chunks, two rows a
@@ -84,28 +84,6 @@ __device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
   } else {
     return static_cast<uint32_t>(row * RowBytes<KS>() + ((chunk ^ ((row >> 1) & 3)) << 4));
   }
-}
-
-// 16 bytes global -> shared (a shared-space address), asynchronously; zeros when !valid
-// (kernel_utils.cuh's CpAsync16 always copies).
-__device__ __forceinline__ void CpAsync16OrZero(uint32_t dst, const void* src, bool valid) {
-  const int size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(size) : "memory");
-}
-
-__device__ __forceinline__ void Ldmatrix4(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// d += a·b for one m16n8k16 tile (a: 16 x rows x 16 k; b: 16 k x 8 W rows).
-__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 constexpr int kRank = 16;         // the probe's LoRA rank
@@ -251,8 +229,8 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
         Ldmatrix4(wb + TileOffset<KS>(warp * 32 + np * 16 + (q >> 1) * 8 + (lane & 7), kk * 2 + (q & 1)), b);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          Mma(acc[mt][np * 2], a[mt], b[0], b[1]);
-          Mma(acc[mt][np * 2 + 1], a[mt], b[2], b[3]);
+          MmaBf16(acc[mt][np * 2], a[mt], b[0], b[1]);
+          MmaBf16(acc[mt][np * 2 + 1], a[mt], b[2], b[3]);
         }
       }
       if constexpr (kInShrink > 0) {
@@ -265,8 +243,8 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
             Ldmatrix4(ab + ad * kAStageBytes + TileOffset<KS>((q >> 1) * 8 + (lane & 7), kk * 2 + (q & 1)), b);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-              Mma(sacc[mt][ad * 2], a[mt], b[0], b[1]);
-              Mma(sacc[mt][ad * 2 + 1], a[mt], b[2], b[3]);
+              MmaBf16(sacc[mt][ad * 2], a[mt], b[0], b[1]);
+              MmaBf16(sacc[mt][ad * 2 + 1], a[mt], b[2], b[3]);
             }
           }
         }

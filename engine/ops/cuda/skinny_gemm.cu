@@ -30,35 +30,10 @@ constexpr int kXStageBytes = kSkinnyGemmMaxRows * kRowBytes;
 constexpr int kSmemBytes = kStages * (kWStageBytes + kXStageBytes);
 static_assert(kSkinnyGemmMaxRows == 16, "one m16 tile of x");
 
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][64] bf16 tile: the chunk index is
 // XORed with the row's low bits, so the 8 rows one ldmatrix matrix reads fall in 8 bank groups.
 __device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
   return static_cast<uint32_t>(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
-}
-
-// 16 bytes global -> shared (a shared-space address), asynchronously; zeros when !valid.
-__device__ __forceinline__ void CpAsync16OrZero(uint32_t dst, const void* src, bool valid) {
-  const int size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(size) : "memory");
-}
-
-__device__ __forceinline__ void Ldmatrix4(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// d += a·b for one m16n8k16 tile (a: 16 rows x 16 k; b: 16 k x 8 W rows).
-__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // y = x·Wᵀ over k in [blockIdx.y·k_len, +k_len) for W rows [blockIdx.x·kNTile, +kNTile).
@@ -133,8 +108,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
         uint32_t b[4];
         const int q = lane >> 3;
         Ldmatrix4(wb + TileOffset(warp * 32 + np * 16 + (q >> 1) * 8 + (lane & 7), kk * 2 + (q & 1)), b);
-        Mma(acc[np * 2], a, b[0], b[1]);
-        Mma(acc[np * 2 + 1], a, b[2], b[3]);
+        MmaBf16(acc[np * 2], a, b[0], b[1]);
+        MmaBf16(acc[np * 2 + 1], a, b[2], b[3]);
       }
     }
   }
