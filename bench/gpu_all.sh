@@ -65,7 +65,8 @@ echo "== failing checks"; grep -h ' FAIL$' "$logs"/*.log | head -n 20
 echo "== sampling"; grep -h '^TIME Sample' "$logs/sampling_cuda_test.log" 2>/dev/null
 echo "== LoRA kernels (graph; all in logs/ops_cuda_test.log)"
 grep -h '^TIME LoRA' "$logs/ops_cuda_test.log" 2>/dev/null | grep -E 'qkv|prefill' | grep -v blk | cut -c11-200
-echo "== step bench"; grep -E '^(roofline|decode|prefill) ' "$logs/step_bench.log" | grep -v '\[v[0-9]*\]'
+echo "== step bench"; grep -E '^(roofline|decode|prefill|ranks) ' "$logs/step_bench.log" | grep -v '\[v[0-9]*\]'
+grep -h '^ranks:' "$logs/step_bench.log"
 # --variants rows (STEP_BENCH_TUNINGS), compact: x base per scenario and batch.
 if grep -q '^variant v' "$logs/step_bench.log" 2>/dev/null; then
   echo "== step bench variants (x base)"; grep '^variant v' "$logs/step_bench.log"

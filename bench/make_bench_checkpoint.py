@@ -8,13 +8,15 @@ For the step benchmark (bench/step_bench.cc) and the transformers + PEFT baselin
                   tokenizer.json (byte-level BPE over the 256 bytes, no merges: one token a byte,
                   ids 0..255, <|begin_of_text|> 256 and <|end_of_text|> 257), so the daemon can
                   serve the checkpoint (bench/gpu_daemon_bench.sh)
-  OUT/adapters/   r16_0..r16_{R-1} (rank 16) and mix_0..mix_{M-1} (ranks 8, 16, 32, 64 in turn),
-                  every adapter targeting all seven projections, lora_alpha = 2 * r
+  OUT/adapters/   r16_0..r16_{R-1} (rank 16), mix_0..mix_{M-1} (ranks 8, 16, 32, 64 in turn) and
+                  r64_0..r64_{N-1} (rank 64: with r16_0.. the uniform-rank batches that the mixed
+                  one is compared with), every adapter targeting all seven projections,
+                  lora_alpha = 2 * r
 
 Weights are normal with std 0.02 (norm weights 1), lora_A and lora_B likewise (PEFT initialises
 B to zero; random B makes the delta real). --tiny writes the same layout at toy sizes (hidden 64,
 2 layers) on the CPU, to smoke-test the benchmark without a GPU. Usage:
-  make_bench_checkpoint.py OUT [--layers 32] [--r16 32] [--mixed 8] [--seed 0] [--tiny]
+  make_bench_checkpoint.py OUT [--layers 32] [--r16 32] [--mixed 8] [--r64 8] [--seed 0] [--tiny]
 """
 import argparse
 import json
@@ -200,6 +202,7 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--r16", type=int, default=32, help="rank-16 adapters r16_0..")
     ap.add_argument("--mixed", type=int, default=8, help="adapters mix_0.. of ranks 8, 16, 32, 64 in turn")
+    ap.add_argument("--r64", type=int, default=8, help="rank-64 adapters r64_0..")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (smoke test)")
     args = ap.parse_args()
@@ -219,6 +222,7 @@ def main():
     adapter_bytes = 0
     names = [(f"r16_{i}", 16) for i in range(args.r16)]
     names += [(f"mix_{i}", (8, 16, 32, 64)[i % 4]) for i in range(args.mixed)]
+    names += [(f"r64_{i}", 64) for i in range(args.r64)]
     for name, rank in names:
         adapter_bytes += write_adapter(os.path.join(args.out, "adapters", name), model_dir, args.layers, rank, gen)
     print(f"adapters: {len(names)}, {adapter_bytes / 1e9:.1f} GB in {time.time() - t1:.1f} s", flush=True)

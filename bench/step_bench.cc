@@ -8,9 +8,13 @@
 // as the engine calls it (host clock around the whole call: it ends with the greedy picks on the
 // host). Decode scenarios per batch: base, one r16 adapter, 4 r16 adapters (batch >= 8, batch/4
 // requests each), one distinct r16 adapter per request (as many as ADAPTER_DIR has), the mixed
-// adapters (ranks 8..64);
-// their GB/s column is the adapters' bytes over the time LoRA adds to the base step (equal
-// across rows when LoRA costs in proportion to the ranks). Rows marked "paired" repeat the
+// adapters (ranks 8..64); their GB/s column is the adapters' bytes over the time LoRA adds to the
+// base step. When ADAPTER_DIR also has as many rank-64 adapters as mixed ones, each batch of 8 or
+// more also runs that many r16 and that many r64 adapters in the mixed scenario's shape (the
+// same tokens an adapter), and a "ranks" row compares the time the mixed ranks add with what
+// cost in proportion to the ranks predicts: the r16 and r64 batches' added times interpolated at
+// the mixed adapters' bytes (x base column: actual over predicted; padding every adapter to the
+// largest rank would cost the r64 batch's time). Rows marked "paired" repeat the
 // one-adapter and one-per-request scenarios with each step right after a base step, and give the
 // median of the per-pair ratios (insensitive to drift between rows). Writes a JSON file and
 // prints a table. Single-threaded; run it alone on the GPU.
@@ -19,12 +23,15 @@
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
 //                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N]
-//                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--variants "FLAGS;FLAGS;..."]
+//                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2]
+//                   [--lora-bf16-delta 0|1] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --skinny-gemm 0: every projection on cuBLASLt (default 2: projections of up to 16 rows, plain
 //     or LoRA-wrapped, on the executor's own kernel where it applies, skinny_gemm.h; 1: plain ones
 //     only). The roofline rows time the step's GEMMs on cuBLASLt alone and, at up to 16 rows, as the
 //     executor runs them.
+//   --lora-bf16-delta 0: the decode expand's product kept in F32 until it is added, and
+//     GemmWithLora's delta F32 (default 1: rounded to bf16, a BF16 delta).
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
 //     a cap on the decode shrink's grid (blocks), whether the expand starts beside the shrink
 //     (programmatic dependent launch), and (an experiment) the shrink's block size in warps
@@ -48,8 +55,8 @@
 //     synchronises around every op, and a table per scenario gives each op key's calls, ms and
 //     share of the step. --profile 2: the same with GemmWithLora split into its Gemm, LoraShrink
 //     and LoraExpand (no shrink/GEMM overlap). JSON: {"profile": [...]}.
-//   ADAPTER_DIR holds r16_0..r16_31 (rank 16) and mix_0..mix_7 (ranks 8,16,32,64,...), as
-//   bench/make_bench_checkpoint.py writes them.
+//   ADAPTER_DIR holds r16_0..r16_31 (rank 16), mix_0..mix_7 (ranks 8,16,32,64,...) and optionally
+//   r64_0..r64_7 (rank 64), as bench/make_bench_checkpoint.py writes them.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -104,7 +111,7 @@ double Median(std::vector<double> v) {
 }
 
 struct Result {
-  std::string phase;     // decode | prefill | roofline
+  std::string phase;     // decode | prefill | roofline | ranks
   std::string scenario;  // base | one adapter | N distinct | mixed ranks | ...
   int batch = 0;
   int tokens = 0;
@@ -115,7 +122,9 @@ struct Result {
   bool graphs = false;         // decode rows: the step replayed a CUDA graph
 };
 
-double TokensPerSecond(const Result& r) { return r.phase == "roofline" || r.ms <= 0 ? 0.0 : r.tokens / (r.ms * 1e-3); }
+double TokensPerSecond(const Result& r) {
+  return r.phase == "roofline" || r.phase == "ranks" || r.ms <= 0 ? 0.0 : r.tokens / (r.ms * 1e-3);
+}
 
 // LoRA kernel settings of the CUDA executor for one run (0 / -1: the executor's defaults).
 struct LoraTuning {
@@ -136,6 +145,7 @@ struct LoraTuning {
   int few_shrink_blocks = -1;
   int few_min_tokens = -1;
   int skinny_gemm = 2;  // SetSkinnyGemmForTest's mode (0: cuBLASLt always; 1: plain projections only)
+  int bf16_delta = 1;   // SetLoraBf16DeltaForTest (0: the F32 delta)
 };
 
 // Sets every LoRA knob of the CUDA executor to `t` (unset fields back to the defaults).
@@ -150,6 +160,7 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraInlineForTest(ops, t.in_line));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraFewTuningForTest(ops, t.few_gemm_sms, t.few_shrink_blocks, t.few_min_tokens));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmForTest(ops, t.skinny_gemm));
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraBf16DeltaForTest(ops, t.bf16_delta != 0));
   return ops::cuda::SetLoraTuningForTest(ops, t.shrink_blocks, t.overlap != 0, true);
 #else
   (void)ops;
@@ -192,20 +203,24 @@ class Bench {
     limits.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
     num_r16_ = std::min(CountNumbered(adapter_dir, "r16_"), std::max(max_batch, kMinR16));
     num_mixed_ = CountNumbered(adapter_dir, "mix_");
+    num_r64_ = CountNumbered(adapter_dir, "r64_");
     if (num_r16_ < kMinR16 || num_mixed_ < 1) {
       return absl::NotFoundError(absl::StrCat(adapter_dir, " needs adapters r16_0..r16_", kMinR16 - 1,
                                               " and mix_0 at least (bench/make_bench_checkpoint.py)"));
     }
     auto t0 = Clock::now();
-    for (int i = 0; i < num_r16_ + num_mixed_; ++i) {
-      const std::string name = i < num_r16_ ? absl::StrCat("r16_", i) : absl::StrCat("mix_", i - num_r16_);
+    for (int i = 0; i < num_r16_ + num_mixed_ + num_r64_; ++i) {
+      const std::string name = i < num_r16_               ? absl::StrCat("r16_", i)
+                               : i < num_r16_ + num_mixed_ ? absl::StrCat("mix_", i - num_r16_)
+                                                          : absl::StrCat("r64_", i - num_r16_ - num_mixed_);
       LORAPLEX_ASSIGN_OR_RETURN(auto adapter, lora::LoadPeftAdapter(name, adapter_dir + "/" + name, spec_, limits,
                                                                     ops_->compute_dtype()));
       adapters_.push_back(std::move(adapter));
     }
     std::printf("loaded %zu adapters in %.1f s\n", adapters_.size(),
                 std::chrono::duration<double>(Clock::now() - t0).count());
-    LORAPLEX_ASSIGN_OR_RETURN(slots_, lora::SlotPool::Create(ops_.get(), spec_, num_r16_ + num_mixed_, 64));
+    LORAPLEX_ASSIGN_OR_RETURN(slots_,
+                              lora::SlotPool::Create(ops_.get(), spec_, num_r16_ + num_mixed_ + num_r64_, 64));
     t0 = Clock::now();
     LORAPLEX_ASSIGN_OR_RETURN(model_, model::LlamaModel::Load(model_dir, spec_, model_ops, slots_.get(), cap_));
     std::printf("loaded the model in %.1f s\n", std::chrono::duration<double>(Clock::now() - t0).count());
@@ -378,6 +393,7 @@ class Bench {
   int num_adapters() const { return static_cast<int>(adapters_.size()); }
   int num_r16() const { return num_r16_; }      // adapters_[0, num_r16): rank 16
   int num_mixed() const { return num_mixed_; }  // then these, ranks 8..64
+  int num_r64() const { return num_r64_; }      // then these, rank 64
   // Bytes of the distinct adapters a step of `token_adapter` reads (A and B of every module).
   double AdapterBytes(const std::vector<int>& token_adapter) const {
     std::set<int> seen(token_adapter.begin(), token_adapter.end());
@@ -458,6 +474,7 @@ class Bench {
   std::vector<std::shared_ptr<const lora::LoadedAdapter>> adapters_;
   int num_r16_ = 0;
   int num_mixed_ = 0;
+  int num_r64_ = 0;
   std::unique_ptr<lora::SlotPool> slots_;
   std::unique_ptr<model::LlamaModel> model_;
   std::vector<int32_t> adapter_slots_;
@@ -498,26 +515,36 @@ nlohmann::json PrintProfile(const std::string& scenario, int batch, const Bench:
 }
 
 // A decode scenario of one batch: each request's adapter (an index into the bench's adapters).
+enum class RankRole { kNone, kUniform16, kUniform64, kMixed };  // the "ranks" comparison's parts
 struct DecodeScenario {
   std::string name;
   std::vector<int> adapters;
   int count = 0;  // distinct adapters
+  RankRole role = RankRole::kNone;
 };
 
-// One r16 adapter for every request; 4 (batch >= 8, batch/4 consecutive requests each); one per
-// request; the mixed-rank adapters in turn. The one-per-request scenario is always second to last.
+// One r16 adapter for every request; 4 (batch >= 8, batch/4 consecutive requests each); at batch
+// 8 and up, when there are enough r64 adapters, as many r16 and as many r64 adapters as the mixed
+// scenario has, in its shape (request i on adapter i % count); one per request; the mixed-rank
+// adapters in turn. The one-per-request scenario is always second to last.
 std::vector<DecodeScenario> DecodeScenarios(const Bench& bench, int b) {
-  std::vector<int> four(b), distinct(b), mixed(b);
+  const int n_distinct = std::min(b, bench.num_r16()), n_mixed = std::min(b, bench.num_mixed());
+  std::vector<int> four(b), distinct(b), mixed(b), uniform16(b), uniform64(b);
   for (int i = 0; i < b; ++i) {
     four[i] = i * 4 / b;
     distinct[i] = i % bench.num_r16();
-    mixed[i] = bench.num_r16() + i % bench.num_mixed();
+    mixed[i] = bench.num_r16() + i % n_mixed;
+    uniform16[i] = i % n_mixed;
+    uniform64[i] = bench.num_r16() + bench.num_mixed() + i % n_mixed;
   }
-  const int n_distinct = std::min(b, bench.num_r16()), n_mixed = std::min(b, bench.num_mixed());
   std::vector<DecodeScenario> out = {{"one adapter r16", std::vector<int>(b, 0), 1}};
   if (b >= 8) out.push_back({"4 adapters r16", four, 4});
+  if (b >= 8 && bench.num_r64() >= n_mixed && bench.num_r16() >= n_mixed) {
+    out.push_back({absl::StrCat(n_mixed, " adapters r16"), uniform16, n_mixed, RankRole::kUniform16});
+    out.push_back({absl::StrCat(n_mixed, " adapters r64"), uniform64, n_mixed, RankRole::kUniform64});
+  }
   out.push_back({absl::StrCat(n_distinct, " distinct r16"), distinct, n_distinct});
-  out.push_back({absl::StrCat(n_mixed, " mixed ranks"), mixed, n_mixed});
+  out.push_back({absl::StrCat(n_mixed, " mixed ranks"), mixed, n_mixed, RankRole::kMixed});
   return out;
 }
 
@@ -570,6 +597,7 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
     return absl::OkStatus();
   }
   if (flag == "--skinny-gemm") return ParseFlag(flag, value, 0, 2, &t->skinny_gemm);
+  if (flag == "--lora-bf16-delta") return ParseFlag(flag, value, 0, 1, &t->bf16_delta);
   if (flag == "--lora-few-gemm-sms") return ParseFlag(flag, value, 0, 1 << 20, &t->few_gemm_sms);
   if (flag == "--lora-few-shrink-blocks") return ParseFlag(flag, value, 1, 1 << 20, &t->few_shrink_blocks);
   if (flag == "--lora-few-min-tokens") return ParseFlag(flag, value, 0, 1 << 20, &t->few_min_tokens);
@@ -688,13 +716,33 @@ absl::Status Run(int argc, char** argv) {
     LORAPLEX_ASSIGN_OR_RETURN(const double base, bench.DecodeStep(b, std::vector<int>(b, -1), steps, use_graphs));
     add({"decode", "base" + suffix, b, b, 0, base, 1.0, 0, use_graphs});
     std::vector<DecodeScenario> scenarios = DecodeScenarios(bench, b);
+    double added[4] = {}, bytes[4] = {};  // by RankRole
+    bool seen[4] = {};
     for (const DecodeScenario& s : scenarios) {
       LORAPLEX_ASSIGN_OR_RETURN(const double ms, bench.DecodeStep(b, s.adapters, steps, use_graphs));
-      // GB/s here: the adapters' bytes over the time LoRA adds to the base step; equal across
-      // rows when the cost is proportional to what the adapters hold (their ranks).
+      // GB/s here: the adapters' bytes over the time LoRA adds to the base step.
       const double added_ms = ms - base;
+      const double adapter_bytes = bench.AdapterBytes(s.adapters);
       add({"decode", s.name + suffix, b, b, s.count, ms, ms / base,
-           added_ms > 0 ? bench.AdapterBytes(s.adapters) / added_ms * 1e-6 : 0.0, use_graphs});
+           added_ms > 0 ? adapter_bytes / added_ms * 1e-6 : 0.0, use_graphs});
+      const int role = static_cast<int>(s.role);
+      added[role] = added_ms;
+      bytes[role] = adapter_bytes;
+      seen[role] = true;
+    }
+    const int u16 = static_cast<int>(RankRole::kUniform16), u64 = static_cast<int>(RankRole::kUniform64),
+              mix = static_cast<int>(RankRole::kMixed);
+    if (seen[u16] && seen[u64] && seen[mix] && bytes[u64] > bytes[u16]) {
+      // In proportion to the ranks: the uniform batches' added times interpolated at the mixed
+      // adapters' bytes (bytes are proportional to the ranks). ms: the mixed batch's added time.
+      const double predicted =
+          added[u16] + (bytes[mix] - bytes[u16]) / (bytes[u64] - bytes[u16]) * (added[u64] - added[u16]);
+      std::printf("ranks: batch %d%s, mixed ranks add %.3f ms; in proportion to the ranks %.3f ms (interpolated "
+                  "between %d r16 adapters, %.3f ms, and %d r64, %.3f ms: what padding to rank 64 costs)\n",
+                  b, suffix.c_str(), added[mix], predicted, scenarios.back().count, added[u16],
+                  scenarios.back().count, added[u64]);
+      add({"ranks", "mixed added / in proportion" + suffix, b, b, scenarios.back().count, added[mix],
+           predicted > 0 ? added[mix] / predicted : 0.0, 0, use_graphs});
     }
     return DecodeRows{base, std::move(scenarios)};
   };

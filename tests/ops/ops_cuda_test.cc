@@ -997,6 +997,51 @@ absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens
   return cuda::SetLoraTuningForTest(g_gpu, 0, true, true);
 }
 
+// GemmWithLora's two expand paths, the delta beside the GEMM (added by its own kernel here) and the
+// in-place expand after it, leave the same bits in the output, with the delta in BF16 (the
+// product rounded to bf16 before the add, as PEFT rounds lora_B's output) and in F32; and the two
+// formats differ only by that rounding (within BF16 tolerance of each other).
+absl::Status CheckLoraDeltaPathsAgree(const std::string& name, LoraWorld& w, int tokens) {
+  const int T = tokens, W = w.width(), yw = w.num_slices * w.max_rank;
+  std::vector<float> wt = RandomVec(static_cast<size_t>(W) * w.in, -0.03f, 0.03f);
+  std::vector<float> x = RandomVec(static_cast<size_t>(T) * w.in, -1, 1);
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_w, UploadBf16(wt));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, UploadBf16(x));
+  LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs, DevSegs::Create(T, T));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, g_gpu->Allocate(static_cast<size_t>(T) * yw * 4));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
+  const Segs segs = BuildSegs(RandomTokenSlots(T, w.num_slots, 0.2), 3);
+  LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs, StepRankBound(w, segs)));
+  const LoraModule dm = w.Module(true);
+  const LoraSegments ds = dsegs.View();
+  const TensorView gx = Gpu(d_x, DType::kBF16, {T, w.in}), gy = Gpu(d_y, DType::kF32, {T, yw}),
+                   gout = Gpu(d_out, DType::kBF16, {T, W}), gw = Gpu(d_w, DType::kBF16, {W, w.in});
+  auto run = [&](bool bf16, bool in_place) -> absl::StatusOr<std::vector<float>> {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraBf16DeltaForTest(g_gpu, bf16));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, in_place ? 0 : SIZE_MAX));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraFoldForTest(g_gpu, false));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_out.data(), 0xFF, static_cast<size_t>(T) * W * 2));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->GemmWithLora(gx, gw, gout, &ds, &dm, gy));
+    return DownloadBf16(d_out.data(), static_cast<size_t>(T) * W);
+  };
+  std::vector<std::vector<float>> got;
+  for (bool bf16 : {true, false}) {
+    for (bool in_place : {false, true}) {
+      LORAPLEX_ASSIGN_OR_RETURN(auto v, run(bf16, in_place));
+      got.push_back(std::move(v));
+    }
+  }
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraBf16DeltaForTest(g_gpu, true));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraDeltaLimitForTest(g_gpu, SIZE_MAX));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraFoldForTest(g_gpu, true));
+  const std::string tag = absl::StrCat(name, " T=", T, " segs=", segs.count());
+  const std::vector<uint8_t> every(got[0].size(), 0);  // an all-zero mask compares every element
+  Compare(tag + ": BF16 delta == in place", got[0], got[1], 0.0, every);
+  Compare(tag + ": F32 delta == in place", got[2], got[3], 0.0, every);
+  Compare(tag + ": BF16 delta ~ F32 delta", got[0], got[2], kTolBf16);
+  return absl::OkStatus();
+}
+
 // A pending GemmWithLora delta folded into the op that reads the GEMM output next (AddRmsNorm,
 // SiluMul, RopeAndCacheKv) against the same two ops with the delta added by its own kernel right
 // after the GEMM: every output of the consumer, and the GEMM output it leaves in memory, bit for
@@ -1268,6 +1313,12 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora down", *down, 40, true, true, 2));
   // Odd ranks (general expand path, 128 = max) and long segments split over tokens.
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora odd ranks", *odd, 160, true, true, 4));
+  // The delta's two formats, and against the in-place expand.
+  for (int t : {1, 32}) LORAPLEX_RETURN_IF_ERROR(CheckLoraDeltaPathsAgree("GemmWithLora delta paths qkv", *world, t));
+  LORAPLEX_RETURN_IF_ERROR(CheckLoraDeltaPathsAgree("GemmWithLora delta paths odd ranks", *odd, 40));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraBf16DeltaForTest(g_gpu, false));
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[F32 delta] qkv", *world, T, true, true, 3));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraBf16DeltaForTest(g_gpu, true));
   // The experiment of a GEMM chosen for fewer SMs (SetLoraGemmSmsForTest).
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmSmsForTest(g_gpu, 88));
   for (bool graph : {false, true}) {
@@ -1616,6 +1667,11 @@ absl::Status TimeLora() {
              // step_bench's "8 mixed ranks" at batch 32
              LoraTimingCase{n + " 8 adapters x 4 tokens r{8,16,32,64}", sh.in, sh.widths, eight_by_4,
                             {8, 16, 32, 64, 8, 16, 32, 64}},
+             // step_bench's "one adapter r16" at batch 32, and its few-adapter graph with no
+             // token on an adapter: the side chain's fork, join and empty kernels beside the GEMM
+             // chosen for fewer SMs, what any few-adapter step pays before its adapters' work.
+             LoraTimingCase{n + " 1 adapter x 32 tokens r16", sh.in, sh.widths, std::vector<int>(32, 0), {16}},
+             LoraTimingCase{n + " no adapter x 32 tokens (few graph)", sh.in, sh.widths, std::vector<int>(32, -1), {16}},
              LoraTimingCase{n + " 1 adapter x 1 token r16", sh.in, sh.widths, {0}, {16}},
              LoraTimingCase{n + " 1 adapter x 1 token r64", sh.in, sh.widths, {0}, {64}}}) {
       LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, c));
@@ -1755,6 +1811,12 @@ int Main() {
       Run("LoRA delta fold", [&] { return CheckLoraFold(c, t); });
     }
   }
+  // The F32 delta folds the same way.
+  Run("LoRA F32 delta on", [] { return cuda::SetLoraBf16DeltaForTest(g_gpu, false); });
+  for (auto c : {FoldConsumer::kAddRmsNorm, FoldConsumer::kSiluMul, FoldConsumer::kRope, FoldConsumer::kNone}) {
+    Run("LoRA[F32 delta] delta fold", [&] { return CheckLoraFold(c, 32); });
+  }
+  Run("LoRA F32 delta off", [] { return cuda::SetLoraBf16DeltaForTest(g_gpu, true); });
   // The in-line chain's delta folds the same way (forced for every call).
   Run("LoRA in line on", [] { return cuda::SetLoraInlineForTest(g_gpu, 0); });
   for (int t : {1, 32}) {

@@ -47,10 +47,15 @@ constexpr size_t kGemmWorkspaceBytes = 32u << 20;      // cuBLASLt's recommendat
 constexpr size_t kAttentionScratchBytes = 32u << 20;   // split-context partials
 // The tensor-core LoRA shrink's split-K partials: [splits, tokens, slices·max_rank] F32.
 constexpr size_t kLoraPartialBytes = 64u << 20;
-// GemmWithLora's expand-to-delta buffer, [tokens, out width] F32, and its (row, slice) marks: a
-// decode or small prefill step fits (gate_up: 585 tokens); larger steps use the in-place expand.
+// GemmWithLora's expand-to-delta buffer, [tokens, out width] BF16 (or F32), and its (row, slice)
+// marks: a decode or small prefill step fits (gate_up: 1170 tokens, 585 in F32); larger steps use
+// the in-place expand.
 constexpr size_t kLoraDeltaBytes = 64u << 20;
 constexpr size_t kLoraDeltaMaskBytes = 1u << 20;
+// The decode expand rounds scale·y·Bᵀ to bf16 before adding it (LoraParams::bf16_delta), so the
+// delta GemmWithLora leaves for the next op is BF16: half the bytes written beside the GEMM and
+// read back by its consumer (batch 32: 5.5 MB a layer as F32).
+constexpr bool kLoraBf16Delta = true;
 // Persistent expand blocks per SM, all resident at once (124 registers a thread).
 constexpr int kLoraExpandBlocksPerSm = 2;
 constexpr int kLoraTensorCoreBlocksPerSm = 4;  // 128 threads, ~37 KB of shared memory each
@@ -218,6 +223,7 @@ class CudaOps final : public Ops {
   }
   void set_lora_delta_limit(size_t bytes) { lora_delta_limit_ = std::min(bytes, kLoraDeltaBytes); }
   void set_lora_fold(bool fold) { lora_fold_ = fold; }
+  void set_lora_bf16_delta(bool bf16) { lora_bf16_delta_ = bf16; }
   void set_lora_shrink_warps(int warps) { lora_shrink_warps_ = warps; }
 
   void set_lora_tuning(int shrink_blocks, bool overlap, bool fork) {
@@ -667,7 +673,7 @@ class CudaOps final : public Ops {
         p->delta_mask = lora_delta_mask_;
         p->delta_rows = rows;
       }
-      expand.delta = static_cast<float*>(lora_delta_);
+      expand.delta = lora_delta_;
     } else {
       expand.overlap_shrink = false;  // the kernel before it is the GEMM; the shrink joins by event
     }
@@ -731,7 +737,8 @@ class CudaOps final : public Ops {
   bool LoraDeltaFits(const LoraModule& module, const TensorView& y) const {
     const int64_t rows = y.shape[0];
     const int64_t width = module.slice_offsets[module.num_slices];
-    if (rows * width * static_cast<int64_t>(sizeof(float)) > static_cast<int64_t>(lora_delta_limit_)) return false;
+    const int64_t element = lora_bf16_delta_ ? 2 : 4;
+    if (rows * width * element > static_cast<int64_t>(lora_delta_limit_)) return false;
     if (rows * module.num_slices > static_cast<int64_t>(kLoraDeltaMaskBytes)) return false;
     if (!Aligned16(y.data)) return false;
     for (int s = 0; s <= module.num_slices; ++s) {
@@ -852,6 +859,7 @@ class CudaOps final : public Ops {
                       : segments.wide_ranks      ? kLoraWideExpandStages
                                                  : kLoraExpandStages;
     p.expand_tokens = lora_expand_tokens_ > 0 ? lora_expand_tokens_ : p.expand_stages >= 2 ? kLoraWideExpandTokens : 0;
+    p.bf16_delta = lora_bf16_delta_;
     return p;
   }
 
@@ -932,7 +940,8 @@ class CudaOps final : public Ops {
   SampleWave sample_wave_;          // QuerySampleWave at Create
   int lora_tc_min_tokens_ = kLoraTensorCoreMinTokens;
   int lora_tc_few_min_tokens_ = kLoraTensorCoreFewMinTokens;  // SetLoraTensorCoreMinTokensForTest (0: off)
-  void* lora_delta_ = nullptr;                  // [rows, out width] F32, kLoraDeltaBytes
+  void* lora_delta_ = nullptr;                  // [rows, out width] BF16 or F32, kLoraDeltaBytes
+  bool lora_bf16_delta_ = kLoraBf16Delta;        // SetLoraBf16DeltaForTest (LoraParams::bf16_delta)
   uint8_t* lora_delta_mask_ = nullptr;          // [rows, slices], kLoraDeltaMaskBytes
   size_t lora_delta_limit_ = kLoraDeltaBytes;   // tests lower it to force the in-place expand
   cudaStream_t side_stream_ = nullptr;  // GemmWithLora's side chain
@@ -1142,6 +1151,13 @@ absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops) {
 absl::Status SetLoraDeltaLimitForTest(Ops* ops, size_t bytes) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraDeltaLimitForTest"));
   cuda->set_lora_delta_limit(bytes);
+  return absl::OkStatus();
+}
+
+absl::Status SetLoraBf16DeltaForTest(Ops* ops, bool bf16) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraBf16DeltaForTest"));
+  LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());  // a pending delta was written in the old format
+  cuda->set_lora_bf16_delta(bf16);
   return absl::OkStatus();
 }
 

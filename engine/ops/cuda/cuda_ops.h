@@ -112,10 +112,15 @@ absl::Status SetLoraFewTuningForTest(Ops* ops, int gemm_sms, int shrink_blocks, 
 // How many GEMM algorithms the executor has chosen so far (one per cuBLASLt shape bucket): a
 // step whose shapes were prepared (Ops::PrepareGemm) adds none.
 absl::StatusOr<int64_t> GemmAlgorithmsForTest(Ops* ops);
-// GemmWithLora (forked) runs the expand beside the GEMM into an F32 delta buffer of 64 MiB when
-// the call's rows x out width x 4 bytes fit, else in place after the GEMM. Tests lower the limit
+// GemmWithLora (forked) runs the expand beside the GEMM into a delta buffer of 64 MiB when the
+// call's rows x out width delta fits (2 bytes an element, 4 with SetLoraBf16DeltaForTest false),
+// else in place after the GEMM. Tests lower the limit
 // (0: always in place) to cover both paths; values above 64 MiB act as 64 MiB.
 absl::Status SetLoraDeltaLimitForTest(Ops* ops, size_t bytes);
+// The decode LoRA expand's product scale·y·Bᵀ rounded to bf16 before it is added or stored, and
+// GemmWithLora's delta held in BF16 (true, the default), or kept in F32 until the add (false;
+// step_bench --lora-bf16-delta 0 for A/B runs). Flushes a pending delta first.
+absl::Status SetLoraBf16DeltaForTest(Ops* ops, bool bf16);
 // That delta is left for the op that reads the GEMM output next: AddRmsNorm, RopeAndCacheKv and
 // SiluMul add it as they load it (and write it back); every other op, a capture's end, a replay
 // and TimeOnStream add it first with a separate kernel. `fold` false: always that kernel, right

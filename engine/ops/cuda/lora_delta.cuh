@@ -23,7 +23,12 @@ __device__ __forceinline__ int LoraDeltaSlice(const LoraDeltaView& d, int64_t co
 __device__ __forceinline__ bool LoadLoraDelta8(const LoraDeltaView& d, int64_t row, int64_t col, float (&out)[8]) {
   if (d.delta == nullptr || row >= d.rows) return false;
   const uint8_t marked = d.mask[row * d.num_slices + LoraDeltaSlice(d, col)];
-  const float4* p = reinterpret_cast<const float4*>(d.delta + row * d.width + col);
+  const int64_t at = row * d.width + col;
+  if (d.bf16) {
+    Unpack8(__ldcg(reinterpret_cast<const uint4*>(static_cast<const bf16*>(d.delta) + at)), out);
+    return marked != 0;
+  }
+  const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(d.delta) + at);
   const float4 a = __ldcg(p);
   const float4 b = __ldcg(p + 1);
   out[0] = a.x;
@@ -51,7 +56,10 @@ __device__ __forceinline__ bf16 FoldLoraDelta1(const LoraDeltaView& d, int64_t r
   if (d.delta == nullptr || row >= d.rows) return v;
   if (!d.mask[row * d.num_slices + LoraDeltaSlice(d, col)]) return v;
   if (changed != nullptr) *changed = true;
-  return ToBf16(ToFloat(v) + __ldcg(d.delta + row * d.width + col));
+  const int64_t at = row * d.width + col;
+  const float delta = d.bf16 ? __uint_as_float(static_cast<uint32_t>(__ldcg(static_cast<const uint16_t*>(d.delta) + at)) << 16)
+                             : __ldcg(static_cast<const float*>(d.delta) + at);
+  return ToBf16(ToFloat(v) + delta);
 }
 
 }  // namespace loraplex::ops::cuda

@@ -1,7 +1,7 @@
 // A LoRA delta that GemmWithLora computed beside its GEMM and left for the kernel that reads the
 // GEMM's output next (cuda_ops.cc: "pending LoRA delta"). That kernel adds it while it loads the
 // output, so the step needs no separate add kernel: for each (row, slice) the expand marked,
-// out[row, c] becomes bf16(float(out[row, c]) + delta[row, c]) exactly as LaunchLoraDeltaAdd
+// out[row, c] becomes bf16(float(out[row, c]) + float(delta[row, c])) exactly as LaunchLoraDeltaAdd
 // would leave it, and the consumer writes that value back, so memory ends up identical too.
 // Plain C++ (no CUDA headers); the device helpers are in lora_delta.cuh.
 #pragma once
@@ -15,7 +15,8 @@ namespace loraplex::ops::cuda {
 inline constexpr int kLoraDeltaMaxSlices = 4;
 
 struct LoraDeltaView {
-  const float* delta = nullptr;   // [rows, width] F32; null: no delta to add
+  const void* delta = nullptr;    // [rows, width] BF16 (bf16) or F32; null: no delta to add
+  bool bf16 = false;
   const uint8_t* mask = nullptr;  // [rows, num_slices]: 1 where the expand wrote the slice's delta
   int32_t rows = 0;
   int32_t width = 0;              // slice_offsets[num_slices]; a multiple of 8

@@ -19,9 +19,10 @@
 // 1024·16/r for a step whose rank bound r > 16 when full-width items would leave blocks idle (an
 // item then moves the same bytes of B whatever the rank). A thread keeps the B rows (rank bf16
 // each, contiguous) of up to 4 of its columns in registers and applies them to each token (staging
-// y for 8 tokens at once measured slower, bench/runs/2026-11-29-rows); it adds scale·delta into the output in place, or (GemmWithLora) writes it into an F32 delta buffer
-// and marks the (row, slice) pairs it wrote, so it can run beside the GEMM; the kernel that reads
-// the GEMM output next folds the delta in (lora_delta.h).
+// y for 8 tokens at once measured slower, bench/runs/2026-11-29-rows); it adds scale·delta into
+// the output in place, or (GemmWithLora) writes it into a delta buffer (BF16 with
+// LoraParams::bf16_delta, else F32) and marks the (row, slice) pairs it wrote, so it can run
+// beside the GEMM; the kernel that reads the GEMM output next folds the delta in (lora_delta.h).
 // Steps with ranks above 16 (LoraSegments::wide_ranks) run the streamed expand instead
 // (LoraExpandStreamKernel): the same items at tiles of at most 32 KB of B, 2-3 of them in flight a
 // block through shared memory (cp.async), the same bits.
@@ -369,6 +370,26 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   }
 }
 
+// The expand's result for output element `at`: `product` (scale·sum, rounded on its own, no fused
+// multiply-add) stored into the delta buffer, or added to out in place. Both modes give out the
+// same bits once the delta is added (lora_delta.h); with bf16_delta both round the product to bf16
+// first.
+__device__ __forceinline__ void StoreLoraProduct(const LoraParams& p, int64_t at, float product,
+                                                 bf16* __restrict__ out) {
+  if (p.bf16_delta) {
+    const bf16 rounded = ToBf16(product);
+    if (p.delta != nullptr) {
+      static_cast<bf16*>(p.delta)[at] = rounded;
+    } else {
+      out[at] = ToBf16(ToFloat(out[at]) + ToFloat(rounded));
+    }
+  } else if (p.delta != nullptr) {
+    static_cast<float*>(p.delta)[at] = product;
+  } else {
+    out[at] = ToBf16(ToFloat(out[at]) + product);
+  }
+}
+
 // One expand work item: columns n0 + threadIdx.x + c·kThreads (c < kExpandColumnsPerThread) of
 // one slice for the tokens first, first + step, ... < end. NV > 0: rank = 8·NV and B 16-byte
 // aligned, so a column's B row is NV vectors held in registers across tokens, CPT columns at a
@@ -421,14 +442,7 @@ __device__ __forceinline__ void ExpandItem(const LoraParams& p, const LoraSliceW
           const bf16* b_row = b + static_cast<int64_t>(n) * r;
           for (int j = 0; j < r; ++j) s += ToFloat(b_row[j]) * y_s[j];
         }
-        const int64_t at = row * out_row + out_col + n;
-        // The product rounded on its own (no fused multiply-add) in both modes: the delta path
-        // and the in-place one give the same bits.
-        if (p.delta != nullptr) {
-          p.delta[at] = __fmul_rn(w.scale, s);
-        } else {
-          out[at] = ToBf16(ToFloat(out[at]) + __fmul_rn(w.scale, s));
-        }
+        StoreLoraProduct(p, row * out_row + out_col + n, __fmul_rn(w.scale, s), out);
       }
     }
   }
@@ -673,13 +687,7 @@ __device__ __forceinline__ void StreamColumns(const LoraParams& p, const StreamI
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
       if (!StreamRowLive(p, rows[t])) continue;
-      const int64_t at = static_cast<int64_t>(rows[t]) * out_row + out_col + n;
-      // As ExpandItem: the product rounded on its own in both modes.
-      if (p.delta != nullptr) {
-        p.delta[at] = __fmul_rn(it.scale, acc[t]);
-      } else {
-        out[at] = ToBf16(ToFloat(out[at]) + __fmul_rn(it.scale, acc[t]));
-      }
+      StoreLoraProduct(p, static_cast<int64_t>(rows[t]) * out_row + out_col + n, __fmul_rn(it.scale, acc[t]), out);
     }
   }
 }
@@ -799,6 +807,7 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
 LoraDeltaView LoraDeltaOf(const LoraParams& p) {
   LoraDeltaView d;
   d.delta = p.delta;
+  d.bf16 = p.bf16_delta;
   d.mask = p.delta_mask;
   d.rows = p.delta_rows;
   d.num_slices = p.num_slices;

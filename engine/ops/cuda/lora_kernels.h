@@ -94,12 +94,17 @@ struct LoraParams {
   // split reads the item's tile of B again; the same bits whatever the split.
   int32_t expand_tokens = 0;
   // Delta mode (GemmWithLora): the expand writes scale·y·Bᵀ into `delta` [delta_rows,
-  // slice_offsets[num_slices]] F32 instead of adding it to out, and sets delta_mask[row, slice]
-  // ([delta_rows, num_slices] bytes) for every (row, slice) it wrote; the shrink of the same module
-  // clears delta_mask first (set it in both params). Rows of segments must be < delta_rows.
-  float* delta = nullptr;
+  // slice_offsets[num_slices]] (BF16 with bf16_delta, else F32) instead of adding it to out, and
+  // sets delta_mask[row, slice] ([delta_rows, num_slices] bytes) for every (row, slice) it wrote;
+  // the shrink of the same module clears delta_mask first (set it in both params). Rows of
+  // segments must be < delta_rows.
+  void* delta = nullptr;
   uint8_t* delta_mask = nullptr;
   int32_t delta_rows = 0;
+  // Expand only: the product scale·y·Bᵀ is rounded to bf16 before it is added to out (in place)
+  // or stored (a BF16 delta, half the bytes of an F32 one), as PEFT rounds lora_B's output. The
+  // in-place and delta paths give the same bits either way.
+  bool bf16_delta = false;
 };
 
 // Inputs wider than this run the shrink with 16 warps a block (else 8).
@@ -114,7 +119,8 @@ int LoraShrinkBlocks(int num_sms, int num_tokens, int num_slices, int max_rank, 
 // x [num_tokens, in_features] bf16 (16-byte aligned rows); y [num_tokens, num_slices·max_rank] F32.
 cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaStream_t stream);
 
-// out[row, off_s + n] += scale·Σ_j y[row, s·max_rank + j]·B_s[n, j], fp32 math, one bf16 rounding.
+// out[row, off_s + n] += scale·Σ_j y[row, s·max_rank + j]·B_s[n, j], fp32 math, one bf16 rounding
+// (two with bf16_delta: the product, then the sum).
 // y as above; out [num_tokens, slice_offsets[num_slices]] bf16, in place. With overlap_shrink, the
 // kernel launched just before must not write the segment arrays, the slot table or B (the shrink
 // does not); the launch still completes only after that kernel has.
