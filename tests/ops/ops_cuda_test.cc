@@ -894,14 +894,11 @@ absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const
   const LoraSegments ds = st.dsegs->View();
   const TensorView gy = Gpu(st.d_y, DType::kF32, {T, yw}), gout = Gpu(st.d_out, DType::kBF16, {T, W});
   std::vector<float> item_by_item;
-  // rank_tiles: the streamed expand's items sized by each slot's rank, or by the step's bound.
-  struct Setting { int stages, blocks, tokens; bool rank_tiles = true; };
+  struct Setting { int stages, blocks, tokens; };
   for (const Setting& c : std::vector<Setting>{{0, 0, 0}, {2, 0, 0}, {3, 0, 0}, {2, small_grid, 0}, {3, small_grid, 0},
-                                               {0, small_grid, 0}, {0, 0, 1}, {0, 0, 8}, {2, 0, 4}, {3, 0, 64},
-                                               {2, 0, 0, false}, {3, small_grid, 0, false}, {2, 0, 4, false}}) {
+                                               {0, small_grid, 0}, {0, 0, 1}, {0, 0, 8}, {2, 0, 4}, {3, 0, 64}}) {
     const int stages = c.stages, blocks = c.blocks;
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks, c.tokens));
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandRankTilesForTest(g_gpu, c.rank_tiles));
     LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_out.data(), base));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraExpand(gy, ds, dm, gout));
     LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(st.d_out.data(), static_cast<size_t>(T) * W));
@@ -909,12 +906,10 @@ absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const
       item_by_item = std::move(got);
       continue;
     }
-    Compare(absl::StrCat(name, " stages=", stages, " blocks=", blocks, " tokens=", c.tokens,
-                         c.rank_tiles ? "" : " bound tiles", " segs=", segs.count()),
+    Compare(absl::StrCat(name, " stages=", stages, " blocks=", blocks, " tokens=", c.tokens, " segs=", segs.count()),
             got, item_by_item, 0.0,
             std::vector<uint8_t>(item_by_item.size(), 0));
   }
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandRankTilesForTest(g_gpu, true));
   return cuda::SetLoraExpandForTest(g_gpu, -1);
 }
 
@@ -1653,11 +1648,6 @@ absl::Status TimeLora() {
     }
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages));
     std::printf("expand stages %d\n", stages);
-  }
-  // LORAPLEX_TIME_RANK_TILES=0: the streamed expand's tiles by the step's rank bound.
-  if (const char* tiles = std::getenv("LORAPLEX_TIME_RANK_TILES"); tiles != nullptr) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandRankTilesForTest(g_gpu, std::string(tiles) != "0"));
-    std::printf("expand rank tiles %s\n", tiles);
   }
   LORAPLEX_ASSIGN_OR_RETURN(WeightPool pool, WeightPool::Create(size_t{2} << 30));
   struct Shape3 { const char* name; int in; std::vector<int> widths; };

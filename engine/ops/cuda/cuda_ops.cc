@@ -92,8 +92,6 @@ constexpr int kLoraWideExpandStages = 2;
 // 1.228x, batch 64 1.367x -> 1.320x; for the item-by-item expand, 4 or more tokens an item made
 // batch 32 with one or 4 adapters slower (1.083x -> 1.096-1.413x).
 constexpr int kLoraWideExpandTokens = 4;
-// The streamed expand's items sized by each slot's rank (LoraParams::expand_rank_tiles).
-constexpr bool kLoraExpandRankTiles = true;
 // Steps of at most kFewLoraSegments segments (ops.h; the model's few-adapter graphs) and at least
 // kLoraFewMinTokens tokens run GemmWithLora's GEMM as cuBLASLt chooses it for 2/3 of the SMs, with
 // the shrink beside it on at most kLoraFewShrinkBlocks blocks, so the side chain's blocks keep SMs
@@ -226,7 +224,6 @@ class CudaOps final : public Ops {
   void set_lora_delta_limit(size_t bytes) { lora_delta_limit_ = std::min(bytes, kLoraDeltaBytes); }
   void set_lora_fold(bool fold) { lora_fold_ = fold; }
   void set_lora_bf16_delta(bool bf16) { lora_bf16_delta_ = bf16; }
-  void set_lora_expand_rank_tiles(bool rank_tiles) { lora_expand_rank_tiles_ = rank_tiles; }
   void set_lora_shrink_warps(int warps) { lora_shrink_warps_ = warps; }
 
   void set_lora_tuning(int shrink_blocks, bool overlap, bool fork) {
@@ -863,7 +860,6 @@ class CudaOps final : public Ops {
                                                  : kLoraExpandStages;
     p.expand_tokens = lora_expand_tokens_ > 0 ? lora_expand_tokens_ : p.expand_stages >= 2 ? kLoraWideExpandTokens : 0;
     p.bf16_delta = lora_bf16_delta_;
-    p.expand_rank_tiles = lora_expand_rank_tiles_;
     return p;
   }
 
@@ -934,7 +930,6 @@ class CudaOps final : public Ops {
   int lora_expand_stages_ = -1;  // SetLoraExpandForTest (LoraParams::expand_stages); -1: by rank class
   int lora_expand_blocks_ = 0;  // SetLoraExpandForTest: a cap on the expand's grid (0: none)
   int lora_expand_tokens_ = 0;  // SetLoraExpandForTest (LoraParams::expand_tokens; 0: the default)
-  bool lora_expand_rank_tiles_ = kLoraExpandRankTiles;  // SetLoraExpandRankTilesForTest
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
@@ -1127,12 +1122,6 @@ absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks, int tokens) 
   if (blocks < 0) return Invalid("SetLoraExpandForTest", absl::StrCat("blocks ", blocks, " < 0"));
   if (tokens < 0) return Invalid("SetLoraExpandForTest", absl::StrCat("tokens ", tokens, " < 0"));
   cuda->set_lora_expand(stages, blocks, tokens);
-  return absl::OkStatus();
-}
-
-absl::Status SetLoraExpandRankTilesForTest(Ops* ops, bool rank_tiles) {
-  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraExpandRankTilesForTest"));
-  cuda->set_lora_expand_rank_tiles(rank_tiles);
   return absl::OkStatus();
 }
 

@@ -78,9 +78,6 @@ absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0);
 // --lora-expand-tokens); 0 the default. The same bits in every case. INVALID_ARGUMENT for other
 // values.
 absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0, int tokens = 0);
-// The streamed expand's tiles as wide as each slot's rank allows (true, the default) or as the
-// step's rank bound allows (LoraParams::expand_rank_tiles; step_bench --lora-expand-rank-tiles 0).
-absl::Status SetLoraExpandRankTilesForTest(Ops* ops, bool rank_tiles);
 // An experiment (off by default): GemmWithLora's GEMM uses the algorithms cuBLASLt chooses for
 // `sms` SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), leaving the rest to the LoRA side chain beside
 // it; 0 goes back to the executor's GEMM. Synchronizes; call it outside captures.

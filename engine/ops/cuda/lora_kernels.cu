@@ -475,17 +475,10 @@ __device__ __forceinline__ void TileSlice(const LoraParams& p, int tw, int tile,
 struct ExpandWork {
   LoraSliceWeightsDev w;
   int slice, n0, first, end;
-  int tw;  // the item's tile width: `tw`, or with rank_tiles a multiple of it
 };
 
-// rank_tiles (the streamed expand, LoraParams::expand_rank_tiles): the item's tile is as wide as
-// its slot's rank allows (LoraExpandTileWidth(rank), in power-of-2 multiples of `tw`, the width
-// for the step's rank bound), so with mixed ranks an item of a rank-8 or rank-16 adapter moves as
-// many bytes of B as one of a rank-64 adapter instead of a quarter or less: the raw tiles inside
-// a wider tile other than its first have nothing to do.
 __device__ __forceinline__ bool DecodeExpandItem(const LoraParams& p, int64_t item, int tw, int total_tiles,
-                                                 int token_splits, int live_rank, ExpandWork* work,
-                                                 bool rank_tiles = false) {
+                                                 int token_splits, int live_rank, ExpandWork* work) {
   const int ts = static_cast<int>(item % token_splits);
   const int64_t rest = item / token_splits;
   const int tile = static_cast<int>(rest % total_tiles);
@@ -494,16 +487,7 @@ __device__ __forceinline__ bool DecodeExpandItem(const LoraParams& p, int64_t it
   TileSlice(p, tw, tile, &work->slice, &slice_first_tile);
   if (!ResolveSegment(p, seg, work->slice, live_rank, &begin, &work->end, &work->w)) return false;
   work->first = begin + ts;
-  const int in_slice = tile - slice_first_tile;
-  work->n0 = in_slice * tw;
-  work->tw = tw;
-  if (rank_tiles) {
-    const int widest = LoraExpandTileWidth(work->w.rank);
-    int k = 1;
-    while (2 * k * tw <= widest) k *= 2;
-    if (in_slice % k != 0) return false;
-    work->tw = k * tw;
-  }
+  work->n0 = (tile - slice_first_tile) * tw;
   return work->first < work->end;
 }
 
@@ -616,10 +600,10 @@ __device__ __forceinline__ void StreamResolve(const LoraParams& p, int tw, int t
   StreamItem it;
   bool valid = false;
   ExpandWork work;
-  if (item < items && DecodeExpandItem(p, item, tw, total_tiles, token_splits, live_rank, &work, p.expand_rank_tiles)) {
+  if (item < items && DecodeExpandItem(p, item, tw, total_tiles, token_splits, live_rank, &work)) {
     valid = true;
     it.n0 = work.n0;
-    it.cols = min(work.tw, p.slice_offsets[work.slice + 1] - p.slice_offsets[work.slice] - it.n0);
+    it.cols = min(tw, p.slice_offsets[work.slice + 1] - p.slice_offsets[work.slice] - it.n0);
     it.b = static_cast<const bf16*>(work.w.b) + static_cast<int64_t>(it.n0) * work.w.rank;
     it.scale = work.w.scale;
     it.rank = work.w.rank;

@@ -93,10 +93,6 @@ struct LoraParams {
   // split over mean segment length / expand_tokens items, at most 64); 0: kLoraExpandTokens. Each
   // split reads the item's tile of B again; the same bits whatever the split.
   int32_t expand_tokens = 0;
-  // Expand only, streamed (expand_stages 2 or 3): each item's tile as wide as its slot's rank
-  // allows (at most a stage of B) rather than as wide as the step's rank bound allows, so the
-  // items of a step with mixed ranks all move about a stage of B. The same bits either way.
-  bool expand_rank_tiles = false;
   // Delta mode (GemmWithLora): the expand writes scale·y·Bᵀ into `delta` [delta_rows,
   // slice_offsets[num_slices]] (BF16 with bf16_delta, else F32) instead of adding it to out, and
   // sets delta_mask[row, slice] ([delta_rows, num_slices] bytes) for every (row, slice) it wrote;
