@@ -861,19 +861,24 @@ absl::Status CheckShrinkShapesAgree(const std::string& name, LoraStep& st, const
   const LoraSegments ds = st.dsegs->View();
   const TensorView gx = Gpu(st.d_x, DType::kBF16, {T, w.in}), gy = Gpu(st.d_y, DType::kF32, {T, yw});
   std::vector<float> general;
-  for (int rows : {-1, 0, 4, 8, 16}) {  // -1: the general items
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, rows < 0 ? 0 : 2, std::max(rows, 0)));
-    LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(st.d_y.data(), 0xFF, static_cast<size_t>(T) * yw * 4));
-    LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, dm, gy));
-    LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadF32(st.d_y.data(), static_cast<size_t>(T) * yw));
-    if (rows < 0) {
-      general = std::move(got);
-      continue;
+  // Each shape with its plain items and compacted to those with work (SetLoraShrinkCompactForTest).
+  for (int compact : {0, 2}) {
+    for (int rows : {-1, 0, 4, 8, 16}) {  // -1: the general items
+      LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkCompactForTest(g_gpu, compact));
+      LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, rows < 0 ? 0 : 2, std::max(rows, 0)));
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(st.d_y.data(), 0xFF, static_cast<size_t>(T) * yw * 4));
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, dm, gy));
+      LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadF32(st.d_y.data(), static_cast<size_t>(T) * yw));
+      if (general.empty()) {
+        general = std::move(got);
+        continue;
+      }
+      // Every element, written or poisoned, bit for bit (an empty mask compares nothing by norm).
+      Compare(absl::StrCat(name, " rows=", rows, compact != 0 ? " compacted" : "", " segs=", segs.count()), got,
+              general, 0.0, std::vector<uint8_t>(general.size(), 0));
     }
-    // Every element, written or poisoned, bit for bit (an empty mask compares nothing by norm).
-    Compare(absl::StrCat(name, " rows=", rows, " segs=", segs.count()), got, general, 0.0,
-            std::vector<uint8_t>(general.size(), 0));
   }
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkCompactForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
   return absl::OkStatus();
 }
@@ -1488,6 +1493,7 @@ struct LoraTimingCase {
   std::vector<int> widths;
   std::vector<int> token_slots;  // [T] adapter slot of each token, -1 for the base model
   std::vector<int> slot_ranks;   // rank of every slice of each slot
+  bool many_graph = false;       // the segments of a many-adapter graph even when they are few
 };
 
 // Times shrink, expand, both, the base GEMM of the module at M = T, GEMM + both as three ops,
@@ -1560,7 +1566,7 @@ absl::Status TimeLoraCase(WeightPool& pool, const LoraTimingCase& c) {
   // As the model's decode graph for this step has it: a few-adapter graph's segment bound, and
   // whether a slot holds a rank above kNarrowLoraRank (the streamed expand).
   LoraSegments ds = dsegs.View();
-  ds.segments_bound = segs.count() <= kFewLoraSegments ? kFewLoraSegments : 0;
+  ds.segments_bound = segs.count() <= kFewLoraSegments && !c.many_graph ? kFewLoraSegments : 0;
   for (int s = 0; s < slots; ++s) ds.wide_ranks = ds.wide_ranks || (used[s] && c.slot_ranks[s] > kNarrowLoraRank);
   struct Variant { const char* name; bool gemm, shrink, expand, fused, in_place, in_line = false; };
   // Each variant timed twice: launched one call at a time from the host (eager, as the model runs
@@ -1618,6 +1624,7 @@ absl::Status ResetLoraKnobs() {
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkWarpsForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkCompactForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmSmsForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmFirstForTest(g_gpu, 0));
@@ -1649,6 +1656,15 @@ absl::Status TimeLora() {
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages));
     std::printf("expand stages %d\n", stages);
   }
+  // LORAPLEX_TIME_SHRINK_COMPACT=MODE: time the shrink with SetLoraShrinkCompactForTest(MODE).
+  if (const char* compact = std::getenv("LORAPLEX_TIME_SHRINK_COMPACT"); compact != nullptr) {
+    int mode = -1;
+    if (std::sscanf(compact, "%d", &mode) != 1) {
+      return absl::InvalidArgumentError(absl::StrCat("LORAPLEX_TIME_SHRINK_COMPACT '", compact, "' is not MODE"));
+    }
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkCompactForTest(g_gpu, mode));
+    std::printf("shrink compact %d\n", mode);
+  }
   LORAPLEX_ASSIGN_OR_RETURN(WeightPool pool, WeightPool::Create(size_t{2} << 30));
   struct Shape3 { const char* name; int in; std::vector<int> widths; };
   const Shape3 shapes[] = {{"qkv", 4096, {4096, 1024, 1024}}, {"o", 4096, {4096}},
@@ -1676,6 +1692,9 @@ absl::Status TimeLora() {
              // chosen for fewer SMs, what any few-adapter step pays before its adapters' work.
              LoraTimingCase{n + " 1 adapter x 32 tokens r16", sh.in, sh.widths, std::vector<int>(32, 0), {16}},
              LoraTimingCase{n + " no adapter x 32 tokens (few graph)", sh.in, sh.widths, std::vector<int>(32, -1), {16}},
+             // The same in a many-adapter graph: the GEMM on every SM beside the empty chain.
+             LoraTimingCase{n + " no adapter x 32 tokens (many graph)", sh.in, sh.widths, std::vector<int>(32, -1), {16},
+                            true},
              LoraTimingCase{n + " 1 adapter x 1 token r16", sh.in, sh.widths, {0}, {16}},
              LoraTimingCase{n + " 1 adapter x 1 token r64", sh.in, sh.widths, {0}, {64}}}) {
       LORAPLEX_RETURN_IF_ERROR(TimeLoraCase(pool, c));
