@@ -861,24 +861,19 @@ absl::Status CheckShrinkShapesAgree(const std::string& name, LoraStep& st, const
   const LoraSegments ds = st.dsegs->View();
   const TensorView gx = Gpu(st.d_x, DType::kBF16, {T, w.in}), gy = Gpu(st.d_y, DType::kF32, {T, yw});
   std::vector<float> general;
-  // Each shape with its plain items and compacted to those with work (SetLoraShrinkCompactForTest).
-  for (int compact : {0, 2}) {
-    for (int rows : {-1, 0, 4, 8, 16}) {  // -1: the general items
-      LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkCompactForTest(g_gpu, compact));
-      LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, rows < 0 ? 0 : 2, std::max(rows, 0)));
-      LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(st.d_y.data(), 0xFF, static_cast<size_t>(T) * yw * 4));
-      LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, dm, gy));
-      LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadF32(st.d_y.data(), static_cast<size_t>(T) * yw));
-      if (general.empty()) {
-        general = std::move(got);
-        continue;
-      }
-      // Every element, written or poisoned, bit for bit (an empty mask compares nothing by norm).
-      Compare(absl::StrCat(name, " rows=", rows, compact != 0 ? " compacted" : "", " segs=", segs.count()), got,
-              general, 0.0, std::vector<uint8_t>(general.size(), 0));
+  for (int rows : {-1, 0, 4, 8, 16}) {  // -1: the general items
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, rows < 0 ? 0 : 2, std::max(rows, 0)));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(st.d_y.data(), 0xFF, static_cast<size_t>(T) * yw * 4));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, dm, gy));
+    LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadF32(st.d_y.data(), static_cast<size_t>(T) * yw));
+    if (rows < 0) {
+      general = std::move(got);
+      continue;
     }
+    // Every element, written or poisoned, bit for bit (an empty mask compares nothing by norm).
+    Compare(absl::StrCat(name, " rows=", rows, " segs=", segs.count()), got, general, 0.0,
+            std::vector<uint8_t>(general.size(), 0));
   }
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkCompactForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
   return absl::OkStatus();
 }
@@ -1624,7 +1619,6 @@ absl::Status ResetLoraKnobs() {
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkWarpsForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkCompactForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmSmsForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmFirstForTest(g_gpu, 0));
@@ -1655,15 +1649,6 @@ absl::Status TimeLora() {
     }
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages));
     std::printf("expand stages %d\n", stages);
-  }
-  // LORAPLEX_TIME_SHRINK_COMPACT=MODE: time the shrink with SetLoraShrinkCompactForTest(MODE).
-  if (const char* compact = std::getenv("LORAPLEX_TIME_SHRINK_COMPACT"); compact != nullptr) {
-    int mode = -1;
-    if (std::sscanf(compact, "%d", &mode) != 1) {
-      return absl::InvalidArgumentError(absl::StrCat("LORAPLEX_TIME_SHRINK_COMPACT '", compact, "' is not MODE"));
-    }
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkCompactForTest(g_gpu, mode));
-    std::printf("shrink compact %d\n", mode);
   }
   LORAPLEX_ASSIGN_OR_RETURN(WeightPool pool, WeightPool::Create(size_t{2} << 30));
   struct Shape3 { const char* name; int in; std::vector<int> widths; };

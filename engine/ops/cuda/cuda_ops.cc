@@ -77,10 +77,6 @@ constexpr int kLoraInlineMinSegments = 64;
 // segments hold one token (32-128 distinct adapters at one token each: bench/RESULTS.md, seventh
 // session).
 constexpr int kLoraShrinkShape = 1;
-// The decode shrink's compacted items (LoraParams::shrink_compact): 1, for steps whose graph may
-// hold ranks above kNarrowLoraRank (LoraSegments::wide_ranks), where slots of different ranks
-// make the plain items uneven; 2 always, 0 never (SetLoraShrinkCompactForTest).
-constexpr int kLoraShrinkCompact = 1;
 // The decode expand's pipeline (LoraParams::expand_stages) for steps whose ranks are all at most
 // kNarrowLoraRank: 0, item by item; for the others (LoraSegments::wide_ranks): 2, streamed. Measured
 // on the whole step (bench/RESULTS.md, eighth session): streaming took batch 32 with 8 adapters of
@@ -228,7 +224,6 @@ class CudaOps final : public Ops {
   void set_lora_delta_limit(size_t bytes) { lora_delta_limit_ = std::min(bytes, kLoraDeltaBytes); }
   void set_lora_fold(bool fold) { lora_fold_ = fold; }
   void set_lora_bf16_delta(bool bf16) { lora_bf16_delta_ = bf16; }
-  void set_lora_shrink_compact(int mode) { lora_shrink_compact_ = mode; }
   void set_lora_shrink_warps(int warps) { lora_shrink_warps_ = warps; }
 
   void set_lora_tuning(int shrink_blocks, bool overlap, bool fork) {
@@ -830,9 +825,6 @@ class CudaOps final : public Ops {
     const bool few = SegmentsBound(segments) <= kFewLoraSegments;
     p.shrink_shape = lora_shrink_shape_ == 1 && few ? 0 : lora_shrink_shape_;
     p.shrink_rows = lora_shrink_rows_;
-    // Compacted items where the step's graph may hold slots of different ranks (its rank bound
-    // above kNarrowLoraRank), or always / never for tests and A/B runs.
-    p.shrink_compact = lora_shrink_compact_ == 2 || (lora_shrink_compact_ == 1 && segments.wide_ranks);
     return p;
   }
 
@@ -935,7 +927,6 @@ class CudaOps final : public Ops {
   int lora_shrink_warps_ = 0;   // SetLoraShrinkWarpsForTest; 0: by in_features
   int lora_shrink_shape_ = kLoraShrinkShape;  // SetLoraShrinkShapeForTest (LoraParams::shrink_shape)
   int lora_shrink_rows_ = 0;    // SetLoraShrinkShapeForTest (LoraParams::shrink_rows)
-  int lora_shrink_compact_ = kLoraShrinkCompact;  // SetLoraShrinkCompactForTest
   int lora_expand_stages_ = -1;  // SetLoraExpandForTest (LoraParams::expand_stages); -1: by rank class
   int lora_expand_blocks_ = 0;  // SetLoraExpandForTest: a cap on the expand's grid (0: none)
   int lora_expand_tokens_ = 0;  // SetLoraExpandForTest (LoraParams::expand_tokens; 0: the default)
@@ -1131,13 +1122,6 @@ absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks, int tokens) 
   if (blocks < 0) return Invalid("SetLoraExpandForTest", absl::StrCat("blocks ", blocks, " < 0"));
   if (tokens < 0) return Invalid("SetLoraExpandForTest", absl::StrCat("tokens ", tokens, " < 0"));
   cuda->set_lora_expand(stages, blocks, tokens);
-  return absl::OkStatus();
-}
-
-absl::Status SetLoraShrinkCompactForTest(Ops* ops, int mode) {
-  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraShrinkCompactForTest"));
-  if (mode < -1 || mode > 2) return Invalid("SetLoraShrinkCompactForTest", absl::StrCat("mode ", mode, " not -1..2"));
-  cuda->set_lora_shrink_compact(mode < 0 ? kLoraShrinkCompact : mode);
   return absl::OkStatus();
 }
 

@@ -78,10 +78,6 @@ absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0);
 // --lora-expand-tokens); 0 the default. The same bits in every case. INVALID_ARGUMENT for other
 // values.
 absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0, int tokens = 0);
-// The decode shrink's compacted items (LoraParams::shrink_compact): 0 never, 1 for steps whose
-// graph may hold ranks above 16 (LoraSegments::wide_ranks), 2 always, -1 the default (1). The
-// same y bits any way. step_bench --lora-shrink-compact.
-absl::Status SetLoraShrinkCompactForTest(Ops* ops, int mode);
 // An experiment (off by default): GemmWithLora's GEMM uses the algorithms cuBLASLt chooses for
 // `sms` SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), leaving the rest to the LoRA side chain beside
 // it; 0 goes back to the executor's GEMM. Synchronizes; call it outside captures.

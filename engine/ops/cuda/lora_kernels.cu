@@ -144,65 +144,6 @@ __device__ __forceinline__ float WarpSum16(float (&v)[kRowItemValues], int lane)
   return v[0] + __shfl_xor_sync(0xffffffffu, v[0], 1);
 }
 
-// The shrink's compacted items (LoraParams::shrink_compact): blocks deal out only the row groups
-// that have work. Without it the items of a step are every (segment, slice, row group) up to the
-// step's rank bound, so with mixed ranks most of a rank-8 slot's items are empty, and the blocks
-// that happen to draw the most full ones (up to as many as a step of the largest rank deals
-// each block) set the shrink's time. prefix[q] for pair q = segment·S + slice: the row groups of
-// `rows` rows that pairs 0..q-1 have work for (a slot's rank clamped to the step's bound; none
-// for an empty segment or rank 0); returns the total. Reads only the segment arrays and the slot
-// table, which no kernel of a step writes. All threads take part (two __syncthreads); the same
-// table and result in every block.
-constexpr int kCompactMaxPairs = 1024;  // more pairs: the plain items
-
-__device__ __forceinline__ int CompactRowGroups(const LoraParams& p, int nseg, int live_rank, int rows, int* prefix) {
-  const int S = p.num_slices;
-  const int pairs = nseg * S;
-  for (int q = threadIdx.x; q < pairs; q += blockDim.x) {
-    int begin, end;
-    LoraSliceWeightsDev w;
-    prefix[q + 1] = ResolveSegment(p, q / S, q % S, live_rank, &begin, &end, &w) ? (w.rank + rows - 1) / rows : 0;
-  }
-  __syncthreads();
-  if (threadIdx.x < kWarpSize) {  // warp 0: a contiguous run of pairs a lane, then a warp scan
-    const int lane = threadIdx.x;
-    const int chunk = (pairs + kWarpSize - 1) / kWarpSize;
-    const int lo = min(pairs, lane * chunk), hi = min(pairs, lo + chunk);
-    int sum = 0;
-    for (int q = lo; q < hi; ++q) sum += prefix[q + 1];
-    int inclusive = sum;
-#pragma unroll
-    for (int o = 1; o < kWarpSize; o <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, inclusive, o);
-      if (lane >= o) inclusive += v;
-    }
-    int run = inclusive - sum;
-    for (int q = lo; q < hi; ++q) {
-      run += prefix[q + 1];
-      prefix[q + 1] = run;
-    }
-    if (lane == 0) prefix[0] = 0;
-  }
-  __syncthreads();
-  return prefix[pairs];
-}
-
-// The pair (segment·S + slice) and row group of compacted unit v < prefix[pairs]: the last pair
-// whose prefix is <= v (pairs without work share their successor's prefix and are passed over).
-__device__ __forceinline__ void CompactedUnit(const int* prefix, int pairs, int v, int* pair, int* rg) {
-  int lo = 0, hi = pairs - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (prefix[mid] <= v) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  *pair = lo;
-  *rg = v - prefix[lo];
-}
-
 // The shrink's one-token item shape (LoraParams::shrink_shape): item = (segment, slice, kRows rows
 // of A), its tokens one at a time, each lane carrying the rows' sums for that token. A segment of
 // one token (decode with an adapter a request) then loads and multiplies only what it needs,
@@ -211,34 +152,24 @@ __device__ __forceinline__ void CompactedUnit(const int* prefix, int pairs, int 
 // with few segments. Each warp walks the same K steps in the same order and
 // the reduction is the same 16-value tree (unused values are zero), so y gets the same bits as
 // from the general items, whatever kRows.
-// compacted >= 0: the items are the compacted units of `prefix` (CompactRowGroups with kRows rows).
 template <int kItemWarps, int kRows>
 __device__ __forceinline__ void ShrinkOneTokenItems(const LoraParams& p, const bf16* __restrict__ x,
                                                     float* __restrict__ y, int nseg, int live_rank,
-                                                    float (&red)[kItemWarps][kRowItemValues], const int* prefix,
-                                                    int compacted) {
+                                                    float (&red)[kItemWarps][kRowItemValues]) {
   static_assert(kRows == 4 || kRows == 8 || kRows == 16);
   constexpr int kInFlight = kRows == 4 ? 2 : 1;  // K steps a round (more spilled at the 128-register cap)
   const int S = p.num_slices;
   const int K = p.in_features;
   const int row_groups = (live_rank + kRows - 1) / kRows;
-  const int64_t items = compacted >= 0 ? compacted : static_cast<int64_t>(nseg) * S * row_groups;
+  const int64_t items = static_cast<int64_t>(nseg) * S * row_groups;
   const int steps_total = (K + kStep - 1) / kStep;
   const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    int rg, slice, seg;
-    if (compacted >= 0) {
-      int pair;
-      CompactedUnit(prefix, nseg * S, static_cast<int>(item), &pair, &rg);
-      slice = pair % S;
-      seg = pair / S;
-    } else {
-      rg = static_cast<int>(item % row_groups);
-      slice = static_cast<int>((item / row_groups) % S);
-      seg = static_cast<int>(item / row_groups / S);
-    }
+    const int rg = static_cast<int>(item % row_groups);
+    const int slice = static_cast<int>((item / row_groups) % S);
+    const int seg = static_cast<int>(item / row_groups / S);
     int begin, end;
     LoraSliceWeightsDev w;
     if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;
@@ -311,7 +242,6 @@ template <int kItemWarps, bool kOneToken>
 __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
     LoraShrinkRowsKernel(LoraParams p, const bf16* __restrict__ x, float* __restrict__ y) {
   __shared__ float red[kItemWarps][kRowItemValues];
-  __shared__ int compact_prefix[kCompactMaxPairs + 1];
   AllowDependentLaunch();  // the expand may take SMs this launch leaves idle; it waits for y itself
   const int S = p.num_slices;
   // The segment arrays, slot table and A are not written by the kernels of a step, so they may be
@@ -344,18 +274,6 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
                  static_cast<uint32_t>(rows) * K * 2);
     }
   }
-  // The compacted items' table (shrink_compact), before the wait like the prefetch: the same
-  // rows an item as the shape this step takes. -1: the plain items.
-  bool one_token = false;
-  int one_token_rows = 0;
-  if constexpr (kOneToken) {
-    one_token = nseg > 0 && live_rank > 0 && OneTokenShape(p, nseg, live_rank);  // same in every block
-    if (one_token) one_token_rows = OneTokenRows(p, nseg, live_rank);
-  }
-  int compacted = -1;
-  if (p.shrink_compact && nseg > 0 && live_rank > 0 && nseg * S <= kCompactMaxPairs) {
-    compacted = CompactRowGroups(p, nseg, live_rank, one_token ? one_token_rows : kRowItemRows, compact_prefix);
-  }
   WaitForPrecedingKernel();  // x, and marks the kernel before may read (nothing when launched plainly)
   // GemmWithLora's expand marks the (row, slice) pairs it writes into the delta buffer: start
   // from none (the expand reads the marks only after this kernel has completed).
@@ -368,11 +286,11 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   }
   if (nseg == 0 || live_rank == 0) return;
   if constexpr (kOneToken) {
-    if (one_token) {
-      switch (one_token_rows) {
-        case 16: ShrinkOneTokenItems<kItemWarps, 16>(p, x, y, nseg, live_rank, red, compact_prefix, compacted); break;
-        case 8: ShrinkOneTokenItems<kItemWarps, 8>(p, x, y, nseg, live_rank, red, compact_prefix, compacted); break;
-        default: ShrinkOneTokenItems<kItemWarps, 4>(p, x, y, nseg, live_rank, red, compact_prefix, compacted); break;
+    if (OneTokenShape(p, nseg, live_rank)) {  // same in every block
+      switch (OneTokenRows(p, nseg, live_rank)) {
+        case 16: ShrinkOneTokenItems<kItemWarps, 16>(p, x, y, nseg, live_rank, red); break;
+        case 8: ShrinkOneTokenItems<kItemWarps, 8>(p, x, y, nseg, live_rank, red); break;
+        default: ShrinkOneTokenItems<kItemWarps, 4>(p, x, y, nseg, live_rank, red); break;
       }
       return;
     }
@@ -382,25 +300,14 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
 
-  // Compacted: item = unit·groups + token group, over the units with work.
-  const int64_t walk = compacted >= 0 ? static_cast<int64_t>(compacted) * groups : items;
-  for (int64_t item = blockIdx.x; item < walk; item += gridDim.x) {
-    int rg, g, slice, seg;
-    if (compacted >= 0) {
-      int pair;
-      g = static_cast<int>(item % groups);
-      CompactedUnit(compact_prefix, nseg * S, static_cast<int>(item / groups), &pair, &rg);
-      slice = pair % S;
-      seg = pair / S;
-    } else {
-      int64_t rest = item;
-      rg = static_cast<int>(rest % row_groups);
-      rest /= row_groups;
-      g = static_cast<int>(rest % groups);
-      rest /= groups;
-      slice = static_cast<int>(rest % S);
-      seg = static_cast<int>(rest / S);
-    }
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    int64_t rest = item;
+    const int rg = static_cast<int>(rest % row_groups);
+    rest /= row_groups;
+    const int g = static_cast<int>(rest % groups);
+    rest /= groups;
+    const int slice = static_cast<int>(rest % S);
+    const int seg = static_cast<int>(rest / S);
     int begin, end;
     LoraSliceWeightsDev w;
     if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;

@@ -76,11 +76,6 @@ struct LoraParams {
   // Shrink only: rows of A an item of the one-token shape (4, 8 or 16); 0: the most that still
   // give every block an item.
   int32_t shrink_rows = 0;
-  // Shrink only: blocks deal out only the (segment, slice, row group) items with work, from a
-  // table each block builds of the slots' ranks (CompactRowGroups), instead of every row group up
-  // to the step's rank bound: with mixed ranks the plain items leave some blocks as many full
-  // items as the largest rank gives and others none. The same y bits either way.
-  bool shrink_compact = false;
   // Shrink only (GemmWithLora's in-line chain): launch it as a programmatic dependent of the kernel
   // before it; while that kernel finishes, each block resolves its items and asks the L2 for
   // their rows of A. It reads x and writes y and the delta marks only after that kernel completed.
