@@ -683,6 +683,9 @@ absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
   Impl& m = *this;
   const int32_t bucket = m.DecodeBucket(in);
   const int32_t max_rank = m.StepMaxRank(in.lora);
+  // Few or many segments, narrow or wide ranks: the graph a step replays, and what an eager step
+  // tells the ops (LoraSegments::wide_ranks) — one decision for both.
+  const int step_mode = LoraModeOf(in.lora, max_rank);
   bool replayed = false;
   if (bucket > 0) {
     // Copies land in the buffers the graph reads before it runs (same stream, in order).
@@ -691,7 +694,7 @@ absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
     // carries no LoRA launches at all. Steps with few adapter segments replay graphs of their
     // own too, recorded with that bound (the CUDA executor tunes their LoRA work differently).
     const bool lora = !in.lora.seg_slots.empty();
-    const int mode = m.warmup_mode >= 0 ? m.warmup_mode : LoraModeOf(in.lora, max_rank);
+    const int mode = m.warmup_mode >= 0 ? m.warmup_mode : step_mode;
     const std::pair<int32_t, int> key{bucket, mode};
     auto it = m.graphs.find(key);
     if (it == m.graphs.end()) {
@@ -731,7 +734,7 @@ absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
     shape.max_context_len = *std::max_element(in.context_lens.begin(), in.context_lens.end());
     shape.lora = !in.lora.seg_slots.empty();
     shape.lora_segments_bound = shape.lora ? in.lora.num_segments() : 0;
-    shape.lora_wide = shape.lora && m.slot_pool != nullptr && max_rank > ops::kNarrowLoraRank;
+    shape.lora_wide = IsWideMode(step_mode);
     LORAPLEX_RETURN_IF_ERROR(m.Enqueue(shape));
   }
   return absl::OkStatus();

@@ -1,9 +1,9 @@
 // A measurement kernel (ops_cuda_test "TIME beside"): reads memory with blocks of one warp held
 // to 32 registers a thread and no shared memory. Every decode GEMM cuBLASLt picks for the Llama
-// shapes runs one CTA of 384 threads x 168 registers per SM (bench/ncu_lora.sh with NCU_KERNELS empty), which leaves
-// exactly one such warp's registers free on each SM: the question the probe answers is whether
-// LoRA work shaped like this can run beside the GEMM without delaying it, and how fast it moves
-// bytes there.
+// shapes runs one CTA of 384 threads x 168 registers per SM (bench/ncu_lora.sh with NCU_KERNELS
+// empty), which leaves exactly one such warp's registers free on each SM: the question the probe
+// answers is whether LoRA work shaped like this can run beside the GEMM without delaying it, and
+// how fast it moves bytes there.
 #include "engine/ops/cuda/beside_probe.h"
 
 #include "engine/ops/cuda/kernel_utils.cuh"

@@ -1,8 +1,8 @@
 // Row-major y[M,N] = x[M,K]·w[N,K]ᵀ + beta·y through cuBLASLt (bf16 operands, fp32 compute,
 // bf16 or F32 y), run as the column-major TN problem yᵀ = w·xᵀ. The heuristic's algorithm is
 // cached per (M bucket, N, K, y dtype, alignment) and checked once per exact M; matrix layouts are
-// cached per exact shape. Prepare chooses the buckets' algorithms ahead of use (at start-up). One caller-owned workspace serves every call (and captured graphs).
-// Engine thread only.
+// cached per exact shape. Prepare chooses the buckets' algorithms ahead of use (at start-up). One
+// caller-owned workspace serves every call (and captured graphs). Engine thread only.
 #pragma once
 
 #include <cublasLt.h>

@@ -100,11 +100,12 @@ constexpr int kLoraWideExpandTokens = 4;
 constexpr int kLoraFewMinTokens = 32;
 constexpr int kLoraFewShrinkBlocks = 44;
 // Steps of more than kFewLoraSegments segments, ranks all <= kNarrowLoraRank and at least
-// kLoraFewMinTokens tokens run the shrink beside the GEMM on at most half the SMs instead of 3/4:
-// batch 32 with 32 distinct r16 adapters 1.212-1.224x the base step instead of 1.232-1.244x (three
+// kLoraManyNarrowMinTokens tokens run the shrink beside the GEMM on at most half the SMs instead
+// of 3/4: batch 32 with 32 distinct r16 adapters 1.212-1.224x the base step instead of 1.232-1.244x (three
 // same-process pairs; 55, 77 and 88 blocks in between; bench/runs/2026-11-29-ninth). Wider ranks
 // lose with it (8 adapters of ranks 8..64: 1.262x -> 1.280x at batch 32).
 constexpr int kLoraManyNarrowShrinkSmShare = 2;  // 1/2 of the SMs
+constexpr int kLoraManyNarrowMinTokens = 32;
 
 absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
   if (err == cudaSuccess) return absl::OkStatus();
@@ -834,7 +835,7 @@ class CudaOps final : public Ops {
     const int blocks = LoraShrinkBlocks(num_sms_, segments.num_tokens, module.num_slices, module.max_rank, beside_gemm);
     if (lora_shrink_blocks_ > 0) return std::min(blocks, lora_shrink_blocks_);  // the test cap replaces the rule below
     if (beside_gemm && !segments.wide_ranks && SegmentsBound(segments) > kFewLoraSegments &&
-        segments.num_tokens >= kLoraFewMinTokens) {
+        segments.num_tokens >= kLoraManyNarrowMinTokens) {
       return std::min(blocks, std::max(1, num_sms_ / kLoraManyNarrowShrinkSmShare));
     }
     return blocks;

@@ -12,9 +12,10 @@
 // y: no split-K scratch, no counters, no cross-block hand-off. Rows past a slot's rank cost only
 // the metadata reads. A step whose segments hold one token each (distinct adapters in decode)
 // takes one-token items instead (ShrinkOneTokenItems: 4, 8 or 16 rows x that token), which load
-// and multiply only that token; both shapes give y the same bits. The grid is capped at 3/4 of the SMs: the shrink runs beside the GEMM and
-// each of its blocks holds an SM's registers that a GEMM CTA would need (a larger grid made whole
-// steps slower, a smaller one the shrink too long; bench/runs/2026-11-29-rows).
+// and multiply only that token; both shapes give y the same bits. The grid is capped at 3/4 of the
+// SMs: the shrink runs beside the GEMM and each of its blocks holds an SM's registers that a GEMM
+// CTA would need (a larger grid made whole steps slower, a smaller one the shrink too long;
+// bench/runs/2026-11-29-rows).
 // Expand: item = (segment, output tile of one slice, token split); a tile is 1024 columns, or
 // 1024·16/r for a step whose rank bound r > 16 when full-width items would leave blocks idle (an
 // item then moves the same bytes of B whatever the rank). A thread keeps the B rows (rank bf16

@@ -16,9 +16,9 @@
 // one histogram pass each, stopping as soon as the bin that crosses the target is wanted whole).
 // The draw walks the kept candidates in id order: each of the row's threads owns a contiguous
 // range of ids, a scan of the range sums over the row finds the thread whose range holds
-// u · total, and that thread walks its range. Every reduction has a fixed shape, so a row's result depends on its logits and
-// SamplingRow alone. The first pass (max, argmax, softmax sum) runs split over 16 blocks a row when
-// the caller gives scratch, so greedy rows cost little.
+// u · total, and that thread walks its range. Every reduction has a fixed shape, so a row's result
+// depends on its logits and SamplingRow alone. The first pass (max, argmax, softmax sum) runs split
+// over 16 blocks a row when the caller gives scratch, so greedy rows cost little.
 #include <cooperative_groups.h>
 
 #include <cfloat>

@@ -48,8 +48,9 @@ cudaError_t InitSkinnyGemm();
 
 // y = x·Wᵀ (bf16 [m, n], written whole) with `splits` from SkinnyGemmSplits, in one kernel;
 // `scratch` (unused for one split) holds SkinnyGemmPartialBytes and a counter a column tile. x [m, k]
-// and W [n, k] bf16 with 16-byte aligned rows; y 16-byte aligned. Launched as a programmatic dependent of the kernel
-// before it on `stream`. cudaErrorInvalidValue for arguments outside these bounds.
+// and W [n, k] bf16 with 16-byte aligned rows; y 16-byte aligned. Launched as a programmatic
+// dependent of the kernel before it on `stream`. cudaErrorInvalidValue for arguments outside these
+// bounds.
 cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, int splits,
                              const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream);
 
