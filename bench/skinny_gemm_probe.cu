@@ -14,7 +14,9 @@
 // delta kernel, and the reference shrink against the host. "no adapter bytes" times the same
 // kernel with the adapters' copies zero-filled: what the kernel's structure costs without the bytes.
 // Not part of the engine. Usage (GPU host): skinny_gemm_probe (PROBE_SHAPE=qkv, PROBE_M=1: only
-// those). Prints one line per case; exit 1 on a wrong result.
+// those; PROBE_M takes any M up to 64; PROBE_CONFIG=b3:8: only that configuration and split count of
+// the plain kernel, and no LoRA-inside sweeps, for a profiler: bench/ncu_skinny.sh). Prints one
+// line per case; exit 1 on a wrong result.
 //
 // The kernel: a block takes 128 rows of W (output columns) over one split of K, streams 64- (or
 // 32-) wide k steps of W and x through a cp.async pipeline into XOR-swizzled shared memory, and multiplies
@@ -524,6 +526,24 @@ int main() {
   // PROBE_SHAPE=qkv / PROBE_M=1: only that shape / batch (for a profiler).
   const char* only_shape = std::getenv("PROBE_SHAPE");
   const char* only_m = std::getenv("PROBE_M");
+  const int probe_m = only_m != nullptr ? std::atoi(only_m) : 0;
+  if (only_m != nullptr && (probe_m < 1 || probe_m > 64)) {
+    std::fprintf(stderr, "PROBE_M '%s' is not in 1..64\n", only_m);
+    return 2;
+  }
+  // PROBE_CONFIG=bN:S or bNk32:S: that configuration (as the sweep names it) at S splits only.
+  std::string only_config;
+  int only_splits = 0;
+  if (const char* config = std::getenv("PROBE_CONFIG"); config != nullptr) {
+    const std::string c = config;
+    const size_t colon = c.find(':');
+    only_config = c.substr(0, colon);
+    only_splits = colon == std::string::npos ? 0 : std::atoi(c.c_str() + colon + 1);
+    if (only_config.empty() || only_splits < 1) {
+      std::fprintf(stderr, "PROBE_CONFIG '%s' is not NAME:SPLITS (e.g. b3:8)\n", config);
+      return 2;
+    }
+  }
   for (const Shape& sh : shapes) {
     if (only_shape != nullptr && std::string(only_shape) != sh.name) continue;
     const int64_t w_elems = static_cast<int64_t>(sh.n) * sh.k;
@@ -559,8 +579,8 @@ int main() {
     PROBE_CHECK(cudaMalloc(&ref_f32, static_cast<size_t>(kMaxM) * sh.n * sizeof(float)));
     PROBE_CHECK(cudaMalloc(&d_token_adapter, kMaxM * sizeof(int)));
     PROBE_CHECK(cudaStreamSynchronize(stream));
-    for (int M : {1, 8, 32, 64}) {
-      if (only_m != nullptr && std::atoi(only_m) != M) continue;
+    const std::vector<int> batches = probe_m > 0 ? std::vector<int>{probe_m} : std::vector<int>{1, 8, 32, 64};
+    for (int M : batches) {
       const double bytes = 2.0 * (w_elems + static_cast<double>(M) * sh.k + static_cast<double>(M) * sh.n);
       auto lt_call = [&](int c) {
         const absl::Status s = (*lt)->Run(x, w[c], y_ref, false, M, sh.n, sh.k, 0.0f, stream);
@@ -605,9 +625,11 @@ int main() {
         std::vector<int> configs = {1, 2, 3};
         if (in_shrink == 0) configs.insert(configs.end(), {11, 12, 13});
         for (int blocks : configs) {
+          if (!only_config.empty() && config_name(blocks) != only_config) continue;
           r.all += " " + config_name(blocks);
           for (int splits : {1, 2, 4, 7, 8, 14, 16, 32}) {
             if ((sh.k / kKStep) % splits != 0) continue;
+            if (only_splits > 0 && splits != only_splits) continue;
             if (!call(blocks, w[0], splits, lora)) break;  // no such kernel
             PROBE_CHECK(cudaStreamSynchronize(stream));
             const std::vector<float> got = Download(y, want.size());
@@ -646,6 +668,7 @@ int main() {
                   bytes / plain.us * 1e-3, plain.us / lt_us, plain.all.c_str(), plain.err, ok ? "ok" : "WRONG");
       // The same GEMM with rank-16 LoRA of 1 and of 4 adapters (tokens dealt round-robin) inside it.
       for (int n_adapters : {1, 4}) {
+        if (!only_config.empty()) break;  // PROBE_CONFIG: the plain kernel only
         std::vector<int> token_adapter(kMaxM, -1);
         for (int m = 0; m < M; ++m) token_adapter[m] = m % n_adapters;
         PROBE_CHECK(cudaMemcpy(d_token_adapter, token_adapter.data(), kMaxM * sizeof(int), cudaMemcpyHostToDevice));
