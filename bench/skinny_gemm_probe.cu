@@ -137,7 +137,11 @@ constexpr int SmemBytes() {
 // k_len is a multiple of kKStep; rows of x and W are 16-byte aligned.
 // kBlocks: blocks an SM, which sets the pipeline's depth (Stages); KS: k a stage (64, or 32 for
 // smaller stages and so more of them; the in-GEMM shrink needs 64: a k16 substep a warp).
-template <int MT, int kInShrink, int kBlocks, int KS = 64>
+// kHoist: each thread's W and x copy addresses (its rows and chunk, the same in every stage)
+// computed once before the pipeline, and only advanced by a k step per stage, in place of the
+// per-copy index arithmetic of `load` (the plain kernel only). Nsight Compute found the kernel
+// bound by instruction issue at 12 warps an SM (bench/RESULTS.md, twelfth session).
+template <int MT, int kInShrink, int kBlocks, int KS = 64, bool kHoist = false>
 __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                                              int M, int N, int K, int k_len,
                                                              float* __restrict__ partial, bf16* __restrict__ y,
@@ -163,7 +167,52 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
   const int steps = k_len / KS;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
+  // kHoist: this thread copies chunk `my_chunk` of W rows my_row + i·kWPass (i < kWCopies) and of
+  // x rows my_row + i·kWPass (i < kXCopies, rows < 16·MT); rows kWPass apart share a swizzle, so
+  // their shared-memory offsets are i·kWPass rows past the first.
+  static_assert(!kHoist || kInShrink == 0, "the hoisted copies are the plain kernel's");
+  constexpr int kWPass = kThreads / kChunks;  // rows one pass of the block's threads covers
+  static_assert(kNTile % kWPass == 0 && (kXRows % kWPass == 0 || kXRows < kWPass));
+  constexpr int kWCopies = kNTile / kWPass;
+  constexpr int kXCopies = (kXRows + kWPass - 1) / kWPass;
+  const int my_chunk = tid % kChunks, my_row = tid / kChunks;
+  const uint32_t my_off = TileOffset<KS>(my_row, my_chunk);
+  const bf16* w_src[kWCopies];
+  uint32_t w_ok = 0;
+  const bf16* x_src[kXCopies];
+  uint32_t x_ok = 0;
+  if constexpr (kHoist) {
+#pragma unroll
+    for (int i = 0; i < kWCopies; ++i) {
+      const int row = n0 + my_row + i * kWPass;
+      const bool ok = row < N;
+      w_ok |= static_cast<uint32_t>(ok) << i;
+      w_src[i] = w + static_cast<int64_t>(ok ? row : 0) * K + k0 + my_chunk * 8;
+    }
+#pragma unroll
+    for (int i = 0; i < kXCopies; ++i) {
+      const int row = my_row + i * kWPass;
+      const bool ok = row < M && row < kXRows;
+      x_ok |= static_cast<uint32_t>(ok) << i;
+      x_src[i] = x + static_cast<int64_t>(ok ? row : 0) * K + k0 + my_chunk * 8;
+    }
+  }
+
   auto load = [&](int stage, int step) {
+    if constexpr (kHoist) {
+      const int k = step * KS;
+      const uint32_t wb = SmemAddr(w_s + stage * kWStageBytes) + my_off;
+#pragma unroll
+      for (int i = 0; i < kWCopies; ++i) {
+        CpAsync16OrZero(wb + i * kWPass * kRowBytes, w_src[i] + k, (w_ok >> i) & 1u);
+      }
+      const uint32_t xb = SmemAddr(x_s + stage * kXStageBytes) + my_off;
+#pragma unroll
+      for (int i = 0; i < kXCopies; ++i) {
+        if (my_row + i * kWPass < kXRows) CpAsync16OrZero(xb + i * kWPass * kRowBytes, x_src[i] + k, (x_ok >> i) & 1u);
+      }
+      return;
+    }
     const int k = k0 + step * KS;
     const uint32_t wb = SmemAddr(w_s + stage * kWStageBytes);
 #pragma unroll
@@ -406,13 +455,13 @@ __global__ void ProbeReferenceKernel(const bf16* __restrict__ base, int M, int N
 
 // Launches the GEMM (kInShrink > 0: with that many adapters' LoRA inside it) with the x tile
 // that fits M and kBlocks blocks an SM; false where no pipeline of 2 stages fits.
-template <int MT, int kInShrink, int kBlocks, int KS>
+template <int MT, int kInShrink, int kBlocks, int KS, bool kHoist = false>
 bool LaunchOurs(const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y,
                 const ProbeLora& lora, cudaStream_t stream) {
   if constexpr (Stages<MT, kInShrink, kBlocks, KS>() < 2) {
     return false;
   } else {
-    constexpr auto kernel = SkinnyGemmKernel<MT, kInShrink, kBlocks, KS>;
+    constexpr auto kernel = SkinnyGemmKernel<MT, kInShrink, kBlocks, KS, kHoist>;
     constexpr int smem = SmemBytes<MT, kInShrink, kBlocks, KS>();
     static const bool configured = [] {
       PROBE_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -420,10 +469,10 @@ bool LaunchOurs(const bf16* x, const bf16* w, int M, int N, int K, int splits, f
       PROBE_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem));
       cudaFuncAttributes attr;
       PROBE_CHECK(cudaFuncGetAttributes(&attr, kernel));
-      std::printf("  [kernel MT=%d in-shrink=%d k step %d: %d stages, %d B shared, %d registers, %zu B local, %d blocks "
-                  "an SM]\n",
-                  MT, kInShrink, KS, Stages<MT, kInShrink, kBlocks, KS>(), smem, attr.numRegs, attr.localSizeBytes,
-                  blocks);
+      std::printf("  [kernel MT=%d in-shrink=%d k step %d%s: %d stages, %d B shared, %d registers, %zu B local, %d "
+                  "blocks an SM]\n",
+                  MT, kInShrink, KS, kHoist ? " hoisted" : "", Stages<MT, kInShrink, kBlocks, KS>(), smem,
+                  attr.numRegs, attr.localSizeBytes, blocks);
       return true;
     }();
     (void)configured;
@@ -437,22 +486,23 @@ bool LaunchOurs(const bf16* x, const bf16* w, int M, int N, int K, int splits, f
   }
 }
 
-template <int kInShrink, int kBlocks, int KS>
+template <int kInShrink, int kBlocks, int KS, bool kHoist>
 bool Ours(const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y,
           const ProbeLora& lora, cudaStream_t s) {
-  if (M <= 16) return LaunchOurs<1, kInShrink, kBlocks, KS>(x, w, M, N, K, splits, partial, y, lora, s);
-  if (M <= 32) return LaunchOurs<2, kInShrink, kBlocks, KS>(x, w, M, N, K, splits, partial, y, lora, s);
-  return LaunchOurs<4, kInShrink, kBlocks, KS>(x, w, M, N, K, splits, partial, y, lora, s);
+  if (M <= 16) return LaunchOurs<1, kInShrink, kBlocks, KS, kHoist>(x, w, M, N, K, splits, partial, y, lora, s);
+  if (M <= 32) return LaunchOurs<2, kInShrink, kBlocks, KS, kHoist>(x, w, M, N, K, splits, partial, y, lora, s);
+  return LaunchOurs<4, kInShrink, kBlocks, KS, kHoist>(x, w, M, N, K, splits, partial, y, lora, s);
 }
 
-// Ours with kInShrink adapters' LoRA (0: none) at `blocks` (1-3) blocks an SM, k step KS.
-template <int kInShrink, int KS = 64>
+// Ours with kInShrink adapters' LoRA (0: none) at `blocks` (1-3) blocks an SM, k step KS, the
+// copies' addresses hoisted out of the pipeline (kHoist, plain kernel only) or not.
+template <int kInShrink, int KS = 64, bool kHoist = false>
 bool OursAt(int blocks, const bf16* x, const bf16* w, int M, int N, int K, int splits, float* partial, bf16* y,
             const ProbeLora& lora, cudaStream_t s) {
   switch (blocks) {
-    case 1: return Ours<kInShrink, 1, KS>(x, w, M, N, K, splits, partial, y, lora, s);
-    case 2: return Ours<kInShrink, 2, KS>(x, w, M, N, K, splits, partial, y, lora, s);
-    default: return Ours<kInShrink, 3, KS>(x, w, M, N, K, splits, partial, y, lora, s);
+    case 1: return Ours<kInShrink, 1, KS, kHoist>(x, w, M, N, K, splits, partial, y, lora, s);
+    case 2: return Ours<kInShrink, 2, KS, kHoist>(x, w, M, N, K, splits, partial, y, lora, s);
+    default: return Ours<kInShrink, 3, KS, kHoist>(x, w, M, N, K, splits, partial, y, lora, s);
   }
 }
 
@@ -605,15 +655,19 @@ int main() {
         float err = 0.0f;
         std::string all;
       };
-      // Configurations: `blocks` 1-3 at a k step of 64, 11-13 the same at a k step of 32 (the plain
-      // kernel only), named b1..b3 and b1k32..b3k32.
+      // Configurations: `blocks` 1-3 at a k step of 64, 11-13 the same at a k step of 32, 21-23 at
+      // a k step of 64 with the copies' addresses hoisted (the plain kernel only), named b1..b3,
+      // b1k32..b3k32 and b1h..b3h.
       auto config_name = [](int blocks) {
-        return blocks > 10 ? "b" + std::to_string(blocks - 10) + "k32" : "b" + std::to_string(blocks);
+        return blocks > 20   ? "b" + std::to_string(blocks - 20) + "h"
+               : blocks > 10 ? "b" + std::to_string(blocks - 10) + "k32"
+                             : "b" + std::to_string(blocks);
       };
       auto sweep = [&](int in_shrink, const ProbeLora& lora, const std::vector<float>& want) {
         float want_max = 0.0f;
         for (float v : want) want_max = std::max(want_max, std::fabs(v));
         auto call = [&](int blocks, const bf16* wc, int splits, const ProbeLora& l) {
+          if (blocks > 20) return OursAt<0, 64, true>(blocks - 20, x, wc, M, sh.n, sh.k, splits, partial, y, l, stream);
           if (blocks > 10) return OursAt<0, 32>(blocks - 10, x, wc, M, sh.n, sh.k, splits, partial, y, l, stream);
           switch (in_shrink) {
             case 0: return OursAt<0>(blocks, x, wc, M, sh.n, sh.k, splits, partial, y, l, stream);
@@ -623,7 +677,7 @@ int main() {
         };
         Sweep r;
         std::vector<int> configs = {1, 2, 3};
-        if (in_shrink == 0) configs.insert(configs.end(), {11, 12, 13});
+        if (in_shrink == 0) configs.insert(configs.end(), {11, 12, 13, 21, 22, 23});
         for (int blocks : configs) {
           if (!only_config.empty() && config_name(blocks) != only_config) continue;
           r.all += " " + config_name(blocks);

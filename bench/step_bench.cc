@@ -24,7 +24,7 @@
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
 //                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N]
 //                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2]
-//                   [--lora-bf16-delta 0|1] [--variants "FLAGS;FLAGS;..."]
+//                   [--lora-bf16-delta 0|1] [--skinny-hoist 0|1] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --skinny-gemm 0: every projection on cuBLASLt (default 2: projections of up to 16 rows, plain
 //     or LoRA-wrapped, on the executor's own kernel where it applies, skinny_gemm.h; 1: plain ones
@@ -32,6 +32,8 @@
 //     executor runs them.
 //   --lora-bf16-delta 0: the decode expand's product kept in F32 until it is added, and
 //     GemmWithLora's delta F32 (default 1: rounded to bf16, a BF16 delta).
+//   --skinny-hoist 1: the skinny GEMM's build with its copy addresses hoisted out of its pipeline
+//     (an experiment; default 0).
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
 //     a cap on the decode shrink's grid (blocks), whether the expand starts beside the shrink
 //     (programmatic dependent launch), and (an experiment) the shrink's block size in warps
@@ -146,6 +148,7 @@ struct LoraTuning {
   int few_min_tokens = -1;
   int skinny_gemm = 2;  // SetSkinnyGemmForTest's mode (0: cuBLASLt always; 1: plain projections only)
   int bf16_delta = 1;   // SetLoraBf16DeltaForTest (0: the F32 delta)
+  int skinny_hoist = 0;  // SetSkinnyGemmHoistForTest (1: the build with hoisted copy addresses)
 };
 
 // Sets every LoRA knob of the CUDA executor to `t` (unset fields back to the defaults).
@@ -161,6 +164,7 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraFewTuningForTest(ops, t.few_gemm_sms, t.few_shrink_blocks, t.few_min_tokens));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmForTest(ops, t.skinny_gemm));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraBf16DeltaForTest(ops, t.bf16_delta != 0));
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmHoistForTest(ops, t.skinny_hoist != 0));
   return ops::cuda::SetLoraTuningForTest(ops, t.shrink_blocks, t.overlap != 0, true);
 #else
   (void)ops;
@@ -598,6 +602,7 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   }
   if (flag == "--skinny-gemm") return ParseFlag(flag, value, 0, 2, &t->skinny_gemm);
   if (flag == "--lora-bf16-delta") return ParseFlag(flag, value, 0, 1, &t->bf16_delta);
+  if (flag == "--skinny-hoist") return ParseFlag(flag, value, 0, 1, &t->skinny_hoist);
   if (flag == "--lora-few-gemm-sms") return ParseFlag(flag, value, 0, 1 << 20, &t->few_gemm_sms);
   if (flag == "--lora-few-shrink-blocks") return ParseFlag(flag, value, 1, 1 << 20, &t->few_shrink_blocks);
   if (flag == "--lora-few-min-tokens") return ParseFlag(flag, value, 0, 1 << 20, &t->few_min_tokens);

@@ -344,6 +344,11 @@ void SkinnyGemmTests() {
       if (splits == 0) return absl::InternalError("the shape does not take the skinny kernel");
       std::printf("  (%d splits of K)\n", splits);
       LORAPLEX_RETURN_IF_ERROR(TestGemm(m, n, k, false, 0.0f, off, w, *d_w));
+      // The build with hoisted copy addresses (SetSkinnyGemmHoistForTest), against the CPU too.
+      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, true));
+      const absl::Status hoisted = TestGemm(m, n, k, false, 0.0f, off, w, *d_w);
+      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, false));
+      LORAPLEX_RETURN_IF_ERROR(hoisted);
       LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 0));
       const absl::Status lt = TestGemm(m, n, k, false, 0.0f, off, w, *d_w);
       LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, g_skinny_mode));
@@ -393,6 +398,13 @@ void SkinnyGemmTests() {
     LORAPLEX_RETURN_IF_ERROR(body());
     LORAPLEX_ASSIGN_OR_RETURN(const std::vector<float> eager, result());
     Compare("Gemm skinny chain vs cuBLASLt's", eager, lt, 3 * kTolBf16);
+    // The hoisted build copies the same bytes to the same places: the same bits.
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, true));
+    const absl::Status hoisted_run = body();
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, false));
+    LORAPLEX_RETURN_IF_ERROR(hoisted_run);
+    LORAPLEX_ASSIGN_OR_RETURN(const std::vector<float> hoisted, result());
+    Compare("Gemm skinny chain, hoisted copies vs default", hoisted, eager, 0.0, std::vector<uint8_t>(kH, 0));
     LORAPLEX_ASSIGN_OR_RETURN(auto graph, cuda::CaptureCudaGraph(g_gpu, body));
     for (int replay = 0; replay < 3; ++replay) {
       LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_y.data(), 0xFF, kH * 2));

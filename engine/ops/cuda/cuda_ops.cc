@@ -225,6 +225,7 @@ class CudaOps final : public Ops {
   void set_lora_delta_limit(size_t bytes) { lora_delta_limit_ = std::min(bytes, kLoraDeltaBytes); }
   void set_lora_fold(bool fold) { lora_fold_ = fold; }
   void set_lora_bf16_delta(bool bf16) { lora_bf16_delta_ = bf16; }
+  void set_skinny_hoist(bool hoist) { skinny_hoist_ = hoist; }
   void set_lora_shrink_warps(int warps) { lora_shrink_warps_ = warps; }
 
   void set_lora_tuning(int shrink_blocks, bool overlap, bool fork) {
@@ -362,7 +363,8 @@ class CudaOps final : public Ops {
   absl::Status RunSkinnyGemm(const TensorView& x, const TensorView& w, const TensorView& y, int splits) {
     LORAPLEX_RETURN_IF_ERROR(CheckGemm("Gemm", x, w, y));
     return CudaStatus(LaunchSkinnyGemm(x.data, w.data, static_cast<int>(x.shape[0]), static_cast<int>(w.shape[0]),
-                                       static_cast<int>(x.shape[1]), splits, skinny_scratch_, y.data, stream_),
+                                       static_cast<int>(x.shape[1]), splits, skinny_scratch_, y.data, stream_,
+                                       skinny_hoist_),
                       "Gemm (skinny)");
   }
 
@@ -937,6 +939,7 @@ class CudaOps final : public Ops {
   size_t sample_scratch_bytes_ = 0;
   int sample_blocks_per_row_ = 0;  // SetSampleBlocksForTest (0: by the launch's rows)
   int skinny_mode_ = 2;              // SetSkinnyGemmForTest
+  bool skinny_hoist_ = false;        // SetSkinnyGemmHoistForTest
   SkinnyGemmScratch skinny_scratch_;  // the skinny GEMM's split partials and counters
   SampleWave sample_wave_;          // QuerySampleWave at Create
   int lora_tc_min_tokens_ = kLoraTensorCoreMinTokens;
@@ -1176,6 +1179,12 @@ absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few
                    absl::StrCat("min_tokens ", min_tokens, " (>= 0) or few_min_tokens ", few_min_tokens, " (>= -1) out of range"));
   }
   cuda->set_lora_tensor_core_min_tokens(min_tokens, few_min_tokens);
+  return absl::OkStatus();
+}
+
+absl::Status SetSkinnyGemmHoistForTest(Ops* ops, bool hoist) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetSkinnyGemmHoistForTest"));
+  cuda->set_skinny_hoist(hoist);
   return absl::OkStatus();
 }
 

@@ -136,6 +136,10 @@ absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few
 // Gemm and GemmWithLora's GEMM, 1 for Gemm only, 0 never (every GEMM on cuBLASLt).
 // step_bench --skinny-gemm. The same results within bf16 rounding. INVALID_ARGUMENT for others.
 absl::Status SetSkinnyGemmForTest(Ops* ops, int mode);
+// The skinny GEMM's build with its copy addresses computed once before its pipeline (true), or
+// the default build (false). An experiment, not yet measured on a GPU: the same results, fewer
+// instructions a k step (skinny_gemm.cu). step_bench --skinny-hoist 1.
+absl::Status SetSkinnyGemmHoistForTest(Ops* ops, bool hoist);
 // The splits of K that Gemm(x, w, beta, y) takes in that kernel now, or 0 for cuBLASLt.
 absl::StatusOr<int> SkinnyGemmSplitsForTest(Ops* ops, const TensorView& x, const TensorView& w, float beta,
                                             const TensorView& y);

@@ -42,6 +42,12 @@ __device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
 // the splits in split order. k_len is a multiple of kKStep. W is the model's (never written by a
 // kernel of the step), so the first stages of W are fetched before the wait for the kernel
 // before; x and every write come after it.
+// kHoist: each thread's copy addresses (its chunk of W rows tid/8 + 16·i and of x row tid/8, the
+// same in every stage) computed once before the pipeline and advanced by a k step a stage,
+// instead of the copy loops' index arithmetic every stage: 103 instructions a k step instead of
+// 398 in the loop's SASS, for a kernel Nsight Compute found bound by instruction issue
+// (bench/RESULTS.md, twelfth session). The same copies into the same places: the same bits.
+template <bool kHoist>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     SkinnyGemmKernel(const bf16* __restrict__ x, const bf16* __restrict__ w, int M, int N, int K, int k_len,
                      float* __restrict__ partial, unsigned* __restrict__ counters, bf16* __restrict__ y) {
@@ -54,7 +60,36 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   AllowDependentLaunch();  // the next op may be scheduled now; it waits for this kernel to complete
 
+  constexpr int kPass = kThreads / 8;  // rows a pass of the block's threads copies
+  static_assert(kNTile % kPass == 0 && kSkinnyGemmMaxRows == kPass);
+  constexpr int kWCopies = kNTile / kPass;
+  const int my_row = tid >> 3, my_chunk = tid & 7;
+  const uint32_t my_off = TileOffset(my_row, my_chunk);  // rows kPass apart share the swizzle
+  const bf16* w_src[kWCopies];
+  uint32_t w_ok = 0;
+  const bf16* x_src = nullptr;
+  bool x_ok = false;
+  if constexpr (kHoist) {
+#pragma unroll
+    for (int i = 0; i < kWCopies; ++i) {
+      const int row = n0 + my_row + i * kPass;
+      const bool ok = row < N;
+      w_ok |= static_cast<uint32_t>(ok) << i;
+      w_src[i] = w + static_cast<int64_t>(ok ? row : 0) * K + k0 + my_chunk * 8;
+    }
+    x_ok = my_row < M;
+    x_src = x + static_cast<int64_t>(x_ok ? my_row : 0) * K + k0 + my_chunk * 8;
+  }
+
   auto load_w = [&](int stage, int step) {
+    if constexpr (kHoist) {
+      const uint32_t wb = SmemAddr(w_s + stage * kWStageBytes) + my_off;
+#pragma unroll
+      for (int i = 0; i < kWCopies; ++i) {
+        CpAsync16OrZero(wb + i * kPass * kRowBytes, w_src[i] + step * kKStep, (w_ok >> i) & 1u);
+      }
+      return;
+    }
     const int k = k0 + step * kKStep;
     const uint32_t wb = SmemAddr(w_s + stage * kWStageBytes);
 #pragma unroll
@@ -65,6 +100,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     }
   };
   auto load_x = [&](int stage, int step) {
+    if constexpr (kHoist) {
+      CpAsync16OrZero(SmemAddr(x_s + stage * kXStageBytes) + my_off, x_src + step * kKStep, x_ok);
+      return;
+    }
     const int k = k0 + step * kKStep;
     const uint32_t xb = SmemAddr(x_s + stage * kXStageBytes);
     for (int c = tid; c < kSkinnyGemmMaxRows * 8; c += kThreads) {
@@ -210,11 +249,14 @@ size_t SkinnyGemmMaxPartialBytes(int num_sms) {
 int SkinnyGemmMaxTiles(int num_sms) { return std::max(num_sms, 1) * kBlocksPerSm; }
 
 cudaError_t InitSkinnyGemm() {
-  return cudaFuncSetAttribute(SkinnyGemmKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  const cudaError_t e = cudaFuncSetAttribute(SkinnyGemmKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             kSmemBytes);
+  if (e != cudaSuccess) return e;
+  return cudaFuncSetAttribute(SkinnyGemmKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
 }
 
 cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, int splits,
-                             const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream) {
+                             const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream, bool hoisted) {
   const int tiles = (n + kNTile - 1) / kNTile;
   if (m < 1 || m > kSkinnyGemmMaxRows || n < 1 || k % kKStep != 0 || splits < 1 || (k / kKStep) % splits != 0 ||
       !IsAligned16(x) || !IsAligned16(w) || !IsAligned16(y)) {
@@ -224,9 +266,10 @@ cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, 
                      SkinnyGemmPartialBytes(m, n, splits) > scratch.partial_bytes)) {
     return cudaErrorInvalidValue;
   }
-  return LaunchDependent(SkinnyGemmKernel, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits)),
-                         dim3(kThreads), kSmemBytes, stream, static_cast<const bf16*>(x), static_cast<const bf16*>(w), m,
-                         n, k, k / splits, scratch.partial, scratch.counters, static_cast<bf16*>(y));
+  return LaunchDependent(hoisted ? SkinnyGemmKernel<true> : SkinnyGemmKernel<false>,
+                         dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits)), dim3(kThreads), kSmemBytes,
+                         stream, static_cast<const bf16*>(x), static_cast<const bf16*>(w), m, n, k, k / splits,
+                         scratch.partial, scratch.counters, static_cast<bf16*>(y));
 }
 
 }  // namespace loraplex::ops::cuda

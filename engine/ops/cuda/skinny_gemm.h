@@ -51,7 +51,9 @@ cudaError_t InitSkinnyGemm();
 // and W [n, k] bf16 with 16-byte aligned rows; y 16-byte aligned. Launched as a programmatic
 // dependent of the kernel before it on `stream`. cudaErrorInvalidValue for arguments outside these
 // bounds.
+// hoisted: the build whose copy addresses are computed once before the pipeline (an experiment,
+// SetSkinnyGemmHoistForTest; the same results).
 cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, int splits,
-                             const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream);
+                             const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream, bool hoisted = false);
 
 }  // namespace loraplex::ops::cuda
