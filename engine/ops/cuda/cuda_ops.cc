@@ -386,7 +386,9 @@ class CudaOps final : public Ops {
         reinterpret_cast<uintptr_t>(x.data) | reinterpret_cast<uintptr_t>(w.data) | reinterpret_cast<uintptr_t>(y.data);
     if (addresses % 16 != 0) return 0;
     // Its blocks all run at once, so its partials and counters fit the scratch sized for num_sms_.
-    return SkinnyGemmSplits(x.shape[0], w.shape[0], x.shape[1], num_sms_);
+    // Mode 3: the wide build too, up to kSkinnyGemmWideRows rows (an experiment).
+    return SkinnyGemmSplits(x.shape[0], w.shape[0], x.shape[1], num_sms_,
+                            skinny_mode_ == 3 ? kSkinnyGemmWideRows : kSkinnyGemmMaxRows);
   }
   void set_skinny_mode(int mode) { skinny_mode_ = mode; }
 
@@ -402,7 +404,7 @@ class CudaOps final : public Ops {
   // GemmWithLora's GEMM (its delta already flushed): the executor's, or (SetLoraGemmSmsForTest)
   // cuBLASLt's choice for fewer SMs, so its CTAs need not wait for the SMs the side chain holds.
   absl::Status GemmBesideLora(const TensorView& x, const TensorView& w, const TensorView& y) {
-    if (skinny_mode_ == 2) {
+    if (skinny_mode_ >= 2) {
       const int splits = SkinnySplits(x, w, 0.0f, y);
       if (splits > 0) return RunSkinnyGemm(x, w, y, splits);
     }
@@ -695,8 +697,11 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(fork_event_, stream_), "GemmWithLora: fork"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(side_stream_, fork_event_, 0), "GemmWithLora: fork"));
     // Few adapters and enough tokens: the GEMM chosen for fewer SMs beside a smaller shrink grid.
+    // (Skinny mode 3: where the wide skinny GEMM takes the call, it runs beside the LoRA kernels
+    // instead, as at up to 16 rows.)
     const bool few = lora_few_gemm_ != nullptr && segments->segments_bound > 0 &&
-                     segments->segments_bound <= kFewLoraSegments && segments->num_tokens >= lora_few_min_tokens_;
+                     segments->segments_bound <= kFewLoraSegments && segments->num_tokens >= lora_few_min_tokens_ &&
+                     !(skinny_mode_ == 3 && SkinnySplits(x, w, 0.0f, y) > 0);
     if (few) shrink.num_blocks = std::min(shrink.num_blocks, lora_few_shrink_blocks_);
     // The side chain is enqueued first: the GEMM enqueued first made steps slower (its CTAs take
     // every SM they can; the LoRA blocks then wait or delay its tail). bench/runs/2026-11-29-rows.
@@ -1190,7 +1195,7 @@ absl::Status SetSkinnyGemmHoistForTest(Ops* ops, bool hoist) {
 
 absl::Status SetSkinnyGemmForTest(Ops* ops, int mode) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetSkinnyGemmForTest"));
-  if (mode < 0 || mode > 2) return Invalid("SetSkinnyGemmForTest", absl::StrCat("mode ", mode, " not 0, 1 or 2"));
+  if (mode < 0 || mode > 3) return Invalid("SetSkinnyGemmForTest", absl::StrCat("mode ", mode, " not 0, 1, 2 or 3"));
   cuda->set_skinny_mode(mode);
   return absl::OkStatus();
 }
