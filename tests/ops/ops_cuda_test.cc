@@ -1012,7 +1012,7 @@ absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens
     LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(d_out.data(), ref.size()));
     // Elements no adapter changes against a plain GEMM of the same inputs, bit for bit: the one
     // GemmWithLora runs (cuBLASLt's, or in skinny mode 2 the skinny kernel's where it applies).
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, g_skinny_mode >= 2 ? g_skinny_mode : 0));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, g_skinny_mode >= 3 ? 3 : g_skinny_mode == 2 ? 2 : 0));
     const absl::Status plain_status = g_gpu->Gemm(gx, gw, 0.0f, Gpu(d_plain, DType::kBF16, {T, W}));
     LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, g_skinny_mode));
     LORAPLEX_RETURN_IF_ERROR(plain_status);
@@ -1410,6 +1410,12 @@ absl::Status LoraTests() {
         CheckGemmWithLora("GemmWithLora[skinny mode 3, few adapters] qkv", *world, 32, true, graph, 3, false, 4));
   }
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[skinny mode 3] down", *down, 24, true, true, 3));
+  // Mode 4: the same for GemmWithLora's GEMM only (the plain GEMM it is compared with bit for bit
+  // is GemmWithLora's own kernel: mode 3's).
+  g_skinny_mode = 4;
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 4));
+  LORAPLEX_RETURN_IF_ERROR(
+      CheckGemmWithLora("GemmWithLora[skinny mode 4, few adapters] qkv", *world, 32, true, true, 3, false, 4));
   g_skinny_mode = 2;
   LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 2));
   // The few-adapter tuning (a GEMM chosen for fewer SMs, a smaller shrink grid) for calls that

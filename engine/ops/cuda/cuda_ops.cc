@@ -377,7 +377,8 @@ class CudaOps final : public Ops {
   // The kernel reads its first tiles of w before it waits for the kernel ahead of it, so w must
   // not be that kernel's output: the model's weights, the only w a step passes, never are. It
   // uses one scratch (skinny_scratch_), so it runs on stream_ only.
-  int SkinnySplits(const TensorView& x, const TensorView& w, float beta, const TensorView& y) const {
+  // lora: the call is GemmWithLora's GEMM (modes 3 and 4 take the wide build there).
+  int SkinnySplits(const TensorView& x, const TensorView& w, float beta, const TensorView& y, bool lora = false) const {
     if (skinny_mode_ == 0 || beta != 0.0f || x.dtype != DType::kBF16 || w.dtype != DType::kBF16 ||
         y.dtype != DType::kBF16 || x.shape.rank != 2 || w.shape.rank != 2 || x.shape[1] != w.shape[1]) {
       return 0;
@@ -386,9 +387,10 @@ class CudaOps final : public Ops {
         reinterpret_cast<uintptr_t>(x.data) | reinterpret_cast<uintptr_t>(w.data) | reinterpret_cast<uintptr_t>(y.data);
     if (addresses % 16 != 0) return 0;
     // Its blocks all run at once, so its partials and counters fit the scratch sized for num_sms_.
-    // Mode 3: the wide build too, up to kSkinnyGemmWideRows rows (an experiment).
-    return SkinnyGemmSplits(x.shape[0], w.shape[0], x.shape[1], num_sms_,
-                            skinny_mode_ == 3 ? kSkinnyGemmWideRows : kSkinnyGemmMaxRows);
+    // Modes 3 and 4: the wide build too, up to kSkinnyGemmWideRows rows (an experiment; mode 4 for
+    // GemmWithLora's GEMM only).
+    const bool wide = skinny_mode_ == 3 || (skinny_mode_ == 4 && lora);
+    return SkinnyGemmSplits(x.shape[0], w.shape[0], x.shape[1], num_sms_, wide ? kSkinnyGemmWideRows : kSkinnyGemmMaxRows);
   }
   void set_skinny_mode(int mode) { skinny_mode_ = mode; }
 
@@ -405,7 +407,7 @@ class CudaOps final : public Ops {
   // cuBLASLt's choice for fewer SMs, so its CTAs need not wait for the SMs the side chain holds.
   absl::Status GemmBesideLora(const TensorView& x, const TensorView& w, const TensorView& y) {
     if (skinny_mode_ >= 2) {
-      const int splits = SkinnySplits(x, w, 0.0f, y);
+      const int splits = SkinnySplits(x, w, 0.0f, y, /*lora=*/true);
       if (splits > 0) return RunSkinnyGemm(x, w, y, splits);
     }
     return RunGemm(gemm_beside_lora_ != nullptr ? *gemm_beside_lora_ : *gemm_, x, w, 0.0f, y);
@@ -697,11 +699,11 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(fork_event_, stream_), "GemmWithLora: fork"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(side_stream_, fork_event_, 0), "GemmWithLora: fork"));
     // Few adapters and enough tokens: the GEMM chosen for fewer SMs beside a smaller shrink grid.
-    // (Skinny mode 3: where the wide skinny GEMM takes the call, it runs beside the LoRA kernels
-    // instead, as at up to 16 rows.)
+    // (Skinny modes 3 and 4: where the wide skinny GEMM takes the call, it runs beside the LoRA
+    // kernels instead, as at up to 16 rows.)
     const bool few = lora_few_gemm_ != nullptr && segments->segments_bound > 0 &&
                      segments->segments_bound <= kFewLoraSegments && segments->num_tokens >= lora_few_min_tokens_ &&
-                     !(skinny_mode_ == 3 && SkinnySplits(x, w, 0.0f, y) > 0);
+                     !(skinny_mode_ >= 3 && SkinnySplits(x, w, 0.0f, y, /*lora=*/true) > 0);
     if (few) shrink.num_blocks = std::min(shrink.num_blocks, lora_few_shrink_blocks_);
     // The side chain is enqueued first: the GEMM enqueued first made steps slower (its CTAs take
     // every SM they can; the LoRA blocks then wait or delay its tail). bench/runs/2026-11-29-rows.
@@ -1195,7 +1197,7 @@ absl::Status SetSkinnyGemmHoistForTest(Ops* ops, bool hoist) {
 
 absl::Status SetSkinnyGemmForTest(Ops* ops, int mode) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetSkinnyGemmForTest"));
-  if (mode < 0 || mode > 3) return Invalid("SetSkinnyGemmForTest", absl::StrCat("mode ", mode, " not 0, 1, 2 or 3"));
+  if (mode < 0 || mode > 4) return Invalid("SetSkinnyGemmForTest", absl::StrCat("mode ", mode, " not 0 to 4"));
   cuda->set_skinny_mode(mode);
   return absl::OkStatus();
 }

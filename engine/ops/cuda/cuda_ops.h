@@ -133,10 +133,11 @@ absl::Status SetLoraFoldForTest(Ops* ops, bool fold);
 absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few_min_tokens = -1);
 
 // The executor's own GEMM for few rows (skinny_gemm.h), where it applies: mode 2 (the default) for
-// Gemm and GemmWithLora's GEMM, 1 for Gemm only, 0 never (every GEMM on cuBLASLt), 3 as 2 and up
-// to 32 rows with the wide build, which then also replaces the few-adapter GEMM beside the LoRA
-// kernels (an experiment, not yet measured on a GPU). step_bench --skinny-gemm. The same results
-// within bf16 rounding. INVALID_ARGUMENT for others.
+// Gemm and GemmWithLora's GEMM, 1 for Gemm only, 0 never (every GEMM on cuBLASLt). Experiments,
+// not yet measured on a GPU: 3 as 2 and up to 32 rows with the wide build, which then also
+// replaces the few-adapter GEMM beside the LoRA kernels; 4 the same for GemmWithLora's GEMM only
+// (plain GEMMs as in mode 2, so base steps are unchanged). step_bench --skinny-gemm. The same
+// results within bf16 rounding. INVALID_ARGUMENT for others.
 absl::Status SetSkinnyGemmForTest(Ops* ops, int mode);
 // The skinny GEMM's build with its copy addresses computed once before its pipeline (true), or
 // the default build (false). An experiment, not yet measured on a GPU: the same results, fewer
