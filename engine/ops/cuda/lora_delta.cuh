@@ -57,8 +57,9 @@ __device__ __forceinline__ bf16 FoldLoraDelta1(const LoraDeltaView& d, int64_t r
   if (!d.mask[row * d.num_slices + LoraDeltaSlice(d, col)]) return v;
   if (changed != nullptr) *changed = true;
   const int64_t at = row * d.width + col;
-  const float delta = d.bf16 ? __uint_as_float(static_cast<uint32_t>(__ldcg(static_cast<const uint16_t*>(d.delta) + at)) << 16)
-                             : __ldcg(static_cast<const float*>(d.delta) + at);
+  const float delta =
+      d.bf16 ? __uint_as_float(static_cast<uint32_t>(__ldcg(static_cast<const uint16_t*>(d.delta) + at)) << 16)
+             : __ldcg(static_cast<const float*>(d.delta) + at);
   return ToBf16(ToFloat(v) + delta);
 }
 
