@@ -49,6 +49,7 @@ using loraplex::ops::cuda::kWarpSize;
 using loraplex::ops::cuda::Ldmatrix4;
 using loraplex::ops::cuda::MmaBf16;
 using loraplex::ops::cuda::SmemAddr;
+using loraplex::ops::cuda::StageCopies;
 using loraplex::ops::cuda::WarpSum;
 
 constexpr int kNTile = 128;                 // W rows (output columns) a block
@@ -168,49 +169,26 @@ __global__ void __launch_bounds__(kThreads) SkinnyGemmKernel(const bf16* __restr
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   // kHoist: this thread copies chunk `my_chunk` of W rows my_row + i·kWPass (i < kWCopies) and of
-  // x rows my_row + i·kWPass (i < kXCopies, rows < 16·MT); rows kWPass apart share a swizzle, so
-  // their shared-memory offsets are i·kWPass rows past the first.
-  static_assert(!kHoist || kInShrink == 0, "the hoisted copies are the plain kernel's");
+  // x rows my_row + i·kWPass (i < kXCopies); rows kWPass apart share a swizzle, so their
+  // shared-memory offsets are i·kWPass rows past the first.
+  static_assert(!kHoist || (kInShrink == 0 && KS == 64), "the hoisted copies are the plain kernel's, k step 64");
   constexpr int kWPass = kThreads / kChunks;  // rows one pass of the block's threads covers
-  static_assert(kNTile % kWPass == 0 && (kXRows % kWPass == 0 || kXRows < kWPass));
   constexpr int kWCopies = kNTile / kWPass;
   constexpr int kXCopies = (kXRows + kWPass - 1) / kWPass;
+  static_assert(!kHoist || (kNTile % kWPass == 0 && kXRows % kWPass == 0));
   const int my_chunk = tid % kChunks, my_row = tid / kChunks;
   const uint32_t my_off = TileOffset<KS>(my_row, my_chunk);
-  const bf16* w_src[kWCopies];
-  uint32_t w_ok = 0;
-  const bf16* x_src[kXCopies];
-  uint32_t x_ok = 0;
+  StageCopies<kWCopies> w_copies;
+  StageCopies<kXCopies> x_copies;
   if constexpr (kHoist) {
-#pragma unroll
-    for (int i = 0; i < kWCopies; ++i) {
-      const int row = n0 + my_row + i * kWPass;
-      const bool ok = row < N;
-      w_ok |= static_cast<uint32_t>(ok) << i;
-      w_src[i] = w + static_cast<int64_t>(ok ? row : 0) * K + k0 + my_chunk * 8;
-    }
-#pragma unroll
-    for (int i = 0; i < kXCopies; ++i) {
-      const int row = my_row + i * kWPass;
-      const bool ok = row < M && row < kXRows;
-      x_ok |= static_cast<uint32_t>(ok) << i;
-      x_src[i] = x + static_cast<int64_t>(ok ? row : 0) * K + k0 + my_chunk * 8;
-    }
+    w_copies.Init(w, K, n0 + my_row, kWPass, N, k0 + my_chunk * 8);
+    x_copies.Init(x, K, my_row, kWPass, M, k0 + my_chunk * 8);
   }
 
   auto load = [&](int stage, int step) {
     if constexpr (kHoist) {
-      const int k = step * KS;
-      const uint32_t wb = SmemAddr(w_s + stage * kWStageBytes) + my_off;
-#pragma unroll
-      for (int i = 0; i < kWCopies; ++i) {
-        CpAsync16OrZero(wb + i * kWPass * kRowBytes, w_src[i] + k, (w_ok >> i) & 1u);
-      }
-      const uint32_t xb = SmemAddr(x_s + stage * kXStageBytes) + my_off;
-#pragma unroll
-      for (int i = 0; i < kXCopies; ++i) {
-        if (my_row + i * kWPass < kXRows) CpAsync16OrZero(xb + i * kWPass * kRowBytes, x_src[i] + k, (x_ok >> i) & 1u);
-      }
+      w_copies.Issue(SmemAddr(w_s + stage * kWStageBytes) + my_off, kWPass * kRowBytes, step * KS);
+      x_copies.Issue(SmemAddr(x_s + stage * kXStageBytes) + my_off, kWPass * kRowBytes, step * KS);
       return;
     }
     const int k = k0 + step * KS;

@@ -104,6 +104,30 @@ __device__ __forceinline__ void CpAsync16OrZero(uint32_t dst, const void* src, b
   const int size = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(size) : "memory");
 }
+// One thread's share of a tile that a pipeline copies into shared memory every stage, the same
+// rows and chunk each time: the 16-byte chunk at column `col` of rows first + i·pass (i <
+// kCopies) of a row-major bf16 matrix of `ld` elements a row; rows at or past `limit` are
+// zero-filled. Init computes the source addresses once; Issue starts one stage's copies `k`
+// elements further along, row i to dst + i·dst_stride bytes.
+template <int kCopies>
+struct StageCopies {
+  const bf16* src[kCopies];
+  uint32_t valid = 0;
+
+  __device__ __forceinline__ void Init(const bf16* base, int64_t ld, int first, int pass, int limit, int64_t col) {
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) {
+      const int row = first + i * pass;
+      const bool ok = row < limit;
+      valid |= static_cast<uint32_t>(ok) << i;
+      src[i] = base + static_cast<int64_t>(ok ? row : 0) * ld + col;
+    }
+  }
+  __device__ __forceinline__ void Issue(uint32_t dst, uint32_t dst_stride, int64_t k) const {
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) CpAsync16OrZero(dst + i * dst_stride, src[i] + k, (valid >> i) & 1u);
+  }
+};
 // 4-byte asynchronous copy global -> shared (4-byte aligned both), through the L1.
 __device__ __forceinline__ void CpAsync4(void* smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(SmemAddr(smem)), "l"(gmem) : "memory");

@@ -81,34 +81,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   constexpr int kWCopies = kNTile / kPass, kXCopies = kXRows / kPass;
   const int my_row = tid >> 3, my_chunk = tid & 7;
   const uint32_t my_off = TileOffset(my_row, my_chunk);  // rows kPass apart share the swizzle
-  const bf16* w_src[kWCopies];
-  uint32_t w_ok = 0;
-  const bf16* x_src[kXCopies];
-  uint32_t x_ok = 0;
+  StageCopies<kWCopies> w_copies;
+  StageCopies<kXCopies> x_copies;
   if constexpr (kHoist) {
-#pragma unroll
-    for (int i = 0; i < kWCopies; ++i) {
-      const int row = n0 + my_row + i * kPass;
-      const bool ok = row < N;
-      w_ok |= static_cast<uint32_t>(ok) << i;
-      w_src[i] = w + static_cast<int64_t>(ok ? row : 0) * K + k0 + my_chunk * 8;
-    }
-#pragma unroll
-    for (int i = 0; i < kXCopies; ++i) {
-      const int row = my_row + i * kPass;
-      const bool ok = row < M;
-      x_ok |= static_cast<uint32_t>(ok) << i;
-      x_src[i] = x + static_cast<int64_t>(ok ? row : 0) * K + k0 + my_chunk * 8;
-    }
+    w_copies.Init(w, K, n0 + my_row, kPass, N, k0 + my_chunk * 8);
+    x_copies.Init(x, K, my_row, kPass, M, k0 + my_chunk * 8);
   }
 
   auto load_w = [&](int stage, int step) {
     if constexpr (kHoist) {
-      const uint32_t wb = SmemAddr(w_s + stage * kWStageBytes) + my_off;
-#pragma unroll
-      for (int i = 0; i < kWCopies; ++i) {
-        CpAsync16OrZero(wb + i * kPass * kRowBytes, w_src[i] + step * kKStep, (w_ok >> i) & 1u);
-      }
+      w_copies.Issue(SmemAddr(w_s + stage * kWStageBytes) + my_off, kPass * kRowBytes, step * kKStep);
       return;
     }
     const int k = k0 + step * kKStep;
@@ -122,11 +104,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   };
   auto load_x = [&](int stage, int step) {
     if constexpr (kHoist) {
-      const uint32_t xb = SmemAddr(x_s + stage * kXStageBytes) + my_off;
-#pragma unroll
-      for (int i = 0; i < kXCopies; ++i) {
-        CpAsync16OrZero(xb + i * kPass * kRowBytes, x_src[i] + step * kKStep, (x_ok >> i) & 1u);
-      }
+      x_copies.Issue(SmemAddr(x_s + stage * kXStageBytes) + my_off, kPass * kRowBytes, step * kKStep);
       return;
     }
     const int k = k0 + step * kKStep;
