@@ -23,18 +23,17 @@
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
 //                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N]
-//                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0..4]
-//                   [--lora-bf16-delta 0|1] [--skinny-hoist 0|1] [--variants "FLAGS;FLAGS;..."]
+//                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2]
+//                   [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --skinny-gemm 0: every projection on cuBLASLt (default 2: projections of up to 16 rows, plain
 //     or LoRA-wrapped, on the executor's own kernel where it applies, skinny_gemm.h; 1: plain ones
-//     only; experiments: 3 as 2 and up to 32 rows with its wide build, 4 the same for LoRA-wrapped
-//     projections only, so base steps stay as in mode 2). The roofline rows time the step's GEMMs on cuBLASLt alone and, at up to 16 rows, as the
+//     only). The roofline rows time the step's GEMMs on cuBLASLt alone and, at up to 16 rows, as the
 //     executor runs them.
 //   --lora-bf16-delta 0: the decode expand's product kept in F32 until it is added, and
 //     GemmWithLora's delta F32 (default 1: rounded to bf16, a BF16 delta).
-//   --skinny-hoist 1: the skinny GEMM's build with its copy addresses hoisted out of its pipeline
-//     (an experiment; default 0).
+//   --skinny-hoist 0|1|2: where the skinny GEMM takes its build with copy addresses hoisted out of
+//     its pipeline: never, plain GEMMs only (the default), also GemmWithLora's GEMM.
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
 //     a cap on the decode shrink's grid (blocks), whether the expand starts beside the shrink
 //     (programmatic dependent launch), and (an experiment) the shrink's block size in warps
@@ -149,7 +148,7 @@ struct LoraTuning {
   int few_min_tokens = -1;
   int skinny_gemm = 2;  // SetSkinnyGemmForTest's mode (0: cuBLASLt always; 1: plain projections only)
   int bf16_delta = 1;   // SetLoraBf16DeltaForTest (0: the F32 delta)
-  int skinny_hoist = 0;  // SetSkinnyGemmHoistForTest (1: the build with hoisted copy addresses)
+  int skinny_hoist = 1;  // SetSkinnyGemmHoistForTest (hoisted copy addresses: 0 never, 1 Gemm, 2 also beside LoRA)
 };
 
 // Sets every LoRA knob of the CUDA executor to `t` (unset fields back to the defaults).
@@ -165,7 +164,7 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraFewTuningForTest(ops, t.few_gemm_sms, t.few_shrink_blocks, t.few_min_tokens));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmForTest(ops, t.skinny_gemm));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraBf16DeltaForTest(ops, t.bf16_delta != 0));
-  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmHoistForTest(ops, t.skinny_hoist != 0));
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmHoistForTest(ops, t.skinny_hoist));
   return ops::cuda::SetLoraTuningForTest(ops, t.shrink_blocks, t.overlap != 0, true);
 #else
   (void)ops;
@@ -601,9 +600,9 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
     if (t->expand_stages == 1) return absl::InvalidArgumentError("--lora-expand-stages 1 (expected -1, 0, 2 or 3)");
     return absl::OkStatus();
   }
-  if (flag == "--skinny-gemm") return ParseFlag(flag, value, 0, 4, &t->skinny_gemm);
+  if (flag == "--skinny-gemm") return ParseFlag(flag, value, 0, 2, &t->skinny_gemm);
   if (flag == "--lora-bf16-delta") return ParseFlag(flag, value, 0, 1, &t->bf16_delta);
-  if (flag == "--skinny-hoist") return ParseFlag(flag, value, 0, 1, &t->skinny_hoist);
+  if (flag == "--skinny-hoist") return ParseFlag(flag, value, 0, 2, &t->skinny_hoist);
   if (flag == "--lora-few-gemm-sms") return ParseFlag(flag, value, 0, 1 << 20, &t->few_gemm_sms);
   if (flag == "--lora-few-shrink-blocks") return ParseFlag(flag, value, 1, 1 << 20, &t->few_shrink_blocks);
   if (flag == "--lora-few-min-tokens") return ParseFlag(flag, value, 0, 1 << 20, &t->few_min_tokens);
@@ -634,7 +633,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0..4] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;
@@ -703,8 +702,7 @@ absl::Status Run(int argc, char** argv) {
     for (int b : batches) {
       LORAPLEX_ASSIGN_OR_RETURN(const double gemm_ms, bench.GemmOnlyStep(b, 0));
       add({"roofline", "cuBLASLt GEMMs of one step", b, b, 0, gemm_ms, 0, weight_bytes / gemm_ms * 1e-6});
-      // Where the executor runs its own kernel (its plain GEMMs).
-      if (b <= (bench.skinny_mode() == 3 ? 32 : 16) && bench.skinny_mode() != 0) {
+      if (b <= 16 && bench.skinny_mode() != 0) {  // where the executor runs its own kernel
         LORAPLEX_ASSIGN_OR_RETURN(const double own_ms, bench.GemmOnlyStep(b, bench.skinny_mode()));
         add({"roofline", "the executor's GEMMs of one step", b, b, 0, own_ms, 0, weight_bytes / own_ms * 1e-6});
       }

@@ -344,49 +344,15 @@ void SkinnyGemmTests() {
       if (splits == 0) return absl::InternalError("the shape does not take the skinny kernel");
       std::printf("  (%d splits of K)\n", splits);
       LORAPLEX_RETURN_IF_ERROR(TestGemm(m, n, k, false, 0.0f, off, w, *d_w));
-      // The build with hoisted copy addresses (SetSkinnyGemmHoistForTest), against the CPU too.
-      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, true));
-      const absl::Status hoisted = TestGemm(m, n, k, false, 0.0f, off, w, *d_w);
-      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, false));
-      LORAPLEX_RETURN_IF_ERROR(hoisted);
+      // The build without hoisted copy addresses (the default's is Gemm's), against the CPU too.
+      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, 0));
+      const absl::Status plain = TestGemm(m, n, k, false, 0.0f, off, w, *d_w);
+      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, 1));
+      LORAPLEX_RETURN_IF_ERROR(plain);
       LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 0));
       const absl::Status lt = TestGemm(m, n, k, false, 0.0f, off, w, *d_w);
       LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, g_skinny_mode));
       return lt;
-    });
-  }
-  // Mode 3 (an experiment): the wide build at 17-32 rows, default and hoisted copies, against the
-  // CPU; 33 rows still go to cuBLASLt.
-  Run("Gemm skinny mode 3: which shapes", [&]() -> absl::Status {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 3));
-    absl::Status st = absl::OkStatus();
-    for (auto [m, want] : std::vector<std::pair<int64_t, bool>>{{17, true}, {32, true}, {33, false}}) {
-      const absl::StatusOr<int> splits = splits_of(m, 6144, 4096, DType::kBF16, 0.0f);
-      if (!splits.ok()) {
-        st = splits.status();
-      } else if ((*splits > 0) != want) {
-        st = absl::InternalError(absl::StrCat("M=", m, ": ", *splits, " splits in mode 3"));
-      }
-      if (!st.ok()) break;
-    }
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, g_skinny_mode));
-    return st;
-  });
-  for (auto [m, n, k, off] : std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
-           {32, 6144, 4096, 0}, {24, 4096 + 72, 4096, 1}, {17, 4096, 14336, 0}}) {
-    std::vector<float> w = RandomVec(n * k, -1, 1);
-    auto d_w = UploadBf16(w);
-    Run(absl::StrCat("Gemm skinny mode 3 M=", m, " N=", n, " K=", k), [&]() -> absl::Status {
-      LORAPLEX_RETURN_IF_ERROR(d_w.status());
-      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 3));
-      absl::Status st = TestGemm(m, n, k, false, 0.0f, off, w, *d_w);
-      if (st.ok()) {
-        LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, true));
-        st = TestGemm(m, n, k, false, 0.0f, off, w, *d_w);
-        LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, false));
-      }
-      LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, g_skinny_mode));
-      return st;
     });
   }
   // A chain as in a decode step, GEMM -> RmsNorm -> GEMM -> RmsNorm -> GEMM at one row: each GEMM
@@ -432,13 +398,13 @@ void SkinnyGemmTests() {
     LORAPLEX_RETURN_IF_ERROR(body());
     LORAPLEX_ASSIGN_OR_RETURN(const std::vector<float> eager, result());
     Compare("Gemm skinny chain vs cuBLASLt's", eager, lt, 3 * kTolBf16);
-    // The hoisted build copies the same bytes to the same places: the same bits.
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, true));
-    const absl::Status hoisted_run = body();
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, false));
-    LORAPLEX_RETURN_IF_ERROR(hoisted_run);
-    LORAPLEX_ASSIGN_OR_RETURN(const std::vector<float> hoisted, result());
-    Compare("Gemm skinny chain, hoisted copies vs default", hoisted, eager, 0.0, std::vector<uint8_t>(kH, 0));
+    // The default (hoisted) build and the other copy the same bytes to the same places: the same bits.
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, 0));
+    const absl::Status plain_run = body();
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, 1));
+    LORAPLEX_RETURN_IF_ERROR(plain_run);
+    LORAPLEX_ASSIGN_OR_RETURN(const std::vector<float> plain, result());
+    Compare("Gemm skinny chain, unhoisted copies vs default", plain, eager, 0.0, std::vector<uint8_t>(kH, 0));
     LORAPLEX_ASSIGN_OR_RETURN(auto graph, cuda::CaptureCudaGraph(g_gpu, body));
     for (int replay = 0; replay < 3; ++replay) {
       LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_y.data(), 0xFF, kH * 2));
@@ -1012,7 +978,7 @@ absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens
     LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(d_out.data(), ref.size()));
     // Elements no adapter changes against a plain GEMM of the same inputs, bit for bit: the one
     // GemmWithLora runs (cuBLASLt's, or in skinny mode 2 the skinny kernel's where it applies).
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, g_skinny_mode >= 3 ? 3 : g_skinny_mode == 2 ? 2 : 0));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, g_skinny_mode == 2 ? 2 : 0));
     const absl::Status plain_status = g_gpu->Gemm(gx, gw, 0.0f, Gpu(d_plain, DType::kBF16, {T, W}));
     LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, g_skinny_mode));
     LORAPLEX_RETURN_IF_ERROR(plain_status);
@@ -1400,24 +1366,15 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[skinny mode 1, in line] qkv", *world, 16, true, true, 3));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
-  // Skinny mode 3 (an experiment): GemmWithLora's GEMM of 17-32 rows on the wide build beside the
-  // side chain, in place of the few-adapter GEMM too; eager and graph replays.
-  g_skinny_mode = 3;
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 3));
-  for (bool graph : {false, true}) {
-    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[skinny mode 3] qkv", *world, 32, true, graph, 3));
-    LORAPLEX_RETURN_IF_ERROR(
-        CheckGemmWithLora("GemmWithLora[skinny mode 3, few adapters] qkv", *world, 32, true, graph, 3, false, 4));
-  }
-  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[skinny mode 3] down", *down, 24, true, true, 3));
-  // Mode 4: the same for GemmWithLora's GEMM only (the plain GEMM it is compared with bit for bit
-  // is GemmWithLora's own kernel: mode 3's).
-  g_skinny_mode = 4;
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 4));
-  LORAPLEX_RETURN_IF_ERROR(
-      CheckGemmWithLora("GemmWithLora[skinny mode 4, few adapters] qkv", *world, 32, true, true, 3, false, 4));
   g_skinny_mode = 2;
   LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 2));
+  // Hoist mode 2: GemmWithLora's skinny GEMM in the hoisted build too (by default only Gemm's).
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, 2));
+  for (bool graph : {false, true}) {
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[hoisted beside] one token", *world, 1, true, graph, 3));
+  }
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[hoisted beside] down", *down, 8, true, true, 3));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, 1));
   // The few-adapter tuning (a GEMM chosen for fewer SMs, a smaller shrink grid) for calls that
   // say they have at most 4 segments and 32 tokens or more (more segments still come right).
   for (bool graph : {false, true}) {

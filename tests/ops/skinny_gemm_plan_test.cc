@@ -32,25 +32,13 @@ TEST_CASE("Shapes the skinny GEMM would run slower or cannot run go to cuBLASLt"
   CHECK(SkinnyGemmSplits(1, int64_t{1} << 40, 4096, kH200Sms) == 0);
 }
 
-TEST_CASE("The wide build (an experiment) takes up to 32 rows when asked, and nothing else changes") {
-  for (int64_t m : {17, 24, 32}) {
-    CHECK(SkinnyGemmSplits(m, 6144, 4096, kH200Sms) == 0);  // the default limit stays 16 rows
-    CHECK(SkinnyGemmSplits(m, 6144, 4096, kH200Sms, kSkinnyGemmWideRows) == 8);
-    CHECK(SkinnyGemmSplits(m, 4096, 14336, kH200Sms, kSkinnyGemmWideRows) == 8);
-    CHECK(SkinnyGemmSplits(m, 28672, 4096, kH200Sms, kSkinnyGemmWideRows) == 0);  // gate_up, as at 16 rows
-  }
-  CHECK(SkinnyGemmSplits(33, 6144, 4096, kH200Sms, kSkinnyGemmWideRows) == 0);
-  CHECK(SkinnyGemmSplits(1, 6144, 4096, kH200Sms, 24) == 0);  // only the two builds' limits
-  CHECK(SkinnyGemmSplits(1, 6144, 4096, kH200Sms, kSkinnyGemmWideRows) == 8);
-}
-
 TEST_CASE("Every plan divides K into whole k steps and fits the scratch sized for the SMs") {
   int64_t planned = 0;
   for (int sms : {1, 16, 78, 114, 132, 144}) {
     for (int64_t n = 64; n <= 65536; n += n / 3 + 40) {
       for (int64_t k = 64; k <= 32768; k = k * 2 + (k % 3 == 0 ? 64 : 128)) {
-        for (int64_t m : {1, 5, 16, 17, 32}) {
-          const int splits = SkinnyGemmSplits(m, n, k, sms, m > 16 ? kSkinnyGemmWideRows : kSkinnyGemmMaxRows);
+        for (int64_t m : {1, 5, 16}) {
+          const int splits = SkinnyGemmSplits(m, n, k, sms);
           if (splits == 0) continue;
           ++planned;
           INFO("m=" << m << " n=" << n << " k=" << k << " sms=" << sms << " splits=" << splits);

@@ -225,7 +225,7 @@ class CudaOps final : public Ops {
   void set_lora_delta_limit(size_t bytes) { lora_delta_limit_ = std::min(bytes, kLoraDeltaBytes); }
   void set_lora_fold(bool fold) { lora_fold_ = fold; }
   void set_lora_bf16_delta(bool bf16) { lora_bf16_delta_ = bf16; }
-  void set_skinny_hoist(bool hoist) { skinny_hoist_ = hoist; }
+  void set_skinny_hoist(int mode) { skinny_hoist_ = mode; }
   void set_lora_shrink_warps(int warps) { lora_shrink_warps_ = warps; }
 
   void set_lora_tuning(int shrink_blocks, bool overlap, bool fork) {
@@ -356,15 +356,15 @@ class CudaOps final : public Ops {
   absl::Status Gemm(const TensorView& x, const TensorView& w, float beta, const TensorView& y) override {
     LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     const int splits = SkinnySplits(x, w, beta, y);
-    if (splits > 0) return RunSkinnyGemm(x, w, y, splits);
+    if (splits > 0) return RunSkinnyGemm(x, w, y, splits, /*hoisted=*/skinny_hoist_ >= 1);
     return RunGemm(*gemm_, x, w, beta, y);
   }
 
-  absl::Status RunSkinnyGemm(const TensorView& x, const TensorView& w, const TensorView& y, int splits) {
+  absl::Status RunSkinnyGemm(const TensorView& x, const TensorView& w, const TensorView& y, int splits, bool hoisted) {
     LORAPLEX_RETURN_IF_ERROR(CheckGemm("Gemm", x, w, y));
     return CudaStatus(LaunchSkinnyGemm(x.data, w.data, static_cast<int>(x.shape[0]), static_cast<int>(w.shape[0]),
                                        static_cast<int>(x.shape[1]), splits, skinny_scratch_, y.data, stream_,
-                                       skinny_hoist_),
+                                       hoisted),
                       "Gemm (skinny)");
   }
 
@@ -377,8 +377,7 @@ class CudaOps final : public Ops {
   // The kernel reads its first tiles of w before it waits for the kernel ahead of it, so w must
   // not be that kernel's output: the model's weights, the only w a step passes, never are. It
   // uses one scratch (skinny_scratch_), so it runs on stream_ only.
-  // lora: the call is GemmWithLora's GEMM (modes 3 and 4 take the wide build there).
-  int SkinnySplits(const TensorView& x, const TensorView& w, float beta, const TensorView& y, bool lora = false) const {
+  int SkinnySplits(const TensorView& x, const TensorView& w, float beta, const TensorView& y) const {
     if (skinny_mode_ == 0 || beta != 0.0f || x.dtype != DType::kBF16 || w.dtype != DType::kBF16 ||
         y.dtype != DType::kBF16 || x.shape.rank != 2 || w.shape.rank != 2 || x.shape[1] != w.shape[1]) {
       return 0;
@@ -387,10 +386,7 @@ class CudaOps final : public Ops {
         reinterpret_cast<uintptr_t>(x.data) | reinterpret_cast<uintptr_t>(w.data) | reinterpret_cast<uintptr_t>(y.data);
     if (addresses % 16 != 0) return 0;
     // Its blocks all run at once, so its partials and counters fit the scratch sized for num_sms_.
-    // Modes 3 and 4: the wide build too, up to kSkinnyGemmWideRows rows (an experiment; mode 4 for
-    // GemmWithLora's GEMM only).
-    const bool wide = skinny_mode_ == 3 || (skinny_mode_ == 4 && lora);
-    return SkinnyGemmSplits(x.shape[0], w.shape[0], x.shape[1], num_sms_, wide ? kSkinnyGemmWideRows : kSkinnyGemmMaxRows);
+    return SkinnyGemmSplits(x.shape[0], w.shape[0], x.shape[1], num_sms_);
   }
   void set_skinny_mode(int mode) { skinny_mode_ = mode; }
 
@@ -406,9 +402,9 @@ class CudaOps final : public Ops {
   // GemmWithLora's GEMM (its delta already flushed): the executor's, or (SetLoraGemmSmsForTest)
   // cuBLASLt's choice for fewer SMs, so its CTAs need not wait for the SMs the side chain holds.
   absl::Status GemmBesideLora(const TensorView& x, const TensorView& w, const TensorView& y) {
-    if (skinny_mode_ >= 2) {
-      const int splits = SkinnySplits(x, w, 0.0f, y, /*lora=*/true);
-      if (splits > 0) return RunSkinnyGemm(x, w, y, splits);
+    if (skinny_mode_ == 2) {
+      const int splits = SkinnySplits(x, w, 0.0f, y);
+      if (splits > 0) return RunSkinnyGemm(x, w, y, splits, /*hoisted=*/skinny_hoist_ >= 2);
     }
     return RunGemm(gemm_beside_lora_ != nullptr ? *gemm_beside_lora_ : *gemm_, x, w, 0.0f, y);
   }
@@ -699,11 +695,8 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(fork_event_, stream_), "GemmWithLora: fork"));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(side_stream_, fork_event_, 0), "GemmWithLora: fork"));
     // Few adapters and enough tokens: the GEMM chosen for fewer SMs beside a smaller shrink grid.
-    // (Skinny modes 3 and 4: where the wide skinny GEMM takes the call, it runs beside the LoRA
-    // kernels instead, as at up to 16 rows.)
     const bool few = lora_few_gemm_ != nullptr && segments->segments_bound > 0 &&
-                     segments->segments_bound <= kFewLoraSegments && segments->num_tokens >= lora_few_min_tokens_ &&
-                     !(skinny_mode_ >= 3 && SkinnySplits(x, w, 0.0f, y, /*lora=*/true) > 0);
+                     segments->segments_bound <= kFewLoraSegments && segments->num_tokens >= lora_few_min_tokens_;
     if (few) shrink.num_blocks = std::min(shrink.num_blocks, lora_few_shrink_blocks_);
     // The side chain is enqueued first: the GEMM enqueued first made steps slower (its CTAs take
     // every SM they can; the LoRA blocks then wait or delay its tail). bench/runs/2026-11-29-rows.
@@ -946,7 +939,7 @@ class CudaOps final : public Ops {
   size_t sample_scratch_bytes_ = 0;
   int sample_blocks_per_row_ = 0;  // SetSampleBlocksForTest (0: by the launch's rows)
   int skinny_mode_ = 2;              // SetSkinnyGemmForTest
-  bool skinny_hoist_ = false;        // SetSkinnyGemmHoistForTest
+  int skinny_hoist_ = 1;             // SetSkinnyGemmHoistForTest
   SkinnyGemmScratch skinny_scratch_;  // the skinny GEMM's split partials and counters
   SampleWave sample_wave_;          // QuerySampleWave at Create
   int lora_tc_min_tokens_ = kLoraTensorCoreMinTokens;
@@ -1189,15 +1182,16 @@ absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few
   return absl::OkStatus();
 }
 
-absl::Status SetSkinnyGemmHoistForTest(Ops* ops, bool hoist) {
+absl::Status SetSkinnyGemmHoistForTest(Ops* ops, int mode) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetSkinnyGemmHoistForTest"));
-  cuda->set_skinny_hoist(hoist);
+  if (mode < 0 || mode > 2) return Invalid("SetSkinnyGemmHoistForTest", absl::StrCat("mode ", mode, " not 0 to 2"));
+  cuda->set_skinny_hoist(mode);
   return absl::OkStatus();
 }
 
 absl::Status SetSkinnyGemmForTest(Ops* ops, int mode) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetSkinnyGemmForTest"));
-  if (mode < 0 || mode > 4) return Invalid("SetSkinnyGemmForTest", absl::StrCat("mode ", mode, " not 0 to 4"));
+  if (mode < 0 || mode > 2) return Invalid("SetSkinnyGemmForTest", absl::StrCat("mode ", mode, " not 0, 1 or 2"));
   cuda->set_skinny_mode(mode);
   return absl::OkStatus();
 }

@@ -133,16 +133,15 @@ absl::Status SetLoraFoldForTest(Ops* ops, bool fold);
 absl::Status SetLoraTensorCoreMinTokensForTest(Ops* ops, int min_tokens, int few_min_tokens = -1);
 
 // The executor's own GEMM for few rows (skinny_gemm.h), where it applies: mode 2 (the default) for
-// Gemm and GemmWithLora's GEMM, 1 for Gemm only, 0 never (every GEMM on cuBLASLt). Experiments,
-// not yet measured on a GPU: 3 as 2 and up to 32 rows with the wide build, which then also
-// replaces the few-adapter GEMM beside the LoRA kernels; 4 the same for GemmWithLora's GEMM only
-// (plain GEMMs as in mode 2, so base steps are unchanged). step_bench --skinny-gemm. The same
-// results within bf16 rounding. INVALID_ARGUMENT for others.
+// Gemm and GemmWithLora's GEMM, 1 for Gemm only, 0 never (every GEMM on cuBLASLt).
+// step_bench --skinny-gemm. The same results within bf16 rounding. INVALID_ARGUMENT for others.
 absl::Status SetSkinnyGemmForTest(Ops* ops, int mode);
-// The skinny GEMM's build with its copy addresses computed once before its pipeline (true), or
-// the default build (false). An experiment, not yet measured on a GPU: the same results, fewer
-// instructions a k step (skinny_gemm.cu). step_bench --skinny-hoist 1.
-absl::Status SetSkinnyGemmHoistForTest(Ops* ops, bool hoist);
+// Where the skinny GEMM takes its build with copy addresses computed once before its pipeline
+// (skinny_gemm.cu; the same bits as the other build): mode 1 (the default) in Gemm only, 2 also
+// for GemmWithLora's GEMM, 0 never. On an H200 it makes base decode steps 1.1-1.4% faster at
+// batches 1 and 8, and LoRA steps 0.6% slower where it runs beside the LoRA kernels, hence mode 1
+// (bench/RESULTS.md, thirteenth session). step_bench --skinny-hoist. INVALID_ARGUMENT for others.
+absl::Status SetSkinnyGemmHoistForTest(Ops* ops, int mode);
 // The splits of K that Gemm(x, w, beta, y) takes in that kernel now, or 0 for cuBLASLt.
 absl::StatusOr<int> SkinnyGemmSplitsForTest(Ops* ops, const TensorView& x, const TensorView& w, float beta,
                                             const TensorView& y);

@@ -1,8 +1,7 @@
 // The skinny decode GEMM (skinny_gemm.h). A block takes kNTile rows of W (output columns) over one
 // split of K, streams 64-wide k steps of W and x through a kStages-deep cp.async pipeline into
 // XOR-swizzled shared memory, and multiplies them with mma.sync m16n8k16 (bf16 in, fp32 sums):
-// 4 warps of 32 columns each, x's rows padded to one 16-row tile with zeros (two in the wide build,
-// up to 32 rows: an experiment, SetSkinnyGemmForTest mode 3). 3 blocks share an SM
+// 4 warps of 32 columns each, x's rows padded to one 16-row tile with zeros. 3 blocks share an SM
 // (72 KiB of shared memory each), so 9 stages of W are in flight on every SM. Splits write fp32
 // partials; the last split of a column tile to finish (a counter a tile) sums them in split order
 // and writes y, so results do not depend on timing and no second kernel sits between this GEMM and
@@ -20,27 +19,16 @@ namespace {
 
 constexpr int kNTile = 128;               // W rows (output columns) a block
 constexpr int kKStep = 64;                // k a pipeline stage
+constexpr int kStages = 4;
 constexpr int kWarps = 4;                 // 32 of the tile's columns each
 constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kBlocksPerSm = 3;
 constexpr int kMaxSplits = 32;
 constexpr int kRowBytes = kKStep * 2;     // a tile row: 8 chunks of 16 bytes
 constexpr int kWStageBytes = kNTile * kRowBytes;
-static_assert(kSkinnyGemmMaxRows == 16 && kSkinnyGemmWideRows == 32, "one or two m16 tiles of x");
-// MT m16 tiles of x (1: up to 16 rows; 2: up to 32, the wide build): as many stages as let 3
-// blocks share an SM's 227 KiB (72 KiB a block at MT 1, 60 KiB at MT 2).
-template <int MT>
-constexpr int Stages() {
-  return MT == 1 ? 4 : 3;
-}
-template <int MT>
-constexpr int XStageBytes() {
-  return 16 * MT * kRowBytes;
-}
-template <int MT>
-constexpr int SmemBytes() {
-  return Stages<MT>() * (kWStageBytes + XStageBytes<MT>());
-}
+constexpr int kXStageBytes = kSkinnyGemmMaxRows * kRowBytes;
+constexpr int kSmemBytes = kStages * (kWStageBytes + kXStageBytes);
+static_assert(kSkinnyGemmMaxRows == 16, "one m16 tile of x");
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][64] bf16 tile: the chunk index is
 // XORed with the row's low bits, so the 8 rows one ldmatrix matrix reads fall in 8 bank groups.
@@ -54,19 +42,18 @@ __device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
 // the splits in split order. k_len is a multiple of kKStep. W is the model's (never written by a
 // kernel of the step), so the first stages of W are fetched before the wait for the kernel
 // before; x and every write come after it.
-// kHoist: each thread's copy addresses (its chunk of W rows tid/8 + 16·i and of x rows tid/8 +
-// 16·i, the same in every stage) computed once before the pipeline and advanced by a k step a
-// stage, instead of the copy loops' index arithmetic every stage: 91 instructions a k step
-// instead of 338 in the loop's SASS at MT 1, for a kernel Nsight Compute found bound by
-// instruction issue (bench/RESULTS.md, twelfth session). The same copies into the same places:
-// the same bits. MT: m16 tiles of x (M <= 16·MT).
-template <int MT, bool kHoist>
+// kHoist: each thread's copy addresses (its chunk of W rows tid/8 + 16·i and of x row tid/8, the
+// same in every stage) computed once before the pipeline and advanced by a k step a stage,
+// instead of the copy loops' index arithmetic every stage: 91 instructions a k step instead of
+// 338 in the loop's SASS, for a kernel Nsight Compute found bound by instruction issue
+// (bench/RESULTS.md, twelfth session). The same copies into the same places: the same bits.
+// On an H200 base decode steps are 1.1-1.4% faster with it at batches 1 and 8, and LoRA steps
+// 0.6% slower where it runs beside the LoRA kernels (thirteenth session), so Gemm takes it and
+// GemmWithLora's GEMM by default does not (SetSkinnyGemmHoistForTest).
+template <bool kHoist>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     SkinnyGemmKernel(const bf16* __restrict__ x, const bf16* __restrict__ w, int M, int N, int K, int k_len,
                      float* __restrict__ partial, unsigned* __restrict__ counters, bf16* __restrict__ y) {
-  constexpr int kStages = Stages<MT>();
-  constexpr int kXStageBytes = XStageBytes<MT>();
-  constexpr int kXRows = 16 * MT;
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* w_s = smem;
   unsigned char* x_s = smem + kStages * kWStageBytes;
@@ -77,8 +64,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   AllowDependentLaunch();  // the next op may be scheduled now; it waits for this kernel to complete
 
   constexpr int kPass = kThreads / 8;  // rows a pass of the block's threads copies
-  static_assert(kNTile % kPass == 0 && kXRows % kPass == 0);
-  constexpr int kWCopies = kNTile / kPass, kXCopies = kXRows / kPass;
+  static_assert(kNTile % kPass == 0 && kSkinnyGemmMaxRows % kPass == 0);
+  constexpr int kWCopies = kNTile / kPass, kXCopies = kSkinnyGemmMaxRows / kPass;
   const int my_row = tid >> 3, my_chunk = tid & 7;
   const uint32_t my_off = TileOffset(my_row, my_chunk);  // rows kPass apart share the swizzle
   StageCopies<kWCopies> w_copies;
@@ -109,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     }
     const int k = k0 + step * kKStep;
     const uint32_t xb = SmemAddr(x_s + stage * kXStageBytes);
-    for (int c = tid; c < kXRows * 8; c += kThreads) {
+    for (int c = tid; c < kSkinnyGemmMaxRows * 8; c += kThreads) {
       const int row = c >> 3, chunk = c & 7;
       const bool ok = row < M;
       CpAsync16OrZero(xb + TileOffset(row, chunk), x + static_cast<int64_t>(ok ? row : 0) * K + k + chunk * 8, ok);
@@ -127,7 +114,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     if (s < steps) load_x(s, s);
     CpAsyncCommit();
   }
-  float acc[MT][4][4] = {};
+  float acc[4][4] = {};
   for (int step = 0; step < steps; ++step) {
     CpAsyncWait<kStages - 2>();  // this thread's copies of `step` have landed
     __syncthreads();             // everyone's; and the stage about to be refilled is no longer read
@@ -141,50 +128,39 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     const uint32_t wb = SmemAddr(w_s + st * kWStageBytes), xb = SmemAddr(x_s + st * kXStageBytes);
 #pragma unroll
     for (int kk = 0; kk < kKStep / 16; ++kk) {
-      // x, each m16 tile: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
-      // (rows 8-15, k 8-15).
-      uint32_t a[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        Ldmatrix4(xb + TileOffset(mt * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), kk * 2 + (lane >> 4)), a[mt]);
-      }
-      // W: two n8 tiles at a time, matrices (tile 0, k 0-7), (tile 0, k 8-15), (tile 1, ...), each
-      // fragment used by every m16 tile.
+      // x: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
+      uint32_t a[4];
+      Ldmatrix4(xb + TileOffset((lane & 7) + 8 * ((lane >> 3) & 1), kk * 2 + (lane >> 4)), a);
+      // W: two n8 tiles at a time, matrices (tile 0, k 0-7), (tile 0, k 8-15), (tile 1, ...).
 #pragma unroll
       for (int np = 0; np < 2; ++np) {
         uint32_t b[4];
         const int q = lane >> 3;
         Ldmatrix4(wb + TileOffset(warp * 32 + np * 16 + (q >> 1) * 8 + (lane & 7), kk * 2 + (q & 1)), b);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          MmaBf16(acc[mt][np * 2], a[mt], b[0], b[1]);
-          MmaBf16(acc[mt][np * 2 + 1], a[mt], b[2], b[3]);
-        }
+        MmaBf16(acc[np * 2], a, b[0], b[1]);
+        MmaBf16(acc[np * 2 + 1], a, b[2], b[3]);
       }
     }
   }
   CpAsyncWait<0>();
-  // Accumulator (mt, nt): rows mt·16 + lane/4 (+8), columns nt·8 + 2·(lane%4) (+1) of the warp's 32.
+  // Accumulator nt: rows lane/4 (+8), columns nt·8 + 2·(lane%4) (+1) of the warp's 32.
   const bool split = gridDim.y > 1;
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
+  for (int nt = 0; nt < 4; ++nt) {
+    const int n = n0 + warp * 32 + nt * 8 + 2 * (lane & 3);
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const int n = n0 + warp * 32 + nt * 8 + 2 * (lane & 3);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int m = mt * 16 + (lane >> 2) + 8 * half;
-        if (m >= M) continue;
-        const float v0 = acc[mt][nt][2 * half], v1 = acc[mt][nt][2 * half + 1];
-        if (split) {
-          float* p = partial + (static_cast<int64_t>(blockIdx.y) * M + m) * N + n;
-          if (n < N) p[0] = v0;
-          if (n + 1 < N) p[1] = v1;
-        } else {
-          bf16* p = y + static_cast<int64_t>(m) * N + n;
-          if (n < N) p[0] = __float2bfloat16(v0);
-          if (n + 1 < N) p[1] = __float2bfloat16(v1);
-        }
+    for (int half = 0; half < 2; ++half) {
+      const int m = (lane >> 2) + 8 * half;
+      if (m >= M) continue;
+      const float v0 = acc[nt][2 * half], v1 = acc[nt][2 * half + 1];
+      if (split) {
+        float* p = partial + (static_cast<int64_t>(blockIdx.y) * M + m) * N + n;
+        if (n < N) p[0] = v0;
+        if (n + 1 < N) p[1] = v1;
+      } else {
+        bf16* p = y + static_cast<int64_t>(m) * N + n;
+        if (n < N) p[0] = __float2bfloat16(v0);
+        if (n + 1 < N) p[1] = __float2bfloat16(v1);
       }
     }
   }
@@ -235,9 +211,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 
 }  // namespace
 
-int SkinnyGemmSplits(int64_t m, int64_t n, int64_t k, int num_sms, int max_rows) {
-  if (max_rows != kSkinnyGemmMaxRows && max_rows != kSkinnyGemmWideRows) return 0;
-  if (m < 1 || m > max_rows || n < 1 || k < kKStep || k % kKStep != 0 || num_sms <= 0) return 0;
+int SkinnyGemmSplits(int64_t m, int64_t n, int64_t k, int num_sms) {
+  if (m < 1 || m > kSkinnyGemmMaxRows || n < 1 || k < kKStep || k % kKStep != 0 || num_sms <= 0) return 0;
   if (n > (int64_t{1} << 30) || k > (int64_t{1} << 30)) return 0;
   const int64_t tiles = (n + kNTile - 1) / kNTile, steps = k / kKStep, slots = int64_t{kBlocksPerSm} * num_sms;
   // The most splits (dividing the k steps) whose blocks all run at once.
@@ -258,26 +233,22 @@ size_t SkinnyGemmPartialBytes(int64_t m, int64_t n, int splits) {
 }
 
 size_t SkinnyGemmMaxPartialBytes(int num_sms) {
-  return static_cast<size_t>(std::max(num_sms, 1)) * kBlocksPerSm * kSkinnyGemmWideRows * kNTile * sizeof(float);
+  return static_cast<size_t>(std::max(num_sms, 1)) * kBlocksPerSm * kSkinnyGemmMaxRows * kNTile * sizeof(float);
 }
 
 int SkinnyGemmMaxTiles(int num_sms) { return std::max(num_sms, 1) * kBlocksPerSm; }
 
 cudaError_t InitSkinnyGemm() {
-  for (const cudaError_t e :
-       {cudaFuncSetAttribute(SkinnyGemmKernel<1, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, SmemBytes<1>()),
-        cudaFuncSetAttribute(SkinnyGemmKernel<1, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, SmemBytes<1>()),
-        cudaFuncSetAttribute(SkinnyGemmKernel<2, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, SmemBytes<2>()),
-        cudaFuncSetAttribute(SkinnyGemmKernel<2, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, SmemBytes<2>())}) {
-    if (e != cudaSuccess) return e;
-  }
-  return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(SkinnyGemmKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             kSmemBytes);
+  if (e != cudaSuccess) return e;
+  return cudaFuncSetAttribute(SkinnyGemmKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
 }
 
 cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, int splits,
                              const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream, bool hoisted) {
   const int tiles = (n + kNTile - 1) / kNTile;
-  if (m < 1 || m > kSkinnyGemmWideRows || n < 1 || k % kKStep != 0 || splits < 1 || (k / kKStep) % splits != 0 ||
+  if (m < 1 || m > kSkinnyGemmMaxRows || n < 1 || k % kKStep != 0 || splits < 1 || (k / kKStep) % splits != 0 ||
       !IsAligned16(x) || !IsAligned16(w) || !IsAligned16(y)) {
     return cudaErrorInvalidValue;
   }
@@ -285,16 +256,10 @@ cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, 
                      SkinnyGemmPartialBytes(m, n, splits) > scratch.partial_bytes)) {
     return cudaErrorInvalidValue;
   }
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
-  const bf16* xb = static_cast<const bf16*>(x);
-  const bf16* wb = static_cast<const bf16*>(w);
-  bf16* yb = static_cast<bf16*>(y);
-  if (m > kSkinnyGemmMaxRows) {
-    return LaunchDependent(hoisted ? SkinnyGemmKernel<2, true> : SkinnyGemmKernel<2, false>, grid, dim3(kThreads),
-                           SmemBytes<2>(), stream, xb, wb, m, n, k, k / splits, scratch.partial, scratch.counters, yb);
-  }
-  return LaunchDependent(hoisted ? SkinnyGemmKernel<1, true> : SkinnyGemmKernel<1, false>, grid, dim3(kThreads),
-                         SmemBytes<1>(), stream, xb, wb, m, n, k, k / splits, scratch.partial, scratch.counters, yb);
+  return LaunchDependent(hoisted ? SkinnyGemmKernel<true> : SkinnyGemmKernel<false>,
+                         dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits)), dim3(kThreads), kSmemBytes,
+                         stream, static_cast<const bf16*>(x), static_cast<const bf16*>(w), m, n, k, k / splits,
+                         scratch.partial, scratch.counters, static_cast<bf16*>(y));
 }
 
 }  // namespace loraplex::ops::cuda

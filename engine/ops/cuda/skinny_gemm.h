@@ -15,21 +15,19 @@
 
 namespace loraplex::ops::cuda {
 
-inline constexpr int kSkinnyGemmMaxRows = 16;   // one 16-row tensor-core tile of x
-inline constexpr int kSkinnyGemmWideRows = 32;  // the wide build's two tiles (an experiment)
+inline constexpr int kSkinnyGemmMaxRows = 16;  // one 16-row tensor-core tile of x
 
 // How many splits of K the skinny GEMM takes for this shape on `num_sms` SMs, or 0 where it does
-// not apply or would be slower than cuBLASLt: M above `max_rows` (kSkinnyGemmMaxRows, or
-// kSkinnyGemmWideRows for the wide build), K not a multiple of 64, or a shape whose blocks cannot
-// be dealt evenly over the SMs (the measured losses: gate_up of an 8B model, 224 column tiles on
-// 132 SMs).
-int SkinnyGemmSplits(int64_t m, int64_t n, int64_t k, int num_sms, int max_rows = kSkinnyGemmMaxRows);
+// not apply or would be slower than cuBLASLt: M above kSkinnyGemmMaxRows, K not a multiple of 64,
+// or a shape whose blocks cannot be dealt evenly over the SMs (the measured losses: gate_up of an
+// 8B model, 224 column tiles on 132 SMs).
+int SkinnyGemmSplits(int64_t m, int64_t n, int64_t k, int num_sms);
 
 // Bytes of the fp32 partial sums that `splits` > 1 splits of an [m, n] output need.
 size_t SkinnyGemmPartialBytes(int64_t m, int64_t n, int splits);
 
 // The most partial bytes SkinnyGemmSplits's choice can need on `num_sms` SMs (its blocks all run at
-// once, each with a tile of up to kSkinnyGemmWideRows x 128 fp32 sums).
+// once, each with a 16 x 128 tile of fp32 sums).
 size_t SkinnyGemmMaxPartialBytes(int num_sms);
 
 // The most column tiles (split counters) SkinnyGemmSplits's choice can need on `num_sms` SMs.
@@ -44,18 +42,17 @@ struct SkinnyGemmScratch {
   int num_counters = 0;
 };
 
-// Sets the kernels' shared-memory limits; call once before the first launch (not while a stream
+// Sets the kernel's shared-memory limit; call once before the first launch (not while a stream
 // is being captured).
 cudaError_t InitSkinnyGemm();
 
 // y = x·Wᵀ (bf16 [m, n], written whole) with `splits` from SkinnyGemmSplits, in one kernel;
-// `scratch` (unused for one split) holds SkinnyGemmPartialBytes and a counter a column tile; m up to
-// kSkinnyGemmWideRows (above kSkinnyGemmMaxRows: the wide build). x [m, k]
+// `scratch` (unused for one split) holds SkinnyGemmPartialBytes and a counter a column tile. x [m, k]
 // and W [n, k] bf16 with 16-byte aligned rows; y 16-byte aligned. Launched as a programmatic
 // dependent of the kernel before it on `stream`. cudaErrorInvalidValue for arguments outside these
 // bounds.
-// hoisted: the build whose copy addresses are computed once before the pipeline (an experiment,
-// SetSkinnyGemmHoistForTest; the same results).
+// hoisted: the build whose copy addresses are computed once before the pipeline (the same bits;
+// faster alone, slower beside the LoRA kernels: SetSkinnyGemmHoistForTest).
 cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, int splits,
                              const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream, bool hoisted = false);
 
