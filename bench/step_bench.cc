@@ -24,7 +24,7 @@
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
 //                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N]
 //                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2]
-//                   [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-swap 0|1] [--variants "FLAGS;FLAGS;..."]
+//                   [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --skinny-gemm 0: every projection on cuBLASLt (default 2: projections of up to 16 rows, plain
 //     or LoRA-wrapped, on the executor's own kernel where it applies, skinny_gemm.h; 1: plain ones
@@ -32,8 +32,6 @@
 //     executor runs them.
 //   --lora-bf16-delta 0: the decode expand's product kept in F32 until it is added, and
 //     GemmWithLora's delta F32 (default 1: rounded to bf16, a BF16 delta).
-//   --lora-swap 1: GemmWithLora's cuBLASLt GEMM on the side stream and the shrink and expand on
-//     the main one (an experiment; default 0).
 //   --skinny-hoist 0|1|2: where the skinny GEMM takes its build with copy addresses hoisted out of
 //     its pipeline: never, plain GEMMs only (the default), also GemmWithLora's GEMM.
 //   --lora-*: LoRA kernel tuning of the CUDA executor for this run (defaults: the executor's):
@@ -150,7 +148,6 @@ struct LoraTuning {
   int few_min_tokens = -1;
   int skinny_gemm = 2;  // SetSkinnyGemmForTest's mode (0: cuBLASLt always; 1: plain projections only)
   int bf16_delta = 1;   // SetLoraBf16DeltaForTest (0: the F32 delta)
-  int swap = 0;         // SetLoraSwapStreamsForTest
   int skinny_hoist = 1;  // SetSkinnyGemmHoistForTest (hoisted copy addresses: 0 never, 1 Gemm, 2 also beside LoRA)
 };
 
@@ -163,7 +160,6 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraTensorCoreMinTokensForTest(ops, t.tc_min_tokens, t.tc_few_min_tokens));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmSmsForTest(ops, t.gemm_sms));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmFirstForTest(ops, t.gemm_first));
-  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraSwapStreamsForTest(ops, t.swap != 0));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraInlineForTest(ops, t.in_line));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraFewTuningForTest(ops, t.few_gemm_sms, t.few_shrink_blocks, t.few_min_tokens));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmForTest(ops, t.skinny_gemm));
@@ -592,7 +588,6 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-overlap") return ParseFlag(flag, value, 0, 1, &t->overlap);
   if (flag == "--lora-gemm-sms") return ParseFlag(flag, value, 1, 1 << 20, &t->gemm_sms);
   if (flag == "--lora-gemm-first") return ParseFlag(flag, value, 0, 4, &t->gemm_first);
-  if (flag == "--lora-swap") return ParseFlag(flag, value, 0, 1, &t->swap);
   if (flag == "--lora-inline") return ParseFlag(flag, value, -1, 1 << 20, &t->in_line);
   if (flag == "--lora-shrink-shape") return ParseFlag(flag, value, -1, 2, &t->shrink_shape);
   if (flag == "--lora-shrink-rows") return ParseFlag(flag, value, 0, 16, &t->shrink_rows);
@@ -638,7 +633,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-swap 0|1] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;

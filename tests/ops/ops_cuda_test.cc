@@ -1381,17 +1381,6 @@ absl::Status LoraTests() {
     LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters] qkv", *world, T, true, graph, 4, false, 4));
   }
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[few adapters] down", *down, 40, true, true, 3, false, 2));
-  // Swapped streams (SetLoraSwapStreamsForTest): the chain on the ops' stream, cuBLASLt's GEMM on
-  // the side stream; many and few segments, eager and replayed. A one-token call keeps the skinny
-  // GEMM and the usual order.
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraSwapStreamsForTest(g_gpu, true));
-  for (bool graph : {false, true}) {
-    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[swapped] qkv", *world, T, true, graph, 4));
-    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[swapped, few adapters] qkv", *world, T, true, graph, 4, false, 4));
-  }
-  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[swapped] down", *down, 40, true, true, 3));
-  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[swapped] one token", *world, 1, true, true, 3));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraSwapStreamsForTest(g_gpu, false));
   // The tensor-core kernels for few-segment calls (SetLoraTensorCoreMinTokensForTest's
   // few_min_tokens; by default from 128 tokens, here from 16): calls that say at most 4 segments
   // take them, others the decode kernels.

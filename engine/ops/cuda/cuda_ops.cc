@@ -392,10 +392,10 @@ class CudaOps final : public Ops {
 
   // Gemm's checks and launch on `gemm` (no delta flush).
   absl::Status RunGemm(CublasLtGemm& gemm, const TensorView& x, const TensorView& w, float beta,
-                       const TensorView& y, cudaStream_t stream = nullptr) {
+                       const TensorView& y) {
     LORAPLEX_RETURN_IF_ERROR(CheckGemm("Gemm", x, w, y));
     return Annotate(gemm.Run(x.data, w.data, y.data, y.dtype == DType::kF32, x.shape[0], w.shape[0], x.shape[1],
-                             beta, stream != nullptr ? stream : stream_),
+                             beta, stream_),
                     "Gemm");
   }
 
@@ -410,7 +410,6 @@ class CudaOps final : public Ops {
   }
 
   void set_lora_gemm_first(int min_slices) { lora_gemm_first_min_slices_ = min_slices; }
-  void set_lora_swap_streams(bool swap) { lora_swap_streams_ = swap; }
   void set_lora_shrink_shape(int shape, int rows) {
     lora_shrink_shape_ = shape < 0 ? kLoraShrinkShape : shape;
     lora_shrink_rows_ = rows;
@@ -699,24 +698,6 @@ class CudaOps final : public Ops {
     const bool few = lora_few_gemm_ != nullptr && segments->segments_bound > 0 &&
                      segments->segments_bound <= kFewLoraSegments && segments->num_tokens >= lora_few_min_tokens_;
     if (few) shrink.num_blocks = std::min(shrink.num_blocks, lora_few_shrink_blocks_);
-    if (delta && lora_swap_streams_ && (few || skinny_mode_ < 2 || SkinnySplits(x, w, 0.0f, y) == 0)) {
-      // Swapped (SetLoraSwapStreamsForTest): the chain on the ops' stream, the shrink a
-      // programmatic dependent of the kernel before it (prefetching A over its tail), and
-      // cuBLASLt's GEMM on the side stream; the next op then follows the expand programmatically
-      // and the GEMM by the join.
-      shrink.prefetch_a = true;
-      LORAPLEX_RETURN_IF_ERROR(LaunchShrink(shrink, x.data, lora_y.As<float>(), stream_, "GemmWithLora: shrink"));
-      LORAPLEX_RETURN_IF_ERROR(
-          CudaStatus(LaunchLoraExpand(expand, lora_y.As<float>(), y.data, stream_), "GemmWithLora: expand"));
-      const absl::Status gemm = few ? RunGemm(*lora_few_gemm_, x, w, 0.0f, y, side_stream_)
-                                    : RunGemm(gemm_beside_lora_ != nullptr ? *gemm_beside_lora_ : *gemm_, x, w, 0.0f,
-                                              y, side_stream_);
-      // Always join, so later work on the stream (and a capture's end) sees the side stream's.
-      LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(join_event_, side_stream_), "GemmWithLora: join"));
-      LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream_, join_event_, 0), "GemmWithLora: join"));
-      LORAPLEX_RETURN_IF_ERROR(gemm);
-      return LeaveLoraDelta(expand, y);
-    }
     // The side chain is enqueued first: the GEMM enqueued first made steps slower (its CTAs take
     // every SM they can; the LoRA blocks then wait or delay its tail). bench/runs/2026-11-29-rows.
     // (SetLoraGemmFirstForTest reverses the order, for A/B runs with a GEMM for fewer SMs.)
@@ -981,7 +962,6 @@ class CudaOps final : public Ops {
   std::unique_ptr<CublasLtGemm> gemm_;
   std::unique_ptr<CublasLtGemm> gemm_beside_lora_;  // SetLoraGemmSmsForTest; null: gemm_
   int lora_gemm_first_min_slices_ = 0;              // SetLoraGemmFirstForTest
-  bool lora_swap_streams_ = false;                  // SetLoraSwapStreamsForTest
   int lora_inline_min_segments_ = kLoraInlineMinSegments;  // SetLoraInlineForTest
   // The few-adapter tuning (kFewLoraSegments; SetLoraFewTuningForTest): null GEMM: off.
   std::unique_ptr<CublasLtGemm> lora_few_gemm_;
@@ -1158,12 +1138,6 @@ absl::Status SetLoraInlineForTest(Ops* ops, int min_segments) {
 absl::Status SetLoraFewTuningForTest(Ops* ops, int gemm_sms, int shrink_blocks, int min_tokens) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraFewTuningForTest"));
   return cuda->set_lora_few(gemm_sms, shrink_blocks, min_tokens);
-}
-
-absl::Status SetLoraSwapStreamsForTest(Ops* ops, bool swap) {
-  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraSwapStreamsForTest"));
-  cuda->set_lora_swap_streams(swap);
-  return absl::OkStatus();
 }
 
 absl::Status SetLoraGemmFirstForTest(Ops* ops, int min_slices) {

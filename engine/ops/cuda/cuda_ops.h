@@ -87,11 +87,6 @@ absl::Status SetLoraGemmSmsForTest(Ops* ops, int sms);
 // slices: 0 for none, 1 for all, 3 for qkv alone (its GEMM leaves 36 of 132 SMs free). Takes
 // effect for later calls and captures. INVALID_ARGUMENT below 0.
 absl::Status SetLoraGemmFirstForTest(Ops* ops, int min_slices);
-// GemmWithLora with its streams swapped where its GEMM is cuBLASLt's and the expand leaves a
-// delta (true): the shrink and expand on the ops' stream (the shrink a programmatic dependent of
-// the kernel before it), the GEMM on the side stream, so the op after it follows the expand
-// programmatically. An experiment (default false); the same bits. step_bench --lora-swap 1.
-absl::Status SetLoraSwapStreamsForTest(Ops* ops, bool swap);
 // A measurement (ops_cuda_test "TIME beside"): Gemm(x, w, 0, y) with a bandwidth probe on
 // GemmWithLora's side stream beside it, forked and joined the same way. The probe reads `bytes`
 // (a multiple of 16) from `src` with `blocks` blocks of one warp at most 32 registers a thread and
