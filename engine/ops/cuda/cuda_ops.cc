@@ -87,7 +87,7 @@ constexpr int kLoraExpandStages = 0;
 constexpr int kLoraWideExpandStages = 2;
 // Tokens of a segment an item of the streamed expand takes (LoraParams::expand_tokens): 4, what a
 // stage holds, so segments of 4-8 tokens read each tile of B once or twice instead of 2-4 times
-// (the item-by-item expand keeps the default, 2). Same process, tenth session
+// (the item-by-item expand keeps kLoraExpandTokens, 2). Same process, tenth session
 // (bench/runs/2026-11-29-tenth/1-expand-tokens): batch 32 with 8 adapters of ranks 8..64 1.247x ->
 // 1.228x, batch 64 1.367x -> 1.320x; for the item-by-item expand, 4 or more tokens an item made
 // batch 32 with one or 4 adapters slower (1.083x -> 1.096-1.413x).
@@ -106,6 +106,13 @@ constexpr int kLoraFewShrinkBlocks = 44;
 // lose with it (8 adapters of ranks 8..64: 1.262x -> 1.280x at batch 32).
 constexpr int kLoraManyNarrowShrinkSmShare = 2;  // 1/2 of the SMs
 constexpr int kLoraManyNarrowMinTokens = 32;
+// gate_up (the module of 2 slices, whose GEMM is the longest beside the fewest bytes of A) takes a
+// quarter of the SMs in such steps below kLoraGateUpQuarterMaxTokens tokens: batch 32 with 32
+// distinct r16 adapters 1.196-1.201x the base step against 1.197-1.222x with half (three against
+// four same-process runs); at batch 64 a quarter lost (1.367x vs 1.344-1.351x), and 22 or 44
+// blocks were no better at batch 32 (bench/runs/2026-11-30-thirteenth/4-gate-up-shrink).
+constexpr int kLoraManyNarrowGateUpSmShare = 4;
+constexpr int kLoraGateUpQuarterMaxTokens = 64;
 
 absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
   if (err == cudaSuccess) return absl::OkStatus();
@@ -410,6 +417,7 @@ class CudaOps final : public Ops {
   }
 
   void set_lora_gemm_first(int min_slices) { lora_gemm_first_min_slices_ = min_slices; }
+  void set_lora_module_shrink_blocks(int num_slices, int blocks) { lora_module_shrink_blocks_[num_slices] = blocks; }
   void set_lora_shrink_shape(int shape, int rows) {
     lora_shrink_shape_ = shape < 0 ? kLoraShrinkShape : shape;
     lora_shrink_rows_ = rows;
@@ -836,9 +844,16 @@ class CudaOps final : public Ops {
   int ShrinkBlocks(const LoraSegments& segments, const LoraModule& module, bool beside_gemm) const {
     const int blocks = LoraShrinkBlocks(num_sms_, segments.num_tokens, module.num_slices, module.max_rank, beside_gemm);
     if (lora_shrink_blocks_ > 0) return std::min(blocks, lora_shrink_blocks_);  // the test cap replaces the rule below
+    // SetLoraModuleShrinkBlocksForTest: the grid beside the GEMM of a many-adapter step for
+    // modules of this many slices, in place of the rules.
+    const int by_module =
+        module.num_slices >= 1 && module.num_slices <= 3 ? lora_module_shrink_blocks_[module.num_slices] : 0;
+    if (beside_gemm && by_module > 0 && SegmentsBound(segments) > kFewLoraSegments) return by_module;
     if (beside_gemm && !segments.wide_ranks && SegmentsBound(segments) > kFewLoraSegments &&
         segments.num_tokens >= kLoraManyNarrowMinTokens) {
-      return std::min(blocks, std::max(1, num_sms_ / kLoraManyNarrowShrinkSmShare));
+      const bool quarter = module.num_slices == 2 && segments.num_tokens < kLoraGateUpQuarterMaxTokens;
+      const int share = quarter ? kLoraManyNarrowGateUpSmShare : kLoraManyNarrowShrinkSmShare;
+      return std::min(blocks, std::max(1, num_sms_ / share));
     }
     return blocks;
   }
@@ -861,7 +876,9 @@ class CudaOps final : public Ops {
     p.expand_stages = lora_expand_stages_ >= 0 ? lora_expand_stages_
                       : segments.wide_ranks      ? kLoraWideExpandStages
                                                  : kLoraExpandStages;
-    p.expand_tokens = lora_expand_tokens_ > 0 ? lora_expand_tokens_ : p.expand_stages >= 2 ? kLoraWideExpandTokens : 0;
+    p.expand_tokens = lora_expand_tokens_ > 0 ? lora_expand_tokens_
+                      : p.expand_stages >= 2  ? kLoraWideExpandTokens
+                                              : kLoraExpandTokens;
     p.bf16_delta = lora_bf16_delta_;
     return p;
   }
@@ -927,6 +944,7 @@ class CudaOps final : public Ops {
   void* attention_scratch_ = nullptr;
   void* lora_partials_ = nullptr;
   int lora_shrink_blocks_ = 0;  // a cap on the shrink's grid (tests); 0: LoraShrinkBlocks alone
+  int lora_module_shrink_blocks_[4] = {0, 0, 0, 0};  // SetLoraModuleShrinkBlocksForTest, by slices
   int lora_shrink_warps_ = 0;   // SetLoraShrinkWarpsForTest; 0: by in_features
   int lora_shrink_shape_ = kLoraShrinkShape;  // SetLoraShrinkShapeForTest (LoraParams::shrink_shape)
   int lora_shrink_rows_ = 0;    // SetLoraShrinkShapeForTest (LoraParams::shrink_rows)
@@ -1104,6 +1122,16 @@ absl::Status GemmBesideProbeForTest(Ops* ops, const TensorView& x, const TensorV
     return Invalid("GemmBesideProbeForTest", absl::StrCat("bytes ", bytes, " (a multiple of 16), blocks ", blocks));
   }
   return cuda->GemmBesideProbe(x, w, y, src, bytes, blocks, sink, gemm, probe_first);
+}
+
+absl::Status SetLoraModuleShrinkBlocksForTest(Ops* ops, int num_slices, int blocks) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraModuleShrinkBlocksForTest"));
+  if (num_slices < 1 || num_slices > 3 || blocks < 0 || blocks > 4096) {
+    return Invalid("SetLoraModuleShrinkBlocksForTest",
+                   absl::StrCat(num_slices, " slices, ", blocks, " blocks: want 1-3 slices and 0-4096 blocks"));
+  }
+  cuda->set_lora_module_shrink_blocks(num_slices, blocks);
+  return absl::OkStatus();
 }
 
 absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows) {

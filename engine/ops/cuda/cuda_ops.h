@@ -69,6 +69,11 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
 // its segments are enough to fill a quarter of the grid. rows 4, 8 or 16; 0: the fewest that make
 // no more items than blocks. y gets the same bits either way. INVALID_ARGUMENT for other values.
 absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0);
+// The decode shrink's grid beside the GEMM in steps of more than kFewLoraSegments segments, for
+// modules of `num_slices` slices (3: qkv; 2: gate_up; 1: o and down), in place of the rules
+// (0: the rules). An experiment: step_bench --lora-shrink-blocks-s1/-s2/-s3. INVALID_ARGUMENT
+// outside 1-3 slices or 0-4096 blocks.
+absl::Status SetLoraModuleShrinkBlocksForTest(Ops* ops, int num_slices, int blocks);
 // The decode expand's pipeline: 0 takes a block's items one after another; 2 or 3 streams them,
 // keeping that many items' B tiles and y in shared memory and copying the next while it
 // multiplies the current (LoraParams::expand_stages); -1 restores the default (item by item for
