@@ -24,7 +24,7 @@
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
 //                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N]
 //                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2]
-//                   [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N] [--skinny-warps 4|8] [--skinny-lora-warps 4|8] [--variants "FLAGS;FLAGS;..."]
+//                   [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --skinny-gemm 0: every projection on cuBLASLt (default 2: projections of up to 16 rows, plain
 //     or LoRA-wrapped, on the executor's own kernel where it applies, skinny_gemm.h; 1: plain ones
@@ -32,8 +32,6 @@
 //     executor runs them.
 //   --lora-bf16-delta 0: the decode expand's product kept in F32 until it is added, and
 //     GemmWithLora's delta F32 (default 1: rounded to bf16, a BF16 delta).
-//   --skinny-warps 8, --skinny-lora-warps 8: the skinny GEMM on 8 warps a block (two a column
-//     group, each taking half the k slices) for Gemm / GemmWithLora's GEMM (an experiment; 4).
 //   --lora-shrink-blocks-s1/-s2/-s3 N: the shrink's grid beside the GEMM in many-adapter steps for
 //     modules of 1 (o, down), 2 (gate_up) or 3 (qkv) slices (an experiment; 0: the rules).
 //   --skinny-hoist 0|1|2: where the skinny GEMM takes its build with copy addresses hoisted out of
@@ -153,8 +151,6 @@ struct LoraTuning {
   int skinny_gemm = 2;  // SetSkinnyGemmForTest's mode (0: cuBLASLt always; 1: plain projections only)
   int bf16_delta = 1;   // SetLoraBf16DeltaForTest (0: the F32 delta)
   int module_shrink_blocks[4] = {0, 0, 0, 0};  // SetLoraModuleShrinkBlocksForTest, by slices (0: the rules)
-  int skinny_warps = 4;       // SetSkinnyGemmWarpsForTest: Gemm's
-  int skinny_lora_warps = 4;  // and GemmWithLora's
   int skinny_hoist = 1;  // SetSkinnyGemmHoistForTest (hoisted copy addresses: 0 never, 1 Gemm, 2 also beside LoRA)
 };
 
@@ -172,7 +168,6 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmForTest(ops, t.skinny_gemm));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraBf16DeltaForTest(ops, t.bf16_delta != 0));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmHoistForTest(ops, t.skinny_hoist));
-  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmWarpsForTest(ops, t.skinny_warps, t.skinny_lora_warps));
   for (int s = 1; s <= 3; ++s) {
     LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraModuleShrinkBlocksForTest(ops, s, t.module_shrink_blocks[s]));
   }
@@ -616,8 +611,6 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-shrink-blocks-s1") return ParseFlag(flag, value, 0, 4096, &t->module_shrink_blocks[1]);
   if (flag == "--lora-shrink-blocks-s2") return ParseFlag(flag, value, 0, 4096, &t->module_shrink_blocks[2]);
   if (flag == "--lora-shrink-blocks-s3") return ParseFlag(flag, value, 0, 4096, &t->module_shrink_blocks[3]);
-  if (flag == "--skinny-warps") return ParseFlag(flag, value, 4, 8, &t->skinny_warps);
-  if (flag == "--skinny-lora-warps") return ParseFlag(flag, value, 4, 8, &t->skinny_lora_warps);
   if (flag == "--skinny-hoist") return ParseFlag(flag, value, 0, 2, &t->skinny_hoist);
   if (flag == "--lora-few-gemm-sms") return ParseFlag(flag, value, 0, 1 << 20, &t->few_gemm_sms);
   if (flag == "--lora-few-shrink-blocks") return ParseFlag(flag, value, 1, 1 << 20, &t->few_shrink_blocks);
@@ -649,7 +642,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N] [--skinny-warps 4|8] [--skinny-lora-warps 4|8] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;

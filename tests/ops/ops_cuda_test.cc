@@ -349,15 +349,6 @@ void SkinnyGemmTests() {
       const absl::Status plain = TestGemm(m, n, k, false, 0.0f, off, w, *d_w);
       LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, 1));
       LORAPLEX_RETURN_IF_ERROR(plain);
-      // The 8-warp build (SetSkinnyGemmWarpsForTest), hoisted and not, against the CPU.
-      for (int hoist : {1, 0}) {
-        LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmWarpsForTest(g_gpu, 8, 4));
-        LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, hoist));
-        const absl::Status eight = TestGemm(m, n, k, false, 0.0f, off, w, *d_w);
-        LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, 1));
-        LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmWarpsForTest(g_gpu, 4, 4));
-        LORAPLEX_RETURN_IF_ERROR(eight);
-      }
       LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, 0));
       const absl::Status lt = TestGemm(m, n, k, false, 0.0f, off, w, *d_w);
       LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmForTest(g_gpu, g_skinny_mode));
@@ -414,22 +405,6 @@ void SkinnyGemmTests() {
     LORAPLEX_RETURN_IF_ERROR(plain_run);
     LORAPLEX_ASSIGN_OR_RETURN(const std::vector<float> plain, result());
     Compare("Gemm skinny chain, unhoisted copies vs default", plain, eager, 0.0, std::vector<uint8_t>(kH, 0));
-    // The 8-warp build, unhoisted and hoisted: its own sums (within rounding of cuBLASLt's), the
-    // same bits both ways.
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmWarpsForTest(g_gpu, 8, 4));
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, 0));
-    const absl::Status eight_plain_run = body();
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, 1));
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmWarpsForTest(g_gpu, 4, 4));
-    LORAPLEX_RETURN_IF_ERROR(eight_plain_run);
-    LORAPLEX_ASSIGN_OR_RETURN(const std::vector<float> eight_plain, result());
-    Compare("Gemm skinny chain, 8 warps vs cuBLASLt's", eight_plain, lt, 3 * kTolBf16);
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmWarpsForTest(g_gpu, 8, 4));
-    const absl::Status eight_run = body();
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmWarpsForTest(g_gpu, 4, 4));
-    LORAPLEX_RETURN_IF_ERROR(eight_run);
-    LORAPLEX_ASSIGN_OR_RETURN(const std::vector<float> eight, result());
-    Compare("Gemm skinny chain, 8 warps hoisted vs not", eight, eight_plain, 0.0, std::vector<uint8_t>(kH, 0));
     LORAPLEX_ASSIGN_OR_RETURN(auto graph, cuda::CaptureCudaGraph(g_gpu, body));
     for (int replay = 0; replay < 3; ++replay) {
       LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_y.data(), 0xFF, kH * 2));
@@ -1400,14 +1375,6 @@ absl::Status LoraTests() {
   }
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[hoisted beside] down", *down, 8, true, true, 3));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmHoistForTest(g_gpu, 1));
-  // The 8-warp build for Gemm and GemmWithLora's GEMM (the plain GEMM the check compares with
-  // takes it too, so untouched elements still match bit for bit).
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmWarpsForTest(g_gpu, 8, 8));
-  for (bool graph : {false, true}) {
-    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[8 warps] one token", *world, 1, true, graph, 3));
-  }
-  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[8 warps] down", *down, 8, true, true, 3));
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetSkinnyGemmWarpsForTest(g_gpu, 4, 4));
   // The few-adapter tuning (a GEMM chosen for fewer SMs, a smaller shrink grid) for calls that
   // say they have at most 4 segments and 32 tokens or more (more segments still come right).
   for (bool graph : {false, true}) {

@@ -233,7 +233,6 @@ class CudaOps final : public Ops {
   void set_lora_fold(bool fold) { lora_fold_ = fold; }
   void set_lora_bf16_delta(bool bf16) { lora_bf16_delta_ = bf16; }
   void set_skinny_hoist(int mode) { skinny_hoist_ = mode; }
-  void set_skinny_warps(int warps, bool beside_lora) { (beside_lora ? skinny_lora_warps_ : skinny_warps_) = warps; }
   void set_lora_shrink_warps(int warps) { lora_shrink_warps_ = warps; }
 
   void set_lora_tuning(int shrink_blocks, bool overlap, bool fork) {
@@ -364,16 +363,15 @@ class CudaOps final : public Ops {
   absl::Status Gemm(const TensorView& x, const TensorView& w, float beta, const TensorView& y) override {
     LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     const int splits = SkinnySplits(x, w, beta, y);
-    if (splits > 0) return RunSkinnyGemm(x, w, y, splits, /*hoisted=*/skinny_hoist_ >= 1, skinny_warps_);
+    if (splits > 0) return RunSkinnyGemm(x, w, y, splits, /*hoisted=*/skinny_hoist_ >= 1);
     return RunGemm(*gemm_, x, w, beta, y);
   }
 
-  absl::Status RunSkinnyGemm(const TensorView& x, const TensorView& w, const TensorView& y, int splits, bool hoisted,
-                             int warps) {
+  absl::Status RunSkinnyGemm(const TensorView& x, const TensorView& w, const TensorView& y, int splits, bool hoisted) {
     LORAPLEX_RETURN_IF_ERROR(CheckGemm("Gemm", x, w, y));
     return CudaStatus(LaunchSkinnyGemm(x.data, w.data, static_cast<int>(x.shape[0]), static_cast<int>(w.shape[0]),
                                        static_cast<int>(x.shape[1]), splits, skinny_scratch_, y.data, stream_,
-                                       hoisted, warps),
+                                       hoisted),
                       "Gemm (skinny)");
   }
 
@@ -413,7 +411,7 @@ class CudaOps final : public Ops {
   absl::Status GemmBesideLora(const TensorView& x, const TensorView& w, const TensorView& y) {
     if (skinny_mode_ == 2) {
       const int splits = SkinnySplits(x, w, 0.0f, y);
-      if (splits > 0) return RunSkinnyGemm(x, w, y, splits, /*hoisted=*/skinny_hoist_ >= 2, skinny_lora_warps_);
+      if (splits > 0) return RunSkinnyGemm(x, w, y, splits, /*hoisted=*/skinny_hoist_ >= 2);
     }
     return RunGemm(gemm_beside_lora_ != nullptr ? *gemm_beside_lora_ : *gemm_, x, w, 0.0f, y);
   }
@@ -960,8 +958,6 @@ class CudaOps final : public Ops {
   int sample_blocks_per_row_ = 0;  // SetSampleBlocksForTest (0: by the launch's rows)
   int skinny_mode_ = 2;              // SetSkinnyGemmForTest
   int skinny_hoist_ = 1;             // SetSkinnyGemmHoistForTest
-  int skinny_warps_ = 4;             // SetSkinnyGemmWarpsForTest: Gemm's
-  int skinny_lora_warps_ = 4;        // and GemmWithLora's
   SkinnyGemmScratch skinny_scratch_;  // the skinny GEMM's split partials and counters
   SampleWave sample_wave_;          // QuerySampleWave at Create
   int lora_tc_min_tokens_ = kLoraTensorCoreMinTokens;
@@ -1218,16 +1214,6 @@ absl::Status SetSkinnyGemmHoistForTest(Ops* ops, int mode) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetSkinnyGemmHoistForTest"));
   if (mode < 0 || mode > 2) return Invalid("SetSkinnyGemmHoistForTest", absl::StrCat("mode ", mode, " not 0 to 2"));
   cuda->set_skinny_hoist(mode);
-  return absl::OkStatus();
-}
-
-absl::Status SetSkinnyGemmWarpsForTest(Ops* ops, int warps, int lora_warps) {
-  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetSkinnyGemmWarpsForTest"));
-  for (const int w : {warps, lora_warps}) {
-    if (w != 4 && w != 8) return Invalid("SetSkinnyGemmWarpsForTest", absl::StrCat(w, " warps, not 4 or 8"));
-  }
-  cuda->set_skinny_warps(warps, false);
-  cuda->set_skinny_warps(lora_warps, true);
   return absl::OkStatus();
 }
 

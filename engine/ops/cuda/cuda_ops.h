@@ -147,12 +147,6 @@ absl::Status SetSkinnyGemmForTest(Ops* ops, int mode);
 // batches 1 and 8, and LoRA steps 0.6% slower where it runs beside the LoRA kernels, hence mode 1
 // (bench/RESULTS.md, thirteenth session). step_bench --skinny-hoist. INVALID_ARGUMENT for others.
 absl::Status SetSkinnyGemmHoistForTest(Ops* ops, int mode);
-// The skinny GEMM's warps a block, for Gemm and for GemmWithLora's GEMM: 4 (the default) or 8,
-// an experiment not yet run on a GPU (two warps a column group, each taking half of a stage's k
-// slices, for twice the warps an SM in a kernel bound by issue latency; other fp32 sums, so not
-// the 4-warp bits). step_bench --skinny-warps N / --skinny-lora-warps N. INVALID_ARGUMENT for
-// others.
-absl::Status SetSkinnyGemmWarpsForTest(Ops* ops, int warps, int lora_warps);
 // The splits of K that Gemm(x, w, beta, y) takes in that kernel now, or 0 for cuBLASLt.
 absl::StatusOr<int> SkinnyGemmSplitsForTest(Ops* ops, const TensorView& x, const TensorView& w, float beta,
                                             const TensorView& y);

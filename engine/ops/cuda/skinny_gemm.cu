@@ -21,11 +21,7 @@ constexpr int kNTile = 128;               // W rows (output columns) a block
 constexpr int kKStep = 64;                // k a pipeline stage
 constexpr int kStages = 4;
 constexpr int kWarps = 4;                 // 32 of the tile's columns each
-// kKSplit warps a column group (SetSkinnyGemmForTest's warps: 4 or 8 a block), each taking every
-// kKSplit-th 16-wide k slice of a stage; their sums meet in shared memory at the end.
-template <int kKSplit>
-constexpr int kThreadsOf = kWarps * kKSplit * kWarpSize;
-constexpr int kThreads = kThreadsOf<1>;
+constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kBlocksPerSm = 3;
 constexpr int kMaxSplits = 32;
 constexpr int kRowBytes = kKStep * 2;     // a tile row: 8 chunks of 16 bytes
@@ -51,15 +47,11 @@ __device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
 // instead of the copy loops' index arithmetic every stage: 91 instructions a k step instead of
 // 338 in the loop's SASS, for a kernel Nsight Compute found bound by instruction issue
 // (bench/RESULTS.md, twelfth session). The same copies into the same places: the same bits.
-// kKSplit 2 (an experiment, not yet run on a GPU): 8 warps a block, twice the warps an SM to hide
-// the issue latency Nsight Compute found binding; warp w takes columns 32·(w % 4) and the k slices
-// of parity w / 4, and the two halves' sums are added in shared memory at the end (a different
-// order of fp32 sums from kKSplit 1, so not the same bits; deterministic).
 // On an H200 base decode steps are 1.1-1.4% faster with it at batches 1 and 8, and LoRA steps
 // 0.6% slower where it runs beside the LoRA kernels (thirteenth session), so Gemm takes it and
 // GemmWithLora's GEMM by default does not (SetSkinnyGemmHoistForTest).
-template <bool kHoist, int kKSplit = 1>
-__global__ void __launch_bounds__(kThreadsOf<kKSplit>, kBlocksPerSm)
+template <bool kHoist>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     SkinnyGemmKernel(const bf16* __restrict__ x, const bf16* __restrict__ w, int M, int N, int K, int k_len,
                      float* __restrict__ partial, unsigned* __restrict__ counters, bf16* __restrict__ y) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -68,17 +60,13 @@ __global__ void __launch_bounds__(kThreadsOf<kKSplit>, kBlocksPerSm)
   const int n0 = blockIdx.x * kNTile;
   const int k0 = blockIdx.y * k_len;
   const int steps = k_len / kKStep;
-  constexpr int kBlockThreads = kThreadsOf<kKSplit>;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int cols_warp = kKSplit == 1 ? warp : warp % kWarps;  // the warp's 32 columns
-  const int k_part = kKSplit == 1 ? 0 : warp / kWarps;        // its k slices: k_part, + kKSplit, ...
   AllowDependentLaunch();  // the next op may be scheduled now; it waits for this kernel to complete
 
-  constexpr int kPass = kBlockThreads / 8;  // rows a pass of the block's threads copies
-  static_assert(kNTile % kPass == 0 && (kSkinnyGemmMaxRows % kPass == 0 || kPass % kSkinnyGemmMaxRows == 0));
-  constexpr int kWCopies = kNTile / kPass, kXCopies = kPass <= kSkinnyGemmMaxRows ? kSkinnyGemmMaxRows / kPass : 1;
+  constexpr int kPass = kThreads / 8;  // rows a pass of the block's threads copies
+  static_assert(kNTile % kPass == 0 && kSkinnyGemmMaxRows % kPass == 0);
+  constexpr int kWCopies = kNTile / kPass, kXCopies = kSkinnyGemmMaxRows / kPass;
   const int my_row = tid >> 3, my_chunk = tid & 7;
-  const bool copies_x = kPass <= kSkinnyGemmMaxRows || my_row < kSkinnyGemmMaxRows;  // all unless kPass > 16
   const uint32_t my_off = TileOffset(my_row, my_chunk);  // rows kPass apart share the swizzle
   StageCopies<kWCopies> w_copies;
   StageCopies<kXCopies> x_copies;
@@ -95,7 +83,7 @@ __global__ void __launch_bounds__(kThreadsOf<kKSplit>, kBlocksPerSm)
     const int k = k0 + step * kKStep;
     const uint32_t wb = SmemAddr(w_s + stage * kWStageBytes);
 #pragma unroll
-    for (int c = tid; c < kNTile * 8; c += kBlockThreads) {
+    for (int c = tid; c < kNTile * 8; c += kThreads) {
       const int row = c >> 3, chunk = c & 7;
       const bool ok = n0 + row < N;
       CpAsync16OrZero(wb + TileOffset(row, chunk), w + static_cast<int64_t>(ok ? n0 + row : 0) * K + k + chunk * 8, ok);
@@ -103,12 +91,12 @@ __global__ void __launch_bounds__(kThreadsOf<kKSplit>, kBlocksPerSm)
   };
   auto load_x = [&](int stage, int step) {
     if constexpr (kHoist) {
-      if (copies_x) x_copies.Issue(SmemAddr(x_s + stage * kXStageBytes) + my_off, kPass * kRowBytes, step * kKStep);
+      x_copies.Issue(SmemAddr(x_s + stage * kXStageBytes) + my_off, kPass * kRowBytes, step * kKStep);
       return;
     }
     const int k = k0 + step * kKStep;
     const uint32_t xb = SmemAddr(x_s + stage * kXStageBytes);
-    for (int c = tid; c < kSkinnyGemmMaxRows * 8; c += kBlockThreads) {
+    for (int c = tid; c < kSkinnyGemmMaxRows * 8; c += kThreads) {
       const int row = c >> 3, chunk = c & 7;
       const bool ok = row < M;
       CpAsync16OrZero(xb + TileOffset(row, chunk), x + static_cast<int64_t>(ok ? row : 0) * K + k + chunk * 8, ok);
@@ -139,8 +127,7 @@ __global__ void __launch_bounds__(kThreadsOf<kKSplit>, kBlocksPerSm)
     const int st = step % kStages;
     const uint32_t wb = SmemAddr(w_s + st * kWStageBytes), xb = SmemAddr(x_s + st * kXStageBytes);
 #pragma unroll
-    for (int kk0 = 0; kk0 < kKStep / 16; kk0 += kKSplit) {
-      const int kk = kk0 + k_part;
+    for (int kk = 0; kk < kKStep / 16; ++kk) {
       // x: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
       uint32_t a[4];
       Ldmatrix4(xb + TileOffset((lane & 7) + 8 * ((lane >> 3) & 1), kk * 2 + (lane >> 4)), a);
@@ -149,40 +136,18 @@ __global__ void __launch_bounds__(kThreadsOf<kKSplit>, kBlocksPerSm)
       for (int np = 0; np < 2; ++np) {
         uint32_t b[4];
         const int q = lane >> 3;
-        Ldmatrix4(wb + TileOffset(cols_warp * 32 + np * 16 + (q >> 1) * 8 + (lane & 7), kk * 2 + (q & 1)), b);
+        Ldmatrix4(wb + TileOffset(warp * 32 + np * 16 + (q >> 1) * 8 + (lane & 7), kk * 2 + (q & 1)), b);
         MmaBf16(acc[np * 2], a, b[0], b[1]);
         MmaBf16(acc[np * 2 + 1], a, b[2], b[3]);
       }
     }
   }
   CpAsyncWait<0>();
-  if constexpr (kKSplit > 1) {
-    // The other k parts' sums into the first's, through the (no longer read) stages of W.
-    static_assert(kWarps * (kKSplit - 1) * kWarpSize * 16 * sizeof(float) <= kStages * kWStageBytes);
-    float* parts = reinterpret_cast<float*>(w_s);
-    __syncthreads();  // every warp is done with the stages
-    if (k_part > 0) {
-      float* mine = parts + ((k_part - 1) * kWarps + cols_warp) * kWarpSize * 16 + lane;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) mine[i * kWarpSize] = acc[i / 4][i % 4];
-    }
-    __syncthreads();
-    if (k_part == 0) {
-#pragma unroll
-      for (int p = 1; p < kKSplit; ++p) {
-        const float* theirs = parts + ((p - 1) * kWarps + cols_warp) * kWarpSize * 16 + lane;
-#pragma unroll
-        for (int i = 0; i < 16; ++i) acc[i / 4][i % 4] += theirs[i * kWarpSize];
-      }
-    }
-  }
-  // Accumulator nt: rows lane/4 (+8), columns nt·8 + 2·(lane%4) (+1) of the warp's 32 (the
-  // first k part's warps write them).
+  // Accumulator nt: rows lane/4 (+8), columns nt·8 + 2·(lane%4) (+1) of the warp's 32.
   const bool split = gridDim.y > 1;
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt) {
-    if (k_part != 0) break;
-    const int n = n0 + cols_warp * 32 + nt * 8 + 2 * (lane & 3);
+    const int n = n0 + warp * 32 + nt * 8 + 2 * (lane & 3);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int m = (lane >> 2) + 8 * half;
@@ -216,7 +181,7 @@ __global__ void __launch_bounds__(kThreadsOf<kKSplit>, kBlocksPerSm)
   const int64_t stride = static_cast<int64_t>(M) * N;  // one split's partials
   if ((N & 3) == 0) {  // 4 columns a thread (cols and n0 are multiples of 4), every split's load in flight
     const int quads = cols / 4;
-    for (int e = tid; e < M * quads; e += kBlockThreads) {
+    for (int e = tid; e < M * quads; e += kThreads) {
       const int m = e / quads, n = n0 + (e % quads) * 4;
       const float* p = partial + static_cast<int64_t>(m) * N + n;
       float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -233,7 +198,7 @@ __global__ void __launch_bounds__(kThreadsOf<kKSplit>, kBlocksPerSm)
       out[1] = __floats2bfloat162_rn(sum.z, sum.w);
     }
   } else {
-    for (int e = tid; e < M * cols; e += kBlockThreads) {
+    for (int e = tid; e < M * cols; e += kThreads) {
       const int m = e / cols, n = n0 + e % cols;
       const float* p = partial + static_cast<int64_t>(m) * N + n;
       float sum = 0.0f;
@@ -274,39 +239,27 @@ size_t SkinnyGemmMaxPartialBytes(int num_sms) {
 int SkinnyGemmMaxTiles(int num_sms) { return std::max(num_sms, 1) * kBlocksPerSm; }
 
 cudaError_t InitSkinnyGemm() {
-  for (const void* kernel : {reinterpret_cast<const void*>(SkinnyGemmKernel<false, 1>),
-                             reinterpret_cast<const void*>(SkinnyGemmKernel<true, 1>),
-                             reinterpret_cast<const void*>(SkinnyGemmKernel<false, 2>),
-                             reinterpret_cast<const void*>(SkinnyGemmKernel<true, 2>)}) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (e != cudaSuccess) return e;
-  }
-  return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(SkinnyGemmKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             kSmemBytes);
+  if (e != cudaSuccess) return e;
+  return cudaFuncSetAttribute(SkinnyGemmKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
 }
 
 cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, int splits,
-                             const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream, bool hoisted,
-                             int warps) {
+                             const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream, bool hoisted) {
   const int tiles = (n + kNTile - 1) / kNTile;
   if (m < 1 || m > kSkinnyGemmMaxRows || n < 1 || k % kKStep != 0 || splits < 1 || (k / kKStep) % splits != 0 ||
-      !IsAligned16(x) || !IsAligned16(w) || !IsAligned16(y) || (warps != 4 && warps != 8)) {
+      !IsAligned16(x) || !IsAligned16(w) || !IsAligned16(y)) {
     return cudaErrorInvalidValue;
   }
   if (splits > 1 && (scratch.partial == nullptr || scratch.counters == nullptr || tiles > scratch.num_counters ||
                      SkinnyGemmPartialBytes(m, n, splits) > scratch.partial_bytes)) {
     return cudaErrorInvalidValue;
   }
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
-  const bf16* xb = static_cast<const bf16*>(x);
-  const bf16* wb = static_cast<const bf16*>(w);
-  bf16* yb = static_cast<bf16*>(y);
-  if (warps == 8) {
-    return LaunchDependent(hoisted ? SkinnyGemmKernel<true, 2> : SkinnyGemmKernel<false, 2>, grid,
-                           dim3(kThreadsOf<2>), kSmemBytes, stream, xb, wb, m, n, k, k / splits, scratch.partial,
-                           scratch.counters, yb);
-  }
-  return LaunchDependent(hoisted ? SkinnyGemmKernel<true, 1> : SkinnyGemmKernel<false, 1>, grid, dim3(kThreads),
-                         kSmemBytes, stream, xb, wb, m, n, k, k / splits, scratch.partial, scratch.counters, yb);
+  return LaunchDependent(hoisted ? SkinnyGemmKernel<true> : SkinnyGemmKernel<false>,
+                         dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits)), dim3(kThreads), kSmemBytes,
+                         stream, static_cast<const bf16*>(x), static_cast<const bf16*>(w), m, n, k, k / splits,
+                         scratch.partial, scratch.counters, static_cast<bf16*>(y));
 }
 
 }  // namespace loraplex::ops::cuda

@@ -52,10 +52,8 @@ cudaError_t InitSkinnyGemm();
 // dependent of the kernel before it on `stream`. cudaErrorInvalidValue for arguments outside these
 // bounds.
 // hoisted: the build whose copy addresses are computed once before the pipeline (the same bits;
-// faster alone, slower beside the LoRA kernels: SetSkinnyGemmHoistForTest). warps: 4 a block, or
-// 8 (an experiment: two warps a column group, each taking half the k slices; other fp32 sums).
+// faster alone, slower beside the LoRA kernels: SetSkinnyGemmHoistForTest).
 cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, int splits,
-                             const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream, bool hoisted = false,
-                             int warps = 4);
+                             const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream, bool hoisted = false);
 
 }  // namespace loraplex::ops::cuda
