@@ -67,12 +67,14 @@ echo "== LoRA kernels (graph; all in logs/ops_cuda_test.log)"
 grep -h '^TIME LoRA' "$logs/ops_cuda_test.log" 2>/dev/null | grep -E 'qkv|prefill' | grep -v blk | cut -c11-200
 echo "== step bench"; grep -E '^(roofline|decode|prefill|ranks) ' "$logs/step_bench.log" | grep -v '\[v[0-9]*\]'
 grep -h '^ranks:' "$logs/step_bench.log"
-# --variants rows (STEP_BENCH_TUNINGS), compact: x base per scenario and batch.
+# --variants rows (STEP_BENCH_TUNINGS), compact: the base step's ms, then x base per scenario and
+# batch (a variant can move the base step too, which the ratios alone hide).
 if grep -q '^variant v' "$logs/step_bench.log" 2>/dev/null; then
-  echo "== step bench variants (x base)"; grep '^variant v' "$logs/step_bench.log"
-  grep -E '^decode .*\[v[0-9]+\]' "$logs/step_bench.log" | grep -v ' base' |
+  echo "== step bench variants (base ms, x base)"; grep '^variant v' "$logs/step_bench.log"
+  grep -E '^decode .*\[v[0-9]+\]' "$logs/step_bench.log" |
     awk '{ n = NF; key = $(n - 6) " b" $(n - 5); if (key != last) { printf "%s%s:", (NR > 1 ? "\n" : ""), key; last = key }
-           printf "  %s %s %s", $2, $3, $(n - 1) } END { print "" }'
+           name = $2; for (i = 3; i <= n - 7; ++i) name = name " " $i
+           if (name == "base") printf "  base %s ms", $(n - 3); else printf "  %s %s", name, $(n - 1) } END { print "" }'
 fi
 for f in "$logs"/step_bench_variant*.log; do
   [ -f "$f" ] && { echo "== step bench variant: $(head -n 1 "$f")"; grep -E '^decode ' "$f" | grep -v eager; }
