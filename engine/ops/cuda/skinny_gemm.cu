@@ -75,32 +75,27 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     x_copies.Init(x, K, my_row, kPass, M, k0 + my_chunk * 8);
   }
 
-  auto load_w = [&](int stage, int step) {
+  // One stage's copies of `rows` rows of `src` from row `first` (zeros at or past `limit`),
+  // hoisted (`hoisted`'s addresses) or with the index arithmetic done here.
+  auto load = [&](uint32_t dst, const auto& hoisted, const bf16* src, int first, int rows, int limit, int step) {
     if constexpr (kHoist) {
-      w_copies.Issue(SmemAddr(w_s + stage * kWStageBytes) + my_off, kPass * kRowBytes, step * kKStep);
+      hoisted.Issue(dst + my_off, kPass * kRowBytes, step * kKStep);
       return;
     }
     const int k = k0 + step * kKStep;
-    const uint32_t wb = SmemAddr(w_s + stage * kWStageBytes);
 #pragma unroll
-    for (int c = tid; c < kNTile * 8; c += kThreads) {
+    for (int c = tid; c < rows * 8; c += kThreads) {
       const int row = c >> 3, chunk = c & 7;
-      const bool ok = n0 + row < N;
-      CpAsync16OrZero(wb + TileOffset(row, chunk), w + static_cast<int64_t>(ok ? n0 + row : 0) * K + k + chunk * 8, ok);
+      const bool ok = first + row < limit;
+      CpAsync16OrZero(dst + TileOffset(row, chunk), src + static_cast<int64_t>(ok ? first + row : 0) * K + k + chunk * 8,
+                      ok);
     }
   };
+  auto load_w = [&](int stage, int step) {
+    load(SmemAddr(w_s + stage * kWStageBytes), w_copies, w, n0, kNTile, N, step);
+  };
   auto load_x = [&](int stage, int step) {
-    if constexpr (kHoist) {
-      x_copies.Issue(SmemAddr(x_s + stage * kXStageBytes) + my_off, kPass * kRowBytes, step * kKStep);
-      return;
-    }
-    const int k = k0 + step * kKStep;
-    const uint32_t xb = SmemAddr(x_s + stage * kXStageBytes);
-    for (int c = tid; c < kSkinnyGemmMaxRows * 8; c += kThreads) {
-      const int row = c >> 3, chunk = c & 7;
-      const bool ok = row < M;
-      CpAsync16OrZero(xb + TileOffset(row, chunk), x + static_cast<int64_t>(ok ? row : 0) * K + k + chunk * 8, ok);
-    }
+    load(SmemAddr(x_s + stage * kXStageBytes), x_copies, x, 0, kSkinnyGemmMaxRows, M, step);
   };
 
   // The first kStages - 1 stages: W of all of them, then (x being the kernel before's output) x
