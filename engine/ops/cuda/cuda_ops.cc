@@ -101,9 +101,10 @@ constexpr int kLoraFewMinTokens = 32;
 constexpr int kLoraFewShrinkBlocks = 44;
 // Steps of more than kFewLoraSegments segments, ranks all <= kNarrowLoraRank and at least
 // kLoraManyNarrowMinTokens tokens run the shrink beside the GEMM on at most half the SMs instead
-// of 3/4: batch 32 with 32 distinct r16 adapters 1.212-1.224x the base step instead of 1.232-1.244x (three
-// same-process pairs; 55, 77 and 88 blocks in between; bench/runs/2026-11-29-ninth). Wider ranks
-// lose with it (8 adapters of ranks 8..64: 1.262x -> 1.280x at batch 32).
+// of 3/4: batch 32 with 32 distinct r16 adapters 1.212-1.224x the base step instead of
+// 1.232-1.244x (three same-process pairs; 55, 77 and 88 blocks in between;
+// bench/runs/2026-11-29-ninth). Wider ranks lose with it (8 adapters of ranks 8..64: 1.262x ->
+// 1.280x at batch 32).
 constexpr int kLoraManyNarrowShrinkSmShare = 2;  // 1/2 of the SMs
 constexpr int kLoraManyNarrowMinTokens = 32;
 // gate_up (the module of 2 slices, whose GEMM is the longest beside the fewest bytes of A) takes a

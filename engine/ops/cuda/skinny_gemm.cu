@@ -87,8 +87,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     for (int c = tid; c < rows * 8; c += kThreads) {
       const int row = c >> 3, chunk = c & 7;
       const bool ok = first + row < limit;
-      CpAsync16OrZero(dst + TileOffset(row, chunk), src + static_cast<int64_t>(ok ? first + row : 0) * K + k + chunk * 8,
-                      ok);
+      CpAsync16OrZero(dst + TileOffset(row, chunk),
+                      src + static_cast<int64_t>(ok ? first + row : 0) * K + k + chunk * 8, ok);
     }
   };
   auto load_w = [&](int stage, int step) {
