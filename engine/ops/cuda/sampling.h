@@ -33,9 +33,6 @@ struct SampledTokenDev {
 // Device scratch (bytes) that lets LaunchSample split its first pass over several blocks a row.
 size_t SampleScratchBytes(int64_t num_rows);
 
-// For r < num_rows: out[r] from logits [num_rows, vocab] F32 and rows[r]. vocab in [1, 2^31).
-// `scratch` (device, may be null): used when it holds SampleScratchBytes(num_rows); launches that
-// share it must be stream-ordered.
 // How many rows the GPU runs at once with 1, 2, 4 and 8 blocks a row (a block takes an SM; a
 // row's blocks are one cluster, so they must share a GPC). From the occupancy API, once.
 struct SampleWave {
@@ -43,6 +40,9 @@ struct SampleWave {
 };
 cudaError_t QuerySampleWave(SampleWave* wave);
 
+// For r < num_rows: out[r] from logits [num_rows, vocab] F32 and rows[r]. vocab in [1, 2^31).
+// `scratch` (device, may be null): used when it holds SampleScratchBytes(num_rows); launches that
+// share it must be stream-ordered.
 // Each row takes the most blocks (up to 8) with which the launch's rows still run at once (`wave`);
 // blocks_per_row 1, 2, 4 or 8 forces that many (tests), 0 chooses. The same results either way.
 cudaError_t LaunchSample(const float* logits, int64_t num_rows, int64_t vocab, const SamplingRowDev* rows,
