@@ -1,5 +1,7 @@
 #include "engine/layers/linear_with_lora.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
 
@@ -65,9 +67,16 @@ absl::Status LinearWithLora::SetWeight(ops::Ops& ops, const HostTensor& local_we
     src = converted.data();
   }
   const size_t bytes = count * DTypeSize(dtype);
-  LORAPLEX_ASSIGN_OR_RETURN(owned_weight_, ops.Allocate(bytes));
+  const int64_t spare_rows = std::max<int64_t>(0, ops.LoraWeightSpareRows(num_slices()));
+  const size_t spare_bytes = static_cast<size_t>(spare_rows * in_features_) * DTypeSize(dtype);
+  LORAPLEX_ASSIGN_OR_RETURN(owned_weight_, ops.Allocate(bytes + spare_bytes));
   LORAPLEX_RETURN_IF_ERROR(ops.CopyToDevice(owned_weight_.data(), src, bytes));
+  if (spare_bytes > 0) {
+    LORAPLEX_RETURN_IF_ERROR(ops.Memset(static_cast<char*>(owned_weight_.data()) + bytes, 0, spare_bytes));
+  }
   weight_ = owned_weight_.View(dtype, local_weight.shape());
+  spare_ops_ = spare_bytes > 0 ? &ops : nullptr;
+  if (spare_ops_ != nullptr && lora_ != nullptr) return spare_ops_->RegisterLoraWeight(weight_, *lora_);
   return absl::OkStatus();
 }
 
@@ -80,6 +89,7 @@ absl::Status LinearWithLora::ShareWeight(const TensorView& device_weight) {
   }
   owned_weight_ = ops::DeviceMemory();
   weight_ = device_weight;
+  spare_ops_ = nullptr;
   return absl::OkStatus();
 }
 
@@ -98,6 +108,7 @@ absl::Status LinearWithLora::SetLora(const ops::LoraModule* module) {
     }
   }
   lora_ = module;
+  if (spare_ops_ != nullptr && lora_ != nullptr) return spare_ops_->RegisterLoraWeight(weight_, *lora_);
   return absl::OkStatus();
 }
 

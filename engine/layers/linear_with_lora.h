@@ -29,7 +29,9 @@ class LinearWithLora {
   int64_t slice_row_begin(int s) const { return slice_row_begins_[static_cast<size_t>(s)]; }
 
   // Uploads this rank's weight [out_features, in_features] (F32/F16/BF16 host), converted to
-  // ops.compute_dtype(). INVALID_ARGUMENT on a shape mismatch.
+  // ops.compute_dtype(), followed in the same allocation by the zeroed spare rows the ops ask for
+  // (Ops::LoraWeightSpareRows; registered with the ops once SetLora gives the slot table).
+  // INVALID_ARGUMENT on a shape mismatch.
   absl::Status SetWeight(ops::Ops& ops, const HostTensor& local_weight);
   // Uses a device weight owned elsewhere (tied embeddings); it must outlive this layer.
   absl::Status ShareWeight(const TensorView& device_weight);
@@ -57,6 +59,7 @@ class LinearWithLora {
   std::vector<int64_t> slice_row_begins_;
   ops::DeviceMemory owned_weight_;
   TensorView weight_;
+  ops::Ops* spare_ops_ = nullptr;  // the ops SetWeight allocated spare rows for (null: none)
   const ops::LoraModule* lora_ = nullptr;
 };
 

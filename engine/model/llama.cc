@@ -152,6 +152,8 @@ struct LlamaModel::Impl {
   // WarmUp: the LoRA mode whose graph its step records (-1: the step's own). Every mode's graph
   // is correct for any step; the mode only tunes it.
   int warmup_mode = -1;
+  // slot_pool->uploads() when the ops were last told the slots changed (Ops::LoraSlotsChanged).
+  int64_t seen_uploads = -1;
   // Enqueues embedding, every layer, the final norm and the logits GEMM into `logits`; reads
   // every per-step array from the step buffers, so a recording replays with their new contents.
   absl::Status Enqueue(const StepShape& shape);
@@ -594,7 +596,11 @@ absl::Status LlamaModel::Impl::Enqueue(const StepShape& shape) {
     segments.num_tokens = static_cast<int32_t>(t);
     segments.segments_bound = shape.lora_segments_bound;
     segments.wide_ranks = shape.lora_wide;
+    // Narrow steps are those whose slots all hold ranks up to kNarrowLoraRank (StepMaxRank; a
+    // step without a slot pool is wide).
+    segments.narrow_ranks = !shape.lora_wide;
     seg_ptr = &segments;
+    LORAPLEX_RETURN_IF_ERROR(ops->BeginLoraStep(segments));
   }
 
   ops::AttentionMeta meta;
@@ -683,6 +689,11 @@ absl::Status LlamaModel::Impl::RunStep(const StepInput& in) {
   Impl& m = *this;
   const int32_t bucket = m.DecodeBucket(in);
   const int32_t max_rank = m.StepMaxRank(in.lora);
+  if (m.slot_pool != nullptr && m.slot_pool->uploads() != m.seen_uploads) {
+    // An adapter entered a slot: what the ops keep of the slots' weights is stale.
+    LORAPLEX_RETURN_IF_ERROR(m.ops->LoraSlotsChanged());
+    m.seen_uploads = m.slot_pool->uploads();
+  }
   // Few or many segments, narrow or wide ranks: the graph a step replays, and what an eager step
   // tells the ops (LoraSegments::wide_ranks) — one decision for both.
   const int step_mode = LoraModeOf(in.lora, max_rank);

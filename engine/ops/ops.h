@@ -112,6 +112,11 @@ struct LoraSegments {
   // Executors may run the LoRA work of the two classes differently (the CUDA expand streams
   // the wide ones).
   bool wide_ranks = false;
+  // true: a guarantee that no segment's slot holds a rank above kNarrowLoraRank in any module in
+  // any step run with these arrays (the model's narrow-rank graphs and steps). Executors may then
+  // size per-adapter space by kNarrowLoraRank (the CUDA LoRA rows do; a broken promise gives
+  // wrong LoRA results, never a fault).
+  bool narrow_ranks = false;
 };
 
 // Steps with at most this many adapter segments are few-adapter steps: the model records their
@@ -235,6 +240,24 @@ class Ops {
   // depends only on its logits and its SamplingRow, never on the other rows. The CUDA executor sums
   // weights in 2^-40 fixed point (a weight below 2^-40 of the largest is never drawn).
   virtual absl::Status Sample(const TensorView& logits, const SamplingRow* rows, SampledToken* out) = 0;
+
+  // --- LoRA state an executor may keep (all optional; the defaults keep nothing) -----------
+  // Rows an executor wants allocated right after a LoRA-wrapped projection's weight [N, K] of
+  // `num_slices` slices, in the same allocation and zeroed, for RegisterLoraWeight; 0: none.
+  virtual int64_t LoraWeightSpareRows(int /*num_slices*/) const { return 0; }
+  // `weight` [N, K] is followed in its allocation by LoraWeightSpareRows(module.num_slices) rows
+  // of K elements, and `module` is the slot table GemmWithLora gets with that weight: the
+  // executor may keep copies of adapters' weights there. Both must outlive these ops. Called
+  // outside captures.
+  virtual absl::Status RegisterLoraWeight(const TensorView& /*weight*/, const LoraModule& /*module*/) {
+    return absl::OkStatus();
+  }
+  // Enqueued at the start of every step that has LoRA segments, before the step's first op, with
+  // the segments every GemmWithLora of the step gets (it is part of a captured step too).
+  virtual absl::Status BeginLoraStep(const LoraSegments& /*segments*/) { return absl::OkStatus(); }
+  // An adapter slot's weights may have changed since the last call (an adapter entered a slot):
+  // whatever the executor keeps of them is stale. Called outside captures, before the next step.
+  virtual absl::Status LoraSlotsChanged() { return absl::OkStatus(); }
 
   // --- graphs ---------------------------------------------------------------------------
   // Records every op `body` enqueues into a Graph without running any of them. `body` may only

@@ -1176,6 +1176,168 @@ absl::Status CheckLoraFold(FoldConsumer consumer, int tokens) {
   return cuda::SetLoraFoldForTest(g_gpu, true);
 }
 
+// LoRA rows (cuda/lora_rows.h): in a step begun with BeginLoraStep, of at most 4 segments of
+// ranks up to 16, GemmWithLora on a registered weight (spare rows after it) runs one GEMM over
+// the weight and its spare rows, and the op that reads y next (RoPE for a 3-slice module, SiLU·up
+// for a 2-slice one, or nothing: the flush when y is read back) adds each row's LoRA. Against the
+// side chain (rows off) within BF16 tolerance, every buffer either writes: y, the consumer's
+// output, the KV cache. Steps change the adapter set (positions keep, swap and lose slots), a
+// slot is rewritten in place (LoraSlotsChanged), and a captured step replays with new segments.
+absl::Status CheckLoraRows(FoldConsumer consumer, int tokens) {
+  const int T = tokens, in = 1024, hq = 8, hkv = 2, d = 128, bs = 16, num_blocks = 8;
+  std::vector<int> widths;
+  std::string name;
+  switch (consumer) {
+    case FoldConsumer::kSiluMul: widths = {1536, 1536}; name = "SiluMul"; break;
+    case FoldConsumer::kRope: widths = {hq * d, hkv * d, hkv * d}; name = "RopeAndCacheKv"; break;
+    default: widths = {1024, 512}; name = "nothing"; break;
+  }
+  const int S = static_cast<int>(widths.size());
+  // Ranks up to 16 (narrow), some below 16 and some slices not adapted; 12 and 4 take the
+  // element-wise sums.
+  std::vector<std::vector<int>> ranks = {{16, 16, 16}, {8, 0, 16}, {16, 16, 8}, {12, 16, 4}, {16, 8, 16}, {0, 16, 16}};
+  for (auto& r : ranks) r.resize(S);
+  LORAPLEX_ASSIGN_OR_RETURN(auto w, LoraWorld::Create(6, in, widths, 16, ranks));
+  const int W = w->width(), yw = S * w->max_rank;
+  const int64_t spare = g_gpu->LoraWeightSpareRows(S);
+  if (spare != 4LL * S * 16) return absl::InternalError(absl::StrCat("LoraWeightSpareRows(", S, ") = ", spare));
+  std::vector<float> wt = RandomVec(static_cast<size_t>(W) * in, -0.03f, 0.03f);
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_w, g_gpu->Allocate(static_cast<size_t>(W + spare) * in * 2));
+  LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_w.data(), wt));
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(static_cast<char*>(d_w.data()) + static_cast<size_t>(W) * in * 2, 0,
+                                         static_cast<size_t>(spare) * in * 2));
+  const LoraModule dm = w->Module(true);
+  const TensorView gw = Gpu(d_w, DType::kBF16, {W, in});
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->RegisterLoraWeight(gw, dm));
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraSlotsChanged());
+
+  std::vector<float> residual = RandomVec(static_cast<size_t>(T) * W, -1, 1);
+  std::vector<float> inv_freq(d / 2);
+  for (int i = 0; i < d / 2; ++i) inv_freq[i] = std::pow(500000.0f, -2.0f * i / d);
+  const int64_t kv_row = static_cast<int64_t>(hkv) * d, cache_slots = static_cast<int64_t>(num_blocks) * bs;
+  std::vector<float> k_cache = RandomVec(cache_slots * kv_row, -1, 1), v_cache = RandomVec(cache_slots * kv_row, -1, 1);
+  std::vector<int32_t> positions(T), slot_mapping(T), token_seq(T, 0);
+  for (int t = 0; t < T; ++t) {
+    positions[t] = RandomInt(0, 9000);
+    slot_mapping[t] = t % cache_slots;
+  }
+  slot_mapping[1] = -1;
+  token_seq[2] = -1;
+  LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs, DevSegs::Create(T, T));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, g_gpu->Allocate(static_cast<size_t>(T) * in * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, g_gpu->Allocate(static_cast<size_t>(T) * yw * 4));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_hid, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_freq, UploadF32(inv_freq));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_pos, UploadI32(positions));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_slots, UploadI32(slot_mapping));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_seq, UploadI32(token_seq));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_k, g_gpu->Allocate(k_cache.size() * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_v, g_gpu->Allocate(v_cache.size() * 2));
+  LoraSegments ds = dsegs.View();
+  ds.segments_bound = 4;
+  ds.narrow_ranks = true;
+  const TensorView gx = Gpu(d_x, DType::kBF16, {T, in}), gy = Gpu(d_y, DType::kF32, {T, yw}),
+                   gout = Gpu(d_out, DType::kBF16, {T, W});
+  const Shape cs{num_blocks, bs, hkv, d};
+  AttentionMeta meta;
+  meta.num_tokens = T;
+  meta.block_size = bs;
+  meta.positions = static_cast<const int32_t*>(d_pos.data());
+  meta.slot_mapping = static_cast<const int32_t*>(d_slots.data());
+  meta.token_seq = static_cast<const int32_t*>(d_seq.data());
+  auto body = [&]() -> absl::Status {
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->BeginLoraStep(ds));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->GemmWithLora(gx, gw, gout, &ds, &dm, gy));
+    switch (consumer) {
+      case FoldConsumer::kSiluMul:
+        return g_gpu->SiluMul(gout, Gpu(d_hid, DType::kBF16, {T, W / 2}));
+      case FoldConsumer::kRope:
+        return g_gpu->RopeAndCacheKv(gout, Gpu(d_freq, DType::kF32, {d / 2}), hq, hkv, d, meta,
+                                     {Gpu(d_k, DType::kBF16, cs), Gpu(d_v, DType::kBF16, cs)});
+      default:
+        return absl::OkStatus();
+    }
+  };
+  const std::vector<float> x0 = RandomVec(static_cast<size_t>(T) * in, -1, 1);
+  // Runs the step from the same starting state, rows on or off; returns every buffer it may write.
+  auto run = [&](bool rows, cuda::CudaGraph* graph) -> absl::StatusOr<std::vector<std::vector<float>>> {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, rows ? 1 : -1, rows ? -1 : 0));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_out.data(), 0xFF, static_cast<size_t>(T) * W * 2));
+    LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_hid.data(), 0xFF, static_cast<size_t>(T) * W * 2));
+    LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_k.data(), k_cache));
+    LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_v.data(), v_cache));
+    LORAPLEX_ASSIGN_OR_RETURN(const int64_t before, cuda::LoraRowsGemmsForTest(g_gpu));
+    if (graph != nullptr) {
+      LORAPLEX_RETURN_IF_ERROR(graph->Launch());
+    } else {
+      LORAPLEX_RETURN_IF_ERROR(body());
+      LORAPLEX_ASSIGN_OR_RETURN(const int64_t after, cuda::LoraRowsGemmsForTest(g_gpu));
+      if ((after - before == 1) != rows) {
+        return absl::InternalError(absl::StrCat("rows ", rows ? "on" : "off", ": ", after - before, " rows GEMMs"));
+      }
+    }
+    std::vector<std::vector<float>> got;
+    for (auto [mem, n] : std::vector<std::pair<const DeviceMemory*, size_t>>{
+             {&d_out, static_cast<size_t>(T) * W}, {&d_hid, static_cast<size_t>(T) * W},
+             {&d_k, k_cache.size()}, {&d_v, v_cache.size()}}) {
+      LORAPLEX_ASSIGN_OR_RETURN(auto v, DownloadBf16(mem->data(), n));
+      got.push_back(std::move(v));
+    }
+    return got;
+  };
+  auto compare = [&](const std::string& tag, const std::vector<std::vector<float>>& got,
+                     const std::vector<std::vector<float>>& ref) {
+    const char* parts[] = {"y", "out", "k cache", "v cache"};
+    const bool written[] = {true, consumer == FoldConsumer::kSiluMul, consumer == FoldConsumer::kRope,
+                            consumer == FoldConsumer::kRope};
+    for (size_t i = 0; i < ref.size(); ++i) {
+      // Buffers the step does not write must keep every bit (poison included).
+      Compare(absl::StrCat("LoRA rows ", name, " T=", T, " ", tag, ": ", parts[i]), got[i], ref[i],
+              written[i] ? kTolBf16 : 0.0, written[i] ? std::vector<uint8_t>{} : std::vector<uint8_t>(ref[i].size(), 0));
+    }
+  };
+  // (step label, the slots of the step's adapters; -1 tokens use the base model)
+  auto step = [&](const std::string& tag, const std::vector<int>& set, cuda::CudaGraph* graph) -> absl::Status {
+    std::vector<int> token_slots(T);
+    for (int t = 0; t < T; ++t) {
+      const int pick = RandomInt(0, static_cast<int>(set.size()));
+      token_slots[t] = pick == static_cast<int>(set.size()) ? -1 : set[pick];
+    }
+    // The segments in the order given (not sorted by slot), one per adapter.
+    Segs segs;
+    for (int slot : set) {
+      for (int t = 0; t < T; ++t) {
+        if (token_slots[t] == slot) segs.token_rows.push_back(t);
+      }
+      segs.seg_slots.push_back(slot);
+      segs.seg_starts.push_back(static_cast<int32_t>(segs.token_rows.size()));
+    }
+    LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs, 16));
+    LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_x.data(), RandomVec(static_cast<size_t>(T) * in, -1, 1)));
+    LORAPLEX_ASSIGN_OR_RETURN(auto ref, run(false, nullptr));
+    LORAPLEX_ASSIGN_OR_RETURN(auto got, run(true, graph));
+    compare(absl::StrCat(tag, graph != nullptr ? " graph" : "", " segs=", segs.count()), got, ref);
+    return absl::OkStatus();
+  };
+  LORAPLEX_RETURN_IF_ERROR(step("4 adapters", {0, 1, 2, 3}, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(step("same 4 adapters", {0, 1, 2, 3}, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(step("positions swapped", {2, 0, 5, 3}, nullptr));
+  LORAPLEX_RETURN_IF_ERROR(step("1 adapter", {4}, nullptr));
+  // Slot 2 rewritten in place (new values, new ranks): its A rows must be copied again.
+  for (int s = 0; s < S; ++s) LORAPLEX_RETURN_IF_ERROR(w->SetSlice(2, s, s == 0 ? 4 : 16));
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraSlotsChanged());
+  LORAPLEX_RETURN_IF_ERROR(step("slot 2 rewritten", {2, 0, 5, 3}, nullptr));
+  // A captured step: install and rows recorded once, replayed with new segments each time.
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, 1, -1));
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->Synchronize());
+  LORAPLEX_ASSIGN_OR_RETURN(auto graph, cuda::CaptureCudaGraph(g_gpu, body));
+  LORAPLEX_RETURN_IF_ERROR(step("3 adapters", {1, 3, 4}, graph.get()));
+  LORAPLEX_RETURN_IF_ERROR(step("4 other adapters", {5, 2, 0, 1}, graph.get()));
+  LORAPLEX_RETURN_IF_ERROR(step("2 adapters", {0, 4}, graph.get()));
+  return cuda::SetLoraRowsForTest(g_gpu, -1, -1);
+}
+
 absl::Status LoraTests() {
   // qkv of Llama-3-8B: slices 4096/1024/1024 over in 4096; ranks {0, 8, 16, 64} mixed in one step,
   // some slots adapting only some slices.
@@ -1852,6 +2014,11 @@ int Main() {
     }
   }
   Run("LoRA in line off", [] { return cuda::SetLoraInlineForTest(g_gpu, INT32_MAX); });
+  for (int t : {32, 77, 128}) {
+    for (auto c : {FoldConsumer::kRope, FoldConsumer::kSiluMul, FoldConsumer::kNone}) {
+      Run("LoRA rows", [&] { return CheckLoraRows(c, t); });
+    }
+  }
   Run("Synchronize", [] { return g_gpu->Synchronize(); });
 
   std::printf("\n-- timing (median of 21 samples of 20 calls; inputs rotated past L2) --\n");

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cstddef>
 #include <string>
+#include <unordered_map>
+#include <vector>
 #include "absl/strings/string_view.h"
 
 #include "absl/strings/str_cat.h"
@@ -18,6 +20,7 @@
 #include "engine/ops/cuda/lora_delta.h"
 #include "engine/ops/cuda/lora_kernels.h"
 #include "engine/ops/cuda/lora_prefill.h"
+#include "engine/ops/cuda/lora_rows.h"
 #include "engine/ops/cuda/norm.h"
 #include "engine/ops/cuda/rope.h"
 #include "engine/ops/cuda/sampling.h"
@@ -114,6 +117,15 @@ constexpr int kLoraManyNarrowMinTokens = 32;
 // blocks were no better at batch 32 (bench/runs/2026-11-30-thirteenth/4-gate-up-shrink).
 constexpr int kLoraManyNarrowGateUpSmShare = 4;
 constexpr int kLoraGateUpQuarterMaxTokens = 64;
+// Few-adapter narrow-rank steps of kLoraRowsMinTokens to kLoraRowsMaxTokens tokens run qkv's and
+// gate_up's LoRA as LoRA rows (lora_rows.h): the shrink as extra output rows of the full-GPU
+// GEMM (spare rows after the weight, holding the step's adapters' A) and the expand in RoPE or
+// SiLU·up, so those GemmWithLora calls fork nothing. o and down (one slice, read by AddRmsNorm,
+// one block a row) keep the side chain.
+constexpr int kLoraRowsMinTokens = 32;
+constexpr int kLoraRowsMaxTokens = 128;
+constexpr int kLoraRowsMinSlices = 2;
+constexpr size_t kLoraRowsMaxEntries = 1024;  // registered weights (two a decoder layer)
 
 absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
   if (err == cudaSuccess) return absl::OkStatus();
@@ -189,6 +201,17 @@ class CudaOps final : public Ops {
     ops->sample_scratch_bytes_ = SampleScratchBytes(4096);
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&ops->sample_scratch_, ops->sample_scratch_bytes_),
                                         "CUDA executor: allocate sampling scratch"));
+    // LoRA rows: the install state and the registered weights' entries (fixed: graphs hold them).
+    const size_t rows_state_bytes = (kRowsStateRowPos + kLoraRowsMaxTokens) * sizeof(int32_t);
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(reinterpret_cast<void**>(&ops->rows_state_), rows_state_bytes),
+                                        "CUDA executor: allocate LoRA rows state"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMemset(ops->rows_state_, 0xff, kLoraRowsPositions * sizeof(int32_t)),
+                                        "CUDA executor: clear LoRA rows state"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMemset(ops->rows_state_ + kRowsStateDone, 0, 2 * sizeof(int32_t)),
+                                        "CUDA executor: clear LoRA rows state"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(reinterpret_cast<void**>(&ops->rows_entries_dev_),
+                                                   kLoraRowsMaxEntries * sizeof(LoraRowsEntry)),
+                                        "CUDA executor: allocate LoRA rows entries"));
     LORAPLEX_ASSIGN_OR_RETURN(ops->gemm_, CublasLtGemm::Create(ops->gemm_workspace_, kGemmWorkspaceBytes));
     LORAPLEX_RETURN_IF_ERROR(ops->set_lora_few(-1, -1, -1));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(InitSkinnyGemm(), "CUDA executor: set up the skinny GEMM"));
@@ -218,6 +241,9 @@ class CudaOps final : public Ops {
     if (sample_scratch_ != nullptr) cudaFree(sample_scratch_);
     if (lora_delta_ != nullptr) cudaFree(lora_delta_);
     if (lora_delta_mask_ != nullptr) cudaFree(lora_delta_mask_);
+    if (rows_state_ != nullptr) cudaFree(rows_state_);
+    if (rows_entries_dev_ != nullptr) cudaFree(rows_entries_dev_);
+    if (rows_out_ != nullptr) cudaFree(rows_out_);
     if (attention_scratch_ != nullptr) cudaFree(attention_scratch_);
     if (gemm_workspace_ != nullptr) cudaFree(gemm_workspace_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
@@ -262,6 +288,11 @@ class CudaOps final : public Ops {
     // The pending delta may belong to this memory; cudaFree waits for the add. Free cannot
     // report; the next Synchronize does.
     for (const cudaError_t err : {AddPendingLoraDelta(), cudaFree(ptr)}) {
+      if (err != cudaSuccess && deferred_error_ == cudaSuccess) deferred_error_ = err;
+    }
+    // A registered weight's memory: the install kernel must not write there any more.
+    if (rows_weights_.erase(ptr) > 0) {
+      const cudaError_t err = UploadRowsEntries();
       if (err != cudaSuccess && deferred_error_ == cudaSuccess) deferred_error_ = err;
     }
   }
@@ -523,6 +554,14 @@ class CudaOps final : public Ops {
     p.num_q_heads = num_q_heads;
     p.num_kv_heads = num_kv_heads;
     p.head_dim = head_dim;
+    if (TakeLoraRows(qkv, &p.rows)) {
+      // The rows kernel writes every row it has a block for: rows past meta.num_tokens get theirs first.
+      if (p.num_tokens < p.rows.rows) {
+        LORAPLEX_RETURN_IF_ERROR(CudaStatus(LaunchLoraRowsFlush(p.rows, qkv.data, stream_), kOp));
+        p.rows = LoraRowsView{};
+      }
+      return CudaStatus(LaunchRopeAndCacheKv(p, stream_), kOp);
+    }
     LORAPLEX_ASSIGN_OR_RETURN(p.delta, TakeLoraDelta(qkv));
     if (!p.delta.empty() && p.num_tokens < p.delta.rows) {
       // Rows past meta.num_tokens get no block: add the delta to them first.
@@ -589,6 +628,13 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "out", out, DType::kBF16, 2));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "out", out, 0, gate_up.shape[0]));
     LORAPLEX_RETURN_IF_ERROR(CheckDim(kOp, "gate_up", gate_up, 1, 2 * out.shape[1]));
+    LoraRowsView rows;
+    if (TakeLoraRows(gate_up, &rows)) {
+      const cudaError_t err = LaunchSiluMulRows(rows, gate_up.data, out.shape[0], out.shape[1], out.data, stream_);
+      if (err != cudaErrorInvalidValue) return CudaStatus(err, kOp);
+      // Not a layout the rows kernel takes (nothing was launched): gate_up first, then as usual.
+      LORAPLEX_RETURN_IF_ERROR(CudaStatus(LaunchLoraRowsFlush(rows, gate_up.data, stream_), kOp));
+    }
     LORAPLEX_ASSIGN_OR_RETURN(const LoraDeltaView delta, TakeLoraDelta(gate_up));
     return CudaStatus(LaunchSiluMul(gate_up.data, out.shape[0], out.shape[1], out.data, delta, stream_), kOp);
   }
@@ -673,6 +719,7 @@ class CudaOps final : public Ops {
     if (segments == nullptr || module == nullptr || !lora_fork_) {
       return Ops::GemmWithLora(x, w, y, segments, module, lora_y);
     }
+    if (const RowsWeight* rw = RowsWeightFor(x, w, y, *segments, *module)) return GemmWithLoraRows(x, w, y, *rw);
     // Everything is checked before anything is enqueued: a failure must not leave the side
     // stream forked (an open fork also breaks a graph capture).
     LORAPLEX_ASSIGN_OR_RETURN(LoraParams shrink, PrepareLoraShrink(x, *segments, *module, lora_y));
@@ -761,6 +808,182 @@ class CudaOps final : public Ops {
 
   absl::StatusOr<std::unique_ptr<Graph>> Capture(const std::function<absl::Status()>& body) override;
 
+  // --- LoRA rows (lora_rows.h) ------------------------------------------------------------
+  int64_t LoraWeightSpareRows(int num_slices) const override {
+    constexpr int kMaxSlices = static_cast<int>(sizeof(LoraModule::slice_offsets) / sizeof(int32_t)) - 1;
+    return num_slices >= kLoraRowsMinSlices && num_slices <= kMaxSlices
+               ? static_cast<int64_t>(kLoraRowsPositions) * num_slices * kLoraRowsRank
+               : 0;
+  }
+
+  absl::Status RegisterLoraWeight(const TensorView& w, const LoraModule& module) override {
+    constexpr absl::string_view kOp = "RegisterLoraWeight";
+    LORAPLEX_RETURN_IF_ERROR(CheckTensor(kOp, "weight", w, DType::kBF16, 2));
+    const int64_t spare = LoraWeightSpareRows(module.num_slices);
+    if (spare == 0) return Invalid(kOp, absl::StrCat("no spare rows for a module of ", module.num_slices, " slices"));
+    const int64_t n = w.shape[0], k = w.shape[1];
+    if (module.table == nullptr || module.in_features != k || module.slice_offsets[module.num_slices] != n) {
+      return Invalid(kOp, absl::StrCat("module (", module.num_slices, " slices ending at ",
+                                       module.slice_offsets[module.num_slices], ", ", module.in_features,
+                                       " inputs) does not match weight ", w.shape.ToString()));
+    }
+    if (k % 8 != 0 || n % 8 != 0 || !Aligned16(w.data)) {
+      return Invalid(kOp, absl::StrCat("weight ", w.shape.ToString(), " must have rows and columns in multiples of 8, 16-byte aligned"));
+    }
+    // A weight past the entries' capacity just keeps the side chain.
+    if (rows_weights_.size() >= kLoraRowsMaxEntries && rows_weights_.count(w.data) == 0) return absl::OkStatus();
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "RegisterLoraWeight: synchronize"));
+    RowsWeight rw;
+    rw.n = n;
+    rw.k = k;
+    rw.spare = spare;
+    rw.table = module.table;
+    rw.num_slots = module.num_slots;
+    rw.num_slices = module.num_slices;
+    for (int s = 0; s <= module.num_slices; ++s) rw.slice_offsets[s] = module.slice_offsets[s];
+    rows_weights_[w.data] = rw;
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(UploadRowsEntries(), "RegisterLoraWeight: upload entries"));
+    // The new weight's spare rows hold no adapter yet: every position installs again.
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMemset(rows_state_, 0xff, kLoraRowsPositions * sizeof(int32_t)),
+                                        "RegisterLoraWeight: reset installs"));
+    // An output buffer for the widest GEMM (load time: no graph can hold the old one yet).
+    const size_t out_bytes = static_cast<size_t>(kLoraRowsMaxTokens * (n + spare) * 2);
+    if (out_bytes > rows_out_bytes_) {
+      if (rows_out_ != nullptr) cudaFree(rows_out_);
+      rows_out_ = nullptr;
+      rows_out_bytes_ = 0;
+      LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&rows_out_, out_bytes), "RegisterLoraWeight: allocate output"));
+      rows_out_bytes_ = out_bytes;
+    }
+    // The GEMM over the weight and its spare rows is chosen now, not in a step.
+    return Annotate(gemm_->Prepare(w.data, w.data, rows_out_, false, kLoraRowsMaxTokens, n + spare, k),
+                    "RegisterLoraWeight: prepare the GEMM");
+  }
+
+  absl::Status BeginLoraStep(const LoraSegments& segments) override {
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
+    rows_step_ = RowsStep{};
+    if (rows_entries_.empty() || lora_rows_max_tokens_ <= 0 || !segments.narrow_ranks ||
+        segments.segments_bound <= 0 || segments.segments_bound > kLoraRowsPositions ||
+        segments.num_tokens < std::max(1, lora_rows_min_tokens_) || segments.num_tokens > lora_rows_max_tokens_ ||
+        segments.max_segments <= 0 || segments.token_rows == nullptr || segments.seg_starts == nullptr ||
+        segments.seg_slots == nullptr || segments.num_segments == nullptr) {
+      return absl::OkStatus();
+    }
+    LoraRowsInstall p;
+    p.entries = rows_entries_dev_;
+    p.num_entries = rows_state_ + kRowsStateCount;
+    p.token_rows = segments.token_rows;
+    p.seg_starts = segments.seg_starts;
+    p.seg_slots = segments.seg_slots;
+    p.num_segments = segments.num_segments;
+    p.num_tokens = segments.num_tokens;
+    p.installed = rows_state_;
+    p.done = reinterpret_cast<unsigned*>(rows_state_ + kRowsStateDone);
+    p.row_pos = rows_state_ + kRowsStateRowPos;
+    p.num_blocks = num_sms_ * 2;
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(LaunchLoraRowsInstall(p, stream_), "BeginLoraStep: install"));
+    rows_step_ = RowsStep{true, segments.seg_slots, segments.num_tokens};
+    return absl::OkStatus();
+  }
+
+  absl::Status LoraSlotsChanged() override {
+    LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
+    return CudaStatus(cudaMemsetAsync(rows_state_, 0xff, kLoraRowsPositions * sizeof(int32_t), stream_),
+                      "LoraSlotsChanged");
+  }
+
+  void set_lora_rows(int min_tokens, int max_tokens) {
+    lora_rows_min_tokens_ = min_tokens < 0 ? kLoraRowsMinTokens : min_tokens;
+    lora_rows_max_tokens_ = max_tokens < 0 ? kLoraRowsMaxTokens : std::min(max_tokens, kLoraRowsMaxTokens);
+  }
+
+  // A registered weight with its spare rows.
+  struct RowsWeight {
+    int64_t n = 0, k = 0, spare = 0;
+    const LoraSliceWeights* table = nullptr;
+    int32_t num_slots = 0, num_slices = 0;
+    int32_t slice_offsets[kLoraMaxSlices + 1] = {};
+  };
+
+  // The registered weight GemmWithLora runs as LoRA rows, or null: a step begun with these
+  // segments (BeginLoraStep installed its adapters), w registered with this module's table, and
+  // x, y exactly the step's rows.
+  const RowsWeight* RowsWeightFor(const TensorView& x, const TensorView& w, const TensorView& y,
+                                  const LoraSegments& segments, const LoraModule& module) const {
+    if (!rows_step_.active || segments.seg_slots != rows_step_.seg_slots ||
+        segments.num_tokens != rows_step_.num_tokens) {
+      return nullptr;
+    }
+    auto it = rows_weights_.find(w.data);
+    if (it == rows_weights_.end() || it->second.table != module.table) return nullptr;
+    const RowsWeight& rw = it->second;
+    if (x.dtype != DType::kBF16 || y.dtype != DType::kBF16 || w.dtype != DType::kBF16 || x.shape.rank != 2 ||
+        y.shape.rank != 2 || w.shape.rank != 2 || w.shape[0] != rw.n || w.shape[1] != rw.k ||
+        x.shape[0] != segments.num_tokens || y.shape[0] != segments.num_tokens || y.shape[1] != rw.n ||
+        x.shape[1] != rw.k || !Aligned16(x.data) || !Aligned16(y.data)) {
+      return nullptr;
+    }
+    return &rw;
+  }
+
+  // GemmWithLora as LoRA rows: one GEMM over the weight and its spare rows into the rows buffer,
+  // left pending for the op that reads y (TakeLoraRows) or FlushLoraDelta.
+  absl::Status GemmWithLoraRows(const TensorView& x, const TensorView& w, const TensorView& y, const RowsWeight& rw) {
+    const int64_t t = x.shape[0];
+    LORAPLEX_RETURN_IF_ERROR(Annotate(
+        gemm_->Run(x.data, w.data, rows_out_, false, t, rw.n + rw.spare, rw.k, 0.0f, stream_), "GemmWithLora (rows)"));
+    ++rows_gemms_;
+    LoraRowsView& v = pending_rows_.view;
+    v = LoraRowsView{};
+    v.src = rows_out_;
+    v.stride = rw.n + rw.spare;
+    v.u_col = static_cast<int32_t>(rw.n);
+    v.rows = static_cast<int32_t>(t);
+    v.row_pos = rows_state_ + kRowsStateRowPos;
+    v.seg_slots = rows_step_.seg_slots;
+    v.table = reinterpret_cast<const LoraSliceWeightsDev*>(rw.table);
+    v.num_slots = rw.num_slots;
+    v.num_slices = rw.num_slices;
+    for (int s = 0; s <= rw.num_slices; ++s) v.slice_offsets[s] = rw.slice_offsets[s];
+    pending_rows_.out = y.data;
+    pending_rows_.active = true;
+    return lora_fold_ ? absl::OkStatus() : FlushLoraDelta();
+  }
+
+  // Rewrites the install kernel's entries from rows_weights_ (synchronous: registration and Free
+  // only, never in a capture).
+  cudaError_t UploadRowsEntries() {
+    rows_entries_.clear();
+    for (const auto& [weight, rw] : rows_weights_) {
+      LoraRowsEntry e;
+      e.spare = static_cast<char*>(const_cast<void*>(weight)) + rw.n * rw.k * 2;
+      e.table = reinterpret_cast<const LoraSliceWeightsDev*>(rw.table);
+      e.num_slots = rw.num_slots;
+      e.num_slices = rw.num_slices;
+      e.in_features = static_cast<int32_t>(rw.k);
+      rows_entries_.push_back(e);
+    }
+    // The count goes first, so a recorded install kernel never reads an entry dropped since.
+    const int32_t count = static_cast<int32_t>(rows_entries_.size());
+    cudaError_t err = cudaMemcpy(rows_state_ + kRowsStateCount, &count, sizeof(count), cudaMemcpyHostToDevice);
+    if (err != cudaSuccess || count == 0) return err;
+    return cudaMemcpy(rows_entries_dev_, rows_entries_.data(), count * sizeof(LoraRowsEntry), cudaMemcpyHostToDevice);
+  }
+
+  // The pending LoRA rows for a kernel about to read `t` whole, which then owns finishing it:
+  // only when `t` is exactly the GEMM output they belong to. Otherwise nothing is taken.
+  bool TakeLoraRows(const TensorView& t, LoraRowsView* out) {
+    if (!pending_rows_.active || t.data != pending_rows_.out || t.dtype != DType::kBF16 || t.shape.rank != 2 ||
+        t.shape[0] != pending_rows_.view.rows || t.shape[1] != pending_rows_.view.u_col) {
+      return false;
+    }
+    pending_rows_.active = false;
+    *out = pending_rows_.view;
+    return true;
+  }
+
   // Adds the pending LoRA delta (if any) to its GEMM output with the add kernel. Every op that
   // does not fold it calls this first, and so do graph capture, replay and stream timing, so work
   // enqueued later (or a host copy) never sees y without it.
@@ -784,6 +1007,10 @@ class CudaOps final : public Ops {
 
   // FlushLoraDelta's launch (nothing when no delta is pending).
   cudaError_t AddPendingLoraDelta() {
+    if (pending_rows_.active) {
+      pending_rows_.active = false;
+      return LaunchLoraRowsFlush(pending_rows_.view, pending_rows_.out, stream_);
+    }
     if (!pending_.active) return cudaSuccess;
     pending_.active = false;
     return LaunchLoraDeltaAdd(pending_.view, pending_.out, stream_);
@@ -977,6 +1204,33 @@ class CudaOps final : public Ops {
     LoraDeltaView view;
   };
   PendingLoraDelta pending_;
+  // LoRA rows (lora_rows.h): registered weights, the install state, the GEMM's output buffer.
+  std::unordered_map<const void*, RowsWeight> rows_weights_;
+  std::vector<LoraRowsEntry> rows_entries_;
+  LoraRowsEntry* rows_entries_dev_ = nullptr;  // [kLoraRowsMaxEntries]
+  // installed[kLoraRowsPositions], done, the entries' count, row_pos[kLoraRowsMaxTokens]
+  static constexpr int kRowsStateDone = kLoraRowsPositions, kRowsStateCount = kLoraRowsPositions + 1,
+                       kRowsStateRowPos = kLoraRowsPositions + 2;
+  int32_t* rows_state_ = nullptr;
+  void* rows_out_ = nullptr;
+  size_t rows_out_bytes_ = 0;
+  int lora_rows_min_tokens_ = kLoraRowsMinTokens;  // SetLoraRowsForTest
+  int lora_rows_max_tokens_ = kLoraRowsMaxTokens;  // 0: off
+  struct RowsStep {  // the step BeginLoraStep began as LoRA rows
+    bool active = false;
+    const int32_t* seg_slots = nullptr;
+    int32_t num_tokens = 0;
+  };
+  RowsStep rows_step_;
+  struct PendingLoraRows {  // GemmWithLora's output as LoRA rows, not yet written to `out`
+    bool active = false;
+    void* out = nullptr;
+    LoraRowsView view;
+  };
+  PendingLoraRows pending_rows_;
+ public:
+  int64_t rows_gemms_ = 0;  // GemmWithLora calls run as LoRA rows (LoraRowsGemmsForTest)
+ private:
   bool lora_fold_ = true;  // tests turn folding off to compare both ways
   std::unique_ptr<CublasLtGemm> gemm_;
   std::unique_ptr<CublasLtGemm> gemm_beside_lora_;  // SetLoraGemmSmsForTest; null: gemm_
@@ -1107,6 +1361,18 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps) {
   }
   cuda->set_lora_shrink_warps(warps);
   return absl::OkStatus();
+}
+
+absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraRowsForTest"));
+  LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());
+  cuda->set_lora_rows(min_tokens, max_tokens);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> LoraRowsGemmsForTest(Ops* ops) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "LoraRowsGemmsForTest"));
+  return cuda->rows_gemms_;
 }
 
 absl::Status SetLoraGemmSmsForTest(Ops* ops, int sms) {

@@ -83,6 +83,14 @@ absl::Status SetLoraModuleShrinkBlocksForTest(Ops* ops, int num_slices, int bloc
 // --lora-expand-tokens); 0 the default. The same bits in every case. INVALID_ARGUMENT for other
 // values.
 absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0, int tokens = 0);
+// LoRA rows (lora_rows.h): steps begun by Ops::BeginLoraStep with at most 4 segments of narrow
+// ranks (LoraSegments::narrow_ranks) and min_tokens to max_tokens tokens run qkv's and gate_up's
+// GemmWithLora as one GEMM over the weight and its spare rows, the expand in the op that reads y.
+// Negative: that bound's default (32, 128); max_tokens 0 turns it off; above 128 acts as 128.
+// Takes effect from the next BeginLoraStep (graphs keep what they recorded).
+absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens);
+// How many GemmWithLora calls have run as LoRA rows so far (recorded ones count once, at capture).
+absl::StatusOr<int64_t> LoraRowsGemmsForTest(Ops* ops);
 // An experiment (off by default): GemmWithLora's GEMM uses the algorithms cuBLASLt chooses for
 // `sms` SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), leaving the rest to the LoRA side chain beside
 // it; 0 goes back to the executor's GEMM. Synchronizes; call it outside captures.

@@ -2,6 +2,7 @@
 #include "engine/ops/cuda/elementwise.h"
 
 #include "engine/ops/cuda/lora_delta.cuh"
+#include "engine/ops/cuda/lora_rows.cuh"
 
 namespace loraplex::ops::cuda {
 namespace {
@@ -76,6 +77,47 @@ __global__ void SiluMulVecKernel(uint4* __restrict__ gate_up, int64_t num_tokens
   }
 }
 
+
+// SiluMulVecKernel reading gate_up from LoRA rows (lora_rows.h): a block takes kRowsVecs column
+// vectors of gate and up for kRowsLanes x kRowsTokens rows, so the rows of B its columns need
+// (one per adapter position) are read from the L2 once and then from the L1. Every element of
+// gate_up is written too.
+constexpr int kRowsVecs = 16;
+constexpr int kRowsLanes = 16;
+constexpr int kRowsTokens = 2;
+
+__global__ void SiluMulRowsKernel(LoraRowsView v, uint4* __restrict__ gate_up, int64_t num_tokens,
+                                  int64_t inter_vecs, uint4* __restrict__ out) {
+  PdlEnter();  // before any global memory access (see kernel_utils.cuh)
+  const int64_t c = blockIdx.x * static_cast<int64_t>(kRowsVecs) + threadIdx.x % kRowsVecs;
+  if (c >= inter_vecs) return;
+  const int64_t inter = inter_vecs * 8;
+  const int64_t first = blockIdx.y * static_cast<int64_t>(kRowsLanes * kRowsTokens) + threadIdx.x / kRowsVecs;
+#pragma unroll
+  for (int i = 0; i < kRowsTokens; ++i) {
+    const int64_t t = first + i * kRowsLanes;
+    if (t >= num_tokens) break;
+    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const bf16*>(v.src) + t * v.stride);
+    float g[8], u[8], o[8];
+    Unpack8(src[c], g);
+    Unpack8(src[inter_vecs + c], u);
+    LoraRowsSlice lora;
+    if (LoadLoraRowsSlice(v, t, 0, &lora)) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) g[k] = ToFloat(ToBf16(g[k] + LoraRowsDelta(lora, c * 8 + k)));
+    }
+    if (LoadLoraRowsSlice(v, t, 1, &lora)) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) u[k] = ToFloat(ToBf16(u[k] + LoraRowsDelta(lora, inter + c * 8 + k)));
+    }
+    gate_up[t * 2 * inter_vecs + c] = Pack8(g);
+    gate_up[t * 2 * inter_vecs + inter_vecs + c] = Pack8(u);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) o[k] = SiluMul(g[k], u[k]);
+    out[t * inter_vecs + c] = Pack8(o);
+  }
+}
+
 }  // namespace
 
 cudaError_t LaunchGatherRows(const void* src, int64_t src_rows, int64_t row_bytes,
@@ -112,6 +154,21 @@ cudaError_t LaunchSiluMul(void* gate_up, int64_t num_tokens, int64_t inter, void
     (void)LaunchDependent(SiluMulKernel, dim3(grid), dim3(256), 0, stream, static_cast<const bf16*>(gate_up), num_tokens, inter,
                                             static_cast<bf16*>(out));
   }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSiluMulRows(const LoraRowsView& rows, void* gate_up, int64_t num_tokens, int64_t inter, void* out,
+                              cudaStream_t stream) {
+  if (inter % 8 != 0 || !IsAligned16(gate_up) || !IsAligned16(out) || rows.num_slices != 2 ||
+      rows.rows < num_tokens || rows.u_col != 2 * inter || rows.slice_offsets[1] != inter) {
+    return cudaErrorInvalidValue;
+  }
+  if (num_tokens == 0 || inter == 0) return cudaSuccess;
+  const int64_t inter_vecs = inter / 8;
+  const dim3 grid(static_cast<unsigned>((inter_vecs + kRowsVecs - 1) / kRowsVecs),
+                  static_cast<unsigned>((num_tokens + kRowsLanes * kRowsTokens - 1) / (kRowsLanes * kRowsTokens)));
+  (void)LaunchDependent(SiluMulRowsKernel, grid, dim3(kRowsVecs * kRowsLanes), 0, stream, rows,
+                        static_cast<uint4*>(gate_up), num_tokens, inter_vecs, static_cast<uint4*>(out));
   return cudaGetLastError();
 }
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "engine/ops/cuda/lora_delta.h"
+#include "engine/ops/cuda/lora_rows.h"
 
 namespace loraplex::ops::cuda {
 
@@ -22,5 +23,11 @@ cudaError_t LaunchGatherRows(const void* src, int64_t src_rows, int64_t row_byte
 // pending LoRA delta of gate_up ([num_tokens, 2·inter]), added first and written back to it.
 cudaError_t LaunchSiluMul(void* gate_up, int64_t num_tokens, int64_t inter, void* out,
                           const LoraDeltaView& delta, cudaStream_t stream);
+// The same with gate_up's values read from LoRA rows (lora_rows.h: `rows` holds gate_up's GEMM
+// output and its rows' shrink values, slices gate and up), the LoRA added, and every element of
+// gate_up written. cudaErrorInvalidValue unless inter % 8 == 0, gate_up and out are 16-byte
+// aligned and `rows` is gate_up's (2 slices at 0 and inter, num_tokens rows or more).
+cudaError_t LaunchSiluMulRows(const LoraRowsView& rows, void* gate_up, int64_t num_tokens, int64_t inter, void* out,
+                              cudaStream_t stream);
 
 }  // namespace loraplex::ops::cuda

@@ -5,6 +5,7 @@
 #include "engine/ops/cuda/rope.h"
 
 #include "engine/ops/cuda/lora_delta.cuh"
+#include "engine/ops/cuda/lora_rows.cuh"
 
 namespace loraplex::ops::cuda {
 namespace {
@@ -69,6 +70,63 @@ __global__ void RopeAndCacheKvKernel(RopeParams p) {
   }
 }
 
+
+// The same with qkv's values read from LoRA rows (RopeParams::rows): each thread loads its row's
+// shrink values for its slice and its columns' rows of B, and writes every element of qkv.
+__global__ void RopeAndCacheKvRowsKernel(RopeParams p) {
+  PdlEnter();  // before any global memory access (see kernel_utils.cuh)
+  const LoraRowsView& v = p.rows;
+  const int64_t t = blockIdx.x;
+  const int half = p.head_dim / 2;
+  const int64_t row_width = static_cast<int64_t>(p.num_q_heads + 2 * p.num_kv_heads) * p.head_dim;
+  bf16* row = static_cast<bf16*>(p.qkv) + t * row_width;
+  const bf16* src = static_cast<const bf16*>(v.src) + t * v.stride;
+  const int first = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x);
+  const int stride = static_cast<int>(gridDim.y * blockDim.x);
+  if (p.token_seq != nullptr && p.token_seq[t] < 0) {
+    for (int64_t e = first; e < row_width; e += stride) row[e] = LoraRowsValue1(v, t, e);
+    return;
+  }
+  const float pos = static_cast<float>(p.positions[t]);
+  const int64_t slot = p.slot_mapping[t];
+  const bool cache = slot >= 0 && slot < p.num_cache_slots;
+  const int64_t kv_width = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
+  bf16* k_dst = static_cast<bf16*>(p.k_cache) + slot * kv_width;
+  bf16* v_dst = static_cast<bf16*>(p.v_cache) + slot * kv_width;
+
+  const int rotated_heads = p.num_q_heads + p.num_kv_heads;
+  for (int e = first; e < rotated_heads * half; e += stride) {
+    const int head = e / half;
+    const int i = e - head * half;
+    const int64_t col = static_cast<int64_t>(head) * p.head_dim + i;
+    float s, c;
+    sincosf(pos * p.inv_freq[i], &s, &c);  // precise: angles reach ~1e5 rad at long contexts
+    float x1 = ToFloat(src[col]);
+    float x2 = ToFloat(src[col + half]);
+    LoraRowsSlice lora;  // a head lies in one slice (slices start at head boundaries)
+    if (LoadLoraRowsSlice(v, t, LoraRowsSliceOf(v, col), &lora)) {
+      x1 = ToFloat(ToBf16(x1 + LoraRowsDelta(lora, col)));
+      x2 = ToFloat(ToBf16(x2 + LoraRowsDelta(lora, col + half)));
+    }
+    const bf16 y1 = ToBf16(x1 * c - x2 * s);
+    const bf16 y2 = ToBf16(x2 * c + x1 * s);
+    bf16* h = row + static_cast<int64_t>(head) * p.head_dim;
+    h[i] = y1;
+    h[i + half] = y2;
+    if (cache && head >= p.num_q_heads) {
+      const int64_t off = static_cast<int64_t>(head - p.num_q_heads) * p.head_dim;
+      k_dst[off + i] = y1;
+      k_dst[off + i + half] = y2;
+    }
+  }
+  const int64_t v_col = static_cast<int64_t>(p.num_q_heads + p.num_kv_heads) * p.head_dim;
+  for (int64_t e = first; e < kv_width; e += stride) {
+    const bf16 value = LoraRowsValue1(v, t, v_col + e);
+    row[v_col + e] = value;
+    if (cache) v_dst[e] = value;
+  }
+}
+
 }  // namespace
 
 cudaError_t LaunchRopeAndCacheKv(const RopeParams& p, cudaStream_t stream) {
@@ -81,7 +139,11 @@ cudaError_t LaunchRopeAndCacheKv(const RopeParams& p, cudaStream_t stream) {
   const int64_t per_token = (work + kThreads - 1) / kThreads;
   const dim3 grid(static_cast<unsigned>(p.num_tokens),
                   static_cast<unsigned>(per_token < 1 ? 1 : per_token > 64 ? 64 : per_token));
-  (void)LaunchDependent(RopeAndCacheKvKernel, dim3(grid), dim3(kThreads), 0, stream, p);
+  if (!p.rows.empty()) {
+    (void)LaunchDependent(RopeAndCacheKvRowsKernel, dim3(grid), dim3(kThreads), 0, stream, p);
+  } else {
+    (void)LaunchDependent(RopeAndCacheKvKernel, dim3(grid), dim3(kThreads), 0, stream, p);
+  }
   return cudaGetLastError();
 }
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "engine/ops/cuda/lora_delta.h"
+#include "engine/ops/cuda/lora_rows.h"
 
 namespace loraplex::ops::cuda {
 
@@ -26,6 +27,10 @@ struct RopeParams {
   // A pending LoRA delta of qkv ([num_tokens, row width]; may be empty): added to q, k and v
   // before the rotation and the cache write, and written back to qkv (lora_delta.h).
   LoraDeltaView delta;
+  // Or the GEMM output pending as LoRA rows (lora_rows.h; may be empty, never with a delta): every
+  // row of qkv (all num_tokens of them) is read from it with its LoRA added, then rotated, cached
+  // and written to qkv.
+  LoraRowsView rows;
 };
 
 // Rotate-half RoPE on q and k (angle = position · inv_freq[i], fp32, precise sincos), then the

@@ -1,0 +1,96 @@
+// Device helpers for kernels that read a GEMM output pending as LoRA rows (lora_rows.h) and add
+// its LoRA as they load it. Included only by .cu files of engine/ops/cuda.
+#pragma once
+
+#include "engine/ops/cuda/kernel_utils.cuh"
+#include "engine/ops/cuda/lora_rows.h"
+
+namespace loraplex::ops::cuda {
+
+// The slice of output column `col` (constant indices only, as in LoraDeltaSlice).
+__device__ __forceinline__ int LoraRowsSliceOf(const LoraRowsView& v, int64_t col) {
+  int slice = 0;
+#pragma unroll
+  for (int s = 1; s < kLoraMaxSlices; ++s) {
+    if (s < v.num_slices && col >= v.slice_offsets[s]) slice = s;
+  }
+  return slice;
+}
+
+__device__ __forceinline__ int32_t LoraRowsSliceStart(const LoraRowsView& v, int slice) {
+  int32_t off = 0;
+#pragma unroll
+  for (int s = 1; s < kLoraMaxSlices; ++s) {
+    if (s == slice) off = v.slice_offsets[s];
+  }
+  return off;
+}
+
+// What one row needs to add the LoRA of one slice: its shrink values and the adapter's B.
+struct LoraRowsSlice {
+  float u[kLoraRowsRank];
+  const bf16* b = nullptr;  // [slice width, stride] bf16
+  int stride = 0;           // the adapter's rank for this slice (B's row length)
+  int rank = 0;             // min(stride, kLoraRowsRank): the terms summed
+  float scale = 0.0f;
+  int32_t start = 0;        // the slice's first output column
+};
+
+// Loads row `row`'s shrink values and its adapter's B for `slice`; false when the row has no
+// adapter there (no position, an out-of-range slot, or rank 0). The shrink values are 16-byte
+// aligned (the executor checks the view's base, stride and u_col).
+__device__ __forceinline__ bool LoadLoraRowsSlice(const LoraRowsView& v, int64_t row, int slice, LoraRowsSlice* out) {
+  const int pos = v.row_pos[row];
+  if (pos < 0 || pos >= kLoraRowsPositions) return false;
+  const int slot = v.seg_slots[pos];
+  if (slot < 0 || slot >= v.num_slots) return false;
+  const LoraSliceWeightsDev w = v.table[static_cast<int64_t>(slot) * v.num_slices + slice];
+  if (w.rank <= 0 || w.b == nullptr) return false;
+  out->b = static_cast<const bf16*>(w.b);
+  out->stride = w.rank;
+  out->rank = w.rank < kLoraRowsRank ? w.rank : kLoraRowsRank;
+  out->scale = w.scale;
+  out->start = LoraRowsSliceStart(v, slice);
+  const uint4* u = reinterpret_cast<const uint4*>(static_cast<const bf16*>(v.src) + row * v.stride + v.u_col +
+                                                  (static_cast<int64_t>(pos) * v.num_slices + slice) * kLoraRowsRank);
+  float lo[8], hi[8];
+  Unpack8(u[0], lo);
+  Unpack8(u[1], hi);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    out->u[j] = lo[j];
+    out->u[8 + j] = hi[j];
+  }
+  return true;
+}
+
+// bf16(scale·Σ_j u_j·B[n, j]) as a float, for output column `col` of the slice.
+__device__ __forceinline__ float LoraRowsDelta(const LoraRowsSlice& s, int64_t col) {
+  const bf16* b = s.b + (col - s.start) * s.stride;
+  float acc = 0.0f;
+  if (s.rank == kLoraRowsRank && s.stride == kLoraRowsRank && IsAligned16(b)) {
+    float lo[8], hi[8];
+    Unpack8(reinterpret_cast<const uint4*>(b)[0], lo);
+    Unpack8(reinterpret_cast<const uint4*>(b)[1], hi);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc += s.u[j] * lo[j];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc += s.u[8 + j] * hi[j];
+  } else {
+#pragma unroll
+    for (int j = 0; j < kLoraRowsRank; ++j) {
+      if (j < s.rank) acc += s.u[j] * ToFloat(b[j]);
+    }
+  }
+  return ToFloat(ToBf16(s.scale * acc));
+}
+
+// The value y[row, col] gets: the GEMM's, with the row's LoRA added (the delta path's rounding).
+__device__ __forceinline__ bf16 LoraRowsValue1(const LoraRowsView& v, int64_t row, int64_t col) {
+  const bf16 y = static_cast<const bf16*>(v.src)[row * v.stride + col];
+  LoraRowsSlice s;
+  if (!LoadLoraRowsSlice(v, row, LoraRowsSliceOf(v, col), &s)) return y;
+  return ToBf16(ToFloat(y) + LoraRowsDelta(s, col));
+}
+
+}  // namespace loraplex::ops::cuda
