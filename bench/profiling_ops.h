@@ -83,6 +83,14 @@ class ProfilingOps : public ops::Ops {
                             const ops::LoraSegments* segments, const ops::LoraModule* module,
                             const TensorView& lora_y) override;
   // UNIMPLEMENTED: a recorded graph would bypass the per-op timing.
+  // The LoRA state the inner ops keep, forwarded untimed (the install kernel is timed as part of
+  // nothing: it is one small launch a step).
+  int64_t LoraWeightSpareRows(int num_slices) const override { return inner_->LoraWeightSpareRows(num_slices); }
+  absl::Status RegisterLoraWeight(const TensorView& weight, const ops::LoraModule& module) override {
+    return inner_->RegisterLoraWeight(weight, module);
+  }
+  absl::Status BeginLoraStep(const ops::LoraSegments& segments) override { return inner_->BeginLoraStep(segments); }
+  absl::Status LoraSlotsChanged() override { return inner_->LoraSlotsChanged(); }
   absl::StatusOr<std::unique_ptr<ops::Graph>> Capture(const std::function<absl::Status()>& body) override;
 
  private:

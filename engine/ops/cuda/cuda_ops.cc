@@ -555,8 +555,11 @@ class CudaOps final : public Ops {
     p.num_kv_heads = num_kv_heads;
     p.head_dim = head_dim;
     if (TakeLoraRows(qkv, &p.rows)) {
-      // The rows kernel writes every row it has a block for: rows past meta.num_tokens get theirs first.
-      if (p.num_tokens < p.rows.rows) {
+      // The rows kernel takes a head's columns from one slice, and writes every row it has a block
+      // for: other layouts, and rows past meta.num_tokens, get theirs from the flush first.
+      bool heads = head_dim >= 16;
+      for (int s = 0; s <= p.rows.num_slices; ++s) heads = heads && p.rows.slice_offsets[s] % head_dim == 0;
+      if (!heads || p.num_tokens < p.rows.rows) {
         LORAPLEX_RETURN_IF_ERROR(CudaStatus(LaunchLoraRowsFlush(p.rows, qkv.data, stream_), kOp));
         p.rows = LoraRowsView{};
       }
@@ -884,7 +887,7 @@ class CudaOps final : public Ops {
     p.row_pos = rows_state_ + kRowsStateRowPos;
     p.num_blocks = num_sms_ * 2;
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(LaunchLoraRowsInstall(p, stream_), "BeginLoraStep: install"));
-    rows_step_ = RowsStep{true, segments.seg_slots, segments.num_tokens};
+    rows_step_ = RowsStep{true, segments.seg_slots, segments.num_tokens, segments.max_segments};
     return absl::OkStatus();
   }
 
@@ -894,7 +897,8 @@ class CudaOps final : public Ops {
                       "LoraSlotsChanged");
   }
 
-  void set_lora_rows(int min_tokens, int max_tokens) {
+  void set_lora_rows(int min_tokens, int max_tokens, int min_slices) {
+    lora_rows_min_slices_ = min_slices < 0 ? kLoraRowsMinSlices : min_slices;
     lora_rows_min_tokens_ = min_tokens < 0 ? kLoraRowsMinTokens : min_tokens;
     lora_rows_max_tokens_ = max_tokens < 0 ? kLoraRowsMaxTokens : std::min(max_tokens, kLoraRowsMaxTokens);
   }
@@ -917,7 +921,9 @@ class CudaOps final : public Ops {
       return nullptr;
     }
     auto it = rows_weights_.find(w.data);
-    if (it == rows_weights_.end() || it->second.table != module.table) return nullptr;
+    if (it == rows_weights_.end() || it->second.table != module.table || module.num_slices < lora_rows_min_slices_) {
+      return nullptr;
+    }
     const RowsWeight& rw = it->second;
     if (x.dtype != DType::kBF16 || y.dtype != DType::kBF16 || w.dtype != DType::kBF16 || x.shape.rank != 2 ||
         y.shape.rank != 2 || w.shape.rank != 2 || w.shape[0] != rw.n || w.shape[1] != rw.k ||
@@ -943,6 +949,7 @@ class CudaOps final : public Ops {
     v.rows = static_cast<int32_t>(t);
     v.row_pos = rows_state_ + kRowsStateRowPos;
     v.seg_slots = rows_step_.seg_slots;
+    v.num_positions = std::min(kLoraRowsPositions, rows_step_.max_segments);
     v.table = reinterpret_cast<const LoraSliceWeightsDev*>(rw.table);
     v.num_slots = rw.num_slots;
     v.num_slices = rw.num_slices;
@@ -1216,10 +1223,12 @@ class CudaOps final : public Ops {
   size_t rows_out_bytes_ = 0;
   int lora_rows_min_tokens_ = kLoraRowsMinTokens;  // SetLoraRowsForTest
   int lora_rows_max_tokens_ = kLoraRowsMaxTokens;  // 0: off
+  int lora_rows_min_slices_ = kLoraRowsMinSlices;
   struct RowsStep {  // the step BeginLoraStep began as LoRA rows
     bool active = false;
     const int32_t* seg_slots = nullptr;
     int32_t num_tokens = 0;
+    int32_t max_segments = 0;
   };
   RowsStep rows_step_;
   struct PendingLoraRows {  // GemmWithLora's output as LoRA rows, not yet written to `out`
@@ -1363,10 +1372,10 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps) {
   return absl::OkStatus();
 }
 
-absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens) {
+absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens, int min_slices) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraRowsForTest"));
   LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());
-  cuda->set_lora_rows(min_tokens, max_tokens);
+  cuda->set_lora_rows(min_tokens, max_tokens, min_slices);
   return absl::OkStatus();
 }
 

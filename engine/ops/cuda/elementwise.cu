@@ -78,43 +78,63 @@ __global__ void SiluMulVecKernel(uint4* __restrict__ gate_up, int64_t num_tokens
 }
 
 
-// SiluMulVecKernel reading gate_up from LoRA rows (lora_rows.h): a block takes kRowsVecs column
-// vectors of gate and up for kRowsLanes x kRowsTokens rows, so the rows of B its columns need
-// (one per adapter position) are read from the L2 once and then from the L1. Every element of
-// gate_up is written too.
-constexpr int kRowsVecs = 16;
-constexpr int kRowsLanes = 16;
-constexpr int kRowsTokens = 2;
+// SiLU·up reading gate_up from LoRA rows (lora_rows.h). A block takes kSiluRowsThreads columns
+// of gate and the same of up for kSiluRowsChunk rows, a thread one column of each: the rows of B
+// it needs are read once per adapter position, not once per row. The slot table and B are read
+// before the wait for the GEMM (written before it); every element of gate_up is written too.
+constexpr int kSiluRowsThreads = 128;
+constexpr int kSiluRowsChunk = 8;
 
-__global__ void SiluMulRowsKernel(LoraRowsView v, uint4* __restrict__ gate_up, int64_t num_tokens,
-                                  int64_t inter_vecs, uint4* __restrict__ out) {
-  PdlEnter();  // before any global memory access (see kernel_utils.cuh)
-  const int64_t c = blockIdx.x * static_cast<int64_t>(kRowsVecs) + threadIdx.x % kRowsVecs;
-  if (c >= inter_vecs) return;
-  const int64_t inter = inter_vecs * 8;
-  const int64_t first = blockIdx.y * static_cast<int64_t>(kRowsLanes * kRowsTokens) + threadIdx.x / kRowsVecs;
-#pragma unroll
-  for (int i = 0; i < kRowsTokens; ++i) {
-    const int64_t t = first + i * kRowsLanes;
-    if (t >= num_tokens) break;
-    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const bf16*>(v.src) + t * v.stride);
-    float g[8], u[8], o[8];
-    Unpack8(src[c], g);
-    Unpack8(src[inter_vecs + c], u);
-    LoraRowsSlice lora;
-    if (LoadLoraRowsSlice(v, t, 0, &lora)) {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) g[k] = ToFloat(ToBf16(g[k] + LoraRowsDelta(lora, c * 8 + k)));
+__global__ void SiluMulRowsKernel(LoraRowsView v, bf16* __restrict__ gate_up, int64_t num_tokens, int64_t inter,
+                                  bf16* __restrict__ out) {
+  AllowDependentLaunch();
+  const int64_t n = blockIdx.x * static_cast<int64_t>(kSiluRowsThreads) + threadIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kSiluRowsChunk;
+  const int rows = static_cast<int>(num_tokens - r0 < kSiluRowsChunk ? num_tokens - r0 : kSiluRowsChunk);
+  __shared__ LoraRowsPositions ps[2];  // gate, up
+  __shared__ int rpos[kSiluRowsChunk];
+  __shared__ float u[kSiluRowsChunk][2][kLoraRowsRank];
+  LoadLoraRowsPositions(v, 0, 0, &ps[0]);
+  LoadLoraRowsPositions(v, 1, kLoraRowsPositions, &ps[1]);
+  if (threadIdx.x >= 2 * kLoraRowsPositions && threadIdx.x < 2 * kLoraRowsPositions + kSiluRowsChunk) {
+    const int r = static_cast<int>(threadIdx.x) - 2 * kLoraRowsPositions;
+    rpos[r] = r < rows ? v.row_pos[r0 + r] : -1;
+  }
+  __syncthreads();
+  const bool col = n < inter;
+  int cur = rpos[0];
+  float bg[kLoraRowsRank] = {}, bu[kLoraRowsRank] = {};
+  if (col && cur >= 0) {
+    if (ps[0].stride[cur] > 0) LoadLoraRowsB(ps[0], cur, n, bg);
+    if (ps[1].stride[cur] > 0) LoadLoraRowsB(ps[1], cur, n, bu);
+  }
+  WaitForPrecedingKernel();
+  const bf16* src = static_cast<const bf16*>(v.src);
+  for (int e = threadIdx.x; e < rows * 2 * kLoraRowsRank; e += blockDim.x) {
+    const int r = e / (2 * kLoraRowsRank), s = (e / kLoraRowsRank) % 2, j = e % kLoraRowsRank, q = rpos[r];
+    u[r][s][j] = q >= 0 ? ToFloat(src[(r0 + r) * v.stride + v.u_col + (static_cast<int64_t>(q) * 2 + s) * kLoraRowsRank + j])
+                        : 0.0f;
+  }
+  __syncthreads();
+  if (!col) return;
+#pragma unroll 2
+  for (int r = 0; r < rows; ++r) {
+    const int64_t t = r0 + r;
+    float g = ToFloat(src[t * v.stride + n]);
+    float up = ToFloat(src[t * v.stride + inter + n]);
+    const int q = rpos[r];
+    if (q >= 0) {
+      if (q != cur) {
+        if (ps[0].stride[q] > 0) LoadLoraRowsB(ps[0], q, n, bg);
+        if (ps[1].stride[q] > 0) LoadLoraRowsB(ps[1], q, n, bu);
+        cur = q;
+      }
+      if (ps[0].stride[q] > 0) g = ToFloat(ToBf16(g + LoraRowsDot(u[r][0], bg, ps[0].scale[q])));
+      if (ps[1].stride[q] > 0) up = ToFloat(ToBf16(up + LoraRowsDot(u[r][1], bu, ps[1].scale[q])));
     }
-    if (LoadLoraRowsSlice(v, t, 1, &lora)) {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) u[k] = ToFloat(ToBf16(u[k] + LoraRowsDelta(lora, inter + c * 8 + k)));
-    }
-    gate_up[t * 2 * inter_vecs + c] = Pack8(g);
-    gate_up[t * 2 * inter_vecs + inter_vecs + c] = Pack8(u);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) o[k] = SiluMul(g[k], u[k]);
-    out[t * inter_vecs + c] = Pack8(o);
+    gate_up[t * 2 * inter + n] = ToBf16(g);
+    gate_up[t * 2 * inter + inter + n] = ToBf16(up);
+    out[t * inter + n] = ToBf16(SiluMul(g, up));
   }
 }
 
@@ -159,16 +179,14 @@ cudaError_t LaunchSiluMul(void* gate_up, int64_t num_tokens, int64_t inter, void
 
 cudaError_t LaunchSiluMulRows(const LoraRowsView& rows, void* gate_up, int64_t num_tokens, int64_t inter, void* out,
                               cudaStream_t stream) {
-  if (inter % 8 != 0 || !IsAligned16(gate_up) || !IsAligned16(out) || rows.num_slices != 2 ||
-      rows.rows < num_tokens || rows.u_col != 2 * inter || rows.slice_offsets[1] != inter) {
+  if (rows.num_slices != 2 || rows.rows < num_tokens || rows.u_col != 2 * inter || rows.slice_offsets[1] != inter) {
     return cudaErrorInvalidValue;
   }
   if (num_tokens == 0 || inter == 0) return cudaSuccess;
-  const int64_t inter_vecs = inter / 8;
-  const dim3 grid(static_cast<unsigned>((inter_vecs + kRowsVecs - 1) / kRowsVecs),
-                  static_cast<unsigned>((num_tokens + kRowsLanes * kRowsTokens - 1) / (kRowsLanes * kRowsTokens)));
-  (void)LaunchDependent(SiluMulRowsKernel, grid, dim3(kRowsVecs * kRowsLanes), 0, stream, rows,
-                        static_cast<uint4*>(gate_up), num_tokens, inter_vecs, static_cast<uint4*>(out));
+  const dim3 grid(static_cast<unsigned>((inter + kSiluRowsThreads - 1) / kSiluRowsThreads),
+                  static_cast<unsigned>((num_tokens + kSiluRowsChunk - 1) / kSiluRowsChunk));
+  (void)LaunchDependent(SiluMulRowsKernel, grid, dim3(kSiluRowsThreads), 0, stream, rows, static_cast<bf16*>(gate_up),
+                        num_tokens, inter, static_cast<bf16*>(out));
   return cudaGetLastError();
 }
 

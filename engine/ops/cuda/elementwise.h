@@ -25,8 +25,8 @@ cudaError_t LaunchSiluMul(void* gate_up, int64_t num_tokens, int64_t inter, void
                           const LoraDeltaView& delta, cudaStream_t stream);
 // The same with gate_up's values read from LoRA rows (lora_rows.h: `rows` holds gate_up's GEMM
 // output and its rows' shrink values, slices gate and up), the LoRA added, and every element of
-// gate_up written. cudaErrorInvalidValue unless inter % 8 == 0, gate_up and out are 16-byte
-// aligned and `rows` is gate_up's (2 slices at 0 and inter, num_tokens rows or more).
+// gate_up written. cudaErrorInvalidValue (nothing launched) unless `rows` is gate_up's (2 slices at
+// 0 and inter, num_tokens rows or more).
 cudaError_t LaunchSiluMulRows(const LoraRowsView& rows, void* gate_up, int64_t num_tokens, int64_t inter, void* out,
                               cudaStream_t stream);
 

@@ -93,4 +93,61 @@ __device__ __forceinline__ bf16 LoraRowsValue1(const LoraRowsView& v, int64_t ro
   return ToBf16(ToFloat(y) + LoraRowsDelta(s, col));
 }
 
+// A slice's adapter weights at each position (shared memory of a block whose threads all read
+// one slice).
+struct LoraRowsPositions {
+  const bf16* b[kLoraRowsPositions];
+  int stride[kLoraRowsPositions];  // the adapter's rank (B's row length); 0: no LoRA there
+  float scale[kLoraRowsPositions];
+};
+
+// Threads `first`..`first` + kLoraRowsPositions - 1 of the block fill `out` for `slice`; the caller
+// syncs. It reads only what was written before the step's GEMM (the slot table and the segments'
+// slots), so a kernel may call it before WaitForPrecedingKernel.
+__device__ __forceinline__ void LoadLoraRowsPositions(const LoraRowsView& v, int slice, int first,
+                                                      LoraRowsPositions* out) {
+  const int q = static_cast<int>(threadIdx.x) - first;
+  if (q < 0 || q >= kLoraRowsPositions) return;
+  out->b[q] = nullptr;
+  out->stride[q] = 0;
+  out->scale[q] = 0.0f;
+  if (q >= v.num_positions) return;
+  const int slot = v.seg_slots[q];
+  if (slot < 0 || slot >= v.num_slots) return;
+  const LoraSliceWeightsDev w = v.table[static_cast<int64_t>(slot) * v.num_slices + slice];
+  if (w.rank <= 0 || w.b == nullptr) return;
+  out->b[q] = static_cast<const bf16*>(w.b);
+  out->stride[q] = w.rank;
+  out->scale[q] = w.scale;
+}
+
+// Row `row_in_slice` of the B at position q, as kLoraRowsRank floats (zeros past the rank: the
+// shrink values there are zero too, the install kernel zeroing those spare rows).
+__device__ __forceinline__ void LoadLoraRowsB(const LoraRowsPositions& ps, int q, int64_t row_in_slice,
+                                              float (&b)[kLoraRowsRank]) {
+  const int stride = ps.stride[q];
+  const bf16* p = ps.b[q] + row_in_slice * stride;
+  if (stride == kLoraRowsRank && IsAligned16(p)) {
+    float lo[8], hi[8];
+    Unpack8(reinterpret_cast<const uint4*>(p)[0], lo);
+    Unpack8(reinterpret_cast<const uint4*>(p)[1], hi);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      b[j] = lo[j];
+      b[8 + j] = hi[j];
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kLoraRowsRank; ++j) b[j] = j < stride ? ToFloat(p[j]) : 0.0f;
+}
+
+// bf16(scale·Σ_j u_j·b_j) as a float (the sum in LoraRowsDelta's order).
+__device__ __forceinline__ float LoraRowsDot(const float* u, const float (&b)[kLoraRowsRank], float scale) {
+  float acc = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kLoraRowsRank; ++j) acc += u[j] * b[j];
+  return ToFloat(ToBf16(scale * acc));
+}
+
 }  // namespace loraplex::ops::cuda

@@ -54,7 +54,8 @@ struct LoraRowsView {
   int32_t u_col = 0;                       // N
   int32_t rows = 0;
   const int32_t* row_pos = nullptr;        // [rows] (LoraRowsInstall::row_pos)
-  const int32_t* seg_slots = nullptr;      // [kLoraRowsPositions] the step's segments' slots
+  const int32_t* seg_slots = nullptr;      // [num_positions] the step's segments' slots
+  int32_t num_positions = 0;               // min(kLoraRowsPositions, the segment arrays' capacity)
   const LoraSliceWeightsDev* table = nullptr;
   int32_t num_slots = 0;
   int32_t num_slices = 0;
