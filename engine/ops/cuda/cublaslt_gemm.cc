@@ -129,6 +129,76 @@ absl::Status CublasLtGemm::Prepare(const void* x, const void* w, const void* y, 
   return absl::OkStatus();
 }
 
+absl::Status CublasLtGemm::PrepareTimed(const void* x, const void* w, void* y, int64_t min_m, int64_t max_m,
+                                        int64_t n, int64_t k, cudaStream_t stream) {
+  if (n == 0 || max_m < 1) return absl::OkStatus();
+  const int alignment = Alignment(x, w, y);
+  constexpr int kCandidates = 8, kWarmup = 2, kRuns = 5;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  if (cudaEventCreate(&start) != cudaSuccess || cudaEventCreate(&stop) != cudaSuccess) {
+    if (start != nullptr) cudaEventDestroy(start);
+    (void)cudaGetLastError();
+    return absl::InternalError("cuBLASLt PrepareTimed: cannot create events");
+  }
+  absl::Status status = absl::OkStatus();
+  for (int64_t m = MBucket(std::max<int64_t>(1, min_m)); status.ok() && m <= MBucket(max_m); m = MBucket(m + 1)) {
+    const Key key{m, n, k, false, alignment};
+    if (timed_.count(key) > 0) continue;
+    Plan plan;
+    status = InitLayouts(m, n, k, false, &plan);
+    if (!status.ok()) break;
+    // The heuristic's alignment preferences, as Heuristic sets them.
+    status = Heuristic(plan, alignment).status();
+    if (!status.ok()) break;
+    cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
+    int found = 0;
+    status = LtError(cublasLtMatmulAlgoGetHeuristic(handle_, desc_, &plan.w_layout, &plan.x_layout, &plan.y_layout,
+                                                    &plan.y_layout, preference_, kCandidates, results, &found),
+                     "heuristic");
+    if (!status.ok()) break;
+    const float alpha = 1.0f, beta = 0.0f;
+    int best = -1;
+    float best_ms = 0.0f;
+    for (int i = 0; i < found; ++i) {
+      if (results[i].state != CUBLAS_STATUS_SUCCESS || results[i].workspaceSize > workspace_bytes_) continue;
+      bool ok = true;
+      for (int r = 0; ok && r < kWarmup + kRuns; ++r) {
+        if (r == kWarmup) ok = cudaEventRecord(start, stream) == cudaSuccess;
+        ok = ok && cublasLtMatmul(handle_, desc_, &alpha, w, &plan.w_layout, x, &plan.x_layout, &beta, y,
+                                  &plan.y_layout, y, &plan.y_layout, &results[i].algo, workspace_, workspace_bytes_,
+                                  stream) == CUBLAS_STATUS_SUCCESS;
+      }
+      float ms = 0.0f;
+      ok = ok && cudaEventRecord(stop, stream) == cudaSuccess && cudaEventSynchronize(stop) == cudaSuccess &&
+           cudaEventElapsedTime(&ms, start, stop) == cudaSuccess;
+      if (!ok) {
+        (void)cudaStreamSynchronize(stream);
+        (void)cudaGetLastError();
+        continue;
+      }
+      if (best < 0 || ms < best_ms) {
+        best = i;
+        best_ms = ms;
+      }
+    }
+    timed_[key] = true;
+    if (best < 0) continue;  // the heuristic's own choice stays (GetPlan)
+    bucket_algos_[key] = results[best].algo;
+    // Plans of this bucket's M made before keep the old algorithm: rebuild them.
+    for (auto it = plans_.begin(); it != plans_.end();) {
+      const auto& [pm, pn, pk, pf, pa] = it->first;
+      if (MBucket(pm) == m && pn == n && pk == k && !pf && pa == alignment) {
+        it = plans_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return status;
+}
+
 absl::Status CublasLtGemm::Run(const void* x, const void* w, void* y, bool y_f32, int64_t m,
                                int64_t n, int64_t k, float beta, cudaStream_t stream) {
   if (m == 0 || n == 0) return absl::OkStatus();

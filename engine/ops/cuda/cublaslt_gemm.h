@@ -35,6 +35,11 @@ class CublasLtGemm {
   // and this (n, k, y dtype), so no Run of those shapes pays for the heuristic. Runs nothing.
   absl::Status Prepare(const void* x, const void* w, const void* y, bool y_f32, int64_t max_m, int64_t n,
                        int64_t k);
+  // Prepare for the M buckets from min_m to max_m (bf16 y), choosing each bucket's algorithm by
+  // timing cuBLASLt's first few candidates on `stream` (runs GEMMs: x [max_m, k] and y [max_m, n]
+  // are read and written; synchronizes). Once per shape; later calls for it do nothing.
+  absl::Status PrepareTimed(const void* x, const void* w, void* y, int64_t min_m, int64_t max_m, int64_t n,
+                            int64_t k, cudaStream_t stream);
   int64_t num_algorithms() const { return static_cast<int64_t>(bucket_algos_.size()); }
 
  private:
@@ -57,6 +62,7 @@ class CublasLtGemm {
   size_t workspace_bytes_ = 0;
   std::map<Key, cublasLtMatmulAlgo_t> bucket_algos_;
   std::map<Key, std::unique_ptr<Plan>> plans_;
+  std::map<Key, bool> timed_;  // bucket keys PrepareTimed has chosen
 };
 
 }  // namespace loraplex::ops::cuda

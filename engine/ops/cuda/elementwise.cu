@@ -78,22 +78,27 @@ __global__ void SiluMulVecKernel(uint4* __restrict__ gate_up, int64_t num_tokens
 }
 
 
-// SiLU·up reading gate_up from LoRA rows (lora_rows.h). A block takes kSiluRowsThreads columns
-// of gate and the same of up for kSiluRowsChunk rows, a thread one column of each: the rows of B
-// it needs are read once per adapter position, not once per row. The slot table and B are read
-// before the wait for the GEMM (written before it); every element of gate_up is written too.
-constexpr int kSiluRowsThreads = 128;
-constexpr int kSiluRowsChunk = 8;
+// SiLU·up reading gate_up from LoRA rows (lora_rows.h). A block takes kSiluRowsCols columns of
+// gate and the same of up for kSiluRowsChunk rows; a thread one column of each for every
+// kSiluRowsLanes-th of those rows. Threads of a column share its rows of B through the L1, so they
+// come from the L2 about once per adapter position. The slot table and the first row's B are read
+// before the wait for the GEMM (written before it); after it, the rows' values and shrink values
+// all at once. Every element of gate_up is written too.
+constexpr int kSiluRowsCols = 64;
+constexpr int kSiluRowsLanes = 4;
+constexpr int kSiluRowsChunk = 16;
+constexpr int kSiluRowsPerThread = kSiluRowsChunk / kSiluRowsLanes;
 
 __global__ void SiluMulRowsKernel(LoraRowsView v, bf16* __restrict__ gate_up, int64_t num_tokens, int64_t inter,
                                   bf16* __restrict__ out) {
   AllowDependentLaunch();
-  const int64_t n = blockIdx.x * static_cast<int64_t>(kSiluRowsThreads) + threadIdx.x;
+  const int64_t n = blockIdx.x * static_cast<int64_t>(kSiluRowsCols) + threadIdx.x % kSiluRowsCols;
+  const int lane = static_cast<int>(threadIdx.x) / kSiluRowsCols;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kSiluRowsChunk;
   const int rows = static_cast<int>(num_tokens - r0 < kSiluRowsChunk ? num_tokens - r0 : kSiluRowsChunk);
   __shared__ LoraRowsPositions ps[2];  // gate, up
   __shared__ int rpos[kSiluRowsChunk];
-  __shared__ float u[kSiluRowsChunk][2][kLoraRowsRank];
+  __shared__ uint4 u[kSiluRowsChunk][2][2];  // [row][slice] the row's shrink values, packed
   LoadLoraRowsPositions(v, 0, 0, &ps[0]);
   LoadLoraRowsPositions(v, 1, kLoraRowsPositions, &ps[1]);
   if (threadIdx.x >= 2 * kLoraRowsPositions && threadIdx.x < 2 * kLoraRowsPositions + kSiluRowsChunk) {
@@ -102,39 +107,49 @@ __global__ void SiluMulRowsKernel(LoraRowsView v, bf16* __restrict__ gate_up, in
   }
   __syncthreads();
   const bool col = n < inter;
-  int cur = rpos[0];
-  float bg[kLoraRowsRank] = {}, bu[kLoraRowsRank] = {};
+  int cur = rpos[lane];
+  uint4 bg[2] = {}, bu[2] = {};
   if (col && cur >= 0) {
-    if (ps[0].stride[cur] > 0) LoadLoraRowsB(ps[0], cur, n, bg);
-    if (ps[1].stride[cur] > 0) LoadLoraRowsB(ps[1], cur, n, bu);
+    if (ps[0].stride[cur] > 0) LoadLoraRowsBPacked(ps[0].b[cur], ps[0].stride[cur], n, bg);
+    if (ps[1].stride[cur] > 0) LoadLoraRowsBPacked(ps[1].b[cur], ps[1].stride[cur], n, bu);
   }
   WaitForPrecedingKernel();
   const bf16* src = static_cast<const bf16*>(v.src);
-  for (int e = threadIdx.x; e < rows * 2 * kLoraRowsRank; e += blockDim.x) {
-    const int r = e / (2 * kLoraRowsRank), s = (e / kLoraRowsRank) % 2, j = e % kLoraRowsRank, q = rpos[r];
-    u[r][s][j] = q >= 0 ? ToFloat(src[(r0 + r) * v.stride + v.u_col + (static_cast<int64_t>(q) * 2 + s) * kLoraRowsRank + j])
-                        : 0.0f;
+  float g[kSiluRowsPerThread], up[kSiluRowsPerThread];
+#pragma unroll
+  for (int k = 0; k < kSiluRowsPerThread; ++k) {
+    const int r = lane + k * kSiluRowsLanes;
+    const bool ok = col && r < rows;
+    g[k] = ok ? ToFloat(src[(r0 + r) * v.stride + n]) : 0.0f;
+    up[k] = ok ? ToFloat(src[(r0 + r) * v.stride + inter + n]) : 0.0f;
+  }
+  if (threadIdx.x < rows * 4) {  // 2 slices x 2 vectors a row
+    const int r = static_cast<int>(threadIdx.x) / 4, s = (threadIdx.x / 2) % 2, h = threadIdx.x % 2, q = rpos[r];
+    u[r][s][h] = q >= 0 ? reinterpret_cast<const uint4*>(src + (r0 + r) * v.stride + v.u_col +
+                                                          (static_cast<int64_t>(q) * 2 + s) * kLoraRowsRank)[h]
+                        : make_uint4(0, 0, 0, 0);
   }
   __syncthreads();
   if (!col) return;
-#pragma unroll 2
-  for (int r = 0; r < rows; ++r) {
-    const int64_t t = r0 + r;
-    float g = ToFloat(src[t * v.stride + n]);
-    float up = ToFloat(src[t * v.stride + inter + n]);
+#pragma unroll
+  for (int k = 0; k < kSiluRowsPerThread; ++k) {
+    const int r = lane + k * kSiluRowsLanes;
+    if (r >= rows) break;
     const int q = rpos[r];
+    float gk = g[k], uk = up[k];
     if (q >= 0) {
       if (q != cur) {
-        if (ps[0].stride[q] > 0) LoadLoraRowsB(ps[0], q, n, bg);
-        if (ps[1].stride[q] > 0) LoadLoraRowsB(ps[1], q, n, bu);
+        if (ps[0].stride[q] > 0) LoadLoraRowsBPacked(ps[0].b[q], ps[0].stride[q], n, bg);
+        if (ps[1].stride[q] > 0) LoadLoraRowsBPacked(ps[1].b[q], ps[1].stride[q], n, bu);
         cur = q;
       }
-      if (ps[0].stride[q] > 0) g = ToFloat(ToBf16(g + LoraRowsDot(u[r][0], bg, ps[0].scale[q])));
-      if (ps[1].stride[q] > 0) up = ToFloat(ToBf16(up + LoraRowsDot(u[r][1], bu, ps[1].scale[q])));
+      if (ps[0].stride[q] > 0) gk = ToFloat(ToBf16(gk + LoraRowsDotPacked(u[r][0], bg, ps[0].scale[q])));
+      if (ps[1].stride[q] > 0) uk = ToFloat(ToBf16(uk + LoraRowsDotPacked(u[r][1], bu, ps[1].scale[q])));
     }
-    gate_up[t * 2 * inter + n] = ToBf16(g);
-    gate_up[t * 2 * inter + inter + n] = ToBf16(up);
-    out[t * inter + n] = ToBf16(SiluMul(g, up));
+    const int64_t t = r0 + r;
+    gate_up[t * 2 * inter + n] = ToBf16(gk);
+    gate_up[t * 2 * inter + inter + n] = ToBf16(uk);
+    out[t * inter + n] = ToBf16(SiluMul(gk, uk));
   }
 }
 
@@ -183,9 +198,10 @@ cudaError_t LaunchSiluMulRows(const LoraRowsView& rows, void* gate_up, int64_t n
     return cudaErrorInvalidValue;
   }
   if (num_tokens == 0 || inter == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((inter + kSiluRowsThreads - 1) / kSiluRowsThreads),
+  const dim3 grid(static_cast<unsigned>((inter + kSiluRowsCols - 1) / kSiluRowsCols),
                   static_cast<unsigned>((num_tokens + kSiluRowsChunk - 1) / kSiluRowsChunk));
-  (void)LaunchDependent(SiluMulRowsKernel, grid, dim3(kSiluRowsThreads), 0, stream, rows, static_cast<bf16*>(gate_up),
+  (void)LaunchDependent(SiluMulRowsKernel, grid, dim3(kSiluRowsCols * kSiluRowsLanes), 0, stream, rows,
+                        static_cast<bf16*>(gate_up),
                         num_tokens, inter, static_cast<bf16*>(out));
   return cudaGetLastError();
 }

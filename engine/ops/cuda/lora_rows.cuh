@@ -142,6 +142,44 @@ __device__ __forceinline__ void LoadLoraRowsB(const LoraRowsPositions& ps, int q
   for (int j = 0; j < kLoraRowsRank; ++j) b[j] = j < stride ? ToFloat(p[j]) : 0.0f;
 }
 
+// Row `row` of a B of `stride` columns (the adapter's rank), packed as kLoraRowsRank bf16 with
+// zeros past the rank (the shrink values there are zero too: the install kernel zeroes those
+// spare rows).
+__device__ __forceinline__ void LoadLoraRowsBPacked(const bf16* b, int stride, int64_t row, uint4 (&out)[2]) {
+  const bf16* p = b + row * stride;
+  if (stride == kLoraRowsRank && IsAligned16(p)) {
+    out[0] = reinterpret_cast<const uint4*>(p)[0];
+    out[1] = reinterpret_cast<const uint4*>(p)[1];
+    return;
+  }
+  if (stride == 8 && IsAligned16(p)) {
+    out[0] = reinterpret_cast<const uint4*>(p)[0];
+    out[1] = make_uint4(0, 0, 0, 0);
+    return;
+  }
+  union {
+    uint4 v[2];
+    bf16 h[kLoraRowsRank];
+  } packed;
+#pragma unroll
+  for (int j = 0; j < kLoraRowsRank; ++j) packed.h[j] = j < stride ? p[j] : ToBf16(0.0f);
+  out[0] = packed.v[0];
+  out[1] = packed.v[1];
+}
+
+// bf16(scale·Σ_j u_j·b_j) as a float, u and b packed bf16 (the sum in LoraRowsDelta's order).
+__device__ __forceinline__ float LoraRowsDotPacked(const uint4 (&u)[2], const uint4 (&b)[2], float scale) {
+  float uf[8], bf[8], acc = 0.0f;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    Unpack8(u[h], uf);
+    Unpack8(b[h], bf);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc += uf[j] * bf[j];
+  }
+  return ToFloat(ToBf16(scale * acc));
+}
+
 // bf16(scale·Σ_j u_j·b_j) as a float (the sum in LoraRowsDelta's order).
 __device__ __forceinline__ float LoraRowsDot(const float* u, const float (&b)[kLoraRowsRank], float scale) {
   float acc = 0.0f;

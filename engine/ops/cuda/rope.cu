@@ -71,13 +71,12 @@ __global__ void RopeAndCacheKvKernel(RopeParams p) {
 }
 
 
-// The same with qkv's values read from LoRA rows (RopeParams::rows). A block takes one head for
-// kRopeRowsChunk rows: thread i of a lane holds columns i and i + D/2 (a rotation pair, or two v
-// elements), so the rows of B it needs are read once per adapter position, not once per row. The
-// slot table and B are read before the wait for the GEMM (written before it); every element of
-// qkv is written.
-constexpr int kRopeRowsChunk = 8;
-constexpr int kRopeRowsLanes = 2;
+// The same with qkv's values read from LoRA rows (RopeParams::rows): a thread takes one row's
+// columns i and i + D/2 of one head (a rotation pair, or two v elements), a block kRopeRowsRows
+// rows of one head. Everything the GEMM does not write (the row's adapter, its rows of B, the
+// angle) is read before the wait for it; after it, the row's two values and its shrink values,
+// all at once. Every element of qkv is written.
+constexpr int kRopeRowsRows = 4;
 
 __global__ void RopeAndCacheKvRowsKernel(RopeParams p) {
   AllowDependentLaunch();
@@ -85,79 +84,60 @@ __global__ void RopeAndCacheKvRowsKernel(RopeParams p) {
   const int head = blockIdx.x;
   const int half = p.head_dim / 2;
   const int i = static_cast<int>(threadIdx.x) % half;
-  const int lane = static_cast<int>(threadIdx.x) / half;
-  const int64_t row_width = static_cast<int64_t>(p.num_q_heads + 2 * p.num_kv_heads) * p.head_dim;
+  const int64_t t = static_cast<int64_t>(blockIdx.y) * kRopeRowsRows + threadIdx.x / half;
+  if (t >= p.num_tokens) return;
   const int64_t c1 = static_cast<int64_t>(head) * p.head_dim + i;  // c1 and c1 + half: one slice
   const int slice = LoraRowsSliceOf(v, c1);
   const int64_t in_slice = c1 - LoraRowsSliceStart(v, slice);
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kRopeRowsChunk;
-  const int rows = static_cast<int>(p.num_tokens - r0 < kRopeRowsChunk ? p.num_tokens - r0 : kRopeRowsChunk);
-  __shared__ LoraRowsPositions ps;
-  __shared__ int rpos[kRopeRowsChunk];
-  __shared__ float u[kRopeRowsChunk][kLoraRowsRank];
-  LoadLoraRowsPositions(v, slice, 0, &ps);
-  if (threadIdx.x >= kLoraRowsPositions && threadIdx.x < kLoraRowsPositions + kRopeRowsChunk) {
-    const int r = static_cast<int>(threadIdx.x) - kLoraRowsPositions;
-    rpos[r] = r < rows ? v.row_pos[r0 + r] : -1;
-  }
-  const float freq = p.inv_freq[i];
-  __syncthreads();
-  // The first row's B now: adapters' tokens are mostly together.
-  int cur = rpos[lane < rows ? lane : 0];
-  float b1[kLoraRowsRank] = {}, b2[kLoraRowsRank] = {};
-  if (cur >= 0 && ps.stride[cur] > 0) {
-    LoadLoraRowsB(ps, cur, in_slice, b1);
-    LoadLoraRowsB(ps, cur, in_slice + half, b2);
-  }
-  WaitForPrecedingKernel();
-  const bf16* src = static_cast<const bf16*>(v.src);
-  for (int e = threadIdx.x; e < rows * kLoraRowsRank; e += blockDim.x) {
-    const int r = e / kLoraRowsRank, j = e % kLoraRowsRank, q = rpos[r];
-    u[r][j] = q >= 0 ? ToFloat(src[(r0 + r) * v.stride + v.u_col + (static_cast<int64_t>(q) * v.num_slices + slice) *
-                                                                      kLoraRowsRank + j])
-                     : 0.0f;
-  }
-  __syncthreads();
-  const int64_t kv_width = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
-  const bool rotated = head < p.num_q_heads + p.num_kv_heads;
-  for (int r = lane; r < rows; r += kRopeRowsLanes) {
-    const int64_t t = r0 + r;
-    float x1 = ToFloat(src[t * v.stride + c1]);
-    float x2 = ToFloat(src[t * v.stride + c1 + half]);
-    const int q = rpos[r];
-    if (q >= 0 && ps.stride[q] > 0) {
-      if (q != cur) {
-        LoadLoraRowsB(ps, q, in_slice, b1);
-        LoadLoraRowsB(ps, q, in_slice + half, b2);
-        cur = q;
+  const int q = v.row_pos[t];
+  uint4 b1[2] = {}, b2[2] = {};
+  float scale = 0.0f;
+  bool lora = false;
+  if (q >= 0 && q < v.num_positions) {
+    const int slot = v.seg_slots[q];
+    if (slot >= 0 && slot < v.num_slots) {
+      const LoraSliceWeightsDev w = v.table[static_cast<int64_t>(slot) * v.num_slices + slice];
+      if (w.rank > 0 && w.b != nullptr) {
+        lora = true;
+        scale = w.scale;
+        LoadLoraRowsBPacked(static_cast<const bf16*>(w.b), w.rank, in_slice, b1);
+        LoadLoraRowsBPacked(static_cast<const bf16*>(w.b), w.rank, in_slice + half, b2);
       }
-      x1 = ToFloat(ToBf16(x1 + LoraRowsDot(u[r], b1, ps.scale[q])));
-      x2 = ToFloat(ToBf16(x2 + LoraRowsDot(u[r], b2, ps.scale[q])));
     }
-    bf16* row = static_cast<bf16*>(p.qkv) + t * row_width;
-    if (p.token_seq != nullptr && p.token_seq[t] < 0) {  // padding: the row as the GEMM and LoRA left it
-      row[c1] = ToBf16(x1);
-      row[c1 + half] = ToBf16(x2);
-      continue;
-    }
-    const int64_t slot = p.slot_mapping[t];
-    const bool cache = slot >= 0 && slot < p.num_cache_slots;
-    bf16 y1 = ToBf16(x1), y2 = ToBf16(x2);
-    if (rotated) {
-      float sn, cs;
-      sincosf(static_cast<float>(p.positions[t]) * freq, &sn, &cs);  // precise, as RopeAndCacheKvKernel
-      y1 = ToBf16(x1 * cs - x2 * sn);
-      y2 = ToBf16(x2 * cs + x1 * sn);
-    }
-    row[c1] = y1;
-    row[c1 + half] = y2;
-    if (cache && head >= p.num_q_heads) {
-      bf16* dst = static_cast<bf16*>(rotated ? p.k_cache : p.v_cache) + slot * kv_width +
-                  static_cast<int64_t>(rotated ? head - p.num_q_heads : head - p.num_q_heads - p.num_kv_heads) *
-                      p.head_dim;
-      dst[i] = y1;
-      dst[i + half] = y2;
-    }
+  }
+  const bool padding = p.token_seq != nullptr && p.token_seq[t] < 0;
+  const bool rotated = head < p.num_q_heads + p.num_kv_heads;
+  float sn = 0.0f, cs = 1.0f;
+  if (!padding && rotated) {
+    sincosf(static_cast<float>(p.positions[t]) * p.inv_freq[i], &sn, &cs);  // precise, as RopeAndCacheKvKernel
+  }
+  const int64_t slot = padding ? -1 : p.slot_mapping[t];
+  WaitForPrecedingKernel();
+  const bf16* src = static_cast<const bf16*>(v.src) + t * v.stride;
+  float x1 = ToFloat(src[c1]);
+  float x2 = ToFloat(src[c1 + half]);
+  if (lora) {
+    const uint4* up = reinterpret_cast<const uint4*>(
+        src + v.u_col + (static_cast<int64_t>(q) * v.num_slices + slice) * kLoraRowsRank);
+    const uint4 u[2] = {up[0], up[1]};
+    x1 = ToFloat(ToBf16(x1 + LoraRowsDotPacked(u, b1, scale)));
+    x2 = ToFloat(ToBf16(x2 + LoraRowsDotPacked(u, b2, scale)));
+  }
+  bf16* row = static_cast<bf16*>(p.qkv) + t * static_cast<int64_t>(p.num_q_heads + 2 * p.num_kv_heads) * p.head_dim;
+  bf16 y1 = ToBf16(x1), y2 = ToBf16(x2);
+  if (!padding && rotated) {
+    y1 = ToBf16(x1 * cs - x2 * sn);
+    y2 = ToBf16(x2 * cs + x1 * sn);
+  }
+  row[c1] = y1;
+  row[c1 + half] = y2;
+  if (!padding && slot >= 0 && slot < p.num_cache_slots && head >= p.num_q_heads) {
+    const int64_t kv_width = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
+    bf16* dst = static_cast<bf16*>(rotated ? p.k_cache : p.v_cache) + slot * kv_width +
+                static_cast<int64_t>(rotated ? head - p.num_q_heads : head - p.num_q_heads - p.num_kv_heads) *
+                    p.head_dim;
+    dst[i] = y1;
+    dst[i + half] = y2;
   }
 }
 
@@ -175,8 +155,8 @@ cudaError_t LaunchRopeAndCacheKv(const RopeParams& p, cudaStream_t stream) {
                   static_cast<unsigned>(per_token < 1 ? 1 : per_token > 64 ? 64 : per_token));
   if (!p.rows.empty()) {
     const dim3 rows_grid(static_cast<unsigned>(p.num_q_heads + 2 * p.num_kv_heads),
-                         static_cast<unsigned>((p.num_tokens + kRopeRowsChunk - 1) / kRopeRowsChunk));
-    (void)LaunchDependent(RopeAndCacheKvRowsKernel, rows_grid, dim3(static_cast<unsigned>(p.head_dim / 2 * kRopeRowsLanes)),
+                         static_cast<unsigned>((p.num_tokens + kRopeRowsRows - 1) / kRopeRowsRows));
+    (void)LaunchDependent(RopeAndCacheKvRowsKernel, rows_grid, dim3(static_cast<unsigned>(p.head_dim / 2 * kRopeRowsRows)),
                           0, stream, p);
   } else {
     (void)LaunchDependent(RopeAndCacheKvKernel, dim3(grid), dim3(kThreads), 0, stream, p);
