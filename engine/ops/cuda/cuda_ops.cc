@@ -212,6 +212,10 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(reinterpret_cast<void**>(&ops->rows_entries_dev_),
                                                    kLoraRowsMaxEntries * sizeof(LoraRowsEntry)),
                                         "CUDA executor: allocate LoRA rows entries"));
+    LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(reinterpret_cast<void**>(&ops->rows_info_),
+                                                   kLoraRowsMaxEntries * kLoraRowsPositions * kLoraMaxSlices *
+                                                       sizeof(LoraSliceWeightsDev)),
+                                        "CUDA executor: allocate LoRA rows positions"));
     LORAPLEX_ASSIGN_OR_RETURN(ops->gemm_, CublasLtGemm::Create(ops->gemm_workspace_, kGemmWorkspaceBytes));
     LORAPLEX_RETURN_IF_ERROR(ops->set_lora_few(-1, -1, -1));
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(InitSkinnyGemm(), "CUDA executor: set up the skinny GEMM"));
@@ -243,6 +247,7 @@ class CudaOps final : public Ops {
     if (lora_delta_mask_ != nullptr) cudaFree(lora_delta_mask_);
     if (rows_state_ != nullptr) cudaFree(rows_state_);
     if (rows_entries_dev_ != nullptr) cudaFree(rows_entries_dev_);
+    if (rows_info_ != nullptr) cudaFree(rows_info_);
     if (rows_out_ != nullptr) cudaFree(rows_out_);
     if (attention_scratch_ != nullptr) cudaFree(attention_scratch_);
     if (gemm_workspace_ != nullptr) cudaFree(gemm_workspace_);
@@ -838,6 +843,15 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "RegisterLoraWeight: synchronize"));
     RowsWeight rw;
+    if (auto it = rows_weights_.find(w.data); it != rows_weights_.end()) {
+      rw.index = it->second.index;  // registered again: same entry
+    } else {
+      // The first entry no weight holds: an entry keeps its index while its weight lives, since
+      // recorded steps address it by index.
+      std::vector<bool> used(kLoraRowsMaxEntries, false);
+      for (const auto& [weight, other] : rows_weights_) used[static_cast<size_t>(other.index)] = true;
+      rw.index = static_cast<int>(std::find(used.begin(), used.end(), false) - used.begin());
+    }
     rw.n = n;
     rw.k = k;
     rw.spare = spare;
@@ -872,7 +886,7 @@ class CudaOps final : public Ops {
   absl::Status BeginLoraStep(const LoraSegments& segments) override {
     LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     rows_step_ = RowsStep{};
-    if (rows_entries_.empty() || lora_rows_max_tokens_ <= 0 || !segments.narrow_ranks ||
+    if (rows_weights_.empty() || lora_rows_max_tokens_ <= 0 || !segments.narrow_ranks ||
         segments.segments_bound <= 0 || segments.segments_bound > kLoraRowsPositions ||
         segments.num_tokens < std::max(1, lora_rows_min_tokens_) || segments.num_tokens > lora_rows_max_tokens_ ||
         segments.max_segments <= 0 || segments.token_rows == nullptr || segments.seg_starts == nullptr ||
@@ -890,6 +904,7 @@ class CudaOps final : public Ops {
     p.installed = rows_state_;
     p.done = reinterpret_cast<unsigned*>(rows_state_ + kRowsStateDone);
     p.row_pos = rows_state_ + kRowsStateRowPos;
+    p.info = rows_info_;
     p.num_blocks = num_sms_ * 2;
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(LaunchLoraRowsInstall(p, stream_), "BeginLoraStep: install"));
     rows_step_ = RowsStep{true, segments.seg_slots, segments.num_tokens, segments.max_segments};
@@ -910,6 +925,7 @@ class CudaOps final : public Ops {
 
   // A registered weight with its spare rows.
   struct RowsWeight {
+    int index = 0;  // its entry (LoraRowsInstall::entries, ::info)
     int64_t n = 0, k = 0, spare = 0;
     const LoraSliceWeights* table = nullptr;
     int32_t num_slots = 0, num_slices = 0;
@@ -953,10 +969,7 @@ class CudaOps final : public Ops {
     v.u_col = static_cast<int32_t>(rw.n);
     v.rows = static_cast<int32_t>(t);
     v.row_pos = rows_state_ + kRowsStateRowPos;
-    v.seg_slots = rows_step_.seg_slots;
-    v.num_positions = std::min(kLoraRowsPositions, rows_step_.max_segments);
-    v.table = reinterpret_cast<const LoraSliceWeightsDev*>(rw.table);
-    v.num_slots = rw.num_slots;
+    v.info = rows_info_ + static_cast<size_t>(rw.index) * kLoraRowsPositions * kLoraMaxSlices;
     v.num_slices = rw.num_slices;
     for (int s = 0; s <= rw.num_slices; ++s) v.slice_offsets[s] = rw.slice_offsets[s];
     pending_rows_.out = y.data;
@@ -969,13 +982,13 @@ class CudaOps final : public Ops {
   cudaError_t UploadRowsEntries() {
     rows_entries_.clear();
     for (const auto& [weight, rw] : rows_weights_) {
-      LoraRowsEntry e;
+      rows_entries_.resize(std::max(rows_entries_.size(), static_cast<size_t>(rw.index) + 1));  // gaps: unused
+      LoraRowsEntry& e = rows_entries_[static_cast<size_t>(rw.index)];
       e.spare = static_cast<char*>(const_cast<void*>(weight)) + rw.n * rw.k * 2;
       e.table = reinterpret_cast<const LoraSliceWeightsDev*>(rw.table);
       e.num_slots = rw.num_slots;
       e.num_slices = rw.num_slices;
       e.in_features = static_cast<int32_t>(rw.k);
-      rows_entries_.push_back(e);
     }
     // The count goes first, so a recorded install kernel never reads an entry dropped since.
     const int32_t count = static_cast<int32_t>(rows_entries_.size());
@@ -1220,6 +1233,7 @@ class CudaOps final : public Ops {
   std::unordered_map<const void*, RowsWeight> rows_weights_;
   std::vector<LoraRowsEntry> rows_entries_;
   LoraRowsEntry* rows_entries_dev_ = nullptr;  // [kLoraRowsMaxEntries]
+  LoraSliceWeightsDev* rows_info_ = nullptr;   // [kLoraRowsMaxEntries][positions][kLoraMaxSlices]
   // installed[kLoraRowsPositions], done, the entries' count, row_pos[kLoraRowsMaxTokens]
   static constexpr int kRowsStateDone = kLoraRowsPositions, kRowsStateCount = kLoraRowsPositions + 1,
                        kRowsStateRowPos = kLoraRowsPositions + 2;

@@ -40,6 +40,22 @@ __global__ void LoraRowsInstallKernel(LoraRowsInstall p) {
     }
   }
 
+  // Every entry's weights at each position, this step's (block 1, or 0 alone).
+  if (blockIdx.x == (gridDim.x > 1 ? 1 : 0)) {
+    const int items = *p.num_entries * kLoraRowsPositions * kLoraMaxSlices;
+    for (int it = threadIdx.x; it < items; it += blockDim.x) {
+      const int s = it % kLoraMaxSlices, q = (it / kLoraMaxSlices) % kLoraRowsPositions;
+      const int e = it / (kLoraMaxSlices * kLoraRowsPositions);
+      const LoraRowsEntry& entry = p.entries[e];
+      const int slot = q < live ? p.seg_slots[q] : -1;
+      LoraSliceWeightsDev w{nullptr, nullptr, 0, 0.0f};
+      if (entry.spare != nullptr && slot >= 0 && slot < entry.num_slots && s < entry.num_slices) {
+        w = entry.table[static_cast<int64_t>(slot) * entry.num_slices + s];
+      }
+      p.info[it] = w;
+    }
+  }
+
   const bool any = need[0] >= 0 || need[1] >= 0 || need[2] >= 0 || need[3] >= 0;
   if (any) {
     // unit = ((entry · positions + q) · kLoraMaxSlices + s) · kLoraRowsRank + j
@@ -52,7 +68,7 @@ __global__ void LoraRowsInstallKernel(LoraRowsInstall p) {
       const int slot = need[q];
       if (slot < 0) continue;
       const LoraRowsEntry entry = p.entries[e];
-      if (s >= entry.num_slices || slot >= entry.num_slots) continue;
+      if (entry.spare == nullptr || s >= entry.num_slices || slot >= entry.num_slots) continue;
       const LoraSliceWeightsDev w = entry.table[static_cast<int64_t>(slot) * entry.num_slices + s];
       const int64_t k_vecs = entry.in_features / 8;
       uint4* dst = reinterpret_cast<uint4*>(static_cast<bf16*>(entry.spare) +

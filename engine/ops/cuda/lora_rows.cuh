@@ -42,9 +42,7 @@ struct LoraRowsSlice {
 __device__ __forceinline__ bool LoadLoraRowsSlice(const LoraRowsView& v, int64_t row, int slice, LoraRowsSlice* out) {
   const int pos = v.row_pos[row];
   if (pos < 0 || pos >= kLoraRowsPositions) return false;
-  const int slot = v.seg_slots[pos];
-  if (slot < 0 || slot >= v.num_slots) return false;
-  const LoraSliceWeightsDev w = v.table[static_cast<int64_t>(slot) * v.num_slices + slice];
+  const LoraSliceWeightsDev w = v.info[pos * kLoraMaxSlices + slice];
   if (w.rank <= 0 || w.b == nullptr) return false;
   out->b = static_cast<const bf16*>(w.b);
   out->stride = w.rank;
@@ -102,8 +100,8 @@ struct LoraRowsPositions {
 };
 
 // Threads `first`..`first` + kLoraRowsPositions - 1 of the block fill `out` for `slice`; the caller
-// syncs. It reads only what was written before the step's GEMM (the slot table and the segments'
-// slots), so a kernel may call it before WaitForPrecedingKernel.
+// syncs. It reads only what the install kernel wrote before the step's GEMM, so a kernel may call
+// it before WaitForPrecedingKernel.
 __device__ __forceinline__ void LoadLoraRowsPositions(const LoraRowsView& v, int slice, int first,
                                                       LoraRowsPositions* out) {
   const int q = static_cast<int>(threadIdx.x) - first;
@@ -111,10 +109,7 @@ __device__ __forceinline__ void LoadLoraRowsPositions(const LoraRowsView& v, int
   out->b[q] = nullptr;
   out->stride[q] = 0;
   out->scale[q] = 0.0f;
-  if (q >= v.num_positions) return;
-  const int slot = v.seg_slots[q];
-  if (slot < 0 || slot >= v.num_slots) return;
-  const LoraSliceWeightsDev w = v.table[static_cast<int64_t>(slot) * v.num_slices + slice];
+  const LoraSliceWeightsDev w = v.info[q * kLoraMaxSlices + slice];
   if (w.rank <= 0 || w.b == nullptr) return;
   out->b[q] = static_cast<const bf16*>(w.b);
   out->stride[q] = w.rank;

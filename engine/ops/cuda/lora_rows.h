@@ -25,7 +25,7 @@ inline constexpr int kLoraRowsRank = 16;      // ops::kNarrowLoraRank: spare row
 
 // One registered projection (device array element).
 struct LoraRowsEntry {
-  void* spare = nullptr;                          // [positions · num_slices · kLoraRowsRank, K] bf16
+  void* spare = nullptr;                          // [positions · num_slices · kLoraRowsRank, K] bf16; null: unused
   const LoraSliceWeightsDev* table = nullptr;     // [num_slots][num_slices]
   int32_t num_slots = 0;
   int32_t num_slices = 0;
@@ -43,6 +43,9 @@ struct LoraRowsInstall {
   int32_t num_tokens = 0;                  // rows of the step
   int32_t* installed = nullptr;            // [kLoraRowsPositions] slot whose A rows each position holds; -1: none
   int32_t* row_pos = nullptr;              // [num_tokens] out: each row's position; -1: no adapter
+  // [entries][kLoraRowsPositions][kLoraMaxSlices] out: each entry's adapter weights at each
+  // position (rank 0 where the step has no segment), so readers skip the slot lookups.
+  LoraSliceWeightsDev* info = nullptr;
   unsigned* done = nullptr;                // [1] zero between launches (blocks finished)
   int num_blocks = 0;
 };
@@ -54,10 +57,7 @@ struct LoraRowsView {
   int32_t u_col = 0;                       // N
   int32_t rows = 0;
   const int32_t* row_pos = nullptr;        // [rows] (LoraRowsInstall::row_pos)
-  const int32_t* seg_slots = nullptr;      // [num_positions] the step's segments' slots
-  int32_t num_positions = 0;               // min(kLoraRowsPositions, the segment arrays' capacity)
-  const LoraSliceWeightsDev* table = nullptr;
-  int32_t num_slots = 0;
+  const LoraSliceWeightsDev* info = nullptr;  // [kLoraRowsPositions][kLoraMaxSlices] (LoraRowsInstall::info)
   int32_t num_slices = 0;
   int32_t slice_offsets[kLoraMaxSlices + 1] = {};  // [num_slices] = N
 

@@ -93,16 +93,13 @@ __global__ void RopeAndCacheKvRowsKernel(RopeParams p) {
   uint4 b1[2] = {}, b2[2] = {};
   float scale = 0.0f;
   bool lora = false;
-  if (q >= 0 && q < v.num_positions) {
-    const int slot = v.seg_slots[q];
-    if (slot >= 0 && slot < v.num_slots) {
-      const LoraSliceWeightsDev w = v.table[static_cast<int64_t>(slot) * v.num_slices + slice];
-      if (w.rank > 0 && w.b != nullptr) {
-        lora = true;
-        scale = w.scale;
-        LoadLoraRowsBPacked(static_cast<const bf16*>(w.b), w.rank, in_slice, b1);
-        LoadLoraRowsBPacked(static_cast<const bf16*>(w.b), w.rank, in_slice + half, b2);
-      }
+  if (q >= 0 && q < kLoraRowsPositions) {
+    const LoraSliceWeightsDev w = v.info[q * kLoraMaxSlices + slice];
+    if (w.rank > 0 && w.b != nullptr) {
+      lora = true;
+      scale = w.scale;
+      LoadLoraRowsBPacked(static_cast<const bf16*>(w.b), w.rank, in_slice, b1);
+      LoadLoraRowsBPacked(static_cast<const bf16*>(w.b), w.rank, in_slice + half, b2);
     }
   }
   const bool padding = p.token_seq != nullptr && p.token_seq[t] < 0;
