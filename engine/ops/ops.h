@@ -247,8 +247,8 @@ class Ops {
   virtual int64_t LoraWeightSpareRows(int /*num_slices*/) const { return 0; }
   // `weight` [N, K] is followed in its allocation by LoraWeightSpareRows(module.num_slices) rows
   // of K elements, and `module` is the slot table GemmWithLora gets with that weight: the
-  // executor may keep copies of adapters' weights there. Both must outlive these ops. Called
-  // outside captures.
+  // executor may keep copies of adapters' weights there until the weight's memory is freed (Free
+  // of its allocation); the table must live as long. Called outside captures.
   virtual absl::Status RegisterLoraWeight(const TensorView& /*weight*/, const LoraModule& /*module*/) {
     return absl::OkStatus();
   }

@@ -675,6 +675,32 @@ class RecordingCpuOps final : public ops::Ops {
     return Run([=, this] { return cpu_->LoraExpand(y, segments, module, out); });
   }
 
+  // The optional LoRA state hooks, used as the CUDA executor uses them (spare rows after 2- and
+  // 3-slice weights, for 4 adapters of rank 16), and recorded for the tests.
+  int64_t LoraWeightSpareRows(int num_slices) const override { return num_slices >= 2 ? 4 * num_slices * 16 : 0; }
+  absl::Status RegisterLoraWeight(const TensorView& weight, const ops::LoraModule& module) override {
+    if (recording_ != nullptr) return absl::FailedPreconditionError("RegisterLoraWeight during a capture");
+    registered_.push_back({weight, module.num_slices});
+    return absl::OkStatus();
+  }
+  absl::Status BeginLoraStep(const ops::LoraSegments& segments) override {
+    begun_.push_back(segments.narrow_ranks);
+    return absl::OkStatus();
+  }
+  absl::Status LoraSlotsChanged() override {
+    if (recording_ != nullptr) return absl::FailedPreconditionError("LoraSlotsChanged during a capture");
+    ++slots_changed_;
+    return absl::OkStatus();
+  }
+  struct Registered {
+    TensorView weight;
+    int num_slices;
+  };
+  const std::vector<Registered>& registered() const { return registered_; }
+  // LoraSegments::narrow_ranks of every BeginLoraStep call, eager or recorded.
+  const std::vector<bool>& begun() const { return begun_; }
+  int slots_changed() const { return slots_changed_; }
+
   absl::StatusOr<std::unique_ptr<ops::Graph>> Capture(const std::function<absl::Status()>& body) override {
     auto graph = std::make_unique<Recorded>();
     recording_ = &graph->steps;
@@ -705,6 +731,9 @@ class RecordingCpuOps final : public ops::Ops {
   std::vector<Prepared> prepared_;
   std::set<int32_t> captured_bounds_;
   std::set<bool> captured_wide_;
+  std::vector<Registered> registered_;
+  std::vector<bool> begun_;
+  int slots_changed_ = 0;
 };
 
 // A tiny model on graph-recording CPU ops with adapter x resident in a 2-slot pool, and three
@@ -763,6 +792,55 @@ struct GraphFixture {
   std::vector<Sequence> seqs;
   std::vector<std::vector<std::vector<double>>> dense;
 };
+
+TEST_CASE("qkv and gate_up weights get the ops' spare rows, zeroed and registered; LoRA steps are begun and uploads reported") {
+  GraphFixture f("llama-lora-state");
+  // Every layer's qkv (3 slices) and gate_up (2), each once, with its spare rows right after the
+  // weight and zero. (Every step below matches the dense forward: the spare rows change nothing.)
+  REQUIRE(f.ops.registered().size() == static_cast<size_t>(2 * f.spec.num_layers));
+  int qkv = 0, gate_up = 0;
+  for (const auto& r : f.ops.registered()) {
+    qkv += r.num_slices == 3;
+    gate_up += r.num_slices == 2;
+    const int64_t n = r.weight.shape[0], k = r.weight.shape[1];
+    const float* spare = static_cast<const float*>(r.weight.data) + n * k;
+    const int64_t count = f.ops.LoraWeightSpareRows(r.num_slices) * k;
+    CHECK(std::all_of(spare, spare + count, [](float v) { return v == 0.0f; }));
+  }
+  CHECK(qkv == f.spec.num_layers);
+  CHECK(gate_up == f.spec.num_layers);
+
+  f.Run({{0, 4}, {1, 4}, {2, 4}});  // prefill with adapter x: the upload before it is reported
+  CHECK(f.ops.slots_changed() == 1);
+  REQUIRE(f.ops.begun().size() == 1);
+  CHECK(f.ops.begun()[0]);  // x has rank 4: a narrow-rank step
+  f.Run({{1, 1}});          // the base model only: no LoRA step to begin
+  CHECK(f.ops.begun().size() == 1);
+  f.Run({{0, 1}, {2, 1}});  // decode on x, recorded into a graph: begun inside it
+  CHECK(f.ops.begun().size() == 2);
+  CHECK(f.ops.slots_changed() == 1);  // nothing uploaded since
+
+  // Adapter y enters the second slot: the next step reports it, once.
+  testing::TinyAdapterOptions yo;
+  yo.r = 2;
+  yo.seed = 99;
+  REQUIRE(testing::WriteTinyAdapter(f.dir + "/y", f.spec, yo).ok());
+  lora::LoraLimits limits;
+  limits.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  auto y = lora::LoadPeftAdapter("y", f.dir + "/y", f.spec, limits, DType::kF32);
+  REQUIRE(y.ok());
+  REQUIRE(f.pool->EnsureResident({f.adapter.get(), y->get()}, {false, false}).ok());
+  f.Run({{0, 1}, {2, 1}});
+  f.Run({{2, 1}, {0, 1}});
+  CHECK(f.ops.slots_changed() == 2);
+}
+
+TEST_CASE("A step whose slots hold ranks above 16 is begun as not narrow") {
+  GraphFixture f("llama-lora-wide", /*pool_max_rank=*/32, /*adapter_rank=*/32);
+  f.Run({{0, 4}, {2, 3}});
+  REQUIRE(f.ops.begun().size() == 1);
+  CHECK_FALSE(f.ops.begun()[0]);
+}
 
 TEST_CASE("Decode steps replayed from a recorded graph are padded to their bucket and match the dense forward") {
   GraphFixture f("llama-graph");

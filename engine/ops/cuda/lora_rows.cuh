@@ -116,27 +116,6 @@ __device__ __forceinline__ void LoadLoraRowsPositions(const LoraRowsView& v, int
   out->scale[q] = w.scale;
 }
 
-// Row `row_in_slice` of the B at position q, as kLoraRowsRank floats (zeros past the rank: the
-// shrink values there are zero too, the install kernel zeroing those spare rows).
-__device__ __forceinline__ void LoadLoraRowsB(const LoraRowsPositions& ps, int q, int64_t row_in_slice,
-                                              float (&b)[kLoraRowsRank]) {
-  const int stride = ps.stride[q];
-  const bf16* p = ps.b[q] + row_in_slice * stride;
-  if (stride == kLoraRowsRank && IsAligned16(p)) {
-    float lo[8], hi[8];
-    Unpack8(reinterpret_cast<const uint4*>(p)[0], lo);
-    Unpack8(reinterpret_cast<const uint4*>(p)[1], hi);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      b[j] = lo[j];
-      b[8 + j] = hi[j];
-    }
-    return;
-  }
-#pragma unroll
-  for (int j = 0; j < kLoraRowsRank; ++j) b[j] = j < stride ? ToFloat(p[j]) : 0.0f;
-}
-
 // Row `row` of a B of `stride` columns (the adapter's rank), packed as kLoraRowsRank bf16 with
 // zeros past the rank (the shrink values there are zero too: the install kernel zeroes those
 // spare rows).
@@ -172,14 +151,6 @@ __device__ __forceinline__ float LoraRowsDotPacked(const uint4 (&u)[2], const ui
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc += uf[j] * bf[j];
   }
-  return ToFloat(ToBf16(scale * acc));
-}
-
-// bf16(scale·Σ_j u_j·b_j) as a float (the sum in LoraRowsDelta's order).
-__device__ __forceinline__ float LoraRowsDot(const float* u, const float (&b)[kLoraRowsRank], float scale) {
-  float acc = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kLoraRowsRank; ++j) acc += u[j] * b[j];
   return ToFloat(ToBf16(scale * acc));
 }
 
