@@ -838,10 +838,9 @@ class CudaOps final : public Ops {
                                        module.slice_offsets[module.num_slices], ", ", module.in_features,
                                        " inputs) does not match weight ", w.shape.ToString()));
     }
-    if (k % 8 != 0 || n % 8 != 0 || !Aligned16(w.data)) {
-      return Invalid(kOp, absl::StrCat("weight ", w.shape.ToString(), " must have rows and columns in multiples of 8, 16-byte aligned"));
-    }
-    // A weight past the entries' capacity just keeps the side chain.
+    // A weight the kernels' 16-byte loads cannot take, or past the entries' capacity, is not
+    // registered: it keeps the side chain.
+    if (k % 8 != 0 || n % 8 != 0 || !Aligned16(w.data)) return absl::OkStatus();
     if (rows_weights_.size() >= kLoraRowsMaxEntries && rows_weights_.count(w.data) == 0) return absl::OkStatus();
     LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "RegisterLoraWeight: synchronize"));
