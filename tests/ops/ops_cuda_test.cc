@@ -439,6 +439,25 @@ void GemmTests() {
       Run("Gemm F32 M=300", [&] { return TestGemm(300, n, k, true, 0.0f, 0, w, *d_w); });
     }
   }
+  // Algorithms chosen by timing cuBLASLt's candidates (SetGemmTimedForTest) give the same results.
+  // (Shapes no timing case below uses: the choice stays with the ops.)
+  for (auto [n, k] : std::vector<std::pair<int64_t, int64_t>>{{5120, 4096}, {12288, 2048}}) {
+    std::vector<float> w = RandomVec(n * k, -1, 1);
+    auto d_w = UploadBf16(w);
+    Run(absl::StrCat("Gemm timed N=", n, " K=", k), [&]() -> absl::Status {
+      LORAPLEX_RETURN_IF_ERROR(d_w.status());
+      LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, g_gpu->Allocate(static_cast<size_t>(256) * k * 2));
+      LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, g_gpu->Allocate(static_cast<size_t>(256) * n * 2));
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_x.data(), 0, static_cast<size_t>(256) * k * 2));
+      LORAPLEX_RETURN_IF_ERROR(cuda::SetGemmTimedForTest(g_gpu, true));
+      const absl::Status prepared = g_gpu->PrepareGemm(Gpu(d_x, DType::kBF16, {256, k}),
+                                                       Gpu(*d_w, DType::kBF16, {n, k}), Gpu(d_y, DType::kBF16, {256, n}));
+      LORAPLEX_RETURN_IF_ERROR(cuda::SetGemmTimedForTest(g_gpu, false));
+      LORAPLEX_RETURN_IF_ERROR(prepared);
+      for (int64_t m : {32, 64, 200}) LORAPLEX_RETURN_IF_ERROR(TestGemm(m, n, k, false, 0.0f, 0, w, *d_w));
+      return absl::OkStatus();
+    });
+  }
   SkinnyGemmTests();
   for (auto [m, n, k, f32, beta, off] : std::vector<std::tuple<int64_t, int64_t, int64_t, bool, float, int64_t>>{
            {5, 100, 72, false, 0.0f, 1}, {33, 136, 200, true, 0.5f, 3}, {2, 8, 8, false, 1.0f, 0}}) {

@@ -129,6 +129,10 @@ constexpr int kLoraRowsMinTokens = 32;
 constexpr int kLoraRowsMaxTokens = 128;
 constexpr int kLoraRowsMinSlices = 2;
 constexpr size_t kLoraRowsMaxEntries = 1024;  // registered weights (two a decoder layer)
+// SetGemmTimedForTest: the row buckets PrepareGemm times (below, steps of up to 16 rows run the
+// skinny GEMM; above, prefill chunks would make start-up slow).
+constexpr int64_t kGemmTimedMinRows = 32;
+constexpr int64_t kGemmTimedMaxRows = 256;
 
 absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
   if (err == cudaSuccess) return absl::OkStatus();
@@ -516,6 +520,17 @@ class CudaOps final : public Ops {
     LORAPLEX_RETURN_IF_ERROR(Annotate(
         gemm_->Prepare(x.data, w.data, y.data, y.dtype == DType::kF32, x.shape[0], w.shape[0], x.shape[1]),
         "PrepareGemm"));
+    // SetGemmTimedForTest: the decode buckets cuBLASLt runs (32 to 256 rows) by timing its
+    // candidates, as the LoRA rows' GEMMs are chosen. Never inside a capture.
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    if (gemm_timed_ && y.dtype == DType::kBF16 && x.shape[0] >= kGemmTimedMinRows &&
+        cudaStreamIsCapturing(stream_, &capturing) == cudaSuccess && capturing == cudaStreamCaptureStatusNone) {
+      LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
+      LORAPLEX_RETURN_IF_ERROR(Annotate(gemm_->PrepareTimed(x.data, w.data, y.data, kGemmTimedMinRows,
+                                                            std::min<int64_t>(x.shape[0], kGemmTimedMaxRows),
+                                                            w.shape[0], x.shape[1], stream_),
+                                        "PrepareGemm (timed)"));
+    }
     // The few-adapter GEMM of GemmWithLora too (bf16 projections only: the logits never carry LoRA).
     if (lora_few_gemm_ == nullptr || y.dtype == DType::kF32 || x.shape[0] < lora_few_min_tokens_) {
       return absl::OkStatus();
@@ -525,6 +540,7 @@ class CudaOps final : public Ops {
   }
 
   int64_t gemm_algorithms() const { return gemm_->num_algorithms(); }
+  void set_gemm_timed(bool timed) { gemm_timed_ = timed; }
 
   // Gemm's and PrepareGemm's argument checks (kOp names the op in the message).
   absl::Status CheckGemm(absl::string_view kOp, const TensorView& x, const TensorView& w, const TensorView& y) {
@@ -1259,6 +1275,7 @@ class CudaOps final : public Ops {
   };
   PendingLoraRows pending_rows_;
   int64_t rows_gemms_ = 0;  // GemmWithLora calls run as LoRA rows (LoraRowsGemmsForTest)
+  bool gemm_timed_ = false;  // SetGemmTimedForTest
   bool lora_fold_ = true;  // tests turn folding off to compare both ways
   std::unique_ptr<CublasLtGemm> gemm_;
   std::unique_ptr<CublasLtGemm> gemm_beside_lora_;  // SetLoraGemmSmsForTest; null: gemm_
@@ -1395,6 +1412,12 @@ absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens, int mi
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraRowsForTest"));
   LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());
   cuda->set_lora_rows(min_tokens, max_tokens, min_slices);
+  return absl::OkStatus();
+}
+
+absl::Status SetGemmTimedForTest(Ops* ops, bool timed) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetGemmTimedForTest"));
+  cuda->set_gemm_timed(timed);
   return absl::OkStatus();
 }
 

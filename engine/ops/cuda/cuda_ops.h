@@ -90,6 +90,12 @@ absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0, int toke
 // Only modules of at least `min_slices` slices take it (negative: the default, 2; 3: qkv alone).
 // Takes effect from the next BeginLoraStep (graphs keep what they recorded).
 absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens, int min_slices = -1);
+// An experiment (off by default; prepared, not yet measured): PrepareGemm also chooses the
+// algorithm of every row bucket from 32 to 256 of bf16 GEMMs by timing cuBLASLt's candidates on
+// the ops' stream, as the LoRA rows' GEMMs are chosen (CublasLtGemm::PrepareTimed). It then runs
+// GEMMs on PrepareGemm's x and y (their contents become unspecified) and synchronizes, outside
+// captures only. Once per shape: set it before the model's WarmUp.
+absl::Status SetGemmTimedForTest(Ops* ops, bool timed);
 // How many GemmWithLora calls have run as LoRA rows so far (recorded ones count once, at capture).
 absl::StatusOr<int64_t> LoraRowsGemmsForTest(Ops* ops);
 // An experiment (off by default): GemmWithLora's GEMM uses the algorithms cuBLASLt chooses for
