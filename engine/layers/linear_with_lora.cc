@@ -47,7 +47,7 @@ LinearWithLora::LinearWithLora(int64_t in_features, std::vector<int64_t> slice_w
   for (int64_t w : slice_widths_) slice_offsets_.push_back(slice_offsets_.back() + w);
 }
 
-absl::Status LinearWithLora::SetWeight(ops::Ops& ops, const HostTensor& local_weight) {
+absl::Status LinearWithLora::SetWeight(ops::Ops& ops, const HostTensor& local_weight, bool adapted) {
   if (local_weight.shape().rank != 2 || local_weight.shape()[0] != out_features() ||
       local_weight.shape()[1] != in_features_) {
     return absl::InvalidArgumentError(absl::StrCat("linear weight has shape ",
@@ -67,7 +67,7 @@ absl::Status LinearWithLora::SetWeight(ops::Ops& ops, const HostTensor& local_we
     src = converted.data();
   }
   const size_t bytes = count * DTypeSize(dtype);
-  const int64_t spare_rows = std::max<int64_t>(0, ops.LoraWeightSpareRows(num_slices()));
+  const int64_t spare_rows = adapted ? std::max<int64_t>(0, ops.LoraWeightSpareRows(num_slices())) : 0;
   const size_t spare_bytes = static_cast<size_t>(spare_rows * in_features_) * DTypeSize(dtype);
   LORAPLEX_ASSIGN_OR_RETURN(owned_weight_, ops.Allocate(bytes + spare_bytes));
   LORAPLEX_RETURN_IF_ERROR(ops.CopyToDevice(owned_weight_.data(), src, bytes));

@@ -29,10 +29,11 @@ class LinearWithLora {
   int64_t slice_row_begin(int s) const { return slice_row_begins_[static_cast<size_t>(s)]; }
 
   // Uploads this rank's weight [out_features, in_features] (F32/F16/BF16 host), converted to
-  // ops.compute_dtype(), followed in the same allocation by the zeroed spare rows the ops ask for
-  // (Ops::LoraWeightSpareRows; registered with the ops once SetLora gives the slot table).
+  // ops.compute_dtype(). `adapted`: the layer will get a LoRA table (SetLora), so the weight is
+  // followed in the same allocation by the zeroed spare rows the ops ask for
+  // (Ops::LoraWeightSpareRows; registered with the ops once SetLora gives the table).
   // INVALID_ARGUMENT on a shape mismatch.
-  absl::Status SetWeight(ops::Ops& ops, const HostTensor& local_weight);
+  absl::Status SetWeight(ops::Ops& ops, const HostTensor& local_weight, bool adapted = true);
   // Uses a device weight owned elsewhere (tied embeddings); it must outlive this layer.
   absl::Status ShareWeight(const TensorView& device_weight);
   const TensorView& weight() const { return weight_; }  // [out_features, in_features] device

@@ -298,7 +298,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   } else {
     LORAPLEX_ASSIGN_OR_RETURN(HostTensor w, read("lm_head.weight"));
     LORAPLEX_ASSIGN_OR_RETURN(HostTensor shard, lm_head.ShardWeight(w));
-    LORAPLEX_RETURN_IF_ERROR(lm_head.SetWeight(*ops, shard));
+    LORAPLEX_RETURN_IF_ERROR(lm_head.SetWeight(*ops, shard, /*adapted=*/false));
   }
   impl->lm_head.emplace(std::move(lm_head));
 
@@ -316,23 +316,23 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
       LORAPLEX_ASSIGN_OR_RETURN(HostTensor k, read(p + "self_attn.k_proj.weight"));
       LORAPLEX_ASSIGN_OR_RETURN(HostTensor vv, read(p + "self_attn.v_proj.weight"));
       LORAPLEX_ASSIGN_OR_RETURN(HostTensor fused, qkv.ShardWeight(q, k, vv));
-      LORAPLEX_RETURN_IF_ERROR(qkv.SetWeight(*ops, fused));
+      LORAPLEX_RETURN_IF_ERROR(qkv.SetWeight(*ops, fused, /*adapted=*/slots != nullptr));
     }
     {
       LORAPLEX_ASSIGN_OR_RETURN(HostTensor w, read(p + "self_attn.o_proj.weight"));
       LORAPLEX_ASSIGN_OR_RETURN(HostTensor shard, o.ShardWeight(w));
-      LORAPLEX_RETURN_IF_ERROR(o.SetWeight(*ops, shard));
+      LORAPLEX_RETURN_IF_ERROR(o.SetWeight(*ops, shard, /*adapted=*/slots != nullptr));
     }
     {
       LORAPLEX_ASSIGN_OR_RETURN(HostTensor gate, read(p + "mlp.gate_proj.weight"));
       LORAPLEX_ASSIGN_OR_RETURN(HostTensor up, read(p + "mlp.up_proj.weight"));
       LORAPLEX_ASSIGN_OR_RETURN(HostTensor fused, gate_up.ShardWeight(gate, up));
-      LORAPLEX_RETURN_IF_ERROR(gate_up.SetWeight(*ops, fused));
+      LORAPLEX_RETURN_IF_ERROR(gate_up.SetWeight(*ops, fused, /*adapted=*/slots != nullptr));
     }
     {
       LORAPLEX_ASSIGN_OR_RETURN(HostTensor w, read(p + "mlp.down_proj.weight"));
       LORAPLEX_ASSIGN_OR_RETURN(HostTensor shard, down.ShardWeight(w));
-      LORAPLEX_RETURN_IF_ERROR(down.SetWeight(*ops, shard));
+      LORAPLEX_RETURN_IF_ERROR(down.SetWeight(*ops, shard, /*adapted=*/slots != nullptr));
     }
     if (slots != nullptr) {
       const std::pair<layers::LinearWithLora*, WrappedLayer> wrapped[] = {

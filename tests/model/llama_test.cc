@@ -598,8 +598,11 @@ class RecordingCpuOps final : public ops::Ops {
   DType compute_dtype() const override { return cpu_->compute_dtype(); }
   absl::StatusOr<ops::DeviceMemory> Allocate(size_t bytes) override {
     if (recording_ != nullptr) return absl::FailedPreconditionError("Allocate during a capture");
+    allocated_.push_back(bytes);
     return cpu_->Allocate(bytes);
   }
+  const std::vector<size_t>& allocated() const { return allocated_; }
+  void clear_allocated() { allocated_.clear(); }
   void Free(void* ptr) override { cpu_->Free(ptr); }
   absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
     if (recording_ != nullptr) return absl::FailedPreconditionError("CopyToDevice during a capture");
@@ -732,6 +735,7 @@ class RecordingCpuOps final : public ops::Ops {
   std::set<int32_t> captured_bounds_;
   std::set<bool> captured_wide_;
   std::vector<Registered> registered_;
+  std::vector<size_t> allocated_;
   std::vector<bool> begun_;
   int slots_changed_ = 0;
 };
@@ -833,6 +837,34 @@ TEST_CASE("qkv and gate_up weights get the ops' spare rows, zeroed and registere
   f.Run({{0, 1}, {2, 1}});
   f.Run({{2, 1}, {0, 1}});
   CHECK(f.ops.slots_changed() == 2);
+}
+
+TEST_CASE("A model without a slot pool gets no spare rows after its weights") {
+  const std::string dir = testing::MakeTempDir("llama-no-spare");
+  REQUIRE(testing::WriteTinyModel(dir, testing::TinyModelOptions{}).ok());
+  auto spec = LoadModelSpec(dir);
+  REQUIRE(spec.ok());
+  // The qkv weight's allocation with and without the spare rows (F32 on the CPU ops). Other
+  // tensors may have either size too: the two loads are compared.
+  const size_t k = static_cast<size_t>(spec->hidden_size), n = static_cast<size_t>(spec->qkv_width());
+  RecordingCpuOps ops;
+  const size_t spare = static_cast<size_t>(ops.LoraWeightSpareRows(3));
+  auto count = [&](size_t bytes) { return std::count(ops.allocated().begin(), ops.allocated().end(), bytes); };
+  auto pool = lora::SlotPool::Create(&ops, *spec, /*num_slots=*/1, /*max_rank=*/8);
+  REQUIRE(pool.ok());
+  ops.clear_allocated();
+  {
+    auto model = LlamaModel::Load(dir, *spec, &ops, nullptr, kCapacity);
+    REQUIRE(model.ok());
+  }
+  const auto plain = count(n * k * 4), spared = count((n + spare) * k * 4);
+  CHECK(ops.registered().empty());
+  ops.clear_allocated();
+  auto model = LlamaModel::Load(dir, *spec, &ops, pool->get(), kCapacity);
+  REQUIRE(model.ok());
+  CHECK(count(n * k * 4) == plain - spec->num_layers);
+  CHECK(count((n + spare) * k * 4) >= spared + spec->num_layers);
+  CHECK(ops.registered().size() == static_cast<size_t>(2 * spec->num_layers));
 }
 
 TEST_CASE("A step whose slots hold ranks above 16 is begun as not narrow") {
