@@ -37,8 +37,8 @@ struct LoraRowsSlice {
 };
 
 // Loads row `row`'s shrink values and its adapter's B for `slice`; false when the row has no
-// adapter there (no position, an out-of-range slot, or rank 0). The shrink values are 16-byte
-// aligned (the executor checks the view's base, stride and u_col).
+// adapter there (no position, or rank 0 at its position). The shrink values are 16-byte aligned
+// (the executor registers only weights whose rows and columns are multiples of 8).
 __device__ __forceinline__ bool LoadLoraRowsSlice(const LoraRowsView& v, int64_t row, int slice, LoraRowsSlice* out) {
   const int pos = v.row_pos[row];
   if (pos < 0 || pos >= kLoraRowsPositions) return false;
