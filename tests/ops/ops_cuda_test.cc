@@ -1973,10 +1973,14 @@ absl::Status TimeLoraRowsCase(const char* name, int in, const std::vector<int>& 
     return g_gpu->SiluMul(gout, Gpu(d_act, DType::kBF16, {T, W / 2}));
   };
   constexpr int kCalls = 20;
-  const char* labels[] = {"install", "gemm", "gemm+spare", "plain+consumer", "side+consumer", "rows+consumer"};
-  double us[6] = {};
-  for (int v = 0; v < 6; ++v) {
+  // v6: SiLU·up's rows reader with a thread per row (SetLoraRowsSiluForTest 1; gate_up only).
+  const char* labels[] = {"install", "gemm", "gemm+spare", "plain+consumer", "side+consumer", "rows+consumer",
+                          "rows+consumer(row threads)"};
+  const int variants = S == 2 ? 7 : 6;
+  double us[7] = {};
+  for (int v = 0; v < variants; ++v) {
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, -1, v == 4 ? 0 : -1));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsSiluForTest(g_gpu, v == 6 ? 1 : 0));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->Synchronize());
     LORAPLEX_ASSIGN_OR_RETURN(auto g, cuda::CaptureCudaGraph(g_gpu, [&]() -> absl::Status {
       for (int call = 0; call < kCalls; ++call) {
@@ -2006,9 +2010,12 @@ absl::Status TimeLoraRowsCase(const char* name, int in, const std::vector<int>& 
     us[v] = Median(samples) / kCalls;
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, -1, -1));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsSiluForTest(g_gpu, 0));
   std::printf("TIME LoRA rows %-8s T=%-4d adapters=%d graph:", name, T, adapters);
-  for (int v = 0; v < 6; ++v) std::printf(" %s %.2f us%s", labels[v], us[v], v < 5 ? "," : "");
-  std::printf(" | side +%.2f us, rows +%.2f us over plain\n", us[4] - us[3], us[5] - us[3]);
+  for (int v = 0; v < variants; ++v) std::printf(" %s %.2f us%s", labels[v], us[v], v + 1 < variants ? "," : "");
+  std::printf(" | side +%.2f us, rows +%.2f us over plain", us[4] - us[3], us[5] - us[3]);
+  if (variants == 7) std::printf(", row threads +%.2f us", us[6] - us[3]);
+  std::printf("\n");
   return absl::OkStatus();
 }
 
@@ -2163,6 +2170,10 @@ int Main() {
       Run("LoRA rows", [&] { return CheckLoraRows(c, t); });
     }
   }
+  // SiLU·up's other rows reader (a thread per row and column pair).
+  Run("LoRA rows SiLU row threads on", [] { return cuda::SetLoraRowsSiluForTest(g_gpu, 1); });
+  for (int t : {32, 77}) Run("LoRA rows[SiLU row threads]", [&] { return CheckLoraRows(FoldConsumer::kSiluMul, t); });
+  Run("LoRA rows SiLU row threads off", [] { return cuda::SetLoraRowsSiluForTest(g_gpu, 0); });
   Run("Synchronize", [] { return g_gpu->Synchronize(); });
 
   std::printf("\n-- timing (median of 21 samples of 20 calls; inputs rotated past L2) --\n");

@@ -27,7 +27,9 @@ cudaError_t LaunchSiluMul(void* gate_up, int64_t num_tokens, int64_t inter, void
 // output and its rows' shrink values, slices gate and up), the LoRA added, and every element of
 // gate_up written. cudaErrorInvalidValue (nothing launched) unless `rows` is gate_up's (2 slices at
 // 0 and inter, num_tokens rows or more).
+// row_threads: a thread per row and column pair (prepared, not yet measured; needs inter even and
+// 4-byte aligned buffers, else the default layout runs).
 cudaError_t LaunchSiluMulRows(const LoraRowsView& rows, void* gate_up, int64_t num_tokens, int64_t inter, void* out,
-                              cudaStream_t stream);
+                              cudaStream_t stream, bool row_threads = false);
 
 }  // namespace loraplex::ops::cuda
