@@ -66,19 +66,25 @@ absl::Status CublasLtGemm::InitLayouts(int64_t m, int64_t n, int64_t k, bool y_f
   return absl::OkStatus();
 }
 
-absl::StatusOr<cublasLtMatmulAlgo_t> CublasLtGemm::Heuristic(Plan& plan, int alignment) {
+absl::StatusOr<int> CublasLtGemm::Candidates(Plan& plan, int alignment, int count,
+                                              cublasLtMatmulHeuristicResult_t* results) {
   const uint32_t align = static_cast<uint32_t>(alignment);
   for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
                     CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES}) {
     LORAPLEX_RETURN_IF_ERROR(
         LtError(cublasLtMatmulPreferenceSetAttribute(preference_, attr, &align, sizeof align), "set alignment"));
   }
-  cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   LORAPLEX_RETURN_IF_ERROR(LtError(
       cublasLtMatmulAlgoGetHeuristic(handle_, desc_, &plan.w_layout, &plan.x_layout, &plan.y_layout,
-                                     &plan.y_layout, preference_, 1, &result, &found),
+                                     &plan.y_layout, preference_, count, results, &found),
       "heuristic"));
+  return found;
+}
+
+absl::StatusOr<cublasLtMatmulAlgo_t> CublasLtGemm::Heuristic(Plan& plan, int alignment) {
+  cublasLtMatmulHeuristicResult_t result{};
+  LORAPLEX_ASSIGN_OR_RETURN(const int found, Candidates(plan, alignment, 1, &result));
   if (found == 0) return absl::InternalError("cuBLASLt heuristic found no algorithm");
   return result.algo;
 }
@@ -149,15 +155,11 @@ absl::Status CublasLtGemm::PrepareTimed(const void* x, const void* w, void* y, i
     Plan plan;
     status = InitLayouts(m, n, k, false, &plan);
     if (!status.ok()) break;
-    // The heuristic's alignment preferences, as Heuristic sets them.
-    status = Heuristic(plan, alignment).status();
-    if (!status.ok()) break;
     cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
-    int found = 0;
-    status = LtError(cublasLtMatmulAlgoGetHeuristic(handle_, desc_, &plan.w_layout, &plan.x_layout, &plan.y_layout,
-                                                    &plan.y_layout, preference_, kCandidates, results, &found),
-                     "heuristic");
+    absl::StatusOr<int> candidates = Candidates(plan, alignment, kCandidates, results);
+    status = candidates.status();
     if (!status.ok()) break;
+    const int found = *candidates;
     const float alpha = 1.0f, beta = 0.0f;
     int best = -1;
     float best_ms = 0.0f;
@@ -185,7 +187,7 @@ absl::Status CublasLtGemm::PrepareTimed(const void* x, const void* w, void* y, i
         }
       }
     }
-    timed_[key] = true;
+    timed_.insert(key);
     if (best < 0) continue;  // the heuristic's own choice stays (GetPlan)
     bucket_algos_[key] = results[best].algo;
     // Plans of this bucket's M made before keep the old algorithm: rebuild them.

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
 #include <tuple>
 
 #include "absl/status/statusor.h"
@@ -52,6 +53,8 @@ class CublasLtGemm {
 
   CublasLtGemm() = default;
   absl::Status InitLayouts(int64_t m, int64_t n, int64_t k, bool y_f32, Plan* plan);
+  // Up to `count` of cuBLASLt's candidates for `plan` at `alignment`, best first; how many it found.
+  absl::StatusOr<int> Candidates(Plan& plan, int alignment, int count, cublasLtMatmulHeuristicResult_t* results);
   absl::StatusOr<cublasLtMatmulAlgo_t> Heuristic(Plan& plan, int alignment);
   absl::StatusOr<Plan*> GetPlan(int64_t m, int64_t n, int64_t k, bool y_f32, int alignment);
 
@@ -62,7 +65,7 @@ class CublasLtGemm {
   size_t workspace_bytes_ = 0;
   std::map<Key, cublasLtMatmulAlgo_t> bucket_algos_;
   std::map<Key, std::unique_ptr<Plan>> plans_;
-  std::map<Key, bool> timed_;  // bucket keys PrepareTimed has chosen
+  std::set<Key> timed_;  // bucket keys PrepareTimed has chosen
 };
 
 }  // namespace loraplex::ops::cuda

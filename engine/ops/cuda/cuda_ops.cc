@@ -892,11 +892,9 @@ class CudaOps final : public Ops {
       LORAPLEX_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&rows_out_, out_bytes), "RegisterLoraWeight: allocate output"));
       rows_out_bytes_ = out_bytes;
     }
-    // The GEMM over the weight and its spare rows is chosen now, not in a step: every M bucket by
-    // the heuristic, and those LoRA rows run by timing its candidates (the heuristic's choice for
-    // gate_up's 28800 rows at M = 32 ran 12% slower than for its 28672).
-    LORAPLEX_RETURN_IF_ERROR(Annotate(gemm_->Prepare(w.data, w.data, rows_out_, false, kLoraRowsMaxTokens, n + spare, k),
-                                      "RegisterLoraWeight: prepare the GEMM"));
+    // The GEMM over the weight and its spare rows is chosen now, not in a step, for the row counts
+    // LoRA rows run, by timing cuBLASLt's candidates (the heuristic's choice for gate_up's 28800
+    // rows at M = 32 ran 12% slower than for its 28672).
     return Annotate(gemm_->PrepareTimed(w.data, w.data, rows_out_, kLoraRowsMinTokens, kLoraRowsMaxTokens, n + spare, k,
                                         stream_),
                     "RegisterLoraWeight: time the GEMM");
@@ -1001,10 +999,10 @@ class CudaOps final : public Ops {
   // Rewrites the install kernel's entries from rows_weights_ (synchronous: registration and Free
   // only, never in a capture).
   cudaError_t UploadRowsEntries() {
-    rows_entries_.clear();
+    std::vector<LoraRowsEntry> entries;
     for (const auto& [weight, rw] : rows_weights_) {
-      rows_entries_.resize(std::max(rows_entries_.size(), static_cast<size_t>(rw.index) + 1));  // gaps: unused
-      LoraRowsEntry& e = rows_entries_[static_cast<size_t>(rw.index)];
+      entries.resize(std::max(entries.size(), static_cast<size_t>(rw.index) + 1));  // gaps: unused
+      LoraRowsEntry& e = entries[static_cast<size_t>(rw.index)];
       e.spare = static_cast<char*>(const_cast<void*>(weight)) + rw.n * rw.k * 2;
       e.table = reinterpret_cast<const LoraSliceWeightsDev*>(rw.table);
       e.num_slots = rw.num_slots;
@@ -1012,10 +1010,10 @@ class CudaOps final : public Ops {
       e.in_features = static_cast<int32_t>(rw.k);
     }
     // The count goes first, so a recorded install kernel never reads an entry dropped since.
-    const int32_t count = static_cast<int32_t>(rows_entries_.size());
+    const int32_t count = static_cast<int32_t>(entries.size());
     cudaError_t err = cudaMemcpy(rows_state_ + kRowsStateCount, &count, sizeof(count), cudaMemcpyHostToDevice);
     if (err != cudaSuccess || count == 0) return err;
-    return cudaMemcpy(rows_entries_dev_, rows_entries_.data(), count * sizeof(LoraRowsEntry), cudaMemcpyHostToDevice);
+    return cudaMemcpy(rows_entries_dev_, entries.data(), count * sizeof(LoraRowsEntry), cudaMemcpyHostToDevice);
   }
 
   // The pending LoRA rows for a kernel about to read `t` whole, which then owns finishing it:
@@ -1252,7 +1250,6 @@ class CudaOps final : public Ops {
   PendingLoraDelta pending_;
   // LoRA rows (lora_rows.h): registered weights, the install state, the GEMM's output buffer.
   std::unordered_map<const void*, RowsWeight> rows_weights_;
-  std::vector<LoraRowsEntry> rows_entries_;
   LoraRowsEntry* rows_entries_dev_ = nullptr;  // [kLoraRowsMaxEntries]
   LoraSliceWeightsDev* rows_info_ = nullptr;   // [kLoraRowsMaxEntries][positions][kLoraMaxSlices]
   // installed[kLoraRowsPositions], done, the entries' count, row_pos[kLoraRowsMaxTokens]

@@ -65,6 +65,18 @@ __device__ __forceinline__ float BlockSum(float v, float* scratch) {
   return total;
 }
 
+// The slice of output column `col`, given where slices 1..num_slices-1 start (offsets[0] is 0),
+// by constant indices only: a dynamically indexed parameter array would go through local memory.
+template <int kMaxSlices>
+__device__ __forceinline__ int SliceOfColumn(const int32_t (&offsets)[kMaxSlices + 1], int num_slices, int64_t col) {
+  int slice = 0;
+#pragma unroll
+  for (int s = 1; s < kMaxSlices; ++s) {
+    if (s < num_slices && col >= offsets[s]) slice = s;
+  }
+  return slice;
+}
+
 __host__ __device__ __forceinline__ bool IsAligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Programmatic dependent launch (sm_90). A kernel started by LaunchDependent may be scheduled

@@ -7,15 +7,8 @@
 
 namespace loraplex::ops::cuda {
 
-// The slice of output column `col` (constant indices only: a dynamically indexed parameter array
-// would go through local memory).
 __device__ __forceinline__ int LoraDeltaSlice(const LoraDeltaView& d, int64_t col) {
-  int slice = 0;
-#pragma unroll
-  for (int s = 1; s < kLoraDeltaMaxSlices; ++s) {
-    if (s < d.num_slices && col >= d.slice_offsets[s]) slice = s;
-  }
-  return slice;
+  return SliceOfColumn<kLoraDeltaMaxSlices>(d.slice_offsets, d.num_slices, col);
 }
 
 // The delta of 8 output columns col..col+7 (col % 8 == 0, so one slice) of `row`, loaded

@@ -7,14 +7,8 @@
 
 namespace loraplex::ops::cuda {
 
-// The slice of output column `col` (constant indices only, as in LoraDeltaSlice).
 __device__ __forceinline__ int LoraRowsSliceOf(const LoraRowsView& v, int64_t col) {
-  int slice = 0;
-#pragma unroll
-  for (int s = 1; s < kLoraMaxSlices; ++s) {
-    if (s < v.num_slices && col >= v.slice_offsets[s]) slice = s;
-  }
-  return slice;
+  return SliceOfColumn<kLoraMaxSlices>(v.slice_offsets, v.num_slices, col);
 }
 
 __device__ __forceinline__ int32_t LoraRowsSliceStart(const LoraRowsView& v, int slice) {
