@@ -1081,6 +1081,32 @@ absl::Status CheckLoraDeltaPathsAgree(const std::string& name, LoraWorld& w, int
 // a pending row expand) lands when the result is read back, or at the capture's end.
 enum class FoldConsumer { kAddRmsNorm, kSiluMul, kRope, kNone };
 
+// RoPE's device inputs for tokens at these positions, cache slots and sequences (llama3's theta
+// for head_dim d), and the meta that points at them, for a cache of `bs`-slot blocks.
+struct RopeInputs {
+  DeviceMemory freq, pos, slots, seq;
+  AttentionMeta meta;
+  int d = 0;
+  TensorView InvFreq() const { return Gpu(freq, DType::kF32, {d / 2}); }
+};
+absl::StatusOr<RopeInputs> UploadRope(int d, int bs, const std::vector<int32_t>& positions,
+                                      const std::vector<int32_t>& slot_mapping, const std::vector<int32_t>& token_seq) {
+  std::vector<float> inv_freq(d / 2);
+  for (int i = 0; i < d / 2; ++i) inv_freq[i] = std::pow(500000.0f, -2.0f * i / d);
+  RopeInputs r;
+  r.d = d;
+  LORAPLEX_ASSIGN_OR_RETURN(r.freq, UploadF32(inv_freq));
+  LORAPLEX_ASSIGN_OR_RETURN(r.pos, UploadI32(positions));
+  LORAPLEX_ASSIGN_OR_RETURN(r.slots, UploadI32(slot_mapping));
+  LORAPLEX_ASSIGN_OR_RETURN(r.seq, UploadI32(token_seq));
+  r.meta.num_tokens = static_cast<int32_t>(positions.size());
+  r.meta.block_size = bs;
+  r.meta.positions = static_cast<const int32_t*>(r.pos.data());
+  r.meta.slot_mapping = static_cast<const int32_t*>(r.slots.data());
+  r.meta.token_seq = static_cast<const int32_t*>(r.seq.data());
+  return r;
+}
+
 absl::Status CheckLoraFold(FoldConsumer consumer, int tokens) {
   const int T = tokens, in = 1024, hq = 8, hkv = 2, d = 128, bs = 16, num_blocks = 8;
   std::vector<int> widths;
@@ -1101,8 +1127,6 @@ absl::Status CheckLoraFold(FoldConsumer consumer, int tokens) {
   std::vector<float> x = RandomVec(static_cast<size_t>(T) * in, -1, 1);
   std::vector<float> residual = RandomVec(static_cast<size_t>(T) * W, -1, 1);
   std::vector<float> norm_w = RandomVec(W, 0.5f, 1.5f);
-  std::vector<float> inv_freq(d / 2);
-  for (int i = 0; i < d / 2; ++i) inv_freq[i] = std::pow(500000.0f, -2.0f * i / d);
   const int64_t kv_row = static_cast<int64_t>(hkv) * d, cache_slots = static_cast<int64_t>(num_blocks) * bs;
   std::vector<float> k_cache = RandomVec(cache_slots * kv_row, -1, 1), v_cache = RandomVec(cache_slots * kv_row, -1, 1);
   std::vector<int32_t> positions(T), slot_mapping(T), token_seq(T, 0);
@@ -1124,10 +1148,7 @@ absl::Status CheckLoraFold(FoldConsumer consumer, int tokens) {
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_res, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_hid, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_norm_w, UploadBf16(norm_w));
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_freq, UploadF32(inv_freq));
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_pos, UploadI32(positions));
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_slots, UploadI32(slot_mapping));
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_seq, UploadI32(token_seq));
+  LORAPLEX_ASSIGN_OR_RETURN(const RopeInputs rope, UploadRope(d, bs, positions, slot_mapping, token_seq));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_k, g_gpu->Allocate(k_cache.size() * 2));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_v, g_gpu->Allocate(v_cache.size() * 2));
   const LoraModule dm = w->Module(true);
@@ -1135,12 +1156,6 @@ absl::Status CheckLoraFold(FoldConsumer consumer, int tokens) {
   const TensorView gx = Gpu(d_x, DType::kBF16, {T, in}), gy = Gpu(d_y, DType::kF32, {T, yw}),
                    gout = Gpu(d_out, DType::kBF16, {T, W}), gw = Gpu(d_w, DType::kBF16, {W, in});
   const Shape cs{num_blocks, bs, hkv, d};
-  AttentionMeta meta;
-  meta.num_tokens = T;
-  meta.block_size = bs;
-  meta.positions = static_cast<const int32_t*>(d_pos.data());
-  meta.slot_mapping = static_cast<const int32_t*>(d_slots.data());
-  meta.token_seq = static_cast<const int32_t*>(d_seq.data());
   auto body = [&]() -> absl::Status {
     LORAPLEX_RETURN_IF_ERROR(g_gpu->GemmWithLora(gx, gw, gout, &ds, &dm, gy));
     switch (consumer) {
@@ -1150,7 +1165,7 @@ absl::Status CheckLoraFold(FoldConsumer consumer, int tokens) {
       case FoldConsumer::kSiluMul:
         return g_gpu->SiluMul(gout, Gpu(d_hid, DType::kBF16, {T, W / 2}));
       case FoldConsumer::kRope:
-        return g_gpu->RopeAndCacheKv(gout, Gpu(d_freq, DType::kF32, {d / 2}), hq, hkv, d, meta,
+        return g_gpu->RopeAndCacheKv(gout, rope.InvFreq(), hq, hkv, d, rope.meta,
                                      {Gpu(d_k, DType::kBF16, cs), Gpu(d_v, DType::kBF16, cs)});
       case FoldConsumer::kNone:
         break;
@@ -1231,8 +1246,6 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens) {
   LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraSlotsChanged());
 
   std::vector<float> residual = RandomVec(static_cast<size_t>(T) * W, -1, 1);
-  std::vector<float> inv_freq(d / 2);
-  for (int i = 0; i < d / 2; ++i) inv_freq[i] = std::pow(500000.0f, -2.0f * i / d);
   const int64_t kv_row = static_cast<int64_t>(hkv) * d, cache_slots = static_cast<int64_t>(num_blocks) * bs;
   std::vector<float> k_cache = RandomVec(cache_slots * kv_row, -1, 1), v_cache = RandomVec(cache_slots * kv_row, -1, 1);
   std::vector<int32_t> positions(T), slot_mapping(T), token_seq(T, 0);
@@ -1247,10 +1260,7 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens) {
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, g_gpu->Allocate(static_cast<size_t>(T) * yw * 4));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_hid, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_freq, UploadF32(inv_freq));
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_pos, UploadI32(positions));
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_slots, UploadI32(slot_mapping));
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_seq, UploadI32(token_seq));
+  LORAPLEX_ASSIGN_OR_RETURN(const RopeInputs rope, UploadRope(d, bs, positions, slot_mapping, token_seq));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_k, g_gpu->Allocate(k_cache.size() * 2));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_v, g_gpu->Allocate(v_cache.size() * 2));
   LoraSegments ds = dsegs.View();
@@ -1259,12 +1269,6 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens) {
   const TensorView gx = Gpu(d_x, DType::kBF16, {T, in}), gy = Gpu(d_y, DType::kF32, {T, yw}),
                    gout = Gpu(d_out, DType::kBF16, {T, W});
   const Shape cs{num_blocks, bs, hkv, d};
-  AttentionMeta meta;
-  meta.num_tokens = T;
-  meta.block_size = bs;
-  meta.positions = static_cast<const int32_t*>(d_pos.data());
-  meta.slot_mapping = static_cast<const int32_t*>(d_slots.data());
-  meta.token_seq = static_cast<const int32_t*>(d_seq.data());
   auto body = [&]() -> absl::Status {
     LORAPLEX_RETURN_IF_ERROR(g_gpu->BeginLoraStep(ds));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->GemmWithLora(gx, gw, gout, &ds, &dm, gy));
@@ -1272,7 +1276,7 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens) {
       case FoldConsumer::kSiluMul:
         return g_gpu->SiluMul(gout, Gpu(d_hid, DType::kBF16, {T, W / 2}));
       case FoldConsumer::kRope:
-        return g_gpu->RopeAndCacheKv(gout, Gpu(d_freq, DType::kF32, {d / 2}), hq, hkv, d, meta,
+        return g_gpu->RopeAndCacheKv(gout, rope.InvFreq(), hq, hkv, d, rope.meta,
                                      {Gpu(d_k, DType::kBF16, cs), Gpu(d_v, DType::kBF16, cs)});
       default:
         return absl::OkStatus();
@@ -1941,8 +1945,6 @@ absl::Status TimeLoraRowsCase(const char* name, int in, const std::vector<int>& 
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_ext, g_gpu->Allocate(static_cast<size_t>(T) * (W + spare) * 2));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_act, g_gpu->Allocate(static_cast<size_t>(T) * W));
-  std::vector<float> inv_freq(d / 2);
-  for (int i = 0; i < d / 2; ++i) inv_freq[i] = std::pow(500000.0f, -2.0f * i / d);
   std::vector<int32_t> positions(T), slot_mapping(T), token_seq(T);
   for (int t = 0; t < T; ++t) {
     positions[t] = 100 + t;
@@ -1951,23 +1953,14 @@ absl::Status TimeLoraRowsCase(const char* name, int in, const std::vector<int>& 
   }
   const int bs = 16, blocks = (T + bs - 1) / bs;
   const Shape cs{blocks, bs, hkv, d};
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_freq, UploadF32(inv_freq));
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_pos, UploadI32(positions));
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_slots, UploadI32(slot_mapping));
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_seq, UploadI32(token_seq));
+  LORAPLEX_ASSIGN_OR_RETURN(const RopeInputs rope, UploadRope(d, bs, positions, slot_mapping, token_seq));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_k, g_gpu->Allocate(static_cast<size_t>(blocks) * bs * hkv * d * 2));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_v, g_gpu->Allocate(static_cast<size_t>(blocks) * bs * hkv * d * 2));
-  AttentionMeta meta;
-  meta.num_tokens = T;
-  meta.block_size = bs;
-  meta.positions = static_cast<const int32_t*>(d_pos.data());
-  meta.slot_mapping = static_cast<const int32_t*>(d_slots.data());
-  meta.token_seq = static_cast<const int32_t*>(d_seq.data());
   const TensorView gx = Gpu(d_x, DType::kBF16, {T, in}), gy = Gpu(d_y, DType::kF32, {T, S * 16}),
                    gout = Gpu(d_out, DType::kBF16, {T, W});
   auto consume = [&]() -> absl::Status {
     if (S == 3) {
-      return g_gpu->RopeAndCacheKv(gout, Gpu(d_freq, DType::kF32, {d / 2}), hq, hkv, d, meta,
+      return g_gpu->RopeAndCacheKv(gout, rope.InvFreq(), hq, hkv, d, rope.meta,
                                    {Gpu(d_k, DType::kBF16, cs), Gpu(d_v, DType::kBF16, cs)});
     }
     return g_gpu->SiluMul(gout, Gpu(d_act, DType::kBF16, {T, W / 2}));
