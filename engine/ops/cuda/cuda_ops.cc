@@ -658,7 +658,7 @@ class CudaOps final : public Ops {
     LoraRowsView rows;
     if (TakeLoraRows(gate_up, &rows)) {
       const cudaError_t err =
-          LaunchSiluMulRows(rows, gate_up.data, out.shape[0], out.shape[1], out.data, stream_, lora_rows_silu_ == 1);
+          LaunchSiluMulRows(rows, gate_up.data, out.shape[0], out.shape[1], out.data, stream_);
       if (err != cudaErrorInvalidValue) return CudaStatus(err, kOp);
       // Not a layout the rows kernel takes (nothing was launched): gate_up first, then as usual.
       LORAPLEX_RETURN_IF_ERROR(CudaStatus(LaunchLoraRowsFlush(rows, gate_up.data, stream_), kOp));
@@ -935,7 +935,6 @@ class CudaOps final : public Ops {
   }
 
   int64_t rows_gemms() const { return rows_gemms_; }
-  void set_lora_rows_silu(int layout) { lora_rows_silu_ = layout; }
   void set_lora_rows(int min_tokens, int max_tokens, int min_slices) {
     lora_rows_min_slices_ = min_slices < 0 ? kLoraRowsMinSlices : min_slices;
     lora_rows_min_tokens_ = min_tokens < 0 ? kLoraRowsMinTokens : min_tokens;
@@ -1261,7 +1260,6 @@ class CudaOps final : public Ops {
   int lora_rows_min_tokens_ = kLoraRowsMinTokens;  // SetLoraRowsForTest
   int lora_rows_max_tokens_ = kLoraRowsMaxTokens;  // 0: off
   int lora_rows_min_slices_ = kLoraRowsMinSlices;
-  int lora_rows_silu_ = 0;  // SetLoraRowsSiluForTest
   struct RowsStep {  // the step BeginLoraStep began as LoRA rows
     bool active = false;
     const int32_t* seg_slots = nullptr;
@@ -1412,13 +1410,6 @@ absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens, int mi
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraRowsForTest"));
   LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());
   cuda->set_lora_rows(min_tokens, max_tokens, min_slices);
-  return absl::OkStatus();
-}
-
-absl::Status SetLoraRowsSiluForTest(Ops* ops, int layout) {
-  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraRowsSiluForTest"));
-  if (layout < 0 || layout > 1) return Invalid("SetLoraRowsSiluForTest", absl::StrCat("layout ", layout, " not 0 or 1"));
-  cuda->set_lora_rows_silu(layout);
   return absl::OkStatus();
 }
 

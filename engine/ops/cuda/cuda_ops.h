@@ -96,11 +96,6 @@ absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens, int mi
 // GEMMs on PrepareGemm's x and y (their contents become unspecified) and synchronizes, outside
 // captures only. Once per shape: set it before the model's WarmUp.
 absl::Status SetGemmTimedForTest(Ops* ops, bool timed);
-// SiLU·up's LoRA-rows reader: 0 (the default) a column over 4 rows a thread, with the rows' shrink
-// values staged in shared memory; 1 (prepared, not yet measured) a row's column pair a thread,
-// laid out as RoPE's rows reader. Same results. Takes effect for later calls and captures.
-// INVALID_ARGUMENT for other values.
-absl::Status SetLoraRowsSiluForTest(Ops* ops, int layout);
 // How many GemmWithLora calls have run as LoRA rows so far (recorded ones count once, at capture).
 absl::StatusOr<int64_t> LoraRowsGemmsForTest(Ops* ops);
 // An experiment (off by default): GemmWithLora's GEMM uses the algorithms cuBLASLt chooses for

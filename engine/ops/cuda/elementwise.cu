@@ -78,129 +78,188 @@ __global__ void SiluMulVecKernel(uint4* __restrict__ gate_up, int64_t num_tokens
 }
 
 
-// SiLU·up reading gate_up from LoRA rows (lora_rows.h). A block takes kSiluRowsCols columns of
-// gate and the same of up for kSiluRowsChunk rows; a thread one column of each for every
-// kSiluRowsLanes-th of those rows. Threads of a column share its rows of B through the L1, so they
-// come from the L2 about once per adapter position. The slot table and the first row's B are read
-// before the wait for the GEMM (written before it); after it, the rows' values and shrink values
-// all at once. Every element of gate_up is written too.
-constexpr int kSiluRowsCols = 64;
-constexpr int kSiluRowsLanes = 4;
-constexpr int kSiluRowsChunk = 16;
-constexpr int kSiluRowsPerThread = kSiluRowsChunk / kSiluRowsLanes;
+// SiLU·up reading gate_up from LoRA rows (lora_rows.h), the LoRA summed on the tensor cores. A
+// warp takes 16 rows and kSiluMmaCols columns of gate and of up; for each adapter position among
+// its rows it multiplies the rows' shrink values [16 rows, 16 ranks] (rows at other positions
+// zeroed) by B's rows of its columns with mma.sync m16n8k16 (bf16 in, fp32 sums), then rounds
+// scale·sum to bf16 as LoraRowsDelta does. The MMA's 8 columns of tile j, index i, are column
+// (i/2)·8 + 2j + i%2 of the warp's 32, so a thread's results are 8 adjacent columns of 2 rows,
+// loaded and stored as 16-byte vectors. Every element of gate_up is written too.
+constexpr int kSiluMmaCols = 32;  // a warp's columns: 4 MMA tiles of 8
+constexpr int kSiluMmaWarps = 4;  // a block's warps, side by side along the columns
 
-__global__ void SiluMulRowsKernel(LoraRowsView v, bf16* __restrict__ gate_up, int64_t num_tokens, int64_t inter,
-                                  bf16* __restrict__ out) {
-  AllowDependentLaunch();
-  const int64_t n = blockIdx.x * static_cast<int64_t>(kSiluRowsCols) + threadIdx.x % kSiluRowsCols;
-  const int lane = static_cast<int>(threadIdx.x) / kSiluRowsCols;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kSiluRowsChunk;
-  const int rows = static_cast<int>(num_tokens - r0 < kSiluRowsChunk ? num_tokens - r0 : kSiluRowsChunk);
-  __shared__ LoraRowsPositions ps[2];  // gate, up
-  __shared__ int rpos[kSiluRowsChunk];
-  __shared__ uint4 u[kSiluRowsChunk][2][2];  // [row][slice] the row's shrink values, packed
-  LoadLoraRowsPositions(v, 0, 0, &ps[0]);
-  LoadLoraRowsPositions(v, 1, kLoraRowsPositions, &ps[1]);
-  if (threadIdx.x >= 2 * kLoraRowsPositions && threadIdx.x < 2 * kLoraRowsPositions + kSiluRowsChunk) {
-    const int r = static_cast<int>(threadIdx.x) - 2 * kLoraRowsPositions;
-    rpos[r] = r < rows ? v.row_pos[r0 + r] : -1;
-  }
-  __syncthreads();
-  const bool col = n < inter;
-  int cur = rpos[lane];
-  uint4 bg[2] = {}, bu[2] = {};
-  if (col && cur >= 0) {
-    if (ps[0].stride[cur] > 0) LoadLoraRowsBPacked(ps[0].b[cur], ps[0].stride[cur], n, bg);
-    if (ps[1].stride[cur] > 0) LoadLoraRowsBPacked(ps[1].b[cur], ps[1].stride[cur], n, bu);
-  }
-  WaitForPrecedingKernel();
-  const bf16* src = static_cast<const bf16*>(v.src);
-  float g[kSiluRowsPerThread], up[kSiluRowsPerThread];
+// This thread's B operands of the 4 MMA tiles of one slice: for tile j, B[n, 2q..2q+1] and
+// B[n, 2q+8..2q+9] as bf16 pairs, n = bcol + 2j; zero past the rank (`stride` columns a row) and
+// for n >= `width`.
+__device__ __forceinline__ void LoadSiluMmaSlice(const bf16* b, int stride, int64_t bcol, int64_t width, int q,
+                                                 uint32_t (&out)[4][2]) {
+  if (stride == kLoraRowsRank && (reinterpret_cast<uintptr_t>(b) & 3u) == 0) {  // every row 4-byte aligned
 #pragma unroll
-  for (int k = 0; k < kSiluRowsPerThread; ++k) {
-    const int r = lane + k * kSiluRowsLanes;
-    const bool ok = col && r < rows;
-    g[k] = ok ? ToFloat(src[(r0 + r) * v.stride + n]) : 0.0f;
-    up[k] = ok ? ToFloat(src[(r0 + r) * v.stride + inter + n]) : 0.0f;
-  }
-  if (threadIdx.x < rows * 4) {  // 2 slices x 2 vectors a row
-    const int r = static_cast<int>(threadIdx.x) / 4, s = (threadIdx.x / 2) % 2, h = threadIdx.x % 2, q = rpos[r];
-    u[r][s][h] = q >= 0 ? reinterpret_cast<const uint4*>(src + (r0 + r) * v.stride + v.u_col +
-                                                          (static_cast<int64_t>(q) * 2 + s) * kLoraRowsRank)[h]
-                        : make_uint4(0, 0, 0, 0);
-  }
-  __syncthreads();
-  if (!col) return;
-#pragma unroll
-  for (int k = 0; k < kSiluRowsPerThread; ++k) {
-    const int r = lane + k * kSiluRowsLanes;
-    if (r >= rows) break;
-    const int q = rpos[r];
-    float gk = g[k], uk = up[k];
-    if (q >= 0) {
-      if (q != cur) {
-        if (ps[0].stride[q] > 0) LoadLoraRowsBPacked(ps[0].b[q], ps[0].stride[q], n, bg);
-        if (ps[1].stride[q] > 0) LoadLoraRowsBPacked(ps[1].b[q], ps[1].stride[q], n, bu);
-        cur = q;
-      }
-      if (ps[0].stride[q] > 0) gk = ToFloat(ToBf16(gk + LoraRowsDotPacked(u[r][0], bg, ps[0].scale[q])));
-      if (ps[1].stride[q] > 0) uk = ToFloat(ToBf16(uk + LoraRowsDotPacked(u[r][1], bu, ps[1].scale[q])));
+    for (int j = 0; j < 4; ++j) {
+      const int64_t n = bcol + 2 * j;
+      const unsigned* row = reinterpret_cast<const unsigned*>(b + (n < width ? n : 0) * kLoraRowsRank);
+      out[j][0] = n < width ? __ldg(row + q) : 0u;
+      out[j][1] = n < width ? __ldg(row + q + 4) : 0u;
     }
-    const int64_t t = r0 + r;
-    gate_up[t * 2 * inter + n] = ToBf16(gk);
-    gate_up[t * 2 * inter + inter + n] = ToBf16(uk);
-    out[t * inter + n] = ToBf16(SiluMul(gk, uk));
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int64_t n = bcol + 2 * j;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int k = 2 * q + 8 * h;
+      const bf16* row = b + n * stride;
+      const bf16 lo = n < width && k < stride ? row[k] : ToBf16(0.0f);
+      const bf16 hi = n < width && k + 1 < stride ? row[k + 1] : ToBf16(0.0f);
+      out[j][h] = static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
+    }
   }
 }
 
-// Prepared, not yet run (LaunchSiluMulRows `row_threads`): SiLU·up's rows reader laid out as
-// RopeAndCacheKvRowsKernel, which costs 1.1-1.4 us over plain RoPE where this kernel's layout
-// costs ~5 us over plain SiLU·up. A thread takes one row's columns c and c + 1 of gate and of up
-// (bf16 pairs); a block kSiluRowThreadsPairs column pairs of kSiluRowThreadsRows rows, sharing its
-// rows of B through the L1. No shared memory and no barrier: the row's position, its weights
-// there and its rows of B are read before the wait for the GEMM, its values and shrink values
-// right after it, all at once.
-constexpr int kSiluRowThreadsPairs = 32;
-constexpr int kSiluRowThreadsRows = 8;
+// The B operands of one position, both slices, 4 MMA tiles.
+struct SiluMmaB {
+  uint32_t w[2][4][2];  // [slice][tile][word]
+};
 
-__global__ void SiluMulRowThreadsKernel(LoraRowsView v, bf16* __restrict__ gate_up, int64_t num_tokens,
-                                        int64_t inter, bf16* __restrict__ out) {
-  AllowDependentLaunch();
-  const int64_t c = 2 * (blockIdx.x * static_cast<int64_t>(kSiluRowThreadsPairs) + threadIdx.x % kSiluRowThreadsPairs);
-  const int64_t t = static_cast<int64_t>(blockIdx.y) * kSiluRowThreadsRows + threadIdx.x / kSiluRowThreadsPairs;
-  if (c >= inter || t >= num_tokens) return;
-  const int q = v.row_pos[t];
-  LoraSliceWeightsDev w[2] = {};
-  uint4 b[2][2][2] = {};  // [slice][column c, c + 1][half]
-  if (q >= 0 && q < kLoraRowsPositions) {
+__device__ __forceinline__ void LoadSiluMmaPosition(const LoraSliceWeightsDev (&w)[2], int64_t bcol, int64_t inter,
+                                                    int q, SiluMmaB* out) {
 #pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      w[s] = v.info[q * kLoraMaxSlices + s];
-      if (w[s].rank <= 0 || w[s].b == nullptr) continue;
-      LoadLoraRowsBPacked(static_cast<const bf16*>(w[s].b), w[s].rank, c, b[s][0]);
-      LoadLoraRowsBPacked(static_cast<const bf16*>(w[s].b), w[s].rank, c + 1, b[s][1]);
+  for (int s = 0; s < 2; ++s) {
+    if (w[s].rank > 0 && w[s].b != nullptr) {
+      LoadSiluMmaSlice(static_cast<const bf16*>(w[s].b), w[s].rank, bcol, inter, q, out->w[s]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out->w[s][j][0] = out->w[s][j][1] = 0u;
     }
+  }
+}
+
+// Adds position p's LoRA to x ([slice][row half][column]) for the rows there: for each slice, the
+// rows' shrink values (zero for rows at other positions) times B on the tensor cores.
+__device__ __forceinline__ void AddSiluMmaPosition(int p, const int (&pos)[2], const uint32_t (&u)[2][2][2],
+                                                   const LoraSliceWeightsDev (&w)[2], const SiluMmaB& b,
+                                                   float (&x)[2][2][8]) {
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    if (w[s].rank <= 0 || w[s].b == nullptr) continue;
+    const uint32_t a[4] = {pos[0] == p ? u[0][s][0] : 0u, pos[1] == p ? u[1][s][0] : 0u,
+                           pos[0] == p ? u[0][s][1] : 0u, pos[1] == p ? u[1][s][1] : 0u};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      MmaBf16(acc, a, b.w[s][j][0], b.w[s][j][1]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2, m = 2 * j + e % 2;
+        if (pos[h] == p) x[s][h][m] = ToFloat(ToBf16(x[s][h][m] + ToFloat(ToBf16(w[s].scale * acc[e]))));
+      }
+    }
+  }
+}
+
+// The chain of dependent loads is kept short, as the block often starts only when the GEMM ends:
+// the rows' positions and the slot table at every position together; then B for the first two
+// positions present; after the wait, the rows' values and their shrink values (at their own
+// positions) together.
+__global__ void __launch_bounds__(kSiluMmaWarps * 32) SiluMulRowsMmaKernel(LoraRowsView v, bf16* __restrict__ gate_up,
+                                                                         int64_t num_tokens, int64_t inter,
+                                                                         bf16* __restrict__ out) {
+  AllowDependentLaunch();
+  const int lane = static_cast<int>(threadIdx.x) % 32, g = lane / 4, q = lane % 4;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * kSiluMmaWarps + threadIdx.x / 32) * kSiluMmaCols;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * 16;
+  if (c0 >= inter) return;  // whole warps
+  const int64_t rows[2] = {r0 + g, r0 + g + 8};
+  int pos[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) pos[h] = rows[h] < num_tokens ? v.row_pos[rows[h]] : -1;
+  LoraSliceWeightsDev info[kLoraRowsPositions][2];
+#pragma unroll
+  for (int p = 0; p < kLoraRowsPositions; ++p) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) info[p][s] = v.info[p * kLoraMaxSlices + s];
+  }
+  unsigned mine = 0;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (pos[h] < 0 || pos[h] >= kLoraRowsPositions) pos[h] = -1;
+    if (pos[h] >= 0) mine |= 1u << pos[h];
+  }
+  unsigned present = __reduce_or_sync(0xffffffffu, mine);
+  auto weights_at = [&](int p, LoraSliceWeightsDev (&w)[2]) {
+#pragma unroll
+    for (int pp = 0; pp < kLoraRowsPositions; ++pp) {
+      if (pp == p) {
+        w[0] = info[pp][0];
+        w[1] = info[pp][1];
+      }
+    }
+  };
+  const int64_t bcol = c0 + (g / 2) * 8 + (g % 2);  // B's rows this thread loads: tile j's column g
+  const int p0 = present != 0 ? __ffs(present) - 1 : -1;
+  const unsigned rest = p0 >= 0 ? present & ~(1u << p0) : 0u;
+  const int p1 = rest != 0 ? __ffs(rest) - 1 : -1;
+  LoraSliceWeightsDev w0[2] = {}, w1[2] = {};
+  SiluMmaB b0, b1;
+  if (p0 >= 0) {
+    weights_at(p0, w0);
+    LoadSiluMmaPosition(w0, bcol, inter, q, &b0);
+  }
+  if (p1 >= 0) {
+    weights_at(p1, w1);
+    LoadSiluMmaPosition(w1, bcol, inter, q, &b1);
   }
   WaitForPrecedingKernel();
-  const bf16* src = static_cast<const bf16*>(v.src) + t * v.stride;
-  const __nv_bfloat162 g2 = *reinterpret_cast<const __nv_bfloat162*>(src + c);
-  const __nv_bfloat162 u2 = *reinterpret_cast<const __nv_bfloat162*>(src + inter + c);
-  float x[2][2] = {{__low2float(g2), __high2float(g2)}, {__low2float(u2), __high2float(u2)}};  // [slice][column]
-  if (q >= 0 && q < kLoraRowsPositions) {
+  const bf16* src = static_cast<const bf16*>(v.src);
+  const int64_t col = c0 + 8 * q;  // this thread's 8 columns
+  const bool cols_ok = col < inter;
+  uint4 raw[2][2];          // [slice][row half]
+  uint32_t u[2][2][2] = {};  // [row half][slice][word]: shrink values k = 2q, 2q + 1 and 2q + 8, 2q + 9
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const bool row_ok = rows[h] < num_tokens;
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-      if (w[s].rank <= 0 || w[s].b == nullptr) continue;
-      const uint4* up = reinterpret_cast<const uint4*>(src + v.u_col + (static_cast<int64_t>(q) * 2 + s) * kLoraRowsRank);
-      const uint4 u[2] = {up[0], up[1]};
-#pragma unroll
-      for (int k = 0; k < 2; ++k) x[s][k] = ToFloat(ToBf16(x[s][k] + LoraRowsDotPacked(u, b[s][k], w[s].scale)));
+      raw[s][h] = cols_ok && row_ok ? *reinterpret_cast<const uint4*>(src + rows[h] * v.stride + s * inter + col)
+                                    : make_uint4(0, 0, 0, 0);
+      if (pos[h] >= 0) {
+        const uint32_t* up = reinterpret_cast<const uint32_t*>(
+            src + rows[h] * v.stride + v.u_col + (static_cast<int64_t>(pos[h]) * 2 + s) * kLoraRowsRank);
+        u[h][s][0] = up[q];
+        u[h][s][1] = up[q + 4];
+      }
     }
   }
-  bf16* row = gate_up + t * 2 * inter;
-  *reinterpret_cast<__nv_bfloat162*>(row + c) = __floats2bfloat162_rn(x[0][0], x[0][1]);
-  *reinterpret_cast<__nv_bfloat162*>(row + inter + c) = __floats2bfloat162_rn(x[1][0], x[1][1]);
-  *reinterpret_cast<__nv_bfloat162*>(out + t * inter + c) =
-      __floats2bfloat162_rn(SiluMul(x[0][0], x[1][0]), SiluMul(x[0][1], x[1][1]));
+  float x[2][2][8];
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) Unpack8(raw[s][h], x[s][h]);
+  }
+  if (p0 >= 0) AddSiluMmaPosition(p0, pos, u, w0, b0, x);
+  if (p1 >= 0) AddSiluMmaPosition(p1, pos, u, w1, b1, x);
+  // Positions past the first two (rows of 3 or 4 adapters in one 16-row tile): B now.
+  present = p1 >= 0 ? rest & ~(1u << p1) : 0u;
+  while (present != 0) {
+    const int p = __ffs(present) - 1;
+    present &= present - 1;
+    weights_at(p, w0);
+    LoadSiluMmaPosition(w0, bcol, inter, q, &b0);
+    AddSiluMmaPosition(p, pos, u, w0, b0, x);
+  }
+  if (!cols_ok) return;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (rows[h] >= num_tokens) continue;
+    float o[8];
+#pragma unroll
+    for (int m = 0; m < 8; ++m) o[m] = SiluMul(x[0][h][m], x[1][h][m]);
+    bf16* row = gate_up + rows[h] * 2 * inter;
+    *reinterpret_cast<uint4*>(row + col) = Pack8(x[0][h]);
+    *reinterpret_cast<uint4*>(row + inter + col) = Pack8(x[1][h]);
+    *reinterpret_cast<uint4*>(out + rows[h] * inter + col) = Pack8(o);
+  }
 }
 
 }  // namespace
@@ -243,25 +302,23 @@ cudaError_t LaunchSiluMul(void* gate_up, int64_t num_tokens, int64_t inter, void
 }
 
 cudaError_t LaunchSiluMulRows(const LoraRowsView& rows, void* gate_up, int64_t num_tokens, int64_t inter, void* out,
-                              cudaStream_t stream, bool row_threads) {
+                              cudaStream_t stream) {
   if (rows.num_slices != 2 || rows.rows < num_tokens || rows.u_col != 2 * inter || rows.slice_offsets[1] != inter) {
     return cudaErrorInvalidValue;
   }
   if (num_tokens == 0 || inter == 0) return cudaSuccess;
-  if (row_threads && inter % 2 == 0 && reinterpret_cast<uintptr_t>(gate_up) % 4 == 0 &&
-      reinterpret_cast<uintptr_t>(out) % 4 == 0) {
-    const dim3 grid(static_cast<unsigned>((inter / 2 + kSiluRowThreadsPairs - 1) / kSiluRowThreadsPairs),
-                    static_cast<unsigned>((num_tokens + kSiluRowThreadsRows - 1) / kSiluRowThreadsRows));
-    (void)LaunchDependent(SiluMulRowThreadsKernel, grid, dim3(kSiluRowThreadsPairs * kSiluRowThreadsRows), 0, stream,
-                          rows, static_cast<bf16*>(gate_up), num_tokens, inter, static_cast<bf16*>(out));
+  // 16-byte vectors of 8 columns: every row of the view, gate_up and out start 16-byte aligned.
+  const bool aligned = IsAligned16(rows.src) && rows.stride % 8 == 0 && IsAligned16(gate_up) && IsAligned16(out);
+  if (inter % 8 != 0 || !aligned) return cudaErrorInvalidValue;
+  {
+    const int64_t warps = (inter + kSiluMmaCols - 1) / kSiluMmaCols;
+    const dim3 grid(static_cast<unsigned>((warps + kSiluMmaWarps - 1) / kSiluMmaWarps),
+                    static_cast<unsigned>((num_tokens + 15) / 16));
+    (void)LaunchDependent(SiluMulRowsMmaKernel, grid, dim3(kSiluMmaWarps * 32), 0, stream, rows,
+                          static_cast<bf16*>(gate_up), num_tokens, inter, static_cast<bf16*>(out));
     return cudaGetLastError();
   }
-  const dim3 grid(static_cast<unsigned>((inter + kSiluRowsCols - 1) / kSiluRowsCols),
-                  static_cast<unsigned>((num_tokens + kSiluRowsChunk - 1) / kSiluRowsChunk));
-  (void)LaunchDependent(SiluMulRowsKernel, grid, dim3(kSiluRowsCols * kSiluRowsLanes), 0, stream, rows,
-                        static_cast<bf16*>(gate_up),
-                        num_tokens, inter, static_cast<bf16*>(out));
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace loraplex::ops::cuda

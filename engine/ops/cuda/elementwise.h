@@ -24,12 +24,11 @@ cudaError_t LaunchGatherRows(const void* src, int64_t src_rows, int64_t row_byte
 cudaError_t LaunchSiluMul(void* gate_up, int64_t num_tokens, int64_t inter, void* out,
                           const LoraDeltaView& delta, cudaStream_t stream);
 // The same with gate_up's values read from LoRA rows (lora_rows.h: `rows` holds gate_up's GEMM
-// output and its rows' shrink values, slices gate and up), the LoRA added, and every element of
-// gate_up written. cudaErrorInvalidValue (nothing launched) unless `rows` is gate_up's (2 slices at
-// 0 and inter, num_tokens rows or more).
-// row_threads: a thread per row and column pair (prepared, not yet measured; needs inter even and
-// 4-byte aligned buffers, else the default layout runs).
+// output and its rows' shrink values, slices gate and up), the LoRA added on the tensor cores, and
+// every element of gate_up written. cudaErrorInvalidValue (nothing launched) unless `rows` is
+// gate_up's (2 slices at 0 and inter, num_tokens rows or more), inter is a multiple of 8 and the
+// view's rows, gate_up and out start 16-byte aligned.
 cudaError_t LaunchSiluMulRows(const LoraRowsView& rows, void* gate_up, int64_t num_tokens, int64_t inter, void* out,
-                              cudaStream_t stream, bool row_threads = false);
+                              cudaStream_t stream);
 
 }  // namespace loraplex::ops::cuda

@@ -85,31 +85,6 @@ __device__ __forceinline__ bf16 LoraRowsValue1(const LoraRowsView& v, int64_t ro
   return ToBf16(ToFloat(y) + LoraRowsDelta(s, col));
 }
 
-// A slice's adapter weights at each position (shared memory of a block whose threads all read
-// one slice).
-struct LoraRowsPositions {
-  const bf16* b[kLoraRowsPositions];
-  int stride[kLoraRowsPositions];  // the adapter's rank (B's row length); 0: no LoRA there
-  float scale[kLoraRowsPositions];
-};
-
-// Threads `first`..`first` + kLoraRowsPositions - 1 of the block fill `out` for `slice`; the caller
-// syncs. It reads only what the install kernel wrote before the step's GEMM, so a kernel may call
-// it before WaitForPrecedingKernel.
-__device__ __forceinline__ void LoadLoraRowsPositions(const LoraRowsView& v, int slice, int first,
-                                                      LoraRowsPositions* out) {
-  const int q = static_cast<int>(threadIdx.x) - first;
-  if (q < 0 || q >= kLoraRowsPositions) return;
-  out->b[q] = nullptr;
-  out->stride[q] = 0;
-  out->scale[q] = 0.0f;
-  const LoraSliceWeightsDev w = v.info[q * kLoraMaxSlices + slice];
-  if (w.rank <= 0 || w.b == nullptr) return;
-  out->b[q] = static_cast<const bf16*>(w.b);
-  out->stride[q] = w.rank;
-  out->scale[q] = w.scale;
-}
-
 // Row `row` of a B of `stride` columns (the adapter's rank), packed as kLoraRowsRank bf16 with
 // zeros past the rank (the shrink values there are zero too: the install kernel zeroes those
 // spare rows).
