@@ -74,8 +74,8 @@ __global__ void RopeAndCacheKvKernel(RopeParams p) {
 // The same with qkv's values read from LoRA rows (RopeParams::rows): a thread takes one row's
 // columns i and i + D/2 of one head (a rotation pair, or two v elements), a block kRopeRowsRows
 // rows of one head. Everything the GEMM does not write (the row's adapter, its rows of B, the
-// angle) is read before the wait for it; after it, the row's two values and its shrink values,
-// all at once. Every element of qkv is written.
+// angle) is read before the wait for it, in two rounds; after it, the row's two values and its
+// shrink values, all at once. Every element of qkv is written.
 constexpr int kRopeRowsRows = 4;
 
 __global__ void RopeAndCacheKvRowsKernel(RopeParams p) {
@@ -89,12 +89,21 @@ __global__ void RopeAndCacheKvRowsKernel(RopeParams p) {
   const int64_t c1 = static_cast<int64_t>(head) * p.head_dim + i;  // c1 and c1 + half: one slice
   const int slice = LoraRowsSliceOf(v, c1);
   const int64_t in_slice = c1 - LoraRowsSliceStart(v, slice);
+  // The row's position and the slice's weights at every position in one round of loads (not the
+  // weights at the position after it), then the row's B.
   const int q = v.row_pos[t];
+  LoraSliceWeightsDev at[kLoraRowsPositions];
+#pragma unroll
+  for (int pp = 0; pp < kLoraRowsPositions; ++pp) at[pp] = v.info[pp * kLoraMaxSlices + slice];
   uint4 b1[2] = {}, b2[2] = {};
   float scale = 0.0f;
   bool lora = false;
   if (q >= 0 && q < kLoraRowsPositions) {
-    const LoraSliceWeightsDev w = v.info[q * kLoraMaxSlices + slice];
+    LoraSliceWeightsDev w = at[0];
+#pragma unroll
+    for (int pp = 1; pp < kLoraRowsPositions; ++pp) {
+      if (pp == q) w = at[pp];
+    }
     if (w.rank > 0 && w.b != nullptr) {
       lora = true;
       scale = w.scale;
