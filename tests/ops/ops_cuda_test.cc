@@ -1213,9 +1213,9 @@ absl::Status CheckLoraFold(FoldConsumer consumer, int tokens) {
 // LoRA rows (cuda/lora_rows.h): in a step begun with BeginLoraStep, of at most 4 segments of
 // ranks up to 16, GemmWithLora on a registered weight (spare rows after it) runs one GEMM over
 // the weight and its spare rows, and the op that reads y next (RoPE for a 3-slice module, SiLU·up
-// for a 2-slice one, or nothing: the flush when y is read back) adds each row's LoRA. Against the
-// side chain (rows off) within BF16 tolerance, every buffer either writes: y, the consumer's
-// output, the KV cache. Steps change the adapter set (positions keep, swap and lose slots), a
+// for a 2-slice one, AddRmsNorm for a 1-slice one (rows for o and down: min_slices 1), or nothing:
+// the flush when y is read back) adds each row's LoRA. Against the side chain (rows off) within
+// BF16 tolerance, every buffer either writes: y, the consumer's output, the residual, the KV cache. Steps change the adapter set (positions keep, swap and lose slots), a
 // slot is rewritten in place (LoraSlotsChanged), and a captured step replays with new segments.
 absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1536) {
   const int T = tokens, in = 1024, hq = 8, hkv = 2, d = 128, bs = 16, num_blocks = 8;
@@ -1224,6 +1224,7 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
   switch (consumer) {
     case FoldConsumer::kSiluMul: widths = {silu_inter, silu_inter}; name = absl::StrCat("SiluMul/", silu_inter); break;
     case FoldConsumer::kRope: widths = {hq * d, hkv * d, hkv * d}; name = "RopeAndCacheKv"; break;
+    case FoldConsumer::kAddRmsNorm: widths = {2048}; name = "AddRmsNorm"; break;
     default: widths = {1024, 512}; name = "nothing"; break;
   }
   const int S = static_cast<int>(widths.size());
@@ -1260,6 +1261,8 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, g_gpu->Allocate(static_cast<size_t>(T) * yw * 4));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_hid, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_res, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_norm_w, UploadBf16(RandomVec(static_cast<size_t>(W), 0.5f, 1.5f)));
   LORAPLEX_ASSIGN_OR_RETURN(const RopeInputs rope, UploadRope(d, bs, positions, slot_mapping, token_seq));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_k, g_gpu->Allocate(k_cache.size() * 2));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_v, g_gpu->Allocate(v_cache.size() * 2));
@@ -1275,6 +1278,9 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
     switch (consumer) {
       case FoldConsumer::kSiluMul:
         return g_gpu->SiluMul(gout, Gpu(d_hid, DType::kBF16, {T, W / 2}));
+      case FoldConsumer::kAddRmsNorm:
+        return g_gpu->AddRmsNorm(gout, Gpu(d_res, DType::kBF16, {T, W}), Gpu(d_norm_w, DType::kBF16, {W}), 1e-5f,
+                                 Gpu(d_hid, DType::kBF16, {T, W}));
       case FoldConsumer::kRope:
         return g_gpu->RopeAndCacheKv(gout, rope.InvFreq(), hq, hkv, d, rope.meta,
                                      {Gpu(d_k, DType::kBF16, cs), Gpu(d_v, DType::kBF16, cs)});
@@ -1285,9 +1291,11 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
   const std::vector<float> x0 = RandomVec(static_cast<size_t>(T) * in, -1, 1);
   // Runs the step from the same starting state, rows on or off; returns every buffer it may write.
   auto run = [&](bool rows, cuda::CudaGraph* graph) -> absl::StatusOr<std::vector<std::vector<float>>> {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, rows ? 1 : -1, rows ? -1 : 0));
+    // min_slices 1: o and down (one slice) run as rows too.
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, rows ? 1 : -1, rows ? -1 : 0, 1));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_out.data(), 0xFF, static_cast<size_t>(T) * W * 2));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_hid.data(), 0xFF, static_cast<size_t>(T) * W * 2));
+    LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_res.data(), residual));
     LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_k.data(), k_cache));
     LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_v.data(), v_cache));
     LORAPLEX_ASSIGN_OR_RETURN(const int64_t before, cuda::LoraRowsGemmsForTest(g_gpu));
@@ -1303,6 +1311,7 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
     std::vector<std::vector<float>> got;
     for (auto [mem, n] : std::vector<std::pair<const DeviceMemory*, size_t>>{
              {&d_out, static_cast<size_t>(T) * W}, {&d_hid, static_cast<size_t>(T) * W},
+             {&d_res, static_cast<size_t>(T) * W},
              {&d_k, k_cache.size()}, {&d_v, v_cache.size()}}) {
       LORAPLEX_ASSIGN_OR_RETURN(auto v, DownloadBf16(mem->data(), n));
       got.push_back(std::move(v));
@@ -1311,14 +1320,17 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
   };
   auto compare = [&](const std::string& tag, const std::vector<std::vector<float>>& got,
                      const std::vector<std::vector<float>>& ref) {
-    const char* parts[] = {"y", "out", "k cache", "v cache"};
-    const bool written[] = {true, consumer == FoldConsumer::kSiluMul, consumer == FoldConsumer::kRope,
+    const char* parts[] = {"y", "out", "residual", "k cache", "v cache"};
+    const bool norm = consumer == FoldConsumer::kAddRmsNorm;
+    const bool written[] = {true, consumer == FoldConsumer::kSiluMul || norm, norm, consumer == FoldConsumer::kRope,
                             consumer == FoldConsumer::kRope};
     for (size_t i = 0; i < ref.size(); ++i) {
       // Elements the step writes by norm; the rest must keep every bit (poison included). SiLU·up
       // writes the first half of its buffer ([T, W/2]).
       std::vector<uint8_t> mask(ref[i].size(), written[i] ? 1 : 0);
-      if (i == 1 && written[i]) std::fill(mask.begin() + static_cast<int64_t>(mask.size() / 2), mask.end(), 0);
+      if (i == 1 && consumer == FoldConsumer::kSiluMul) {
+        std::fill(mask.begin() + static_cast<int64_t>(mask.size() / 2), mask.end(), 0);
+      }
       Compare(absl::StrCat("LoRA rows ", name, " T=", T, " ", tag, ": ", parts[i]), got[i], ref[i],
               written[i] ? kTolBf16 : 0.0, mask);
     }
@@ -1355,7 +1367,7 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
   LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraSlotsChanged());
   LORAPLEX_RETURN_IF_ERROR(step("slot 2 rewritten", {2, 0, 5, 3}, nullptr));
   // A captured step: install and rows recorded once, replayed with new segments each time.
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, 1, -1));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, 1, -1, 1));
   LORAPLEX_RETURN_IF_ERROR(g_gpu->Synchronize());
   LORAPLEX_ASSIGN_OR_RETURN(auto graph, cuda::CaptureCudaGraph(g_gpu, body));
   LORAPLEX_RETURN_IF_ERROR(step("3 adapters", {1, 3, 4}, graph.get()));
@@ -1910,10 +1922,11 @@ absl::Status TimeLora() {
   return cuda::SetLoraTuningForTest(g_gpu, 0, true, true);
 }
 
-// Every LoRA rows check: each consumer at 32, 77 and 128 tokens, then SiLU·up's other reader.
+// Every LoRA rows check: each consumer at 32, 77 and 128 tokens, then a SiLU·up width the
+// tensor-core reader does not take.
 void CheckLoraRowsAll() {
   for (int t : {32, 77, 128}) {
-    for (auto c : {FoldConsumer::kRope, FoldConsumer::kSiluMul, FoldConsumer::kNone}) {
+    for (auto c : {FoldConsumer::kRope, FoldConsumer::kSiluMul, FoldConsumer::kAddRmsNorm, FoldConsumer::kNone}) {
       Run("LoRA rows", [&] { return CheckLoraRows(c, t); });
     }
   }
@@ -1956,7 +1969,9 @@ absl::Status TimeLoraRowsCase(const char* name, int in, const std::vector<int>& 
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, g_gpu->Allocate(static_cast<size_t>(T) * S * 16 * 4));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_ext, g_gpu->Allocate(static_cast<size_t>(T) * (W + spare) * 2));
-  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_act, g_gpu->Allocate(static_cast<size_t>(T) * W));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_act, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_res, UploadBf16(RandomVec(static_cast<size_t>(T) * W, -1, 1)));
+  LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_norm_w, UploadBf16(RandomVec(static_cast<size_t>(W), 0.5f, 1.5f)));
   std::vector<int32_t> positions(T), slot_mapping(T), token_seq(T);
   for (int t = 0; t < T; ++t) {
     positions[t] = 100 + t;
@@ -1975,14 +1990,16 @@ absl::Status TimeLoraRowsCase(const char* name, int in, const std::vector<int>& 
       return g_gpu->RopeAndCacheKv(gout, rope.InvFreq(), hq, hkv, d, rope.meta,
                                    {Gpu(d_k, DType::kBF16, cs), Gpu(d_v, DType::kBF16, cs)});
     }
-    return g_gpu->SiluMul(gout, Gpu(d_act, DType::kBF16, {T, W / 2}));
+    if (S == 2) return g_gpu->SiluMul(gout, Gpu(d_act, DType::kBF16, {T, W / 2}));
+    return g_gpu->AddRmsNorm(gout, Gpu(d_res, DType::kBF16, {T, W}), Gpu(d_norm_w, DType::kBF16, {W}), 1e-5f,
+                             Gpu(d_act, DType::kBF16, {T, W}));
   };
   constexpr int kCalls = 20;
   const char* labels[] = {"install", "gemm", "gemm+spare", "plain+consumer", "side+consumer", "rows+consumer"};
   const int variants = 6;
   double us[6] = {};
   for (int v = 0; v < variants; ++v) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, -1, v == 4 ? 0 : -1));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, -1, v == 4 ? 0 : -1, 1));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->Synchronize());
     LORAPLEX_ASSIGN_OR_RETURN(auto g, cuda::CaptureCudaGraph(g_gpu, [&]() -> absl::Status {
       for (int call = 0; call < kCalls; ++call) {
@@ -2026,6 +2043,8 @@ absl::Status TimeLoraRows() {
     for (int adapters : {4, 1}) {
       LORAPLEX_RETURN_IF_ERROR(TimeLoraRowsCase("qkv", 4096, {4096, 1024, 1024}, T, adapters));
       LORAPLEX_RETURN_IF_ERROR(TimeLoraRowsCase("gate_up", 4096, {14336, 14336}, T, adapters));
+      LORAPLEX_RETURN_IF_ERROR(TimeLoraRowsCase("o", 4096, {4096}, T, adapters));
+      LORAPLEX_RETURN_IF_ERROR(TimeLoraRowsCase("down", 14336, {4096}, T, adapters));
     }
   }
   return absl::OkStatus();

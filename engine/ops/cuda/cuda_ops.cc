@@ -120,15 +120,17 @@ constexpr int kLoraGateUpQuarterMaxTokens = 64;
 // Few-adapter narrow-rank steps of kLoraRowsMinTokens to kLoraRowsMaxTokens tokens run qkv's and
 // gate_up's LoRA as LoRA rows (lora_rows.h): the shrink as extra output rows of the full-GPU
 // GEMM (spare rows after the weight, holding the step's adapters' A) and the expand in RoPE or
-// SiLU·up, so those GemmWithLora calls fork nothing. o and down (one slice, read by AddRmsNorm,
-// one block a row) keep the side chain. Same process (bench/runs/2026-11-30-fourteenth/4-final),
+// SiLU·up, so those GemmWithLora calls fork nothing. o and down (one slice, read by AddRmsNorm)
+// keep the side chain by default: their weights have spare rows and are registered, and
+// kLoraRowsMinSlices 1 (SetLoraRowsForTest) runs them as rows too, the expand in AddRmsNorm
+// (a cluster of blocks a row tile, LaunchAddRmsNormRows). Same process (bench/runs/2026-11-30-fourteenth/4-final),
 // against the side chain: 4 adapters at batch 32 1.089x -> 1.058x the base step, 64 1.150x ->
 // 1.098x, 128 1.246x -> 1.178x; one adapter 1.072x -> 1.054x, 1.130x -> 1.101x, 1.282x -> 1.227x.
 // qkv alone (kLoraRowsMinSlices 3) was no better at 32 and worse at 64 and 128 (3-rows-v3).
 constexpr int kLoraRowsMinTokens = 32;
 constexpr int kLoraRowsMaxTokens = 128;
 constexpr int kLoraRowsMinSlices = 2;
-constexpr size_t kLoraRowsMaxEntries = 1024;  // registered weights (two a decoder layer)
+constexpr size_t kLoraRowsMaxEntries = 1024;  // registered weights (four a decoder layer)
 // SetGemmTimedForTest: the row buckets PrepareGemm times (below, steps of up to 16 rows run the
 // skinny GEMM; above, prefill chunks would make start-up slow).
 constexpr int64_t kGemmTimedMinRows = 32;
@@ -397,6 +399,14 @@ class CudaOps final : public Ops {
     if (!(residual.shape == x.shape) || !(out.shape == x.shape)) {
       return Invalid(kOp, absl::StrCat("residual ", residual.shape.ToString(), " and out ", out.shape.ToString(),
                                        " must have x's shape ", x.shape.ToString()));
+    }
+    LoraRowsView rows;
+    if (TakeLoraRows(x, &rows)) {
+      const cudaError_t err = LaunchAddRmsNormRows(rows, x.data, residual.data, weight.data, x.shape[0], x.shape[1],
+                                                   eps, out.data, stream_);
+      if (err != cudaErrorInvalidValue) return CudaStatus(err, kOp);
+      // Not a layout the rows kernel takes (nothing was launched): x first, then as usual.
+      LORAPLEX_RETURN_IF_ERROR(CudaStatus(LaunchLoraRowsFlush(rows, x.data, stream_), kOp));
     }
     LORAPLEX_ASSIGN_OR_RETURN(const LoraDeltaView delta, TakeLoraDelta(x));
     return CudaStatus(LaunchAddRmsNorm(x.data, residual.data, weight.data, x.shape[0], x.shape[1], eps,
@@ -839,7 +849,7 @@ class CudaOps final : public Ops {
   // --- LoRA rows (lora_rows.h) ------------------------------------------------------------
   int64_t LoraWeightSpareRows(int num_slices) const override {
     constexpr int kMaxSlices = static_cast<int>(sizeof(LoraModule::slice_offsets) / sizeof(int32_t)) - 1;
-    return num_slices >= kLoraRowsMinSlices && num_slices <= kMaxSlices
+    return num_slices >= 1 && num_slices <= kMaxSlices
                ? static_cast<int64_t>(kLoraRowsPositions) * num_slices * kLoraRowsRank
                : 0;
   }

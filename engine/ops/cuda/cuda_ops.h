@@ -87,7 +87,8 @@ absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0, int toke
 // ranks (LoraSegments::narrow_ranks) and min_tokens to max_tokens tokens run qkv's and gate_up's
 // GemmWithLora as one GEMM over the weight and its spare rows, the expand in the op that reads y.
 // Negative: that bound's default (32, 128); max_tokens 0 turns it off; above 128 acts as 128.
-// Only modules of at least `min_slices` slices take it (negative: the default, 2; 3: qkv alone).
+// Only modules of at least `min_slices` slices take it (negative: the default, 2; 3: qkv alone;
+// 1: o and down too, their LoRA added in AddRmsNorm).
 // Takes effect from the next BeginLoraStep (graphs keep what they recorded).
 absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens, int min_slices = -1);
 // An experiment (off by default; prepared, not yet measured): PrepareGemm also chooses the

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "engine/ops/cuda/lora_delta.h"
+#include "engine/ops/cuda/lora_rows.h"
 
 namespace loraplex::ops::cuda {
 
@@ -22,5 +23,13 @@ cudaError_t LaunchRmsNorm(const void* x, const void* weight, int64_t rows, int64
 cudaError_t LaunchAddRmsNorm(void* x, void* residual, const void* weight, int64_t rows,
                              int64_t hidden, float eps, void* out, const LoraDeltaView& delta,
                              cudaStream_t stream);
+
+// The same with x's values read from LoRA rows (lora_rows.h: `rows` holds the GEMM output of a
+// one-slice module and its rows' shrink values), the LoRA added on the tensor cores and x written
+// whole; a row is spread over a cluster of 8 blocks. cudaErrorInvalidValue (nothing launched)
+// unless `rows` is x's (one slice, num_tokens rows or more), hidden is a multiple of 512 up to
+// 8192 and the view's rows and every buffer are 16-byte aligned.
+cudaError_t LaunchAddRmsNormRows(const LoraRowsView& rows, void* x, void* residual, const void* weight,
+                                 int64_t num_tokens, int64_t hidden, float eps, void* out, cudaStream_t stream);
 
 }  // namespace loraplex::ops::cuda
