@@ -39,7 +39,8 @@
 //   --lora-rows-min-tokens/--lora-rows-max-tokens N: the steps whose qkv and gate_up run their
 //     LoRA as LoRA rows (few-adapter narrow-rank steps of that many tokens; defaults 32 and 128;
 //     max 0: off, the side chain beside a GEMM for fewer SMs as before); --lora-rows-min-slices 3:
-//     qkv alone (default 2: gate_up too).
+//     qkv alone (default 2: gate_up too; 1: o and down too, their LoRA added in AddRmsNorm, which
+//     acts only when given on the command line: their spare rows are allocated at load).
 //   --gemm-timed 1: the model's GEMMs of 32 to 256 rows on algorithms chosen by timing cuBLASLt's
 //     candidates at warm-up (an experiment). It acts at load only: give it on the command line
 //     (gpu_all.sh's STEP_BENCH_VARIANTS runs another process), not in --variants.

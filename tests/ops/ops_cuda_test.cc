@@ -1228,6 +1228,8 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
     default: widths = {1024, 512}; name = "nothing"; break;
   }
   const int S = static_cast<int>(widths.size());
+  // min_slices 1 before the spare rows are asked for: one-slice weights get them only then.
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, -1, -1, 1));
   // Ranks up to 16 (narrow), some below 16 and some slices not adapted; 12 and 4 take the
   // element-wise sums.
   std::vector<std::vector<int>> ranks = {{16, 16, 16}, {8, 0, 16}, {16, 16, 8}, {12, 16, 4}, {16, 8, 16}, {0, 16, 16}};
@@ -1943,6 +1945,7 @@ absl::Status TimeLoraRowsCase(const char* name, int in, const std::vector<int>& 
   const int S = static_cast<int>(widths.size()), hq = 32, hkv = 8, d = 128;
   int W = 0;
   for (int w : widths) W += w;
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, -1, -1, 1));  // one-slice weights get spare rows
   const int64_t spare = g_gpu->LoraWeightSpareRows(S);
   LORAPLEX_ASSIGN_OR_RETURN(auto world, LoraWorld::Create(4, in, widths, 16, std::vector<std::vector<int>>(4, std::vector<int>(S, 16))));
   const LoraModule dm = world->Module(true);

@@ -121,9 +121,10 @@ constexpr int kLoraGateUpQuarterMaxTokens = 64;
 // gate_up's LoRA as LoRA rows (lora_rows.h): the shrink as extra output rows of the full-GPU
 // GEMM (spare rows after the weight, holding the step's adapters' A) and the expand in RoPE or
 // SiLU·up, so those GemmWithLora calls fork nothing. o and down (one slice, read by AddRmsNorm)
-// keep the side chain by default: their weights have spare rows and are registered, and
-// kLoraRowsMinSlices 1 (SetLoraRowsForTest) runs them as rows too, the expand in AddRmsNorm
-// (a cluster of blocks a row tile, LaunchAddRmsNormRows). Same process (bench/runs/2026-11-30-fourteenth/4-final),
+// keep the side chain by default. With SetLoraRowsForTest's min_slices 1 set before the model
+// loads, their weights get spare rows too and run as rows, the expand in AddRmsNorm (a cluster of
+// blocks a row tile, LaunchAddRmsNormRows): batch 32 one adapter 1.062x -> 1.069x, 4 adapters
+// 1.067x -> 1.075x; batch 64 1.103x -> 1.088x, 1.107x -> 1.090x (2026-11-30-fifteenth/6-o-down-rows). Same process (bench/runs/2026-11-30-fourteenth/4-final),
 // against the side chain: 4 adapters at batch 32 1.089x -> 1.058x the base step, 64 1.150x ->
 // 1.098x, 128 1.246x -> 1.178x; one adapter 1.072x -> 1.054x, 1.130x -> 1.101x, 1.282x -> 1.227x.
 // qkv alone (kLoraRowsMinSlices 3) was no better at 32 and worse at 64 and 128 (3-rows-v3).
@@ -849,7 +850,10 @@ class CudaOps final : public Ops {
   // --- LoRA rows (lora_rows.h) ------------------------------------------------------------
   int64_t LoraWeightSpareRows(int num_slices) const override {
     constexpr int kMaxSlices = static_cast<int>(sizeof(LoraModule::slice_offsets) / sizeof(int32_t)) - 1;
-    return num_slices >= 1 && num_slices <= kMaxSlices
+    // Modules of one slice (o, down) only while SetLoraRowsForTest asks for them (min_slices 1):
+    // 64 rows each, 75 MB for the 8B model, for a path that is off by default.
+    const int min_slices = std::max(1, std::min(kLoraRowsMinSlices, lora_rows_min_slices_));
+    return num_slices >= min_slices && num_slices <= kMaxSlices
                ? static_cast<int64_t>(kLoraRowsPositions) * num_slices * kLoraRowsRank
                : 0;
   }

@@ -88,7 +88,8 @@ absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0, int toke
 // GemmWithLora as one GEMM over the weight and its spare rows, the expand in the op that reads y.
 // Negative: that bound's default (32, 128); max_tokens 0 turns it off; above 128 acts as 128.
 // Only modules of at least `min_slices` slices take it (negative: the default, 2; 3: qkv alone;
-// 1: o and down too, their LoRA added in AddRmsNorm).
+// 1: o and down too, their LoRA added in AddRmsNorm. One-slice weights get their spare rows
+// (LoraWeightSpareRows) only while it is 1, so set it before the model loads).
 // Takes effect from the next BeginLoraStep (graphs keep what they recorded).
 absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens, int min_slices = -1);
 // An experiment (off by default; prepared, not yet measured): PrepareGemm also chooses the
