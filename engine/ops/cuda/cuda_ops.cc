@@ -120,14 +120,17 @@ constexpr int kLoraGateUpQuarterMaxTokens = 64;
 // Few-adapter narrow-rank steps of kLoraRowsMinTokens to kLoraRowsMaxTokens tokens run qkv's and
 // gate_up's LoRA as LoRA rows (lora_rows.h): the shrink as extra output rows of the full-GPU
 // GEMM (spare rows after the weight, holding the step's adapters' A) and the expand in RoPE or
-// SiLU·up, so those GemmWithLora calls fork nothing. o and down (one slice, read by AddRmsNorm)
-// keep the side chain by default. With SetLoraRowsForTest's min_slices 1 set before the model
-// loads, their weights get spare rows too and run as rows, the expand in AddRmsNorm (a cluster of
-// blocks a row tile, LaunchAddRmsNormRows): batch 32 one adapter 1.062x -> 1.069x, 4 adapters
-// 1.067x -> 1.075x; batch 64 1.103x -> 1.088x, 1.107x -> 1.090x (2026-11-30-fifteenth/6-o-down-rows). Same process (bench/runs/2026-11-30-fourteenth/4-final),
-// against the side chain: 4 adapters at batch 32 1.089x -> 1.058x the base step, 64 1.150x ->
-// 1.098x, 128 1.246x -> 1.178x; one adapter 1.072x -> 1.054x, 1.130x -> 1.101x, 1.282x -> 1.227x.
-// qkv alone (kLoraRowsMinSlices 3) was no better at 32 and worse at 64 and 128 (3-rows-v3).
+// SiLU·up, so those GemmWithLora calls fork nothing. Same process (bench/runs/2026-11-30-fifteenth/
+// 5-final), against the side chain: 4 adapters at batch 32 1.096x -> 1.061x the base step, 64
+// 1.155x -> 1.111x, 128 1.248x -> 1.174x; one adapter 1.086x -> 1.050x, 1.135x -> 1.106x,
+// 1.302x -> 1.224x. qkv alone (kLoraRowsMinSlices 3) was no better at 32 and worse at 64 and 128
+// (2026-11-30-fourteenth/3-rows-v3). Below 32 tokens rows lost (batch 1 one adapter 1.075x
+// against 1.062x, batch 8 4 adapters 1.094x against 1.057x: 2026-11-30-fifteenth/4-rows-below-32).
+// o and down (one slice, read by AddRmsNorm) keep the side chain by default. With
+// SetLoraRowsForTest's min_slices 1 set before the model loads, their weights get spare rows too
+// and run as rows, the expand in AddRmsNorm (LaunchAddRmsNormRows): batch 32 one adapter 1.062x
+// -> 1.069x, 4 adapters 1.067x -> 1.075x; batch 64 1.103x -> 1.088x, 1.107x -> 1.090x
+// (2026-11-30-fifteenth/6-o-down-rows).
 constexpr int kLoraRowsMinTokens = 32;
 constexpr int kLoraRowsMaxTokens = 128;
 constexpr int kLoraRowsMinSlices = 2;

@@ -92,7 +92,7 @@ absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0, int toke
 // (LoraWeightSpareRows) only while it is 1, so set it before the model loads).
 // Takes effect from the next BeginLoraStep (graphs keep what they recorded).
 absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens, int min_slices = -1);
-// An experiment (off by default; prepared, not yet measured): PrepareGemm also chooses the
+// An experiment (off by default; no clear gain in 2026-11-30-fifteenth/3): PrepareGemm also chooses the
 // algorithm of every row bucket from 32 to 256 of bf16 GEMMs by timing cuBLASLt's candidates on
 // the ops' stream, as the LoRA rows' GEMMs are chosen (CublasLtGemm::PrepareTimed). It then runs
 // GEMMs on PrepareGemm's x and y (their contents become unspecified) and synchronizes, outside
