@@ -310,15 +310,12 @@ cudaError_t LaunchSiluMulRows(const LoraRowsView& rows, void* gate_up, int64_t n
   // 16-byte vectors of 8 columns: every row of the view, gate_up and out start 16-byte aligned.
   const bool aligned = IsAligned16(rows.src) && rows.stride % 8 == 0 && IsAligned16(gate_up) && IsAligned16(out);
   if (inter % 8 != 0 || !aligned) return cudaErrorInvalidValue;
-  {
-    const int64_t warps = (inter + kSiluMmaCols - 1) / kSiluMmaCols;
-    const dim3 grid(static_cast<unsigned>((warps + kSiluMmaWarps - 1) / kSiluMmaWarps),
-                    static_cast<unsigned>((num_tokens + 15) / 16));
-    (void)LaunchDependent(SiluMulRowsMmaKernel, grid, dim3(kSiluMmaWarps * 32), 0, stream, rows,
-                          static_cast<bf16*>(gate_up), num_tokens, inter, static_cast<bf16*>(out));
-    return cudaGetLastError();
-  }
-  return cudaErrorInvalidValue;
+  const int64_t warps = (inter + kSiluMmaCols - 1) / kSiluMmaCols;
+  const dim3 grid(static_cast<unsigned>((warps + kSiluMmaWarps - 1) / kSiluMmaWarps),
+                  static_cast<unsigned>((num_tokens + 15) / 16));
+  (void)LaunchDependent(SiluMulRowsMmaKernel, grid, dim3(kSiluMmaWarps * 32), 0, stream, rows,
+                        static_cast<bf16*>(gate_up), num_tokens, inter, static_cast<bf16*>(out));
+  return cudaGetLastError();
 }
 
 }  // namespace loraplex::ops::cuda

@@ -85,6 +85,25 @@ __device__ __forceinline__ bf16 LoraRowsValue1(const LoraRowsView& v, int64_t ro
   return ToBf16(ToFloat(y) + LoraRowsDelta(s, col));
 }
 
+// The weights of `slice` at every position (LoraRowsView::info), loaded with whatever else the
+// caller loads first, so nothing waits on a row's position before B.
+__device__ __forceinline__ void LoadLoraRowsWeights(const LoraRowsView& v, int slice,
+                                                    LoraSliceWeightsDev (&at)[kLoraRowsPositions]) {
+#pragma unroll
+  for (int p = 0; p < kLoraRowsPositions; ++p) at[p] = v.info[p * kLoraMaxSlices + slice];
+}
+
+// at[p] for a position p (selected in registers, not indexed through local memory).
+__device__ __forceinline__ LoraSliceWeightsDev LoraRowsWeightsAt(const LoraSliceWeightsDev (&at)[kLoraRowsPositions],
+                                                                 int p) {
+  LoraSliceWeightsDev w = at[0];
+#pragma unroll
+  for (int pp = 1; pp < kLoraRowsPositions; ++pp) {
+    if (pp == p) w = at[pp];
+  }
+  return w;
+}
+
 // Row `row` of a B of `stride` columns (the adapter's rank), packed as kLoraRowsRank bf16 with
 // zeros past the rank (the shrink values there are zero too: the install kernel zeroes those
 // spare rows).

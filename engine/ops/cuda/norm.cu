@@ -208,8 +208,7 @@ __global__ void __launch_bounds__(kNormRowsMaxWarps * 32)
   for (int h = 0; h < 2; ++h) pos[h] = rows[h] < num_tokens ? v.row_pos[rows[h]] : -1;
   int pos_g = row_g < num_tokens ? v.row_pos[row_g] : -1;
   LoraSliceWeightsDev info[kLoraRowsPositions];
-#pragma unroll
-  for (int pp = 0; pp < kLoraRowsPositions; ++pp) info[pp] = v.info[pp * kLoraMaxSlices];
+  LoadLoraRowsWeights(v, 0, info);
   const uint4 wv = *reinterpret_cast<const uint4*>(weight + col);
   if (pos_g < 0 || pos_g >= kLoraRowsPositions) pos_g = -1;
 #pragma unroll
@@ -217,25 +216,17 @@ __global__ void __launch_bounds__(kNormRowsMaxWarps * 32)
     if (pos[h] < 0 || pos[h] >= kLoraRowsPositions) pos[h] = -1;
   }
   unsigned present = __reduce_or_sync(0xffffffffu, pos_g >= 0 ? 1u << pos_g : 0u);
-  auto weights_at = [&](int p) {
-    LoraSliceWeightsDev w = info[0];
-#pragma unroll
-    for (int pp = 1; pp < kLoraRowsPositions; ++pp) {
-      if (pp == p) w = info[pp];
-    }
-    return w;
-  };
   const int p0 = present != 0 ? __ffs(present) - 1 : -1;
   const unsigned rest = p0 >= 0 ? present & ~(1u << p0) : 0u;
   const int p1 = rest != 0 ? __ffs(rest) - 1 : -1;
   LoraSliceWeightsDev w0 = {}, w1 = {};
   uint32_t b0[8][2], b1[8][2];
   if (p0 >= 0) {
-    w0 = weights_at(p0);
+    w0 = LoraRowsWeightsAt(info, p0);
     LoadNormRowsB(w0, col, q, b0);
   }
   if (p1 >= 0) {
-    w1 = weights_at(p1);
+    w1 = LoraRowsWeightsAt(info, p1);
     LoadNormRowsB(w1, col, q, b1);
   }
   WaitForPrecedingKernel();
@@ -263,7 +254,7 @@ __global__ void __launch_bounds__(kNormRowsMaxWarps * 32)
   while (present != 0) {  // rows of 3 or more adapters in one tile: their B now
     const int p = __ffs(present) - 1;
     present &= present - 1;
-    w0 = weights_at(p);
+    w0 = LoraRowsWeightsAt(info, p);
     LoadNormRowsB(w0, col, q, b0);
     AddNormRowsPosition(p, pos, pos_g, u, w0, b0, xs);
   }

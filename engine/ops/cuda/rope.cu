@@ -93,17 +93,12 @@ __global__ void RopeAndCacheKvRowsKernel(RopeParams p) {
   // weights at the position after it), then the row's B.
   const int q = v.row_pos[t];
   LoraSliceWeightsDev at[kLoraRowsPositions];
-#pragma unroll
-  for (int pp = 0; pp < kLoraRowsPositions; ++pp) at[pp] = v.info[pp * kLoraMaxSlices + slice];
+  LoadLoraRowsWeights(v, slice, at);
   uint4 b1[2] = {}, b2[2] = {};
   float scale = 0.0f;
   bool lora = false;
   if (q >= 0 && q < kLoraRowsPositions) {
-    LoraSliceWeightsDev w = at[0];
-#pragma unroll
-    for (int pp = 1; pp < kLoraRowsPositions; ++pp) {
-      if (pp == q) w = at[pp];
-    }
+    const LoraSliceWeightsDev w = LoraRowsWeightsAt(at, q);
     if (w.rank > 0 && w.b != nullptr) {
       lora = true;
       scale = w.scale;
