@@ -26,6 +26,7 @@
 //                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2]
 //                   [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N]
 //                   [--lora-rows-min-tokens N] [--lora-rows-max-tokens N] [--lora-rows-min-slices 1|2|3]
+//                   [--lora-rows-one-slice-min-tokens N]
 //                   [--gemm-timed 0|1] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --skinny-gemm 0: every projection on cuBLASLt (default 2: projections of up to 16 rows, plain
@@ -39,8 +40,9 @@
 //   --lora-rows-min-tokens/--lora-rows-max-tokens N: the steps whose qkv and gate_up run their
 //     LoRA as LoRA rows (few-adapter narrow-rank steps of that many tokens; defaults 32 and 128;
 //     max 0: off, the side chain beside a GEMM for fewer SMs as before); --lora-rows-min-slices 3:
-//     qkv alone (default 2: gate_up too; 1: o and down too, their LoRA added in AddRmsNorm, which
-//     acts only when given on the command line: their spare rows are allocated at load).
+//     qkv alone, 2: gate_up too (default 1: o and down too, their LoRA added in AddRmsNorm;
+//     min slices 2 or 3 on the command line also leaves out their spare rows at load);
+//     --lora-rows-one-slice-min-tokens N: o and down as rows from N tokens (default 64).
 //   --gemm-timed 1: the model's GEMMs of 32 to 256 rows on algorithms chosen by timing cuBLASLt's
 //     candidates at warm-up (an experiment). It acts at load only: give it on the command line
 //     (gpu_all.sh's STEP_BENCH_VARIANTS runs another process), not in --variants.
@@ -165,6 +167,7 @@ struct LoraTuning {
   int rows_min_tokens = -1;  // SetLoraRowsForTest (-1: the defaults; max tokens 0: off)
   int rows_max_tokens = -1;
   int rows_min_slices = -1;
+  int rows_one_slice_min_tokens = -1;
   int gemm_timed = 0;  // SetGemmTimedForTest (load time only)
 };
 
@@ -182,7 +185,8 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmForTest(ops, t.skinny_gemm));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraBf16DeltaForTest(ops, t.bf16_delta != 0));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmHoistForTest(ops, t.skinny_hoist));
-  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraRowsForTest(ops, t.rows_min_tokens, t.rows_max_tokens, t.rows_min_slices));
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraRowsForTest(ops, t.rows_min_tokens, t.rows_max_tokens, t.rows_min_slices,
+                                                         t.rows_one_slice_min_tokens));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetGemmTimedForTest(ops, t.gemm_timed != 0));
   for (int s = 1; s <= 3; ++s) {
     LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraModuleShrinkBlocksForTest(ops, s, t.module_shrink_blocks[s]));
@@ -631,6 +635,9 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-rows-min-tokens") return ParseFlag(flag, value, -1, 1 << 20, &t->rows_min_tokens);
   if (flag == "--lora-rows-max-tokens") return ParseFlag(flag, value, -1, 1 << 20, &t->rows_max_tokens);
   if (flag == "--lora-rows-min-slices") return ParseFlag(flag, value, -1, 3, &t->rows_min_slices);
+  if (flag == "--lora-rows-one-slice-min-tokens") {
+    return ParseFlag(flag, value, -1, 1 << 20, &t->rows_one_slice_min_tokens);
+  }
   if (flag == "--gemm-timed") return ParseFlag(flag, value, 0, 1, &t->gemm_timed);
   if (flag == "--lora-few-gemm-sms") return ParseFlag(flag, value, 0, 1 << 20, &t->few_gemm_sms);
   if (flag == "--lora-few-shrink-blocks") return ParseFlag(flag, value, 1, 1 << 20, &t->few_shrink_blocks);
@@ -662,7 +669,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N] [--lora-rows-min-tokens N] [--lora-rows-max-tokens N] [--lora-rows-min-slices 1|2|3] [--gemm-timed 0|1] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N] [--lora-rows-min-tokens N] [--lora-rows-max-tokens N] [--lora-rows-min-slices 1|2|3] [--lora-rows-one-slice-min-tokens N] [--gemm-timed 0|1] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;

@@ -441,6 +441,128 @@ TEST_CASE("Decode steps replayed from CUDA graphs equal eager steps and the CPU 
   CHECK(cpu.model->graph_steps() == 0);  // the CPU ops record no graphs
 }
 
+TEST_CASE("LoRA rows (few narrow-rank adapters, 32 to 128 tokens) give the CPU model's logits, eager and from graphs, o and down from 64 tokens") {
+  testing::TinyModelOptions mo;
+  // hidden 512: a width AddRmsNorm's rows reader takes (a multiple of 8 blocks x 64 columns), so
+  // o and down add their LoRA there; below it they would fall back to the flush.
+  mo.vocab = 512; mo.hidden = 512; mo.layers = 2; mo.heads = 8; mo.kv_heads = 2; mo.head_dim = 64;
+  mo.intermediate = 1024; mo.dtype = DType::kBF16; mo.llama3_rope = true;
+  const std::string dir = testing::MakeTempDir("cuda-rows");
+  REQUIRE(testing::WriteTinyModel(dir, mo).ok());
+  auto spec = LoadModelSpec(dir);
+  REQUIRE(spec.ok());
+  // Ranks up to 16 (narrow): rank 4 attention-only, 16 with rsLoRA, 8, 16 MLP-only; a fifth takes
+  // the fourth's slot later.
+  constexpr int kAdapters = 5;
+  testing::TinyAdapterOptions ao[kAdapters];
+  ao[0].r = 4; ao[0].alpha = 8; ao[0].target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  ao[1].r = 16; ao[1].alpha = 16; ao[1].use_rslora = true; ao[1].seed = 9;
+  ao[2].r = 8; ao[2].alpha = 16; ao[2].seed = 13;
+  ao[3].r = 16; ao[3].alpha = 32; ao[3].target_modules = {"gate_proj", "up_proj", "down_proj"}; ao[3].seed = 17;
+  ao[4].r = 12; ao[4].alpha = 24; ao[4].target_modules = {"v_proj", "o_proj", "down_proj"}; ao[4].seed = 19;
+  const char* names[kAdapters] = {"a4", "b16", "d8", "f16", "e12"};
+  for (int i = 0; i < kAdapters; ++i) {
+    ao[i].dtype = DType::kBF16;
+    REQUIRE(testing::WriteTinyAdapter(dir + "/" + names[i], *spec, ao[i]).ok());
+  }
+  // 64 sequences: decode buckets up to 64. MakeStep lays block tables out for kCapacity.
+  ModelCapacity cap = kCapacity;
+  cap.max_seqs = 64;
+  cap.num_kv_blocks = 80;
+  Executor cpu = MakeExecutor(Device::kCpu, dir, *spec, 4, cap);
+  Executor gpu = MakeExecutor(Device::kCuda, dir, *spec, 4, cap);
+  Executor off = MakeExecutor(Device::kCuda, dir, *spec, 4, cap);  // LoRA rows off: the side chain
+  REQUIRE(ops::cuda::SetLoraRowsForTest(off.ops.get(), -1, 0).ok());
+  Executor* all[3] = {&cpu, &gpu, &off};
+  std::vector<std::shared_ptr<const lora::LoadedAdapter>> adapters[3];
+  for (int e = 0; e < 3; ++e) {
+    for (int i = 0; i < kAdapters; ++i) {
+      adapters[e].push_back(LoadAdapter(names[i], dir + "/" + names[i], *spec, e == 0 ? DType::kF32 : DType::kBF16));
+    }
+  }
+  auto resident = [&](const std::vector<int>& which) {
+    std::vector<int32_t> first;
+    for (int e = 0; e < 3; ++e) {
+      std::vector<const lora::LoadedAdapter*> list;
+      for (int w : which) list.push_back(adapters[e][w].get());
+      auto slots = all[e]->pool->EnsureResident(list, std::vector<bool>(list.size(), false));
+      REQUIRE(slots.ok());
+      if (e == 0) first = *slots;
+      REQUIRE(*slots == first);
+    }
+    return first;
+  };
+  const std::vector<int32_t> slot = resident({0, 1, 2, 3});
+  // Sequences grouped by adapter (a step's segments stay at most 4): 0-15 a4, 16-31 b16, 32-47 d8,
+  // 48-55 f16, 56-63 the base model. One KV block each.
+  std::vector<Seq> seqs(64);
+  for (int i = 0; i < 64; ++i) {
+    seqs[i].tokens = RandomTokens(16, spec->vocab_size, 200 + i);
+    seqs[i].blocks = {i};
+    seqs[i].slot = i < 56 ? slot[i / 16 < 3 ? i / 16 : 3] : -1;
+  }
+  std::vector<Seq> state[3] = {seqs, seqs, seqs};
+
+  // One step of sequences [first, first + n), `count` tokens each, on all three executors; the
+  // GPU's rows GEMMs during it must be `rows_gemms` (eager steps; -1: not checked).
+  auto step = [&](int first, int n, int32_t count, int64_t rows_gemms) {
+    std::vector<float> logits[3];
+    int64_t rows_before = 0;
+    if (rows_gemms >= 0) {
+      auto r = ops::cuda::LoraRowsGemmsForTest(gpu.ops.get());
+      REQUIRE(r.ok());
+      rows_before = *r;
+    }
+    int tokens = 0, segments = 0;
+    for (int e = 0; e < 3; ++e) {
+      std::vector<Seq> picked(state[e].begin() + first, state[e].begin() + first + n);
+      // Segments as long as the step: each adapter's tokens in one.
+      StepInput in = MakeStep(picked, std::vector<int32_t>(n, count), /*max_segment_tokens=*/256);
+      tokens = static_cast<int>(in.token_ids.size());
+      segments = in.lora.num_segments();
+      std::copy(picked.begin(), picked.end(), state[e].begin() + first);
+      auto out = all[e]->model->Forward(in);
+      INFO(out.status().message());
+      REQUIRE(out.ok());
+      logits[e] = *std::move(out);
+    }
+    const double vs_cpu = RelErr(logits[1], logits[0]);
+    const double vs_off = RelErr(logits[1], logits[2]);
+    std::printf("rows step seqs=%d tokens=%d segments=%d rel_err vs cpu=%.3e vs side chain=%.3e\n", n, tokens,
+                segments, vs_cpu, vs_off);
+    CHECK(vs_cpu < 3e-2);
+    CHECK(vs_off < 1e-2);
+    CheckArgmax(logits[1], logits[0], spec->vocab_size);
+    if (rows_gemms >= 0) {
+      auto r = ops::cuda::LoraRowsGemmsForTest(gpu.ops.get());
+      REQUIRE(r.ok());
+      CHECK(*r - rows_before == rows_gemms);
+    }
+  };
+  // Eager prefill. 16 sequences x 3 tokens of one adapter (48 tokens): qkv and gate_up as rows in
+  // both layers (4 GEMMs), o and down beside; 32 x 3 of two adapters (96): all four (8 GEMMs);
+  // 8 + 8 x 4 (f16, then the base model; 64 tokens): all four.
+  step(0, 16, 3, 4);
+  step(16, 32, 3, 8);
+  step(48, 16, 4, 8);
+  step(0, 16, 1, 0);  // decode, bucket 16: below 32 tokens no rows, captured or not
+  // Decode from graphs: 64 sequences (bucket 64, 4 adapters), 40 (bucket 64), 32 (bucket 32: o and
+  // down beside), 20 (bucket 32), then a slot reused mid-run.
+  for (int i = 0; i < 2; ++i) step(0, 64, 1, -1);
+  step(8, 40, 1, -1);
+  step(0, 32, 1, -1);
+  step(30, 20, 1, -1);
+  const std::vector<int32_t> reused = resident({0, 1, 2, 4});
+  REQUIRE(reused[3] == slot[3]);
+  for (auto& s : state) {
+    for (int i = 48; i < 56; ++i) s[i].slot = reused[3];
+  }
+  step(0, 64, 1, -1);
+  step(32, 32, 1, -1);
+  step(40, 16, 2, 4);  // eager, 32 tokens of d8 and e12 (the reused slot): qkv and gate_up
+  CHECK(gpu.model->graph_steps() == 8);
+}
+
 TEST_CASE("WarmUp chooses every GEMM algorithm up front: prefill and decode steps of any length add none") {
   testing::TinyModelOptions mo;
   mo.vocab = 512; mo.hidden = 256; mo.layers = 2; mo.heads = 4; mo.kv_heads = 2; mo.head_dim = 64;

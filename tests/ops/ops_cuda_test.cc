@@ -1217,7 +1217,9 @@ absl::Status CheckLoraFold(FoldConsumer consumer, int tokens) {
 // the flush when y is read back) adds each row's LoRA. Against the side chain (rows off) within
 // BF16 tolerance, every buffer either writes: y, the consumer's output, the residual, the KV cache. Steps change the adapter set (positions keep, swap and lose slots), a
 // slot is rewritten in place (LoraSlotsChanged), and a captured step replays with new segments.
-absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1536) {
+// one_slice_min_tokens: SetLoraRowsForTest's (-1: the executor's default, 64), below which a
+// one-slice module keeps the side chain.
+absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1536, int one_slice_min_tokens = 1) {
   const int T = tokens, in = 1024, hq = 8, hkv = 2, d = 128, bs = 16, num_blocks = 8;
   std::vector<int> widths;
   std::string name;
@@ -1229,7 +1231,7 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
   }
   const int S = static_cast<int>(widths.size());
   // min_slices 1 before the spare rows are asked for: one-slice weights get them only then.
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, -1, -1, 1));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, -1, -1, 1, 1));
   // Ranks up to 16 (narrow), some below 16 and some slices not adapted; 12 and 4 take the
   // element-wise sums.
   std::vector<std::vector<int>> ranks = {{16, 16, 16}, {8, 0, 16}, {16, 16, 8}, {12, 16, 4}, {16, 8, 16}, {0, 16, 16}};
@@ -1293,8 +1295,9 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
   const std::vector<float> x0 = RandomVec(static_cast<size_t>(T) * in, -1, 1);
   // Runs the step from the same starting state, rows on or off; returns every buffer it may write.
   auto run = [&](bool rows, cuda::CudaGraph* graph) -> absl::StatusOr<std::vector<std::vector<float>>> {
-    // min_slices 1: o and down (one slice) run as rows too.
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, rows ? 1 : -1, rows ? -1 : 0, 1));
+    // min_slices 1: o and down (one slice) run as rows too, from one_slice_min_tokens.
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, rows ? 1 : -1, rows ? -1 : 0, 1, one_slice_min_tokens));
+    const bool expect_rows = rows && (S > 1 || T >= (one_slice_min_tokens < 0 ? 64 : one_slice_min_tokens));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_out.data(), 0xFF, static_cast<size_t>(T) * W * 2));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_hid.data(), 0xFF, static_cast<size_t>(T) * W * 2));
     LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_res.data(), residual));
@@ -1306,8 +1309,9 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
     } else {
       LORAPLEX_RETURN_IF_ERROR(body());
       LORAPLEX_ASSIGN_OR_RETURN(const int64_t after, cuda::LoraRowsGemmsForTest(g_gpu));
-      if ((after - before == 1) != rows) {
-        return absl::InternalError(absl::StrCat("rows ", rows ? "on" : "off", ": ", after - before, " rows GEMMs"));
+      if ((after - before == 1) != expect_rows) {
+        return absl::InternalError(absl::StrCat("rows ", rows ? "on" : "off", " (", expect_rows ? "expected" : "not expected",
+                                                " at ", T, " tokens): ", after - before, " rows GEMMs"));
       }
     }
     std::vector<std::vector<float>> got;
@@ -1369,7 +1373,7 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
   LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraSlotsChanged());
   LORAPLEX_RETURN_IF_ERROR(step("slot 2 rewritten", {2, 0, 5, 3}, nullptr));
   // A captured step: install and rows recorded once, replayed with new segments each time.
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, 1, -1, 1));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, 1, -1, 1, one_slice_min_tokens));
   LORAPLEX_RETURN_IF_ERROR(g_gpu->Synchronize());
   LORAPLEX_ASSIGN_OR_RETURN(auto graph, cuda::CaptureCudaGraph(g_gpu, body));
   LORAPLEX_RETURN_IF_ERROR(step("3 adapters", {1, 3, 4}, graph.get()));
@@ -1935,6 +1939,10 @@ void CheckLoraRowsAll() {
   // A SiLU·up width the tensor-core reader does not take (inter 1540, not a multiple of 8): the
   // flush kernel, then plain SiLU·up.
   Run("LoRA rows[inter 1540]", [&] { return CheckLoraRows(FoldConsumer::kSiluMul, 32, 1540); });
+  // The executor's own threshold for o and down (64 tokens): the side chain at 32, rows at 77.
+  for (int t : {32, 77}) {
+    Run(absl::StrCat("LoRA rows[one-slice default, T=", t, "]"), [&] { return CheckLoraRows(FoldConsumer::kAddRmsNorm, t, 1536, -1); });
+  }
 }
 
 // LoRA rows against the side chain and the plain GEMM, each followed by the op that reads its
@@ -1945,7 +1953,7 @@ absl::Status TimeLoraRowsCase(const char* name, int in, const std::vector<int>& 
   const int S = static_cast<int>(widths.size()), hq = 32, hkv = 8, d = 128;
   int W = 0;
   for (int w : widths) W += w;
-  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, -1, -1, 1));  // one-slice weights get spare rows
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, -1, -1, 1, 1));  // one-slice weights get spare rows
   const int64_t spare = g_gpu->LoraWeightSpareRows(S);
   LORAPLEX_ASSIGN_OR_RETURN(auto world, LoraWorld::Create(4, in, widths, 16, std::vector<std::vector<int>>(4, std::vector<int>(S, 16))));
   const LoraModule dm = world->Module(true);
@@ -2002,7 +2010,7 @@ absl::Status TimeLoraRowsCase(const char* name, int in, const std::vector<int>& 
   const int variants = 6;
   double us[6] = {};
   for (int v = 0; v < variants; ++v) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, -1, v == 4 ? 0 : -1, 1));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, -1, v == 4 ? 0 : -1, 1, 1));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->Synchronize());
     LORAPLEX_ASSIGN_OR_RETURN(auto g, cuda::CaptureCudaGraph(g_gpu, [&]() -> absl::Status {
       for (int call = 0; call < kCalls; ++call) {

@@ -126,14 +126,18 @@ constexpr int kLoraGateUpQuarterMaxTokens = 64;
 // 1.302x -> 1.224x. qkv alone (kLoraRowsMinSlices 3) was no better at 32 and worse at 64 and 128
 // (2026-11-30-fourteenth/3-rows-v3). Below 32 tokens rows lost (batch 1 one adapter 1.075x
 // against 1.062x, batch 8 4 adapters 1.094x against 1.057x: 2026-11-30-fifteenth/4-rows-below-32).
-// o and down (one slice, read by AddRmsNorm) keep the side chain by default. With
-// SetLoraRowsForTest's min_slices 1 set before the model loads, their weights get spare rows too
-// and run as rows, the expand in AddRmsNorm (LaunchAddRmsNormRows): batch 32 one adapter 1.062x
-// -> 1.069x, 4 adapters 1.067x -> 1.075x; batch 64 1.103x -> 1.088x, 1.107x -> 1.090x
-// (2026-11-30-fifteenth/6-o-down-rows).
+// o and down (one slice, read by AddRmsNorm) run as rows from kLoraRowsOneSliceMinTokens tokens,
+// the expand in AddRmsNorm (LaunchAddRmsNormRows). At 32 tokens their side chain is cheaper (o's
+// costs ~0.4 us there): batch 32 one adapter 1.062x -> 1.069x, 4 adapters 1.067x -> 1.075x
+// (2026-11-30-fifteenth/6-o-down-rows); from 64 they win. Same process, one-slice rows off -> from
+// 64 tokens: batch 64 one adapter 1.108x -> 1.095x, 4 adapters 1.112x -> 1.095x; batch 128
+// 1.226x -> 1.082x, 1.176x -> 1.080x (bench/runs/2026-11-30-sixteenth/2-one-slice-rows). Their
+// spare rows cost batch 32 nothing (3-registered: 1.047-1.050x / 1.053-1.055x with them, 1.054-
+// 1.060x / 1.064-1.068x without, two processes each).
 constexpr int kLoraRowsMinTokens = 32;
 constexpr int kLoraRowsMaxTokens = 128;
-constexpr int kLoraRowsMinSlices = 2;
+constexpr int kLoraRowsMinSlices = 1;
+constexpr int kLoraRowsOneSliceMinTokens = 64;
 constexpr size_t kLoraRowsMaxEntries = 1024;  // registered weights (four a decoder layer)
 // SetGemmTimedForTest: the row buckets PrepareGemm times (below, steps of up to 16 rows run the
 // skinny GEMM; above, prefill chunks would make start-up slow).
@@ -853,9 +857,9 @@ class CudaOps final : public Ops {
   // --- LoRA rows (lora_rows.h) ------------------------------------------------------------
   int64_t LoraWeightSpareRows(int num_slices) const override {
     constexpr int kMaxSlices = static_cast<int>(sizeof(LoraModule::slice_offsets) / sizeof(int32_t)) - 1;
-    // Modules of one slice (o, down) only while SetLoraRowsForTest asks for them (min_slices 1):
-    // 64 rows each, 75 MB for the 8B model, for a path that is off by default.
-    const int min_slices = std::max(1, std::min(kLoraRowsMinSlices, lora_rows_min_slices_));
+    // Modules of one slice (o, down) only while SetLoraRowsForTest's min_slices is 1 (the
+    // default): 64 rows each, 75 MB for the 8B model.
+    const int min_slices = std::max(1, lora_rows_min_slices_);
     return num_slices >= min_slices && num_slices <= kMaxSlices
                ? static_cast<int64_t>(kLoraRowsPositions) * num_slices * kLoraRowsRank
                : 0;
@@ -952,10 +956,11 @@ class CudaOps final : public Ops {
   }
 
   int64_t rows_gemms() const { return rows_gemms_; }
-  void set_lora_rows(int min_tokens, int max_tokens, int min_slices) {
+  void set_lora_rows(int min_tokens, int max_tokens, int min_slices, int one_slice_min_tokens) {
     lora_rows_min_slices_ = min_slices < 0 ? kLoraRowsMinSlices : min_slices;
     lora_rows_min_tokens_ = min_tokens < 0 ? kLoraRowsMinTokens : min_tokens;
     lora_rows_max_tokens_ = max_tokens < 0 ? kLoraRowsMaxTokens : std::min(max_tokens, kLoraRowsMaxTokens);
+    lora_rows_one_slice_min_tokens_ = one_slice_min_tokens < 0 ? kLoraRowsOneSliceMinTokens : one_slice_min_tokens;
   }
 
   // A registered weight with its spare rows.
@@ -977,7 +982,8 @@ class CudaOps final : public Ops {
       return nullptr;
     }
     auto it = rows_weights_.find(w.data);
-    if (it == rows_weights_.end() || it->second.table != module.table || module.num_slices < lora_rows_min_slices_) {
+    if (it == rows_weights_.end() || it->second.table != module.table || module.num_slices < lora_rows_min_slices_ ||
+        (module.num_slices == 1 && segments.num_tokens < lora_rows_one_slice_min_tokens_)) {
       return nullptr;
     }
     const RowsWeight& rw = it->second;
@@ -1277,6 +1283,7 @@ class CudaOps final : public Ops {
   int lora_rows_min_tokens_ = kLoraRowsMinTokens;  // SetLoraRowsForTest
   int lora_rows_max_tokens_ = kLoraRowsMaxTokens;  // 0: off
   int lora_rows_min_slices_ = kLoraRowsMinSlices;
+  int lora_rows_one_slice_min_tokens_ = kLoraRowsOneSliceMinTokens;
   struct RowsStep {  // the step BeginLoraStep began as LoRA rows
     bool active = false;
     const int32_t* seg_slots = nullptr;
@@ -1423,10 +1430,10 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps) {
   return absl::OkStatus();
 }
 
-absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens, int min_slices) {
+absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens, int min_slices, int one_slice_min_tokens) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraRowsForTest"));
   LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());
-  cuda->set_lora_rows(min_tokens, max_tokens, min_slices);
+  cuda->set_lora_rows(min_tokens, max_tokens, min_slices, one_slice_min_tokens);
   return absl::OkStatus();
 }
 

@@ -87,11 +87,13 @@ absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0, int toke
 // ranks (LoraSegments::narrow_ranks) and min_tokens to max_tokens tokens run qkv's and gate_up's
 // GemmWithLora as one GEMM over the weight and its spare rows, the expand in the op that reads y.
 // Negative: that bound's default (32, 128); max_tokens 0 turns it off; above 128 acts as 128.
-// Only modules of at least `min_slices` slices take it (negative: the default, 2; 3: qkv alone;
-// 1: o and down too, their LoRA added in AddRmsNorm. One-slice weights get their spare rows
-// (LoraWeightSpareRows) only while it is 1, so set it before the model loads).
+// Only modules of at least `min_slices` slices take it (negative: the default, 1; 2: qkv and
+// gate_up; 3: qkv alone). One-slice modules (o and down, their LoRA added in AddRmsNorm) take it
+// from `one_slice_min_tokens` tokens (negative: the default, 64). One-slice weights get their
+// spare rows (LoraWeightSpareRows) only while min_slices is 1, so set it before the model loads.
 // Takes effect from the next BeginLoraStep (graphs keep what they recorded).
-absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens, int min_slices = -1);
+absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens, int min_slices = -1,
+                                int one_slice_min_tokens = -1);
 // An experiment (off by default; no clear gain in 2026-11-30-fifteenth/3): PrepareGemm also chooses the
 // algorithm of every row bucket from 32 to 256 of bf16 GEMMs by timing cuBLASLt's candidates on
 // the ops' stream, as the LoRA rows' GEMMs are chosen (CublasLtGemm::PrepareTimed). It then runs
