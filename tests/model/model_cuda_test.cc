@@ -125,6 +125,40 @@ std::vector<int32_t> RandomTokens(int n, int64_t vocab, uint32_t seed) {
   return t;
 }
 
+// Writes adapters `names` (options `ao`, stored BF16) under dir and loads each into every
+// executor of `all` (F32 for the CPU one): adapters[e][i] is names[i] in all[e].
+std::vector<std::vector<std::shared_ptr<const lora::LoadedAdapter>>> WriteAndLoadAdapters(
+    const std::string& dir, const ModelSpec& spec, std::vector<testing::TinyAdapterOptions> ao,
+    const std::vector<std::string>& names, const std::vector<Executor*>& all) {
+  REQUIRE(ao.size() == names.size());
+  for (size_t i = 0; i < names.size(); ++i) {
+    ao[i].dtype = DType::kBF16;
+    REQUIRE(testing::WriteTinyAdapter(dir + "/" + names[i], spec, ao[i]).ok());
+  }
+  std::vector<std::vector<std::shared_ptr<const lora::LoadedAdapter>>> adapters(all.size());
+  for (size_t e = 0; e < all.size(); ++e) {
+    const DType dtype = all[e]->ops->device() == Device::kCpu ? DType::kF32 : DType::kBF16;
+    for (const std::string& name : names) adapters[e].push_back(LoadAdapter(name, dir + "/" + name, spec, dtype));
+  }
+  return adapters;
+}
+
+// Makes adapters `which` resident in every executor; all pools must pick the same slots.
+std::vector<int32_t> MakeResident(const std::vector<Executor*>& all,
+                                  const std::vector<std::vector<std::shared_ptr<const lora::LoadedAdapter>>>& adapters,
+                                  const std::vector<int>& which) {
+  std::vector<int32_t> first;
+  for (size_t e = 0; e < all.size(); ++e) {
+    std::vector<const lora::LoadedAdapter*> list;
+    for (int w : which) list.push_back(adapters[e][static_cast<size_t>(w)].get());
+    auto slots = all[e]->pool->EnsureResident(list, std::vector<bool>(list.size(), false));
+    REQUIRE(slots.ok());
+    if (e == 0) first = *slots;
+    REQUIRE(*slots == first);
+  }
+  return first;
+}
+
 TEST_CASE("The CUDA model matches the CPU model with mixed-rank adapters over prefill, chunked prefill and decode") {
   testing::TinyModelOptions mo;
   mo.vocab = 512;
@@ -310,18 +344,12 @@ TEST_CASE("Decode steps replayed from CUDA graphs equal eager steps and the CPU 
   REQUIRE(spec.ok());
 
   // Five adapters for a four-slot pool, so the last one must take another's slot mid-run.
-  constexpr int kAdapters = 5;
-  testing::TinyAdapterOptions ao[kAdapters];
+  std::vector<testing::TinyAdapterOptions> ao(5);
   ao[0].r = 4; ao[0].alpha = 8; ao[0].target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
   ao[1].r = 16; ao[1].alpha = 16; ao[1].use_rslora = true; ao[1].seed = 9;
   ao[2].r = 64; ao[2].alpha = 32; ao[2].target_modules = {"gate_proj", "up_proj", "down_proj"}; ao[2].seed = 13;
   ao[3].r = 8; ao[3].alpha = 16; ao[3].seed = 17;
   ao[4].r = 32; ao[4].alpha = 32; ao[4].seed = 19;
-  const char* names[kAdapters] = {"a4", "b16", "c64", "d8", "e32"};
-  for (int i = 0; i < kAdapters; ++i) {
-    ao[i].dtype = DType::kBF16;
-    REQUIRE(testing::WriteTinyAdapter(dir + "/" + names[i], *spec, ao[i]).ok());
-  }
 
   ModelCapacity eager_cap = kCapacity;
   eager_cap.graphs = false;
@@ -329,7 +357,7 @@ TEST_CASE("Decode steps replayed from CUDA graphs equal eager steps and the CPU 
   Executor cpu = MakeExecutor(Device::kCpu, dir, *spec, 4);
   Executor eager = MakeExecutor(Device::kCuda, dir, *spec, 4, eager_cap);
   Executor graphs = MakeExecutor(Device::kCuda, dir, *spec, 4, kCapacity);
-  Executor* all[3] = {&cpu, &eager, &graphs};
+  const std::vector<Executor*> all = {&cpu, &eager, &graphs};
   // Each way a GPU step can run its LoRA work, through the whole test: the executor's choice by
   // segment count (here: beside the GEMM), the chain in line before every GEMM (its default above
   // 64 segments), and the few-adapter GEMM for fewer SMs from one token on (its default from 32).
@@ -339,26 +367,8 @@ TEST_CASE("Decode steps replayed from CUDA graphs equal eager steps and the CPU 
     if (lora_path == 1) REQUIRE(ops::cuda::SetLoraInlineForTest(e->ops.get(), 0).ok());
     if (lora_path == 2) REQUIRE(ops::cuda::SetLoraFewTuningForTest(e->ops.get(), -1, -1, 1).ok());
   }
-  std::vector<std::shared_ptr<const lora::LoadedAdapter>> adapters[3];
-  for (int e = 0; e < 3; ++e) {
-    for (int i = 0; i < kAdapters; ++i) {
-      adapters[e].push_back(LoadAdapter(names[i], dir + "/" + names[i], *spec,
-                                        e == 0 ? DType::kF32 : DType::kBF16));
-    }
-  }
-  // Makes adapters `which` resident in every executor; all three pools must pick the same slots.
-  auto resident = [&](const std::vector<int>& which) {
-    std::vector<int32_t> first;
-    for (int e = 0; e < 3; ++e) {
-      std::vector<const lora::LoadedAdapter*> list;
-      for (int w : which) list.push_back(adapters[e][w].get());
-      auto slots = all[e]->pool->EnsureResident(list, std::vector<bool>(list.size(), false));
-      REQUIRE(slots.ok());
-      if (e == 0) first = *slots;
-      REQUIRE(*slots == first);
-    }
-    return first;
-  };
+  const auto adapters = WriteAndLoadAdapters(dir, *spec, ao, {"a4", "b16", "c64", "d8", "e32"}, all);
+  auto resident = [&](const std::vector<int>& which) { return MakeResident(all, adapters, which); };
   const std::vector<int32_t> slot = resident({0, 1, 2, 3});
 
   // Eight sequences: 0 and 5 on the base model, the others on a4, b16, c64, d8 (two share one).
@@ -453,18 +463,12 @@ TEST_CASE("LoRA rows (few narrow-rank adapters, 32 to 128 tokens) give the CPU m
   REQUIRE(spec.ok());
   // Ranks up to 16 (narrow): rank 4 attention-only, 16 with rsLoRA, 8, 16 MLP-only; a fifth takes
   // the fourth's slot later.
-  constexpr int kAdapters = 5;
-  testing::TinyAdapterOptions ao[kAdapters];
+  std::vector<testing::TinyAdapterOptions> ao(5);
   ao[0].r = 4; ao[0].alpha = 8; ao[0].target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
   ao[1].r = 16; ao[1].alpha = 16; ao[1].use_rslora = true; ao[1].seed = 9;
   ao[2].r = 8; ao[2].alpha = 16; ao[2].seed = 13;
   ao[3].r = 16; ao[3].alpha = 32; ao[3].target_modules = {"gate_proj", "up_proj", "down_proj"}; ao[3].seed = 17;
   ao[4].r = 12; ao[4].alpha = 24; ao[4].target_modules = {"v_proj", "o_proj", "down_proj"}; ao[4].seed = 19;
-  const char* names[kAdapters] = {"a4", "b16", "d8", "f16", "e12"};
-  for (int i = 0; i < kAdapters; ++i) {
-    ao[i].dtype = DType::kBF16;
-    REQUIRE(testing::WriteTinyAdapter(dir + "/" + names[i], *spec, ao[i]).ok());
-  }
   // 64 sequences: decode buckets up to 64. MakeStep lays block tables out for kCapacity.
   ModelCapacity cap = kCapacity;
   cap.max_seqs = 64;
@@ -473,25 +477,9 @@ TEST_CASE("LoRA rows (few narrow-rank adapters, 32 to 128 tokens) give the CPU m
   Executor gpu = MakeExecutor(Device::kCuda, dir, *spec, 4, cap);
   Executor off = MakeExecutor(Device::kCuda, dir, *spec, 4, cap);  // LoRA rows off: the side chain
   REQUIRE(ops::cuda::SetLoraRowsForTest(off.ops.get(), -1, 0).ok());
-  Executor* all[3] = {&cpu, &gpu, &off};
-  std::vector<std::shared_ptr<const lora::LoadedAdapter>> adapters[3];
-  for (int e = 0; e < 3; ++e) {
-    for (int i = 0; i < kAdapters; ++i) {
-      adapters[e].push_back(LoadAdapter(names[i], dir + "/" + names[i], *spec, e == 0 ? DType::kF32 : DType::kBF16));
-    }
-  }
-  auto resident = [&](const std::vector<int>& which) {
-    std::vector<int32_t> first;
-    for (int e = 0; e < 3; ++e) {
-      std::vector<const lora::LoadedAdapter*> list;
-      for (int w : which) list.push_back(adapters[e][w].get());
-      auto slots = all[e]->pool->EnsureResident(list, std::vector<bool>(list.size(), false));
-      REQUIRE(slots.ok());
-      if (e == 0) first = *slots;
-      REQUIRE(*slots == first);
-    }
-    return first;
-  };
+  const std::vector<Executor*> all = {&cpu, &gpu, &off};
+  const auto adapters = WriteAndLoadAdapters(dir, *spec, ao, {"a4", "b16", "d8", "f16", "e12"}, all);
+  auto resident = [&](const std::vector<int>& which) { return MakeResident(all, adapters, which); };
   const std::vector<int32_t> slot = resident({0, 1, 2, 3});
   // Sequences grouped by adapter (a step's segments stay at most 4): 0-15 a4, 16-31 b16, 32-47 d8,
   // 48-55 f16, 56-63 the base model. One KV block each.
