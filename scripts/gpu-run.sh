@@ -70,17 +70,18 @@ if [ "$mode" = --bench ] || [ "$mode" = --bench-only ]; then
   bench_dir=${BENCH_DIR:-/tmp/loraplex-bench}
   echo "== benchmark (checkpoint in $bench_dir)"
   # A checkpoint left by an earlier call on a warm machine is kept only if it has as many rank-16
-  # adapters as asked (a smaller one would quietly shrink the "distinct" rows of large batches).
+  # adapters (adapters/r16_*) as asked: another count would quietly change the "distinct" rows of
+  # large batches. Only what make_bench_checkpoint.py writes is removed.
   r16=${BENCH_R16:-128}
-  if [ -f "$bench_dir/model/config.json" ] && [ "$(cat "$bench_dir/r16" 2>/dev/null)" != "$r16" ]; then
-    echo "gpu-run: $bench_dir holds $(cat "$bench_dir/r16" 2>/dev/null || echo 'an unknown number of') rank-16 adapters, not $r16: writing it again"
-    rm -rf "$bench_dir"
+  have=$(find "$bench_dir/adapters" -mindepth 1 -maxdepth 1 -name 'r16_*' 2>/dev/null | wc -l)
+  if [ -f "$bench_dir/model/config.json" ] && [ "$have" != "$r16" ]; then
+    echo "gpu-run: $bench_dir holds $have rank-16 adapters, not $r16: writing the checkpoint again"
+    rm -rf "$bench_dir/model" "$bench_dir/adapters"
   fi
   if [ ! -f "$bench_dir/model/config.json" ]; then
     # As many rank-16 adapters as the largest batch has requests (step_bench: one per request).
     PYTHONUNBUFFERED=1 python3 bench/make_bench_checkpoint.py "$bench_dir" --r16 "$r16" 2>&1 | tee "$out/make_checkpoint.log" ||
       { echo "gpu-run: checkpoint generation failed"; exit 1; }
-    echo "$r16" >"$bench_dir/r16"
   fi
   # shellcheck disable=SC2086  # word splitting of the extra arguments is intended
   timeout "$per_binary_timeout" "$bin/tools/step_bench" "$bench_dir/model" "$bench_dir/adapters" \
