@@ -879,8 +879,9 @@ std::vector<int> RandomTokenSlots(int tokens, int num_slots, double base_fractio
   return v;
 }
 
-// The shrink's item shapes (SetLoraShrinkShapeForTest 0, and 2 with each row count) give y the
-// same bits: same K steps in the same order a warp, same reduction tree.
+// The shrink's item shapes (SetLoraShrinkShapeForTest 0, and 2 with each row count), each with
+// the plain and the balanced numbering, give y the same bits: same K steps in the same order a
+// warp, same reduction tree.
 absl::Status CheckShrinkShapesAgree(const std::string& name, LoraStep& st, const std::vector<int>& token_slots,
                                     int max_len) {
   LoraWorld& w = *st.world;
@@ -892,18 +893,20 @@ absl::Status CheckShrinkShapesAgree(const std::string& name, LoraStep& st, const
   const LoraSegments ds = st.dsegs->View();
   const TensorView gx = Gpu(st.d_x, DType::kBF16, {T, w.in}), gy = Gpu(st.d_y, DType::kF32, {T, yw});
   std::vector<float> general;
-  for (int rows : {-1, 0, 4, 8, 16}) {  // -1: the general items
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, rows < 0 ? 0 : 2, std::max(rows, 0)));
-    LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(st.d_y.data(), 0xFF, static_cast<size_t>(T) * yw * 4));
-    LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, dm, gy));
-    LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadF32(st.d_y.data(), static_cast<size_t>(T) * yw));
-    if (rows < 0) {
-      general = std::move(got);
-      continue;
+  for (int balanced : {0, 1}) {
+    for (int rows : {-1, 0, 4, 8, 16}) {  // -1: the general items
+      LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, rows < 0 ? 0 : 2, std::max(rows, 0), balanced));
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(st.d_y.data(), 0xFF, static_cast<size_t>(T) * yw * 4));
+      LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraShrink(gx, ds, dm, gy));
+      LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadF32(st.d_y.data(), static_cast<size_t>(T) * yw));
+      if (rows < 0 && balanced == 0) {
+        general = std::move(got);
+        continue;
+      }
+      // Every element, written or poisoned, bit for bit (an empty mask compares nothing by norm).
+      Compare(absl::StrCat(name, " rows=", rows, " balanced=", balanced, " segs=", segs.count()), got, general, 0.0,
+              std::vector<uint8_t>(general.size(), 0));
     }
-    // Every element, written or poisoned, bit for bit (an empty mask compares nothing by norm).
-    Compare(absl::StrCat(name, " rows=", rows, " segs=", segs.count()), got, general, 0.0,
-            std::vector<uint8_t>(general.size(), 0));
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
   return absl::OkStatus();
@@ -1463,6 +1466,19 @@ absl::Status LoraTests() {
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA down prefill shrink shape ", shape, " rows ", rows), st2,
                                            RandomTokenSlots(T2, 3, 0.1), 1, nullptr));
   }
+  // The balanced numbering of the shrink's items (SetLoraShrinkShapeForTest's `balanced`) forced
+  // on, with the general and the one-token items: short and long segments, one-token segments of
+  // more (segment, slice) pairs than its prefix holds (300 x 3: the plain numbering then), and
+  // 96 one-token segments of down.
+  for (auto [shape, rows] : std::vector<std::pair<int, int>>{{0, 0}, {2, 0}, {2, 16}, {1, 0}}) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, shape, rows, 1));
+    const std::string n = absl::StrCat("LoRA odd ranks balanced shrink shape ", shape, " rows ", rows);
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " one-token segments", st3, RandomTokenSlots(T3, 4, 0.05), 1, nullptr));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " short segments", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " long segments", st3, RandomTokenSlots(T3, 4, 0.05), 1000, nullptr));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA down balanced shrink shape ", shape, " rows ", rows), st2,
+                                           RandomTokenSlots(T2, 3, 0.1), 1, nullptr));
+  }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 1));
   LORAPLEX_RETURN_IF_ERROR(CheckShrinkShapesAgree("LoRA shrink shapes agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 3));
@@ -1559,6 +1575,11 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line] down", *down, 40, true, true, 3));
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line] odd ranks", *odd, 160, true, true, 4));
   LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line] one token", *world, 1, true, false, 2));
+  // And with the shrink's balanced numbering forced (its prefetch of A follows it).
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1, 0, 1));
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line, balanced] qkv", *world, T, true, true, 4));
+  LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora("GemmWithLora[in line, balanced] odd ranks", *odd, 160, true, true, 4));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));
   // Skinny mode 1: GemmWithLora's GEMM of calls of up to 16 rows on cuBLASLt (in mode 2, the
   // default, on the skinny kernel), beside the side chain and after the chain in line; eager and
@@ -1856,15 +1877,16 @@ absl::Status ResetLoraKnobs() {
 
 absl::Status TimeLora() {
   LORAPLEX_RETURN_IF_ERROR(ResetLoraKnobs());
-  // LORAPLEX_TIME_SHRINK_SHAPE=SHAPE,ROWS: time the shrink's item shape SetLoraShrinkShapeForTest
-  // gives (an experiment's per-op numbers).
+  // LORAPLEX_TIME_SHRINK_SHAPE=SHAPE,ROWS[,BALANCED]: time the shrink's item shape and numbering
+  // SetLoraShrinkShapeForTest gives (an experiment's per-op numbers).
   if (const char* shape = std::getenv("LORAPLEX_TIME_SHRINK_SHAPE"); shape != nullptr) {
-    int s = 0, r = 0;
-    if (std::sscanf(shape, "%d,%d", &s, &r) != 2) {
-      return absl::InvalidArgumentError(absl::StrCat("LORAPLEX_TIME_SHRINK_SHAPE '", shape, "' is not SHAPE,ROWS"));
+    int s = 0, r = 0, b = -1;
+    if (std::sscanf(shape, "%d,%d,%d", &s, &r, &b) < 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("LORAPLEX_TIME_SHRINK_SHAPE '", shape, "' is not SHAPE,ROWS[,BALANCED]"));
     }
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, s, r));
-    std::printf("shrink shape %d rows %d\n", s, r);
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, s, r, b));
+    std::printf("shrink shape %d rows %d balanced %d\n", s, r, b);
   }
   // LORAPLEX_TIME_EXPAND=STAGES: time the expand SetLoraExpandForTest gives.
   if (const char* expand = std::getenv("LORAPLEX_TIME_EXPAND"); expand != nullptr) {

@@ -80,6 +80,12 @@ constexpr int kLoraInlineMinSegments = 64;
 // segments hold one token (32-128 distinct adapters at one token each: bench/RESULTS.md, seventh
 // session).
 constexpr int kLoraShrinkShape = 1;
+// Steps with ranks above kNarrowLoraRank (LoraSegments::wide_ranks) number only the shrink's real
+// items (LoraParams::shrink_balanced): with mixed ranks the plain numbering gave some blocks
+// several items up to the step's rank bound while the others idled, so the shrink of 8 adapters of
+// ranks 8..64 took about as long as that of 8 rank-64 adapters. Narrow steps keep the plain
+// numbering: their ranks are alike, and they would only pay for the prefix.
+constexpr bool kLoraShrinkBalancedWide = true;
 // The decode expand's pipeline (LoraParams::expand_stages) for steps whose ranks are all at most
 // kNarrowLoraRank: 0, item by item; for the others (LoraSegments::wide_ranks): 2, streamed. Measured
 // on the whole step (bench/RESULTS.md, eighth session): streaming took batch 32 with 8 adapters of
@@ -102,20 +108,22 @@ constexpr int kLoraWideExpandTokens = 4;
 // Fewer tokens lose with it (batch 8: 1.15x vs 1.10x), and so do many segments.
 constexpr int kLoraFewMinTokens = 32;
 constexpr int kLoraFewShrinkBlocks = 44;
-// Steps of more than kFewLoraSegments segments, ranks all <= kNarrowLoraRank and at least
-// kLoraManyNarrowMinTokens tokens run the shrink beside the GEMM on at most half the SMs instead
-// of 3/4: batch 32 with 32 distinct r16 adapters 1.212-1.224x the base step instead of
-// 1.232-1.244x (three same-process pairs; 55, 77 and 88 blocks in between;
-// bench/runs/2026-11-29-ninth). Wider ranks lose with it (8 adapters of ranks 8..64: 1.262x ->
-// 1.280x at batch 32).
-constexpr int kLoraManyNarrowShrinkSmShare = 2;  // 1/2 of the SMs
-constexpr int kLoraManyNarrowMinTokens = 32;
+// Steps of more than kFewLoraSegments segments and at least kLoraManyMinTokens tokens run
+// the shrink beside the GEMM on at most half the SMs instead of 3/4: batch 32 with 32 distinct r16
+// adapters 1.212-1.224x the base step instead of 1.232-1.244x (three same-process pairs; 55, 77
+// and 88 blocks in between; bench/runs/2026-11-29-ninth). Wider ranks lost with it (8 adapters of
+// ranks 8..64: 1.262x -> 1.280x at batch 32) until their shrink numbered only its real items
+// (kLoraShrinkBalancedWide); since then they win too: 1.224x -> 1.196x, and 1.237x with this
+// grid but the plain numbering; batch 128 1.469x -> 1.459x with gate_up on a quarter there too
+// (same process, bench/runs/2026-11-30-seventeenth/2-wide-grid).
+constexpr int kLoraManyShrinkSmShare = 2;  // 1/2 of the SMs
+constexpr int kLoraManyMinTokens = 32;
 // gate_up (the module of 2 slices, whose GEMM is the longest beside the fewest bytes of A) takes a
 // quarter of the SMs in such steps below kLoraGateUpQuarterMaxTokens tokens: batch 32 with 32
 // distinct r16 adapters 1.196-1.201x the base step against 1.197-1.222x with half (three against
 // four same-process runs); at batch 64 a quarter lost (1.367x vs 1.344-1.351x), and 22 or 44
 // blocks were no better at batch 32 (bench/runs/2026-11-30-thirteenth/4-gate-up-shrink).
-constexpr int kLoraManyNarrowGateUpSmShare = 4;
+constexpr int kLoraManyGateUpSmShare = 4;
 constexpr int kLoraGateUpQuarterMaxTokens = 64;
 // Few-adapter narrow-rank steps of kLoraRowsMinTokens to kLoraRowsMaxTokens tokens run qkv's and
 // gate_up's LoRA as LoRA rows (lora_rows.h): the shrink as extra output rows of the full-GPU
@@ -480,9 +488,10 @@ class CudaOps final : public Ops {
 
   void set_lora_gemm_first(int min_slices) { lora_gemm_first_min_slices_ = min_slices; }
   void set_lora_module_shrink_blocks(int num_slices, int blocks) { lora_module_shrink_blocks_[num_slices] = blocks; }
-  void set_lora_shrink_shape(int shape, int rows) {
+  void set_lora_shrink_shape(int shape, int rows, int balanced) {
     lora_shrink_shape_ = shape < 0 ? kLoraShrinkShape : shape;
     lora_shrink_rows_ = rows;
+    lora_shrink_balanced_ = balanced;
   }
   void set_lora_expand(int stages, int blocks, int tokens) {
     lora_expand_stages_ = stages;
@@ -1130,11 +1139,12 @@ class CudaOps final : public Ops {
     const bool few = SegmentsBound(segments) <= kFewLoraSegments;
     p.shrink_shape = lora_shrink_shape_ == 1 && few ? 0 : lora_shrink_shape_;
     p.shrink_rows = lora_shrink_rows_;
+    p.shrink_balanced = lora_shrink_balanced_ < 0 ? kLoraShrinkBalancedWide && segments.wide_ranks : lora_shrink_balanced_ == 1;
     return p;
   }
 
   // The decode shrink's grid (LoraShrinkBlocks), under the test cap when one is set, else under
-  // kLoraManyNarrowShrinkSmShare's for the steps it names.
+  // kLoraManyShrinkSmShare's for the steps it names.
   int ShrinkBlocks(const LoraSegments& segments, const LoraModule& module, bool beside_gemm) const {
     const int blocks = LoraShrinkBlocks(num_sms_, segments.num_tokens, module.num_slices, module.max_rank, beside_gemm);
     if (lora_shrink_blocks_ > 0) return std::min(blocks, lora_shrink_blocks_);  // the test cap replaces the rule below
@@ -1143,10 +1153,9 @@ class CudaOps final : public Ops {
     const int by_module =
         module.num_slices >= 1 && module.num_slices <= 3 ? lora_module_shrink_blocks_[module.num_slices] : 0;
     if (beside_gemm && by_module > 0 && SegmentsBound(segments) > kFewLoraSegments) return by_module;
-    if (beside_gemm && !segments.wide_ranks && SegmentsBound(segments) > kFewLoraSegments &&
-        segments.num_tokens >= kLoraManyNarrowMinTokens) {
+    if (beside_gemm && SegmentsBound(segments) > kFewLoraSegments && segments.num_tokens >= kLoraManyMinTokens) {
       const bool quarter = module.num_slices == 2 && segments.num_tokens < kLoraGateUpQuarterMaxTokens;
-      const int share = quarter ? kLoraManyNarrowGateUpSmShare : kLoraManyNarrowShrinkSmShare;
+      const int share = quarter ? kLoraManyGateUpSmShare : kLoraManyShrinkSmShare;
       return std::min(blocks, std::max(1, num_sms_ / share));
     }
     return blocks;
@@ -1242,6 +1251,7 @@ class CudaOps final : public Ops {
   int lora_shrink_warps_ = 0;   // SetLoraShrinkWarpsForTest; 0: by in_features
   int lora_shrink_shape_ = kLoraShrinkShape;  // SetLoraShrinkShapeForTest (LoraParams::shrink_shape)
   int lora_shrink_rows_ = 0;    // SetLoraShrinkShapeForTest (LoraParams::shrink_rows)
+  int lora_shrink_balanced_ = -1;  // SetLoraShrinkShapeForTest (LoraParams::shrink_balanced; -1: the default)
   int lora_expand_stages_ = -1;  // SetLoraExpandForTest (LoraParams::expand_stages); -1: by rank class
   int lora_expand_blocks_ = 0;  // SetLoraExpandForTest: a cap on the expand's grid (0: none)
   int lora_expand_tokens_ = 0;  // SetLoraExpandForTest (LoraParams::expand_tokens; 0: the default)
@@ -1474,7 +1484,7 @@ absl::Status SetLoraModuleShrinkBlocksForTest(Ops* ops, int num_slices, int bloc
   return absl::OkStatus();
 }
 
-absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows) {
+absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows, int balanced) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraShrinkShapeForTest"));
   if (shape < -1 || shape > 2) {
     return Invalid("SetLoraShrinkShapeForTest", absl::StrCat("shape ", shape, " not -1, 0, 1 or 2"));
@@ -1482,7 +1492,10 @@ absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows) {
   if (rows != 0 && rows != 4 && rows != 8 && rows != 16) {
     return Invalid("SetLoraShrinkShapeForTest", absl::StrCat("rows ", rows, " not 0, 4, 8 or 16"));
   }
-  cuda->set_lora_shrink_shape(shape, rows);
+  if (balanced < -1 || balanced > 1) {
+    return Invalid("SetLoraShrinkShapeForTest", absl::StrCat("balanced ", balanced, " not -1, 0 or 1"));
+  }
+  cuda->set_lora_shrink_shape(shape, rows, balanced);
   return absl::OkStatus();
 }
 

@@ -67,8 +67,11 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
 // one token at a time (a segment of one token then does a quarter of the loads and math); 1 (the
 // default; -1 restores it): the latter when a step's mean segment length is below 2 tokens and
 // its segments are enough to fill a quarter of the grid. rows 4, 8 or 16; 0: the fewest that make
-// no more items than blocks. y gets the same bits either way. INVALID_ARGUMENT for other values.
-absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0);
+// no more items than blocks. balanced 1: number only the real items, evenly over the grid
+// (LoraParams::shrink_balanced); 0: every (segment, slice) pair's items up to the step's rank
+// bound; -1: the default (balanced for LoraSegments::wide_ranks steps). y gets the same bits
+// either way. INVALID_ARGUMENT for other values.
+absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0, int balanced = -1);
 // The decode shrink's grid beside the GEMM in steps of more than kFewLoraSegments segments, for
 // modules of `num_slices` slices (3: qkv; 2: gate_up; 1: o and down), in place of the rules
 // (0: the rules). An experiment: step_bench --lora-shrink-blocks-s1/-s2/-s3. INVALID_ARGUMENT

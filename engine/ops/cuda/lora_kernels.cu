@@ -12,7 +12,9 @@
 // y: no split-K scratch, no counters, no cross-block hand-off. Rows past a slot's rank cost only
 // the metadata reads. A step whose segments hold one token each (distinct adapters in decode)
 // takes one-token items instead (ShrinkOneTokenItems: 4, 8 or 16 rows x that token), which load
-// and multiply only that token; both shapes give y the same bits. The grid is capped at 3/4 of the
+// and multiply only that token; both shapes give y the same bits. Steps of mixed ranks number only
+// the real items (LoraParams::shrink_balanced: a prefix of each (segment, slice) pair's item count
+// in shared memory), so each block's share of them is even. The grid is capped at 3/4 of the
 // SMs: the shrink runs beside the GEMM and each of its blocks holds an SM's registers that a GEMM
 // CTA would need (a larger grid made whole steps slower, a smaller one the shrink too long;
 // bench/runs/2026-11-29-rows).
@@ -145,6 +147,64 @@ __device__ __forceinline__ float WarpSum16(float (&v)[kRowItemValues], int lane)
   return v[0] + __shfl_xor_sync(0xffffffffu, v[0], 1);
 }
 
+// The balanced enumeration (LoraParams::shrink_balanced): item i of the step's
+// Σ_(segment, slice) mult·ceil(rank / rows) real items, numbered pair after pair ((segment,
+// slice) pairs in order), found from an inclusive prefix of the pairs' counts in shared memory.
+// The plain enumeration numbers every pair's items up to the step's rank bound, so in a step of
+// mixed ranks a block's share of real items depends on where the high ranks fall; here blocks
+// take ceil(real / grid) items at most.
+constexpr int kShrinkBalancedMaxPairs = 512;  // (segment, slice) pairs the prefix holds
+
+// Fills pair_end[i] with the real items of pairs 0..i and returns their total, or -1 when the
+// step has more pairs than the prefix holds (the plain enumeration then). Every thread of the
+// block must call it; identical result in every thread.
+__device__ __forceinline__ int BuildShrinkItemPrefix(const LoraParams& p, int nseg, int live_rank, int mult,
+                                                     int rows_per_item, int32_t* pair_end) {
+  const int S = p.num_slices;
+  const int pairs = nseg * S;
+  if (pairs > kShrinkBalancedMaxPairs) return -1;
+  for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
+    int begin, end;
+    LoraSliceWeightsDev w;
+    pair_end[i] = ResolveSegment(p, i / S, i % S, live_rank, &begin, &end, &w)
+                      ? mult * ((w.rank + rows_per_item - 1) / rows_per_item)
+                      : 0;
+  }
+  __syncthreads();
+  if (threadIdx.x < kWarpSize) {  // warp 0 scans 32 pairs at a time
+    const int lane = threadIdx.x;
+    int carry = 0;
+    for (int base = 0; base < pairs; base += kWarpSize) {
+      const int i = base + lane;
+      int v = i < pairs ? pair_end[i] : 0;
+#pragma unroll
+      for (int o = 1; o < kWarpSize; o <<= 1) {
+        const int t = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += t;
+      }
+      if (i < pairs) pair_end[i] = v + carry;
+      carry += __shfl_sync(0xffffffffu, v, kWarpSize - 1);
+    }
+  }
+  __syncthreads();
+  return pairs == 0 ? 0 : pair_end[pairs - 1];
+}
+
+// The pair of balanced item `item` (< the prefix's total) and the item's number within it.
+__device__ __forceinline__ int ShrinkItemPair(const int32_t* pair_end, int pairs, int64_t item, int64_t* local) {
+  int lo = 0, hi = pairs - 1;  // the first pair whose end is past item
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (pair_end[mid] > item) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  *local = item - (lo == 0 ? 0 : pair_end[lo - 1]);
+  return lo;
+}
+
 // The shrink's one-token item shape (LoraParams::shrink_shape): item = (segment, slice, kRows rows
 // of A), its tokens one at a time, each lane carrying the rows' sums for that token. A segment of
 // one token (decode with an adapter a request) then loads and multiplies only what it needs,
@@ -156,21 +216,32 @@ __device__ __forceinline__ float WarpSum16(float (&v)[kRowItemValues], int lane)
 template <int kItemWarps, int kRows>
 __device__ __forceinline__ void ShrinkOneTokenItems(const LoraParams& p, const bf16* __restrict__ x,
                                                     float* __restrict__ y, int nseg, int live_rank,
+                                                    const int32_t* pair_end, int balanced_items,
                                                     float (&red)[kItemWarps][kRowItemValues]) {
   static_assert(kRows == 4 || kRows == 8 || kRows == 16);
   constexpr int kInFlight = kRows == 4 ? 2 : 1;  // K steps a round (more spilled at the 128-register cap)
   const int S = p.num_slices;
   const int K = p.in_features;
   const int row_groups = (live_rank + kRows - 1) / kRows;
-  const int64_t items = static_cast<int64_t>(nseg) * S * row_groups;
+  // balanced_items >= 0: that many real items (BuildShrinkItemPrefix with kRows rows an item).
+  const int64_t items = balanced_items >= 0 ? balanced_items : static_cast<int64_t>(nseg) * S * row_groups;
   const int steps_total = (K + kStep - 1) / kStep;
   const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int rg = static_cast<int>(item % row_groups);
-    const int slice = static_cast<int>((item / row_groups) % S);
-    const int seg = static_cast<int>(item / row_groups / S);
+    int rg, slice, seg;
+    if (balanced_items >= 0) {
+      int64_t local;
+      const int pair = ShrinkItemPair(pair_end, nseg * S, item, &local);
+      seg = pair / S;
+      slice = pair % S;
+      rg = static_cast<int>(local);
+    } else {
+      rg = static_cast<int>(item % row_groups);
+      slice = static_cast<int>((item / row_groups) % S);
+      seg = static_cast<int>(item / row_groups / S);
+    }
     int begin, end;
     LoraSliceWeightsDev w;
     if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;
@@ -237,12 +308,47 @@ __device__ __forceinline__ bool OneTokenShape(const LoraParams& p, int nseg, int
          4 * static_cast<int64_t>(nseg) * p.num_slices * ((live_rank + 15) / 16) >= gridDim.x;
 }
 
+// The general shape's item `item`: its segment's tokens and weights, slice, token group and row
+// group; false when it has nothing to do. Plain enumeration (balanced_pairs < 0): (segment, slice,
+// token group, row group up to row_groups), row group fastest. Balanced (the prefix of
+// BuildShrinkItemPrefix over balanced_pairs pairs, `groups` x the pair's row groups each): the
+// pair's items token group by token group, row group fastest. Identical in every thread.
+__device__ __forceinline__ bool GeneralShrinkItem(const LoraParams& p, int64_t item, int groups, int row_groups,
+                                                  int live_rank, const int32_t* pair_end, int balanced_pairs,
+                                                  int* slice, int* g, int* rg, int* begin, int* end,
+                                                  LoraSliceWeightsDev* w) {
+  const int S = p.num_slices;
+  int seg;
+  int64_t local = 0;
+  if (balanced_pairs >= 0) {
+    const int pair = ShrinkItemPair(pair_end, balanced_pairs, item, &local);
+    seg = pair / S;
+    *slice = pair % S;
+  } else {
+    *rg = static_cast<int>(item % row_groups);
+    const int64_t rest = item / row_groups;
+    *g = static_cast<int>(rest % groups);
+    *slice = static_cast<int>((rest / groups) % S);
+    seg = static_cast<int>(rest / groups / S);
+  }
+  if (!ResolveSegment(p, seg, *slice, live_rank, begin, end, w)) return false;
+  if (balanced_pairs >= 0) {
+    const int rgs = (w->rank + kRowItemRows - 1) / kRowItemRows;
+    *rg = static_cast<int>(local % rgs);
+    *g = static_cast<int>(local / rgs);
+  }
+  return *rg * kRowItemRows < w->rank;
+}
+
 // kOneToken: the build that can also take the one-token item shape (LoraParams::shrink_shape != 0);
 // the default build carries only the general items.
 template <int kItemWarps, bool kOneToken>
 __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
     LoraShrinkRowsKernel(LoraParams p, const bf16* __restrict__ x, float* __restrict__ y) {
   __shared__ float red[kItemWarps][kRowItemValues];
+  // The balanced enumeration's prefix (LoraParams::shrink_balanced): dynamic shared memory, so
+  // the plain launch holds no more of an SM's shared memory than before (the GEMM beside it).
+  extern __shared__ int32_t pair_end[];
   AllowDependentLaunch();  // the expand may take SMs this launch leaves idle; it waits for y itself
   const int S = p.num_slices;
   // The segment arrays, slot table and A are not written by the kernels of a step, so they may be
@@ -253,21 +359,35 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   // passes): identical in every thread.
   const int groups = nseg == 0 ? 1 : max(1, (p.num_tokens / nseg + kRowItemTokens - 1) / kRowItemTokens);
   const int row_groups = (live_rank + kRowItemRows - 1) / kRowItemRows;
-  const int64_t items = static_cast<int64_t>(nseg) * S * groups * row_groups;
+  bool one_token = false;
+  int one_token_rows = kRowItemRows;
+  if constexpr (kOneToken) {
+    one_token = nseg > 0 && live_rank > 0 && OneTokenShape(p, nseg, live_rank);  // same in every block
+    if (one_token) one_token_rows = OneTokenRows(p, nseg, live_rank);
+  }
+  // Real items only, evenly over the grid (-1: the plain enumeration). Reads only the segment
+  // arrays and slot table, so it too may run before the kernel before this one has completed.
+  int balanced = -1;
+  if (p.shrink_balanced && nseg > 0 && live_rank > 0) {
+    balanced = BuildShrinkItemPrefix(p, nseg, live_rank, one_token ? 1 : groups, one_token_rows, pair_end);
+  }
+  const int balanced_pairs = balanced >= 0 ? nseg * S : -1;
+  const int64_t items = balanced >= 0 ? balanced : static_cast<int64_t>(nseg) * S * groups * row_groups;
   const int K = p.in_features;
   if (p.prefetch_a) {
-    // A thread an item of this block (the first token group's item: the others read the same rows).
-    for (int64_t item = blockIdx.x + static_cast<int64_t>(threadIdx.x) * gridDim.x; item < items;
+    // A thread an item of this block (the first token group's item: the others read the same
+    // rows), numbered as the general shape numbers them (plainly when the balanced prefix counts
+    // one-token items): an item's rows reach the L2 whichever block asks for them.
+    const int prefetch_pairs = one_token ? -1 : balanced_pairs;
+    const int64_t prefetch_items =
+        prefetch_pairs >= 0 ? items : static_cast<int64_t>(nseg) * S * groups * row_groups;
+    for (int64_t item = blockIdx.x + static_cast<int64_t>(threadIdx.x) * gridDim.x; item < prefetch_items;
          item += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-      const int rg = static_cast<int>(item % row_groups);
-      const int64_t rest = item / row_groups;
-      if (rest % groups != 0) continue;
-      const int slice = static_cast<int>((rest / groups) % S);
-      const int seg = static_cast<int>(rest / groups / S);
-      int begin, end;
+      int slice, g, rg, begin, end;
       LoraSliceWeightsDev w;
-      if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w) || rg * kRowItemRows >= w.rank ||
-          !IsAligned16(w.a)) {
+      if (!GeneralShrinkItem(p, item, groups, row_groups, live_rank, pair_end, prefetch_pairs, &slice, &g, &rg,
+                             &begin, &end, &w) ||
+          g != 0 || !IsAligned16(w.a)) {
         continue;
       }
       const int rows = min(kRowItemRows, w.rank - rg * kRowItemRows);
@@ -287,11 +407,11 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   }
   if (nseg == 0 || live_rank == 0) return;
   if constexpr (kOneToken) {
-    if (OneTokenShape(p, nseg, live_rank)) {  // same in every block
-      switch (OneTokenRows(p, nseg, live_rank)) {
-        case 16: ShrinkOneTokenItems<kItemWarps, 16>(p, x, y, nseg, live_rank, red); break;
-        case 8: ShrinkOneTokenItems<kItemWarps, 8>(p, x, y, nseg, live_rank, red); break;
-        default: ShrinkOneTokenItems<kItemWarps, 4>(p, x, y, nseg, live_rank, red); break;
+    if (one_token) {
+      switch (one_token_rows) {
+        case 16: ShrinkOneTokenItems<kItemWarps, 16>(p, x, y, nseg, live_rank, pair_end, balanced, red); break;
+        case 8: ShrinkOneTokenItems<kItemWarps, 8>(p, x, y, nseg, live_rank, pair_end, balanced, red); break;
+        default: ShrinkOneTokenItems<kItemWarps, 4>(p, x, y, nseg, live_rank, pair_end, balanced, red); break;
       }
       return;
     }
@@ -302,18 +422,13 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   const int warp = threadIdx.x / kWarpSize;
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    int64_t rest = item;
-    const int rg = static_cast<int>(rest % row_groups);
-    rest /= row_groups;
-    const int g = static_cast<int>(rest % groups);
-    rest /= groups;
-    const int slice = static_cast<int>(rest % S);
-    const int seg = static_cast<int>(rest / S);
-    int begin, end;
+    int slice, g, rg, begin, end;
     LoraSliceWeightsDev w;
-    if (!ResolveSegment(p, seg, slice, live_rank, &begin, &end, &w)) continue;
+    if (!GeneralShrinkItem(p, item, groups, row_groups, live_rank, pair_end, balanced_pairs, &slice, &g, &rg, &begin,
+                           &end, &w)) {
+      continue;
+    }
     const int r0 = rg * kRowItemRows;
-    if (r0 >= w.rank) continue;
     const int rows = min(kRowItemRows, w.rank - r0);
     const bf16* a = static_cast<const bf16*>(w.a) + static_cast<int64_t>(r0) * K;
     const bool a_vec = IsAligned16(w.a);  // K is a multiple of 8: every row stays aligned
@@ -829,16 +944,21 @@ cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaS
   const int warps = p.shrink_warps != 0 ? p.shrink_warps : p.in_features > kLoraShrinkWideInput ? 16 : 8;
   const bf16* xb = static_cast<const bf16*>(x);
   const dim3 grid(p.num_blocks);
+  // The balanced enumeration's prefix: a word per (segment, slice) pair the step can have.
+  const size_t smem = p.shrink_balanced ? sizeof(int32_t) * static_cast<size_t>(std::min<int64_t>(
+                                                               kShrinkBalancedMaxPairs,
+                                                               static_cast<int64_t>(p.max_segments) * p.num_slices))
+                                        : 0;
   if (p.shrink_shape != 0) {
     return warps == 16 ? LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<16, true>, grid, dim3(16 * kWarpSize),
-                                              0, stream, p, xb, y)
-                       : LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<8, true>, grid, dim3(8 * kWarpSize), 0,
-                                              stream, p, xb, y);
+                                              smem, stream, p, xb, y)
+                       : LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<8, true>, grid, dim3(8 * kWarpSize),
+                                              smem, stream, p, xb, y);
   }
-  return warps == 16 ? LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<16, false>, grid, dim3(16 * kWarpSize), 0,
-                                            stream, p, xb, y)
-                     : LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<8, false>, grid, dim3(8 * kWarpSize), 0,
-                                            stream, p, xb, y);
+  return warps == 16 ? LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<16, false>, grid, dim3(16 * kWarpSize),
+                                            smem, stream, p, xb, y)
+                     : LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<8, false>, grid, dim3(8 * kWarpSize),
+                                            smem, stream, p, xb, y);
 }
 
 namespace {

@@ -76,6 +76,12 @@ struct LoraParams {
   // Shrink only: rows of A an item of the one-token shape (4, 8 or 16); 0: the most that still
   // give every block an item.
   int32_t shrink_rows = 0;
+  // Shrink only: number only the step's real items (each (segment, slice) pair's rows up to its
+  // own rank), evenly over the grid, from a prefix of the pairs' counts each block builds in
+  // shared memory first; else every pair has items up to the step's rank bound and those past its
+  // rank are skipped, so with mixed ranks some blocks get several real items while others idle.
+  // For steps of more than 512 (segment, slice) pairs the plain numbering. The same y bits.
+  bool shrink_balanced = false;
   // Shrink only (GemmWithLora's in-line chain): launch it as a programmatic dependent of the kernel
   // before it; while that kernel finishes, each block resolves its items and asks the L2 for
   // their rows of A. It reads x and writes y and the delta marks only after that kernel completed.
