@@ -191,7 +191,7 @@ __device__ __forceinline__ int BuildShrinkItemPrefix(const LoraParams& p, int ns
 }
 
 // The pair of balanced item `item` (< the prefix's total) and the item's number within it.
-__device__ __forceinline__ int ShrinkItemPair(const int32_t* pair_end, int pairs, int64_t item, int64_t* local) {
+__device__ __forceinline__ int ShrinkItemPair(const int32_t* pair_end, int pairs, int64_t item, int* local) {
   int lo = 0, hi = pairs - 1;  // the first pair whose end is past item
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
@@ -201,7 +201,7 @@ __device__ __forceinline__ int ShrinkItemPair(const int32_t* pair_end, int pairs
       lo = mid + 1;
     }
   }
-  *local = item - (lo == 0 ? 0 : pair_end[lo - 1]);
+  *local = static_cast<int>(item - (lo == 0 ? 0 : pair_end[lo - 1]));
   return lo;
 }
 
@@ -232,11 +232,11 @@ __device__ __forceinline__ void ShrinkOneTokenItems(const LoraParams& p, const b
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     int rg, slice, seg;
     if (balanced_items >= 0) {
-      int64_t local;
+      int local;
       const int pair = ShrinkItemPair(pair_end, nseg * S, item, &local);
       seg = pair / S;
       slice = pair % S;
-      rg = static_cast<int>(local);
+      rg = local;
     } else {
       rg = static_cast<int>(item % row_groups);
       slice = static_cast<int>((item / row_groups) % S);
@@ -319,7 +319,7 @@ __device__ __forceinline__ bool GeneralShrinkItem(const LoraParams& p, int64_t i
                                                   LoraSliceWeightsDev* w) {
   const int S = p.num_slices;
   int seg;
-  int64_t local = 0;
+  int local = 0;
   if (balanced_pairs >= 0) {
     const int pair = ShrinkItemPair(pair_end, balanced_pairs, item, &local);
     seg = pair / S;
@@ -334,15 +334,17 @@ __device__ __forceinline__ bool GeneralShrinkItem(const LoraParams& p, int64_t i
   if (!ResolveSegment(p, seg, *slice, live_rank, begin, end, w)) return false;
   if (balanced_pairs >= 0) {
     const int rgs = (w->rank + kRowItemRows - 1) / kRowItemRows;
-    *rg = static_cast<int>(local % rgs);
-    *g = static_cast<int>(local / rgs);
+    *rg = local % rgs;
+    *g = local / rgs;
   }
   return *rg * kRowItemRows < w->rank;
 }
 
 // kOneToken: the build that can also take the one-token item shape (LoraParams::shrink_shape != 0);
-// the default build carries only the general items.
-template <int kItemWarps, bool kOneToken>
+// the default build carries only the general items. kBalanced: the build of the balanced
+// numbering (LoraParams::shrink_balanced); the plain builds carry none of it (its prefix and
+// mapping made them spill at the 128-register cap, and their shrinks 2-3% slower).
+template <int kItemWarps, bool kOneToken, bool kBalanced>
 __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
     LoraShrinkRowsKernel(LoraParams p, const bf16* __restrict__ x, float* __restrict__ y) {
   __shared__ float red[kItemWarps][kRowItemValues];
@@ -359,17 +361,20 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   // passes): identical in every thread.
   const int groups = nseg == 0 ? 1 : max(1, (p.num_tokens / nseg + kRowItemTokens - 1) / kRowItemTokens);
   const int row_groups = (live_rank + kRowItemRows - 1) / kRowItemRows;
+  // The balanced build: real items only, evenly over the grid (-1: the plain enumeration). Reads
+  // only the segment arrays and slot table, so it too may run before the kernel before this one
+  // has completed. Its items depend on the shape, so that is chosen first.
   bool one_token = false;
   int one_token_rows = kRowItemRows;
-  if constexpr (kOneToken) {
-    one_token = nseg > 0 && live_rank > 0 && OneTokenShape(p, nseg, live_rank);  // same in every block
-    if (one_token) one_token_rows = OneTokenRows(p, nseg, live_rank);
-  }
-  // Real items only, evenly over the grid (-1: the plain enumeration). Reads only the segment
-  // arrays and slot table, so it too may run before the kernel before this one has completed.
   int balanced = -1;
-  if (p.shrink_balanced && nseg > 0 && live_rank > 0) {
-    balanced = BuildShrinkItemPrefix(p, nseg, live_rank, one_token ? 1 : groups, one_token_rows, pair_end);
+  if constexpr (kBalanced) {
+    if constexpr (kOneToken) {
+      one_token = nseg > 0 && live_rank > 0 && OneTokenShape(p, nseg, live_rank);  // same in every block
+      if (one_token) one_token_rows = OneTokenRows(p, nseg, live_rank);
+    }
+    if (nseg > 0 && live_rank > 0) {
+      balanced = BuildShrinkItemPrefix(p, nseg, live_rank, one_token ? 1 : groups, one_token_rows, pair_end);
+    }
   }
   const int balanced_pairs = balanced >= 0 ? nseg * S : -1;
   const int64_t items = balanced >= 0 ? balanced : static_cast<int64_t>(nseg) * S * groups * row_groups;
@@ -407,8 +412,8 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   }
   if (nseg == 0 || live_rank == 0) return;
   if constexpr (kOneToken) {
-    if (one_token) {
-      switch (one_token_rows) {
+    if (kBalanced ? one_token : OneTokenShape(p, nseg, live_rank)) {  // same in every block
+      switch (kBalanced ? one_token_rows : OneTokenRows(p, nseg, live_rank)) {
         case 16: ShrinkOneTokenItems<kItemWarps, 16>(p, x, y, nseg, live_rank, pair_end, balanced, red); break;
         case 8: ShrinkOneTokenItems<kItemWarps, 8>(p, x, y, nseg, live_rank, pair_end, balanced, red); break;
         default: ShrinkOneTokenItems<kItemWarps, 4>(p, x, y, nseg, live_rank, pair_end, balanced, red); break;
@@ -949,16 +954,19 @@ cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaS
                                                                kShrinkBalancedMaxPairs,
                                                                static_cast<int64_t>(p.max_segments) * p.num_slices))
                                         : 0;
-  if (p.shrink_shape != 0) {
-    return warps == 16 ? LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<16, true>, grid, dim3(16 * kWarpSize),
-                                              smem, stream, p, xb, y)
-                       : LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<8, true>, grid, dim3(8 * kWarpSize),
-                                              smem, stream, p, xb, y);
+  auto launch = [&](auto kernel, int kernel_warps) {
+    return LaunchMaybeDependent(p.prefetch_a, kernel, grid, dim3(kernel_warps * kWarpSize), smem, stream, p, xb, y);
+  };
+  if (p.shrink_balanced) {
+    if (p.shrink_shape != 0) {
+      return warps == 16 ? launch(LoraShrinkRowsKernel<16, true, true>, 16) : launch(LoraShrinkRowsKernel<8, true, true>, 8);
+    }
+    return warps == 16 ? launch(LoraShrinkRowsKernel<16, false, true>, 16) : launch(LoraShrinkRowsKernel<8, false, true>, 8);
   }
-  return warps == 16 ? LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<16, false>, grid, dim3(16 * kWarpSize),
-                                            smem, stream, p, xb, y)
-                     : LaunchMaybeDependent(p.prefetch_a, LoraShrinkRowsKernel<8, false>, grid, dim3(8 * kWarpSize),
-                                            smem, stream, p, xb, y);
+  if (p.shrink_shape != 0) {
+    return warps == 16 ? launch(LoraShrinkRowsKernel<16, true, false>, 16) : launch(LoraShrinkRowsKernel<8, true, false>, 8);
+  }
+  return warps == 16 ? launch(LoraShrinkRowsKernel<16, false, false>, 16) : launch(LoraShrinkRowsKernel<8, false, false>, 8);
 }
 
 namespace {
