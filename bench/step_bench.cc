@@ -22,7 +22,7 @@
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
-//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-balanced -1|0|1] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N]
+//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-balanced -1|0|1] [--lora-wide-shrink-grid -1|0|1|2] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N]
 //                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2]
 //                   [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N]
 //                   [--lora-rows-min-tokens N] [--lora-rows-max-tokens N] [--lora-rows-min-slices 1|2|3]
@@ -32,6 +32,10 @@
 //   --lora-shrink-balanced 1: the decode shrink numbers only its real items, evenly over its grid,
 //     in every step; 0: never (every adapter's items up to the step's rank bound); default -1:
 //     in steps with ranks above 16.
+//   --lora-wide-shrink-grid 0|1|2: the shrink's grid beside the GEMM in many-adapter steps of at
+//     least 32 tokens with ranks above 16: 3/4 of the SMs; the narrow steps' half (gate_up a
+//     quarter below 64 tokens); default 2: 3/4, cut to the latter by the balanced shrink when the
+//     step's ranks differ.
 //   --skinny-gemm 0: every projection on cuBLASLt (default 2: projections of up to 16 rows, plain
 //     or LoRA-wrapped, on the executor's own kernel where it applies, skinny_gemm.h; 1: plain ones
 //     only). The roofline rows time the step's GEMMs on cuBLASLt alone and, at up to 16 rows, as the
@@ -153,6 +157,7 @@ struct LoraTuning {
   int shrink_shape = -1;  // SetLoraShrinkShapeForTest (-1: the default)
   int shrink_rows = 0;
   int shrink_balanced = -1;  // SetLoraShrinkShapeForTest's balanced numbering (-1: the default)
+  int wide_shrink_grid = -1;  // SetLoraWideShrinkGridForTest (-1: the default)
   int expand_stages = -1;  // SetLoraExpandForTest (-1: the default)
   int expand_blocks = 0;   // SetLoraExpandForTest's cap on the expand's grid (0: none)
   int expand_tokens = 0;   // SetLoraExpandForTest's tokens an item (0: the default)
@@ -180,6 +185,7 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
 #if LORAPLEX_STEP_BENCH_CUDA
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkWarpsForTest(ops, t.shrink_warps));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkShapeForTest(ops, t.shrink_shape, t.shrink_rows, t.shrink_balanced));
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraWideShrinkGridForTest(ops, t.wide_shrink_grid));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraExpandForTest(ops, t.expand_stages, t.expand_blocks, t.expand_tokens));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraTensorCoreMinTokensForTest(ops, t.tc_min_tokens, t.tc_few_min_tokens));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmSmsForTest(ops, t.gemm_sms));
@@ -622,6 +628,7 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-shrink-shape") return ParseFlag(flag, value, -1, 2, &t->shrink_shape);
   if (flag == "--lora-shrink-rows") return ParseFlag(flag, value, 0, 16, &t->shrink_rows);
   if (flag == "--lora-shrink-balanced") return ParseFlag(flag, value, -1, 1, &t->shrink_balanced);
+  if (flag == "--lora-wide-shrink-grid") return ParseFlag(flag, value, -1, 2, &t->wide_shrink_grid);
   if (flag == "--lora-expand-blocks") return ParseFlag(flag, value, 0, 1 << 20, &t->expand_blocks);
   if (flag == "--lora-expand-tokens") return ParseFlag(flag, value, 0, 64, &t->expand_tokens);
   if (flag == "--lora-tc-min-tokens") return ParseFlag(flag, value, 0, 1 << 20, &t->tc_min_tokens);
@@ -674,7 +681,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-balanced -1|0|1] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N] [--lora-rows-min-tokens N] [--lora-rows-max-tokens N] [--lora-rows-min-slices 1|2|3] [--lora-rows-one-slice-min-tokens N] [--gemm-timed 0|1] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-balanced -1|0|1] [--lora-wide-shrink-grid -1|0|1|2] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N] [--lora-rows-min-tokens N] [--lora-rows-max-tokens N] [--lora-rows-min-slices 1|2|3] [--lora-rows-one-slice-min-tokens N] [--gemm-timed 0|1] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;

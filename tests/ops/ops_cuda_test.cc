@@ -817,7 +817,7 @@ struct LoraStep {
 };
 
 absl::Status CheckLoraStep(const std::string& name, LoraStep& st, const std::vector<int>& token_slots, int max_len,
-                           cuda::CudaGraph* graph) {
+                           cuda::CudaGraph* graph, bool wide_ranks = false) {
   LoraWorld& w = *st.world;
   const int T = st.tokens, yw = w.num_slices * w.max_rank, W = w.width();
   Segs segs = BuildSegs(token_slots, max_len);
@@ -834,7 +834,8 @@ absl::Status CheckLoraStep(const std::string& name, LoraStep& st, const std::vec
   LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_out.data(), base));
   LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(st.d_y.data(), 0xFF, static_cast<size_t>(T) * yw * 4));
   const LoraModule dm = w.Module(true), hm = w.Module(false);
-  const LoraSegments ds = st.dsegs->View(variant != 2);
+  LoraSegments ds = st.dsegs->View(variant != 2);
+  ds.wide_ranks = wide_ranks;  // as the model marks steps with ranks above 16 (eager steps only)
   const TensorView gx = Gpu(st.d_x, DType::kBF16, {T, w.in}), gy = Gpu(st.d_y, DType::kF32, {T, yw}),
                    gout = Gpu(st.d_out, DType::kBF16, {T, W});
   int32_t count = 0;
@@ -1513,6 +1514,21 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 256));
+  // Wide-rank steps as the model marks them (LoraSegments::wide_ranks: the balanced shrink and the
+  // streamed expand) on the executor's own grids, under each wide-step grid rule
+  // (SetLoraWideShrinkGridForTest): 48 tokens of qkv on ranks {0, 8, 16, 64} in segments of 1-2
+  // (many segments, ranks that differ: rule 2 keeps the smaller grid's blocks), all on slot 1
+  // (rank 16 on every slice: with the tightest rank bound every item is real, so rule 2 keeps the
+  // whole grid), and 96 one-token segments of down.
+  for (int mode : {0, 1, 2}) {
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraWideShrinkGridForTest(g_gpu, mode));
+    const std::string n = absl::StrCat("LoRA wide-rank step, grid rule ", mode);
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " qkv segments of 2", st, RandomTokenSlots(T, 6, 0.0), 2, nullptr, true));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " qkv one-token segments", st, RandomTokenSlots(T, 6, 0.1), 1, nullptr, true));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " qkv one rank-16 adapter", st, std::vector<int>(T, 1), 2, nullptr, true));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " down one-token segments", st2, RandomTokenSlots(T2, 3, 0.1), 1, nullptr, true));
+  }
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraWideShrinkGridForTest(g_gpu, -1));
 
   // CUDA graph: capture shrink+expand once, then replay with segment tables, counts and inputs
   // changed in device memory between replays (more segments than at capture, fewer, none).
@@ -1865,6 +1881,7 @@ absl::Status ResetLoraKnobs() {
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkWarpsForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraWideShrinkGridForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmSmsForTest(g_gpu, 0));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraGemmFirstForTest(g_gpu, 0));

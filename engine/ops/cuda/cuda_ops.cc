@@ -112,10 +112,17 @@ constexpr int kLoraFewShrinkBlocks = 44;
 // the shrink beside the GEMM on at most half the SMs instead of 3/4: batch 32 with 32 distinct r16
 // adapters 1.212-1.224x the base step instead of 1.232-1.244x (three same-process pairs; 55, 77
 // and 88 blocks in between; bench/runs/2026-11-29-ninth). Wider ranks lost with it (8 adapters of
-// ranks 8..64: 1.262x -> 1.280x at batch 32) until their shrink numbered only its real items
-// (kLoraShrinkBalancedWide); since then they win too: 1.224x -> 1.196x, and 1.237x with this
-// grid but the plain numbering; batch 128 1.469x -> 1.459x with gate_up on a quarter there too
-// (same process, bench/runs/2026-11-30-seventeenth/2-wide-grid).
+// ranks 8..64: 1.262x -> 1.280x at batch 32).
+// kLoraWideShrinkGrid: what wide-rank steps (LoraSegments::wide_ranks) among those take. 0: the
+// whole 3/4 grid. 1: the smaller grid too; with the balanced numbering (kLoraShrinkBalancedWide)
+// 8 adapters of ranks 8..64 then ran 1.207-1.213x the base step at batch 32 instead of
+// 1.224-1.225x, batch 128 1.465-1.474x instead of 1.521-1.524x, but 8 rank-64 adapters 1.346-1.348x
+// instead of 1.318-1.319x (batch 64: 1.475-1.479x against 1.457-1.459x; same process,
+// bench/runs/2026-11-30-seventeenth/5-wide-grid-ab). 2: the whole grid is launched, and the
+// balanced shrink keeps only the smaller grid's blocks when the step's real rows are fewer than
+// 3/4 of those its rank bound gives (ranks that differ; LoraParams::uneven_blocks), so uniform
+// wide ranks keep 3/4.
+constexpr int kLoraWideShrinkGrid = 2;
 constexpr int kLoraManyShrinkSmShare = 2;  // 1/2 of the SMs
 constexpr int kLoraManyMinTokens = 32;
 // gate_up (the module of 2 slices, whose GEMM is the longest beside the fewest bytes of A) takes a
@@ -488,6 +495,7 @@ class CudaOps final : public Ops {
 
   void set_lora_gemm_first(int min_slices) { lora_gemm_first_min_slices_ = min_slices; }
   void set_lora_module_shrink_blocks(int num_slices, int blocks) { lora_module_shrink_blocks_[num_slices] = blocks; }
+  void set_lora_wide_shrink_grid(int mode) { lora_wide_shrink_grid_ = mode; }
   void set_lora_shrink_shape(int shape, int rows, int balanced) {
     lora_shrink_shape_ = shape < 0 ? kLoraShrinkShape : shape;
     lora_shrink_rows_ = rows;
@@ -796,6 +804,7 @@ class CudaOps final : public Ops {
       // whose tail it overlaps with its metadata reads and L2 prefetch of A) on a grid of up to
       // 2 blocks an SM, the expand beside it as usual, then the GEMM alone on the SMs.
       shrink.num_blocks = ShrinkBlocks(*segments, *module, /*beside_gemm=*/false);
+      shrink.uneven_blocks = 0;  // nothing runs beside it
       shrink.prefetch_a = true;
       LORAPLEX_RETURN_IF_ERROR(LaunchShrink(shrink, x.data, lora_y.As<float>(), stream_, "GemmWithLora: shrink"));
       LORAPLEX_RETURN_IF_ERROR(
@@ -1131,7 +1140,9 @@ class CudaOps final : public Ops {
     }
     // No more blocks than the step can have items (a few tokens cannot use a large grid; its
     // idle blocks would only hold SMs the GEMM beside the shrink needs).
-    LoraParams p = MakeLoraParams(segments, module, ShrinkBlocks(segments, module, /*beside_gemm=*/true));
+    int uneven_blocks = 0;
+    LoraParams p =
+        MakeLoraParams(segments, module, ShrinkBlocks(segments, module, /*beside_gemm=*/true, &uneven_blocks));
     p.shrink_warps = lora_shrink_warps_;
     // The one-token items need 16-row items to fill a quarter of the grid (OneTokenShape), which
     // steps of a few segments hardly do; they take the build without that shape, whose general
@@ -1140,12 +1151,17 @@ class CudaOps final : public Ops {
     p.shrink_shape = lora_shrink_shape_ == 1 && few ? 0 : lora_shrink_shape_;
     p.shrink_rows = lora_shrink_rows_;
     p.shrink_balanced = lora_shrink_balanced_ < 0 ? kLoraShrinkBalancedWide && segments.wide_ranks : lora_shrink_balanced_ == 1;
+    if (p.shrink_balanced) p.uneven_blocks = uneven_blocks;
     return p;
   }
 
   // The decode shrink's grid (LoraShrinkBlocks), under the test cap when one is set, else under
-  // kLoraManyShrinkSmShare's for the steps it names.
-  int ShrinkBlocks(const LoraSegments& segments, const LoraModule& module, bool beside_gemm) const {
+  // kLoraManyShrinkSmShare's for the steps it names. Wide-rank steps among those keep the whole
+  // grid under the default kLoraWideShrinkGrid and get the smaller one as *uneven_blocks
+  // (LoraParams::uneven_blocks: what the balanced shrink uses when the step's ranks differ).
+  int ShrinkBlocks(const LoraSegments& segments, const LoraModule& module, bool beside_gemm,
+                   int* uneven_blocks = nullptr) const {
+    if (uneven_blocks != nullptr) *uneven_blocks = 0;
     const int blocks = LoraShrinkBlocks(num_sms_, segments.num_tokens, module.num_slices, module.max_rank, beside_gemm);
     if (lora_shrink_blocks_ > 0) return std::min(blocks, lora_shrink_blocks_);  // the test cap replaces the rule below
     // SetLoraModuleShrinkBlocksForTest: the grid beside the GEMM of a many-adapter step for
@@ -1156,7 +1172,10 @@ class CudaOps final : public Ops {
     if (beside_gemm && SegmentsBound(segments) > kFewLoraSegments && segments.num_tokens >= kLoraManyMinTokens) {
       const bool quarter = module.num_slices == 2 && segments.num_tokens < kLoraGateUpQuarterMaxTokens;
       const int share = quarter ? kLoraManyGateUpSmShare : kLoraManyShrinkSmShare;
-      return std::min(blocks, std::max(1, num_sms_ / share));
+      const int many = std::min(blocks, std::max(1, num_sms_ / share));
+      const int wide_grid = lora_wide_shrink_grid_ >= 0 ? lora_wide_shrink_grid_ : kLoraWideShrinkGrid;
+      if (!segments.wide_ranks || wide_grid == 1) return many;
+      if (wide_grid == 2 && uneven_blocks != nullptr) *uneven_blocks = many;
     }
     return blocks;
   }
@@ -1252,6 +1271,7 @@ class CudaOps final : public Ops {
   int lora_shrink_shape_ = kLoraShrinkShape;  // SetLoraShrinkShapeForTest (LoraParams::shrink_shape)
   int lora_shrink_rows_ = 0;    // SetLoraShrinkShapeForTest (LoraParams::shrink_rows)
   int lora_shrink_balanced_ = -1;  // SetLoraShrinkShapeForTest (LoraParams::shrink_balanced; -1: the default)
+  int lora_wide_shrink_grid_ = -1;  // SetLoraWideShrinkGridForTest (-1: kLoraWideShrinkGrid)
   int lora_expand_stages_ = -1;  // SetLoraExpandForTest (LoraParams::expand_stages); -1: by rank class
   int lora_expand_blocks_ = 0;  // SetLoraExpandForTest: a cap on the expand's grid (0: none)
   int lora_expand_tokens_ = 0;  // SetLoraExpandForTest (LoraParams::expand_tokens; 0: the default)
@@ -1481,6 +1501,15 @@ absl::Status SetLoraModuleShrinkBlocksForTest(Ops* ops, int num_slices, int bloc
                    absl::StrCat(num_slices, " slices, ", blocks, " blocks: want 1-3 slices and 0-4096 blocks"));
   }
   cuda->set_lora_module_shrink_blocks(num_slices, blocks);
+  return absl::OkStatus();
+}
+
+absl::Status SetLoraWideShrinkGridForTest(Ops* ops, int mode) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraWideShrinkGridForTest"));
+  if (mode < -1 || mode > 2) {
+    return Invalid("SetLoraWideShrinkGridForTest", absl::StrCat("mode ", mode, " not -1, 0, 1 or 2"));
+  }
+  cuda->set_lora_wide_shrink_grid(mode);
   return absl::OkStatus();
 }
 

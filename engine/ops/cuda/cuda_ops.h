@@ -72,6 +72,12 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
 // bound; -1: the default (balanced for LoraSegments::wide_ranks steps). y gets the same bits
 // either way. INVALID_ARGUMENT for other values.
 absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0, int balanced = -1);
+// The decode shrink's grid beside the GEMM in wide-rank steps (LoraSegments::wide_ranks) of more
+// than kFewLoraSegments segments and at least 32 tokens: 0, 3/4 of the SMs; 1, the many-adapter
+// steps' half (a quarter for gate_up below 64 tokens); 2 (the default; -1 restores it), 3/4
+// launched, the balanced shrink keeping the smaller grid's blocks when the step's ranks differ
+// (LoraParams::uneven_blocks). INVALID_ARGUMENT for other values.
+absl::Status SetLoraWideShrinkGridForTest(Ops* ops, int mode);
 // The decode shrink's grid beside the GEMM in steps of more than kFewLoraSegments segments, for
 // modules of `num_slices` slices (3: qkv; 2: gate_up; 1: o and down), in place of the rules
 // (0: the rules). An experiment: step_bench --lora-shrink-blocks-s1/-s2/-s3. INVALID_ARGUMENT

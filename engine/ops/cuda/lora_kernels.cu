@@ -216,7 +216,7 @@ __device__ __forceinline__ int ShrinkItemPair(const int32_t* pair_end, int pairs
 template <int kItemWarps, int kRows>
 __device__ __forceinline__ void ShrinkOneTokenItems(const LoraParams& p, const bf16* __restrict__ x,
                                                     float* __restrict__ y, int nseg, int live_rank,
-                                                    const int32_t* pair_end, int balanced_items,
+                                                    const int32_t* pair_end, int balanced_items, int grid,
                                                     float (&red)[kItemWarps][kRowItemValues]) {
   static_assert(kRows == 4 || kRows == 8 || kRows == 16);
   constexpr int kInFlight = kRows == 4 ? 2 : 1;  // K steps a round (more spilled at the 128-register cap)
@@ -229,7 +229,7 @@ __device__ __forceinline__ void ShrinkOneTokenItems(const LoraParams& p, const b
   const int64_t y_row = static_cast<int64_t>(S) * p.max_rank;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+  for (int64_t item = blockIdx.x; item < items; item += grid) {
     int rg, slice, seg;
     if (balanced_items >= 0) {
       int local;
@@ -376,6 +376,16 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
       balanced = BuildShrinkItemPrefix(p, nseg, live_rank, one_token ? 1 : groups, one_token_rows, pair_end);
     }
   }
+  // The blocks that take items: all, or LoraParams::uneven_blocks when the step's real items are
+  // fewer than 3/4 of those its rank bound gives (the same in every block).
+  int grid = gridDim.x;
+  if constexpr (kBalanced) {
+    if (balanced >= 0 && p.uneven_blocks > 0) {
+      const int64_t bound_items = static_cast<int64_t>(nseg) * S *
+                                  (one_token ? (live_rank + one_token_rows - 1) / one_token_rows : groups * row_groups);
+      if (4 * static_cast<int64_t>(balanced) < 3 * bound_items) grid = min(grid, p.uneven_blocks);
+    }
+  }
   const int balanced_pairs = balanced >= 0 ? nseg * S : -1;
   const int64_t items = balanced >= 0 ? balanced : static_cast<int64_t>(nseg) * S * groups * row_groups;
   const int K = p.in_features;
@@ -410,13 +420,13 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
       p.delta_mask[e] = 0;
     }
   }
-  if (nseg == 0 || live_rank == 0) return;
+  if (nseg == 0 || live_rank == 0 || static_cast<int>(blockIdx.x) >= grid) return;
   if constexpr (kOneToken) {
     if (kBalanced ? one_token : OneTokenShape(p, nseg, live_rank)) {  // same in every block
       switch (kBalanced ? one_token_rows : OneTokenRows(p, nseg, live_rank)) {
-        case 16: ShrinkOneTokenItems<kItemWarps, 16>(p, x, y, nseg, live_rank, pair_end, balanced, red); break;
-        case 8: ShrinkOneTokenItems<kItemWarps, 8>(p, x, y, nseg, live_rank, pair_end, balanced, red); break;
-        default: ShrinkOneTokenItems<kItemWarps, 4>(p, x, y, nseg, live_rank, pair_end, balanced, red); break;
+        case 16: ShrinkOneTokenItems<kItemWarps, 16>(p, x, y, nseg, live_rank, pair_end, balanced, grid, red); break;
+        case 8: ShrinkOneTokenItems<kItemWarps, 8>(p, x, y, nseg, live_rank, pair_end, balanced, grid, red); break;
+        default: ShrinkOneTokenItems<kItemWarps, 4>(p, x, y, nseg, live_rank, pair_end, balanced, grid, red); break;
       }
       return;
     }
@@ -426,7 +436,7 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
 
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+  for (int64_t item = blockIdx.x; item < items; item += grid) {
     int slice, g, rg, begin, end;
     LoraSliceWeightsDev w;
     if (!GeneralShrinkItem(p, item, groups, row_groups, live_rank, pair_end, balanced_pairs, &slice, &g, &rg, &begin,
