@@ -31,7 +31,7 @@
 //   --graphs 0: every step eager (no graph rows).
 //   --lora-shrink-balanced 1: the decode shrink numbers only its real items, evenly over its grid,
 //     in every step; 0: never (every adapter's items up to the step's rank bound); default -1:
-//     in steps with ranks above 16.
+//     in steps with ranks above 16 of at least 128 tokens.
 //   --lora-wide-shrink-grid 0|1|2: the shrink's grid beside the GEMM in many-adapter steps of at
 //     least 32 tokens with ranks above 16: 3/4 of the SMs; the narrow steps' half (gate_up a
 //     quarter below 64 tokens); default 2: 3/4, cut to the latter by the balanced shrink when the

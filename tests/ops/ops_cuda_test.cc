@@ -1514,12 +1514,13 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTuningForTest(g_gpu, 0, true, true));
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 256));
-  // Wide-rank steps as the model marks them (LoraSegments::wide_ranks: the balanced shrink and the
-  // streamed expand) on the executor's own grids, under each wide-step grid rule
-  // (SetLoraWideShrinkGridForTest): 48 tokens of qkv on ranks {0, 8, 16, 64} in segments of 1-2
+  // Wide-rank steps as the model marks them (LoraSegments::wide_ranks: the streamed expand), with
+  // the balanced shrink (the default for such steps from 128 tokens, forced here) on the executor's
+  // own grids, under each wide-step grid rule (SetLoraWideShrinkGridForTest): 48 tokens of qkv on ranks {0, 8, 16, 64} in segments of 1-2
   // (many segments, ranks that differ: rule 2 keeps the smaller grid's blocks), all on slot 1
   // (rank 16 on every slice: with the tightest rank bound every item is real, so rule 2 keeps the
   // whole grid), and 96 one-token segments of down.
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1, 0, 1));
   for (int mode : {0, 1, 2}) {
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraWideShrinkGridForTest(g_gpu, mode));
     const std::string n = absl::StrCat("LoRA wide-rank step, grid rule ", mode);
@@ -1529,6 +1530,7 @@ absl::Status LoraTests() {
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " down one-token segments", st2, RandomTokenSlots(T2, 3, 0.1), 1, nullptr, true));
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraWideShrinkGridForTest(g_gpu, -1));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1));
 
   // CUDA graph: capture shrink+expand once, then replay with segment tables, counts and inputs
   // changed in device memory between replays (more segments than at capture, fewer, none).

@@ -80,12 +80,21 @@ constexpr int kLoraInlineMinSegments = 64;
 // segments hold one token (32-128 distinct adapters at one token each: bench/RESULTS.md, seventh
 // session).
 constexpr int kLoraShrinkShape = 1;
-// Steps with ranks above kNarrowLoraRank (LoraSegments::wide_ranks) number only the shrink's real
-// items (LoraParams::shrink_balanced): with mixed ranks the plain numbering gave some blocks
-// several items up to the step's rank bound while the others idled, so the shrink of 8 adapters of
-// ranks 8..64 took about as long as that of 8 rank-64 adapters. Narrow steps keep the plain
-// numbering: their ranks are alike, and they would only pay for the prefix.
+// Steps with ranks above kNarrowLoraRank (LoraSegments::wide_ranks) of at least
+// kLoraShrinkBalancedMinTokens tokens number only the shrink's real items
+// (LoraParams::shrink_balanced). With mixed ranks the plain numbering gives some blocks several
+// items up to the step's rank bound while others idle: alone, the shrink of 8 adapters of ranks
+// 8..64 at batch 32 took about as long as that of 8 rank-64 adapters, and the balanced one 25-35%
+// less (qkv 12.2 -> 9.1 us, down 15.2 -> 9.9 us). In whole steps the prefix each block builds
+// first (dependent loads of the slots' ranks, two barriers) costs about as much as beside the GEMM
+// the balance saves, except at batch 128: same process, three runs (bench/runs/2026-11-30-
+// seventeenth/2-wide-grid, 5-wide-grid-ab, 6-final), 8 mixed-rank adapters at batch 128
+// 1.465-1.475x the base step against 1.519-1.524x, 8 rank-64 adapters 1.611-1.616x against
+// 1.598-1.609x; at batch 8 both lost (mixed 1.173x vs 1.157x, rank 64 1.285x vs 1.231x), at 32 and
+// 64 mixed gained 0-1% and rank 64 lost 1-2%. Narrow steps keep the plain numbering: their ranks
+// are alike. A prefix the host writes with the step's segments would drop the device-side cost.
 constexpr bool kLoraShrinkBalancedWide = true;
+constexpr int kLoraShrinkBalancedMinTokens = 128;
 // The decode expand's pipeline (LoraParams::expand_stages) for steps whose ranks are all at most
 // kNarrowLoraRank: 0, item by item; for the others (LoraSegments::wide_ranks): 2, streamed. Measured
 // on the whole step (bench/RESULTS.md, eighth session): streaming took batch 32 with 8 adapters of
@@ -114,14 +123,14 @@ constexpr int kLoraFewShrinkBlocks = 44;
 // and 88 blocks in between; bench/runs/2026-11-29-ninth). Wider ranks lost with it (8 adapters of
 // ranks 8..64: 1.262x -> 1.280x at batch 32).
 // kLoraWideShrinkGrid: what wide-rank steps (LoraSegments::wide_ranks) among those take. 0: the
-// whole 3/4 grid. 1: the smaller grid too; with the balanced numbering (kLoraShrinkBalancedWide)
-// 8 adapters of ranks 8..64 then ran 1.207-1.213x the base step at batch 32 instead of
-// 1.224-1.225x, batch 128 1.465-1.474x instead of 1.521-1.524x, but 8 rank-64 adapters 1.346-1.348x
-// instead of 1.318-1.319x (batch 64: 1.475-1.479x against 1.457-1.459x; same process,
-// bench/runs/2026-11-30-seventeenth/5-wide-grid-ab). 2: the whole grid is launched, and the
+// whole 3/4 grid. 1: the smaller grid too; with the balanced numbering forced on, 8 adapters of
+// ranks 8..64 then ran 1.207-1.213x the base step at batch 32 instead of 1.224-1.225x (plain, 3/4),
+// batch 128 1.465-1.474x instead of 1.521-1.524x, but 8 rank-64 adapters 1.346-1.348x instead of
+// 1.318-1.319x (batch 64: 1.475-1.479x against 1.457-1.459x; same process,
+// bench/runs/2026-11-30-seventeenth/5-wide-grid-ab). 2: the whole grid is launched, and a
 // balanced shrink keeps only the smaller grid's blocks when the step's real rows are fewer than
 // 3/4 of those its rank bound gives (ranks that differ; LoraParams::uneven_blocks), so uniform
-// wide ranks keep 3/4.
+// wide ranks keep 3/4; a plain shrink keeps the whole grid.
 constexpr int kLoraWideShrinkGrid = 2;
 constexpr int kLoraManyShrinkSmShare = 2;  // 1/2 of the SMs
 constexpr int kLoraManyMinTokens = 32;
@@ -1150,7 +1159,9 @@ class CudaOps final : public Ops {
     const bool few = SegmentsBound(segments) <= kFewLoraSegments;
     p.shrink_shape = lora_shrink_shape_ == 1 && few ? 0 : lora_shrink_shape_;
     p.shrink_rows = lora_shrink_rows_;
-    p.shrink_balanced = lora_shrink_balanced_ < 0 ? kLoraShrinkBalancedWide && segments.wide_ranks : lora_shrink_balanced_ == 1;
+    p.shrink_balanced = lora_shrink_balanced_ < 0 ? kLoraShrinkBalancedWide && segments.wide_ranks &&
+                                                         segments.num_tokens >= kLoraShrinkBalancedMinTokens
+                                                   : lora_shrink_balanced_ == 1;
     if (p.shrink_balanced) p.uneven_blocks = uneven_blocks;
     return p;
   }

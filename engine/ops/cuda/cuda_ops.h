@@ -69,8 +69,8 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
 // its segments are enough to fill a quarter of the grid. rows 4, 8 or 16; 0: the fewest that make
 // no more items than blocks. balanced 1: number only the real items, evenly over the grid
 // (LoraParams::shrink_balanced); 0: every (segment, slice) pair's items up to the step's rank
-// bound; -1: the default (balanced for LoraSegments::wide_ranks steps). y gets the same bits
-// either way. INVALID_ARGUMENT for other values.
+// bound; -1: the default (balanced for LoraSegments::wide_ranks steps of 128 tokens or more). y
+// gets the same bits either way. INVALID_ARGUMENT for other values.
 absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0, int balanced = -1);
 // The decode shrink's grid beside the GEMM in wide-rank steps (LoraSegments::wide_ranks) of more
 // than kFewLoraSegments segments and at least 32 tokens: 0, 3/4 of the SMs; 1, the many-adapter

@@ -12,9 +12,9 @@
 // y: no split-K scratch, no counters, no cross-block hand-off. Rows past a slot's rank cost only
 // the metadata reads. A step whose segments hold one token each (distinct adapters in decode)
 // takes one-token items instead (ShrinkOneTokenItems: 4, 8 or 16 rows x that token), which load
-// and multiply only that token; both shapes give y the same bits. Steps of mixed ranks number only
-// the real items (LoraParams::shrink_balanced: a prefix of each (segment, slice) pair's item count
-// in shared memory), so each block's share of them is even. The grid is capped at 3/4 of the
+// and multiply only that token; both shapes give y the same bits. A step can number only the real
+// items (LoraParams::shrink_balanced: a prefix of each (segment, slice) pair's item count in shared
+// memory), so with mixed ranks each block's share of them is even. The grid is capped at 3/4 of the
 // SMs: the shrink runs beside the GEMM and each of its blocks holds an SM's registers that a GEMM
 // CTA would need (a larger grid made whole steps slower, a smaller one the shrink too long;
 // bench/runs/2026-11-29-rows).
