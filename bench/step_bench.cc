@@ -22,20 +22,19 @@
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
-//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-balanced -1|0|1] [--lora-wide-shrink-grid -1|0|1|2] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N]
+//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-balanced -1|0|1] [--lora-wide-shrink-grid -1|0|1] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N]
 //                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2]
 //                   [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N]
 //                   [--lora-rows-min-tokens N] [--lora-rows-max-tokens N] [--lora-rows-min-slices 1|2|3]
-//                   [--lora-rows-one-slice-min-tokens N]
+//                   [--lora-rows-one-slice-min-tokens N] [--lora-rows-skinny N]
 //                   [--gemm-timed 0|1] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --lora-shrink-balanced 1: the decode shrink numbers only its real items, evenly over its grid,
 //     in every step; 0: never (every adapter's items up to the step's rank bound); default -1:
 //     in steps with ranks above 16 of at least 128 tokens.
-//   --lora-wide-shrink-grid 0|1|2: the shrink's grid beside the GEMM in many-adapter steps of at
+//   --lora-wide-shrink-grid 0|1: the shrink's grid beside the GEMM in many-adapter steps of at
 //     least 32 tokens with ranks above 16: 3/4 of the SMs; the narrow steps' half (gate_up a
-//     quarter below 64 tokens); default 2: 3/4, cut to the latter by the balanced shrink when the
-//     step's ranks differ.
+//     quarter below 64 tokens); default -1: the latter for a balanced shrink, else the former.
 //   --skinny-gemm 0: every projection on cuBLASLt (default 2: projections of up to 16 rows, plain
 //     or LoRA-wrapped, on the executor's own kernel where it applies, skinny_gemm.h; 1: plain ones
 //     only). The roofline rows time the step's GEMMs on cuBLASLt alone and, at up to 16 rows, as the
@@ -50,6 +49,9 @@
 //     qkv alone, 2: gate_up too (default 1: o and down too, their LoRA added in AddRmsNorm;
 //     min slices 2 or 3 on the command line also leaves out their spare rows at load);
 //     --lora-rows-one-slice-min-tokens N: o and down as rows from N tokens (default 64).
+//   --lora-rows-skinny N: few-adapter narrow-rank steps of up to N tokens (at most 16; default 2;
+//     0: off) run LoRA rows through the skinny GEMM, over the spare rows of the step's adapters
+//     only, for the projections whose shape it takes.
 //   --gemm-timed 1: the model's GEMMs of 32 to 256 rows on algorithms chosen by timing cuBLASLt's
 //     candidates at warm-up (an experiment). It acts at load only: give it on the command line
 //     (gpu_all.sh's STEP_BENCH_VARIANTS runs another process), not in --variants.
@@ -177,6 +179,7 @@ struct LoraTuning {
   int rows_max_tokens = -1;
   int rows_min_slices = -1;
   int rows_one_slice_min_tokens = -1;
+  int rows_skinny = -1;  // SetLoraRowsSkinnyForTest's max tokens (-1: the default; 0: off)
   int gemm_timed = 0;  // SetGemmTimedForTest (load time only)
 };
 
@@ -197,6 +200,7 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetSkinnyGemmHoistForTest(ops, t.skinny_hoist));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraRowsForTest(ops, t.rows_min_tokens, t.rows_max_tokens, t.rows_min_slices,
                                                          t.rows_one_slice_min_tokens));
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraRowsSkinnyForTest(ops, t.rows_skinny));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetGemmTimedForTest(ops, t.gemm_timed != 0));
   for (int s = 1; s <= 3; ++s) {
     LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraModuleShrinkBlocksForTest(ops, s, t.module_shrink_blocks[s]));
@@ -628,7 +632,7 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-shrink-shape") return ParseFlag(flag, value, -1, 2, &t->shrink_shape);
   if (flag == "--lora-shrink-rows") return ParseFlag(flag, value, 0, 16, &t->shrink_rows);
   if (flag == "--lora-shrink-balanced") return ParseFlag(flag, value, -1, 1, &t->shrink_balanced);
-  if (flag == "--lora-wide-shrink-grid") return ParseFlag(flag, value, -1, 2, &t->wide_shrink_grid);
+  if (flag == "--lora-wide-shrink-grid") return ParseFlag(flag, value, -1, 1, &t->wide_shrink_grid);
   if (flag == "--lora-expand-blocks") return ParseFlag(flag, value, 0, 1 << 20, &t->expand_blocks);
   if (flag == "--lora-expand-tokens") return ParseFlag(flag, value, 0, 64, &t->expand_tokens);
   if (flag == "--lora-tc-min-tokens") return ParseFlag(flag, value, 0, 1 << 20, &t->tc_min_tokens);
@@ -650,6 +654,7 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-rows-one-slice-min-tokens") {
     return ParseFlag(flag, value, -1, 1 << 20, &t->rows_one_slice_min_tokens);
   }
+  if (flag == "--lora-rows-skinny") return ParseFlag(flag, value, -1, 16, &t->rows_skinny);
   if (flag == "--gemm-timed") return ParseFlag(flag, value, 0, 1, &t->gemm_timed);
   if (flag == "--lora-few-gemm-sms") return ParseFlag(flag, value, 0, 1 << 20, &t->few_gemm_sms);
   if (flag == "--lora-few-shrink-blocks") return ParseFlag(flag, value, 1, 1 << 20, &t->few_shrink_blocks);
@@ -681,7 +686,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-balanced -1|0|1] [--lora-wide-shrink-grid -1|0|1|2] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N] [--lora-rows-min-tokens N] [--lora-rows-max-tokens N] [--lora-rows-min-slices 1|2|3] [--lora-rows-one-slice-min-tokens N] [--gemm-timed 0|1] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-balanced -1|0|1] [--lora-wide-shrink-grid -1|0|1] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N] [--lora-rows-min-tokens N] [--lora-rows-max-tokens N] [--lora-rows-min-slices 1|2|3] [--lora-rows-one-slice-min-tokens N] [--lora-rows-skinny N] [--gemm-timed 0|1] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;

@@ -451,7 +451,7 @@ TEST_CASE("Decode steps replayed from CUDA graphs equal eager steps and the CPU 
   CHECK(cpu.model->graph_steps() == 0);  // the CPU ops record no graphs
 }
 
-TEST_CASE("LoRA rows (few narrow-rank adapters, 32 to 128 tokens) give the CPU model's logits, eager and from graphs, o and down from 64 tokens") {
+TEST_CASE("LoRA rows (few narrow-rank adapters, 32 to 128 tokens; up to 16 on the skinny GEMM) give the CPU model's logits, eager and from graphs, o and down from 64 tokens") {
   testing::TinyModelOptions mo;
   // hidden 512: a width AddRmsNorm's rows reader takes (a multiple of 8 blocks x 64 columns), so
   // o and down add their LoRA there; below it they would fall back to the flush.
@@ -477,6 +477,10 @@ TEST_CASE("LoRA rows (few narrow-rank adapters, 32 to 128 tokens) give the CPU m
   Executor gpu = MakeExecutor(Device::kCuda, dir, *spec, 4, cap);
   Executor off = MakeExecutor(Device::kCuda, dir, *spec, 4, cap);  // LoRA rows off: the side chain
   REQUIRE(ops::cuda::SetLoraRowsForTest(off.ops.get(), -1, 0).ok());
+  REQUIRE(ops::cuda::SetLoraRowsSkinnyForTest(off.ops.get(), 0).ok());
+  // Skinny LoRA rows on every projection of the tiny model (its shapes are not ones the skinny
+  // GEMM deals evenly over an H200's SMs), up to 16 tokens (the executor's default is 2).
+  REQUIRE(ops::cuda::SetLoraRowsSkinnyForTest(gpu.ops.get(), 16, /*even=*/false).ok());
   const std::vector<Executor*> all = {&cpu, &gpu, &off};
   const auto adapters = WriteAndLoadAdapters(dir, *spec, ao, {"a4", "b16", "d8", "f16", "e12"}, all);
   auto resident = [&](const std::vector<int>& which) { return MakeResident(all, adapters, which); };
@@ -533,7 +537,12 @@ TEST_CASE("LoRA rows (few narrow-rank adapters, 32 to 128 tokens) give the CPU m
   step(0, 16, 3, 4);
   step(16, 32, 3, 8);
   step(48, 16, 4, 8);
-  step(0, 16, 1, 0);  // decode, bucket 16: below 32 tokens no rows, captured or not
+  step(0, 16, 1, 8);  // decode, bucket 16 (recorded now): all four as skinny rows in both layers
+  // Decode from graphs at up to 16 tokens (skinny rows): a4 and b16 (bucket 16), then d8, f16
+  // and the base model (bucket 16 again), 3 tokens of a4 (bucket 4).
+  step(8, 16, 1, -1);
+  step(44, 16, 1, -1);
+  step(0, 3, 1, -1);
   // Decode from graphs: 64 sequences (bucket 64, 4 adapters), 40 (bucket 64), 32 (bucket 32: o and
   // down beside), 20 (bucket 32), then a slot reused mid-run.
   for (int i = 0; i < 2; ++i) step(0, 64, 1, -1);
@@ -548,7 +557,8 @@ TEST_CASE("LoRA rows (few narrow-rank adapters, 32 to 128 tokens) give the CPU m
   step(0, 64, 1, -1);
   step(32, 32, 1, -1);
   step(40, 16, 2, 4);  // eager, 32 tokens of d8 and e12 (the reused slot): qkv and gate_up
-  CHECK(gpu.model->graph_steps() == 8);
+  step(44, 12, 1, -1);  // bucket 16 from its graph again, with the reused slot
+  CHECK(gpu.model->graph_steps() == 12);
 }
 
 TEST_CASE("WarmUp chooses every GEMM algorithm up front: prefill and decode steps of any length add none") {

@@ -1222,17 +1222,24 @@ absl::Status CheckLoraFold(FoldConsumer consumer, int tokens) {
 // BF16 tolerance, every buffer either writes: y, the consumer's output, the residual, the KV cache. Steps change the adapter set (positions keep, swap and lose slots), a
 // slot is rewritten in place (LoraSlotsChanged), and a captured step replays with new segments.
 // one_slice_min_tokens: SetLoraRowsForTest's (-1: the executor's default, 64), below which a
-// one-slice module keeps the side chain.
-absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1536, int one_slice_min_tokens = 1) {
-  const int T = tokens, in = 1024, hq = 8, hkv = 2, d = 128, bs = 16, num_blocks = 8;
+// one-slice module keeps the side chain (in the GEMM-over-all-spare-rows range).
+// Steps of up to 16 tokens run the skinny GEMM over the spare rows of the step's positions
+// (SetLoraRowsSkinnyForTest), on any shape (even = false) for the small weights, or (llama: qkv's
+// 4096/1024/1024 and o's 4096 over 4096 inputs) under the executor's own rule; `skinny` says
+// whether the call must (1) or must not (0) have taken the skinny GEMM (-1: not checked).
+absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1536, int one_slice_min_tokens = 1,
+                           bool llama = false, int skinny = -1) {
+  const int T = tokens, in = llama ? 4096 : 1024, hq = llama ? 32 : 8, hkv = llama ? 8 : 2, d = 128, bs = 16,
+            num_blocks = 8;
   std::vector<int> widths;
   std::string name;
   switch (consumer) {
     case FoldConsumer::kSiluMul: widths = {silu_inter, silu_inter}; name = absl::StrCat("SiluMul/", silu_inter); break;
     case FoldConsumer::kRope: widths = {hq * d, hkv * d, hkv * d}; name = "RopeAndCacheKv"; break;
-    case FoldConsumer::kAddRmsNorm: widths = {2048}; name = "AddRmsNorm"; break;
+    case FoldConsumer::kAddRmsNorm: widths = {llama ? 4096 : 2048}; name = "AddRmsNorm"; break;
     default: widths = {1024, 512}; name = "nothing"; break;
   }
+  if (llama) name += "/llama";
   const int S = static_cast<int>(widths.size());
   // min_slices 1 before the spare rows are asked for: one-slice weights get them only then.
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, -1, -1, 1, 1));
@@ -1262,9 +1269,10 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
     positions[t] = RandomInt(0, 9000);
     slot_mapping[t] = t % cache_slots;
   }
-  slot_mapping[1] = -1;
-  token_seq[2] = -1;
-  LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs, DevSegs::Create(T, T));
+  if (T > 1) slot_mapping[1] = -1;
+  if (T > 2) token_seq[2] = -1;
+  // Up to 4 segments (some empty when the step has fewer tokens).
+  LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs, DevSegs::Create(std::max(T, 4), T));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, g_gpu->Allocate(static_cast<size_t>(T) * in * 2));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, g_gpu->Allocate(static_cast<size_t>(T) * yw * 4));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
@@ -1301,13 +1309,16 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
   auto run = [&](bool rows, cuda::CudaGraph* graph) -> absl::StatusOr<std::vector<std::vector<float>>> {
     // min_slices 1: o and down (one slice) run as rows too, from one_slice_min_tokens.
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsForTest(g_gpu, rows ? 1 : -1, rows ? -1 : 0, 1, one_slice_min_tokens));
-    const bool expect_rows = rows && (S > 1 || T >= (one_slice_min_tokens < 0 ? 64 : one_slice_min_tokens));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsSkinnyForTest(g_gpu, rows ? 16 : 0, /*even=*/llama));
+    const bool expect_rows =
+        rows && (skinny == 1 || S > 1 || T >= (one_slice_min_tokens < 0 ? 64 : one_slice_min_tokens));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_out.data(), 0xFF, static_cast<size_t>(T) * W * 2));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_hid.data(), 0xFF, static_cast<size_t>(T) * W * 2));
     LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_res.data(), residual));
     LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_k.data(), k_cache));
     LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_v.data(), v_cache));
     LORAPLEX_ASSIGN_OR_RETURN(const int64_t before, cuda::LoraRowsGemmsForTest(g_gpu));
+    LORAPLEX_ASSIGN_OR_RETURN(const int64_t skinny_before, cuda::LoraSkinnyRowsGemmsForTest(g_gpu));
     if (graph != nullptr) {
       LORAPLEX_RETURN_IF_ERROR(graph->Launch());
     } else {
@@ -1316,6 +1327,11 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
       if ((after - before == 1) != expect_rows) {
         return absl::InternalError(absl::StrCat("rows ", rows ? "on" : "off", " (", expect_rows ? "expected" : "not expected",
                                                 " at ", T, " tokens): ", after - before, " rows GEMMs"));
+      }
+      LORAPLEX_ASSIGN_OR_RETURN(const int64_t skinny_after, cuda::LoraSkinnyRowsGemmsForTest(g_gpu));
+      if (rows && skinny >= 0 && (skinny_after - skinny_before == 1) != (skinny == 1)) {
+        return absl::InternalError(absl::StrCat("skinny rows ", skinny == 1 ? "expected" : "not expected", " at ", T,
+                                                " tokens: ", skinny_after - skinny_before, " skinny rows GEMMs"));
       }
     }
     std::vector<std::vector<float>> got;
@@ -1383,6 +1399,7 @@ absl::Status CheckLoraRows(FoldConsumer consumer, int tokens, int silu_inter = 1
   LORAPLEX_RETURN_IF_ERROR(step("3 adapters", {1, 3, 4}, graph.get()));
   LORAPLEX_RETURN_IF_ERROR(step("4 other adapters", {5, 2, 0, 1}, graph.get()));
   LORAPLEX_RETURN_IF_ERROR(step("2 adapters", {0, 4}, graph.get()));
+  LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraRowsSkinnyForTest(g_gpu, -1));
   return cuda::SetLoraRowsForTest(g_gpu, -1, -1);
 }
 
@@ -1516,12 +1533,12 @@ absl::Status LoraTests() {
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraTensorCoreMinTokensForTest(g_gpu, 256));
   // Wide-rank steps as the model marks them (LoraSegments::wide_ranks: the streamed expand), with
   // the balanced shrink (the default for such steps from 128 tokens, forced here) on the executor's
-  // own grids, under each wide-step grid rule (SetLoraWideShrinkGridForTest): 48 tokens of qkv on ranks {0, 8, 16, 64} in segments of 1-2
-  // (many segments, ranks that differ: rule 2 keeps the smaller grid's blocks), all on slot 1
-  // (rank 16 on every slice: with the tightest rank bound every item is real, so rule 2 keeps the
-  // whole grid), and 96 one-token segments of down.
+  // own grids, under each wide-step grid rule (SetLoraWideShrinkGridForTest: 3/4, the smaller
+  // grid, the default): 48 tokens of qkv on ranks {0, 8, 16, 64} in segments of 1-2 (many
+  // segments, ranks that differ), all on slot 1 (rank 16 on every slice: with the tightest rank
+  // bound every item is real), and 96 one-token segments of down.
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraShrinkShapeForTest(g_gpu, -1, 0, 1));
-  for (int mode : {0, 1, 2}) {
+  for (int mode : {0, 1, -1}) {
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraWideShrinkGridForTest(g_gpu, mode));
     const std::string n = absl::StrCat("LoRA wide-rank step, grid rule ", mode);
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " qkv segments of 2", st, RandomTokenSlots(T, 6, 0.0), 2, nullptr, true));
@@ -1984,6 +2001,20 @@ void CheckLoraRowsAll() {
   for (int t : {32, 77}) {
     Run(absl::StrCat("LoRA rows[one-slice default, T=", t, "]"), [&] { return CheckLoraRows(FoldConsumer::kAddRmsNorm, t, 1536, -1); });
   }
+  // Skinny LoRA rows (up to 16 tokens): every consumer, with one token (positions beyond the
+  // first empty: the step lists 4 segments, one holds the token), 5 and 16, on any shape; then
+  // the 8B model's qkv and o under the executor's rule: one token takes it (qkv 6144 + 48 rows),
+  // 5 tokens of up to 4 adapters keep qkv off it (6144 + 192 rows deal unevenly: the GEMM over all
+  // spare rows, as min_tokens 1 allows here) and o on it (4096 + 64).
+  for (int t : {1, 5, 16}) {
+    for (auto c : {FoldConsumer::kRope, FoldConsumer::kSiluMul, FoldConsumer::kAddRmsNorm, FoldConsumer::kNone}) {
+      Run(absl::StrCat("LoRA rows[skinny, T=", t, "]"), [&] { return CheckLoraRows(c, t, 1536, -1, false, 1); });
+    }
+  }
+  Run("LoRA rows[skinny, 8B qkv, T=1]", [] { return CheckLoraRows(FoldConsumer::kRope, 1, 1536, -1, true, 1); });
+  Run("LoRA rows[skinny, 8B o, T=1]", [] { return CheckLoraRows(FoldConsumer::kAddRmsNorm, 1, 1536, -1, true, 1); });
+  Run("LoRA rows[skinny, 8B qkv, T=5]", [] { return CheckLoraRows(FoldConsumer::kRope, 5, 1536, -1, true, 0); });
+  Run("LoRA rows[skinny, 8B o, T=5]", [] { return CheckLoraRows(FoldConsumer::kAddRmsNorm, 5, 1536, -1, true, 1); });
 }
 
 // LoRA rows against the side chain and the plain GEMM, each followed by the op that reads its

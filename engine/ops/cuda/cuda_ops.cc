@@ -122,16 +122,15 @@ constexpr int kLoraFewShrinkBlocks = 44;
 // adapters 1.212-1.224x the base step instead of 1.232-1.244x (three same-process pairs; 55, 77
 // and 88 blocks in between; bench/runs/2026-11-29-ninth). Wider ranks lost with it (8 adapters of
 // ranks 8..64: 1.262x -> 1.280x at batch 32).
-// kLoraWideShrinkGrid: what wide-rank steps (LoraSegments::wide_ranks) among those take. 0: the
-// whole 3/4 grid. 1: the smaller grid too; with the balanced numbering forced on, 8 adapters of
-// ranks 8..64 then ran 1.207-1.213x the base step at batch 32 instead of 1.224-1.225x (plain, 3/4),
-// batch 128 1.465-1.474x instead of 1.521-1.524x, but 8 rank-64 adapters 1.346-1.348x instead of
-// 1.318-1.319x (batch 64: 1.475-1.479x against 1.457-1.459x; same process,
-// bench/runs/2026-11-30-seventeenth/5-wide-grid-ab). 2: the whole grid is launched, and a
-// balanced shrink keeps only the smaller grid's blocks when the step's real rows are fewer than
-// 3/4 of those its rank bound gives (ranks that differ; LoraParams::uneven_blocks), so uniform
-// wide ranks keep 3/4; a plain shrink keeps the whole grid.
-constexpr int kLoraWideShrinkGrid = 2;
+// Wide-rank steps (LoraSegments::wide_ranks) among those keep the whole 3/4 grid when their shrink
+// numbers items plainly, and take the smaller grid with the balanced numbering
+// (kLoraShrinkBalancedMinTokens): with the balanced numbering forced on, 8 adapters of ranks
+// 8..64 ran 1.207-1.213x the base step at batch 32 on the smaller grid instead of 1.224-1.225x
+// (plain, 3/4), batch 128 1.465-1.474x instead of 1.521-1.524x, but 8 rank-64 adapters
+// 1.346-1.348x instead of 1.318-1.319x (batch 64: 1.475-1.479x against 1.457-1.459x; same process,
+// bench/runs/2026-11-30-seventeenth/5-wide-grid-ab). At batch 128, where the balanced numbering
+// runs, rank 64 lost nothing with the smaller grid against 3/4 cut to it only when ranks differ
+// (1.610x against 1.616x, 6-final). SetLoraWideShrinkGridForTest forces either grid.
 constexpr int kLoraManyShrinkSmShare = 2;  // 1/2 of the SMs
 constexpr int kLoraManyMinTokens = 32;
 // gate_up (the module of 2 slices, whose GEMM is the longest beside the fewest bytes of A) takes a
@@ -163,6 +162,18 @@ constexpr int kLoraRowsMaxTokens = 128;
 constexpr int kLoraRowsMinSlices = 1;
 constexpr int kLoraRowsOneSliceMinTokens = 64;
 constexpr size_t kLoraRowsMaxEntries = 1024;  // registered weights (four a decoder layer)
+// Few-adapter narrow-rank steps of at most kLoraRowsSkinnyMaxTokens tokens run GemmWithLora as
+// LoRA rows through the skinny GEMM (skinny_gemm.h) over the weight and the spare rows of the
+// step's positions only (min(segments bound, tokens) of them: one adapter at batch 1 adds 48 rows
+// to qkv's 6144), where that shape is one the skinny GEMM takes (qkv, o and down of an 8B model
+// with up to 2 positions; o and down with up to 4); the others (gate_up) keep the side chain. No
+// kernel runs beside the GEMM, and the expand is done by the op that reads its output. Same
+// process, against the side chain (bench/runs/2026-11-30-eighteenth/2-skinny-tokens): one r16
+// adapter at batch 1 1.050-1.054x the base step -> 1.027-1.030x, batch 2 1.059-1.066x ->
+// 1.038-1.049x. From 4 tokens (4 positions in the few-adapter graphs) qkv's 6336 rows no longer
+// deal evenly and only o and down took it, which lost: batch 4 one adapter 1.053-1.056x ->
+// 1.073x, batch 8 4 adapters 1.049-1.052x -> 1.111-1.114x.
+constexpr int kLoraRowsSkinnyMaxTokens = 2;
 // SetGemmTimedForTest: the row buckets PrepareGemm times (below, steps of up to 16 rows run the
 // skinny GEMM; above, prefill chunks would make start-up slow).
 constexpr int64_t kGemmTimedMinRows = 32;
@@ -791,7 +802,9 @@ class CudaOps final : public Ops {
     if (segments == nullptr || module == nullptr || !lora_fork_) {
       return Ops::GemmWithLora(x, w, y, segments, module, lora_y);
     }
-    if (const RowsWeight* rw = RowsWeightFor(x, w, y, *segments, *module)) return GemmWithLoraRows(x, w, y, *rw);
+    if (const RowsCall call = RowsWeightFor(x, w, y, *segments, *module); call.rw != nullptr) {
+      return GemmWithLoraRows(x, w, y, call);
+    }
     // Everything is checked before anything is enqueued: a failure must not leave the side
     // stream forked (an open fork also breaks a graph capture).
     LORAPLEX_ASSIGN_OR_RETURN(LoraParams shrink, PrepareLoraShrink(x, *segments, *module, lora_y));
@@ -813,7 +826,6 @@ class CudaOps final : public Ops {
       // whose tail it overlaps with its metadata reads and L2 prefetch of A) on a grid of up to
       // 2 blocks an SM, the expand beside it as usual, then the GEMM alone on the SMs.
       shrink.num_blocks = ShrinkBlocks(*segments, *module, /*beside_gemm=*/false);
-      shrink.uneven_blocks = 0;  // nothing runs beside it
       shrink.prefetch_a = true;
       LORAPLEX_RETURN_IF_ERROR(LaunchShrink(shrink, x.data, lora_y.As<float>(), stream_, "GemmWithLora: shrink"));
       LORAPLEX_RETURN_IF_ERROR(
@@ -951,11 +963,15 @@ class CudaOps final : public Ops {
   absl::Status BeginLoraStep(const LoraSegments& segments) override {
     LORAPLEX_RETURN_IF_ERROR(FlushLoraDelta());
     rows_step_ = RowsStep{};
-    if (rows_weights_.empty() || lora_rows_max_tokens_ <= 0 || !segments.narrow_ranks ||
-        segments.segments_bound <= 0 || segments.segments_bound > kLoraRowsPositions ||
-        segments.num_tokens < std::max(1, lora_rows_min_tokens_) || segments.num_tokens > lora_rows_max_tokens_ ||
-        segments.max_segments <= 0 || segments.token_rows == nullptr || segments.seg_starts == nullptr ||
-        segments.seg_slots == nullptr || segments.num_segments == nullptr) {
+    // Skinny LoRA rows (kLoraRowsSkinnyMaxTokens), or the GEMM over all spare rows.
+    const bool skinny = skinny_mode_ == 2 && segments.num_tokens >= 1 &&
+                        segments.num_tokens <= std::min(lora_rows_skinny_max_tokens_, kSkinnyGemmMaxRows);
+    const bool full = lora_rows_max_tokens_ > 0 && segments.num_tokens >= std::max(1, lora_rows_min_tokens_) &&
+                      segments.num_tokens <= lora_rows_max_tokens_;
+    if (rows_weights_.empty() || !(skinny || full) || !segments.narrow_ranks || segments.segments_bound <= 0 ||
+        segments.segments_bound > kLoraRowsPositions || segments.max_segments <= 0 ||
+        segments.token_rows == nullptr || segments.seg_starts == nullptr || segments.seg_slots == nullptr ||
+        segments.num_segments == nullptr) {
       return absl::OkStatus();
     }
     LoraRowsInstall p;
@@ -973,6 +989,9 @@ class CudaOps final : public Ops {
     p.num_blocks = num_sms_ * 2;
     LORAPLEX_RETURN_IF_ERROR(CudaStatus(LaunchLoraRowsInstall(p, stream_), "BeginLoraStep: install"));
     rows_step_ = RowsStep{true, segments.seg_slots, segments.num_tokens};
+    rows_step_.full = full;
+    // Positions are the segments that hold tokens (LoraRowsInstall): no more than either bound.
+    if (skinny) rows_step_.skinny_positions = std::min({SegmentsBound(segments), segments.num_tokens, kLoraRowsPositions});
     return absl::OkStatus();
   }
 
@@ -983,6 +1002,11 @@ class CudaOps final : public Ops {
   }
 
   int64_t rows_gemms() const { return rows_gemms_; }
+  int64_t skinny_rows_gemms() const { return skinny_rows_gemms_; }
+  void set_lora_rows_skinny(int max_tokens, bool even) {
+    lora_rows_skinny_max_tokens_ = max_tokens < 0 ? kLoraRowsSkinnyMaxTokens : max_tokens;
+    lora_rows_skinny_even_ = even;
+  }
   void set_lora_rows(int min_tokens, int max_tokens, int min_slices, int one_slice_min_tokens) {
     lora_rows_min_slices_ = min_slices < 0 ? kLoraRowsMinSlices : min_slices;
     lora_rows_min_tokens_ = min_tokens < 0 ? kLoraRowsMinTokens : min_tokens;
@@ -999,41 +1023,68 @@ class CudaOps final : public Ops {
     int32_t slice_offsets[kLoraMaxSlices + 1] = {};
   };
 
-  // The registered weight GemmWithLora runs as LoRA rows, or null: a step begun with these
+  // How GemmWithLora runs a call as LoRA rows (RowsWeightFor).
+  struct RowsCall {
+    const RowsWeight* rw = nullptr;
+    int64_t rows = 0;     // GEMM rows: rw->n and the spare rows it covers
+    int skinny_splits = 0;  // > 0: the skinny GEMM with these splits; 0: cuBLASLt's
+  };
+
+  // How GemmWithLora runs this call as LoRA rows (rw null: not as rows): a step begun with these
   // segments (BeginLoraStep installed its adapters), w registered with this module's table, and
-  // x, y exactly the step's rows.
-  const RowsWeight* RowsWeightFor(const TensorView& x, const TensorView& w, const TensorView& y,
-                                  const LoraSegments& segments, const LoraModule& module) const {
+  // x, y exactly the step's rows; the skinny GEMM over the step's positions' spare rows when it
+  // takes that shape, else the GEMM over all of them in its token range.
+  RowsCall RowsWeightFor(const TensorView& x, const TensorView& w, const TensorView& y,
+                         const LoraSegments& segments, const LoraModule& module) const {
     if (!rows_step_.active || segments.seg_slots != rows_step_.seg_slots ||
         segments.num_tokens != rows_step_.num_tokens) {
-      return nullptr;
+      return {};
     }
     auto it = rows_weights_.find(w.data);
-    if (it == rows_weights_.end() || it->second.table != module.table || module.num_slices < lora_rows_min_slices_ ||
-        (module.num_slices == 1 && segments.num_tokens < lora_rows_one_slice_min_tokens_)) {
-      return nullptr;
+    if (it == rows_weights_.end() || it->second.table != module.table || module.num_slices < lora_rows_min_slices_) {
+      return {};
     }
     const RowsWeight& rw = it->second;
     if (x.dtype != DType::kBF16 || y.dtype != DType::kBF16 || w.dtype != DType::kBF16 || x.shape.rank != 2 ||
         y.shape.rank != 2 || w.shape.rank != 2 || w.shape[0] != rw.n || w.shape[1] != rw.k ||
         x.shape[0] != segments.num_tokens || y.shape[0] != segments.num_tokens || y.shape[1] != rw.n ||
         x.shape[1] != rw.k || !Aligned16(x.data) || !Aligned16(y.data)) {
-      return nullptr;
+      return {};
     }
-    return &rw;
+    if (rows_step_.skinny_positions > 0) {
+      const int64_t rows = rw.n + static_cast<int64_t>(rows_step_.skinny_positions) * rw.num_slices * kLoraRowsRank;
+      const int splits = SkinnyGemmSplits(segments.num_tokens, rows, rw.k, num_sms_, lora_rows_skinny_even_);
+      if (splits > 0) return {&rw, rows, splits};
+    }
+    if (!rows_step_.full || (module.num_slices == 1 && segments.num_tokens < lora_rows_one_slice_min_tokens_)) {
+      return {};
+    }
+    return {&rw, rw.n + rw.spare, 0};
   }
 
   // GemmWithLora as LoRA rows: one GEMM over the weight and its spare rows into the rows buffer,
   // left pending for the op that reads y (TakeLoraRows) or FlushLoraDelta.
-  absl::Status GemmWithLoraRows(const TensorView& x, const TensorView& w, const TensorView& y, const RowsWeight& rw) {
+  absl::Status GemmWithLoraRows(const TensorView& x, const TensorView& w, const TensorView& y, const RowsCall& call) {
+    const RowsWeight& rw = *call.rw;
     const int64_t t = x.shape[0];
-    LORAPLEX_RETURN_IF_ERROR(Annotate(
-        gemm_->Run(x.data, w.data, rows_out_, false, t, rw.n + rw.spare, rw.k, 0.0f, stream_), "GemmWithLora (rows)"));
+    if (call.skinny_splits > 0) {
+      // Nothing runs beside it: the build a plain Gemm takes. The spare rows are the install
+      // kernel's output, so only the weight's own rows are fetched before the wait.
+      LORAPLEX_RETURN_IF_ERROR(CudaStatus(
+          LaunchSkinnyGemm(x.data, w.data, static_cast<int>(t), static_cast<int>(call.rows), static_cast<int>(rw.k),
+                           call.skinny_splits, skinny_scratch_, rows_out_, stream_, /*hoisted=*/skinny_hoist_ >= 1,
+                           /*prefetch_rows=*/static_cast<int>(rw.n)),
+          "GemmWithLora (skinny rows)"));
+    } else {
+      LORAPLEX_RETURN_IF_ERROR(Annotate(gemm_->Run(x.data, w.data, rows_out_, false, t, call.rows, rw.k, 0.0f, stream_),
+                                        "GemmWithLora (rows)"));
+    }
     ++rows_gemms_;
+    if (call.skinny_splits > 0) ++skinny_rows_gemms_;
     LoraRowsView& v = pending_rows_.view;
     v = LoraRowsView{};
     v.src = rows_out_;
-    v.stride = rw.n + rw.spare;
+    v.stride = call.rows;
     v.u_col = static_cast<int32_t>(rw.n);
     v.rows = static_cast<int32_t>(t);
     v.row_pos = rows_state_ + kRowsStateRowPos;
@@ -1149,9 +1200,10 @@ class CudaOps final : public Ops {
     }
     // No more blocks than the step can have items (a few tokens cannot use a large grid; its
     // idle blocks would only hold SMs the GEMM beside the shrink needs).
-    int uneven_blocks = 0;
-    LoraParams p =
-        MakeLoraParams(segments, module, ShrinkBlocks(segments, module, /*beside_gemm=*/true, &uneven_blocks));
+    const bool balanced = lora_shrink_balanced_ < 0 ? kLoraShrinkBalancedWide && segments.wide_ranks &&
+                                                          segments.num_tokens >= kLoraShrinkBalancedMinTokens
+                                                    : lora_shrink_balanced_ == 1;
+    LoraParams p = MakeLoraParams(segments, module, ShrinkBlocks(segments, module, /*beside_gemm=*/true, balanced));
     p.shrink_warps = lora_shrink_warps_;
     // The one-token items need 16-row items to fill a quarter of the grid (OneTokenShape), which
     // steps of a few segments hardly do; they take the build without that shape, whose general
@@ -1159,20 +1211,15 @@ class CudaOps final : public Ops {
     const bool few = SegmentsBound(segments) <= kFewLoraSegments;
     p.shrink_shape = lora_shrink_shape_ == 1 && few ? 0 : lora_shrink_shape_;
     p.shrink_rows = lora_shrink_rows_;
-    p.shrink_balanced = lora_shrink_balanced_ < 0 ? kLoraShrinkBalancedWide && segments.wide_ranks &&
-                                                         segments.num_tokens >= kLoraShrinkBalancedMinTokens
-                                                   : lora_shrink_balanced_ == 1;
-    if (p.shrink_balanced) p.uneven_blocks = uneven_blocks;
+    p.shrink_balanced = balanced;
     return p;
   }
 
   // The decode shrink's grid (LoraShrinkBlocks), under the test cap when one is set, else under
   // kLoraManyShrinkSmShare's for the steps it names. Wide-rank steps among those keep the whole
-  // grid under the default kLoraWideShrinkGrid and get the smaller one as *uneven_blocks
-  // (LoraParams::uneven_blocks: what the balanced shrink uses when the step's ranks differ).
+  // grid unless their shrink is `balanced` (or SetLoraWideShrinkGridForTest says otherwise).
   int ShrinkBlocks(const LoraSegments& segments, const LoraModule& module, bool beside_gemm,
-                   int* uneven_blocks = nullptr) const {
-    if (uneven_blocks != nullptr) *uneven_blocks = 0;
+                   bool balanced = false) const {
     const int blocks = LoraShrinkBlocks(num_sms_, segments.num_tokens, module.num_slices, module.max_rank, beside_gemm);
     if (lora_shrink_blocks_ > 0) return std::min(blocks, lora_shrink_blocks_);  // the test cap replaces the rule below
     // SetLoraModuleShrinkBlocksForTest: the grid beside the GEMM of a many-adapter step for
@@ -1184,9 +1231,8 @@ class CudaOps final : public Ops {
       const bool quarter = module.num_slices == 2 && segments.num_tokens < kLoraGateUpQuarterMaxTokens;
       const int share = quarter ? kLoraManyGateUpSmShare : kLoraManyShrinkSmShare;
       const int many = std::min(blocks, std::max(1, num_sms_ / share));
-      const int wide_grid = lora_wide_shrink_grid_ >= 0 ? lora_wide_shrink_grid_ : kLoraWideShrinkGrid;
-      if (!segments.wide_ranks || wide_grid == 1) return many;
-      if (wide_grid == 2 && uneven_blocks != nullptr) *uneven_blocks = many;
+      const bool wide_many = lora_wide_shrink_grid_ >= 0 ? lora_wide_shrink_grid_ == 1 : balanced;
+      if (!segments.wide_ranks || wide_many) return many;
     }
     return blocks;
   }
@@ -1282,7 +1328,7 @@ class CudaOps final : public Ops {
   int lora_shrink_shape_ = kLoraShrinkShape;  // SetLoraShrinkShapeForTest (LoraParams::shrink_shape)
   int lora_shrink_rows_ = 0;    // SetLoraShrinkShapeForTest (LoraParams::shrink_rows)
   int lora_shrink_balanced_ = -1;  // SetLoraShrinkShapeForTest (LoraParams::shrink_balanced; -1: the default)
-  int lora_wide_shrink_grid_ = -1;  // SetLoraWideShrinkGridForTest (-1: kLoraWideShrinkGrid)
+  int lora_wide_shrink_grid_ = -1;  // SetLoraWideShrinkGridForTest (-1: by the shrink's numbering)
   int lora_expand_stages_ = -1;  // SetLoraExpandForTest (LoraParams::expand_stages); -1: by rank class
   int lora_expand_blocks_ = 0;  // SetLoraExpandForTest: a cap on the expand's grid (0: none)
   int lora_expand_tokens_ = 0;  // SetLoraExpandForTest (LoraParams::expand_tokens; 0: the default)
@@ -1325,10 +1371,14 @@ class CudaOps final : public Ops {
   int lora_rows_max_tokens_ = kLoraRowsMaxTokens;  // 0: off
   int lora_rows_min_slices_ = kLoraRowsMinSlices;
   int lora_rows_one_slice_min_tokens_ = kLoraRowsOneSliceMinTokens;
+  int lora_rows_skinny_max_tokens_ = kLoraRowsSkinnyMaxTokens;  // SetLoraRowsSkinnyForTest (0: off)
+  bool lora_rows_skinny_even_ = true;  // SetLoraRowsSkinnyForTest: the skinny GEMM's even-deal rule
   struct RowsStep {  // the step BeginLoraStep began as LoRA rows
     bool active = false;
     const int32_t* seg_slots = nullptr;
     int32_t num_tokens = 0;
+    bool full = false;             // in the GEMM-over-all-spare-rows range (lora_rows_min/max_tokens_)
+    int32_t skinny_positions = 0;  // > 0: skinny LoRA rows over this many positions' spare rows
   };
   RowsStep rows_step_;
   struct PendingLoraRows {  // GemmWithLora's output as LoRA rows, not yet written to `out`
@@ -1338,6 +1388,7 @@ class CudaOps final : public Ops {
   };
   PendingLoraRows pending_rows_;
   int64_t rows_gemms_ = 0;  // GemmWithLora calls run as LoRA rows (LoraRowsGemmsForTest)
+  int64_t skinny_rows_gemms_ = 0;  // those of them on the skinny GEMM (LoraSkinnyRowsGemmsForTest)
   bool gemm_timed_ = false;  // SetGemmTimedForTest
   bool lora_fold_ = true;  // tests turn folding off to compare both ways
   std::unique_ptr<CublasLtGemm> gemm_;
@@ -1478,6 +1529,16 @@ absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens, int mi
   return absl::OkStatus();
 }
 
+absl::Status SetLoraRowsSkinnyForTest(Ops* ops, int max_tokens, bool even) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraRowsSkinnyForTest"));
+  if (max_tokens > kSkinnyGemmMaxRows) {
+    return Invalid("SetLoraRowsSkinnyForTest", absl::StrCat("max_tokens ", max_tokens, " above ", kSkinnyGemmMaxRows));
+  }
+  LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());
+  cuda->set_lora_rows_skinny(max_tokens, even);
+  return absl::OkStatus();
+}
+
 absl::Status SetGemmTimedForTest(Ops* ops, bool timed) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetGemmTimedForTest"));
   cuda->set_gemm_timed(timed);
@@ -1487,6 +1548,11 @@ absl::Status SetGemmTimedForTest(Ops* ops, bool timed) {
 absl::StatusOr<int64_t> LoraRowsGemmsForTest(Ops* ops) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "LoraRowsGemmsForTest"));
   return cuda->rows_gemms();
+}
+
+absl::StatusOr<int64_t> LoraSkinnyRowsGemmsForTest(Ops* ops) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "LoraSkinnyRowsGemmsForTest"));
+  return cuda->skinny_rows_gemms();
 }
 
 absl::Status SetLoraGemmSmsForTest(Ops* ops, int sms) {
@@ -1517,8 +1583,8 @@ absl::Status SetLoraModuleShrinkBlocksForTest(Ops* ops, int num_slices, int bloc
 
 absl::Status SetLoraWideShrinkGridForTest(Ops* ops, int mode) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraWideShrinkGridForTest"));
-  if (mode < -1 || mode > 2) {
-    return Invalid("SetLoraWideShrinkGridForTest", absl::StrCat("mode ", mode, " not -1, 0, 1 or 2"));
+  if (mode < -1 || mode > 1) {
+    return Invalid("SetLoraWideShrinkGridForTest", absl::StrCat("mode ", mode, " not -1, 0 or 1"));
   }
   cuda->set_lora_wide_shrink_grid(mode);
   return absl::OkStatus();

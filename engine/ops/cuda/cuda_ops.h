@@ -74,9 +74,9 @@ absl::Status SetLoraShrinkWarpsForTest(Ops* ops, int warps);
 absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows = 0, int balanced = -1);
 // The decode shrink's grid beside the GEMM in wide-rank steps (LoraSegments::wide_ranks) of more
 // than kFewLoraSegments segments and at least 32 tokens: 0, 3/4 of the SMs; 1, the many-adapter
-// steps' half (a quarter for gate_up below 64 tokens); 2 (the default; -1 restores it), 3/4
-// launched, the balanced shrink keeping the smaller grid's blocks when the step's ranks differ
-// (LoraParams::uneven_blocks). INVALID_ARGUMENT for other values.
+// steps' half (a quarter for gate_up below 64 tokens); -1 (the default), the latter for a
+// balanced shrink (LoraParams::shrink_balanced), else the former. INVALID_ARGUMENT for other
+// values.
 absl::Status SetLoraWideShrinkGridForTest(Ops* ops, int mode);
 // The decode shrink's grid beside the GEMM in steps of more than kFewLoraSegments segments, for
 // modules of `num_slices` slices (3: qkv; 2: gate_up; 1: o and down), in place of the rules
@@ -103,6 +103,11 @@ absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0, int toke
 // Takes effect from the next BeginLoraStep (graphs keep what they recorded).
 absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens, int min_slices = -1,
                                 int one_slice_min_tokens = -1);
+// LoRA rows through the skinny GEMM for few-adapter narrow-rank steps of 1 to `max_tokens` tokens
+// (negative: the default, 2; 0: off; at most 16), over the spare rows of the step's positions
+// only. even = false lets them take shapes the skinny GEMM cannot deal evenly over the SMs (tests
+// with small weights). Takes effect from the next BeginLoraStep. INVALID_ARGUMENT above 16.
+absl::Status SetLoraRowsSkinnyForTest(Ops* ops, int max_tokens, bool even = true);
 // An experiment (off by default; no clear gain in 2026-11-30-fifteenth/3): PrepareGemm also chooses the
 // algorithm of every row bucket from 32 to 256 of bf16 GEMMs by timing cuBLASLt's candidates on
 // the ops' stream, as the LoRA rows' GEMMs are chosen (CublasLtGemm::PrepareTimed). It then runs
@@ -111,6 +116,8 @@ absl::Status SetLoraRowsForTest(Ops* ops, int min_tokens, int max_tokens, int mi
 absl::Status SetGemmTimedForTest(Ops* ops, bool timed);
 // How many GemmWithLora calls have run as LoRA rows so far (recorded ones count once, at capture).
 absl::StatusOr<int64_t> LoraRowsGemmsForTest(Ops* ops);
+// How many of those ran on the skinny GEMM (SetLoraRowsSkinnyForTest).
+absl::StatusOr<int64_t> LoraSkinnyRowsGemmsForTest(Ops* ops);
 // An experiment (off by default): GemmWithLora's GEMM uses the algorithms cuBLASLt chooses for
 // `sms` SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), leaving the rest to the LoRA side chain beside
 // it; 0 goes back to the executor's GEMM. Synchronizes; call it outside captures.

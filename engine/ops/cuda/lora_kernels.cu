@@ -376,16 +376,7 @@ __global__ void __launch_bounds__(kItemWarps * kWarpSize, 16 / kItemWarps)
       balanced = BuildShrinkItemPrefix(p, nseg, live_rank, one_token ? 1 : groups, one_token_rows, pair_end);
     }
   }
-  // The blocks that take items: all, or LoraParams::uneven_blocks when the step's real items are
-  // fewer than 3/4 of those its rank bound gives (the same in every block).
-  int grid = gridDim.x;
-  if constexpr (kBalanced) {
-    if (balanced >= 0 && p.uneven_blocks > 0) {
-      const int64_t bound_items = static_cast<int64_t>(nseg) * S *
-                                  (one_token ? (live_rank + one_token_rows - 1) / one_token_rows : groups * row_groups);
-      if (4 * static_cast<int64_t>(balanced) < 3 * bound_items) grid = min(grid, p.uneven_blocks);
-    }
-  }
+  const int grid = gridDim.x;
   const int balanced_pairs = balanced >= 0 ? nseg * S : -1;
   const int64_t items = balanced >= 0 ? balanced : static_cast<int64_t>(nseg) * S * groups * row_groups;
   const int K = p.in_features;

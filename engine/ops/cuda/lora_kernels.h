@@ -82,11 +82,6 @@ struct LoraParams {
   // rank are skipped, so with mixed ranks some blocks get several real items while others idle.
   // For steps of more than 512 (segment, slice) pairs the plain numbering. The same y bits.
   bool shrink_balanced = false;
-  // Shrink only, with shrink_balanced: when the step's real items are fewer than 3/4 of those its
-  // rank bound gives (ranks that differ), only this many of the grid's blocks take items; the
-  // others clear their share of the delta marks and exit, leaving their SMs to the GEMM beside
-  // the shrink. 0: every block. The same y bits.
-  int32_t uneven_blocks = 0;
   // Shrink only (GemmWithLora's in-line chain): launch it as a programmatic dependent of the kernel
   // before it; while that kernel finishes, each block resolves its items and asks the L2 for
   // their rows of A. It reads x and writes y and the delta marks only after that kernel completed.

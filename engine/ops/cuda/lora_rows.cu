@@ -7,22 +7,34 @@ namespace {
 constexpr int kInstallThreads = 256;
 constexpr int kFlushThreads = 256;
 
+// Positions are the step's segments that hold tokens, in order (empty segments take none), so a
+// step of P adapters uses positions 0..P-1 whatever segments it lists: GEMMs over the weight and
+// only the spare rows of those positions (the skinny LoRA rows) see every row a reader asks for.
 // Each block reads which positions need their adapter's A rows (before any block may change
 // `installed`), block 0 writes every row's position, and the copies are dealt out one spare row
 // (K elements) at a time. The last block to finish records the installed slots.
 __global__ void LoraRowsInstallKernel(LoraRowsInstall p) {
   PdlEnter();  // before any global memory access (see kernel_utils.cuh)
-  __shared__ int need[kLoraRowsPositions];  // slot to install at each position; -1: none
-  __shared__ int live;                      // positions the step uses
+  __shared__ int need[kLoraRowsPositions];     // slot to install at each position; -1: none
+  __shared__ int slot_at[kLoraRowsPositions];  // slot at each position; -1: no segment there
+  __shared__ int seg_pos[kLoraRowsPositions];  // position of each of the first segments; -1: empty
+  __shared__ int live;                         // segments the step lists (up to kLoraRowsPositions)
   if (threadIdx.x == 0) {
     const int n = *p.num_segments;
     live = n < 0 ? 0 : n > kLoraRowsPositions ? kLoraRowsPositions : n;
+    int next = 0;
+    for (int q = 0; q < kLoraRowsPositions; ++q) {
+      const bool tokens = q < live && p.seg_starts[q + 1] > p.seg_starts[q];
+      seg_pos[q] = tokens ? next : -1;
+      if (tokens) slot_at[next++] = p.seg_slots[q];
+    }
+    for (int q = next; q < kLoraRowsPositions; ++q) slot_at[q] = -1;
   }
   __syncthreads();
   if (threadIdx.x < kLoraRowsPositions) {
     const int q = threadIdx.x;
-    const int slot = q < live ? p.seg_slots[q] : -1;
-    need[q] = q < live && slot != p.installed[q] ? slot : -1;
+    const int slot = slot_at[q];
+    need[q] = slot >= 0 && slot != p.installed[q] ? slot : -1;
   }
   __syncthreads();
 
@@ -36,7 +48,7 @@ __global__ void LoraRowsInstallKernel(LoraRowsInstall p) {
         if (i >= p.seg_starts[q]) seg = q;
       }
       const int row = p.token_rows[i];
-      if (row >= 0 && row < p.num_tokens) p.row_pos[row] = seg;
+      if (row >= 0 && row < p.num_tokens) p.row_pos[row] = seg_pos[seg];
     }
   }
 
@@ -47,7 +59,7 @@ __global__ void LoraRowsInstallKernel(LoraRowsInstall p) {
       const int s = it % kLoraMaxSlices, q = (it / kLoraMaxSlices) % kLoraRowsPositions;
       const int e = it / (kLoraMaxSlices * kLoraRowsPositions);
       const LoraRowsEntry& entry = p.entries[e];
-      const int slot = q < live ? p.seg_slots[q] : -1;
+      const int slot = slot_at[q];
       LoraSliceWeightsDev w{nullptr, nullptr, 0, 0.0f};
       if (entry.spare != nullptr && slot >= 0 && slot < entry.num_slots && s < entry.num_slices) {
         w = entry.table[static_cast<int64_t>(slot) * entry.num_slices + s];

@@ -3,11 +3,13 @@
 //
 // A registered projection's weight [N, K] is followed in memory by kLoraRowsPositions x slices x
 // kLoraRowsRank spare rows. At the start of a step (CudaOps::BeginLoraStep) the install kernel
-// copies the A rows of the adapter of each of the step's segments p < kLoraRowsPositions into
-// spare rows (p·slices + s)·kLoraRowsRank + j, unless they are already there (zeros past the
-// adapter's rank), notes each row's position, and writes each projection's adapter weights at
-// each position, so the GEMM over N + spare rows writes [x·Wᵀ | x·A_pᵀ ...] into a
-// [T, N + spare] buffer and its readers find B in one load. The op that reads y
+// copies the A rows of the adapter at each position p into spare rows (p·slices + s)·kLoraRowsRank
+// + j, unless they are already there (zeros past the adapter's rank), notes each row's position,
+// and writes each projection's adapter weights at each position, so the GEMM over N + spare rows
+// writes [x·Wᵀ | x·A_pᵀ ...] into a [T, N + spare] buffer and its readers find B in one load. The
+// positions are the step's segments that hold tokens, in order: a step of P adapters uses
+// positions 0..P-1, so a GEMM over N + P·slices·kLoraRowsRank rows (the skinny GEMM of steps of
+// up to 16 tokens) gives every reader its values. The op that reads y
 // next (RoPE and the KV-cache write for qkv, SiLU·up for gate_up, or the flush kernel for any
 // other reader) adds each row's scale·u·Bᵀ, u being that row's shrink values, as it copies the
 // GEMM's part to y: out = bf16(y + bf16(scale·Σ_j u_j·B[n, j])), the delta path's rounding with u

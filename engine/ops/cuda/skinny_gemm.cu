@@ -39,9 +39,10 @@ __device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
 // y = x·Wᵀ over k in [blockIdx.y·k_len, +k_len) for W rows [blockIdx.x·kNTile, +kNTile).
 // One split (gridDim.y 1): writes y[m][n] (bf16). Else writes partial[blockIdx.y][m][n] (F32), and
 // the tile's last split to arrive (counters[blockIdx.x], back to 0 after) writes y as the sum of
-// the splits in split order. k_len is a multiple of kKStep. W is the model's (never written by a
-// kernel of the step), so the first stages of W are fetched before the wait for the kernel
-// before; x and every write come after it.
+// the splits in split order. k_len is a multiple of kKStep. W's rows below prefetch_rows are the
+// model's (never written by a kernel of the step), so a block of those fetches its first stages
+// of W before the wait for the kernel before; x, every write and the other blocks' W come after
+// it.
 // kHoist: each thread's copy addresses (its chunk of W rows tid/8 + 16·i and of x row tid/8, the
 // same in every stage) computed once before the pipeline and advanced by a k step a stage,
 // instead of the copy loops' index arithmetic every stage: 91 instructions a k step instead of
@@ -53,7 +54,8 @@ __device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
 template <bool kHoist>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     SkinnyGemmKernel(const bf16* __restrict__ x, const bf16* __restrict__ w, int M, int N, int K, int k_len,
-                     float* __restrict__ partial, unsigned* __restrict__ counters, bf16* __restrict__ y) {
+                     int prefetch_rows, float* __restrict__ partial, unsigned* __restrict__ counters,
+                     bf16* __restrict__ y) {
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* w_s = smem;
   unsigned char* x_s = smem + kStages * kWStageBytes;
@@ -101,11 +103,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   // The first kStages - 1 stages: W of all of them, then (x being the kernel before's output) x
   // after the wait. Group s holds x of stage s, and group 0 also every prefetched W, so the
   // main loop's count of groups in flight holds as if each stage were one group.
+  // A block whose rows reach past prefetch_rows (W rows a kernel of the step writes: the LoRA
+  // rows' spare rows) loads them only after the wait.
+  const bool early = n0 + kNTile <= prefetch_rows;
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) load_w(s, s);
+    if (early && s < steps) load_w(s, s);
   }
   WaitForPrecedingKernel();
   for (int s = 0; s < kStages - 1; ++s) {
+    if (!early && s < steps) load_w(s, s);
     if (s < steps) load_x(s, s);
     CpAsyncCommit();
   }
@@ -206,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 
 }  // namespace
 
-int SkinnyGemmSplits(int64_t m, int64_t n, int64_t k, int num_sms) {
+int SkinnyGemmSplits(int64_t m, int64_t n, int64_t k, int num_sms, bool even) {
   if (m < 1 || m > kSkinnyGemmMaxRows || n < 1 || k < kKStep || k % kKStep != 0 || num_sms <= 0) return 0;
   if (n > (int64_t{1} << 30) || k > (int64_t{1} << 30)) return 0;
   const int64_t tiles = (n + kNTile - 1) / kNTile, steps = k / kKStep, slots = int64_t{kBlocksPerSm} * num_sms;
@@ -219,7 +225,7 @@ int SkinnyGemmSplits(int64_t m, int64_t n, int64_t k, int num_sms) {
   // Every SM must get (about) as many blocks as the busiest: at 90% or less of that, cuBLASLt's
   // tiles are dealt better (gate_up of an 8B model: 224 blocks on 132 SMs, 1.05x cuBLASLt's time).
   const int64_t blocks = tiles * splits, busiest = (blocks + num_sms - 1) / num_sms;
-  if (blocks * 10 < busiest * num_sms * 9) return 0;
+  if (even && blocks * 10 < busiest * num_sms * 9) return 0;
   return splits;
 }
 
@@ -241,7 +247,8 @@ cudaError_t InitSkinnyGemm() {
 }
 
 cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, int splits,
-                             const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream, bool hoisted) {
+                             const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream, bool hoisted,
+                             int prefetch_rows) {
   const int tiles = (n + kNTile - 1) / kNTile;
   if (m < 1 || m > kSkinnyGemmMaxRows || n < 1 || k % kKStep != 0 || splits < 1 || (k / kKStep) % splits != 0 ||
       !IsAligned16(x) || !IsAligned16(w) || !IsAligned16(y)) {
@@ -254,7 +261,7 @@ cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, 
   return LaunchDependent(hoisted ? SkinnyGemmKernel<true> : SkinnyGemmKernel<false>,
                          dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits)), dim3(kThreads), kSmemBytes,
                          stream, static_cast<const bf16*>(x), static_cast<const bf16*>(w), m, n, k, k / splits,
-                         scratch.partial, scratch.counters, static_cast<bf16*>(y));
+                         prefetch_rows < 0 ? n : prefetch_rows, scratch.partial, scratch.counters, static_cast<bf16*>(y));
 }
 
 }  // namespace loraplex::ops::cuda

@@ -20,8 +20,8 @@ inline constexpr int kSkinnyGemmMaxRows = 16;  // one 16-row tensor-core tile of
 // How many splits of K the skinny GEMM takes for this shape on `num_sms` SMs, or 0 where it does
 // not apply or would be slower than cuBLASLt: M above kSkinnyGemmMaxRows, K not a multiple of 64,
 // or a shape whose blocks cannot be dealt evenly over the SMs (the measured losses: gate_up of an
-// 8B model, 224 column tiles on 132 SMs).
-int SkinnyGemmSplits(int64_t m, int64_t n, int64_t k, int num_sms);
+// 8B model, 224 column tiles on 132 SMs). even = false drops that last rule (tests).
+int SkinnyGemmSplits(int64_t m, int64_t n, int64_t k, int num_sms, bool even = true);
 
 // Bytes of the fp32 partial sums that `splits` > 1 splits of an [m, n] output need.
 size_t SkinnyGemmPartialBytes(int64_t m, int64_t n, int splits);
@@ -53,7 +53,11 @@ cudaError_t InitSkinnyGemm();
 // bounds.
 // hoisted: the build whose copy addresses are computed once before the pipeline (the same bits;
 // faster alone, slower beside the LoRA kernels: SetSkinnyGemmHoistForTest).
+// prefetch_rows: W's rows from this one on may be written by the kernels before this one (the
+// LoRA rows' spare rows, written by the step's install kernel), so they are read only after the
+// wait for the kernel before; negative: none (every row is prefetched).
 cudaError_t LaunchSkinnyGemm(const void* x, const void* w, int m, int n, int k, int splits,
-                             const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream, bool hoisted = false);
+                             const SkinnyGemmScratch& scratch, void* y, cudaStream_t stream, bool hoisted = false,
+                             int prefetch_rows = -1);
 
 }  // namespace loraplex::ops::cuda
