@@ -27,7 +27,7 @@
 //                   [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N]
 //                   [--lora-rows-min-tokens N] [--lora-rows-max-tokens N] [--lora-rows-min-slices 1|2|3]
 //                   [--lora-rows-one-slice-min-tokens N] [--lora-rows-skinny N]
-//                   [--gemm-timed 0|1] [--variants "FLAGS;FLAGS;..."]
+//                   [--gemm-timed 0|1] [--gemm-l2-cold 0|1] [--variants "FLAGS;FLAGS;..."]
 //   --graphs 0: every step eager (no graph rows).
 //   --lora-shrink-balanced 1: the decode shrink numbers only its real items, evenly over its grid,
 //     in every step; 0: never (every adapter's items up to the step's rank bound); default -1:
@@ -52,6 +52,8 @@
 //   --lora-rows-skinny N: few-adapter narrow-rank steps of up to N tokens (at most 16; default 2;
 //     0: off) run LoRA rows through the skinny GEMM, over the spare rows of the step's adapters
 //     only, for the projections whose shape it takes.
+//   --gemm-l2-cold 0: the timed algorithm choices (LoRA rows' GEMMs, --gemm-timed) time calls back
+//     to back (default 1: the L2 cleared before each; load time only, like --gemm-timed).
 //   --gemm-timed 1: the model's GEMMs of 32 to 256 rows on algorithms chosen by timing cuBLASLt's
 //     candidates at warm-up (an experiment). It acts at load only: give it on the command line
 //     (gpu_all.sh's STEP_BENCH_VARIANTS runs another process), not in --variants.
@@ -181,6 +183,7 @@ struct LoraTuning {
   int rows_one_slice_min_tokens = -1;
   int rows_skinny = -1;  // SetLoraRowsSkinnyForTest's max tokens (-1: the default; 0: off)
   int gemm_timed = 0;  // SetGemmTimedForTest (load time only)
+  int gemm_l2_cold = 1;  // SetGemmTimedL2ColdForTest (load time only)
 };
 
 // Sets every LoRA knob of the CUDA executor to `t` (unset fields back to the defaults).
@@ -202,6 +205,7 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
                                                          t.rows_one_slice_min_tokens));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraRowsSkinnyForTest(ops, t.rows_skinny));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetGemmTimedForTest(ops, t.gemm_timed != 0));
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetGemmTimedL2ColdForTest(ops, t.gemm_l2_cold != 0));
   for (int s = 1; s <= 3; ++s) {
     LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraModuleShrinkBlocksForTest(ops, s, t.module_shrink_blocks[s]));
   }
@@ -656,6 +660,7 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   }
   if (flag == "--lora-rows-skinny") return ParseFlag(flag, value, -1, 16, &t->rows_skinny);
   if (flag == "--gemm-timed") return ParseFlag(flag, value, 0, 1, &t->gemm_timed);
+  if (flag == "--gemm-l2-cold") return ParseFlag(flag, value, 0, 1, &t->gemm_l2_cold);
   if (flag == "--lora-few-gemm-sms") return ParseFlag(flag, value, 0, 1 << 20, &t->few_gemm_sms);
   if (flag == "--lora-few-shrink-blocks") return ParseFlag(flag, value, 1, 1 << 20, &t->few_shrink_blocks);
   if (flag == "--lora-few-min-tokens") return ParseFlag(flag, value, 0, 1 << 20, &t->few_min_tokens);
@@ -686,7 +691,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-balanced -1|0|1] [--lora-wide-shrink-grid -1|0|1] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N] [--lora-rows-min-tokens N] [--lora-rows-max-tokens N] [--lora-rows-min-slices 1|2|3] [--lora-rows-one-slice-min-tokens N] [--lora-rows-skinny N] [--gemm-timed 0|1] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-balanced -1|0|1] [--lora-wide-shrink-grid -1|0|1] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N] [--lora-rows-min-tokens N] [--lora-rows-max-tokens N] [--lora-rows-min-slices 1|2|3] [--lora-rows-one-slice-min-tokens N] [--lora-rows-skinny N] [--gemm-timed 0|1] [--gemm-l2-cold 0|1] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;
@@ -707,7 +712,8 @@ absl::Status Run(int argc, char** argv) {
       if (!absl::SimpleAtoi(argv[i + 1], &profile) || profile < 0 || profile > 2) {
         return absl::InvalidArgumentError(absl::StrCat("--profile ", argv[i + 1], " (expected 0, 1 or 2)"));
       }
-    } else if (flag.rfind("--lora-", 0) == 0 || flag.rfind("--skinny-", 0) == 0 || flag == "--gemm-timed") {
+    } else if (flag.rfind("--lora-", 0) == 0 || flag.rfind("--skinny-", 0) == 0 || flag == "--gemm-timed" ||
+               flag == "--gemm-l2-cold") {
       LORAPLEX_RETURN_IF_ERROR(ParseLoraFlag(flag, argv[i + 1], &lora));
     } else if (flag == "--variants") {
       for (absl::string_view spec : absl::StrSplit(argv[i + 1], ';', absl::SkipWhitespace())) {

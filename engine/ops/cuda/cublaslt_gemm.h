@@ -42,6 +42,8 @@ class CublasLtGemm {
   absl::Status PrepareTimed(const void* x, const void* w, void* y, int64_t min_m, int64_t max_m, int64_t n,
                             int64_t k, cudaStream_t stream);
   int64_t num_algorithms() const { return static_cast<int64_t>(bucket_algos_.size()); }
+  // PrepareTimed clears the L2 before every timed call (on by default; see PrepareTimed).
+  void set_timed_l2_cold(bool cold) { timed_l2_cold_ = cold; }
 
  private:
   // (m or m bucket, n, k, y_f32, alignment in bytes)
@@ -66,6 +68,7 @@ class CublasLtGemm {
   std::map<Key, cublasLtMatmulAlgo_t> bucket_algos_;
   std::map<Key, std::unique_ptr<Plan>> plans_;
   std::set<Key> timed_;  // bucket keys PrepareTimed has chosen
+  bool timed_l2_cold_ = true;
 };
 
 }  // namespace loraplex::ops::cuda

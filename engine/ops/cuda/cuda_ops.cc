@@ -596,6 +596,7 @@ class CudaOps final : public Ops {
 
   int64_t gemm_algorithms() const { return gemm_->num_algorithms(); }
   void set_gemm_timed(bool timed) { gemm_timed_ = timed; }
+  void set_gemm_timed_l2_cold(bool cold) { gemm_->set_timed_l2_cold(cold); }
 
   // Gemm's and PrepareGemm's argument checks (kOp names the op in the message).
   absl::Status CheckGemm(absl::string_view kOp, const TensorView& x, const TensorView& w, const TensorView& y) {
@@ -1536,6 +1537,12 @@ absl::Status SetLoraRowsSkinnyForTest(Ops* ops, int max_tokens, bool even) {
   }
   LORAPLEX_RETURN_IF_ERROR(cuda->FlushLoraDelta());
   cuda->set_lora_rows_skinny(max_tokens, even);
+  return absl::OkStatus();
+}
+
+absl::Status SetGemmTimedL2ColdForTest(Ops* ops, bool cold) {
+  LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetGemmTimedL2ColdForTest"));
+  cuda->set_gemm_timed_l2_cold(cold);
   return absl::OkStatus();
 }
 

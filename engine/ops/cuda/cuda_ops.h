@@ -114,6 +114,10 @@ absl::Status SetLoraRowsSkinnyForTest(Ops* ops, int max_tokens, bool even = true
 // GEMMs on PrepareGemm's x and y (their contents become unspecified) and synchronizes, outside
 // captures only. Once per shape: set it before the model's WarmUp.
 absl::Status SetGemmTimedForTest(Ops* ops, bool timed);
+// Whether the timed algorithm choices (the LoRA rows' GEMMs at RegisterLoraWeight,
+// SetGemmTimedForTest's) time each call after clearing the L2, as a step meets the weight (the
+// default), or back to back. Acts on choices made after it: set it before the model loads.
+absl::Status SetGemmTimedL2ColdForTest(Ops* ops, bool cold);
 // How many GemmWithLora calls have run as LoRA rows so far (recorded ones count once, at capture).
 absl::StatusOr<int64_t> LoraRowsGemmsForTest(Ops* ops);
 // How many of those ran on the skinny GEMM (SetLoraRowsSkinnyForTest).
