@@ -22,7 +22,7 @@
 // Usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,32,64,128] [--cpu 1]
 //                   [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N]
 //                   [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N]
-//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-balanced -1|0|1] [--lora-wide-shrink-grid -1|0|1] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N]
+//                   [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-balanced -1|0|1] [--lora-wide-shrink-grid -1|0|1] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-expand-classes -1|0|1|2] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N]
 //                   [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2]
 //                   [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N]
 //                   [--lora-rows-min-tokens N] [--lora-rows-max-tokens N] [--lora-rows-min-slices 1|2|3]
@@ -165,6 +165,7 @@ struct LoraTuning {
   int expand_stages = -1;  // SetLoraExpandForTest (-1: the default)
   int expand_blocks = 0;   // SetLoraExpandForTest's cap on the expand's grid (0: none)
   int expand_tokens = 0;   // SetLoraExpandForTest's tokens an item (0: the default)
+  int expand_classes = -1;  // SetLoraExpandForTest's rank classes (-1: the default)
   int tc_min_tokens = 0;       // SetLoraTensorCoreMinTokensForTest (0: the default)
   int tc_few_min_tokens = -1;  // SetLoraTensorCoreMinTokensForTest's few-segment steps (-1: the default; 0: never)
   int gemm_sms = 0;       // SetLoraGemmSmsForTest
@@ -192,7 +193,8 @@ absl::Status ApplyLoraTuning(ops::Ops* ops, const LoraTuning& t) {
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkWarpsForTest(ops, t.shrink_warps));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraShrinkShapeForTest(ops, t.shrink_shape, t.shrink_rows, t.shrink_balanced));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraWideShrinkGridForTest(ops, t.wide_shrink_grid));
-  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraExpandForTest(ops, t.expand_stages, t.expand_blocks, t.expand_tokens));
+  LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraExpandForTest(ops, t.expand_stages, t.expand_blocks, t.expand_tokens,
+                                                                t.expand_classes));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraTensorCoreMinTokensForTest(ops, t.tc_min_tokens, t.tc_few_min_tokens));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmSmsForTest(ops, t.gemm_sms));
   LORAPLEX_RETURN_IF_ERROR(ops::cuda::SetLoraGemmFirstForTest(ops, t.gemm_first));
@@ -639,6 +641,7 @@ absl::Status ParseLoraFlag(const std::string& flag, const char* value, LoraTunin
   if (flag == "--lora-wide-shrink-grid") return ParseFlag(flag, value, -1, 1, &t->wide_shrink_grid);
   if (flag == "--lora-expand-blocks") return ParseFlag(flag, value, 0, 1 << 20, &t->expand_blocks);
   if (flag == "--lora-expand-tokens") return ParseFlag(flag, value, 0, 64, &t->expand_tokens);
+  if (flag == "--lora-expand-classes") return ParseFlag(flag, value, -1, 2, &t->expand_classes);
   if (flag == "--lora-tc-min-tokens") return ParseFlag(flag, value, 0, 1 << 20, &t->tc_min_tokens);
   if (flag == "--lora-tc-few-min-tokens") return ParseFlag(flag, value, -1, 1 << 20, &t->tc_few_min_tokens);
   if (flag == "--lora-expand-stages") {
@@ -691,7 +694,7 @@ absl::StatusOr<LoraTuning> ParseVariant(absl::string_view spec) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 4) {
-    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-balanced -1|0|1] [--lora-wide-shrink-grid -1|0|1] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N] [--lora-rows-min-tokens N] [--lora-rows-max-tokens N] [--lora-rows-min-slices 1|2|3] [--lora-rows-one-slice-min-tokens N] [--lora-rows-skinny N] [--gemm-timed 0|1] [--gemm-l2-cold 0|1] [--variants \"FLAGS;FLAGS...\"]");
+    return absl::InvalidArgumentError("usage: step_bench MODEL_DIR ADAPTER_DIR OUT_JSON [--steps N] [--batches 1,8,...] [--cpu 1] [--graphs 0] [--profile 1|2] [--lora-shrink-blocks N] [--lora-overlap 0|1] [--lora-shrink-warps 8|16] [--lora-gemm-sms N] [--lora-gemm-first 0|1|3] [--lora-inline N] [--lora-shrink-shape 0|1|2] [--lora-shrink-rows 0|4|8|16] [--lora-shrink-balanced -1|0|1] [--lora-wide-shrink-grid -1|0|1] [--lora-expand-stages 0|2|3] [--lora-expand-blocks N] [--lora-expand-tokens N] [--lora-expand-classes -1|0|1|2] [--lora-tc-min-tokens N] [--lora-tc-few-min-tokens N] [--lora-few-gemm-sms N] [--lora-few-shrink-blocks N] [--lora-few-min-tokens N] [--skinny-gemm 0|1|2] [--lora-bf16-delta 0|1] [--skinny-hoist 0|1|2] [--lora-shrink-blocks-s1|-s2|-s3 N] [--lora-rows-min-tokens N] [--lora-rows-max-tokens N] [--lora-rows-min-slices 1|2|3] [--lora-rows-one-slice-min-tokens N] [--lora-rows-skinny N] [--gemm-timed 0|1] [--gemm-l2-cold 0|1] [--variants \"FLAGS;FLAGS...\"]");
   }
   int steps = 20;
   LoraTuning lora;

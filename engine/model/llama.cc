@@ -1,6 +1,7 @@
 #include "engine/model/llama.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -101,7 +102,9 @@ struct LlamaModel::Impl {
   StepBuffer context_lens, logit_rows;                 // [max_seqs] I32
   StepBuffer block_tables;                             // [max_seqs * max_blocks_per_seq] I32
   StepBuffer token_rows, seg_starts, seg_slots;  // [max_tokens(+1)] I32
-  StepBuffer num_segments;  // [2] I32: the segment count, then the step's rank bound
+  // [2 + ops::kLoraRankClasses] I32: the segment count, the step's rank bound, the rank classes'
+  // ends (ops::LoraSegments::class_ends).
+  StepBuffer num_segments;
   StepBuffer sampling_rows;                            // [max_seqs] ops::SamplingRow
   // Activations (compute dtype unless noted), sized at capacity.
   ops::DeviceMemory residual, hidden, proj_out;  // [max_tokens, H]
@@ -367,7 +370,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
     // The step arena: the small per-step arrays first (a decode step's copy then spans little
     // more than what it writes), each region 16-byte aligned.
     const std::pair<Impl::StepBuffer*, size_t> regions[] = {
-        {&impl->num_segments, 2 * sizeof(int32_t)},
+        {&impl->num_segments, (2 + ops::kLoraRankClasses) * sizeof(int32_t)},
         {&impl->context_lens, max_s * sizeof(int32_t)},
         {&impl->logit_rows, max_s * sizeof(int32_t)},
         {&impl->sampling_rows, max_s * sizeof(ops::SamplingRow)},
@@ -541,11 +544,39 @@ int32_t LlamaModel::Impl::StepMaxRank(const lora::LoraBatch& lb) const {
 
 void LlamaModel::Impl::UploadLora(const lora::LoraBatch& lb, int32_t max_rank) {
   // The largest rank any slot of the step holds bounds the kernels' work (ops::LoraSegments).
-  const std::vector<int32_t> count = {lb.seg_slots.empty() ? 0 : lb.num_segments(), max_rank};
-  if (!lb.seg_slots.empty()) {
-    Upload(token_rows, lb.token_rows);
-    Upload(seg_starts, lb.seg_starts);
-    Upload(seg_slots, lb.seg_slots);
+  const int32_t n = lb.num_segments();
+  std::vector<int32_t> count = {n, max_rank};
+  // The segments go up ordered by rank class (ops::LoraSegments::class_ends; stable, so one class
+  // keeps the batch's order); without a slot pool every segment is in the last class.
+  std::array<int32_t, ops::kLoraRankClasses> ends{};
+  std::vector<int> cls(static_cast<size_t>(n), ops::kLoraRankClasses - 1);
+  if (slot_pool != nullptr) {
+    for (int32_t i = 0; i < n; ++i) cls[i] = ops::LoraRankClass(slot_pool->slot_rank(lb.seg_slots[i]));
+  }
+  for (int c : cls) ++ends[c];
+  for (int c = 1; c < ops::kLoraRankClasses; ++c) ends[c] += ends[c - 1];
+  count.insert(count.end(), ends.begin(), ends.end());
+  if (n > 0) {
+    if (std::is_sorted(cls.begin(), cls.end())) {
+      Upload(token_rows, lb.token_rows);
+      Upload(seg_starts, lb.seg_starts);
+      Upload(seg_slots, lb.seg_slots);
+    } else {
+      lora::LoraBatch sorted;
+      sorted.seg_starts.push_back(0);
+      for (int c = 0; c < ops::kLoraRankClasses; ++c) {
+        for (int32_t i = 0; i < n; ++i) {
+          if (cls[i] != c) continue;
+          sorted.token_rows.insert(sorted.token_rows.end(), lb.token_rows.begin() + lb.seg_starts[i],
+                                   lb.token_rows.begin() + lb.seg_starts[i + 1]);
+          sorted.seg_starts.push_back(static_cast<int32_t>(sorted.token_rows.size()));
+          sorted.seg_slots.push_back(lb.seg_slots[i]);
+        }
+      }
+      Upload(token_rows, sorted.token_rows);
+      Upload(seg_starts, sorted.seg_starts);
+      Upload(seg_slots, sorted.seg_slots);
+    }
   }
   Upload(num_segments, count);
 }
@@ -592,6 +623,7 @@ absl::Status LlamaModel::Impl::Enqueue(const StepShape& shape) {
     segments.seg_slots = static_cast<const int32_t*>(seg_slots.data());
     segments.num_segments = static_cast<const int32_t*>(num_segments.data());
     segments.max_rank = static_cast<const int32_t*>(num_segments.data()) + 1;
+    segments.class_ends = static_cast<const int32_t*>(num_segments.data()) + 2;
     segments.max_segments = static_cast<int32_t>(t);  // every segment holds at least one token
     segments.num_tokens = static_cast<int32_t>(t);
     segments.segments_bound = shape.lora_segments_bound;

@@ -117,6 +117,12 @@ struct LoraSegments {
   // size per-adapter space by kNarrowLoraRank (the CUDA LoRA rows do; a broken promise gives
   // wrong LoRA results, never a fault).
   bool narrow_ranks = false;
+  // [kLoraRankClasses] optional: the live segments are ordered by rank class (LoraRankClass of the
+  // highest rank their slot holds in any module) and class_ends[c] is the end of class c's
+  // (class_ends[kLoraRankClasses - 1] == the live count). Executors may run the classes' LoRA work
+  // differently (the CUDA expand does). Like max_rank it must be true: a segment ranked above its
+  // class gets wrong LoRA results (never a fault).
+  const int32_t* class_ends = nullptr;
 };
 
 // Steps with at most this many adapter segments are few-adapter steps: the model records their
@@ -124,6 +130,12 @@ struct LoraSegments {
 inline constexpr int32_t kFewLoraSegments = 4;
 // Steps whose segments' ranks are all at most this are narrow-rank steps (LoraSegments::wide_ranks).
 inline constexpr int32_t kNarrowLoraRank = 16;
+// Rank classes of segments (LoraSegments::class_ends): 0 up to kNarrowLoraRank, 1 up to 32, 2 up
+// to 64, 3 above.
+inline constexpr int kLoraRankClasses = 4;
+inline constexpr int LoraRankClass(int32_t rank) {
+  return rank <= kNarrowLoraRank ? 0 : rank <= 32 ? 1 : rank <= 64 ? 2 : 3;
+}
 
 // One logits row's sampling request. Device array element (the model uploads one per sampled row).
 struct SamplingRow {

@@ -542,23 +542,22 @@ DenseAdapter ReadDenseAdapter(const std::string& dir, const ModelSpec& spec, dou
   return out;
 }
 
-TEST_CASE(
-    "Sequences with different adapters in one step each match the dense forward of their merged "
-    "weights") {
+// Adapter x (rank x_rank, every module) in slot 0 and y (rank y_rank, attention only, rsLoRA)
+// in slot 1: sequence A uses y, B the base model, C uses x, in one step.
+void ExpectTwoAdaptersMatchDense(const std::string& name, int x_rank, int y_rank) {
   testing::TinyModelOptions options;
-  const std::string dir = testing::MakeTempDir("llama-lora");
+  const std::string dir = testing::MakeTempDir(name);
   REQUIRE(testing::WriteTinyModel(dir, options).ok());
   auto spec = LoadModelSpec(dir);
   REQUIRE(spec.ok());
   auto ops = ops::CreateOps(Device::kCpu);
   REQUIRE(ops.ok());
 
-  // Adapter x: rank 4, every module; adapter y: rank 8, attention only, rsLoRA.
   testing::TinyAdapterOptions xo;
-  xo.r = 4;
+  xo.r = x_rank;
   xo.alpha = 8;
   testing::TinyAdapterOptions yo;
-  yo.r = 8;
+  yo.r = y_rank;
   yo.alpha = 4;
   yo.use_rslora = true;
   yo.seed = 11;
@@ -569,21 +568,32 @@ TEST_CASE(
   lora::LoraLimits limits;
   limits.target_modules = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                            "gate_proj", "up_proj", "down_proj"};
+  limits.max_rank = std::max(x_rank, y_rank);
   auto x = lora::LoadPeftAdapter("x", xdir, *spec, limits, DType::kF32);
   INFO(x.status().message());
   REQUIRE(x.ok());
   auto y = lora::LoadPeftAdapter("y", ydir, *spec, limits, DType::kF32);
   REQUIRE(y.ok());
-  auto pool = lora::SlotPool::Create(ops->get(), *spec, /*num_slots=*/3, /*max_rank=*/8);
+  auto pool = lora::SlotPool::Create(ops->get(), *spec, /*num_slots=*/3, std::max(x_rank, y_rank));
   REQUIRE(pool.ok());
   auto slots = (*pool)->EnsureResident({x->get(), y->get()}, {false, false});
   REQUIRE(slots.ok());
 
-  const DenseAdapter dx = ReadDenseAdapter(xdir, *spec, 8.0 / 4);
-  const DenseAdapter dy = ReadDenseAdapter(ydir, *spec, 4.0 / std::sqrt(8.0));
-  // Sequence A uses y, B the base model, C uses x.
+  const DenseAdapter dx = ReadDenseAdapter(xdir, *spec, 8.0 / x_rank);
+  const DenseAdapter dy = ReadDenseAdapter(ydir, *spec, 4.0 / std::sqrt(static_cast<double>(y_rank)));
   ExpectBatchedStepsMatchDense(options, {(*slots)[1], -1, (*slots)[0]}, pool->get(),
                                {&dy, nullptr, &dx}, ops->get(), dir);
+}
+
+TEST_CASE(
+    "Sequences with different adapters in one step each match the dense forward of their merged "
+    "weights") {
+  ExpectTwoAdaptersMatchDense("llama-lora", 4, 8);
+}
+
+TEST_CASE("Segments the model orders by rank class (x rank 24 in slot 0, y rank 8 in slot 1) still match the dense forward") {
+  // ops::LoraSegments::class_ends: the model uploads y's segment (class 0) before x's (class 1).
+  ExpectTwoAdaptersMatchDense("llama-lora-classes", 24, 8);
 }
 
 // The CPU ops with graphs the way the CUDA ops have them: Capture records each op with its

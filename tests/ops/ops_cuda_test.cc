@@ -741,7 +741,7 @@ Segs BuildSegs(const std::vector<int>& token_slots, int max_len) {
 
 // Fixed-capacity device segment buffers, rewritten each step like the engine's.
 struct DevSegs {
-  DeviceMemory rows, starts, slots, count, rank_bound;
+  DeviceMemory rows, starts, slots, count, rank_bound, class_ends;
   int max_segments, num_tokens;
   static absl::StatusOr<DevSegs> Create(int max_segments, int num_tokens) {
     DevSegs d;
@@ -752,24 +752,21 @@ struct DevSegs {
     LORAPLEX_ASSIGN_OR_RETURN(d.slots, Poisoned(max_segments * 4));
     LORAPLEX_ASSIGN_OR_RETURN(d.count, Poisoned(4));
     LORAPLEX_ASSIGN_OR_RETURN(d.rank_bound, Poisoned(4));
+    LORAPLEX_ASSIGN_OR_RETURN(d.class_ends, Poisoned(4 * kLoraRankClasses));
     return d;
   }
   // Writes only the live entries: stale ones from a previous step stay behind the count.
-  // `bound`: LoraSegments::max_rank for the step (the default bounds nothing).
-  absl::Status Write(const Segs& s, int32_t bound = INT32_MAX) {
-    LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(rank_bound.data(), &bound, 4));
-    if (s.count() > max_segments) return absl::InvalidArgumentError("test: too many segments");
-    const int32_t n = s.count();
-    LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(rows.data(), s.token_rows.data(), s.token_rows.size() * 4));
-    LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(starts.data(), s.seg_starts.data(), s.seg_starts.size() * 4));
-    LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(slots.data(), s.seg_slots.data(), s.seg_slots.size() * 4));
-    return g_gpu->CopyToDevice(count.data(), &n, 4);
-  }
+  // `bound`: LoraSegments::max_rank for the step (the default bounds nothing). With `world`, the
+  // segments go up ordered by rank class (LoraSegments::class_ends, as the model orders them);
+  // without, all in the last class.
+  absl::Status Write(const Segs& s, int32_t bound = INT32_MAX, const LoraWorld* world = nullptr);
   // with_bound false: no LoraSegments::max_rank (the kernels use the module's max rank).
   LoraSegments View(bool with_bound = true) const {
-    return {static_cast<const int32_t*>(rows.data()), static_cast<const int32_t*>(starts.data()),
-            static_cast<const int32_t*>(slots.data()), static_cast<const int32_t*>(count.data()), max_segments,
-            num_tokens, with_bound ? static_cast<const int32_t*>(rank_bound.data()) : nullptr};
+    LoraSegments v{static_cast<const int32_t*>(rows.data()), static_cast<const int32_t*>(starts.data()),
+                   static_cast<const int32_t*>(slots.data()), static_cast<const int32_t*>(count.data()), max_segments,
+                   num_tokens, with_bound ? static_cast<const int32_t*>(rank_bound.data()) : nullptr};
+    v.class_ends = static_cast<const int32_t*>(class_ends.data());
+    return v;
   }
 };
 
@@ -780,6 +777,40 @@ int32_t StepRankBound(const LoraWorld& w, const Segs& s) {
     for (int sl = 0; sl < w.num_slices; ++sl) bound = std::max(bound, w.host_table[slot * w.num_slices + sl].rank);
   }
   return bound;
+}
+
+absl::Status DevSegs::Write(const Segs& s, int32_t bound, const LoraWorld* world) {
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(rank_bound.data(), &bound, 4));
+  if (s.count() > max_segments) return absl::InvalidArgumentError("test: too many segments");
+  const int32_t n = s.count();
+  // Each segment's class: that of the highest rank its slot has on any slice.
+  std::vector<int> cls(static_cast<size_t>(n), kLoraRankClasses - 1);
+  if (world != nullptr) {
+    for (int32_t g = 0; g < n; ++g) {
+      int32_t rank = 0;
+      for (int sl = 0; sl < world->num_slices; ++sl) {
+        rank = std::max(rank, world->host_table[s.seg_slots[g] * world->num_slices + sl].rank);
+      }
+      cls[g] = LoraRankClass(rank);
+    }
+  }
+  Segs sorted;
+  std::vector<int32_t> ends(kLoraRankClasses, 0);
+  for (int c = 0; c < kLoraRankClasses; ++c) {
+    for (int32_t g = 0; g < n; ++g) {
+      if (cls[g] != c) continue;
+      sorted.token_rows.insert(sorted.token_rows.end(), s.token_rows.begin() + s.seg_starts[g],
+                               s.token_rows.begin() + s.seg_starts[g + 1]);
+      sorted.seg_starts.push_back(static_cast<int32_t>(sorted.token_rows.size()));
+      sorted.seg_slots.push_back(s.seg_slots[g]);
+    }
+    ends[c] = sorted.count();
+  }
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(rows.data(), sorted.token_rows.data(), sorted.token_rows.size() * 4));
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(starts.data(), sorted.seg_starts.data(), sorted.seg_starts.size() * 4));
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(slots.data(), sorted.seg_slots.data(), sorted.seg_slots.size() * 4));
+  LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(class_ends.data(), ends.data(), ends.size() * 4));
+  return g_gpu->CopyToDevice(count.data(), &n, 4);
 }
 
 LoraSegments HostSegs(Segs& s, int num_tokens, int32_t* count) {
@@ -825,7 +856,7 @@ absl::Status CheckLoraStep(const std::string& name, LoraStep& st, const std::vec
   // tightest bound, none (INT32_MAX) and, eagerly, no bound pointer at all.
   static int calls = 0;
   const int variant = calls++ % 3;
-  LORAPLEX_RETURN_IF_ERROR(st.dsegs->Write(segs, variant == 0 ? StepRankBound(w, segs) : INT32_MAX));
+  LORAPLEX_RETURN_IF_ERROR(st.dsegs->Write(segs, variant == 0 ? StepRankBound(w, segs) : INT32_MAX, &w));
   std::vector<uint8_t> y_mask, out_mask;
   LoraMasks(w, segs, T, &y_mask, &out_mask);
   std::vector<float> x = RandomVec(static_cast<size_t>(T) * w.in, -1, 1);
@@ -888,7 +919,7 @@ absl::Status CheckShrinkShapesAgree(const std::string& name, LoraStep& st, const
   LoraWorld& w = *st.world;
   const int T = st.tokens, yw = w.num_slices * w.max_rank;
   const Segs segs = BuildSegs(token_slots, max_len);
-  LORAPLEX_RETURN_IF_ERROR(st.dsegs->Write(segs, StepRankBound(w, segs)));
+  LORAPLEX_RETURN_IF_ERROR(st.dsegs->Write(segs, StepRankBound(w, segs), &w));
   LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_x.data(), RandomVec(static_cast<size_t>(T) * w.in, -1, 1)));
   const LoraModule dm = w.Module(true);
   const LoraSegments ds = st.dsegs->View();
@@ -921,7 +952,7 @@ absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const
   LoraWorld& w = *st.world;
   const int T = st.tokens, yw = w.num_slices * w.max_rank, W = w.width();
   const Segs segs = BuildSegs(token_slots, max_len);
-  LORAPLEX_RETURN_IF_ERROR(st.dsegs->Write(segs, StepRankBound(w, segs)));
+  LORAPLEX_RETURN_IF_ERROR(st.dsegs->Write(segs, StepRankBound(w, segs), &w));
   const std::vector<float> y_in = RandomVec(static_cast<size_t>(T) * yw, -1, 1, false);
   const std::vector<float> base = RandomVec(static_cast<size_t>(T) * W, -1, 1);
   LORAPLEX_RETURN_IF_ERROR(g_gpu->CopyToDevice(st.d_y.data(), y_in.data(), y_in.size() * 4));
@@ -929,11 +960,15 @@ absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const
   const LoraSegments ds = st.dsegs->View();
   const TensorView gy = Gpu(st.d_y, DType::kF32, {T, yw}), gout = Gpu(st.d_out, DType::kBF16, {T, W});
   std::vector<float> item_by_item;
-  struct Setting { int stages, blocks, tokens; };
-  for (const Setting& c : std::vector<Setting>{{0, 0, 0}, {2, 0, 0}, {3, 0, 0}, {2, small_grid, 0}, {3, small_grid, 0},
-                                               {0, small_grid, 0}, {0, 0, 1}, {0, 0, 8}, {2, 0, 4}, {3, 0, 64}}) {
+  // classes: the streamed expand's rank classes (-1: the default).
+  struct Setting { int stages, blocks, tokens, classes; };
+  for (const Setting& c : std::vector<Setting>{{0, 0, 0, -1}, {2, 0, 0, -1}, {3, 0, 0, -1}, {2, small_grid, 0, -1},
+                                               {3, small_grid, 0, -1}, {0, small_grid, 0, -1}, {0, 0, 1, -1},
+                                               {0, 0, 8, -1}, {2, 0, 4, 2}, {3, 0, 64, -1}, {2, 0, 0, 0},
+                                               {2, 0, 0, 1}, {3, small_grid, 0, 2}, {2, small_grid, 0, 1},
+                                               {3, 0, 4, 1}, {2, 0, 0, 2}}) {
     const int stages = c.stages, blocks = c.blocks;
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks, c.tokens));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks, c.tokens, c.classes));
     LORAPLEX_RETURN_IF_ERROR(WriteBf16(st.d_out.data(), base));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->LoraExpand(gy, ds, dm, gout));
     LORAPLEX_ASSIGN_OR_RETURN(auto got, DownloadBf16(st.d_out.data(), static_cast<size_t>(T) * W));
@@ -941,7 +976,8 @@ absl::Status CheckExpandStagesAgree(const std::string& name, LoraStep& st, const
       item_by_item = std::move(got);
       continue;
     }
-    Compare(absl::StrCat(name, " stages=", stages, " blocks=", blocks, " tokens=", c.tokens, " segs=", segs.count()),
+    Compare(absl::StrCat(name, " stages=", stages, " blocks=", blocks, " tokens=", c.tokens, " classes=", c.classes,
+                         " segs=", segs.count()),
             got, item_by_item, 0.0,
             std::vector<uint8_t>(item_by_item.size(), 0));
   }
@@ -976,7 +1012,7 @@ absl::Status CheckGemmWithLora(const std::string& name, LoraWorld& w, int tokens
   std::unique_ptr<cuda::CudaGraph> captured;
   for (int step = 0; step < steps; ++step) {
     Segs segs = BuildSegs(RandomTokenSlots(T, w.num_slots, step == 2 ? 1.0 : 0.2), step % 2 == 0 ? 2 : 1000);
-    LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs, step % 2 == 0 ? StepRankBound(w, segs) : INT32_MAX));
+    LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs, step % 2 == 0 ? StepRankBound(w, segs) : INT32_MAX, &w));
     std::vector<float> x = RandomVec(static_cast<size_t>(T) * w.in, -1, 1);
     LORAPLEX_RETURN_IF_ERROR(WriteBf16(d_x.data(), x));
     LORAPLEX_RETURN_IF_ERROR(g_gpu->Memset(d_out.data(), 0xFF, static_cast<size_t>(T) * W * 2));
@@ -1046,7 +1082,7 @@ absl::Status CheckLoraDeltaPathsAgree(const std::string& name, LoraWorld& w, int
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, g_gpu->Allocate(static_cast<size_t>(T) * yw * 4));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_out, g_gpu->Allocate(static_cast<size_t>(T) * W * 2));
   const Segs segs = BuildSegs(RandomTokenSlots(T, w.num_slots, 0.2), 3);
-  LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs, StepRankBound(w, segs)));
+  LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs, StepRankBound(w, segs), &w));
   const LoraModule dm = w.Module(true);
   const LoraSegments ds = dsegs.View();
   const TensorView gx = Gpu(d_x, DType::kBF16, {T, w.in}), gy = Gpu(d_y, DType::kF32, {T, yw}),
@@ -1144,7 +1180,7 @@ absl::Status CheckLoraFold(FoldConsumer consumer, int tokens) {
   }
   Segs segs = BuildSegs(RandomTokenSlots(T, w->num_slots, 0.25), 3);
   LORAPLEX_ASSIGN_OR_RETURN(DevSegs dsegs, DevSegs::Create(T, T));
-  LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs, StepRankBound(*w, segs)));
+  LORAPLEX_RETURN_IF_ERROR(dsegs.Write(segs, StepRankBound(*w, segs), w.get()));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_w, UploadBf16(wt));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_x, UploadBf16(x));
   LORAPLEX_ASSIGN_OR_RETURN(DeviceMemory d_y, g_gpu->Allocate(static_cast<size_t>(T) * yw * 4));
@@ -1505,21 +1541,27 @@ absl::Status LoraTests() {
   // walks hundreds of items, so its ring of resolved items refills many times), on one-token, short
   // and long segments (tokens past a stage's 4 loaded as it goes), odd ranks (12, 24, 40 and 128:
   // element-wise tiles) and K = 14336; against the CPU and bit for bit against the item-by-item
-  // expand.
-  for (auto [stages, blocks] : std::vector<std::pair<int, int>>{{2, 0}, {3, 0}, {3, 5}, {2, 7}}) {
-    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks));
-    const std::string n = absl::StrCat("LoRA odd ranks expand stages ", stages, " blocks ", blocks);
+  // expand. Under each rank-class mode (-1: the default; the odd-rank slots fall in all four
+  // classes, and DevSegs::Write orders the segments by class as the model does).
+  struct StreamSetting { int stages, blocks, classes; };
+  for (const StreamSetting& c : std::vector<StreamSetting>{{2, 0, -1}, {3, 0, 2}, {3, 5, -1}, {2, 7, 2}, {2, 0, 1},
+                                                           {3, 5, 1}, {2, 0, 0}}) {
+    const int stages = c.stages, blocks = c.blocks;
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, blocks, 0, c.classes));
+    const std::string n = absl::StrCat("LoRA odd ranks expand stages ", stages, " blocks ", blocks, " classes ",
+                                       c.classes);
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " one-token segments", st3, RandomTokenSlots(T3, 4, 0.05), 1, nullptr));
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " short segments", st3, RandomTokenSlots(T3, 4, 0.05), 3, nullptr));
     LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(n + " long segments", st3, RandomTokenSlots(T3, 4, 0.05), 1000, nullptr));
-    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA down expand stages ", stages, " blocks ", blocks), st2,
-                                           RandomTokenSlots(T2, 3, 0.1), 2, nullptr));
-    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep(absl::StrCat("LoRA qkv expand stages ", stages, " blocks ", blocks), st,
-                                           RandomTokenSlots(T, 6, 0.2), 1, nullptr));
+    const std::string setting = absl::StrCat(" expand stages ", stages, " blocks ", blocks, " classes ", c.classes);
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA down" + setting, st2, RandomTokenSlots(T2, 3, 0.1), 2, nullptr));
+    LORAPLEX_RETURN_IF_ERROR(CheckLoraStep("LoRA qkv" + setting, st, RandomTokenSlots(T, 6, 0.2), 1, nullptr));
   }
   LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, -1));
   LORAPLEX_RETURN_IF_ERROR(CheckExpandStagesAgree("LoRA expand stages agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 1, 5));
   LORAPLEX_RETURN_IF_ERROR(CheckExpandStagesAgree("LoRA expand stages agree, odd ranks", st3, RandomTokenSlots(T3, 4, 0.05), 1000, 3));
+  LORAPLEX_RETURN_IF_ERROR(CheckExpandStagesAgree("LoRA expand stages agree, odd ranks short segments", st3,
+                                                  RandomTokenSlots(T3, 4, 0.05), 3, 5));
   LORAPLEX_RETURN_IF_ERROR(CheckExpandStagesAgree("LoRA expand stages agree, qkv", st, RandomTokenSlots(T, 6, 0.2), 2, 5));
   LORAPLEX_RETURN_IF_ERROR(CheckExpandStagesAgree("LoRA expand stages agree, qkv segments of 8", st, RandomTokenSlots(T, 6, 0.2), 8, 5));
   LORAPLEX_RETURN_IF_ERROR(CheckExpandStagesAgree("LoRA expand stages agree, down", st2, RandomTokenSlots(T2, 3, 0.1), 1, 5));
@@ -1662,6 +1704,9 @@ absl::Status LoraTests() {
     }
     LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora(n + " down", *down, 40, true, true, 3));
     LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora(n + " odd ranks", *odd, 160, true, true, 4));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages, 0, 0, 2));  // rank classes
+    LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora(n + "[classes 2] odd ranks", *odd, 160, true, true, 4));
+    LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraExpandForTest(g_gpu, stages));
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, 0));
     LORAPLEX_RETURN_IF_ERROR(CheckGemmWithLora(n + "[in line] qkv", *world, T, true, true, 4));
     LORAPLEX_RETURN_IF_ERROR(cuda::SetLoraInlineForTest(g_gpu, INT32_MAX));

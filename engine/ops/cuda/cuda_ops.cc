@@ -29,6 +29,12 @@
 namespace loraplex::ops::cuda {
 namespace {
 
+static_assert(kLoraNarrowRank == kNarrowLoraRank);
+static_assert(cuda::kLoraRankClasses == ops::kLoraRankClasses);
+static_assert(LoraRankClass(LoraRankClassBound(0)) == 0 && LoraRankClass(LoraRankClassBound(0) + 1) == 1 &&
+              LoraRankClass(LoraRankClassBound(1)) == 1 && LoraRankClass(LoraRankClassBound(1) + 1) == 2 &&
+              LoraRankClass(LoraRankClassBound(2)) == 2 && LoraRankClass(LoraRankClassBound(2) + 1) == 3 &&
+              LoraRankClassBound(3) == kLoraMaxRank);
 static_assert(sizeof(SamplingRow) == sizeof(SamplingRowDev));
 static_assert(offsetof(SamplingRow, seed) == offsetof(SamplingRowDev, seed));
 static_assert(offsetof(SamplingRow, step) == offsetof(SamplingRowDev, step));
@@ -103,6 +109,15 @@ constexpr int kLoraShrinkBalancedMinTokens = 128;
 // with one from 1.063x to 1.085x.
 constexpr int kLoraExpandStages = 0;
 constexpr int kLoraWideExpandStages = 2;
+// The streamed expand's rank classes (LoraParams::expand_classes) in wide-rank steps: 0, none.
+// With 2 (the narrow segments item by item, the others grouped by rank, each at its own tile
+// width; the model orders segments by class), 8 adapters of ranks 8..64 ran 1-2% faster at batch
+// 64 and 128 (1.305-1.308x the base step against 1.319-1.321x, 1.444-1.450x against
+// 1.472-1.477x), but at batch 8 and 32 no faster or slower, and steps of one class (8 rank-64
+// adapters) 2-4.6% slower in every batch: the build of the kernel with classes costs them that,
+// and loading class_ends beside the segment count did not change it (same process,
+// bench/runs/2026-11-30-nineteenth/4-final, 5-class-ends-early).
+constexpr int kLoraWideExpandClasses = 0;
 // Tokens of a segment an item of the streamed expand takes (LoraParams::expand_tokens): 4, what a
 // stage holds, so segments of 4-8 tokens read each tile of B once or twice instead of 2-4 times
 // (the item-by-item expand keeps kLoraExpandTokens, 2). Same process, tenth session
@@ -521,10 +536,11 @@ class CudaOps final : public Ops {
     lora_shrink_rows_ = rows;
     lora_shrink_balanced_ = balanced;
   }
-  void set_lora_expand(int stages, int blocks, int tokens) {
+  void set_lora_expand(int stages, int blocks, int tokens, int classes) {
     lora_expand_stages_ = stages;
     lora_expand_blocks_ = blocks;
     lora_expand_tokens_ = tokens;
+    lora_expand_classes_ = classes;
   }
   void set_lora_inline(int min_segments) {
     lora_inline_min_segments_ = min_segments < 0 ? kLoraInlineMinSegments : min_segments;
@@ -1256,6 +1272,7 @@ class CudaOps final : public Ops {
     p.expand_stages = lora_expand_stages_ >= 0 ? lora_expand_stages_
                       : segments.wide_ranks      ? kLoraWideExpandStages
                                                  : kLoraExpandStages;
+    p.expand_classes = lora_expand_classes_ >= 0 ? lora_expand_classes_ : kLoraWideExpandClasses;
     p.expand_tokens = lora_expand_tokens_ > 0 ? lora_expand_tokens_
                       : p.expand_stages >= 2  ? kLoraWideExpandTokens
                                               : kLoraExpandTokens;
@@ -1309,6 +1326,7 @@ class CudaOps final : public Ops {
     p.seg_slots = segments.seg_slots;
     p.num_segments = segments.num_segments;
     p.live_max_rank = segments.max_rank;
+    p.class_ends = segments.class_ends;
     p.max_segments = segments.max_segments;
     p.segments_bound = SegmentsBound(segments);
     p.num_tokens = segments.num_tokens;
@@ -1333,6 +1351,7 @@ class CudaOps final : public Ops {
   int lora_expand_stages_ = -1;  // SetLoraExpandForTest (LoraParams::expand_stages); -1: by rank class
   int lora_expand_blocks_ = 0;  // SetLoraExpandForTest: a cap on the expand's grid (0: none)
   int lora_expand_tokens_ = 0;  // SetLoraExpandForTest (LoraParams::expand_tokens; 0: the default)
+  int lora_expand_classes_ = -1;  // SetLoraExpandForTest (LoraParams::expand_classes); -1: the default
   bool lora_overlap_ = true;
   bool lora_fork_ = true;
   void* sample_scratch_ = nullptr;  // LaunchSample's first-pass partials
@@ -1612,14 +1631,17 @@ absl::Status SetLoraShrinkShapeForTest(Ops* ops, int shape, int rows, int balanc
   return absl::OkStatus();
 }
 
-absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks, int tokens) {
+absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks, int tokens, int classes) {
   LORAPLEX_ASSIGN_OR_RETURN(CudaOps * cuda, AsCudaOps(ops, "SetLoraExpandForTest"));
   if (stages < -1 || stages == 1 || stages > 3) {
     return Invalid("SetLoraExpandForTest", absl::StrCat("stages ", stages, " not -1, 0, 2 or 3"));
   }
   if (blocks < 0) return Invalid("SetLoraExpandForTest", absl::StrCat("blocks ", blocks, " < 0"));
   if (tokens < 0) return Invalid("SetLoraExpandForTest", absl::StrCat("tokens ", tokens, " < 0"));
-  cuda->set_lora_expand(stages, blocks, tokens);
+  if (classes < -1 || classes > 2) {
+    return Invalid("SetLoraExpandForTest", absl::StrCat("classes ", classes, " not -1, 0, 1 or 2"));
+  }
+  cuda->set_lora_expand(stages, blocks, tokens, classes);
   return absl::OkStatus();
 }
 

@@ -89,9 +89,10 @@ absl::Status SetLoraModuleShrinkBlocksForTest(Ops* ops, int num_slices, int bloc
 // narrow-rank steps, 2 stages for LoraSegments::wide_ranks). blocks > 0 caps the expand's grid
 // (tests: blocks then walk many items; step_bench --lora-expand-blocks); 0 sizes it to the step.
 // tokens > 0: about that many of a segment's tokens an item (LoraParams::expand_tokens; step_bench
-// --lora-expand-tokens); 0 the default. The same bits in every case. INVALID_ARGUMENT for other
-// values.
-absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0, int tokens = 0);
+// --lora-expand-tokens); 0 the default. classes: the streamed expand's rank classes
+// (LoraParams::expand_classes 0, 1 or 2; step_bench --lora-expand-classes); -1 the default (0).
+// The same bits in every case. INVALID_ARGUMENT for other values.
+absl::Status SetLoraExpandForTest(Ops* ops, int stages, int blocks = 0, int tokens = 0, int classes = -1);
 // LoRA rows (lora_rows.h): steps begun by Ops::BeginLoraStep with at most 4 segments of narrow
 // ranks (LoraSegments::narrow_ranks) and min_tokens to max_tokens tokens run qkv's and gate_up's
 // GemmWithLora as one GEMM over the weight and its spare rows, the expand in the op that reads y.

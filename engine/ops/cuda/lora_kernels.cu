@@ -28,7 +28,10 @@
 // beside the GEMM; the kernel that reads the GEMM output next folds the delta in (lora_delta.h).
 // Steps with ranks above 16 (LoraSegments::wide_ranks) run the streamed expand instead
 // (LoraExpandStreamKernel): the same items at tiles of at most 32 KB of B, 2-3 of them in flight a
-// block through shared memory (cp.async), the same bits.
+// block through shared memory (cp.async), the same bits. With rank classes (LoraParams::
+// expand_classes; the segments ordered by class, LoraSegments::class_ends) its build with classes
+// gives the narrow segments the item-by-item items and streams the others at their class's tile
+// width (off by default: see kLoraWideExpandClasses in cuda_ops.cc).
 // Work is proportional to each slot's real rank; rank-0 slices and empty segments cost nothing.
 #include "engine/ops/cuda/lora_kernels.h"
 
@@ -109,14 +112,15 @@ __device__ __forceinline__ bool ResolveSegment(const LoraParams& p, int seg, int
 // Live segments and how many ways each segment's tokens are split (about LoraParams::expand_tokens
 // tokens an item, from the mean segment length over all rows, which needs no second dependent
 // load; 1 in decode with a segment a request). Identical in every thread of the launch.
+__device__ __forceinline__ int TokenSplits(const LoraParams& p, int nseg, int per_item, int max_token_splits) {
+  if (nseg == 0) return 1;
+  return max(1, min(p.num_tokens / nseg / per_item, max_token_splits));
+}
+
 __device__ __forceinline__ void LiveSegments(const LoraParams& p, int max_token_splits, int* nseg,
                                              int* token_splits) {
   *nseg = min(max(*p.num_segments, 0), p.max_segments);
-  *token_splits = 1;
-  if (*nseg == 0) return;
-  const int mean = p.num_tokens / *nseg;
-  const int per_item = p.expand_tokens > 0 ? p.expand_tokens : kLoraExpandTokens;
-  *token_splits = max(1, min(mean / per_item, max_token_splits));
+  *token_splits = TokenSplits(p, *nseg, p.expand_tokens > 0 ? p.expand_tokens : kLoraExpandTokens, max_token_splits);
 }
 
 // The shrink (see the top of the file). kItemWarps: 8, or 16 for inputs wider than
@@ -599,18 +603,42 @@ struct ExpandWork {
   int slice, n0, first, end;
 };
 
+// The items are numbered over segments seg_base, seg_base + 1, ... (a rank class's, with
+// LoraParams::expand_classes); ranks are clamped to `live_rank`.
 __device__ __forceinline__ bool DecodeExpandItem(const LoraParams& p, int64_t item, int tw, int total_tiles,
-                                                 int token_splits, int live_rank, ExpandWork* work) {
+                                                 int token_splits, int live_rank, ExpandWork* work,
+                                                 int seg_base = 0) {
   const int ts = static_cast<int>(item % token_splits);
   const int64_t rest = item / token_splits;
   const int tile = static_cast<int>(rest % total_tiles);
-  const int seg = static_cast<int>(rest / total_tiles);
+  const int seg = seg_base + static_cast<int>(rest / total_tiles);
   int slice_first_tile, begin;
   TileSlice(p, tw, tile, &work->slice, &slice_first_tile);
   if (!ResolveSegment(p, seg, work->slice, live_rank, &begin, &work->end, &work->w)) return false;
   work->first = begin + ts;
   work->n0 = (tile - slice_first_tile) * tw;
   return work->first < work->end;
+}
+
+// One resolved item of the item-by-item shape (tiles of `tw` columns, the segment's tokens split
+// `token_splits` ways), B held in registers for the ranks adapters use. y_s: kLoraMaxRank floats
+// of shared memory (16-byte aligned).
+__device__ __forceinline__ void ExpandItemAnyRank(const LoraParams& p, const ExpandWork& work, int tw,
+                                                  int token_splits, const float* __restrict__ y,
+                                                  bf16* __restrict__ out, float* y_s) {
+  const LoraSliceWeightsDev& w = work.w;
+  const int slice = work.slice, n0 = work.n0, first = work.first, end = work.end;
+  const int width = p.slice_offsets[slice + 1] - p.slice_offsets[slice];
+  const int64_t y_col = static_cast<int64_t>(slice) * p.max_rank;
+  const int64_t out_col = p.slice_offsets[slice];
+  const int nv = IsAligned16(w.b) && w.rank % 8 == 0 ? w.rank / 8 : 0;
+  switch (nv) {  // the ranks adapters use get register-held B rows; others the general path
+    case 1: ExpandItem<1>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+    case 2: ExpandItem<2>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+    case 4: ExpandItem<4>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+    case 8: ExpandItem<8>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+    default: ExpandItem<0>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s); break;
+  }
 }
 
 // The item-by-item expand (LoraExpandKernel): a block takes its items one after another. y_s:
@@ -640,24 +668,7 @@ __device__ __forceinline__ void ExpandItemByItem(const LoraParams& p, const floa
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     ExpandWork work;
     if (!DecodeExpandItem(p, item, tw, total_tiles, token_splits, live_rank, &work)) continue;
-    const LoraSliceWeightsDev& w = work.w;
-    const int slice = work.slice, n0 = work.n0, first = work.first, end = work.end;
-    const int width = p.slice_offsets[slice + 1] - p.slice_offsets[slice];
-    const int64_t y_col = static_cast<int64_t>(slice) * p.max_rank;
-    const int64_t out_col = p.slice_offsets[slice];
-    const int nv = IsAligned16(w.b) && w.rank % 8 == 0 ? w.rank / 8 : 0;
-    switch (nv) {  // the ranks adapters use get register-held B rows; others the general path
-      case 1: ExpandItem<1>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
-        break;
-      case 2: ExpandItem<2>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
-        break;
-      case 4: ExpandItem<4>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
-        break;
-      case 8: ExpandItem<8>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
-        break;
-      default: ExpandItem<0>(p, w, slice, width, n0, tw, first, end, token_splits, y_col, out_col, y, out, y_s);
-        break;
-    }
+    ExpandItemAnyRank(p, work, tw, token_splits, y, out, y_s);
   }
   // Block 0 waits before it exits, so the launch's completion implies the shrink's: the next
   // kernel on the stream (the next module's shrink, which rewrites y and the delta marks) relies
@@ -711,18 +722,42 @@ __device__ __forceinline__ bool StreamVectorTile(const StreamItem& it) {
   return it.rank % 8 == 0 && (nv == 1 || nv == 2 || nv == 4 || nv == 8) && IsAligned16(it.b);
 }
 
-// Resolves the block's next kWarpSize raw items (item = blockIdx.x + k·gridDim.x for k from
-// *raw) and appends those with work to the ring. Every warp runs it (the same loads, the same
-// answer: every thread keeps *tail and *raw in registers); warp 0 writes the ring.
-__device__ __forceinline__ void StreamResolve(const LoraParams& p, int tw, int total_tiles, int token_splits,
-                                              int live_rank, int64_t items, StreamItem* ring, int* tail,
-                                              int64_t* raw) {
+// The streamed items of a step: up to 3 groups numbered one after another, each (segment of its
+// range, tile of its width, token split), ranks clamped to its bound. With rank classes
+// (LoraParams::expand_classes) the groups are classes 1-3's segments (2), or all of them at the
+// step's rank bound (1); without, one group of every segment at the step's rank bound. Constant
+// indices only.
+constexpr int kStreamGroups = 3;
+struct StreamGroups {
+  int64_t end[kStreamGroups];  // items of groups 0..g
+  int tw[kStreamGroups], tiles[kStreamGroups], seg_base[kStreamGroups], rank_bound[kStreamGroups];
+};
+
+// Resolves the block's next kWarpSize raw items (item = first + k·gridDim.x for k from *raw) and
+// appends those with work to the ring. Every warp runs it (the same loads, the same answer: every
+// thread keeps *tail and *raw in registers); warp 0 writes the ring.
+template <bool kClasses>  // false: group 0 only
+__device__ __forceinline__ void StreamResolve(const LoraParams& p, const StreamGroups& gr, int token_splits,
+                                              int first, StreamItem* ring, int* tail, int64_t* raw) {
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t item = blockIdx.x + (*raw + lane) * static_cast<int64_t>(gridDim.x);
+  const int64_t item = first + (*raw + lane) * static_cast<int64_t>(gridDim.x);
   StreamItem it;
   bool valid = false;
   ExpandWork work;
-  if (item < items && DecodeExpandItem(p, item, tw, total_tiles, token_splits, live_rank, &work)) {
+  int tw = 0, tiles = 0, seg_base = 0, rank_bound = 0;
+  int64_t local = -1;
+#pragma unroll
+  for (int g = 0; g < (kClasses ? kStreamGroups : 1); ++g) {  // the group whose items include item
+    const int64_t start = g == 0 ? 0 : gr.end[g - 1];
+    if (item >= start && item < gr.end[g]) {
+      local = item - start;
+      tw = gr.tw[g];
+      tiles = gr.tiles[g];
+      seg_base = gr.seg_base[g];
+      rank_bound = gr.rank_bound[g];
+    }
+  }
+  if (local >= 0 && DecodeExpandItem(p, local, tw, tiles, token_splits, rank_bound, &work, seg_base)) {
     valid = true;
     it.n0 = work.n0;
     it.cols = min(tw, p.slice_offsets[work.slice + 1] - p.slice_offsets[work.slice] - it.n0);
@@ -867,35 +902,96 @@ __host__ __device__ constexpr int StreamSmemBytes() {
   return kStages * (kStreamStageB + kStreamStageY * static_cast<int>(sizeof(float)));
 }
 
-template <int kStages>
+// kClasses: the build with rank classes (LoraParams::expand_classes and class_ends); the other
+// streams every segment as before classes (its code and registers unchanged).
+template <int kStages, bool kClasses>
 __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     LoraExpandStreamKernel(LoraParams p, const float* __restrict__ y, bf16* __restrict__ out) {
   static_assert(kStages >= 2);
   extern __shared__ __align__(16) unsigned char stream_smem[];
   __shared__ StreamItem ring[kStreamRing];
+  __shared__ __align__(16) float narrow_y[kLoraMaxRank];  // class 0's items (ExpandItem's y_s)
   unsigned char* b_stage = stream_smem;
   float* y_stage = reinterpret_cast<float*>(stream_smem + kStages * kStreamStageB);
+  // The classes' ends, loaded beside the segment count (not after it: every later load depends on
+  // them, and in uniform-rank steps that one more round trip measured 1.5-4.6% of a step).
+  int class_end[kLoraRankClasses - 1] = {};
+  if constexpr (kClasses) {
+#pragma unroll
+    for (int c = 0; c + 1 < kLoraRankClasses; ++c) class_end[c] = __ldg(p.class_ends + c);
+  }
   int nseg, token_splits;
   LiveSegments(p, kMaxTokenSplits, &nseg, &token_splits);
   const int live_rank = LiveMaxRank(p);
-  const int tw = LoraExpandTileWidth(live_rank);
-  const int total_tiles = LoraExpandTiles(p.slice_offsets, p.num_slices, tw);
-  const int64_t items = static_cast<int64_t>(nseg) * total_tiles * token_splits;
-  const int64_t raw_count = items > blockIdx.x ? (items - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  StreamGroups gr;
+  // Class 0 (narrow segments, item by item): its items are numbered first, on blocks 0, 1, ...;
+  // the streamed ones follow on the next blocks round the grid.
+  int64_t narrow_items = 0;
+  int narrow_splits = 1, narrow_tiles = 0;
+  if (kClasses && nseg > 0) {
+    // The classes' segment ranges, clamped to the live count (the last class takes the rest).
+    int ends[kLoraRankClasses];
+#pragma unroll
+    for (int c = 0; c < kLoraRankClasses; ++c) {
+      const int prev = c == 0 ? 0 : ends[c - 1];
+      ends[c] = c + 1 == kLoraRankClasses ? nseg : min(max(class_end[c], prev), nseg);
+    }
+    narrow_tiles = LoraExpandTiles(p.slice_offsets, p.num_slices, kLoraExpandTile);
+    narrow_splits = TokenSplits(p, nseg, kLoraExpandTokens, kMaxTokenSplits);
+    narrow_items = static_cast<int64_t>(ends[0]) * narrow_tiles * narrow_splits;
+    int64_t end = 0;
+#pragma unroll
+    for (int g = 0; g < kStreamGroups; ++g) {
+      // Classes 1-3 (2), or classes 1-3 together in the last group (1).
+      const bool own = p.expand_classes == 2 || g + 1 == kStreamGroups;
+      const int first_seg = p.expand_classes == 2 ? ends[g] : ends[0];
+      const int segs = own ? ends[g + 1] - first_seg : 0;
+      gr.rank_bound[g] = min(p.expand_classes == 2 ? LoraRankClassBound(g + 1) : kLoraMaxRank, live_rank);
+      gr.tw[g] = LoraExpandTileWidth(gr.rank_bound[g]);
+      gr.tiles[g] = LoraExpandTiles(p.slice_offsets, p.num_slices, gr.tw[g]);
+      gr.seg_base[g] = first_seg;
+      end += static_cast<int64_t>(segs) * gr.tiles[g] * token_splits;
+      gr.end[g] = end;
+    }
+  } else {
+#pragma unroll
+    for (int g = 0; g < kStreamGroups; ++g) {
+      gr.rank_bound[g] = live_rank;
+      gr.tw[g] = LoraExpandTileWidth(live_rank);
+      gr.tiles[g] = LoraExpandTiles(p.slice_offsets, p.num_slices, gr.tw[g]);
+      gr.seg_base[g] = 0;
+      gr.end[g] = static_cast<int64_t>(nseg) * gr.tiles[g] * token_splits;  // groups 1 and 2 empty
+    }
+  }
+  const int64_t items = gr.end[kStreamGroups - 1];
+  const int first =
+      kClasses ? static_cast<int>((blockIdx.x + gridDim.x - narrow_items % gridDim.x) % gridDim.x) : blockIdx.x;
+  const int64_t raw_count = items > first ? (items - first + gridDim.x - 1) / gridDim.x : 0;
   int tail = 0;  // items resolved into the ring (identical in every thread)
   int64_t raw = 0;
   while (tail < kStages && raw < raw_count) {
-    StreamResolve(p, tw, total_tiles, token_splits, live_rank, items, ring, &tail, &raw);
+    StreamResolve<kClasses>(p, gr, token_splits, first, ring, &tail, &raw);
   }
-  if (tail == 0) {  // nothing to do; see LoraExpandKernel's end
+  if (tail > 0) {
+    __syncthreads();  // the ring
+    // B while the shrink still runs (PDL); y only after it has finished.
+#pragma unroll
+    for (int s = 0; s + 1 < kStages; ++s) {
+      if (s < tail) StreamCopyB(ring[s], b_stage + s * kStreamStageB);
+    }
+  }
+  // Class 0's items while those copies run (each loads its B, then waits for the shrink).
+  for (int64_t item = blockIdx.x; kClasses && item < narrow_items; item += gridDim.x) {
+    ExpandWork work;
+    if (!DecodeExpandItem(p, item, kLoraExpandTile, narrow_tiles, narrow_splits,
+                          min(LoraRankClassBound(0), live_rank), &work)) {
+      continue;
+    }
+    ExpandItemAnyRank(p, work, kLoraExpandTile, narrow_splits, y, out, narrow_y);
+  }
+  if (tail == 0) {  // nothing (more) to do; see LoraExpandKernel's end
     if (blockIdx.x == 0) WaitForPrecedingKernel();
     return;
-  }
-  __syncthreads();  // the ring
-  // B while the shrink still runs (PDL); y only after it has finished.
-#pragma unroll
-  for (int s = 0; s + 1 < kStages; ++s) {
-    if (s < tail) StreamCopyB(ring[s], b_stage + s * kStreamStageB);
   }
   WaitForPrecedingKernel();
 #pragma unroll
@@ -919,7 +1015,7 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
     // Keep the item the next iteration starts copying resolved (the ring holds items i..tail-1,
     // fewer than kStages + kWarpSize, so a round does not overwrite any in flight).
     while (tail <= i + kStages && raw < raw_count) {
-      StreamResolve(p, tw, total_tiles, token_splits, live_rank, items, ring, &tail, &raw);
+      StreamResolve<kClasses>(p, gr, token_splits, first, ring, &tail, &raw);
     }
   }
 }
@@ -971,15 +1067,23 @@ cudaError_t LaunchLoraShrink(const LoraParams& p, const void* x, float* y, cudaS
 }
 
 namespace {
-template <int kStages>
-cudaError_t LaunchLoraExpandStream(const LoraParams& p, const float* y, void* out, cudaStream_t stream) {
+template <int kStages, bool kClasses>
+cudaError_t LaunchLoraExpandStreamBuild(const LoraParams& p, const float* y, void* out, cudaStream_t stream) {
   constexpr int kSmem = StreamSmemBytes<kStages>();
   // More than the default 48 KB of dynamic shared memory, once per build of the kernel.
-  static const cudaError_t attribute =
-      cudaFuncSetAttribute(LoraExpandStreamKernel<kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  static const cudaError_t attribute = cudaFuncSetAttribute(LoraExpandStreamKernel<kStages, kClasses>,
+                                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (attribute != cudaSuccess) return attribute;
-  return LaunchMaybeDependent(p.overlap_shrink, LoraExpandStreamKernel<kStages>, dim3(p.num_blocks), dim3(kThreads),
-                              kSmem, stream, p, y, static_cast<bf16*>(out));
+  return LaunchMaybeDependent(p.overlap_shrink, LoraExpandStreamKernel<kStages, kClasses>, dim3(p.num_blocks),
+                              dim3(kThreads), kSmem, stream, p, y, static_cast<bf16*>(out));
+}
+
+template <int kStages>
+cudaError_t LaunchLoraExpandStream(const LoraParams& p, const float* y, void* out, cudaStream_t stream) {
+  if (p.expand_classes != 0 && p.class_ends != nullptr) {
+    return LaunchLoraExpandStreamBuild<kStages, true>(p, y, out, stream);
+  }
+  return LaunchLoraExpandStreamBuild<kStages, false>(p, y, out, stream);
 }
 }  // namespace
 

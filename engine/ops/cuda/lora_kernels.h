@@ -23,6 +23,13 @@ struct LoraSliceWeightsDev {
 
 inline constexpr int kLoraMaxRank = 128;     // y columns a block stages per token in shared memory
 inline constexpr int kLoraMaxSlices = kLoraDeltaMaxSlices;
+// Ranks up to this are narrow (ops::kNarrowLoraRank; LoraParams::expand_classes).
+inline constexpr int kLoraNarrowRank = 16;
+// Rank classes (ops::LoraRankClass, LoraParams::class_ends) and the highest rank of class c.
+inline constexpr int kLoraRankClasses = 4;
+__host__ __device__ constexpr int LoraRankClassBound(int c) {
+  return c == 0 ? kLoraNarrowRank : c == 1 ? 32 : c == 2 ? 64 : 128;
+}
 // Output columns of an expand work item when the step's ranks are <= 16; a bound of r > 16 gives
 // kLoraExpandTile·16/r (so an item moves about the same bytes of B whatever the rank).
 inline constexpr int kLoraExpandTile = 1024;
@@ -58,6 +65,9 @@ struct LoraParams {
   // [1] or null: a bound on every live segment's rank (LoraSegments::max_rank). The shrink makes
   // row items and the expand sizes its tiles for it rather than for max_rank.
   const int32_t* live_max_rank = nullptr;
+  // [kLoraRankClasses] or null: the segments are ordered by rank class and class_ends[c] ends
+  // class c's (LoraSegments::class_ends).
+  const int32_t* class_ends = nullptr;
   int32_t max_segments = 0;
   int32_t segments_bound = 0;  // host only: LoraSegments::segments_bound, or max_segments without one
   int32_t num_tokens = 0;
@@ -95,6 +105,14 @@ struct LoraParams {
   // items' tiles of B and their y in shared memory, copying the next ones (cp.async) while it
   // multiplies the current one. The same out or delta bits either way.
   int32_t expand_stages = 0;
+  // Expand only, streamed (expand_stages 2 or 3), with class_ends: rank classes. 0: every
+  // segment's items are streamed at the tile width of the step's rank bound. 1: class 0's
+  // segments (ranks up to kLoraNarrowRank) take the item-by-item expand's items instead
+  // (full-width tiles, kLoraExpandTokens tokens an item, B held in registers), numbered first; the
+  // others are streamed as with 0. 2: as 1, and classes 1-3 are streamed each at its own tile
+  // width, so an item moves about the same bytes of B whatever its rank. Ranks are clamped to
+  // their class's bound. The same bits in every case.
+  int32_t expand_classes = 0;
   // Expand only: about how many of a segment's tokens an item takes (the segment's tokens are
   // split over mean segment length / expand_tokens items, at most 64); 0: kLoraExpandTokens. Each
   // split reads the item's tile of B again; the same bits whatever the split.
