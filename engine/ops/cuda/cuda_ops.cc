@@ -111,12 +111,12 @@ constexpr int kLoraExpandStages = 0;
 constexpr int kLoraWideExpandStages = 2;
 // The streamed expand's rank classes (LoraParams::expand_classes) in wide-rank steps: 0, none.
 // With 2 (the narrow segments item by item, the others grouped by rank, each at its own tile
-// width; the model orders segments by class), 8 adapters of ranks 8..64 ran 1-2% faster at batch
-// 64 and 128 (1.305-1.308x the base step against 1.319-1.321x, 1.444-1.450x against
-// 1.472-1.477x), but at batch 8 and 32 no faster or slower, and steps of one class (8 rank-64
-// adapters) 2-4.6% slower in every batch: the build of the kernel with classes costs them that,
-// and loading class_ends beside the segment count did not change it (same process,
-// bench/runs/2026-11-30-nineteenth/4-final, 5-class-ends-early).
+// width; the model orders segments by class), 8 adapters of ranks 8..64 ran 2% faster at batch
+// 128 (1.445-1.450x the base step against 1.472-1.477x) and 0-1% at batch 64, but 2% slower at
+// batch 8 and 4% at 32; steps of one class (8 rank-64 adapters) ran 2-4.6% slower at every batch.
+// The kernel's build with classes costs that even where the step uses none (its rank-64 rows
+// with classes 0 read as slow), and loading class_ends beside the segment count did not change
+// it (same process, bench/runs/2026-11-30-nineteenth/4-final, 5-class-ends-early).
 constexpr int kLoraWideExpandClasses = 0;
 // Tokens of a segment an item of the streamed expand takes (LoraParams::expand_tokens): 4, what a
 // stage holds, so segments of 4-8 tokens read each tile of B once or twice instead of 2-4 times
