@@ -913,8 +913,9 @@ __global__ void __launch_bounds__(kThreads, kExpandBlocksPerSm)
   __shared__ __align__(16) float narrow_y[kLoraMaxRank];  // class 0's items (ExpandItem's y_s)
   unsigned char* b_stage = stream_smem;
   float* y_stage = reinterpret_cast<float*>(stream_smem + kStages * kStreamStageB);
-  // The classes' ends, loaded beside the segment count (not after it: every later load depends on
-  // them, and in uniform-rank steps that one more round trip measured 1.5-4.6% of a step).
+  // The classes' ends, loaded beside the segment count rather than after it (every later load
+  // depends on them; the build with classes still costs uniform-rank steps 2-4.6% of a step: see
+  // kLoraWideExpandClasses in cuda_ops.cc).
   int class_end[kLoraRankClasses - 1] = {};
   if constexpr (kClasses) {
 #pragma unroll
