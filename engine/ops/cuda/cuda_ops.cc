@@ -99,7 +99,6 @@ constexpr int kLoraShrinkShape = 1;
 // 1.598-1.609x; at batch 8 both lost (mixed 1.173x vs 1.157x, rank 64 1.285x vs 1.231x), at 32 and
 // 64 mixed gained 0-1% and rank 64 lost 1-2%. Narrow steps keep the plain numbering: their ranks
 // are alike. A prefix the host writes with the step's segments would drop the device-side cost.
-constexpr bool kLoraShrinkBalancedWide = true;
 constexpr int kLoraShrinkBalancedMinTokens = 128;
 // The decode expand's pipeline (LoraParams::expand_stages) for steps whose ranks are all at most
 // kNarrowLoraRank: 0, item by item; for the others (LoraSegments::wide_ranks): 2, streamed. Measured
@@ -819,7 +818,7 @@ class CudaOps final : public Ops {
     if (segments == nullptr || module == nullptr || !lora_fork_) {
       return Ops::GemmWithLora(x, w, y, segments, module, lora_y);
     }
-    if (const RowsCall call = RowsWeightFor(x, w, y, *segments, *module); call.rw != nullptr) {
+    if (const RowsCall call = RowsCallFor(x, w, y, *segments, *module); call.rw != nullptr) {
       return GemmWithLoraRows(x, w, y, call);
     }
     // Everything is checked before anything is enqueued: a failure must not leave the side
@@ -1040,7 +1039,7 @@ class CudaOps final : public Ops {
     int32_t slice_offsets[kLoraMaxSlices + 1] = {};
   };
 
-  // How GemmWithLora runs a call as LoRA rows (RowsWeightFor).
+  // How GemmWithLora runs a call as LoRA rows (RowsCallFor).
   struct RowsCall {
     const RowsWeight* rw = nullptr;
     int64_t rows = 0;     // GEMM rows: rw->n and the spare rows it covers
@@ -1051,7 +1050,7 @@ class CudaOps final : public Ops {
   // segments (BeginLoraStep installed its adapters), w registered with this module's table, and
   // x, y exactly the step's rows; the skinny GEMM over the step's positions' spare rows when it
   // takes that shape, else the GEMM over all of them in its token range.
-  RowsCall RowsWeightFor(const TensorView& x, const TensorView& w, const TensorView& y,
+  RowsCall RowsCallFor(const TensorView& x, const TensorView& w, const TensorView& y,
                          const LoraSegments& segments, const LoraModule& module) const {
     if (!rows_step_.active || segments.seg_slots != rows_step_.seg_slots ||
         segments.num_tokens != rows_step_.num_tokens) {
@@ -1217,9 +1216,9 @@ class CudaOps final : public Ops {
     }
     // No more blocks than the step can have items (a few tokens cannot use a large grid; its
     // idle blocks would only hold SMs the GEMM beside the shrink needs).
-    const bool balanced = lora_shrink_balanced_ < 0 ? kLoraShrinkBalancedWide && segments.wide_ranks &&
-                                                          segments.num_tokens >= kLoraShrinkBalancedMinTokens
-                                                    : lora_shrink_balanced_ == 1;
+    const bool balanced = lora_shrink_balanced_ < 0
+                              ? segments.wide_ranks && segments.num_tokens >= kLoraShrinkBalancedMinTokens
+                              : lora_shrink_balanced_ == 1;
     LoraParams p = MakeLoraParams(segments, module, ShrinkBlocks(segments, module, /*beside_gemm=*/true, balanced));
     p.shrink_warps = lora_shrink_warps_;
     // The one-token items need 16-row items to fill a quarter of the grid (OneTokenShape), which
