@@ -1290,6 +1290,10 @@ class CudaOps final : public Ops {
       return Invalid(op, absl::StrCat("module.max_rank ", module.max_rank, " not in 1..", kLoraMaxRank));
     }
     if (module.table == nullptr || module.num_slots < 0) return Invalid(op, "module has no slot table");
+    if (segments.num_tokens > kLoraMaxStepTokens) {
+      return Invalid(op, absl::StrCat("segments.num_tokens ", segments.num_tokens, " above the most a step may have, ",
+                                      kLoraMaxStepTokens));
+    }
     if (segments.num_tokens < 0 || segments.num_tokens > num_tokens) {
       return Invalid(op, absl::StrCat("segments.num_tokens ", segments.num_tokens, " outside [0, activation rows ",
                                       num_tokens, "]"));

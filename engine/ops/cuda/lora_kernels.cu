@@ -70,6 +70,29 @@ __device__ __forceinline__ float Dot8(const uint4& a, const uint4& b) {
   return s;
 }
 
+// The same sum with b's 8 values already converted (a vector that several rows multiply, converted
+// once): the same fused multiply-adds in the same order, so the same bits.
+__device__ __forceinline__ float Dot8(const uint4& a, const float (&b)[8]) {
+  const __nv_bfloat162* ha = reinterpret_cast<const __nv_bfloat162*>(&a);
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 fa = __bfloat1622float2(ha[i]);
+    s = fmaf(fa.x, b[2 * i], s);
+    s = fmaf(fa.y, b[2 * i + 1], s);
+  }
+  return s;
+}
+
+// n / d, and n % d into *rem (d > 0), in 32-bit arithmetic: a 64-bit division is a long software
+// routine, and the kernels decode an item number this way for every item they take. A step's item
+// numbers stay far below 2^32 (LoraParams::num_tokens <= kLoraMaxStepTokens).
+__device__ __forceinline__ uint32_t DivMod(uint32_t n, int d, int* rem) {
+  const uint32_t q = n / static_cast<uint32_t>(d);
+  *rem = static_cast<int>(n - q * static_cast<uint32_t>(d));
+  return q;
+}
+
 // Σ_i b[i]·y[i] over 8 bf16 of b and 8 floats of y (16-byte aligned shared memory).
 __device__ __forceinline__ float Dot8(const uint4& b, const float* y) {
   const __nv_bfloat162* hb = reinterpret_cast<const __nv_bfloat162*>(&b);
@@ -242,9 +265,7 @@ __device__ __forceinline__ void ShrinkOneTokenItems(const LoraParams& p, const b
       slice = pair % S;
       rg = local;
     } else {
-      rg = static_cast<int>(item % row_groups);
-      slice = static_cast<int>((item / row_groups) % S);
-      seg = static_cast<int>(item / row_groups / S);
+      seg = static_cast<int>(DivMod(DivMod(static_cast<uint32_t>(item), row_groups, &rg), S, &slice));
     }
     int begin, end;
     LoraSliceWeightsDev w;
@@ -273,8 +294,10 @@ __device__ __forceinline__ void ShrinkOneTokenItems(const LoraParams& p, const b
 #pragma unroll
         for (int h = 0; h < kInFlight; ++h) {
           if (s0 + h * kItemWarps >= steps_total) break;  // zeros past the end: no bits to add
+          float xf[8];  // the token's vector, converted once for all the rows
+          Unpack8(xv[h], xf);
 #pragma unroll
-          for (int r = 0; r < kRows; ++r) acc[r] += Dot8(av[h][r], xv[h]);
+          for (int r = 0; r < kRows; ++r) acc[r] += Dot8(av[h][r], xf);
         }
       }
       const float sum = WarpSum16(acc, lane);
@@ -329,11 +352,7 @@ __device__ __forceinline__ bool GeneralShrinkItem(const LoraParams& p, int64_t i
     seg = pair / S;
     *slice = pair % S;
   } else {
-    *rg = static_cast<int>(item % row_groups);
-    const int64_t rest = item / row_groups;
-    *g = static_cast<int>(rest % groups);
-    *slice = static_cast<int>((rest / groups) % S);
-    seg = static_cast<int>(rest / groups / S);
+    seg = static_cast<int>(DivMod(DivMod(DivMod(static_cast<uint32_t>(item), row_groups, rg), groups, g), S, slice));
   }
   if (!ResolveSegment(p, seg, *slice, live_rank, begin, end, w)) return false;
   if (balanced_pairs >= 0) {
@@ -608,10 +627,9 @@ struct ExpandWork {
 __device__ __forceinline__ bool DecodeExpandItem(const LoraParams& p, int64_t item, int tw, int total_tiles,
                                                  int token_splits, int live_rank, ExpandWork* work,
                                                  int seg_base = 0) {
-  const int ts = static_cast<int>(item % token_splits);
-  const int64_t rest = item / token_splits;
-  const int tile = static_cast<int>(rest % total_tiles);
-  const int seg = seg_base + static_cast<int>(rest / total_tiles);
+  int ts, tile;
+  const int seg =
+      seg_base + static_cast<int>(DivMod(DivMod(static_cast<uint32_t>(item), token_splits, &ts), total_tiles, &tile));
   int slice_first_tile, begin;
   TileSlice(p, tw, tile, &work->slice, &slice_first_tile);
   if (!ResolveSegment(p, seg, work->slice, live_rank, &begin, &work->end, &work->w)) return false;

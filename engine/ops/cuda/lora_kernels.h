@@ -22,6 +22,9 @@ struct LoraSliceWeightsDev {
 };
 
 inline constexpr int kLoraMaxRank = 128;     // y columns a block stages per token in shared memory
+// Tokens a LoRA step may have (LoraParams::num_tokens): the kernels number a step's work items in
+// 32 bits, which this keeps far from overflowing.
+inline constexpr int kLoraMaxStepTokens = 1 << 20;
 inline constexpr int kLoraMaxSlices = kLoraDeltaMaxSlices;
 // Ranks up to this are narrow (ops::kNarrowLoraRank; LoraParams::expand_classes).
 inline constexpr int kLoraNarrowRank = 16;
