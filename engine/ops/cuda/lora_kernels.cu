@@ -56,6 +56,22 @@ __device__ __forceinline__ uint4 Load8(const bf16* p, bool aligned) {
   return make_uint4(pair(0), pair(2), pair(4), pair(6));
 }
 
+// Σ_i a[i]·b[i] over 8 bf16 of a and 8 floats of b, one fused multiply-add after another: the
+// one order every Dot8 sums in, so every path gives the same bits.
+__device__ __forceinline__ float Dot8Float(const uint4& a, const float (&b)[8]) {
+  const __nv_bfloat162* ha = reinterpret_cast<const __nv_bfloat162*>(&a);
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 fa = __bfloat1622float2(ha[i]);
+    s = fmaf(fa.x, b[2 * i], s);
+    s = fmaf(fa.y, b[2 * i + 1], s);
+  }
+  return s;
+}
+
+// The same over 8 bf16 of b (a caller that multiplies one vector by many converts it once and
+// passes the floats to Dot8Float).
 __device__ __forceinline__ float Dot8(const uint4& a, const uint4& b) {
   const __nv_bfloat162* ha = reinterpret_cast<const __nv_bfloat162*>(&a);
   const __nv_bfloat162* hb = reinterpret_cast<const __nv_bfloat162*>(&b);
@@ -70,18 +86,12 @@ __device__ __forceinline__ float Dot8(const uint4& a, const uint4& b) {
   return s;
 }
 
-// The same sum with b's 8 values already converted (a vector that several rows multiply, converted
-// once): the same fused multiply-adds in the same order, so the same bits.
-__device__ __forceinline__ float Dot8(const uint4& a, const float (&b)[8]) {
-  const __nv_bfloat162* ha = reinterpret_cast<const __nv_bfloat162*>(&a);
-  float s = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 fa = __bfloat1622float2(ha[i]);
-    s = fmaf(fa.x, b[2 * i], s);
-    s = fmaf(fa.y, b[2 * i + 1], s);
-  }
-  return s;
+// The same over 8 floats of y in 16-byte aligned shared memory.
+__device__ __forceinline__ float Dot8(const uint4& b, const float* y) {
+  const float4 y0 = *reinterpret_cast<const float4*>(y);
+  const float4 y1 = *reinterpret_cast<const float4*>(y + 4);
+  const float yv[8] = {y0.x, y0.y, y0.z, y0.w, y1.x, y1.y, y1.z, y1.w};
+  return Dot8Float(b, yv);
 }
 
 // n / d, and n % d into *rem (d > 0), in 32-bit arithmetic: a 64-bit division is a long software
@@ -91,22 +101,6 @@ __device__ __forceinline__ uint32_t DivMod(uint32_t n, int d, int* rem) {
   const uint32_t q = n / static_cast<uint32_t>(d);
   *rem = static_cast<int>(n - q * static_cast<uint32_t>(d));
   return q;
-}
-
-// Σ_i b[i]·y[i] over 8 bf16 of b and 8 floats of y (16-byte aligned shared memory).
-__device__ __forceinline__ float Dot8(const uint4& b, const float* y) {
-  const __nv_bfloat162* hb = reinterpret_cast<const __nv_bfloat162*>(&b);
-  const float4 y0 = *reinterpret_cast<const float4*>(y);
-  const float4 y1 = *reinterpret_cast<const float4*>(y + 4);
-  const float yv[8] = {y0.x, y0.y, y0.z, y0.w, y1.x, y1.y, y1.z, y1.w};
-  float s = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 fb = __bfloat1622float2(hb[i]);
-    s = fmaf(fb.x, yv[2 * i], s);
-    s = fmaf(fb.y, yv[2 * i + 1], s);
-  }
-  return s;
 }
 
 // The step's rank bound: max_rank, or less when the step says so (LoraParams::live_max_rank).
@@ -297,7 +291,7 @@ __device__ __forceinline__ void ShrinkOneTokenItems(const LoraParams& p, const b
           float xf[8];  // the token's vector, converted once for all the rows
           Unpack8(xv[h], xf);
 #pragma unroll
-          for (int r = 0; r < kRows; ++r) acc[r] += Dot8(av[h][r], xf);
+          for (int r = 0; r < kRows; ++r) acc[r] += Dot8Float(av[h][r], xf);
         }
       }
       const float sum = WarpSum16(acc, lane);
